@@ -100,7 +100,8 @@ def check_shape(arr: np.ndarray, name: str, expected: Sequence[int | None]) -> N
     """Raise ValueError unless ``arr.shape`` matches ``expected`` (None = any size)."""
     ok = arr.ndim == len(expected) and all(e is None or e == s for e, s in zip(expected, arr.shape, strict=False))
     if not ok:
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        dims = ", ".join("*" if e is None else str(e) for e in expected)
+        want = f"({dims},)" if len(expected) == 1 else f"({dims})"
         raise ValueError(f"{name}: expected shape {want}, got shape {arr.shape}")
 
 
