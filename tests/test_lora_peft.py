@@ -200,7 +200,7 @@ def test_train_mode_dropout_with_the_same_mask_matches_peft():
 
 @pytest.mark.parametrize("safe", [False, True])
 def test_merge_and_unmerge_match_peft_fp32(safe):
-    model, layer = _linear_case(r=4, alpha=8.0)
+    _model, layer = _linear_case(r=4, alpha=8.0)
     _randomize_B(layer, 6)
     W = _np(layer.base_layer.weight).copy()
     A, B, s = _np(layer.lora_A["default"].weight), _np(layer.lora_B["default"].weight), layer.scaling["default"]
