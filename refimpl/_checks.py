@@ -65,9 +65,10 @@ def float_array(
     ``convert`` is true, else the array as given.
     """
     arr = _to_numpy(x, name)
-    if arr.dtype == object or arr.dtype.kind in "OSUV":
+    is_bf16 = arr.dtype == np.dtype(ml_dtypes.bfloat16)  # ml_dtypes reports kind 'V' for bfloat16
+    if arr.dtype == object or (arr.dtype.kind in "OSUV" and not is_bf16):
         raise TypeError(f"{name}: expected a floating-point array, got {describe(arr)}")
-    if arr.dtype.kind != "f" and arr.dtype != np.dtype(ml_dtypes.bfloat16):
+    if arr.dtype.kind != "f" and not is_bf16:
         if isinstance(x, (list, tuple)) and arr.dtype.kind in "iu":
             arr = arr.astype(np.float64)  # a literal list like [1, 2] means floats
         else:

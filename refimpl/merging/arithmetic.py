@@ -1,0 +1,153 @@
+"""Task vectors, task arithmetic and the linear (weight-averaging) merge.
+
+Task arithmetic: Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023, arXiv 2212.04089.
+Linear merge ("model soups"): Wortsman et al., arXiv 2203.05482.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from refimpl import _checks
+from refimpl.merging import _common
+
+
+def _is_float_array(x: Any) -> bool:
+    """True for floating tensors (float16/bfloat16/float32/float64); integer and bool buffers are not."""
+    return np.dtype(_checks._to_numpy(x, "x").dtype) in _checks.FLOAT_DTYPES
+
+
+def task_vector(finetuned: Any, base: Any) -> Any:
+    """τ = θ_t − θ₀ (Ilharco et al. 2023, §2), in float64.
+
+    Arrays: both must be floating point, of one shape and one dtype.
+    Mappings (state dicts): τ has one entry per *floating* key of ``base``;
+    integer/bool buffers (e.g. ``position_ids``) are skipped, as in the official
+    ``task_vectors`` code. A floating key of ``base`` missing from ``finetuned``,
+    or of another shape, raises ValueError.
+    """
+    if isinstance(base, Mapping) or isinstance(finetuned, Mapping):
+        if not (isinstance(base, Mapping) and isinstance(finetuned, Mapping)):
+            raise TypeError(
+                "finetuned, base: expected two arrays or two mappings, got "
+                f"{_checks.describe(finetuned)} and {_checks.describe(base)}"
+            )
+        out: dict[str, np.ndarray] = {}
+        for key, b in base.items():
+            if not _is_float_array(b):
+                continue
+            if key not in finetuned:
+                raise ValueError(f"finetuned: expected key {key!r} (a floating tensor of base), it is missing")
+            out[key] = task_vector(finetuned[key], b)
+        return out
+    b, b_dtype = _common.as_float(base, "base")
+    f, f_dtype = _common.as_float(finetuned, "finetuned")
+    _checks.same_shape(b, "base", f, "finetuned")
+    if f_dtype != b_dtype:
+        raise ValueError(f"finetuned: expected dtype {b_dtype} (the dtype of base), got dtype {f_dtype}")
+    return f - b
+
+
+def task_arithmetic(
+    task_vectors: Sequence[Any],
+    weights: Sequence[float] | None = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+) -> np.ndarray:
+    """Merged task vector λ·Σ_t w_t τ_t (add it to θ₀ to get the merged model).
+
+    Ilharco et al. 2023 (arXiv 2212.04089) eq. θ = θ₀ + λ Σ_t τ_t has one λ and
+    no per-task weights (w_t = 1); PEFT's ``task_arithmetic`` is Σ_t w_t τ_t
+    (λ = 1); mergekit's ``task_arithmetic`` is λ·Σ_t w_t τ_t, divided by Σ_t w_t
+    when ``normalize`` (mergekit replaces |Σ w| < 1e-8 by 1; here that raises).
+    Negation is a negative weight or a negative λ: θ = θ₀ − λ τ.
+    """
+    taus = _common.task_list(task_vectors)  # float64 copies, scaled in place below
+    w = _common.weight_vector(weights, len(taus))
+    return task_arithmetic_owned(taus, w, _checks.real(lam, "lam"), _checks.boolean(normalize, "normalize"))
+
+
+def task_arithmetic_owned(taus: list[np.ndarray], w: np.ndarray, lam: float, normalize: bool) -> np.ndarray:
+    """``task_arithmetic`` on validated float64 arrays that the caller hands over (scaled in place)."""
+    merged = np.zeros(taus[0].shape)
+    for tau, wt in zip(taus, w, strict=True):  # Σ in task order
+        tau *= wt
+        merged += tau
+    if normalize:
+        total = float(w.sum())
+        if abs(total) < 1e-8:
+            raise ValueError(f"weights: normalize=True needs |Σ w| ≥ 1e-8, got Σ w = {total!r}")
+        merged /= total
+    if lam != 1.0:
+        merged *= lam
+    return merged
+
+
+def linear(tensors: Sequence[Any], weights: Sequence[float] | None = None, *, normalize: bool = True) -> np.ndarray:
+    """Weighted average of full weights, Σ_t w_t θ_t / Σ_t w_t (``normalize``), else Σ_t w_t θ_t.
+
+    mergekit ``linear`` (Wortsman et al., "Model soups", arXiv 2203.05482).
+    mergekit divides by Σ w with no guard (inf/NaN when Σ w = 0); here Σ w = 0
+    with ``normalize`` raises ValueError.
+    """
+    thetas = _common.task_list(tensors, "tensors")
+    w = _common.weight_vector(weights, len(thetas))
+    normalize = _checks.boolean(normalize, "normalize")
+    stacked = _common.stack(thetas)
+    merged = (stacked * _common.bcast(w, stacked.ndim)).sum(axis=0)
+    if normalize:
+        total = float(w.sum())
+        if total == 0.0:
+            raise ValueError("weights: normalize=True needs Σ w ≠ 0, got Σ w = 0")
+        merged = merged / total
+    return merged
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """How a flattened model vector maps back to named tensors (sorted key order)."""
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+
+def flatten_model(state: Mapping[str, Any], *, remove_keys: Sequence[str] = ()) -> tuple[np.ndarray, ModelLayout]:
+    """Concatenate a model's floating tensors, keys sorted by name, into one float64 vector.
+
+    This is the official TIES / MergeLM "whole model" scope (``state_dict_to_vector``):
+    a trim or sign election applied to the vector sees every parameter at once.
+    ``remove_keys`` drops tied copies (the official code lists T5's tied embeddings).
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state: expected a mapping of name -> array, got {_checks.describe(state)}")
+    removed = set(remove_keys)
+    keys = tuple(sorted(k for k, v in state.items() if k not in removed and _is_float_array(v)))
+    if not keys:
+        raise ValueError("state: expected at least one floating tensor, got none")
+    parts = [_common.as_float(state[k], f"state[{k!r}]")[0] for k in keys]
+    layout = ModelLayout(keys, tuple(p.shape for p in parts))
+    return np.concatenate([p.ravel() for p in parts]), layout
+
+
+def unflatten_model(vector: Any, layout: ModelLayout) -> dict[str, np.ndarray]:
+    """Split a flattened model vector back into named tensors (inverse of ``flatten_model``)."""
+    if not isinstance(layout, ModelLayout):
+        raise TypeError(f"layout: expected a ModelLayout, got {_checks.describe(layout)}")
+    vec = _checks.float_array(vector, "vector", ndim=1, allow_nonfinite=True)
+    total = sum(layout.sizes)
+    if vec.size != total:
+        raise ValueError(f"vector: expected {total} elements (the layout's total), got {vec.size}")
+    out, start = {}, 0
+    for key, shape, size in zip(layout.keys, layout.shapes, layout.sizes, strict=True):
+        out[key] = vec[start : start + size].reshape(shape)
+        start += size
+    return out
