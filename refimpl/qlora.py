@@ -1,0 +1,96 @@
+"""QLoRA forward: a LoRA layer over a 4-bit quantized base weight (Dettmers et al., arXiv 2305.14314, eq. 5).
+
+    Y = X · doubleDequant(c1, c2, W_NF4)ᵀ + b + s · (drop(X) Aᵀ) Bᵀ
+
+The base weight W (out, in) is stored as packed 4-bit codes and a ``QuantState``
+(refimpl.quant); dequantization is exact (float32 products rounded to the state's
+dtype), after which the reference computes in float64 through ``refimpl.lora.forward``.
+``forward_error_bound`` gives the elementwise bound for an implementation that computes
+the two matmuls in a lower precision (bitsandbytes ``matmul_4bit`` + PEFT's 4-bit LoRA layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from refimpl import _checks, lora, precision
+from refimpl.quant import QuantState, dequantize_4bit
+from refimpl.quant.blockwise import float_input_array
+
+
+def _float64(value: Any, name: str) -> np.ndarray:
+    """Any float array (bfloat16 included) as float64; lists become float64 arrays."""
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float64)
+    return float_input_array(arr, name).astype(np.float64)
+
+
+def dequantized_weight(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
+    """The base weight W = dequantize_4bit(packed, state) as float64, shape (out, in)."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
+    if len(state.shape) != 2:
+        raise ValueError(f"state: expected a 2-D (out_features, in_features) weight, got shape {state.shape}")
+    return dequantize_4bit(packed, state, profile=profile).astype(np.float64)
+
+
+def forward(
+    x: Any,
+    packed: Any,
+    state: QuantState,
+    A: Any,
+    B: Any,
+    scaling: float,
+    bias: Any = None,
+    *,
+    dropout_mask: Any = None,
+    dropout_p: float = 0.0,
+    profile: str | None = None,
+) -> np.ndarray:
+    """y = x · dequant(W)ᵀ + b + s · (drop(x) Aᵀ) Bᵀ in float64 (QLoRA eq. 5).
+
+    x: (..., in); packed/state: the 4-bit base weight of shape (out, in); A: (r, in); B: (out, r).
+    Inputs may be float16, bfloat16, float32 or float64; they are used exactly (converted to float64).
+    ``profile`` only matters for the sign of FP4's zero (defaults to the state's).
+    """
+    W = dequantized_weight(packed, state, profile=profile)
+    b = None if bias is None else _float64(bias, "bias")
+    mask = None if dropout_mask is None else _float64(dropout_mask, "dropout_mask")
+    return lora.forward(_float64(x, "x"), W, _float64(A, "A"), _float64(B, "B"), scaling,
+                        bias=b, dropout_mask=mask, dropout_p=dropout_p)
+
+
+def forward_error_bound(
+    x: Any,
+    packed: Any,
+    state: QuantState,
+    A: Any,
+    B: Any,
+    scaling: float,
+    bias: Any = None,
+    *,
+    dtype: Any = "float32",
+    accumulate: Any = None,
+    profile: str | None = None,
+) -> np.ndarray:
+    """Elementwise bound on |ŷ − y| for ŷ computed the way PEFT's 4-bit LoRA layer does:
+    base = fl(x Wᵀ + b) (K = in products), lora = fl(fl(fl(x Aᵀ) Bᵀ) · s), ŷ = fl(base + lora),
+    with W the exactly dequantized weight, sums accumulated in ``accumulate`` (default: ``dtype``)
+    and each stored result rounded to ``dtype`` (unit roundoff u; Higham §3.1):
+
+        |ŷ − y| ≤ [(1+γ_{K+1})(1+u)² − 1] · (|x| |W|ᵀ + |b|)
+                 + [(1+γ_K)(1+γ_r)(1+u)⁴ − 1] · |s| · (|x| |A|ᵀ) |B|ᵀ,   γ_n of ``accumulate``.
+    """
+    W = dequantized_weight(packed, state, profile=profile)
+    ax, aA, aB = np.abs(_float64(x, "x")), np.abs(_float64(A, "A")), np.abs(_float64(B, "B"))
+    K, r = W.shape[1], aA.shape[0]
+    base = ax @ np.abs(W).T
+    if bias is not None:
+        base = base + np.abs(_float64(bias, "bias"))
+    s = abs(_checks.real(scaling, "scaling"))
+    acc = dtype if accumulate is None else accumulate
+    u = precision.unit_roundoff(dtype)
+    g_base = (1 + precision.gamma(K + 1, acc)) * (1 + u) ** 2 - 1
+    g_lora = (1 + precision.gamma(K, acc)) * (1 + precision.gamma(r, acc)) * (1 + u) ** 4 - 1
+    return g_base * base + g_lora * s * ((ax @ aA.T) @ aB.T)

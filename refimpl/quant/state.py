@@ -1,0 +1,144 @@
+"""QuantState: everything besides the packed codes that 4-bit dequantization needs (spec/nf4.md §5, §10).
+
+A plain frozen record (no hidden state), convertible to and from bitsandbytes'
+serialized form (``QuantState.as_dict(packed=True)``): the tensors ``absmax``,
+``quant_map``, ``nested_absmax``, ``nested_quant_map`` and a uint8 tensor
+``quant_state.bitsandbytes__nf4`` (or ``__fp4``) holding UTF-8 JSON with
+quant_type, blocksize, dtype, shape and, when nested, nested_blocksize,
+nested_dtype and nested_offset. Here all tensors are NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import numpy as np
+
+from refimpl import _checks
+from refimpl.quant import codebooks, nested
+
+PROFILES = ("reference", "bitsandbytes-cpu", "bitsandbytes-cuda")
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _array(value: Any, name: str, dtype: Any, size: int | None = None) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: expected a {np.dtype(dtype)} array, got {_checks.describe(arr)}")
+    if size is not None and arr.size != size:
+        raise ValueError(f"{name}: expected {size} values, got {_checks.describe(arr)}")
+    return arr.reshape(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantState:
+    """State of a 4-bit quantized tensor.
+
+    absmax: float32 per-block scales, or (nested) their uint8 8-bit codes.
+    code: the 16 float32 code values, index = nibble.
+    offset, nested_absmax, nested_code, nested_blocksize: the double-quantization state
+    (offset float32; nested_absmax float32 per 256 blocks; nested_code the 256-entry dynamic map).
+    profile: the profile that produced it (decides the sign of FP4's zero on dequantization).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    blocksize: int
+    quant_type: str
+    absmax: np.ndarray
+    code: np.ndarray
+    offset: np.float32 | None = None
+    nested_absmax: np.ndarray | None = None
+    nested_code: np.ndarray | None = None
+    nested_blocksize: int = 256
+    profile: str = "reference"
+
+    def __post_init__(self) -> None:
+        shape = tuple(_checks.integer(s, "shape", low=0) for s in self.shape)
+        object.__setattr__(self, "shape", shape)
+        if prod(shape) == 0:
+            raise ValueError(f"shape: expected a non-empty shape, got {shape}")
+        _checks.choice(self.dtype, "dtype", OUTPUT_DTYPES)
+        bs = _checks.integer(self.blocksize, "blocksize")
+        if bs not in _BLOCKSIZES:
+            raise ValueError(f"blocksize: expected one of {', '.join(map(str, _BLOCKSIZES))}, got {bs}")
+        _checks.choice(self.quant_type, "quant_type", codebooks.QUANT_TYPES)
+        _checks.choice(self.profile, "profile", PROFILES)
+        object.__setattr__(self, "code", _array(self.code, "code", np.float32, 16))
+        nblocks = self.n_blocks
+        if self.nested_absmax is None:
+            if self.offset is not None or self.nested_code is not None:
+                raise ValueError("offset: a non-nested state has no offset or nested_code; got one")
+            object.__setattr__(self, "absmax", _array(self.absmax, "absmax", np.float32, nblocks))
+            return
+        object.__setattr__(self, "absmax", _array(self.absmax, "absmax", np.uint8, nblocks))
+        nbs = _checks.integer(self.nested_blocksize, "nested_blocksize", low=1)
+        if self.offset is None:
+            raise ValueError("offset: a nested state needs the float32 offset, got None")
+        object.__setattr__(self, "offset", np.float32(self.offset))
+        object.__setattr__(self, "nested_absmax",
+                           _array(self.nested_absmax, "nested_absmax", np.float32, -(-nblocks // nbs)))
+        nested_code = codebooks.codebook("dynamic8") if self.nested_code is None else self.nested_code
+        object.__setattr__(self, "nested_code", _array(nested_code, "nested_code", np.float32, 256))
+
+    @property
+    def n(self) -> int:
+        """Number of quantized elements."""
+        return prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n // self.blocksize)
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+    def block_absmax(self) -> np.ndarray:
+        """The float32 scale of each block: stored, or rebuilt from the nested state (§7)."""
+        if not self.nested:
+            return self.absmax.copy()
+        return nested.dequantize_nested_absmax(self.absmax, self.nested_absmax, self.nested_code,
+                                               self.offset, self.nested_blocksize)
+
+    def to_bnb_dict(self) -> dict[str, np.ndarray]:
+        """bitsandbytes' ``QuantState.as_dict(packed=True)`` as NumPy arrays (byte-identical JSON)."""
+        meta: dict[str, Any] = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                                "dtype": self.dtype, "shape": list(self.shape)}
+        out: dict[str, np.ndarray] = {"absmax": self.absmax.copy(), "quant_map": self.code.copy()}
+        if self.nested:
+            out["nested_absmax"] = self.nested_absmax.copy()
+            out["nested_quant_map"] = self.nested_code.copy()
+            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
+                        nested_offset=float(self.offset))
+        out["quant_state.bitsandbytes__" + self.quant_type] = np.frombuffer(
+            json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
+        return out
+
+    @classmethod
+    def from_bnb_dict(cls, d: dict[str, Any], *, profile: str = "bitsandbytes-cpu") -> QuantState:
+        """Read bitsandbytes' packed serialized dict (keys may carry a module prefix)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"d: expected a dict of arrays, got {_checks.describe(d)}")
+        items = {k.split(".")[-1] if "quant_state." not in k else k[k.index("quant_state."):]: v
+                 for k, v in d.items()}
+        meta_keys = [k for k in items if k.startswith("quant_state.bitsandbytes__")]
+        if len(meta_keys) != 1:
+            raise ValueError(f"d: expected exactly one 'quant_state.bitsandbytes__nf4|fp4' key, got {meta_keys}")
+        meta = json.loads(bytes(np.asarray(items[meta_keys[0]], dtype=np.uint8)).decode("utf-8"))
+        for key in ("absmax", "quant_map"):
+            if key not in items:
+                raise ValueError(f"d: missing key {key!r}; keys are {sorted(items)}")
+        nested_kw: dict[str, Any] = {}
+        if "nested_absmax" in items:
+            nested_kw = dict(offset=np.float32(meta["nested_offset"]),
+                             nested_absmax=np.asarray(items["nested_absmax"]),
+                             nested_code=np.asarray(items["nested_quant_map"]),
+                             nested_blocksize=meta["nested_blocksize"])
+        return cls(shape=tuple(meta["shape"]), dtype=meta["dtype"], blocksize=meta["blocksize"],
+                   quant_type=meta["quant_type"], absmax=np.asarray(items["absmax"]),
+                   code=np.asarray(items["quant_map"]), profile=profile, **nested_kw)
