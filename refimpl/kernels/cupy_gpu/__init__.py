@@ -1,0 +1,40 @@
+"""CuPy GPU kernels for refimpl's operations (needs the ``gpu`` extra and an NVIDIA GPU).
+
+Same operation names as the NumPy reference; each is checked against it by tests/test_kernels_cupy.py
+(pytest marker ``gpu``) and timed against bitsandbytes' CUDA kernels and torch by bench/gpu_bench.py.
+
+    quantize_4bit, dequantize_4bit, quantize_absmax  NF4/FP4 blockwise storage (bitsandbytes CUDA bytes)
+    gemv_4bit, qlora_forward                          fused 4-bit GEMV for m ≤ 16 (+ LoRA branch)
+    lora_forward, dora_forward, pack, workspace,
+    forward_packed                                    LoRA/DoRA as one cuBLAS GEMM over K = d + r
+    ties                                              TIES merge in one fused pass
+
+Importing this package does not import CuPy; ``unavailable_reason()`` says why the kernels cannot run.
+"""
+
+from __future__ import annotations
+
+from refimpl.kernels.cupy_gpu._device import unavailable_reason
+from refimpl.kernels.cupy_gpu.gemv4 import gemv_4bit, qlora_forward
+from refimpl.kernels.cupy_gpu.lora_gemm import PackedLinear, forward_packed, pack, workspace
+from refimpl.kernels.cupy_gpu.lora_gemm import dora_forward as dora_forward
+from refimpl.kernels.cupy_gpu.lora_gemm import forward as lora_forward
+from refimpl.kernels.cupy_gpu.nf4 import GpuQuantState, dequantize_4bit, quantize_4bit, quantize_absmax
+from refimpl.kernels.cupy_gpu.ties import ties
+
+__all__ = [
+    "GpuQuantState",
+    "PackedLinear",
+    "dequantize_4bit",
+    "dora_forward",
+    "forward_packed",
+    "gemv_4bit",
+    "lora_forward",
+    "pack",
+    "qlora_forward",
+    "quantize_4bit",
+    "quantize_absmax",
+    "ties",
+    "unavailable_reason",
+    "workspace",
+]

@@ -1,0 +1,430 @@
+"""CuPy GPU kernels against the NumPy reference (and bitsandbytes CUDA where installed).
+
+Marker ``gpu``: every test that launches a kernel skips with the reason when CuPy or a CUDA device is
+missing (CI has no GPU). Table and bad-input tests run everywhere. Figures (case counts, worst
+error/bound) are printed; run with ``-s`` or ``-rA`` to see them.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from refimpl import precision
+from refimpl.kernels import cupy_gpu as G
+from refimpl.kernels.cupy_gpu import _tables
+from tests._peers import require
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NP_DT = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16}
+REASON = G.unavailable_reason()
+needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"GPU kernels unavailable: {REASON}")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def dev(a: np.ndarray):
+    """NumPy → CuPy; bfloat16 travels as its uint16 bits."""
+    import cupy as cp
+
+    a = np.ascontiguousarray(a)
+    return cp.asarray(a.view(np.uint16) if a.dtype == BF16 else a)
+
+
+def host(a, dtype: str) -> np.ndarray:
+    h = a.get() if hasattr(a, "get") else a.cpu().numpy()
+    return h.view(BF16) if dtype == "bfloat16" else h
+
+
+def data(rng: np.random.Generator, kind: str, shape, dtype: str) -> np.ndarray:
+    if kind == "normal":
+        x = rng.standard_normal(shape)
+    elif kind == "uniform":
+        x = rng.uniform(-1, 1, shape)
+    else:  # heavy-tailed
+        x = rng.standard_normal(shape) * np.exp(2 * rng.standard_normal(shape))
+    return x.astype(NP_DT[dtype])
+
+
+def report(name: str, rep: precision.BoundReport, cases: int) -> None:
+    print(f"\n[{name}] cases={cases} worst error/bound = {rep.worst_ratio:.3g} ({rep})")
+
+
+# ----------------------------------------------------------------------- runs everywhere (no GPU)
+
+def test_kernel_tables_equal_reference_codebooks():
+    from refimpl.quant import codebooks as cb
+
+    assert _tables.NF4_HEX == cb.NF4_HEX
+    assert _tables.FP4_HEX == cb.FP4_HEX
+    assert _tables.NF4_MIDPOINT_HEX == cb.NF4_MIDPOINT_HEX
+    assert _tables.DYNAMIC8_HEX == cb.DYNAMIC8_HEX
+    assert _tables.FP4_CUDA_THRESHOLDS == cb.FP4_CUDA_THRESHOLDS
+
+
+def test_float_literals_are_exact_float32():
+    from refimpl.kernels.cupy_gpu import _device as D
+
+    for w in _tables.NF4_MIDPOINT_HEX + _tables.DYNAMIC8_HEX:
+        lit = D.hex_literal(w)[1:-2]  # strip "(" and "f)"
+        assert np.float32(float.fromhex(lit)).view(np.uint32) == int(w, 16)
+    with pytest.raises(ValueError, match="value"):
+        D.f32_literal(float("nan"))
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda: G.quantize_4bit(np.zeros(64, np.float32)), TypeError, ["x:", "CuPy array", "ndarray"]),
+    (lambda: G.quantize_4bit(None, blocksize=48), ValueError, ["blocksize:", "48"]),
+    (lambda: G.quantize_4bit(None, quant_type="int4"), ValueError, ["quant_type:", "int4"]),
+    (lambda: G.dequantize_4bit([1, 2], None), TypeError, ["packed:", "list"]),
+    (lambda: G.gemv_4bit(np.zeros((1, 16)), None, None), TypeError, ["x:", "ndarray"]),
+    (lambda: G.lora_forward(np.zeros((2, 2)), None, None, None, 1.0), TypeError, ["x:", "ndarray"]),
+    (lambda: G.pack(np.zeros((2, 2)), None, None, 1.0), TypeError, ["W:", "ndarray"]),
+    (lambda: G.ties("abc", density=0.2), TypeError, ["task_vectors:", "str"]),
+    (lambda: G.ties([], density=0.2), TypeError, ["task_vectors:"]),
+    (lambda: G.ties([np.zeros(3, np.float32)], density=0.2), TypeError, ["task_vectors[0]:", "ndarray"]),
+])
+def test_bad_input_names_the_argument(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value)
+
+
+# ------------------------------------------------------------------------------ GPU: NF4 / FP4
+
+SHAPES = [(4096, 64), (1000, 77), (33, 129), (12345,), (7,)]
+BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_matches_reference_cuda_profile_and_dequantize_is_bit_exact(quant_type):
+    """Codes: equal to refimpl.quant's bitsandbytes-cuda profile or classified admissible by check_4bit;
+    absmax bit-identical; dequantized bits identical to the reference's dequantization of our bytes."""
+    from refimpl import quant as Q
+
+    rng = np.random.default_rng(1)
+    n_el = n_case = n_wrong = n_adm = n_neq = n_deq_bad = n_abs_bad = 0
+    for dtype in ("float32", "float16", "bfloat16"):
+        for bs in BLOCKS:
+            for shape in SHAPES:
+                for kind in ("normal", "uniform", "heavy"):
+                    x = data(rng, kind, shape, dtype)
+                    packed, st = G.quantize_4bit(dev(x), bs, quant_type, dtype=dtype)
+                    pk = packed.get()
+                    ref_p, ref_s = Q.quantize_4bit(x, bs, quant_type, profile="bitsandbytes-cuda")
+                    absmax = st.absmax.get()
+                    n_abs_bad += int((absmax.view(np.uint32) != ref_s.absmax.view(np.uint32)).sum())
+                    rep = Q.check_4bit(pk, ref_s, x, profile="bitsandbytes-cuda")
+                    n_wrong += rep.n_wrong + rep.n_special
+                    n_adm += rep.n_admissible
+                    n_neq += int((pk != ref_p).sum())
+                    # dequantize our bytes both ways: the bits must agree
+                    ours = host(G.dequantize_4bit(packed, st), dtype)
+                    ref_st = Q.QuantState(shape=tuple(shape), dtype=dtype, blocksize=bs, quant_type=quant_type,
+                                          absmax=absmax, code=ref_s.code, profile="bitsandbytes-cuda")
+                    theirs = Q.dequantize_4bit(pk, ref_st)
+                    n_deq_bad += int((ours.view(np.uint8) != np.ascontiguousarray(theirs).view(np.uint8)).sum())
+                    n_el += x.size
+                    n_case += 1
+    print(f"\n[{quant_type} quantize vs reference bitsandbytes-cuda] cases={n_case} elements={n_el} "
+          f"bytes differing={n_neq} admissible nibbles={n_adm} wrong={n_wrong} absmax mismatches={n_abs_bad} "
+          f"dequantized bytes differing={n_deq_bad}")
+    assert n_wrong == 0
+    assert n_abs_bad == 0
+    assert n_deq_bad == 0
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_all_zero_and_nan_blocks_follow_the_cuda_rule():
+    """All-zero block: 0·(1/0) = NaN → nibble 0, bytes 0x00, absmax 0; NaN element → nibble 0, ignored by absmax."""
+    x = np.zeros(128, np.float32)
+    x[64:] = np.linspace(-1, 1, 64, dtype=np.float32)
+    x[70] = np.nan
+    packed, st = G.quantize_4bit(dev(x), 64, "nf4")
+    pk = packed.get().ravel()
+    assert (pk[:32] == 0).all()
+    assert st.absmax.get()[0] == 0.0
+    assert st.absmax.get()[1] == 1.0
+    assert pk[35] >> 4 == 0  # element 70 is the high nibble of byte 35
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_double_quant_state_dequantizes_as_the_reference_rule():
+    """Given the same offset: absmax2 equals the reference's bitsandbytes-cuda profile bit for bit, and the
+    dequantized absmax and tensor equal the reference dequantization of our state (f32(f32(d[q]·a2) + offset)).
+
+    The 8-bit codes themselves follow bitsandbytes' CUDA dQuantize<0> (byte-identical to bitsandbytes in
+    test_bytes_identical_to_bitsandbytes_cuda); the reference profile's binary search omits the final pivot
+    and differs by one code in about half the cases: counted here, each difference must be ±1.
+    """
+    import cupy as cp
+
+    from refimpl import quant as Q
+
+    rng = np.random.default_rng(2)
+    n_codes = n_a2_bad = n_code_diff = n_far = n_deq_bad = cases = 0
+    for n in (64 * 300, 64 * 256 * 3 + 64 * 17, 4096 * 1024 + 33):
+        x = data(rng, "heavy", (n,), "float32")
+        _, ref_s = Q.quantize_4bit(x, 64, "nf4", True, profile="bitsandbytes-cuda")
+        packed, st = G.quantize_4bit(dev(x), 64, "nf4", double_quant=True,
+                                     offset=cp.asarray(np.array([ref_s.offset], np.float32)))
+        codes = st.absmax.get()
+        diff = np.abs(codes.astype(np.int64) - ref_s.absmax.astype(np.int64))
+        n_code_diff += int((diff != 0).sum())
+        n_far += int((diff > 1).sum())
+        n_a2_bad += int((st.absmax2.get().view(np.uint32) != ref_s.nested_absmax.view(np.uint32)).sum())
+        ours_state = Q.QuantState(shape=(n,), dtype="float32", blocksize=64, quant_type="nf4", absmax=codes,
+                                  code=ref_s.code, offset=ref_s.offset, nested_absmax=st.absmax2.get(),
+                                  nested_code=ref_s.nested_code, profile="bitsandbytes-cuda")
+        ours = G.dequantize_4bit(packed, st).get()
+        theirs = Q.dequantize_4bit(packed.get(), ours_state)
+        n_deq_bad += int((ours.view(np.uint32) != theirs.view(np.uint32)).sum())
+        n_codes += codes.size
+        cases += 1
+    print(f"\n[double quant vs reference bitsandbytes-cuda] cases={cases} nested codes={n_codes} "
+          f"absmax2 mismatches={n_a2_bad} codes differing from the reference profile={n_code_diff} "
+          f"(by more than one: {n_far}) dequantized mismatches={n_deq_bad}")
+    assert n_a2_bad == 0
+    assert n_far == 0
+    assert n_deq_bad == 0
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.peers
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bytes_identical_to_bitsandbytes_cuda(quant_type):
+    """Packed bytes, absmax and nested state byte-identical to bitsandbytes 0.50.2 CUDA (finite data)."""
+    torch = require("torch")
+    F = require("bitsandbytes.functional")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    rng = np.random.default_rng(3)
+    n_el = n_bad = n_abs_bad = n_nested_bad = n_deq_bad = cases = 0
+    for dtype in ("float32", "float16", "bfloat16"):
+        for bs in BLOCKS:
+            for shape in [(2048, 512), (1000, 77), (12345,), (7,)]:
+                x = data(rng, "heavy" if cases % 2 else "normal", shape, dtype)
+                xt = torch.from_numpy(x.view(np.uint16) if dtype == "bfloat16" else x).cuda()
+                if dtype == "bfloat16":
+                    xt = xt.view(torch.bfloat16)
+                for nested in (False, True):
+                    bp, bst = F.quantize_4bit(xt, blocksize=bs, quant_type=quant_type, compress_statistics=nested)
+                    off = bst.offset.reshape(1).float() if nested else None
+                    gp, gst = G.quantize_4bit(xt, bs, quant_type, double_quant=nested, offset=off)
+                    n_bad += int((gp != bp).sum())
+                    if nested:
+                        n_nested_bad += int((gst.absmax != bst.absmax).sum())
+                        a2, b2 = gst.absmax2.view(torch.int32), bst.state2.absmax.view(torch.int32)
+                        n_nested_bad += int((a2 != b2).sum())
+                    else:
+                        n_abs_bad += int((gst.absmax.view(torch.int32) != bst.absmax.view(torch.int32)).sum())
+                    gd = G.dequantize_4bit(gp, gst)
+                    bd = F.dequantize_4bit(bp, bst)
+                    n_deq_bad += int((gd.reshape(-1).view(torch.uint8) != bd.reshape(-1).view(torch.uint8)).sum())
+                    n_el += x.size
+                    cases += 1
+    print(f"\n[{quant_type} vs bitsandbytes CUDA] cases={cases} elements={n_el} byte mismatches={n_bad} "
+          f"absmax mismatches={n_abs_bad} nested mismatches={n_nested_bad} dequantized byte mismatches={n_deq_bad}")
+    assert n_bad == 0 and n_abs_bad == 0 and n_nested_bad == 0 and n_deq_bad == 0
+
+
+# ------------------------------------------------------------------------- GPU: GEMV / QLoRA
+
+def _dequant64(packed: np.ndarray, absmax: np.ndarray, n: int, bs: int, quant_type: str) -> np.ndarray:
+    nib = np.empty(2 * packed.size, np.uint8)
+    nib[0::2] = packed.ravel() >> 4
+    nib[1::2] = packed.ravel() & 15
+    code = _tables.from_hex(_tables.NF4_HEX if quant_type == "nf4" else _tables.FP4_HEX).astype(np.float64)
+    return code[nib[:n]] * np.repeat(absmax.astype(np.float64), bs)[:n]
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fused_gemv_and_qlora_forward_within_derived_bound(dtype):
+    """y = x·dequant(W)ᵀ + s·(x Aᵀ) Bᵀ + b for m = 1..16 within
+    u_out·|y| + γ_{K+r+4}(float32)·(|x||W|ᵀ + s·|x||A|ᵀ|B|ᵀ + |b|)."""
+    rng = np.random.default_rng(4)
+    u_out = precision.unit_roundoff(dtype)
+    worst = 0.0
+    cases = 0
+    for (N, K, bs, qt) in [(256, 1024, 64, "nf4"), (300, 4096, 128, "nf4"), (129, 544, 32, "fp4")]:
+        W = data(rng, "normal", (N, K), dtype)
+        packed, st = G.quantize_4bit(dev(W), bs, qt, dtype=dtype)
+        Wq = _dequant64(packed.get(), st.absmax.get(), N * K, bs, qt).reshape(N, K)
+        for m in (1, 2, 3, 7, 8, 16):
+            for lora in (False, True):
+                x = data(rng, "normal", (m, K), dtype)
+                x64 = x.astype(np.float64)
+                ref = x64 @ Wq.T
+                S = np.abs(x64) @ np.abs(Wq).T
+                kw = {}
+                r, s = 8, 0.5
+                if lora:
+                    A = (data(rng, "normal", (r, K), dtype).astype(np.float32) / 8).astype(NP_DT[dtype])
+                    B = data(rng, "normal", (N, r), dtype)
+                    b = data(rng, "normal", (N,), dtype)
+                    A64, B64, b64 = (a.astype(np.float64) for a in (A, B, b))
+                    ref = ref + s * (x64 @ A64.T) @ B64.T + b64
+                    S = S + s * (np.abs(x64) @ np.abs(A64).T) @ np.abs(B64).T + np.abs(b64)
+                    kw = {"A": dev(A), "B": dev(B), "scaling": s, "bias": dev(b)}
+                y = host(G.gemv_4bit(dev(x), packed, st, dtype=dtype, **kw), dtype).astype(np.float64)
+                bound = u_out * np.abs(ref) + (1 + u_out) * precision.gamma(K + r + 4, "float32") * S
+                rep = precision.compare_to_bound(y, ref, bound)
+                worst = max(worst, rep.worst_ratio)
+                cases += 1
+                assert rep.passed, f"N={N} K={K} m={m} lora={lora}: {rep}"
+    print(f"\n[gemv_4bit/qlora {dtype}] cases={cases} worst error/bound = {worst:.3g}")
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gemv_rejects_k_not_multiple_of_32():
+    W = np.ones((4, 48), np.float32)
+    packed, st = G.quantize_4bit(dev(W), 32, "nf4")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        G.gemv_4bit(dev(np.ones((1, 48), np.float32)), packed, st)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_qlora_forward_large_m_uses_dequantize_then_gemm():
+    rng = np.random.default_rng(5)
+    N, K, m, r, s = 256, 512, 40, 4, 2.0
+    W = data(rng, "normal", (N, K), "bfloat16")
+    packed, st = G.quantize_4bit(dev(W), 64, "nf4", dtype="bfloat16")
+    Wq = _dequant64(packed.get(), st.absmax.get(), N * K, 64, "nf4").reshape(N, K)
+    Wq_bf = Wq.astype(BF16).astype(np.float64)  # the dequantized weight is stored in bfloat16
+    x, A, B = (data(rng, "normal", sh, "bfloat16") for sh in ((m, K), (r, K), (N, r)))
+    x64, A64, B64 = (a.astype(np.float64) for a in (x, A, B))
+    u = s * (x64 @ A64.T)
+    ref = x64 @ Wq_bf.T + u @ B64.T
+    y = host(G.qlora_forward(dev(x), packed, st, dev(A), dev(B), s, dtype="bfloat16"), "bfloat16").astype(np.float64)
+    ub = precision.unit_roundoff("bfloat16")
+    g = precision.gamma(K + r + 2, "float32")
+    du = ub * np.abs(u) + (1 + ub) * g * s * (np.abs(x64) @ np.abs(A64).T)
+    S = np.abs(x64) @ np.abs(Wq_bf).T + (np.abs(u) + du) @ np.abs(B64).T
+    bound = ub * np.abs(ref) + (1 + ub) * (g * S + du @ np.abs(B64).T)
+    rep = precision.compare_to_bound(y, ref, bound)
+    report("qlora_forward m=40", rep, 1)
+    assert rep.passed
+
+
+# --------------------------------------------------------------------------- GPU: LoRA / DoRA
+
+def _lora_bound(x64, W64, A64, B64, b64, s, ref, dtype, w_round=0.0):
+    """u = dtype(s·x Aᵀ) (float32 sums), then one float32-accumulated GEMM over K = d + r + 1, output
+    rounded to dtype; ``w_round`` is the relative rounding of the packed weight (DoRA's f⊙W)."""
+    ud = precision.unit_roundoff(dtype)
+    K = W64.shape[1] + A64.shape[0] + 1
+    g = precision.gamma(K + 1, "float32")
+    u = s * (x64 @ A64.T)
+    du = ud * np.abs(u) + (1 + ud) * g * s * (np.abs(x64) @ np.abs(A64).T)
+    S = np.abs(x64) @ np.abs(W64).T + (np.abs(u) + du) @ np.abs(B64).T
+    inner = (1 + w_round) * (g * (S + np.abs(b64)) + du @ np.abs(B64).T) + w_round * S
+    return ud * np.abs(ref) + (1 + ud) * inner
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_lora_forward_one_gemm_within_derived_bound(dtype):
+    from refimpl import lora as L
+
+    rng = np.random.default_rng(6)
+    worst, cases = 0.0, 0
+    for (m, d, out, r) in [(64, 256, 128, 8), (300, 1024, 512, 16), (37, 264, 72, 3)]:
+        x, W, A, B, b = (data(rng, "normal", sh, dtype) for sh in ((m, d), (out, d), (r, d), (out, r), (out,)))
+        s = L.scaling(16, r)
+        x64, W64, A64, B64, b64 = (a.astype(np.float64) for a in (x, W, A, B, b))
+        for bias in (False, True):
+            ref = L.forward(x64, W64, A64, B64, s, bias=b64 if bias else None)
+            bb = b64 if bias else np.zeros_like(b64)
+            bound = _lora_bound(x64, W64, A64, B64, bb, s, ref, dtype)
+            for chunks in (1, 3):
+                y = G.lora_forward(dev(x), dev(W), dev(A), dev(B), s, bias=dev(b) if bias else None,
+                                   dtype=dtype, chunks=chunks)
+                rep = precision.compare_to_bound(host(y, dtype).astype(np.float64), ref, bound)
+                worst = max(worst, rep.worst_ratio)
+                cases += 1
+                assert rep.passed, f"m={m} d={d} bias={bias} chunks={chunks}: {rep}"
+    print(f"\n[lora_forward {dtype}] cases={cases} worst error/bound = {worst:.3g}")
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_dora_forward_folded_factor_within_derived_bound():
+    from refimpl import dora as Dr
+    from refimpl import lora as L
+
+    rng = np.random.default_rng(7)
+    dtype = "bfloat16"
+    worst, cases = 0.0, 0
+    wr = precision.unit_roundoff(dtype) + precision.unit_roundoff("float32") * 2
+    for (m, d, out, r) in [(64, 256, 128, 8), (200, 1024, 384, 16)]:
+        x, W, A, B, b = (data(rng, "normal", sh, dtype) for sh in ((m, d), (out, d), (r, d), (out, r), (out,)))
+        s = L.scaling(8, r)
+        x64, W64, A64, B64, b64 = (a.astype(np.float64) for a in (x, W, A, B, b))
+        mag = (np.linalg.norm(W64, axis=1) * rng.uniform(0.5, 1.5, out)).astype(np.float32)
+        ref = Dr.forward(x64, W64, A64, B64, mag.astype(np.float64), s, bias=b64)
+        f = mag / np.linalg.norm(W64 + s * B64 @ A64, axis=1)
+        bound = _lora_bound(x64, W64 * f[:, None], A64, B64 * f[:, None], b64, s, ref, dtype, w_round=wr)
+        import cupy as cp
+
+        y = G.dora_forward(dev(x), dev(W), dev(A), dev(B), cp.asarray(mag), s, bias=dev(b), dtype=dtype, chunks=2)
+        rep = precision.compare_to_bound(host(y, dtype).astype(np.float64), ref, bound)
+        worst = max(worst, rep.worst_ratio)
+        cases += 1
+        assert rep.passed, f"m={m} d={d}: {rep}"
+    print(f"\n[dora_forward bf16] cases={cases} worst error/bound = {worst:.3g}")
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_dora_zero_norm_row_raises():
+    import cupy as cp
+
+    W = np.zeros((4, 16), np.float32)
+    W[1:] = 1.0
+    A = np.zeros((2, 16), np.float32)
+    B = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match="zero norm"):
+        G.pack(dev(W), dev(A), dev(B), 1.0, magnitude=cp.ones(4, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------- GPU: TIES
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("profile", ["paper", "peft", "mergekit"])
+def test_ties_equals_reference_rounded_once(profile):
+    """The fused float64 pass reproduces refimpl.merging.ties exactly (then one rounding to float32)."""
+    from refimpl.merging import TIES_PROFILES
+    from refimpl.merging import ties as ref_ties
+
+    rng = np.random.default_rng(8)
+    opts = dict(TIES_PROFILES[profile])
+    opts.pop("rescale")
+    cases = n_el = n_bad = 0
+    for n, T, dens, w, tied in [(10_000, 3, 0.2, None, False),
+                                (100_003, 4, [0.1, 0.3, 0.5, 1.0], [1.0, 0.5, 2.0, 0.7], False),
+                                (999, 2, 0.5, [1.0, -1.0], False), (20_001, 3, 0.3, None, True)]:
+        taus = [rng.standard_normal(n).astype(np.float32) for _ in range(T)]
+        if tied:  # magnitudes on a grid of 1/4: many ties at every trim threshold
+            taus = [np.round(t * 4).astype(np.float32) / 4 for t in taus]
+        taus[0][:50] = 0.0  # zeros never vote
+        taus[1][10:20] = taus[0][10:20] * -1  # exact sign ties → zero score
+        ref = ref_ties(taus, w, density=dens, profile=profile, lam=1.5)
+        got = G.ties([dev(t) for t in taus], w, density=dens, lam=1.5, **opts).get()
+        n_bad += int((got != ref.astype(np.float32)).sum())
+        n_el += n
+        cases += 1
+    print(f"\n[ties {profile}] cases={cases} elements={n_el} mismatches={n_bad}")
+    assert n_bad == 0
