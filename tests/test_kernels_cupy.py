@@ -13,7 +13,7 @@ import pytest
 
 from refimpl import precision
 from refimpl.kernels import cupy_gpu as G
-from refimpl.kernels.cupy_gpu import _tables
+from refimpl.quant import codebooks as _tables
 from tests._peers import require
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -52,16 +52,6 @@ def report(name: str, rep: precision.BoundReport, cases: int) -> None:
 
 
 # ----------------------------------------------------------------------- runs everywhere (no GPU)
-
-def test_kernel_tables_equal_reference_codebooks():
-    from refimpl.quant import codebooks as cb
-
-    assert _tables.NF4_HEX == cb.NF4_HEX
-    assert _tables.FP4_HEX == cb.FP4_HEX
-    assert _tables.NF4_MIDPOINT_HEX == cb.NF4_MIDPOINT_HEX
-    assert _tables.DYNAMIC8_HEX == cb.DYNAMIC8_HEX
-    assert _tables.FP4_CUDA_THRESHOLDS == cb.FP4_CUDA_THRESHOLDS
-
 
 def test_float_literals_are_exact_float32():
     from refimpl.kernels.cupy_gpu import _device as D

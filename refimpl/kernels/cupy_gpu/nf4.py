@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from refimpl.kernels.cupy_gpu import _device as D
-from refimpl.kernels.cupy_gpu import _tables as cb
+from refimpl.quant import codebooks as cb
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
