@@ -37,6 +37,8 @@ _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 def resolve_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     """Return the NumPy dtype for a name in ``DTYPES`` or a dtype-like; raise otherwise."""
+    if dtype is None:  # np.dtype(None) would silently mean float64
+        raise TypeError(f"{name}: expected a float format name or dtype ({', '.join(DTYPES)}), got None")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             _checks.choice(dtype, name, DTYPES)

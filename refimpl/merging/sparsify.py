@@ -59,7 +59,18 @@ def trim_mask(tau: Any, density: float, *, k_rule: str = "threshold") -> np.ndar
     return keep.reshape(t.shape)
 
 
-def l1_rescaled(tau: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def l1_rescaled(tau: Any, mask: Any) -> np.ndarray:
+    """mergekit's ``rescaled_masked_tensor(norm=l1)`` with validated inputs (see ``_l1_rescaled``)."""
+    t = _common.as_float(tau, "tau")[0]
+    raw = np.asarray(mask)
+    m = raw.astype(np.float64) if raw.dtype == bool else _common.as_float(raw, "mask")[0]
+    _checks.same_shape(t, "tau", m, "mask")
+    if not np.isin(m, (0.0, 1.0)).all():
+        raise ValueError("mask: expected a keep mask of 0/1 (or bool) entries")
+    return _l1_rescaled(t, m)
+
+
+def _l1_rescaled(tau: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """mergekit's ``rescaled_masked_tensor(norm=l1)``: (τ ⊙ m)·‖τ‖₁/‖τ ⊙ m‖₁, per tensor.
 
     When ‖τ‖₁ < 1e-7 or ‖τ ⊙ m‖₁ < 1e-7 (absolute, mergekit's eps) the masked tensor is returned unscaled.
@@ -106,7 +117,7 @@ def magnitude_prune(
     out = np.zeros_like(taus[0])
     for tau, wt, dt in zip(taus, w, d, strict=True):
         m = trim_mask(tau, dt, k_rule=opts["k_rule"])
-        out += wt * (l1_rescaled(tau, m) if opts["rescale"] == "l1" else tau * m)
+        out += wt * (_l1_rescaled(tau, m) if opts["rescale"] == "l1" else tau * m)
     return lam * out
 
 
@@ -149,7 +160,7 @@ def keep_masks(masks: Any, taus: list[np.ndarray], name: str = "masks") -> list[
 def dare_drop(tau: np.ndarray, mask: np.ndarray, density: float, rescale: str) -> np.ndarray:
     """One DARE step: τ̂ = τ ⊙ m / d (``"inverse"``, the paper), L1-matched (``"l1"``, mergekit) or τ ⊙ m."""
     if rescale == "l1":
-        return l1_rescaled(tau, mask)
+        return _l1_rescaled(tau, mask)
     out = tau * mask
     if rescale == "inverse":
         out /= density

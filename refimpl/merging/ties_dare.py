@@ -21,11 +21,11 @@ from refimpl.merging.sparsify import (
     K_RULES,
     RESCALES,
     TRIM_K_RULE,
+    _l1_rescaled,
     dare_drop,
     dare_masks,
     densities,
     keep_masks,
-    l1_rescaled,
     trim_mask,
 )
 
@@ -64,6 +64,26 @@ DARE_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def elect_and_merge(
+    trimmed: Sequence[Any],
+    weights: Any,
+    *,
+    elect: str,
+    zero_sign: str,
+    weight_stage: str,
+    divisor: str,
+) -> np.ndarray:
+    """Sign election and disjoint merge of T trimmed task vectors, a list or a (T, ...) stack
+    (validated; the formula is in ``_elect_and_merge``)."""
+    taus = _common.task_list(list(trimmed) if isinstance(trimmed, np.ndarray) and trimmed.ndim > 1 else trimmed,
+                             "trimmed")
+    w = _common.weight_vector(weights, len(taus))
+    for key, value, allowed in (("elect", elect, ELECT), ("zero_sign", zero_sign, ZERO_SIGN),
+                                ("weight_stage", weight_stage, WEIGHT_STAGE), ("divisor", divisor, DIVISOR)):
+        _checks.choice(value, key, allowed)
+    return _elect_and_merge(taus, w, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage, divisor=divisor)
+
+
+def _elect_and_merge(
     trimmed: Sequence[np.ndarray],
     weights: np.ndarray,
     *,
@@ -177,11 +197,11 @@ def ties_owned(taus: list[np.ndarray], w: np.ndarray, d: np.ndarray, opts: dict[
     for i, (tau, dt) in enumerate(zip(taus, d, strict=True)):
         m = trim_mask(tau, dt, k_rule=opts["k_rule"])
         if opts["rescale"] == "l1":
-            taus[i] = l1_rescaled(tau, m)
+            taus[i] = _l1_rescaled(tau, m)
         else:
             tau *= m
         del m
-    merged = elect_and_merge(taus, w, elect=opts["elect"], zero_sign=opts["zero_sign"],
+    merged = _elect_and_merge(taus, w, elect=opts["elect"], zero_sign=opts["zero_sign"],
                              weight_stage=opts["weight_stage"], divisor=opts["divisor"])
     if lam != 1.0:
         merged *= lam
@@ -261,7 +281,7 @@ def dare_owned(taus: list[np.ndarray], w: np.ndarray, d: np.ndarray, masks: Sequ
         k_rule = TRIM_K_RULE[opts["profile"]]
         for tau in taus:
             tau *= trim_mask(tau, opts["ties_density"], k_rule=k_rule)
-        merged = elect_and_merge(taus, w, elect=opts["elect"], zero_sign=opts["zero_sign"],
+        merged = _elect_and_merge(taus, w, elect=opts["elect"], zero_sign=opts["zero_sign"],
                                  weight_stage=opts["weight_stage"], divisor=opts["divisor"])
     if lam != 1.0:
         merged *= lam

@@ -1,0 +1,181 @@
+"""Targets: the implementations the harness checks.
+
+A target is any object with a ``name`` and ``lookup(op) -> callable | None``
+(the :class:`Target` protocol). The callable is called with keyword arguments
+named exactly as the reference op's parameters, takes and returns NumPy arrays
+(DLPack-capable arrays such as CuPy or torch tensors are accepted on return),
+and returns what the reference returns (an array, or an object whose fields
+have the reference's names). Optional methods:
+
+* ``options(op) -> dict``: keyword arguments added to every case of that op, for
+  both the reference and the target (e.g. ``profile="bitsandbytes-cpu"``);
+* ``compute_dtype(op) -> str``: the precision the target computes in (bounds
+  widen from float64's unit roundoff to that dtype's).
+
+Built-in names: ``numpy`` (the reference itself), ``numba`` and ``cupy`` (refimpl's
+kernels), ``peft``, ``bitsandbytes``, ``mergekit`` (the peers, adapted), ``auto``
+(the fastest built-in kernels available, else numpy), and ``module:object`` for a
+user target: a Target, a mapping of op names to callables, or a namespace with
+``lora.forward`` reachable as attributes (or ``lora_forward``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Target(Protocol):
+    """What the harness needs from an implementation under test."""
+
+    name: str
+
+    def lookup(self, op: str) -> Callable[..., Any] | None:
+        """The callable implementing ``op`` (e.g. "lora.forward"), or None if absent."""
+        ...
+
+
+class ReferenceTarget:
+    """The NumPy reference checked against itself (a sanity check of the harness)."""
+
+    name = "numpy"
+
+    def lookup(self, op: str) -> Callable[..., Any] | None:
+        module, func = op.rsplit(".", 1)
+        try:
+            mod = importlib.import_module(f"refimpl.{module}")
+        except ImportError:
+            return None
+        f = getattr(mod, func, None)
+        return f if callable(f) else None
+
+
+class NamespaceTarget:
+    """A user target given as a mapping ``{"lora.forward": f}`` or a namespace/module."""
+
+    def __init__(self, name: str, obj: Any, *, options: Mapping[str, Mapping[str, Any]] | None = None,
+                 compute_dtype: str = "float64") -> None:
+        self.name = name
+        self._obj = obj
+        self._options = dict(options or {})
+        self._dtype = compute_dtype
+
+    def lookup(self, op: str) -> Callable[..., Any] | None:
+        obj = self._obj
+        if isinstance(obj, Mapping):
+            f = obj.get(op)
+            return f if callable(f) else None
+        cur = obj
+        for part in op.split("."):
+            cur = getattr(cur, part, None)
+            if cur is None:
+                break
+        if callable(cur):
+            return cur
+        f = getattr(obj, op.replace(".", "_"), None)
+        return f if callable(f) else None
+
+    def options(self, op: str) -> dict[str, Any]:
+        import fnmatch
+
+        out: dict[str, Any] = {}
+        for pat, opts in self._options.items():
+            if fnmatch.fnmatchcase(op, pat):
+                out.update(opts)
+        return out
+
+    def compute_dtype(self, op: str) -> str:
+        return self._dtype
+
+
+class KernelTarget:
+    """refimpl's own fast kernels (``refimpl.kernels``), by backend name."""
+
+    def __init__(self, backend: str) -> None:
+        self.name = backend
+        self.backend = backend
+
+    def lookup(self, op: str) -> Callable[..., Any] | None:
+        try:
+            kernels = importlib.import_module("refimpl.kernels")
+        except ImportError:
+            return None
+        get = getattr(kernels, "get", None) or getattr(kernels, "lookup", None)
+        if get is None:
+            return None
+        try:
+            f = get(op, backend=self.backend)
+        except (KeyError, LookupError, ValueError, TypeError, ImportError):
+            return None
+        return f if callable(f) else None
+
+    def compute_dtype(self, op: str) -> str:
+        try:
+            kernels = importlib.import_module("refimpl.kernels")
+            fn = getattr(kernels, "compute_dtype", None)
+            return fn(op, backend=self.backend) if fn else "float64"
+        except Exception:
+            return "float64"
+
+
+def kernel_backends() -> list[str]:
+    """Kernel backends usable here that provide at least one op, fastest first (cupy, numba)."""
+    try:
+        kernels = importlib.import_module("refimpl.kernels")
+    except ImportError:
+        return []
+    try:
+        usable = [b for b, why in kernels.available().items() if why is None]
+        order = {"cupy": 0, "numba": 1}
+        return sorted((b for b in usable if b in order and kernels.ops(b)), key=order.__getitem__)
+    except Exception:
+        return []
+
+
+BUILTIN = ("auto", "numpy", "numba", "cupy", "peft", "bitsandbytes", "mergekit")
+
+
+def get_target(spec: str | Target) -> Target:
+    """Resolve a target name (see the module docstring) or pass a Target through."""
+    if not isinstance(spec, str):
+        if isinstance(spec, Target):
+            return spec
+        raise TypeError(f"target: expected a name or an object with name and lookup(op), got {type(spec).__name__}")
+    if spec == "auto":
+        backends = kernel_backends()
+        return KernelTarget(backends[0]) if backends else ReferenceTarget()
+    if spec == "numpy":
+        return ReferenceTarget()
+    if spec in ("numba", "cupy"):
+        return KernelTarget(spec)
+    if spec == "peft":
+        from refimpl.conformance.peers.peft import PeftTarget
+
+        return PeftTarget()
+    if spec == "bitsandbytes":
+        from refimpl.conformance.peers.bnb import BitsandbytesTarget
+
+        return BitsandbytesTarget()
+    if spec == "mergekit":
+        from refimpl.conformance.peers.mergekit import MergekitTarget
+
+        return MergekitTarget()
+    if ":" in spec:
+        modname, _, attr = spec.partition(":")
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as exc:
+            raise ValueError(f"target: cannot import module {modname!r} of {spec!r} ({exc})") from exc
+        obj: Any = mod
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ValueError(f"target: module {modname!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        if isinstance(obj, type):
+            obj = obj()
+        if isinstance(obj, Target):
+            return obj
+        return NamespaceTarget(spec, obj)
+    raise ValueError(f"target: expected one of {', '.join(BUILTIN)} or 'module:object', got {spec!r}")
