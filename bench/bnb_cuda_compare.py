@@ -190,9 +190,75 @@ def compare_8bit(torch, F, x, device) -> dict:
     row = {"n": int(x.size)}
     for profile in PROFILES:
         q, a = quant.quantize_blockwise_8bit(x, 256, profile=profile, nonfinite="propagate")
-        row[profile] = {"codes_differ": int((q.reshape(-1) != codes.reshape(-1)).sum()),
-                        "absmax_differ": bit_mismatch(a, absmax)[0]}
+        where = np.flatnonzero(q.reshape(-1) != codes.reshape(-1))
+        row[profile] = {"codes_differ": int(where.size), "absmax_differ": bit_mismatch(a, absmax)[0],
+                        "first_differ": [{"index": int(i), "x": float(x.reshape(-1)[i]),
+                                          "absmax": float(absmax.reshape(-1)[i // 256]),
+                                          "bnb": int(codes.reshape(-1)[i]), "refimpl": int(q.reshape(-1)[i])}
+                                         for i in where[:5]]}
     return row
+
+
+# ------------------------------------------------------------------------------------------------ reciprocal
+
+_RCP_SOURCE = r"""
+extern "C" __global__ void rcp_ptx(const unsigned int expo, unsigned int* out, const unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = __uint_as_float((expo << 23) | i), r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    out[i] = __float_as_uint(r);
+}
+extern "C" __global__ void rcp_div(const unsigned int expo, unsigned int* out, const unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = __float_as_uint(1.0f / __uint_as_float((expo << 23) | i));  // --use_fast_math, as bitsandbytes
+}
+"""
+
+
+def measure_rcp_approx(table_path: str) -> dict:
+    """Measure the GPU's rcp.approx.ftz.f32 on every float32 significand and write refimpl's table.
+
+    For each of the 2^23 significands m (x = 1.m in [1, 2)) it records d(m) = bits(rcp(x)) − bits(RN(1/x))
+    and checks that the result depends on the significand only (binades 2^-27, 2^0, 2^23 and 2^100) and that
+    `1.0f / x` under --use_fast_math (bitsandbytes' build flag) gives the same bits as the PTX instruction.
+    Writes ``table_path`` (npz: ``delta2``, the d(m) packed four per byte, 2 bits each: 0 → 0, 1 → +1, 3 → −1).
+    """
+    import cupy as cp
+
+    n = 1 << 23
+    mod = cp.RawModule(code=_RCP_SOURCE, options=("--use_fast_math",))
+    out = cp.empty(n, dtype=cp.uint32)
+    results = {}
+    for name in ("rcp_ptx", "rcp_div"):
+        for expo in (100, 127, 150, 227):
+            mod.get_function(name)(((n + 255) // 256,), (256,), (cp.uint32(expo), out, cp.uint32(n)))
+            results[name, expo] = cp.asnumpy(out).astype(np.int64)
+    m = np.arange(n, dtype=np.uint32)
+    x = ((np.uint32(127) << 23) | m).view(np.float32)
+    ieee = (np.float32(1) / x).view(np.uint32).astype(np.int64)
+    got = results["rcp_ptx", 127]
+    delta = got - ieee
+    same_binades = all(
+        np.array_equal(results[name, e] + ((e - 127) << 23), got)
+        for name in ("rcp_ptx", "rcp_div") for e in (100, 127, 150) )
+    div_equals_ptx = all(np.array_equal(results["rcp_div", e], results["rcp_ptx", e]) for e in (100, 127, 150, 227))
+    # 2^100 has results near 2^-101 (normal) as well; 2^227 = e 227: results 2^-100, still normal.
+    same_227 = np.array_equal(results["rcp_ptx", 227] + (100 << 23), got)
+    if np.abs(delta).max() > 1:
+        raise RuntimeError(f"rcp.approx differs from RN(1/x) by {np.abs(delta).max()} ulps")
+    two = np.where(delta < 0, 3, delta).astype(np.uint8).reshape(-1, 4)
+    packed = (two[:, 0] | (two[:, 1] << 2) | (two[:, 2] << 4) | (two[:, 3] << 6)).astype(np.uint8)
+    os.makedirs(os.path.dirname(table_path) or ".", exist_ok=True)
+    np.savez_compressed(table_path, delta2=packed)
+    import torch
+
+    return {"significands": n, "plus_one_ulp": int((delta == 1).sum()), "minus_one_ulp": int((delta == -1).sum()),
+            "equal_to_rn": int((delta == 0).sum()), "depends_on_significand_only": bool(same_binades and same_227),
+            "fast_math_division_equals_rcp_approx_ftz": bool(div_equals_ptx),
+            "device_name": torch.cuda.get_device_name(0),
+            "capability": list(torch.cuda.get_device_capability(0)), "table": os.path.basename(table_path)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -205,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=16384 + 37, help="elements per case (default 16421)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blocksizes", default=",".join(map(str, BLOCKSIZES)))
+    ap.add_argument("--measure-rcp", metavar="NPZ", default=None,
+                    help="first measure the GPU's rcp.approx.ftz.f32 into this table (CuPy), e.g. "
+                         "refimpl/quant/rcp_approx_ftz_sm90.npz; the comparison then uses it")
     args = ap.parse_args(argv)
 
     # bitsandbytes' torch dequantization path (CPU) is wrapped in torch.compile; eager runs the same
@@ -217,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu to check the script", file=sys.stderr)
         return 2
+    rcp_measured = None
+    if args.measure_rcp:
+        rcp_measured = measure_rcp_approx(args.measure_rcp)
+        print("rcp.approx.ftz.f32 measured:", rcp_measured)
+    from refimpl.quant import cuda_rcp
+
+    rcp_table = cuda_rcp.table_info()
+    print("refimpl bitsandbytes-cuda reciprocal:", rcp_table)
     threads = torch.get_num_threads()
     rng = np.random.default_rng(args.seed)
     blocksizes = tuple(int(b) for b in args.blocksizes.split(","))
@@ -295,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                      "python": platform.python_version()},
         "machine": {"device": args.device, "device_name": device_name, "cpu_count": os.cpu_count(),
                     "torch_threads": threads},
+        "reciprocal": {"measured": rcp_measured, "refimpl_table": rcp_table},
         "size_per_case": args.size, "seed": args.seed, "elapsed_s": elapsed,
         "summary": summary, "cases_4bit": rows, "cases_8bit": rows8,
     }

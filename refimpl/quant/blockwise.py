@@ -16,7 +16,8 @@ All arithmetic is IEEE float32, as NF4 is defined. Profiles (spec/nf4.md §9):
   raise unless ``nonfinite="propagate"``; float64 input is rounded once to float32.
 * ``bitsandbytes-cpu``: bitsandbytes 0.50.2 on CPU, bit for bit, special values included.
 * ``bitsandbytes-cuda``: the CUDA kernels' rules where they differ (NaN-ignoring absmax,
-  flush-to-zero, NaN → nibble 0, FP4 literal thresholds and zero sign, nearest 8-bit codes).
+  flush-to-zero, the fast-math reciprocal rcp.approx.ftz.f32 (``cuda_rcp``), NaN → nibble 0,
+  FP4 literal thresholds and zero sign, the 8-bit bisection).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from refimpl import _checks
-from refimpl.quant import codebooks, nested
+from refimpl.quant import codebooks, cuda_rcp, nested
 from refimpl.quant.state import PROFILES, QuantState
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -158,8 +159,8 @@ def _block_absmax_and_scaled(x: np.ndarray, bs: int, profile: str) -> tuple[np.n
             absmax = np.fmax.reduce(ax[:full].reshape(-1, bs), axis=1, initial=-_FLT_MAX).astype(np.float32)
             if tail.size:
                 absmax = np.append(absmax, np.fmax.reduce(ax[full:], initial=np.float32(0)))
-            # rcp.approx.ftz.f32 is emulated by the IEEE reciprocal with flush-to-zero (spec §9.2).
-            inv = _ftz((np.float32(1) / absmax).astype(np.float32))
+            # 1.0f / absmax under --use_fast_math is rcp.approx.ftz.f32 (measured table, spec §15).
+            inv = cuda_rcp.rcp_approx_ftz(absmax)
             scaled = (_ftz(x) * np.repeat(inv, bs)[:n]).astype(np.float32)
             return absmax, scaled
         absmax = np.abs(blocks).max(axis=1).astype(np.float32) if full else np.zeros(0, np.float32)
@@ -177,8 +178,8 @@ def _block_absmax_and_scaled(x: np.ndarray, bs: int, profile: str) -> tuple[np.n
 def nibbles_of_scaled(s: np.ndarray, quant_type: str, profile: str = "reference") -> np.ndarray:
     """The 4-bit code of each scaled value s (float32): the number of float32 midpoints strictly
     below s (ties to the lower code), mapped to the nibble. NaN → position 15 (CPU rules) or
-    nibble 0 (CUDA decision trees); CUDA FP4 uses its own literal thresholds on |s| and the sign
-    bit of s < 0."""
+    nibble 0 (CUDA decision trees). The CUDA profile compares with the kernels' float literals:
+    NF4's 15 (``codebooks.nf4_cuda_thresholds``), FP4's 7 on |s| with the sign bit of s < 0."""
     s = np.asarray(s, dtype=np.float32)
     if profile == "bitsandbytes-cuda" and quant_type == "fp4":
         thresholds = np.array(codebooks.FP4_CUDA_THRESHOLDS, dtype=np.float32)
@@ -186,7 +187,11 @@ def nibbles_of_scaled(s: np.ndarray, quant_type: str, profile: str = "reference"
         mag = np.where(np.isnan(s), 0, mag)
         codes = np.array(codebooks.FP4_CUDA_MAGNITUDE_CODES, dtype=np.uint8)[mag]
         return (codes | np.where(s < 0, np.uint8(8), np.uint8(0))).astype(np.uint8)
-    pos = np.searchsorted(codebooks.midpoints(quant_type), s, side="left")  # NaN sorts last → 15
+    if profile == "bitsandbytes-cuda":  # NF4: the kernel's literals, 4 of them 1 ulp off the midpoints
+        bounds = codebooks.nf4_cuda_thresholds()
+    else:
+        bounds = codebooks.midpoints(quant_type)
+    pos = np.searchsorted(bounds, s, side="left")  # NaN sorts last → 15
     nib = codebooks.nibble_of_position(quant_type)[pos]
     if profile == "bitsandbytes-cuda":
         nib = np.where(np.isnan(s), np.uint8(0), nib).astype(np.uint8)
@@ -226,7 +231,7 @@ def quantize_4bit(
         pad_s = np.float32(0)
         if profile == "bitsandbytes-cuda":
             with np.errstate(invalid="ignore", divide="ignore"):
-                pad_s = np.float32(0) * _ftz(np.float32(1) / absmax[-1:].astype(np.float32))[0]
+                pad_s = np.float32(0) * cuda_rcp.rcp_approx_ftz(absmax[-1:])[0]
         scaled = np.append(scaled, np.float32(pad_s))
     packed = pack_nibbles(nibbles_of_scaled(scaled, quant_type, profile))
 
@@ -367,7 +372,7 @@ def quantize_blockwise_8bit(
             absmax = np.fmax.reduce(ab, axis=1, initial=-_FLT_MAX).astype(np.float32)
             if n % bs:  # zero padding takes part in the tail's max
                 absmax[-1] = np.fmax(absmax[-1], np.float32(0))
-            inv = _ftz((np.float32(1) / absmax).astype(np.float32))
+            inv = cuda_rcp.rcp_approx_ftz(absmax)
             v = (_ftz(blocks) * inv[:, None]).astype(np.float32).reshape(-1)[:n]
             q = _cuda_binary_search(code, v)
         else:

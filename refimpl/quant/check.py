@@ -12,6 +12,9 @@ For each element whose nibble differs from the nibble the chosen profile gives:
 
   i.e. a different but legitimate float32 evaluation of s = x·(1/a) (a reciprocal, a product,
   a float32 threshold: about one rounding each, hence the default 3) lands on the other side.
+  With ``profile="bitsandbytes-cuda"``, t is the CUDA kernel's float32 literal threshold (FP4:
+  0.00260417f … 0.8333333f on |s|; NF4: the 15 literals of dQuantizeNF4), which is what that
+  profile decides against.
 * ``wrong``: anything else: a bug.
 """
 
@@ -63,6 +66,14 @@ def _same_float32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _ulp32(t: np.ndarray) -> np.ndarray:
     t32 = np.abs(t).astype(np.float32)
     return (np.nextafter(t32, np.float32(np.inf)) - t32).astype(np.float64)
+
+
+def _fp4_cuda_boundaries() -> np.ndarray:
+    """The 14 decision boundaries of CUDA's dQuantizeFP4 in value order (ranks 0..14, FP4's two zeros
+    merged): boundary k separates rank k from rank k + 1; −L_6 … −L_0, L_0 … L_6 with L the float32
+    literals applied to |s| (spec/nf4.md §9, §15)."""
+    lit = np.array(codebooks.FP4_CUDA_THRESHOLDS, dtype=np.float32).astype(np.float64)
+    return np.concatenate([-lit[::-1], lit])
 
 
 def check_4bit(packed: Any, state: QuantState, x: Any, *, profile: str = "reference", ulps: float = 3,
@@ -118,6 +129,10 @@ def check_4bit(packed: Any, state: QuantState, x: Any, *, profile: str = "refere
         values = codebooks.codebook(state.quant_type).astype(np.float64)
         rg, re = rank[g], rank[e]
         t = (values[g] + values[e]) / 2.0
+        if profile == "bitsandbytes-cuda":  # the kernels' literals, not the midpoints
+            bounds = _fp4_cuda_boundaries() if state.quant_type == "fp4" else \
+                codebooks.nf4_cuda_thresholds().astype(np.float64)
+            t = bounds[np.minimum(rg, re)]
         with np.errstate(invalid="ignore", divide="ignore"):
             s = np.clip(xs / a, -1.0, 1.0)
             admissible = (np.abs(rg - re) == 1) & (np.abs(s - t) <= ulps * _ulp32(t)) & ~special & ~zero_sign

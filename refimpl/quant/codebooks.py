@@ -53,6 +53,22 @@ FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
 FP4_CUDA_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
 FP4_CUDA_MAGNITUDE_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 
+#: CUDA's NF4 decision thresholds: the float literals of ``dQuantizeNF4`` (csrc/kernels.cu) as written, in
+#: ascending order, and their correctly rounded float32 values (how the CUDA compiler reads ``…f``). Each
+#: literal is a 16–17 digit decimal of a float32 midpoint, which lies halfway between two float32 numbers, so
+#: its last digit picks the neighbour: four of the 15 (j = 0, 8, 12, 14) are one ulp away from the float32
+#: midpoints ``NF4_MIDPOINT_HEX`` of the CPU rule (spec/nf4.md §15).
+NF4_CUDA_THRESHOLD_LITERALS = (
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
+)
+NF4_CUDA_THRESHOLD_HEX = (
+    "bf591cd9", "bf1c5270", "beeb8480", "beadea76", "be703cec", "be0d38bc", "bd3a7871",
+    "3d22faff", "3df64863", "3e5067e0", "3e9582d4", "3ec753f9", "3f006d03", "3f248daf", "3f5c89d9",
+)
+
 #: The 256-entry signed dynamic map (create_dynamic_map(signed=True, max_exponent_bits=7)).
 DYNAMIC8_HEX = tuple("""
 bf7e3333 bf7a999a bf770000 bf736666 bf6fcccd bf6c3333 bf68999a bf650000 bf616666 bf5dcccd bf5a3333 bf56999a
@@ -94,6 +110,7 @@ _TABLES = {
     "dynamic8": from_hex(DYNAMIC8_HEX),
 }
 _MIDPOINTS = {"nf4": from_hex(NF4_MIDPOINT_HEX), "fp4": from_hex(FP4_MIDPOINT_HEX)}
+_NF4_CUDA_THRESHOLDS = from_hex(NF4_CUDA_THRESHOLD_HEX)
 
 
 def codebook(name: str = "nf4") -> np.ndarray:
@@ -130,6 +147,11 @@ def midpoints(quant_type: str) -> np.ndarray:
     """The 15 float32 thresholds f32((c_j + c_{j+1})/2) between consecutive sorted codes."""
     _checks.choice(quant_type, "quant_type", QUANT_TYPES)
     return _MIDPOINTS[quant_type].copy()
+
+
+def nf4_cuda_thresholds() -> np.ndarray:
+    """The 15 float32 thresholds of CUDA's dQuantizeNF4 (``x > t`` picks the upper code), ascending."""
+    return _NF4_CUDA_THRESHOLDS.copy()
 
 
 def float32_midpoints(values: np.ndarray) -> np.ndarray:

@@ -49,7 +49,7 @@ def _code_table(quant_type: str) -> list[str]:
 
 
 def _nf4_thresholds() -> str:
-    return "\n".join(f"#define T{j} {D.hex_literal(w)}" for j, w in enumerate(cb.NF4_MIDPOINT_HEX))
+    return "\n".join(f"#define T{j} {D.hex_literal(w)}" for j, w in enumerate(cb.NF4_CUDA_THRESHOLD_HEX))
 
 
 def _fp4_thresholds() -> str:
