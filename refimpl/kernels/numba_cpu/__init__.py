@@ -1,0 +1,12 @@
+"""numba CPU kernels for refimpl's hot paths, one module per concept, same names as the reference:
+
+    quant    NF4/FP4 quantize_4bit / dequantize_4bit (bitsandbytes-cpu bytes, nested statistics)
+    qlora    fused 4-bit dequantize-GEMV/GEMM (dequant_matmul) and the QLoRA forward
+    lora     forward, backward (rank-r update accumulated in place)
+    dora     forward, weight_norm (row norms in tiles, no (out, in) temporary)
+    ties     TIES merge: O(n) radix-select trim, one fused elect + disjoint-merge pass
+
+Every kernel is ``@njit(..., cache=True, fastmath=False)``: compiled code is cached next to the
+modules (numba's __pycache__), so a second process loads it instead of compiling (bench/README.md
+gives the first-call compile and second-process start times). Importing this package needs numba.
+"""

@@ -1,0 +1,297 @@
+"""The compiled loops behind ``numba_cpu.quant`` (NF4/FP4 blockwise 4-bit, nested statistics).
+
+Each kernel is one pass over its blocks, parallel over blocks with ``prange``.
+Arithmetic is IEEE float32 exactly as bitsandbytes 0.50.2 CPU does it
+(spec/nf4.md; peers/bitsandbytes.md §4, §7, §9):
+
+    full block:  s = clamp(x · f32(1 / max(absmax, 1e-38)), −1, 1)     (reciprocal, then multiply)
+    tail block:  s = clamp(x / max(absmax, 1e-38), −1, 1)              (true division; clamped absmax stored)
+    code:        number of float32 midpoints strictly below s (NaN → 15), FP4 remapped by its order
+    packing:     byte k = nib[2k] << 4 | nib[2k+1]; odd n padded with the code of 0.0
+    dequantize:  RNE_dtype(f32(code[nib] · absmax))
+
+Input arrays are float32, or uint16 holding fp16 (kind 1) or bf16 (kind 2) bits; one
+source compiles to those two signatures only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from refimpl.kernels.numba_cpu._bits import bf16_to_f32, bits_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+
+KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2
+_TINY = np.float32(1e-38)
+_ONE = np.float32(1.0)
+
+
+@njit(cache=True, inline="always")
+def load_f32(v, kind):
+    """Element of a float32 / fp16-bits / bf16-bits array as float32 (exact)."""
+    if kind == KIND_BF16:
+        return bf16_to_f32(v)
+    if kind == KIND_F16:
+        return f16_to_f32(v)
+    return np.float32(v)
+
+
+@njit(cache=True, inline="always")
+def store_f32(out, i, v, kind):
+    """Store float32 v into a float32 array, or as fp16/bf16 bits with round-to-nearest-even."""
+    if kind == KIND_BF16:
+        out[i] = f32_to_bf16(v)
+    elif kind == KIND_F16:
+        out[i] = f32_to_f16(v)
+    else:
+        out[i] = v
+
+
+@njit(cache=True, inline="always")
+def _load_block(x, start, m, kind, buf):
+    """buf[:m] = x[start:start+m] as float32, with the dtype branch outside the loop."""
+    if kind == KIND_BF16:
+        for i in range(m):
+            buf[i] = bf16_to_f32(x[start + i])
+    elif kind == KIND_F16:
+        for i in range(m):
+            buf[i] = f16_to_f32(x[start + i])
+    else:
+        for i in range(m):
+            buf[i] = np.float32(x[start + i])
+
+
+@njit(cache=True, inline="always")
+def _absmax(src, off, m):
+    """max |src[off:off+m]| in float32; NaN if any element is NaN (torch's max propagates NaN)."""
+    am = np.float32(0.0)
+    nans = 0
+    for i in range(m):
+        a = abs(src[off + i])
+        am = a if a > am else am
+        nans += a != a
+    return np.float32(np.nan) if nans else am
+
+
+@njit(cache=True, inline="always")
+def _block_nibbles(src, off, m, inv, amc, full, bounds, nib):
+    """nib[i] = #{ j : bounds[j] < clamp(s_i, −1, 1) } with s_i = src·inv (full block) or src/amc
+    (tail), NaN → 15 (``not (s <= b)`` is true for NaN). One fused pass, no branches."""
+    for i in range(m):
+        v = src[off + i]
+        s = v * inv if full else v / amc
+        s = _ONE if s > _ONE else s
+        s = -_ONE if s < -_ONE else s
+        q = 0
+        for j in range(15):
+            q += not (s <= bounds[j])
+        nib[i] = q
+
+
+@njit(cache=True, inline="always")
+def _quantize_block(src, off, m, full, bounds, order, remap, zero_nib, nib, packed, base):
+    """Quantize src[off:off+m] (float32) into packed[base:]; returns the stored absmax."""
+    am = _absmax(src, off, m)
+    amc = _TINY if am < _TINY else am  # clamp(min=1e-38); NaN stays NaN
+    inv = _ONE / amc
+    _block_nibbles(src, off, m, inv, amc, full, bounds, nib)
+    nib[m] = zero_nib  # the pad of an odd n
+    if remap:
+        for k in range((m + 1) // 2):
+            packed[base + k] = (order[nib[2 * k]] << 4) | order[nib[2 * k + 1]]
+    else:
+        for k in range((m + 1) // 2):
+            packed[base + k] = (nib[2 * k] << 4) | nib[2 * k + 1]
+    if full:
+        return am
+    # torch's reduction over the tail returns the NaN 0xFFFFFFFF (full blocks: 0x7FC00000)
+    return amc if amc == amc else bits_f32(np.uint32(0xFFFFFFFF))
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, packed, absmax):
+    """Blockwise 4-bit quantization of the first n elements of x into packed/absmax."""
+    nblocks = (n + bs - 1) // bs
+    nfull = n // bs
+    remap = False
+    for j in range(16):
+        remap |= order[j] != j
+    zero_pos = 0
+    for j in range(16):
+        if order[j] == zero_nib:
+            zero_pos = j
+    nchunks = min(nblocks, 256)
+    for c in prange(nchunks):
+        buf = np.empty(bs, dtype=np.float32)
+        nib = np.empty(bs + 1, dtype=np.uint8)
+        for b in range(c * nblocks // nchunks, (c + 1) * nblocks // nchunks):
+            start = b * bs
+            m = min(bs, n - start)
+            full = b < nfull
+            if kind == KIND_F32:
+                am = _quantize_block(x, start, m, full, bounds, order, remap, zero_pos if remap else zero_nib,
+                                     nib, packed, start // 2)
+            else:
+                _load_block(x, start, m, kind, buf)
+                am = _quantize_block(buf, 0, m, full, bounds, order, remap, zero_pos if remap else zero_nib,
+                                     nib, packed, start // 2)
+            absmax[b] = am
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, out):
+    """out[i] = RNE_kind(f32(code[nib_i] · absmax[i // bs])) for i < n.
+
+    Per block the 16 possible outputs are formed once (tbl[j] = RNE(f32(code[j] · absmax_b)), in the
+    output's own format), so the element loop is two table lookups and two stores per byte.
+    """
+    nblocks = (n + bs - 1) // bs
+    nchunks = min(nblocks, 256)
+    for c in prange(nchunks):
+        tbl = np.empty(16, dtype=out.dtype)
+        for b in range(c * nblocks // nchunks, (c + 1) * nblocks // nchunks):
+            start = b * bs
+            m = min(bs, n - start)
+            scale = absmax[b]
+            for j in range(16):
+                store_f32(tbl, j, code[j] * scale, kind)
+            base = start // 2
+            for k in range(m // 2):
+                byte = packed[base + k]
+                out[start + 2 * k] = tbl[byte >> 4]
+                out[start + 2 * k + 1] = tbl[byte & 15]
+            if m % 2 == 1:
+                out[start + m - 1] = tbl[packed[base + m // 2] >> 4]
+
+
+# ---------------------------------------------------------------- nested statistics (bitsandbytes CPU)
+
+
+@njit(cache=True)
+def _ceil_log2(x):
+    if x <= 2:
+        return 1
+    r = 0
+    v = x - 1
+    while v > 0:
+        v >>= 1
+        r += 1
+    return r
+
+
+@njit(cache=True)
+def _row_sum(x, begin, stride, size, lanes):
+    """torch's row_sum (ilp 4) over ``size`` items of ``lanes`` float32 lanes each; item i
+    starts at x[begin + i*stride]. Returns the per-lane sums (float32)."""
+    size_ilp = size // 4
+    level_power = max(4, _ceil_log2(size_ilp) // 4)
+    level_step = 1 << level_power
+    level_mask = level_step - 1
+    acc = np.zeros((4, 4, lanes), dtype=np.float32)  # [level][ilp row][lane]
+    i = 0
+    while i + level_step <= size_ilp:
+        for _ in range(level_step):
+            for k in range(4):
+                off = begin + (i * 4 + k) * stride
+                for ln in range(lanes):
+                    acc[0, k, ln] += x[off + ln]
+            i += 1
+        for j in range(1, 4):
+            for k in range(4):
+                for ln in range(lanes):
+                    acc[j, k, ln] += acc[j - 1, k, ln]
+                    acc[j - 1, k, ln] = np.float32(0.0)
+            if (i & (level_mask << (j * level_power))) != 0:
+                break
+    while i < size_ilp:
+        for k in range(4):
+            off = begin + (i * 4 + k) * stride
+            for ln in range(lanes):
+                acc[0, k, ln] += x[off + ln]
+        i += 1
+    for j in range(1, 4):
+        for k in range(4):
+            for ln in range(lanes):
+                acc[0, k, ln] += acc[j, k, ln]
+    part = acc[0].copy()  # (4, lanes): the ilp partial sums
+    for i2 in range(size_ilp * 4, size):
+        off = begin + i2 * stride
+        for ln in range(lanes):
+            part[0, ln] += x[off + ln]
+    for k in range(1, 4):
+        for ln in range(lanes):
+            part[0, ln] += part[k, ln]
+    return part[0]
+
+
+@njit(cache=True)
+def _inner_sum(x, begin, end, lanes):
+    """torch's float32 sum of x[begin:end] on one thread (vectorized_inner_sum / scalar row_sum)."""
+    size = end - begin
+    if size >= lanes:
+        nvec = size // lanes
+        vec = _row_sum(x, begin, lanes, nvec, lanes)
+        total = np.float32(0.0)
+        for k in range(begin + nvec * lanes, end):
+            total += x[k]
+        for ln in range(lanes):
+            total += vec[ln]
+        return total
+    return _row_sum(x, begin, 1, size, 1)[0]
+
+
+@njit(cache=True)
+def torch_cpu_sum_f32(x, threads, lanes):
+    """torch.sum of a contiguous float32 vector on CPU: cascade sum per thread chunk
+    (chunks only above GRAIN_SIZE = 32768), then a cascade sum of the per-thread slots."""
+    n = x.size
+    if n < 32768 or threads <= 1:
+        return np.float32(0.0) + _inner_sum(x, 0, n, lanes)
+    tasks = min(threads, (n + 32767) // 32768)
+    chunk = (n + tasks - 1) // tasks
+    slots = np.zeros(threads, dtype=np.float32)
+    for t in range(tasks):
+        lo = t * chunk
+        hi = min(n, lo + chunk)
+        if lo < hi:
+            slots[t] = np.float32(0.0) + _inner_sum(x, lo, hi, lanes)
+    return np.float32(0.0) + _inner_sum(slots, 0, threads, lanes)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def quantize_nested_kernel(absmax, offset, lut, codes, absmax2):
+    """8-bit blockwise (256) codes of f32(absmax − offset) by bitsandbytes' CPU 65,536-bin LUT:
+    v = clamp(f32(c · f32(1/a2)), −1, 1); idx = trunc(((v + 1)·0.5)·65535 + 0.5); q = lut[idx]."""
+    n = absmax.size
+    nb = (n + 255) // 256
+    for b in prange(nb):
+        start = b * 256
+        m = min(256, n - start)
+        a2 = np.float32(0.0)  # bitsandbytes' C++ loop: max(a2, |c|) from 0, so NaN is skipped
+        for i in range(m):
+            a = abs(absmax[start + i] - offset)
+            if a > a2:
+                a2 = a
+        absmax2[b] = a2
+        if a2 == 0:
+            for i in range(m):
+                codes[start + i] = 0
+            continue
+        inv = _ONE / a2
+        for i in range(m):
+            v = (absmax[start + i] - offset) * inv
+            if v > _ONE:
+                v = _ONE
+            elif v < -_ONE:
+                v = -_ONE
+            t = ((v + _ONE) * np.float32(0.5)) * np.float32(65535.0) + np.float32(0.5)
+            if t != t:
+                t = np.float32(0.0)
+            codes[start + i] = lut[np.int64(t)]
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def dequantize_nested_kernel(codes, absmax2, offset, dyn, out):
+    """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset)."""
+    for i in prange(codes.size):
+        out[i] = dyn[codes[i]] * absmax2[i // 256] + offset

@@ -1,0 +1,215 @@
+"""NF4/FP4 blockwise 4-bit quantization on the CPU with numba (QLoRA, arXiv 2305.14314, §3).
+
+Same rules, same bytes as the ``bitsandbytes-cpu`` profile of ``refimpl.quant`` (spec/nf4.md):
+codes, absmax, nested state (offset, 8-bit codes, second-level absmax) and the dequantized bits
+are identical for float32, float16 and bfloat16 (``ml_dtypes.bfloat16``) inputs and every
+blocksize 32 … 4096. The per-element work is in ``_quant_kernels``; this module validates the
+arguments and builds the arrays.
+
+    s_i   = clamp(x_i · f32(1/absmax_b), −1, 1)        (tail block: x_i / absmax_b)
+    nib_i = #{ j : m_j < s_i }                          (float32 midpoints m_j; FP4 remapped)
+    x̂_i  = RNE_dtype(f32(code[nib_i] · absmax_b))
+
+Nested statistics ("double quantization", QLoRA §3): offset = mean(absmax) with torch's CPU
+summation order, c = f32(absmax − offset), 8-bit codes of c in blocks of 256 by bitsandbytes'
+65,536-bin lookup table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from refimpl import _checks
+from refimpl.kernels.numba_cpu import _quant_kernels as K
+from refimpl.quant import QuantState, codebooks
+from refimpl.quant import blockwise as ref_blockwise
+from refimpl.quant import nested as ref_nested
+from refimpl.quant import state as ref_state
+from refimpl.quant.blockwise import float_input_array
+
+BLOCKSIZES = ref_blockwise.BLOCKSIZES
+QUANT_TYPES = codebooks.QUANT_TYPES
+NESTED_BLOCKSIZE = 256
+
+
+def _tables(quant_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(code by nibble, the 15 float32 midpoints, nibble of each sorted position, nibble of 0.0)."""
+    bounds = codebooks.midpoints(quant_type)
+    order = codebooks.nibble_of_position(quant_type)
+    zero_nib = int(order[int(np.count_nonzero(bounds < 0))])
+    return codebooks.codebook(quant_type), bounds, order, zero_nib
+
+
+_TABLES = {qt: _tables(qt) for qt in QUANT_TYPES}
+_NESTED: dict[str, np.ndarray] = {}
+
+
+def _nested_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(dynamic map, bitsandbytes' CPU 65,536-entry LUT): LUT[i] = #{ j : m_j < f32(−1 + f32(2i)/65535) }."""
+    if not _NESTED:
+        dyn = codebooks.codebook("dynamic8")
+        mids = codebooks.float32_midpoints(dyn)
+        grid = (np.float32(-1.0) + (np.arange(65536, dtype=np.float32) * np.float32(2.0)) / np.float32(65535.0))
+        _NESTED["dyn"] = dyn
+        _NESTED["lut"] = np.searchsorted(mids, grid.astype(np.float32), side="left").astype(np.uint8)
+    return _NESTED["dyn"], _NESTED["lut"]
+
+
+_KIND = {"float32": K.KIND_F32, "float16": K.KIND_F16, "bfloat16": K.KIND_BF16}
+PROFILES = ("reference", "bitsandbytes-cpu")
+
+
+def _input(x: Any, profile: str, nonfinite: str) -> tuple[np.ndarray, int, str, tuple[int, ...]]:
+    """(flat float32 array or uint16 bits, kind, dtype name, shape); float64 only in the reference profile."""
+    arr = float_input_array(x, "x")
+    dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+                  np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float64): "float64"}[np.dtype(arr.dtype)]
+    if dtype_name == "float64":
+        if profile != "reference":
+            raise TypeError(f"x: profile {profile!r} accepts float32, float16 or bfloat16 (bitsandbytes refuses "
+                            f"float64), got {_checks.describe(arr)}; use profile='reference'")
+        if nonfinite == "raise":
+            _raise_nonfinite(arr)
+        arr = arr.astype(np.float32)
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    kind = _KIND.get(dtype_name, K.KIND_F32)
+    return (flat if kind == K.KIND_F32 else flat.view(np.uint16)), kind, dtype_name, tuple(np.shape(x))
+
+
+def _raise_nonfinite(arr: np.ndarray) -> None:
+    flat = np.asarray(arr).reshape(-1).astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"x: expected finite values (or nonfinite='propagate'), got {flat[i]} at flat index {i}")
+
+
+# ---------------------------------------------------------------- public API
+
+
+def quantize_absmax_8bit(absmax: Any, *, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """Double quantization as bitsandbytes CPU does it: (uint8 codes, float32 a2 per 256, offset).
+
+    offset = f32(torch_sum(absmax)) / f32(n), torch's CPU cascade order on ``threads`` threads (it
+    matters only above 32,768 blocks); codes by bitsandbytes' 65,536-bin lookup table.
+    """
+    a = np.ascontiguousarray(np.asarray(absmax, dtype=np.float32).reshape(-1))
+    threads = _checks.integer(threads, "threads", low=1)
+    lut = _nested_tables()[1]
+    offset = np.float32(K.torch_cpu_sum_f32(a, threads, 8) / np.float32(a.size))
+    codes = np.empty(a.size, dtype=np.uint8)
+    a2 = np.empty(-(-a.size // NESTED_BLOCKSIZE), dtype=np.float32)
+    K.quantize_nested_kernel(a, offset, lut, codes, a2)
+    return codes, a2, offset
+
+
+def dequantize_absmax_8bit(codes: Any, nested_absmax: Any, offset: Any) -> np.ndarray:
+    """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset), float32."""
+    q = np.ascontiguousarray(np.asarray(codes, dtype=np.uint8).reshape(-1))
+    a2 = np.ascontiguousarray(np.asarray(nested_absmax, dtype=np.float32).reshape(-1))
+    if a2.size != -(-q.size // NESTED_BLOCKSIZE):
+        raise ValueError(f"nested_absmax: expected {-(-q.size // NESTED_BLOCKSIZE)} values for {q.size} codes, "
+                         f"got {a2.size}")
+    out = np.empty(q.size, dtype=np.float32)
+    K.dequantize_nested_kernel(q, a2, np.float32(offset), _nested_tables()[0], out)
+    return out
+
+
+def quantize_4bit(
+    x: Any,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    *,
+    profile: str = "reference",
+    nonfinite: str | None = None,
+    threads: int = 1,
+) -> tuple[np.ndarray, QuantState]:
+    """``refimpl.quant.quantize_4bit`` compiled: same arguments, same bytes, same ``QuantState``.
+
+    profile "reference" or "bitsandbytes-cpu" (identical 4-bit codes; they differ in nonfinite's
+    default and in the nested statistics: the reference's correctly rounded offset and nearest 8-bit
+    codes are computed by ``refimpl.quant`` over the n/blocksize absmax values, the bitsandbytes-cpu
+    offset (torch's summation order) and LUT codes here). "bitsandbytes-cuda" is not provided.
+    Returns (packed uint8 of shape ((n+1)//2, 1), QuantState).
+    """
+    profile = _checks.choice(profile, "profile", PROFILES)
+    mode = "raise" if nonfinite is None and profile == "reference" else \
+        ("propagate" if nonfinite is None else _checks.choice(nonfinite, "nonfinite", ("raise", "propagate")))
+    bs = _checks.integer(blocksize, "blocksize")
+    if bs not in BLOCKSIZES:
+        raise ValueError(f"blocksize: expected one of {', '.join(map(str, BLOCKSIZES))}, got {bs}")
+    _checks.choice(quant_type, "quant_type", QUANT_TYPES)
+    nested = _checks.boolean(double_quant, "double_quant")
+    threads = _checks.integer(threads, "threads", low=1)
+    flat, kind, dtype_name, shape = _input(x, profile, mode)
+    code, bounds, order, zero_nib = _TABLES[quant_type]
+    n = flat.size
+    packed = np.empty((n + 1) // 2, dtype=np.uint8)
+    absmax = np.empty(-(-n // bs), dtype=np.float32)
+    K.quantize_4bit_kernel(flat, kind, n, bs, bounds, order, zero_nib, packed, absmax)
+    if mode == "raise" and not np.isfinite(absmax).all():  # any NaN/inf makes its block's absmax non-finite
+        _raise_nonfinite(np.asarray(x))
+    packed = packed.reshape(-1, 1)
+    if not nested:
+        return packed, QuantState(shape=shape, dtype=dtype_name, blocksize=bs, quant_type=quant_type,
+                                  absmax=absmax, code=code.copy(), profile=profile)
+    if profile == "bitsandbytes-cpu":
+        codes, a2, offset = quantize_absmax_8bit(absmax, threads=threads)
+    else:
+        offset = ref_nested.absmax_offset(absmax, profile, threads=threads)
+        with np.errstate(invalid="ignore", over="ignore"):
+            centred = (absmax - offset).astype(np.float32)
+        codes, a2 = ref_blockwise.quantize_blockwise_8bit(centred, NESTED_BLOCKSIZE, profile=profile,
+                                                          nonfinite="propagate")
+    return packed, QuantState(shape=shape, dtype=dtype_name, blocksize=bs, quant_type=quant_type,
+                              absmax=codes, code=code.copy(), offset=offset, nested_absmax=a2,
+                              nested_code=_nested_tables()[0].copy(), profile=profile)
+
+
+def block_scales(state: QuantState) -> np.ndarray:
+    """The float32 per-block scales of a state (rebuilt from the nested statistics if nested)."""
+    if state.nested:
+        if state.nested_blocksize != NESTED_BLOCKSIZE:
+            return state.block_absmax()
+        return dequantize_absmax_8bit(state.absmax, state.nested_absmax, state.offset)
+    return np.ascontiguousarray(state.absmax, dtype=np.float32).reshape(-1)
+
+
+def code_table(state: QuantState, profile: str | None = None) -> np.ndarray:
+    """The 16 float32 values by nibble, with FP4 nibble 8's zero sign as ``profile`` dequantizes it."""
+    prof = state.profile if profile is None else profile
+    code = np.asarray(state.code, dtype=np.float32).copy()
+    if state.quant_type == "fp4" and ref_blockwise.fp4_zero_is_negative(prof, state.shape):
+        code[8] = np.float32(-0.0)
+    return code
+
+
+def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
+    """``refimpl.quant.dequantize_4bit`` compiled: x̂ = RNE_dtype(f32(code[nib] · absmax)), same bits.
+
+    ``profile`` defaults to the state's; it only changes the sign of FP4's zero nibble 8.
+    """
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
+    if profile is not None:
+        _checks.choice(profile, "profile", ref_state.PROFILES)
+    p = np.asarray(packed)
+    if p.dtype != np.uint8:
+        raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
+    n = state.n
+    if p.size != (n + 1) // 2:
+        raise ValueError(f"packed: state describes shape {state.shape} ({n} elements, {(n + 1) // 2} bytes), "
+                         f"got {p.size} bytes")
+    p = np.ascontiguousarray(p).reshape(-1)
+    kind = _KIND.get(state.dtype, K.KIND_F32)
+    out = np.empty(n, dtype=np.uint16 if kind != K.KIND_F32 else np.float32)
+    K.dequantize_4bit_kernel(p, block_scales(state), n, state.blocksize, code_table(state, profile), kind, out)
+    if state.dtype == "float64":
+        return out.astype(np.float64).reshape(state.shape)
+    if kind == K.KIND_F32:
+        return out.reshape(state.shape)
+    return out.view(np.float16 if kind == K.KIND_F16 else ml_dtypes.bfloat16).reshape(state.shape)

@@ -1,0 +1,364 @@
+"""TIES merging in O(n) time and O(1) extra tensors (Yadav et al., NeurIPS 2023, arXiv 2306.01708).
+
+    τ̂_t = trim_k(τ_t);  γ = sgn(Σ_t e_t);  m_t = [sgn(e_t) = γ];  τ_m = λ · Σ_t w_t τ̂_t m_t / D
+
+Same options, profiles and values as ``refimpl.merging.ties`` (spec/merging.md), computed as:
+
+1. Trim threshold per task by radix selection on the bits of |τ| (|x| of a float orders like its
+   bit pattern with the sign cleared): 16-bit digits, one read-only pass per digit with a
+   parallel histogram (float32: 2 passes, float64: 4). O(n), no copy, no sort.
+   The selection also counts the entries strictly above the threshold and equal to it, so the
+   "floor" rules (exactly k kept, ties broken by lower flat index) need a prefix count only when
+   the threshold value is tied and not every tie fits.
+2. (``zero_sign="global_majority"`` only) one pass for G = sgn(Σ_p γ_p); (``rescale="l1"`` only)
+   one pass for ‖τ_t‖₁ and ‖τ̂_t‖₁.
+3. One fused pass over all tasks: trim, weight, elect, select, disjoint mean, λ, store.
+
+Extra memory: the output (one tensor; in the inputs' dtype unless ``out_dtype`` says otherwise)
+plus histograms. Arithmetic per element is float64 in the reference's order, rounded once to
+the output dtype; with float64 output the values equal the reference's except for the L1
+rescale factor (a different summation order of ‖·‖₁).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from refimpl import _checks
+from refimpl.merging import _common
+from refimpl.merging.sparsify import L1_EPS, densities
+from refimpl.merging.ties_dare import ties_options
+
+_DIGIT = 16
+_NBINS = 1 << _DIGIT
+
+
+@njit(cache=True)
+def _histogram_chunk(bits, lo, hi, abs_mask, exp_mask, shift, prefix, pmask, hist):
+    """Add the digits of keys in [lo, hi) to hist (4 interleaved copies, so that runs of equal
+    digits do not serialise on one counter); returns the count of non-finite keys."""
+    local = np.zeros((4, _NBINS), dtype=np.int64)
+    nbad = 0
+    for i in range(lo, hi):
+        key = np.uint64(bits[i]) & abs_mask
+        nbad += (key & exp_mask) == exp_mask
+        if (key & pmask) == prefix:
+            local[i & 3, (key >> shift) & np.uint64(0xFFFF)] += 1
+    for k in range(_NBINS):
+        hist[k] = local[0, k] + local[1, k] + local[2, k] + local[3, k]
+    return nbad
+
+
+@njit(parallel=True, cache=True)
+def _histogram(bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks):
+    """Counts of digit (key >> shift) & 0xFFFF over keys with (key & pmask) == prefix,
+    key = bits & abs_mask (|x|); also counts non-finite keys (exponent all ones)."""
+    n = bits.size
+    hist = np.zeros((nchunks, _NBINS), dtype=np.int64)
+    bad = np.zeros(nchunks, dtype=np.int64)
+    for c in prange(nchunks):
+        bad[c] = _histogram_chunk(bits, c * n // nchunks, (c + 1) * n // nchunks, abs_mask, exp_mask, shift, prefix,
+                                  pmask, hist[c])
+    return hist.sum(axis=0), bad.sum()
+
+
+def _select_desc(bits: np.ndarray, j: int, nbits: int) -> tuple[int, int, int]:
+    """The key of the j-th largest |x| (1-based), with counts (strictly greater, equal)."""
+    abs_mask = np.uint64((1 << (nbits - 1)) - 1)
+    exp_mask = np.uint64(0x7F800000 if nbits == 32 else 0x7FF0000000000000)
+    nchunks = max(1, min(get_num_threads() * 2, bits.size // 65536 + 1))
+    prefix, pmask, greater = 0, 0, 0
+    hist = None
+    for shift in range(nbits - _DIGIT, -1, -_DIGIT):
+        hist, bad = _histogram(bits, abs_mask, exp_mask, np.uint64(shift), np.uint64(prefix), np.uint64(pmask),
+                               nchunks)
+        if bad:
+            raise ValueError("task_vectors: expected finite values, got NaN or inf")
+        above = np.cumsum(hist[::-1])  # above[i] = count in the top i+1 bins
+        i = int(np.searchsorted(above, j))  # first top-run reaching j
+        digit = _NBINS - 1 - i
+        higher = int(above[i - 1]) if i > 0 else 0
+        greater += higher
+        j -= higher
+        prefix |= digit << shift
+        pmask |= 0xFFFF << shift
+    return prefix, greater, int(hist[prefix & 0xFFFF])
+
+
+@njit(parallel=True, cache=True)
+def _tie_prefix(bits, abs_mask, thr, nchunks):
+    """Per-chunk counts of keys equal to thr (for the lower-flat-index tie rule)."""
+    n = bits.size
+    out = np.zeros(nchunks, dtype=np.int64)
+    for c in prange(nchunks):
+        cnt = 0
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            cnt += (np.uint64(bits[i]) & abs_mask) == thr
+        out[c] = cnt
+    return out
+
+
+@njit(cache=True, inline="always")
+def _kept(key, thr, strict, tie_budget, ties_seen):
+    """Whether an entry survives the trim: key > thr, or key == thr while ties remain."""
+    if key > thr:
+        return True
+    if key == thr:
+        return (not strict) or ties_seen < tie_budget
+    return False
+
+
+_BLOCK = 2048  # elements per inner block: T rows of trimmed values stay in L1/L2
+
+
+@njit(cache=True, fastmath=False)
+def _merge_chunk(taus, bits, lo, hi, abs_mask, exp_mask, thr, strict, seen, tie_budget, all_keep, scale, w, before,
+                 by_count, zero_pos, gmaj, divisor, lam, out, want_gamma_sum):
+    """The fused pass over elements [lo, hi) (one thread's share); returns (non-finite, Σ sgn)."""
+    T = len(taus)
+    hat = np.empty((T, _BLOCK), dtype=np.float64)
+    score = np.empty(_BLOCK, dtype=np.float64)
+    nbad = 0
+    ngamma = 0
+    for blo in range(lo, hi, _BLOCK):
+        m = min(_BLOCK, hi - blo)
+        score[:m] = 0.0
+        for t in range(T):
+            x = taus[t][blo:blo + m]
+            xb = bits[t][blo:blo + m]
+            ht = hat[t]
+            wt, st, thr_t, strict_t, budget_t, keep_all = w[t], scale[t], thr[t], strict[t], tie_budget[t], all_keep[t]
+            seen_t = seen[t]
+            if not strict_t and not before and not by_count:
+                # every tie at the threshold is kept: keep = |τ| ≥ thr, branch-free and vectorisable
+                for j in range(m):
+                    key = np.uint64(xb[j]) & abs_mask
+                    nbad += (key & exp_mask) == exp_mask
+                    h = np.float64(x[j]) * st * (keep_all | (key >= thr_t))
+                    ht[j] = h
+                    score[j] += h
+                continue
+            for j in range(m):
+                key = np.uint64(xb[j]) & abs_mask
+                nbad += (key & exp_mask) == exp_mask
+                tie = key == thr_t
+                # branch-free trim: the keep decision is data-dependent and would mispredict
+                keep = keep_all | (key > thr_t) | (tie & ((not strict_t) | (seen_t < budget_t)))
+                seen_t += tie
+                h = np.float64(x[j]) * st * keep
+                ht[j] = h
+                e = wt * h if before else h
+                if by_count:
+                    score[j] += np.float64(e > 0) - np.float64(e < 0)
+                else:
+                    score[j] += e
+            seen[t] = seen_t
+        if want_gamma_sum:
+            for j in range(m):
+                ngamma += np.int64(score[j] > 0) - np.int64(score[j] < 0)
+            continue
+        g0 = 1.0 if zero_pos or gmaj > 0 else -1.0  # γ for a zero score; γ ≤ 0 selects negative entries
+        if not before and divisor == 0 and lam == 1.0:
+            # the common case (PEFT and paper profiles): unweighted election, count divisor; the loops
+            # are branch-free so they vectorise
+            for j in range(m):
+                sc = score[j]
+                g = 1.0 if sc > 0 else (-1.0 if sc < 0 else g0)
+                num = 0.0
+                den = 0.0
+                for t in range(T):
+                    h = hat[t, j]
+                    sel = np.float64(h * g > 0)
+                    num += (h * w[t]) * sel
+                    den += sel
+                out[blo + j] = num / max(den, 1.0)
+            continue
+        for j in range(m):
+            sc = score[j]
+            g = 1.0 if sc > 0 else (-1.0 if sc < 0 else g0)
+            num = 0.0
+            den = 0.0
+            for t in range(T):
+                h = hat[t, j]
+                e = w[t] * h if before else h
+                sel = np.float64(e * g > 0)
+                num += (h * w[t]) * sel
+                den += sel if divisor == 0 else w[t] * sel
+            if divisor == 0:
+                num /= max(den, 1.0)
+            elif divisor == 1:
+                num /= den if den != 0.0 else 1.0
+            if lam != 1.0:
+                num *= lam
+            out[blo + j] = num
+    return nbad, ngamma
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _merge_pass(taus, bits, abs_mask, exp_mask, thr, strict, tie_start, tie_budget, all_keep, scale, w, before,
+                by_count, zero_pos, gmaj, divisor, lam, nchunks, out, want_gamma_sum):
+    """One fused pass: trim, weight, elect, select, disjoint mean (see module docstring).
+
+    taus/bits: tuples of the T task vectors and their bit views (1-D, C order), read block by
+    block (a tuple compiles once per task count T and is cached; a typed List would JIT its
+    methods in every new process). divisor: 0 count, 1 weight_sum, 2 none. With want_gamma_sum only Σ_p sgn(score_p) is
+    computed (the global-majority pre-pass) and out is untouched. Returns (Σ sgn, non-finite count).
+    """
+    n = taus[0].size
+    gsum = np.zeros(nchunks, dtype=np.int64)
+    bad = np.zeros(nchunks, dtype=np.int64)
+    for c in prange(nchunks):
+        seen = tie_start[:, c].copy()
+        nb, ng = _merge_chunk(taus, bits, c * n // nchunks, (c + 1) * n // nchunks, abs_mask, exp_mask, thr, strict,
+                              seen, tie_budget, all_keep, scale, w, before, by_count, zero_pos, gmaj, divisor, lam,
+                              out, want_gamma_sum)
+        bad[c] = nb
+        gsum[c] = ng
+    return gsum.sum(), bad.sum()
+
+
+@njit(parallel=True, cache=True)
+def _l1_norms(x, xb, abs_mask, thr, strict, tie_start, tie_budget, all_keep, nchunks):
+    """(‖τ‖₁, ‖τ̂‖₁) of one task in float64 (for mergekit's L1 rescale)."""
+    n = x.size
+    acc = np.zeros((nchunks, 2), dtype=np.float64)
+    for c in prange(nchunks):
+        seen = tie_start[c]
+        total = 0.0
+        kept = 0.0
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            a = abs(np.float64(x[i]))
+            key = np.uint64(xb[i]) & abs_mask
+            total += a
+            if all_keep or _kept(key, thr, strict, tie_budget, seen):
+                kept += a
+            if key == thr:
+                seen += 1
+        acc[c, 0] = total
+        acc[c, 1] = kept
+    return acc.sum(axis=0)
+
+
+def _stack(task_vectors: Any) -> tuple[list[np.ndarray], tuple[int, ...]]:
+    """Validate T same-shape, same-dtype float tensors; return them as 1-D C-order views (float32
+    copies of float16/bfloat16 inputs, exact) and the common shape."""
+    if isinstance(task_vectors, np.ndarray) or not isinstance(task_vectors, Sequence) or \
+            isinstance(task_vectors, str):
+        raise TypeError(f"task_vectors: expected a list or tuple of arrays, got {_checks.describe(task_vectors)}")
+    if len(task_vectors) < 1:
+        raise ValueError("task_vectors: expected at least 1 tensor(s), got 0")
+    arrs: list[np.ndarray] = []
+    for i, t in enumerate(task_vectors):
+        a = t if isinstance(t, np.ndarray) else np.asarray(t)
+        if a.dtype == ml_dtypes.bfloat16 or a.dtype == np.float16:
+            a = a.astype(np.float32)
+        elif a.dtype not in (np.float32, np.float64):
+            a = _common.as_float(t, f"task_vectors[{i}]")[0]
+        if a.size == 0:
+            raise ValueError(f"task_vectors[{i}]: expected a non-empty array, got {_checks.describe(a)}")
+        if arrs and a.shape != np.shape(task_vectors[0]):
+            raise ValueError(f"task_vectors[{i}]: expected the shape of task_vectors[0] "
+                             f"{np.shape(task_vectors[0])}, got shape {a.shape}")
+        if arrs and a.dtype != arrs[0].dtype:
+            raise ValueError(f"task_vectors[{i}]: expected dtype {arrs[0].dtype} (the dtype of task_vectors[0]), "
+                             f"got dtype {a.dtype}")
+        arrs.append(np.ascontiguousarray(a).reshape(-1))
+    return arrs, tuple(np.shape(task_vectors[0]))
+
+
+def ties(
+    task_vectors: Sequence[Any],
+    weights: Sequence[float] | None = None,
+    *,
+    density: float | Sequence[float],
+    profile: str = "paper",
+    k_rule: str | None = None,
+    elect: str | None = None,
+    zero_sign: str | None = None,
+    weight_stage: str | None = None,
+    divisor: str | None = None,
+    rescale: str | None = None,
+    lam: float = 1.0,
+    out_dtype: Any = None,
+) -> np.ndarray:
+    """``refimpl.merging.ties`` in O(n) with one output tensor of extra memory.
+
+    Same arguments and profiles; ``out_dtype`` (default: the inputs' dtype, float32 for
+    float16/bfloat16 inputs) sets the output dtype; each value is computed in float64 and rounded
+    once. Pass ``out_dtype=np.float64`` for the reference's output dtype.
+    """
+    w = _common.weight_vector(weights, len(task_vectors) if isinstance(task_vectors, Sequence) else 0)
+    taus, shape = _stack(task_vectors)
+    T, n = len(taus), taus[0].size
+    if w.size != T:
+        raise ValueError(f"weights: expected {T} weights (one per task), got {w.size}")
+    d = densities(density, T)
+    opts = ties_options(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
+                        divisor=divisor, rescale=rescale)
+    lam = _checks.real(lam, "lam")
+    odt = np.dtype(taus[0].dtype if out_dtype is None else out_dtype)
+    if odt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"out_dtype: expected float32 or float64, got {odt}")
+
+    nbits = 8 * taus[0].itemsize
+    bits = [t.view(np.uint32 if nbits == 32 else np.uint64) for t in taus]
+    abs_mask = np.uint64((1 << (nbits - 1)) - 1)
+    nchunks = max(1, min(get_num_threads() * 4, n // 4096 + 1))
+    thr = np.zeros(T, dtype=np.uint64)
+    strict = np.zeros(T, dtype=np.bool_)
+    all_keep = np.zeros(T, dtype=np.bool_)
+    tie_budget = np.zeros(T, dtype=np.int64)
+    tie_start = np.zeros((T, nchunks), dtype=np.int64)
+    for t in range(T):
+        if d[t] >= 1.0:
+            all_keep[t] = True
+            continue
+        k = int(d[t] * n)
+        rule = opts["k_rule"]
+        if rule == "threshold":  # keep |τ| ≥ the (k+1)-th largest
+            key, _, _ = _select_desc(bits[t], k + 1, nbits)
+            thr[t] = key
+            continue
+        if rule == "floor_min1":
+            k = max(1, k)
+        if k >= n:
+            all_keep[t] = True
+            continue
+        if k == 0:  # keep nothing: a threshold above every finite key
+            thr[t] = abs_mask
+            strict[t] = True
+            continue
+        key, greater, equal = _select_desc(bits[t], k, nbits)
+        thr[t] = key
+        if greater + equal > k:  # only some ties fit: lower flat index first
+            strict[t] = True
+            tie_budget[t] = k - greater
+            counts = _tie_prefix(bits[t], abs_mask, np.uint64(key), nchunks)
+            tie_start[t, 1:] = np.cumsum(counts)[:-1]
+        # else every tie is kept: key >= thr
+    scale = np.ones(T, dtype=np.float64)
+    if opts["rescale"] == "l1":
+        for t in range(T):
+            before, after = _l1_norms(taus[t], bits[t], abs_mask, thr[t], strict[t], tie_start[t], tie_budget[t],
+                                      all_keep[t], nchunks)
+            if before >= L1_EPS and after >= L1_EPS:
+                scale[t] = before / after
+    div = {"count": 0, "weight_sum": 1, "none": 2}[opts["divisor"]]
+    exp_mask = np.uint64(0x7F800000 if nbits == 32 else 0x7FF0000000000000)
+    args = (tuple(taus), tuple(bits), abs_mask, exp_mask, thr, strict, tie_start, tie_budget, all_keep, scale, w,
+            opts["weight_stage"] == "before_election", opts["elect"] == "count")
+    out = np.empty(n, dtype=odt)
+    gmaj = 0.0
+    zero_pos = opts["zero_sign"] == "positive"
+    if not zero_pos:
+        gsum, _ = _merge_pass(*args, zero_pos, 0.0, div, lam, nchunks, out, True)
+        gmaj = float(np.sign(gsum))
+    _, bad = _merge_pass(*args, zero_pos, gmaj, div, lam, nchunks, out, False)
+    if bad:
+        raise ValueError("task_vectors: expected finite values, got NaN or inf")
+    return out.reshape(shape)
