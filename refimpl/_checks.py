@@ -168,6 +168,26 @@ def rng(value: Any, name: str = "rng") -> np.random.Generator:
     return value
 
 
+def keep_mask(mask: Any, p: Any, shape: tuple[int, ...], *, mask_name: str = "dropout_mask",
+              p_name: str = "dropout_p") -> tuple[np.ndarray | None, float]:
+    """Validate an inverted-dropout keep mask (0/1 entries, the shape of x) and its rate p in [0, 1).
+
+    Returns (the mask as float64, or None when no mask is given, and p). Dropout is then
+    x ⊙ mask / (1 − p); the caller decides what None (eval mode) means.
+    """
+    rate = real(p, p_name, low=0.0, high=1.0, high_inclusive=False)
+    if mask is None:
+        return None, rate
+    m = np.asarray(mask)
+    if m.dtype.kind not in "biuf":
+        raise TypeError(f"{mask_name}: expected a 0/1 keep mask, got {describe(m)}")
+    if m.shape != tuple(shape):
+        raise ValueError(f"{mask_name}: expected the shape of x {tuple(shape)}, got shape {m.shape}")
+    if not np.isin(m, (0, 1)).all():
+        raise ValueError(f"{mask_name}: expected only 0 (dropped) and 1 (kept) entries")
+    return m.astype(np.float64), rate
+
+
 def same_shape(a: np.ndarray, a_name: str, b: np.ndarray, b_name: str) -> None:
     """Raise ValueError unless two arrays have the same shape."""
     if a.shape != b.shape:

@@ -147,17 +147,8 @@ def _input(x: Any, in_features: int, name: str = "x") -> np.ndarray:
 
 def _dropped(x: np.ndarray, dropout_mask: Any, dropout_p: Any) -> np.ndarray | None:
     """x_d = x ⊙ mask / (1 − p), or None for the eval form (no mask given)."""
-    p = _checks.real(dropout_p, "dropout_p", low=0.0, high=1.0, high_inclusive=False)
-    if dropout_mask is None:
-        return None
-    mask = np.asarray(dropout_mask)
-    if mask.dtype.kind not in "biuf":
-        raise TypeError(f"dropout_mask: expected a 0/1 keep mask, got {_checks.describe(mask)}")
-    if mask.shape != x.shape:
-        raise ValueError(f"dropout_mask: expected the shape of x {x.shape}, got shape {mask.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("dropout_mask: expected only 0 (dropped) and 1 (kept) entries")
-    return x * mask.astype(np.float64) / (1.0 - p)
+    mask, p = _checks.keep_mask(dropout_mask, dropout_p, x.shape)
+    return None if mask is None else x * mask / (1.0 - p)
 
 
 def _bias(bias: Any, out_features: int) -> np.ndarray:

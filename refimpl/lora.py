@@ -60,18 +60,9 @@ def _scaling(scaling: Any) -> float:
 
 
 def _dropout(x: np.ndarray, dropout_mask: Any, dropout_p: Any) -> np.ndarray:
-    """Inverted dropout with an explicit keep mask: x ⊙ mask / (1 − p)."""
-    p = _checks.real(dropout_p, "dropout_p", low=0.0, high=1.0, high_inclusive=False)
-    if dropout_mask is None:
-        return x
-    mask = np.asarray(dropout_mask)
-    if mask.dtype.kind not in "biuf":
-        raise TypeError(f"dropout_mask: expected a 0/1 keep mask, got {_checks.describe(mask)}")
-    if mask.shape != x.shape:
-        raise ValueError(f"dropout_mask: expected the shape of x {x.shape}, got shape {mask.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("dropout_mask: expected only 0 (dropped) and 1 (kept) entries")
-    return x * mask.astype(np.float64) / (1.0 - p)
+    """Inverted dropout with an explicit keep mask: x ⊙ mask / (1 − p); x itself without a mask."""
+    mask, p = _checks.keep_mask(dropout_mask, dropout_p, x.shape)
+    return x if mask is None else x * mask / (1.0 - p)
 
 
 # ---------------------------------------------------------------------------- scaling and delta
@@ -166,8 +157,9 @@ def backward(
     g = _checks.float_array(grad_y, "grad_y", ndim=xx.ndim)
     _checks.check_shape(g, "grad_y", (*xx.shape[:-1], out_f))
     s = _scaling(scaling)
-    xd = _dropout(xx, dropout_mask, dropout_p)
-    keep = None if dropout_mask is None else np.asarray(dropout_mask, dtype=np.float64) / (1.0 - float(dropout_p))
+    mask, p = _checks.keep_mask(dropout_mask, dropout_p, xx.shape)
+    xd = xx if mask is None else xx * mask / (1.0 - p)
+    keep = None if mask is None else mask / (1.0 - p)
 
     x2, xd2, g2 = xx.reshape(-1, in_f), xd.reshape(-1, in_f), g.reshape(-1, out_f)
     h = xd2 @ a.T

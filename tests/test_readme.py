@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_commands() -> list[str]:
-    """The shell commands in the README's ```sh blocks."""
-    text = (ROOT / "README.md").read_text()
+    """The shell commands in the ```sh blocks of the README's set-up section."""
+    text = (ROOT / "README.md").read_text().split("## Set-up on a fresh machine", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
@@ -58,3 +58,10 @@ def test_readme_main_job_runs_and_exits_zero():
         pytest.fail("the refimpl console script is not on PATH after the README's install")
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_readme_python_tour_runs():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "the README has no python tour"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})  # the README's own example

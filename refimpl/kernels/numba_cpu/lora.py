@@ -35,17 +35,7 @@ def _matrix(value: Any, name: str, ndim: Any = 2) -> np.ndarray:
 
 
 def _mask(dropout_mask: Any, dropout_p: Any, shape: tuple[int, ...]) -> tuple[np.ndarray | None, float]:
-    p = _checks.real(dropout_p, "dropout_p", low=0.0, high=1.0, high_inclusive=False)
-    if dropout_mask is None:
-        return None, p
-    mask = np.asarray(dropout_mask)
-    if mask.dtype.kind not in "biuf":
-        raise TypeError(f"dropout_mask: expected a 0/1 keep mask, got {_checks.describe(mask)}")
-    if mask.shape != shape:
-        raise ValueError(f"dropout_mask: expected the shape of x {shape}, got shape {mask.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("dropout_mask: expected only 0 (dropped) and 1 (kept) entries")
-    return mask.astype(np.float64), p
+    return _checks.keep_mask(dropout_mask, dropout_p, shape)
 
 
 def _accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> None:
