@@ -19,7 +19,7 @@ _EXTRA_HINT = "install the peers extra: pip install -e '.[peers]'"
 def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - any import failure means the peer is unusable
+    except Exception as exc:  # any import failure means the peer is unusable
         reason = f"peer {module!r} is not importable ({type(exc).__name__}: {exc}); {_EXTRA_HINT}"
         if os.environ.get("REFIMPL_REQUIRE_PEERS") == "1":
             pytest.fail(reason + " [REFIMPL_REQUIRE_PEERS=1]")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import types
 import xml.etree.ElementTree as ET
@@ -88,19 +87,3 @@ def test_forwarding_to_a_missing_module_exits_2(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "refimpl.memory", None)  # import raises ImportError
     assert cli.main(["memory"]) == 2
     assert "not available" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_default_conform_runs_under_60_seconds():
-    import time
-
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "refimpl.cli", "conform", "-q"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    elapsed = time.perf_counter() - t0
-    print(f"\nrefimpl conform (default): exit {proc.returncode} in {elapsed:.1f} s")
-    print(proc.stdout[-600:])
-    # the verdict itself belongs to the kernels under test (exit 1 lists their failures); this test pins the time
-    assert proc.returncode in (0, 1), proc.stderr[-3000:]
-    assert "CONFORM" in proc.stdout  # "CONFORMS" or "DOES NOT CONFORM"
-    assert elapsed < 60

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,11 @@ def test_readme_main_job_runs_and_exits_zero():
     cmd = [exe, *job[1:]] if exe else [sys.executable, "-m", "refimpl.cli", *job[1:]]
     if exe is None and "CI" in __import__("os").environ:
         pytest.fail("the refimpl console script is not on PATH after the README's install")
+    t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # the time is reported, never asserted (timings belong to bench/)
+    print(f"\n{main.split('&&', 1)[1].strip()}: exit {done.returncode} in {time.perf_counter() - t0:.1f} s")
+    print(done.stdout[-400:])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
