@@ -1,7 +1,8 @@
 """Fused NF4 dequantize-GEMV/GEMM (the QLoRA base matmul) on the CPU.
 
 Same packed 4096 x 4096 NF4 weight (blocksize 64, nested statistics as in QLoRA) and the same
-inputs for: numba's fused kernel (float64 accumulation, W never materialised); dequantize-then-
+inputs for: numba's fused kernel (float64 accumulation, W never materialised; m = 1 runs the AVX2
+vpermps kernel where the host has AVX2, column "fused_kernel"); dequantize-then-
 matmul with numba's dequantizer and a float32 BLAS product; bitsandbytes ``matmul_4bit`` (CPU:
 dequantize, then torch ``F.linear``); the NumPy reference ``refimpl.qlora`` base product.
 Also the full LoRA and DoRA forwards (numba module vs reference) at m = 16.
@@ -70,7 +71,9 @@ def main() -> None:
             got = nqlora.dequant_matmul(x, packed, state)
             rep = precision.compare_to_bound(got, x.astype(np.float64) @ Wd.T,
                                              2 * precision.matmul_error_bound(x, Wd.T, "float64"))
+            kernel = ("avx2" if nqlora.AVX2 else "scalar") if m < nqlora.GEMM_MIN_ROWS else "tiles+BLAS"
             rows.append({"op": f"NF4 {'GEMV' if m == 1 else 'GEMM'} m={m}", "weight_dtype": np.dtype(wdtype).name,
+                         "fused_kernel": kernel,
                          "fused_numba_s": t_fused, "numba_dequant_then_matmul_s": t_deq,
                          "bnb_matmul_4bit_s": t_bnb, "numpy_ref_s": t_ref,
                          "x_vs_dequant_then_matmul": t_deq / t_fused, "x_vs_bnb": t_bnb / t_fused,
@@ -97,9 +100,9 @@ def main() -> None:
         peak_r, _ = C.peak_extra_bytes(rfn)
         rows.append({"op": f"{name} m={m} r={r}", "weight_dtype": "float64", "fused_numba_s": tk, "numpy_ref_s": tr,
                      "x_vs_ref": tr / tk, "peak_extra_MB_numba": peak_k / 2**20, "peak_extra_MB_ref": peak_r / 2**20})
-    cols = ["op", "weight_dtype", "fused_numba_s", "numba_dequant_then_matmul_s", "bnb_matmul_4bit_s", "numpy_ref_s",
-            "x_vs_dequant_then_matmul", "x_vs_bnb", "x_vs_ref", "error_over_bound", "peak_extra_MB_numba",
-            "peak_extra_MB_ref"]
+    cols = ["op", "weight_dtype", "fused_kernel", "fused_numba_s", "numba_dequant_then_matmul_s", "bnb_matmul_4bit_s",
+            "numpy_ref_s", "x_vs_dequant_then_matmul", "x_vs_bnb", "x_vs_ref", "error_over_bound",
+            "peak_extra_MB_numba", "peak_extra_MB_ref"]
     print(f"QLoRA/LoRA/DoRA on {info['cpu_model']}, {info['logical_cpus']} CPUs, d = {d}, "
           f"load average {info['load_average_at_start']}")
     print(C.table(rows, cols))

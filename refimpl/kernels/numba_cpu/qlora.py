@@ -4,20 +4,43 @@
 
 The base weight is never materialised: each output row n decodes its K weights from the packed
 nibbles through a 16-entry table per block, tbl[j] = RNE_dtype(f32(code[j] · absmax_b)) — exactly
-the reference's dequantized values — into a row buffer, and dots it with every row of X
-(m < 4: float64 products, eight interleaved partial sums per dot product, a fixed
-thread-independent order; m = 1 with whole blocks per row decodes and multiplies in one loop).
-For m ≥ 4 rows, tiles of 256 decoded rows (float64) go through BLAS.
+the reference's dequantized values, so only the order of the float64 sum differs.
+
+* m < 4 rows of x, every row of W a whole number of blocks (k_in % bs == 0), AVX2 host: one
+  parallel pass over the rows of W. Per block the table is formed in two 8-lane float32 vectors
+  and looked up eight nibbles at a time with ``vpermps`` (AVX2 has no 16-entry float permute, so
+  two 8-entry permutes and a select on the nibble's bit 3), widened to float64 and multiplied by
+  x; the products accumulate in 16 float64 lanes (lane l holds the weights k ≡ l mod 16 of
+  the row) summed in a fixed tree at the end: the order is fixed and thread-independent.
+  The nested absmax (double quantization) is decoded inside the same pass, so a call is one
+  parallel launch (on a loaded 2-core machine each launch can wait a scheduler tick, ~4 ms).
+* otherwise m < 4: rows decoded into a float64 buffer, dotted with eight interleaved float64
+  partial sums (the same fixed-order contract, scalar table lookups).
+* m ≥ 4 rows: tiles of 256 decoded rows (float64) go through BLAS.
+
+Why not a per-call byte table T[j, b] = code[b >> 4]·x[2j] + code[b & 15]·x[2j+1] shared by all
+rows with the absmax factored out of each block sum: it computes x·(code·absmax)ᵀ, not x·Ŵᵀ with
+Ŵ = RNE_dtype(f32(code·absmax)); the difference Σ x·(Ŵ − code·absmax) is up to u_dtype·Σ|x·Ŵ|
+(2⁻²⁴ for float32, 2⁻⁹ for bfloat16 states): at K = 4096 about 10⁵ and 10⁹ times the float64
+bound below, so the
+kernel would no longer compute the reference's function.
+
 The reference (``refimpl.qlora.forward``) sums in BLAS order, so the two agree within
-2·γ_K(float64)·Σ|x·w| (``precision.matmul_error_bound`` with float64).
+2·γ_K(float64)·Σ|x·w| (``precision.matmul_error_bound`` with float64): both are a float64 sum of
+the same K exact products (each x·Ŵ is one rounding), each within γ_K·Σ|x·Ŵ| of the exact sum.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import llvmlite.binding as llvm
+import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from refimpl import _checks
 from refimpl.kernels.numba_cpu import _quant_kernels as K
@@ -57,6 +80,115 @@ def _dot8(x, i, w, k):
         a0 += x[i, j] * w[j]
         j += 1
     return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+def _avx2_host() -> bool:
+    """True when numba compiles for this host (the default) and the host has AVX2 (``vpermps``)."""
+    return numba.config.CPU_NAME in (None, "host") and "avx2" in llvm.get_host_cpu_features().flatten()
+
+
+#: The vectorised GEMV kernel below is used when this is true (else the scalar kernel).
+AVX2 = _avx2_host()
+
+
+@intrinsic
+def _row_dot_avx2(typingctx, code, scales, packed, pbase, x, nblk, bs, kind):
+    """Σ_k x[k] · Ŵ[k] over one row of nblk blocks of bs weights (bs % 16 == 0), float64.
+
+    Ŵ[k] = RNE_kind(f32(code[nib_k] · scales[k // bs])); the row's bytes start at packed[pbase].
+    Per block: tbl = code · absmax in two float32 <8> vectors (the same IEEE product as the scalar
+    code), rounded to bfloat16 (RNE on the bits: the values are finite) or float16 (fptrunc/fpext,
+    IEEE RNE) by kind. Per four bytes: eight nibbles (high nibble first) index the table through
+    two ``vpermps`` and a select on bit 3; the values are widened to float64 and multiplied by x.
+    Two <8 x double> accumulators take alternate groups of eight, so lane l of the 16 holds
+    the weights k ≡ l (mod 16); the 16 lanes are summed in a fixed tree.
+    """
+    sig = types.float64(code, scales, packed, pbase, x, nblk, bs, kind)
+
+    def codegen(context, builder, signature, args):
+        code_v, scales_v, packed_v, pbase_v, x_v, nblk_v, bs_v, kind_v = args
+        code_a = context.make_array(signature.args[0])(context, builder, code_v)
+        scales_a = context.make_array(signature.args[1])(context, builder, scales_v)
+        packed_a = context.make_array(signature.args[2])(context, builder, packed_v)
+        x_a = context.make_array(signature.args[4])(context, builder, x_v)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        f32x8, i32x8, f64x8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8), ir.VectorType(ir.DoubleType(), 8)
+        i8x4 = ir.VectorType(ir.IntType(8), 4)
+
+        def splat(ty, v):
+            return ir.Constant(ty, [v] * ty.count)
+
+        def vload(ptr, index, ty, align):
+            return builder.load(builder.bitcast(builder.gep(ptr, [index]), ty.as_pointer()), align=align)
+
+        permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32x8, [f32x8, i32x8]),
+                                                "llvm.x86.avx2.permps")
+        code_lo = vload(code_a.data, ir.Constant(i64, 0), f32x8, 4)
+        code_hi = vload(code_a.data, ir.Constant(i64, 8), f32x8, 4)
+        is_bf16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_BF16))
+        is_f16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_F16))
+
+        def round_kind(t):
+            bits = builder.bitcast(t, i32x8)
+            odd = builder.and_(builder.lshr(bits, splat(i32x8, 16)), splat(i32x8, 1))
+            bf = builder.and_(builder.add(builder.add(bits, splat(i32x8, 0x7FFF)), odd), splat(i32x8, -65536))
+            f16 = builder.fpext(builder.fptrunc(t, ir.VectorType(ir.HalfType(), 8)), f32x8)
+            return builder.select(is_bf16, builder.bitcast(bf, f32x8), builder.select(is_f16, f16, t))
+
+        zero = ir.Constant(f64x8, [0.0] * 8)
+        acc0 = cgutils.alloca_once_value(builder, zero)
+        acc1 = cgutils.alloca_once_value(builder, zero)
+        half_bs = builder.lshr(bs_v, ir.Constant(i64, 1))
+        npairs = builder.lshr(bs_v, ir.Constant(i64, 4))  # groups of 16 weights (8 bytes) per block
+        with cgutils.for_range(builder, nblk_v) as blk:
+            scale = builder.load(builder.gep(scales_a.data, [blk.index]))
+            sv = builder.insert_element(ir.Constant(f32x8, None), scale, ir.Constant(i32, 0))
+            sv = builder.shuffle_vector(sv, sv, ir.Constant(i32x8, [0] * 8))
+            tbl_lo = round_kind(builder.fmul(code_lo, sv))
+            tbl_hi = round_kind(builder.fmul(code_hi, sv))
+            byte0 = builder.add(pbase_v, builder.mul(blk.index, half_bs))
+            k0 = builder.mul(blk.index, bs_v)
+            with cgutils.for_range(builder, npairs) as pair:
+                for half, acc in ((0, acc0), (1, acc1)):
+                    q = builder.add(builder.mul(pair.index, ir.Constant(i64, 2)), ir.Constant(i64, half))
+                    raw = vload(packed_a.data, builder.add(byte0, builder.mul(q, ir.Constant(i64, 4))), i8x4, 1)
+                    w4 = builder.zext(raw, ir.VectorType(i32, 4))
+                    w8 = builder.shuffle_vector(w4, w4, ir.Constant(i32x8, [0, 0, 1, 1, 2, 2, 3, 3]))
+                    nib = builder.and_(builder.lshr(w8, ir.Constant(i32x8, [4, 0] * 4)), splat(i32x8, 15))
+                    lo = builder.call(permps, [tbl_lo, nib])
+                    hi = builder.call(permps, [tbl_hi, nib])
+                    w = builder.select(builder.icmp_unsigned(">", nib, splat(i32x8, 7)), hi, lo)
+                    xv = vload(x_a.data, builder.add(k0, builder.mul(q, ir.Constant(i64, 8))), f64x8, 8)
+                    prod = builder.fmul(builder.fpext(w, f64x8), xv)
+                    builder.store(builder.fadd(builder.load(acc), prod), acc)
+        total = builder.fadd(builder.load(acc0), builder.load(acc1))
+        lane = [builder.extract_element(total, ir.Constant(i32, j)) for j in range(8)]
+        return builder.fadd(builder.fadd(builder.fadd(lane[0], lane[1]), builder.fadd(lane[2], lane[3])),
+                            builder.fadd(builder.fadd(lane[4], lane[5]), builder.fadd(lane[6], lane[7])))
+
+    return sig, codegen
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def dequant_gemv_avx2_kernel(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind,
+                             y):
+    """y[i, n] = Σ_k x[i, k] · Ŵ[n, k] for every row i of x (few rows), k_in % bs == 0, bs % 16 == 0.
+
+    nested: the block scales are f32(f32(dyn[qcodes_b] · absmax2[b // 256]) + offset) (decoded here,
+    as ``quant.dequantize_absmax_8bit``), else absmax[b]."""
+    nblk = k_in // bs
+    for n in prange(n_out):
+        sc = np.empty(nblk, dtype=np.float32)
+        b0 = n * nblk
+        if nested:
+            for bb in range(nblk):
+                b = b0 + bb
+                sc[bb] = dyn[qcodes[b]] * absmax2[b // 256] + offset
+        else:
+            for bb in range(nblk):
+                sc[bb] = absmax[b0 + bb]
+        for i in range(x.shape[0]):
+            y[i, n] = _row_dot_avx2(code, sc, packed, (n * k_in) >> 1, x[i], nblk, bs, kind)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -159,6 +291,33 @@ def _float64(value: Any, name: str) -> np.ndarray:
     return _checks.float_array(arr, name, convert=False)
 
 
+_NO_U8 = np.zeros(1, dtype=np.uint8)
+_NO_F32 = np.zeros(1, dtype=np.float32)
+
+
+def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray, kind: int,
+               y: np.ndarray) -> None:
+    """The AVX2 kernel on validated arrays; nested statistics (blocks of 256) are decoded in the kernel."""
+    n_out, k_in = state.shape
+    nblocks = n_out * k_in // state.blocksize
+    dyn = nquant._nested_tables()[0]
+    if state.nested and state.nested_blocksize == nquant.NESTED_BLOCKSIZE:
+        q = np.ascontiguousarray(state.absmax, dtype=np.uint8).reshape(-1)
+        a2 = np.ascontiguousarray(state.nested_absmax, dtype=np.float32).reshape(-1)
+        if q.size != nblocks or a2.size != -(-nblocks // nquant.NESTED_BLOCKSIZE):
+            raise ValueError(f"state: expected {nblocks} 8-bit absmax codes and "
+                             f"{-(-nblocks // nquant.NESTED_BLOCKSIZE)} nested absmax values, got {q.size} and "
+                             f"{a2.size}")
+        dequant_gemv_avx2_kernel(x2, flat, _NO_F32, q, a2, np.float32(state.offset), dyn, True, n_out, k_in,
+                                 state.blocksize, code, kind, y)
+    else:
+        scales = nquant.block_scales(state)
+        if scales.size != nblocks:
+            raise ValueError(f"state: expected {nblocks} absmax values, got {scales.size}")
+        dequant_gemv_avx2_kernel(x2, flat, scales, _NO_U8, _NO_F32, np.float32(0.0), dyn, False, n_out, k_in,
+                                 state.blocksize, code, kind, y)
+
+
 def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
     """x · dequantize_4bit(packed, state)ᵀ in float64 without forming the (out, in) weight.
 
@@ -182,8 +341,11 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
     y = np.empty((x2.shape[0], n_out), dtype=np.float64)
     kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
     flat = np.ascontiguousarray(p).reshape(-1)
-    scales = nquant.block_scales(state)
     code = nquant.code_table(state, profile)
+    if AVX2 and x2.shape[0] < GEMM_MIN_ROWS and k_in % state.blocksize == 0 and state.blocksize % 16 == 0:
+        _gemv_avx2(x2, flat, state, code, kind, y)
+        return y.reshape(*xx.shape[:-1], n_out)
+    scales = nquant.block_scales(state)
     if x2.shape[0] == 1 and k_in % state.blocksize == 0:
         dequant_gemv_kernel(x2, flat, scales, n_out, k_in, state.blocksize, code, kind, y)
     elif x2.shape[0] < GEMM_MIN_ROWS:
