@@ -418,3 +418,146 @@ def test_ties_equals_reference_rounded_once(profile):
         cases += 1
     print(f"\n[ties {profile}] cases={cases} elements={n_el} mismatches={n_bad}")
     assert n_bad == 0
+
+
+# ------------------------------------------- the reference-named API, the registry and `conform --target cupy`
+
+def _reference_function(op: str):
+    import importlib
+
+    module, func = op.split(".")
+    return getattr(importlib.import_module(f"refimpl.{module}"), func)
+
+
+def _adapter(op: str):
+    import importlib
+
+    entry = G.OPS[op]
+    sub, _, attr = entry.rpartition(".")
+    return getattr(importlib.import_module(f"refimpl.kernels.cupy_gpu.{sub}"), attr)
+
+
+def test_ops_table_names_registry_ops_with_the_reference_signatures():
+    """Every OPS entry is a registry op, resolves to a callable, and takes exactly the reference's
+    parameters (names, kinds, defaults), so the harness can call it with a reference case."""
+    import inspect
+
+    from refimpl import kernels
+
+    assert set(G.OPS) == {"lora.forward", "dora.forward", "qlora.forward", "quant.quantize_4bit",
+                          "quant.dequantize_4bit", "merging.ties"}
+    for op in G.OPS:
+        assert op in kernels.OPS
+        ref = inspect.signature(_reference_function(op)).parameters
+        ours = inspect.signature(_adapter(op)).parameters
+        assert [(p.name, p.kind, p.default) for p in ours.values()] == \
+            [(p.name, p.kind, p.default) for p in ref.values()], op
+
+
+def test_cupy_target_declares_float32_and_the_cuda_profile():
+    from refimpl.conformance.targets import KernelTarget
+    from refimpl.kernels.cupy_gpu import reference_api as api
+
+    t = KernelTarget("cupy")
+    for op in G.OPS:
+        assert t.compute_dtype(op) == "float32"
+    assert t.options("quant.quantize_4bit") == {"profile": "bitsandbytes-cuda"}
+    assert t.options("quant.dequantize_4bit") == {"profile": "bitsandbytes-cuda"}
+    assert t.options("lora.forward") == {"dropout_mask": None}
+    assert t.options("merging.ties") == {}
+    assert api.PROFILE == "bitsandbytes-cuda"
+    numba = KernelTarget("numba")  # unchanged: float64, no options
+    assert numba.compute_dtype("lora.forward") == "float64"
+    assert numba.options("quant.quantize_4bit") == {}
+
+
+@pytest.mark.skipif(REASON is None, reason="a GPU is present: conform --target cupy runs for real")
+def test_conform_target_cupy_without_gpu_exits_nonzero_with_the_reason(capsys):
+    from refimpl import cli
+
+    rc = cli.main(["conform", "--target", "cupy", "--ops", "lora.forward", "--examples", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "cupy is unavailable here" in err and "CuPy" in err
+
+
+def _special_cases():
+    from refimpl.conformance.table import op_table
+    from refimpl.kernels.cupy_gpu import reference_api as api
+
+    table = op_table()
+    out = []
+    for op in G.OPS:
+        for sp in table[op].specials():
+            marks = [needs_gpu] if (op, sp.label) in DETECTED_ON_DEVICE else []
+            out.append(pytest.param(op, {**sp.case, **api.OPTIONS.get(op, {})}, id=f"{op}:{sp.label}",
+                                    marks=marks))
+    return out
+
+
+#: rejections that need the kernel's result (the DoRA row norms are computed on the GPU)
+DETECTED_ON_DEVICE = {("dora.forward", "a row of W + s·B A is zero")}
+
+
+@pytest.mark.parametrize("op, case", _special_cases())
+def test_adapter_rejects_what_the_reference_rejects_before_touching_the_gpu(op, case):
+    """Special values the reference rejects: the adapter raises the same exception class from its own
+    validation, without CuPy or a GPU (except DETECTED_ON_DEVICE)."""
+    import copy
+
+    try:
+        _reference_function(op)(**copy.deepcopy(case))
+    except (ValueError, TypeError) as exc:
+        with pytest.raises(type(exc)):
+            _adapter(op)(**copy.deepcopy(case))
+    else:
+        pytest.skip("the reference returns a result: compared on the GPU by conform --target cupy")
+
+
+def _linear_case(rng):
+    x, W = rng.standard_normal((3, 8)), rng.standard_normal((6, 8))
+    return x, W, rng.standard_normal((2, 8)), rng.standard_normal((6, 2))
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda c: G.reference_api.lora_forward(*c, 0.5, dropout_mask=np.ones((3, 8)), dropout_p=0.5),
+     ["dropout_mask", "eval form"]),
+    (lambda c: G.reference_api.dora_forward(*c, np.ones(6), 0.5, dropout_mask=np.ones((3, 8))),
+     ["dropout_mask"]),
+    (lambda c: G.reference_api.quantize_4bit(np.ones(64, np.float32)), ["profile", "bitsandbytes-cuda"]),
+    (lambda c: G.reference_api.ties([c[0], c[0]], density=0.5, rescale="l1"), ["rescale", "l1"]),
+    (lambda c: G.reference_api.ties([c[0]] * 17, density=0.5), ["task_vectors", "16"]),
+])
+def test_unsupported_arguments_raise_not_implemented_naming_them(call, words):
+    with pytest.raises(NotImplementedError) as info:
+        call(_linear_case(np.random.default_rng(0)))
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_qlora_adapter_refuses_a_half_precision_state_and_the_reference_profile_for_dequantize():
+    from refimpl import quant as Q
+
+    rng = np.random.default_rng(0)
+    packed, st = Q.quantize_4bit(rng.standard_normal((4, 32)).astype(np.float16), 32)
+    with pytest.raises(NotImplementedError, match=r"state\.dtype"):
+        G.reference_api.qlora_forward(rng.standard_normal((1, 32)), packed, st, rng.standard_normal((2, 32)),
+                                      rng.standard_normal((4, 2)), 1.0)
+    with pytest.raises(NotImplementedError, match="profile"):
+        G.reference_api.dequantize_4bit(packed, st)  # the state's own profile is "reference"
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_registry_lists_the_cupy_ops_and_adapters_match_the_reference():
+    """On a GPU the registry finds every adapter; one small case per op agrees with the reference
+    (quant ops bit for bit under bitsandbytes-cuda, the rest within the float32 bound of the harness)."""
+    from refimpl import kernels
+    from refimpl.conformance import runner
+
+    assert sorted(kernels.ops("cupy")) == sorted(G.OPS)
+    res = runner.run("cupy", list(G.OPS), examples=3, tiers=("names", "shapes", "properties"))
+    for r in res.results:
+        print(f"[{r.op} {r.tier}] {r.status} cases={r.n_cases} worst={r.worst_ratio} {r.message[:120]}")
+    assert not res.failures
+    assert res.ok

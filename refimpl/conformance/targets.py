@@ -13,10 +13,11 @@ have the reference's names). Optional methods:
   widen from float64's unit roundoff to that dtype's).
 
 Built-in names: ``numpy`` (the reference itself), ``numba`` and ``cupy`` (refimpl's
-kernels), ``peft``, ``bitsandbytes``, ``mergekit`` (the peers, adapted), ``auto``
-(the fastest built-in kernels available, else numpy), and ``module:object`` for a
-user target: a Target, a mapping of op names to callables, or a namespace with
-``lora.forward`` reachable as attributes (or ``lora_forward``).
+kernels; ``cupy`` raises ValueError with the reason where CuPy or a GPU is missing),
+``peft``, ``bitsandbytes``, ``mergekit`` (the peers, adapted), ``auto`` (the fastest
+built-in kernels available, else numpy), and ``module:object`` for a user target: a
+Target, a mapping of op names to callables, or a namespace with ``lora.forward``
+reachable as attributes (or ``lora_forward``).
 """
 
 from __future__ import annotations
@@ -91,7 +92,13 @@ class NamespaceTarget:
 
 
 class KernelTarget:
-    """refimpl's own fast kernels (``refimpl.kernels``), by backend name."""
+    """refimpl's own fast kernels (``refimpl.kernels``), by backend name.
+
+    A backend whose kernels do not compute in float64 or reproduce a non-default profile says so in
+    ``refimpl.kernels.<package>.reference_api`` (``COMPUTE_DTYPES``: op -> dtype; ``OPTIONS``: op ->
+    keyword arguments for reference and target alike); the cupy backend does (float32 kernels,
+    ``profile="bitsandbytes-cuda"`` for the quant ops, eval-form LoRA/DoRA).
+    """
 
     def __init__(self, backend: str) -> None:
         self.name = backend
@@ -111,7 +118,23 @@ class KernelTarget:
             return None
         return f if callable(f) else None
 
+    def _api_table(self, name: str) -> Mapping[str, Any]:
+        """``name`` (COMPUTE_DTYPES or OPTIONS) of the backend's reference_api module, or {}."""
+        try:
+            package = importlib.import_module("refimpl.kernels").BACKENDS[self.backend]
+            api = importlib.import_module(f"{package}.reference_api")
+        except (ImportError, AttributeError, KeyError):
+            return {}
+        table = getattr(api, name, None)
+        return table if isinstance(table, Mapping) else {}
+
+    def options(self, op: str) -> dict[str, Any]:
+        return dict(self._api_table("OPTIONS").get(op, {}))
+
     def compute_dtype(self, op: str) -> str:
+        table = self._api_table("COMPUTE_DTYPES")
+        if op in table:
+            return str(table[op])
         try:
             kernels = importlib.import_module("refimpl.kernels")
             fn = getattr(kernels, "compute_dtype", None)
@@ -148,7 +171,13 @@ def get_target(spec: str | Target) -> Target:
         return KernelTarget(backends[0]) if backends else ReferenceTarget()
     if spec == "numpy":
         return ReferenceTarget()
-    if spec in ("numba", "cupy"):
+    if spec == "numba":
+        return KernelTarget(spec)
+    if spec == "cupy":
+        # no GPU here: say so (exit 2 from the CLI) rather than report every op as not provided
+        why = importlib.import_module("refimpl.kernels").available()["cupy"]
+        if why is not None:
+            raise ValueError(f"target: cupy is unavailable here: {why}")
         return KernelTarget(spec)
     if spec == "peft":
         from refimpl.conformance.peers.peft import PeftTarget

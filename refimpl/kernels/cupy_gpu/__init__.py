@@ -22,7 +22,19 @@ from refimpl.kernels.cupy_gpu.lora_gemm import forward as lora_forward
 from refimpl.kernels.cupy_gpu.nf4 import GpuQuantState, dequantize_4bit, quantize_4bit, quantize_absmax
 from refimpl.kernels.cupy_gpu.ties import ties
 
+#: The kernels under the reference's op names (NumPy in, NumPy out), for the registry
+#: (``refimpl.kernels.get(op, "cupy")``) and ``refimpl conform --target cupy``; see reference_api.py.
+OPS: dict[str, str] = {
+    "lora.forward": "reference_api.lora_forward",
+    "dora.forward": "reference_api.dora_forward",
+    "qlora.forward": "reference_api.qlora_forward",
+    "quant.quantize_4bit": "reference_api.quantize_4bit",
+    "quant.dequantize_4bit": "reference_api.dequantize_4bit",
+    "merging.ties": "reference_api.ties",
+}
+
 __all__ = [
+    "OPS",
     "GpuQuantState",
     "PackedLinear",
     "dequantize_4bit",

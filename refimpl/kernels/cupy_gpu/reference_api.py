@@ -1,0 +1,412 @@
+"""The CuPy kernels under the reference's names and signatures (NumPy in, NumPy out).
+
+The kernels of this package take device arrays and a device-side ``GpuQuantState``; this module adapts
+them to the calling convention of ``refimpl.<module>.<function>`` so that the kernel registry
+(``refimpl.kernels``, through ``OPS`` in this package) and the conformance harness
+(``refimpl conform --target cupy``) find them. Each function validates its arguments with the
+reference's own rules (same ValueError/TypeError for the same bad input), uploads the operands with CuPy,
+launches the kernel and returns ``.get()`` of the result. Arguments the kernels do not implement raise
+NotImplementedError naming the argument, before anything touches the GPU.
+
+What the kernels compute, and so what a conforming result means here (``COMPUTE_DTYPES``, ``OPTIONS``):
+
+    lora.forward       eval form y = x Wᵀ + b + s·(x Aᵀ) Bᵀ (Hu et al., arXiv 2106.09685, eq. 3), one cuBLAS
+                       GEMM over K = d + r (+1), float32 operands and accumulation; no dropout_mask
+    dora.forward       eval form y = f ⊙ (x (W + s·B A)ᵀ) + b, f = m / ‖W + s·B A‖_row (Liu et al.,
+                       arXiv 2402.09353, eq. 5), float32; no dropout_mask
+    qlora.forward      y = x·Ŵᵀ + b + s·(x Aᵀ) Bᵀ with Ŵ = f32(code · absmax) (QLoRA, arXiv 2305.14314,
+                       eq. 5): the fused 4-bit GEMV for ≤ 16 rows and K % 32 == 0, else dequantize + GEMM
+    quant.quantize_4bit, quant.dequantize_4bit
+                       NF4/FP4 blockwise storage with bitsandbytes' CUDA rules: profile="bitsandbytes-cuda"
+                       bit for bit; the nested offset is the profile's mean (see ``quantize_4bit``)
+    merging.ties       TIES (Yadav et al., arXiv 2306.01708) on float32 task vectors, float64 arithmetic in
+                       the reference's order, result rounded once to float32; no L1 rescale, ≤ 16 tasks
+
+fan_in_fan_out (W stored (in, out)) is a layout only: W is transposed on the host before the upload.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from refimpl import _checks
+from refimpl.quant import QuantState, codebooks
+from refimpl.quant import blockwise as _blockwise
+from refimpl.quant import nested as _nested
+
+#: the profile of refimpl.quant that the quant kernels reproduce bit for bit
+PROFILE = "bitsandbytes-cuda"
+
+#: the precision each op computes in (the conformance bounds widen to it)
+COMPUTE_DTYPES: dict[str, str] = {
+    "lora.forward": "float32",
+    "dora.forward": "float32",
+    "qlora.forward": "float32",
+    "merging.ties": "float32",
+    "quant.quantize_4bit": "float32",
+    "quant.dequantize_4bit": "float32",
+}
+
+#: keyword arguments the conformance harness adds to every case of an op, for the reference and this
+#: target alike: the quant ops run under the profile the kernels reproduce; the LoRA/DoRA kernels are the
+#: eval form, so a drawn keep mask is replaced by None (the train form is not checked on this target)
+OPTIONS: dict[str, dict[str, Any]] = {
+    "quant.quantize_4bit": {"profile": PROFILE},
+    "quant.dequantize_4bit": {"profile": PROFILE},
+    "lora.forward": {"dropout_mask": None},
+    "dora.forward": {"dropout_mask": None},
+}
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_KERNEL_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", _BF16: "bfloat16"}
+_MAX_RANK = 256  # lora_gemm.pack
+_MAX_TASKS = 16  # ties.MAX_TASKS
+
+
+# ------------------------------------------------------------------------------------------- transfers
+
+
+def _cp():
+    import cupy as cp
+
+    return cp
+
+
+def _upload(a: np.ndarray) -> tuple[Any, str]:
+    """A C-contiguous device copy of a float32/float16/bfloat16 array and its kernel dtype name
+    (bfloat16 travels as its uint16 bits)."""
+    a = np.ascontiguousarray(a)
+    dtype = _KERNEL_DTYPES[np.dtype(a.dtype)]
+    return _cp().asarray(a.view(np.uint16) if dtype == "bfloat16" else a), dtype
+
+
+def _upload32(a: np.ndarray) -> Any:
+    """A float32 device copy (one rounding of a float64 operand)."""
+    return _cp().asarray(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def _host(a: Any, dtype: str | None = None) -> np.ndarray:
+    h = a.get()
+    return h.view(_BF16) if dtype == "bfloat16" else h
+
+
+def _no_dropout(dropout_mask: Any, dropout_p: Any, shape: tuple[int, ...]) -> None:
+    mask, _ = _checks.keep_mask(dropout_mask, dropout_p, shape)
+    if mask is not None:
+        raise NotImplementedError(
+            "dropout_mask: the CuPy LoRA/DoRA/QLoRA kernels implement the eval form only (no keep mask); "
+            "use refimpl.lora / refimpl.dora / refimpl.qlora or the numba backend for the train form")
+
+
+# ------------------------------------------------------------------------------------------- LoRA, DoRA
+
+
+def _linear_operands(x: Any, W: Any, A: Any, B: Any, fan_in_fan_out: Any) -> tuple[np.ndarray, ...]:
+    """x (..., in), W in (out, in) layout, A (r, in), B (out, r), validated as refimpl.lora does."""
+    w = _checks.float_array(W, "W", ndim=2)
+    if _checks.boolean(fan_in_fan_out, "fan_in_fan_out"):
+        w = w.T
+    out_f, in_f = w.shape
+    a = _checks.float_array(A, "A", ndim=2)
+    b = _checks.float_array(B, "B", ndim=2)
+    _checks.check_shape(a, "A", (None, in_f))
+    _checks.check_shape(b, "B", (out_f, a.shape[0]))
+    r = a.shape[0]
+    if r < 1 or r > min(in_f, out_f):
+        raise ValueError(f"A: rank r = {r} must be in [1, min(out, in) = {min(in_f, out_f)}]")
+    if r > _MAX_RANK:
+        raise NotImplementedError(f"A: the CuPy LoRA GEMM packs ranks up to {_MAX_RANK}, got r = {r}")
+    xx = _checks.float_array(x, "x", ndim=range(1, 33))
+    if xx.shape[-1] != in_f:
+        raise ValueError(f"x: expected a last axis of size in = {in_f}, got shape {xx.shape}")
+    return xx, w, a, b
+
+
+def _bias(bias: Any, out_f: int) -> np.ndarray | None:
+    if bias is None:
+        return None
+    bb = _checks.float_array(bias, "bias", ndim=1)
+    _checks.check_shape(bb, "bias", (out_f,))
+    return bb
+
+
+def lora_forward(
+    x: Any,
+    W: Any,
+    A: Any,
+    B: Any,
+    scaling: float,
+    *,
+    bias: Any = None,
+    dropout_mask: Any = None,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+) -> np.ndarray:
+    """``refimpl.lora.forward`` (eval form) on the GPU: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, float32 (arXiv 2106.09685).
+
+    One cuBLAS GEMM [x | s·x Aᵀ | 1] · [W | B | b]ᵀ (``lora_gemm.forward``); operands are rounded once
+    to float32. ``dropout_mask`` is not implemented (NotImplementedError).
+    """
+    xx, w, a, b = _linear_operands(x, W, A, B, fan_in_fan_out)
+    s = _checks.real(scaling, "scaling")
+    _no_dropout(dropout_mask, dropout_p, xx.shape)
+    out_f, in_f = w.shape
+    bb = _bias(bias, out_f)
+    from refimpl.kernels.cupy_gpu import lora_gemm
+
+    y = lora_gemm.forward(_upload32(xx.reshape(-1, in_f)), _upload32(w), _upload32(a), _upload32(b), s,
+                          bias=None if bb is None else _upload32(bb))
+    return _host(y).reshape(*xx.shape[:-1], out_f)
+
+
+def dora_forward(
+    x: Any,
+    W: Any,
+    A: Any,
+    B: Any,
+    m: Any,
+    scaling: float,
+    *,
+    bias: Any = None,
+    dropout_mask: Any = None,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+) -> np.ndarray:
+    """``refimpl.dora.forward`` (eval form) on the GPU: y = f ⊙ (x (W + s·B A)ᵀ) + b, f = m / ‖W + s·B A‖_row
+    (arXiv 2402.09353, eq. 5), as one GEMM over [f⊙W | f⊙B | b]. float32 operands (m included);
+    ``dropout_mask`` (the train form) is not implemented. A zero row norm raises ValueError, as the reference.
+    """
+    xx, w, a, b = _linear_operands(x, W, A, B, fan_in_fan_out)
+    s = _checks.real(scaling, "scaling")
+    out_f, in_f = w.shape
+    mm = _checks.float_array(m, "m", ndim=1)
+    _checks.check_shape(mm, "m", (out_f,))
+    bb = _bias(bias, out_f)
+    _no_dropout(dropout_mask, dropout_p, xx.shape)
+    from refimpl.kernels.cupy_gpu import lora_gemm
+
+    y = lora_gemm.dora_forward(_upload32(xx.reshape(-1, in_f)), _upload32(w), _upload32(a), _upload32(b),
+                               _upload32(mm), s, bias=None if bb is None else _upload32(bb))
+    return _host(y).reshape(*xx.shape[:-1], out_f)
+
+
+# ------------------------------------------------------------------------------------------- NF4 / FP4
+
+
+def _quant_state(state: Any) -> QuantState:
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
+    return state
+
+
+def _packed(packed: Any, state: QuantState) -> np.ndarray:
+    p = np.asarray(packed)
+    if p.dtype != np.uint8:
+        raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
+    if p.size != (state.n + 1) // 2:
+        raise ValueError(f"packed: state describes shape {state.shape} ({state.n} elements, "
+                         f"{(state.n + 1) // 2} bytes), got {p.size} bytes")
+    return np.ascontiguousarray(p).reshape(-1, 1)
+
+
+def to_gpu_state(state: QuantState) -> Any:
+    """A ``GpuQuantState`` holding the device copies of a reference ``QuantState``'s statistics.
+
+    The kernels use their own code tables (the standard NF4/FP4 codebooks, the dynamic 8-bit map, nested
+    blocks of 256); a state with other tables raises NotImplementedError naming the field.
+    """
+    from refimpl.kernels.cupy_gpu.nf4 import NESTED_BLOCKSIZE, GpuQuantState
+
+    state = _quant_state(state)
+    cp = _cp()
+    if not np.array_equal(state.code, codebooks.codebook(state.quant_type)):  # −0.0 == +0.0: FP4's zero sign
+        raise NotImplementedError(f"state.code: the CuPy kernels use the standard {state.quant_type} codebook; "
+                                  "this state carries another table")
+    dtype = state.dtype if state.dtype in ("float32", "float16", "bfloat16") else "float32"
+    if not state.nested:
+        return GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize,
+                             state.quant_type)
+    if state.nested_blocksize != NESTED_BLOCKSIZE:
+        raise NotImplementedError(f"state.nested_blocksize: the CuPy kernels use {NESTED_BLOCKSIZE}, "
+                                  f"got {state.nested_blocksize}")
+    if not np.array_equal(state.nested_code, codebooks.codebook("dynamic8")):
+        raise NotImplementedError("state.nested_code: the CuPy kernels use the dynamic 8-bit map")
+    return GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize, state.quant_type,
+                         cp.asarray(state.nested_absmax), cp.asarray(np.array([state.offset], np.float32)))
+
+
+def from_gpu_state(gstate: Any, *, shape: tuple[int, ...], dtype: str, profile: str = PROFILE) -> QuantState:
+    """The reference ``QuantState`` of a ``GpuQuantState`` (statistics copied to the host)."""
+    code = codebooks.codebook(gstate.quant_type)
+    if not gstate.nested:
+        return QuantState(shape=shape, dtype=dtype, blocksize=gstate.blocksize, quant_type=gstate.quant_type,
+                          absmax=_host(gstate.absmax), code=code, profile=profile)
+    return QuantState(shape=shape, dtype=dtype, blocksize=gstate.blocksize, quant_type=gstate.quant_type,
+                      absmax=_host(gstate.absmax), code=code, offset=np.float32(_host(gstate.offset).reshape(-1)[0]),
+                      nested_absmax=_host(gstate.absmax2), nested_code=codebooks.codebook("dynamic8"),
+                      profile=profile)
+
+
+def _profile_only(profile: Any) -> str:
+    from refimpl.quant.state import PROFILES
+
+    p = _checks.choice(profile, "profile", PROFILES)
+    if p != PROFILE:
+        raise NotImplementedError(f"profile: the CuPy quant kernels reproduce profile={PROFILE!r} only, got {p!r}")
+    return p
+
+
+def quantize_4bit(
+    x: Any,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    *,
+    profile: str = "reference",
+    nonfinite: str | None = None,
+    threads: int = 1,
+) -> tuple[np.ndarray, QuantState]:
+    """``refimpl.quant.quantize_4bit`` with ``profile="bitsandbytes-cuda"`` on the GPU (QLoRA eq. 1).
+
+    float32/float16/bfloat16 ``x`` of any shape; returns (packed uint8 ((n+1)//2, 1), QuantState).
+    Nested statistics: the 8-bit codes and a2 come from the GPU kernel; the offset (the mean of absmax)
+    is the profile's correctly rounded mean, computed on the host from the kernel's absmax and handed to
+    the kernel, because neither CuPy's nor torch's CUDA summation order is reproduced by the profile
+    (spec/nf4.md §7). ``threads`` only matters to the bitsandbytes-cpu profile and is validated only.
+    Any other profile raises NotImplementedError.
+    """
+    prof = _profile_only(profile)
+    mode = _blockwise._nonfinite_mode(nonfinite, prof)
+    bs = _blockwise._blocksize(blocksize)
+    _checks.choice(quant_type, "quant_type", codebooks.QUANT_TYPES)
+    dq = _checks.boolean(double_quant, "double_quant")
+    _checks.integer(threads, "threads", low=1)
+    _, dtype_name, shape = _blockwise._float32_input(x, "x", prof, mode)  # the reference's checks
+    from refimpl.kernels.cupy_gpu import nf4
+
+    xd, kdt = _upload(np.asarray(x).reshape(-1))
+    packed, gstate = nf4.quantize_4bit(xd, bs, quant_type, dtype=kdt)
+    if dq:
+        offset = _nested.absmax_offset(_host(gstate.absmax), prof)
+        codes, absmax2, off = nf4.quantize_absmax(gstate.absmax, offset=_cp().asarray(np.array([offset], np.float32)))
+        gstate = nf4.GpuQuantState(codes, gstate.shape, gstate.dtype, bs, quant_type, absmax2, off)
+    return _host(packed), from_gpu_state(gstate, shape=shape, dtype=dtype_name, profile=prof)
+
+
+def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
+    """``refimpl.quant.dequantize_4bit`` on the GPU: x̂ = RNE_dtype(f32(code[nib] · absmax)), shape and dtype
+    of the state; nested absmax rebuilt in the kernel. The effective profile (``profile``, else the state's)
+    must be bitsandbytes-cuda (FP4's nibble 8 dequantizes to −0.0 as in CUDA)."""
+    st = _quant_state(state)
+    _profile_only(st.profile if profile is None else profile)
+    p = _packed(packed, st)
+    from refimpl.kernels.cupy_gpu import nf4
+
+    gstate = to_gpu_state(st)
+    out_dtype = gstate.dtype
+    out = _host(nf4.dequantize_4bit(_cp().asarray(p), gstate, out_dtype=out_dtype), out_dtype)
+    if st.dtype == "float64":  # exact widening, as the reference's float64 output
+        out = out.astype(np.float64)
+    return out.reshape(st.shape)
+
+
+def qlora_forward(
+    x: Any,
+    packed: Any,
+    state: QuantState,
+    A: Any,
+    B: Any,
+    scaling: float,
+    bias: Any = None,
+    *,
+    dropout_mask: Any = None,
+    dropout_p: float = 0.0,
+    profile: str | None = None,
+) -> np.ndarray:
+    """``refimpl.qlora.forward`` (eval form) on the GPU: y = x·Ŵᵀ + b + s·(x Aᵀ) Bᵀ (QLoRA eq. 5), float32.
+
+    The 4-bit weight is read as codes plus absmax (fused GEMV for ≤ 16 rows when in % 32 == 0, else one
+    dequantization and the LoRA GEMM). The kernels use Ŵ = f32(code · absmax) unrounded, which is the
+    reference's weight for float32 and float64 states; float16/bfloat16 states (rounded Ŵ) raise
+    NotImplementedError, as does ``dropout_mask``.
+    """
+    from refimpl.qlora import _float64
+    from refimpl.quant.state import PROFILES
+
+    st = _quant_state(state)
+    if len(st.shape) != 2:
+        raise ValueError(f"state: expected a 2-D (out_features, in_features) weight, got shape {st.shape}")
+    if profile is not None:
+        _checks.choice(profile, "profile", PROFILES)
+    p = _packed(packed, st)
+    out_f, in_f = st.shape
+    xx = _checks.float_array(_float64(x, "x"), "x", ndim=range(1, 33))
+    if xx.shape[-1] != in_f:
+        raise ValueError(f"x: expected a last axis of size in = {in_f}, got shape {xx.shape}")
+    a = _checks.float_array(_float64(A, "A"), "A", ndim=2)
+    b = _checks.float_array(_float64(B, "B"), "B", ndim=2)
+    _checks.check_shape(a, "A", (None, in_f))
+    _checks.check_shape(b, "B", (out_f, a.shape[0]))
+    if a.shape[0] > min(in_f, out_f):
+        raise ValueError(f"A: rank r = {a.shape[0]} must be at most min(in, out) = {min(in_f, out_f)}")
+    s = _checks.real(scaling, "scaling")
+    bb = None if bias is None else _bias(_float64(bias, "bias"), out_f)
+    _no_dropout(dropout_mask, dropout_p, xx.shape)
+    if st.dtype not in ("float32", "float64"):
+        raise NotImplementedError(f"state.dtype: the CuPy QLoRA kernels use the float32 weight f32(code·absmax); "
+                                  f"a {st.dtype} state's weight is rounded to {st.dtype} by the reference")
+    if a.shape[0] > _MAX_RANK and not (xx.size // in_f <= 16 and in_f % 32 == 0):
+        raise NotImplementedError(f"A: the CuPy LoRA GEMM packs ranks up to {_MAX_RANK}, got r = {a.shape[0]}")
+    from refimpl.kernels.cupy_gpu import gemv4
+
+    y = gemv4.qlora_forward(_upload32(xx.reshape(-1, in_f)), _cp().asarray(p), to_gpu_state(st), _upload32(a),
+                            _upload32(b), s, bias=None if bb is None else _upload32(bb))
+    return _host(y).reshape(*xx.shape[:-1], out_f)
+
+
+# ------------------------------------------------------------------------------------------- TIES
+
+
+def ties(
+    task_vectors: Sequence[Any],
+    weights: Sequence[float] | None = None,
+    *,
+    density: float | Sequence[float],
+    profile: str = "paper",
+    k_rule: str | None = None,
+    elect: str | None = None,
+    zero_sign: str | None = None,
+    weight_stage: str | None = None,
+    divisor: str | None = None,
+    rescale: str | None = None,
+    lam: float = 1.0,
+) -> np.ndarray:
+    """``refimpl.merging.ties`` on the GPU (arXiv 2306.01708, Algorithm 1): radix-select trim and one fused
+    elect + disjoint-merge pass over float32 task vectors (operands rounded once to float32), float64
+    arithmetic, result float32. ``rescale="l1"`` and more than 16 tasks raise
+    NotImplementedError."""
+    from refimpl.merging import _common
+    from refimpl.merging.ties_dare import densities, ties_options
+
+    taus = _common.task_list(task_vectors)
+    w = _common.weight_vector(weights, len(taus))
+    d = densities(density, len(taus))
+    opts = ties_options(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
+                        divisor=divisor, rescale=rescale)
+    lam_v = _checks.real(lam, "lam")
+    if opts["rescale"] != "none":
+        raise NotImplementedError(f"rescale: the CuPy TIES kernel has no L1 rescale, got {opts['rescale']!r}")
+    if len(taus) > _MAX_TASKS:
+        raise NotImplementedError(f"task_vectors: the CuPy TIES kernel merges at most {_MAX_TASKS} tasks, "
+                                  f"got {len(taus)}")
+    # the package rebinds its attribute ``ties`` to the function, so the submodule is taken by its full name
+    _ties = importlib.import_module("refimpl.kernels.cupy_gpu.ties")
+    out = _ties.ties([_upload32(t) for t in taus], [float(v) for v in w], density=[float(v) for v in d],
+                     k_rule=opts["k_rule"], elect=opts["elect"], zero_sign=opts["zero_sign"],
+                     weight_stage=opts["weight_stage"], divisor=opts["divisor"], lam=lam_v, out_dtype="float32")
+    return _host(out).reshape(taus[0].shape)
