@@ -6,7 +6,8 @@
     dora     forward, weight_norm (row norms in tiles, no (out, in) temporary)
     ties     TIES merge: O(n) radix-select trim, one fused elect + disjoint-merge pass
 
-Every kernel is ``@njit(..., cache=True, fastmath=False)``: compiled code is cached next to the
+Every kernel is a serial ``@njit(..., cache=True, nogil=True, fastmath=False)`` loop run on numba's
+thread count by ``_parallel.parallel_ranges``: compiled code is cached next to the
 modules (numba's __pycache__), so a second process loads it instead of compiling (bench/README.md
 gives the first-call compile and second-process start times). Importing this package needs numba.
 """

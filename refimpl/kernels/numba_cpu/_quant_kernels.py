@@ -1,6 +1,7 @@
 """The compiled loops behind ``numba_cpu.quant`` (NF4/FP4 blockwise 4-bit, nested statistics).
 
-Each kernel is one pass over its blocks, parallel over blocks with ``prange``.
+Each kernel is one pass over its blocks: a serial ``@njit(nogil=True)`` loop over a range of blocks,
+run on numba's thread count by ``_parallel.parallel_ranges`` (no ``prange``: see there why).
 Arithmetic is IEEE float32 exactly as bitsandbytes 0.50.2 CPU does it
 (spec/nf4.md; peers/bitsandbytes.md §4, §7, §9):
 
@@ -17,9 +18,10 @@ source compiles to those two signatures only.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from refimpl.kernels.numba_cpu._bits import bf16_to_f32, bits_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 
 KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2
 _TINY = np.float32(1e-38)
@@ -108,10 +110,9 @@ def _quantize_block(src, off, m, full, bounds, order, remap, zero_nib, nib, pack
     return amc if amc == amc else bits_f32(np.uint32(0xFFFFFFFF))
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, packed, absmax):
-    """Blockwise 4-bit quantization of the first n elements of x into packed/absmax."""
-    nblocks = (n + bs - 1) // bs
+@njit(cache=True, nogil=True, fastmath=False)
+def _quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, packed, absmax, b_lo, b_hi):
+    """Blocks [b_lo, b_hi) of ``quantize_4bit_kernel`` (one thread's share)."""
     nfull = n // bs
     remap = False
     for j in range(16):
@@ -120,48 +121,53 @@ def quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, packed, absmax
     for j in range(16):
         if order[j] == zero_nib:
             zero_pos = j
-    nchunks = min(nblocks, 256)
-    for c in prange(nchunks):
-        buf = np.empty(bs, dtype=np.float32)
-        nib = np.empty(bs + 1, dtype=np.uint8)
-        for b in range(c * nblocks // nchunks, (c + 1) * nblocks // nchunks):
-            start = b * bs
-            m = min(bs, n - start)
-            full = b < nfull
-            if kind == KIND_F32:
-                am = _quantize_block(x, start, m, full, bounds, order, remap, zero_pos if remap else zero_nib,
-                                     nib, packed, start // 2)
-            else:
-                _load_block(x, start, m, kind, buf)
-                am = _quantize_block(buf, 0, m, full, bounds, order, remap, zero_pos if remap else zero_nib,
-                                     nib, packed, start // 2)
-            absmax[b] = am
+    buf = np.empty(bs, dtype=np.float32)
+    nib = np.empty(bs + 1, dtype=np.uint8)
+    for b in range(b_lo, b_hi):
+        start = b * bs
+        m = min(bs, n - start)
+        full = b < nfull
+        if kind == KIND_F32:
+            am = _quantize_block(x, start, m, full, bounds, order, remap, zero_pos if remap else zero_nib,
+                                 nib, packed, start // 2)
+        else:
+            _load_block(x, start, m, kind, buf)
+            am = _quantize_block(buf, 0, m, full, bounds, order, remap, zero_pos if remap else zero_nib,
+                                 nib, packed, start // 2)
+        absmax[b] = am
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+def quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, packed, absmax):
+    """Blockwise 4-bit quantization of the first n elements of x into packed/absmax (threads over blocks)."""
+    parallel_ranges(_quantize_blocks, (n + bs - 1) // bs, x, kind, n, bs, bounds, order, zero_nib, packed, absmax)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _dequantize_blocks(packed, absmax, n, bs, code, kind, out, b_lo, b_hi):
+    """Blocks [b_lo, b_hi) of ``dequantize_4bit_kernel``."""
+    tbl = np.empty(16, dtype=out.dtype)
+    for b in range(b_lo, b_hi):
+        start = b * bs
+        m = min(bs, n - start)
+        scale = absmax[b]
+        for j in range(16):
+            store_f32(tbl, j, code[j] * scale, kind)
+        base = start // 2
+        for k in range(m // 2):
+            byte = packed[base + k]
+            out[start + 2 * k] = tbl[byte >> 4]
+            out[start + 2 * k + 1] = tbl[byte & 15]
+        if m % 2 == 1:
+            out[start + m - 1] = tbl[packed[base + m // 2] >> 4]
+
+
 def dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, out):
     """out[i] = RNE_kind(f32(code[nib_i] · absmax[i // bs])) for i < n.
 
     Per block the 16 possible outputs are formed once (tbl[j] = RNE(f32(code[j] · absmax_b)), in the
     output's own format), so the element loop is two table lookups and two stores per byte.
     """
-    nblocks = (n + bs - 1) // bs
-    nchunks = min(nblocks, 256)
-    for c in prange(nchunks):
-        tbl = np.empty(16, dtype=out.dtype)
-        for b in range(c * nblocks // nchunks, (c + 1) * nblocks // nchunks):
-            start = b * bs
-            m = min(bs, n - start)
-            scale = absmax[b]
-            for j in range(16):
-                store_f32(tbl, j, code[j] * scale, kind)
-            base = start // 2
-            for k in range(m // 2):
-                byte = packed[base + k]
-                out[start + 2 * k] = tbl[byte >> 4]
-                out[start + 2 * k + 1] = tbl[byte & 15]
-            if m % 2 == 1:
-                out[start + m - 1] = tbl[packed[base + m // 2] >> 4]
+    parallel_ranges(_dequantize_blocks, (n + bs - 1) // bs, packed, absmax, n, bs, code, kind, out)
 
 
 # ---------------------------------------------------------------- nested statistics (bitsandbytes CPU)
@@ -226,18 +232,22 @@ def _row_sum(x, begin, stride, size, lanes):
 
 @njit(cache=True)
 def _inner_sum(x, begin, end, lanes):
-    """torch's float32 sum of x[begin:end] on one thread (vectorized_inner_sum / scalar row_sum)."""
+    """torch's float32 sum of x[begin:end] on one thread (vectorized_inner_sum / scalar row_sum).
+
+    One call site of ``_row_sum`` (and one of this function in ``torch_cpu_sum_f32``): LLVM inlines
+    each call site, and four inlined copies of the cascade took 18 s to compile."""
     size = end - begin
-    if size >= lanes:
-        nvec = size // lanes
-        vec = _row_sum(x, begin, lanes, nvec, lanes)
-        total = np.float32(0.0)
-        for k in range(begin + nvec * lanes, end):
-            total += x[k]
-        for ln in range(lanes):
-            total += vec[ln]
-        return total
-    return _row_sum(x, begin, 1, size, 1)[0]
+    vector = size >= lanes
+    nvec = size // lanes if vector else size
+    vec = _row_sum(x, begin, lanes if vector else 1, nvec, lanes if vector else 1)
+    if not vector:
+        return vec[0]
+    total = np.float32(0.0)
+    for k in range(begin + nvec * lanes, end):
+        total += x[k]
+    for ln in range(lanes):
+        total += vec[ln]
+    return total
 
 
 @njit(cache=True)
@@ -245,26 +255,25 @@ def torch_cpu_sum_f32(x, threads, lanes):
     """torch.sum of a contiguous float32 vector on CPU: cascade sum per thread chunk
     (chunks only above GRAIN_SIZE = 32768), then a cascade sum of the per-thread slots."""
     n = x.size
-    if n < 32768 or threads <= 1:
-        return np.float32(0.0) + _inner_sum(x, 0, n, lanes)
-    tasks = min(threads, (n + 32767) // 32768)
+    single = n < 32768 or threads <= 1
+    tasks = 1 if single else min(threads, (n + 32767) // 32768)
     chunk = (n + tasks - 1) // tasks
-    slots = np.zeros(threads, dtype=np.float32)
-    for t in range(tasks):
-        lo = t * chunk
-        hi = min(n, lo + chunk)
+    slots = np.zeros(max(threads, 1), dtype=np.float32)
+    # steps 0 … tasks−1 sum the chunks of x into slots; step tasks sums the slots (one call site)
+    for step in range(tasks + (0 if single else 1)):
+        src = x if step < tasks else slots
+        lo = step * chunk if step < tasks else 0
+        hi = min(n, lo + chunk) if step < tasks else threads
         if lo < hi:
-            slots[t] = np.float32(0.0) + _inner_sum(x, lo, hi, lanes)
-    return np.float32(0.0) + _inner_sum(slots, 0, threads, lanes)
+            slots[step if step < tasks else 0] = np.float32(0.0) + _inner_sum(src, lo, hi, lanes)
+    return slots[0]
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def quantize_nested_kernel(absmax, offset, lut, codes, absmax2):
-    """8-bit blockwise (256) codes of f32(absmax − offset) by bitsandbytes' CPU 65,536-bin LUT:
-    v = clamp(f32(c · f32(1/a2)), −1, 1); idx = trunc(((v + 1)·0.5)·65535 + 0.5); q = lut[idx]."""
+@njit(cache=True, nogil=True, fastmath=False)
+def _quantize_nested_blocks(absmax, offset, lut, codes, absmax2, b_lo, b_hi):
+    """Blocks of 256 [b_lo, b_hi) of ``quantize_nested_kernel``."""
     n = absmax.size
-    nb = (n + 255) // 256
-    for b in prange(nb):
+    for b in range(b_lo, b_hi):
         start = b * 256
         m = min(256, n - start)
         a2 = np.float32(0.0)  # bitsandbytes' C++ loop: max(a2, |c|) from 0, so NaN is skipped
@@ -290,8 +299,18 @@ def quantize_nested_kernel(absmax, offset, lut, codes, absmax2):
             codes[start + i] = lut[np.int64(t)]
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+def quantize_nested_kernel(absmax, offset, lut, codes, absmax2):
+    """8-bit blockwise (256) codes of f32(absmax − offset) by bitsandbytes' CPU 65,536-bin LUT:
+    v = clamp(f32(c · f32(1/a2)), −1, 1); idx = trunc(((v + 1)·0.5)·65535 + 0.5); q = lut[idx]."""
+    parallel_ranges(_quantize_nested_blocks, (absmax.size + 255) // 256, absmax, offset, lut, codes, absmax2)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _dequantize_nested_range(codes, absmax2, offset, dyn, out, lo, hi):
+    for i in range(lo, hi):
+        out[i] = dyn[codes[i]] * absmax2[i // 256] + offset
+
+
 def dequantize_nested_kernel(codes, absmax2, offset, dyn, out):
     """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset)."""
-    for i in prange(codes.size):
-        out[i] = dyn[codes[i]] * absmax2[i // 256] + offset
+    parallel_ranges(_dequantize_nested_range, codes.size, codes, absmax2, offset, dyn, out)

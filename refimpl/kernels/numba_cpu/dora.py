@@ -15,23 +15,28 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from refimpl import _checks
+from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.kernels.numba_cpu.lora import _layer, _mask, lora_branch_add
 
 _TILE = 256
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _tile_row_norms(w, t, s, out):
-    """out[i] = ‖w[i] + s·t[i]‖₂ for each row i of a tile."""
-    for i in prange(w.shape[0]):
+@njit(cache=True, nogil=True, fastmath=False)
+def _row_norms_range(w, t, s, out, lo, hi):
+    for i in range(lo, hi):
         acc = 0.0
         for j in range(w.shape[1]):
             v = w[i, j] + s * t[i, j]
             acc += v * v
         out[i] = np.sqrt(acc)
+
+
+def _tile_row_norms(w, t, s, out):
+    """out[i] = ‖w[i] + s·t[i]‖₂ for each row i of a tile, rows split over threads."""
+    parallel_ranges(_row_norms_range, w.shape[0], w, t, s, out)
 
 
 def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,

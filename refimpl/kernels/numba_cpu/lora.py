@@ -15,19 +15,24 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from scipy.linalg import blas
 
 from refimpl import _checks
+from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.lora import LoraGrads
 
 
-@njit(parallel=True, cache=True)
-def _masked(x, mask, out):
-    """out = x ⊙ mask (the keep mask as 0/1 float64)."""
-    for i in prange(x.shape[0]):
+@njit(cache=True, nogil=True)
+def _masked_rows(x, mask, out, lo, hi):
+    for i in range(lo, hi):
         for j in range(x.shape[1]):
             out[i, j] = x[i, j] * mask[i, j]
+
+
+def _masked(x, mask, out):
+    """out = x ⊙ mask (the keep mask as 0/1 float64), rows split over threads."""
+    parallel_ranges(_masked_rows, x.shape[0], x, mask, out)
 
 
 def _matrix(value: Any, name: str, ndim: Any = 2) -> np.ndarray:

@@ -13,7 +13,7 @@ the reference's dequantized values, so only the order of the float64 sum differs
   x; the products accumulate in 16 float64 lanes (lane l holds the weights k ≡ l mod 16 of
   the row) summed in a fixed tree at the end: the order is fixed and thread-independent.
   The nested absmax (double quantization) is decoded inside the same pass, so a call is one
-  parallel launch (on a loaded 2-core machine each launch can wait a scheduler tick, ~4 ms).
+  hand-off to the worker threads (on a loaded 2-core machine each hand-off can wait a scheduler tick).
 * otherwise m < 4: rows decoded into a float64 buffer, dotted with eight interleaved float64
   partial sums (the same fixed-order contract, scalar table lookups).
 * m ≥ 4 rows: tiles of 256 decoded rows (float64) go through BLAS.
@@ -38,7 +38,7 @@ import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -46,6 +46,7 @@ from refimpl import _checks
 from refimpl.kernels.numba_cpu import _quant_kernels as K
 from refimpl.kernels.numba_cpu import quant as nquant
 from refimpl.kernels.numba_cpu._bits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.kernels.numba_cpu.lora import lora_branch_add
 from refimpl.quant import QuantState
 from refimpl.quant.blockwise import float_input_array
@@ -169,16 +170,13 @@ def _row_dot_avx2(typingctx, code, scales, packed, pbase, x, nblk, bs, kind):
     return sig, codegen
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def dequant_gemv_avx2_kernel(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind,
-                             y):
-    """y[i, n] = Σ_k x[i, k] · Ŵ[n, k] for every row i of x (few rows), k_in % bs == 0, bs % 16 == 0.
-
-    nested: the block scales are f32(f32(dyn[qcodes_b] · absmax2[b // 256]) + offset) (decoded here,
-    as ``quant.dequantize_absmax_8bit``), else absmax[b]."""
+@njit(cache=True, nogil=True, fastmath=False)
+def _gemv_avx2_rows(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind, y, lo,
+                    hi):
+    """Output features [lo, hi) of ``dequant_gemv_avx2_kernel``."""
     nblk = k_in // bs
-    for n in prange(n_out):
-        sc = np.empty(nblk, dtype=np.float32)
+    sc = np.empty(nblk, dtype=np.float32)
+    for n in range(lo, hi):
         b0 = n * nblk
         if nested:
             for bb in range(nblk):
@@ -191,14 +189,23 @@ def dequant_gemv_avx2_kernel(x, packed, absmax, qcodes, absmax2, offset, dyn, ne
             y[i, n] = _row_dot_avx2(code, sc, packed, (n * k_in) >> 1, x[i], nblk, bs, kind)
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def dequant_gemv_kernel(x, packed, scales, n_out, k_in, bs, code, kind, y):
-    """m = 1, every row a whole number of blocks (k_in % bs == 0): decode and multiply in one loop,
-    y[n] = Σ over the row of tbl[nib]·x with eight interleaved float64 partial sums (fixed order)."""
+def dequant_gemv_avx2_kernel(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind,
+                             y):
+    """y[i, n] = Σ_k x[i, k] · Ŵ[n, k] for every row i of x (few rows), k_in % bs == 0, bs % 16 == 0.
+
+    nested: the block scales are f32(f32(dyn[qcodes_b] · absmax2[b // 256]) + offset) (decoded here,
+    as ``quant.dequantize_absmax_8bit``), else absmax[b]."""
+    parallel_ranges(_gemv_avx2_rows, n_out, x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs,
+                    code, kind, y)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _gemv_rows(x, packed, scales, n_out, k_in, bs, code, kind, y, lo, hi):
+    """Output features [lo, hi) of ``dequant_gemv_kernel``."""
     nblk = k_in // bs
     xv = x[0]
-    for n in prange(n_out):
-        tbl = np.empty(16, dtype=np.float64)
+    tbl = np.empty(16, dtype=np.float64)
+    for n in range(lo, hi):
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
         for bb in range(nblk):
             b = n * nblk + bb
@@ -224,44 +231,53 @@ def dequant_gemv_kernel(x, packed, scales, n_out, k_in, bs, code, kind, y):
         y[0, n] = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+def dequant_gemv_kernel(x, packed, scales, n_out, k_in, bs, code, kind, y):
+    """m = 1, every row a whole number of blocks (k_in % bs == 0): decode and multiply in one loop,
+    y[n] = Σ over the row of tbl[nib]·x with eight interleaved float64 partial sums (fixed order)."""
+    parallel_ranges(_gemv_rows, n_out, x, packed, scales, n_out, k_in, bs, code, kind, y)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _matmul_rows(x, packed, scales, n_out, k_in, bs, code, kind, y, lo, hi):
+    """Output features [lo, hi) of ``dequant_matmul_kernel``."""
+    m = x.shape[0]
+    w = np.empty(k_in, dtype=np.float64)
+    tbl = np.empty(16, dtype=np.float64)
+    for n in range(lo, hi):
+        e0 = n * k_in
+        e = e0
+        e1 = e0 + k_in
+        while e < e1:
+            b = e // bs
+            seg = min(e1, (b + 1) * bs)
+            scale = scales[b]
+            for j in range(16):
+                tbl[j] = _round_kind(code[j] * scale, kind)
+            if e % 2 == 0 and seg % 2 == 0:
+                for p in range((seg - e) // 2):
+                    byte = packed[(e >> 1) + p]
+                    w[e - e0 + 2 * p] = tbl[byte >> 4]
+                    w[e - e0 + 2 * p + 1] = tbl[byte & 15]
+            else:
+                for i in range(e, seg):
+                    byte = np.int64(packed[i >> 1])
+                    nib = (byte >> 4) if i % 2 == 0 else (byte & 15)
+                    w[i - e0] = tbl[nib]
+            e = seg
+        for i in range(m):
+            y[i, n] = _dot8(x, i, w, k_in)
+
+
 def dequant_matmul_kernel(x, packed, scales, n_out, k_in, bs, code, kind, y):
     """y[i, n] = Σ_k x[i, k] · W_dq[n, k] with W_dq decoded row by row from the packed nibbles."""
-    m = x.shape[0]
-    nchunks = min(n_out, 256)
-    for c in prange(nchunks):
-        w = np.empty(k_in, dtype=np.float64)
-        tbl = np.empty(16, dtype=np.float64)
-        for n in range(c * n_out // nchunks, (c + 1) * n_out // nchunks):
-            e0 = n * k_in
-            e = e0
-            e1 = e0 + k_in
-            while e < e1:
-                b = e // bs
-                seg = min(e1, (b + 1) * bs)
-                scale = scales[b]
-                for j in range(16):
-                    tbl[j] = _round_kind(code[j] * scale, kind)
-                if e % 2 == 0 and seg % 2 == 0:
-                    for p in range((seg - e) // 2):
-                        byte = packed[(e >> 1) + p]
-                        w[e - e0 + 2 * p] = tbl[byte >> 4]
-                        w[e - e0 + 2 * p + 1] = tbl[byte & 15]
-                else:
-                    for i in range(e, seg):
-                        byte = np.int64(packed[i >> 1])
-                        nib = (byte >> 4) if i % 2 == 0 else (byte & 15)
-                        w[i - e0] = tbl[nib]
-                e = seg
-            for i in range(m):
-                y[i, n] = _dot8(x, i, w, k_in)
+    parallel_ranges(_matmul_rows, n_out, x, packed, scales, n_out, k_in, bs, code, kind, y)
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def dequant_rows_kernel(packed, scales, row0, n_rows, k_in, bs, code, kind, w):
-    """w[r, :] = the dequantized row row0 + r of the (n_out, k_in) weight, float64 (exact values)."""
-    for r in prange(n_rows):
-        tbl = np.empty(16, dtype=np.float64)
+@njit(cache=True, nogil=True, fastmath=False)
+def _decode_rows(packed, scales, row0, n_rows, k_in, bs, code, kind, w, lo, hi):
+    """Tile rows [lo, hi) of ``dequant_rows_kernel``."""
+    tbl = np.empty(16, dtype=np.float64)
+    for r in range(lo, hi):
         e0 = (row0 + r) * k_in
         e = e0
         e1 = e0 + k_in
@@ -276,6 +292,11 @@ def dequant_rows_kernel(packed, scales, row0, n_rows, k_in, bs, code, kind, w):
                 nib = (byte >> 4) if i % 2 == 0 else (byte & 15)
                 w[r, i - e0] = tbl[nib]
             e = seg
+
+
+def dequant_rows_kernel(packed, scales, row0, n_rows, k_in, bs, code, kind, w):
+    """w[r, :] = the dequantized row row0 + r of the (n_out, k_in) weight, float64 (exact values)."""
+    parallel_ranges(_decode_rows, n_rows, packed, scales, row0, n_rows, k_in, bs, code, kind, w)
 
 
 #: From this many rows of x on, the product runs as BLAS GEMMs over tiles of decoded weight rows

@@ -27,9 +27,11 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import carray, get_num_threads, njit, types
+from numba.extending import intrinsic
 
 from refimpl import _checks
+from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.merging import _common
 from refimpl.merging.sparsify import L1_EPS, densities
 from refimpl.merging.ties_dare import ties_options
@@ -54,17 +56,22 @@ def _histogram_chunk(bits, lo, hi, abs_mask, exp_mask, shift, prefix, pmask, his
     return nbad
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
+def _histogram_chunks(bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks, hist, bad, c_lo, c_hi):
+    """Chunks [c_lo, c_hi) of ``_histogram``."""
+    n = bits.size
+    for c in range(c_lo, c_hi):
+        bad[c] = _histogram_chunk(bits, c * n // nchunks, (c + 1) * n // nchunks, abs_mask, exp_mask, shift, prefix,
+                                  pmask, hist[c])
+
+
 def _histogram(bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks):
     """Counts of digit (key >> shift) & 0xFFFF over keys with (key & pmask) == prefix,
     key = bits & abs_mask (|x|); also counts non-finite keys (exponent all ones)."""
-    n = bits.size
     hist = np.zeros((nchunks, _NBINS), dtype=np.int64)
     bad = np.zeros(nchunks, dtype=np.int64)
-    for c in prange(nchunks):
-        bad[c] = _histogram_chunk(bits, c * n // nchunks, (c + 1) * n // nchunks, abs_mask, exp_mask, shift, prefix,
-                                  pmask, hist[c])
-    return hist.sum(axis=0), bad.sum()
+    parallel_ranges(_histogram_chunks, nchunks, bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks, hist, bad)
+    return hist.sum(axis=0), int(bad.sum())
 
 
 def _select_desc(bits: np.ndarray, j: int, nbits: int) -> tuple[int, int, int]:
@@ -90,16 +97,21 @@ def _select_desc(bits: np.ndarray, j: int, nbits: int) -> tuple[int, int, int]:
     return prefix, greater, int(hist[prefix & 0xFFFF])
 
 
-@njit(parallel=True, cache=True)
-def _tie_prefix(bits, abs_mask, thr, nchunks):
-    """Per-chunk counts of keys equal to thr (for the lower-flat-index tie rule)."""
+@njit(cache=True, nogil=True)
+def _tie_counts(bits, abs_mask, thr, nchunks, out, c_lo, c_hi):
+    """Chunks [c_lo, c_hi) of ``_tie_prefix``."""
     n = bits.size
-    out = np.zeros(nchunks, dtype=np.int64)
-    for c in prange(nchunks):
+    for c in range(c_lo, c_hi):
         cnt = 0
         for i in range(c * n // nchunks, (c + 1) * n // nchunks):
             cnt += (np.uint64(bits[i]) & abs_mask) == thr
         out[c] = cnt
+
+
+def _tie_prefix(bits, abs_mask, thr, nchunks):
+    """Per-chunk counts of keys equal to thr (for the lower-flat-index tie rule)."""
+    out = np.zeros(nchunks, dtype=np.int64)
+    parallel_ranges(_tie_counts, nchunks, bits, abs_mask, thr, nchunks, out)
     return out
 
 
@@ -116,11 +128,30 @@ def _kept(key, thr, strict, tie_budget, ties_seen):
 _BLOCK = 2048  # elements per inner block: T rows of trimmed values stay in L1/L2
 
 
+@intrinsic
+def _pointer_like(typingctx, address, like):
+    """A pointer to the element type of array ``like`` at an integer address.
+
+    The fused pass takes its T task vectors as an array of addresses: a tuple of arrays would
+    compile once per task count T (about 3 s each, cold), an address array compiles once."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+        return None
+    ptr = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(address, like), codegen
+
+
 @njit(cache=True, fastmath=False)
-def _merge_chunk(taus, bits, lo, hi, abs_mask, exp_mask, thr, strict, seen, tie_budget, all_keep, scale, w, before,
-                 by_count, zero_pos, gmaj, divisor, lam, out, want_gamma_sum):
-    """The fused pass over elements [lo, hi) (one thread's share); returns (non-finite, Σ sgn)."""
-    T = len(taus)
+def _merge_chunk(addrs, tau_like, bits_like, lo, hi, abs_mask, exp_mask, thr, strict, seen, tie_budget, all_keep,
+                 scale, w, before, by_count, zero_pos, gmaj, divisor, lam, out, want_gamma_sum):
+    """The fused pass over elements [lo, hi) (one thread's share); returns (non-finite, Σ sgn).
+
+    Task t is the 1-D C-order array at address addrs[t], of tau_like's dtype (values) and
+    bits_like's dtype (the same memory as unsigned integers)."""
+    T = addrs.size
     hat = np.empty((T, _BLOCK), dtype=np.float64)
     score = np.empty(_BLOCK, dtype=np.float64)
     nbad = 0
@@ -129,8 +160,8 @@ def _merge_chunk(taus, bits, lo, hi, abs_mask, exp_mask, thr, strict, seen, tie_
         m = min(_BLOCK, hi - blo)
         score[:m] = 0.0
         for t in range(T):
-            x = taus[t][blo:blo + m]
-            xb = bits[t][blo:blo + m]
+            x = carray(_pointer_like(addrs[t] + blo * tau_like.itemsize, tau_like), m)
+            xb = carray(_pointer_like(addrs[t] + blo * bits_like.itemsize, bits_like), m)
             ht = hat[t]
             wt, st, thr_t, strict_t, budget_t, keep_all = w[t], scale[t], thr[t], strict[t], tie_budget[t], all_keep[t]
             seen_t = seen[t]
@@ -199,35 +230,45 @@ def _merge_chunk(taus, bits, lo, hi, abs_mask, exp_mask, thr, strict, seen, tie_
     return nbad, ngamma
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(cache=True, nogil=True, fastmath=False)
+def _merge_chunks(addrs, tau_like, bits_like, abs_mask, exp_mask, thr, strict, tie_start, tie_budget, all_keep,
+                  scale, w, before, by_count, zero_pos, gmaj, divisor, lam, nchunks, out, want_gamma_sum, gsum, bad,
+                  c_lo, c_hi):
+    """Chunks [c_lo, c_hi) of ``_merge_pass``."""
+    n = tau_like.size
+    for c in range(c_lo, c_hi):
+        seen = tie_start[:, c].copy()
+        nb, ng = _merge_chunk(addrs, tau_like, bits_like, c * n // nchunks, (c + 1) * n // nchunks, abs_mask,
+                              exp_mask, thr, strict, seen, tie_budget, all_keep, scale, w, before, by_count,
+                              zero_pos, gmaj, divisor, lam, out, want_gamma_sum)
+        bad[c] = nb
+        gsum[c] = ng
+
+
 def _merge_pass(taus, bits, abs_mask, exp_mask, thr, strict, tie_start, tie_budget, all_keep, scale, w, before,
                 by_count, zero_pos, gmaj, divisor, lam, nchunks, out, want_gamma_sum):
     """One fused pass: trim, weight, elect, select, disjoint mean (see module docstring).
 
-    taus/bits: tuples of the T task vectors and their bit views (1-D, C order), read block by
-    block (a tuple compiles once per task count T and is cached; a typed List would JIT its
-    methods in every new process). divisor: 0 count, 1 weight_sum, 2 none. With want_gamma_sum only Σ_p sgn(score_p) is
-    computed (the global-majority pre-pass) and out is untouched. Returns (Σ sgn, non-finite count).
+    taus/bits: the T task vectors and their bit views (1-D, C order), passed to the kernel as
+    one array of addresses (``_pointer_like``) and read block by block; one compiled kernel per
+    input dtype serves every task count. divisor: 0 count, 1 weight_sum, 2 none. With
+    want_gamma_sum only Σ_p sgn(score_p) is computed (the global-majority pre-pass) and out is
+    untouched. Returns (Σ sgn, non-finite count).
     """
-    n = taus[0].size
     gsum = np.zeros(nchunks, dtype=np.int64)
     bad = np.zeros(nchunks, dtype=np.int64)
-    for c in prange(nchunks):
-        seen = tie_start[:, c].copy()
-        nb, ng = _merge_chunk(taus, bits, c * n // nchunks, (c + 1) * n // nchunks, abs_mask, exp_mask, thr, strict,
-                              seen, tie_budget, all_keep, scale, w, before, by_count, zero_pos, gmaj, divisor, lam,
-                              out, want_gamma_sum)
-        bad[c] = nb
-        gsum[c] = ng
-    return gsum.sum(), bad.sum()
+    addrs = np.array([t.ctypes.data for t in taus], dtype=np.int64)  # taus stay referenced for the call
+    parallel_ranges(_merge_chunks, nchunks, addrs, taus[0], bits[0], abs_mask, exp_mask, thr, strict, tie_start,
+                    tie_budget, all_keep, scale, w, before, by_count, zero_pos, gmaj, divisor, lam, nchunks, out,
+                    want_gamma_sum, gsum, bad)
+    return int(gsum.sum()), int(bad.sum())
 
 
-@njit(parallel=True, cache=True)
-def _l1_norms(x, xb, abs_mask, thr, strict, tie_start, tie_budget, all_keep, nchunks):
-    """(‖τ‖₁, ‖τ̂‖₁) of one task in float64 (for mergekit's L1 rescale)."""
+@njit(cache=True, nogil=True)
+def _l1_chunks(x, xb, abs_mask, thr, strict, tie_start, tie_budget, all_keep, nchunks, acc, c_lo, c_hi):
+    """Chunks [c_lo, c_hi) of ``_l1_norms``: acc[c] = (Σ|τ|, Σ|τ̂|) over chunk c."""
     n = x.size
-    acc = np.zeros((nchunks, 2), dtype=np.float64)
-    for c in prange(nchunks):
+    for c in range(c_lo, c_hi):
         seen = tie_start[c]
         total = 0.0
         kept = 0.0
@@ -241,7 +282,18 @@ def _l1_norms(x, xb, abs_mask, thr, strict, tie_start, tie_budget, all_keep, nch
                 seen += 1
         acc[c, 0] = total
         acc[c, 1] = kept
-    return acc.sum(axis=0)
+
+
+def _l1_norms(x, xb, abs_mask, thr, strict, tie_start, tie_budget, all_keep, nchunks):
+    """(‖τ‖₁, ‖τ̂‖₁) of one task in float64 (for mergekit's L1 rescale): per-chunk sums, then the
+    chunk sums added in chunk order."""
+    acc = np.zeros((nchunks, 2), dtype=np.float64)
+    parallel_ranges(_l1_chunks, nchunks, x, xb, abs_mask, thr, strict, tie_start, tie_budget, all_keep, nchunks, acc)
+    before = after = 0.0
+    for c in range(nchunks):
+        before += float(acc[c, 0])
+        after += float(acc[c, 1])
+    return before, after
 
 
 def _stack(task_vectors: Any) -> tuple[list[np.ndarray], tuple[int, ...]]:
