@@ -17,13 +17,6 @@ import numpy as np
 
 from refimpl import _checks, lora, precision
 from refimpl.quant import QuantState, dequantize_4bit
-from refimpl.quant.blockwise import float_input_array
-
-
-def _float64(value: Any, name: str) -> np.ndarray:
-    """Any float array (bfloat16 included) as float64; lists become float64 arrays."""
-    arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float64)
-    return float_input_array(arr, name).astype(np.float64)
 
 
 def dequantized_weight(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
@@ -55,10 +48,7 @@ def forward(
     ``profile`` only matters for the sign of FP4's zero (defaults to the state's).
     """
     W = dequantized_weight(packed, state, profile=profile)
-    b = None if bias is None else _float64(bias, "bias")
-    mask = None if dropout_mask is None else _float64(dropout_mask, "dropout_mask")
-    return lora.forward(_float64(x, "x"), W, _float64(A, "A"), _float64(B, "B"), scaling,
-                        bias=b, dropout_mask=mask, dropout_p=dropout_p)
+    return lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p)
 
 
 def forward_error_bound(
@@ -83,11 +73,11 @@ def forward_error_bound(
                  + [(1+γ_K)(1+γ_r)(1+u)⁴ − 1] · |s| · (|x| |A|ᵀ) |B|ᵀ,   γ_n of ``accumulate``.
     """
     W = dequantized_weight(packed, state, profile=profile)
-    ax, aA, aB = np.abs(_float64(x, "x")), np.abs(_float64(A, "A")), np.abs(_float64(B, "B"))
+    ax, aA, aB = (np.abs(_checks.float_array(v, name)) for v, name in ((x, "x"), (A, "A"), (B, "B")))
     K, r = W.shape[1], aA.shape[0]
     base = ax @ np.abs(W).T
     if bias is not None:
-        base = base + np.abs(_float64(bias, "bias"))
+        base = base + np.abs(_checks.float_array(bias, "bias"))
     s = abs(_checks.real(scaling, "scaling"))
     acc = dtype if accumulate is None else accumulate
     u = precision.unit_roundoff(dtype)

@@ -60,10 +60,8 @@ def _nonfinite_mode(nonfinite: Any, profile: str) -> str:
 
 
 def float_input_array(x: Any, name: str) -> np.ndarray:
-    """x as a non-empty NumPy array of dtype float32, float16, bfloat16 or float64 (not converted).
-
-    (Local check: ``_checks.float_array`` rejects bfloat16, whose dtype kind is 'V'.)
-    """
+    """x as a non-empty NumPy array of dtype float32, float16, bfloat16 or float64 (not converted;
+    NaN/inf are left to the profile's special-value rules, which ``_checks.float_array`` would reject)."""
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if np.dtype(arr.dtype) not in _INPUT_DTYPES:
         raise TypeError(f"{name}: expected a float32, float16 or bfloat16 array (float64: reference profile "

@@ -49,7 +49,6 @@ from refimpl.kernels.numba_cpu._bits import bf16_to_f32, f16_to_f32, f32_to_bf16
 from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.kernels.numba_cpu.lora import lora_branch_add
 from refimpl.quant import QuantState
-from refimpl.quant.blockwise import float_input_array
 
 
 @njit(cache=True, inline="always")
@@ -305,13 +304,6 @@ GEMM_MIN_ROWS = 4
 _TILE_ROWS = 256
 
 
-def _float64(value: Any, name: str) -> np.ndarray:
-    """Any float array (bfloat16 included) as float64, finite values only (as the reference)."""
-    arr = float_input_array(value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float64),
-                            name).astype(np.float64)
-    return _checks.float_array(arr, name, convert=False)
-
-
 _NO_U8 = np.zeros(1, dtype=np.uint8)
 _NO_F32 = np.zeros(1, dtype=np.float32)
 
@@ -349,7 +341,7 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
     if len(state.shape) != 2:
         raise ValueError(f"state: expected a 2-D (out_features, in_features) weight, got shape {state.shape}")
     n_out, k_in = state.shape
-    xx = _float64(x, "x")
+    xx = _checks.float_array(x, "x")
     if xx.ndim < 1 or xx.shape[-1] != k_in:
         raise ValueError(f"x: expected shape (..., {k_in}), got shape {xx.shape}")
     p = np.asarray(packed)
@@ -397,10 +389,10 @@ def forward(
     y = dequant_matmul(x, packed, state, profile=profile)
     n_out = state.shape[0]
     if bias is not None:
-        b = _float64(bias, "bias")
+        b = _checks.float_array(bias, "bias")
         _checks.check_shape(b, "bias", (n_out,))
         y += b
-    xx = _float64(x, "x")
-    mask = None if dropout_mask is None else _float64(dropout_mask, "dropout_mask")
-    lora_branch_add(y, xx, _float64(A, "A"), _float64(B, "B"), scaling, mask, dropout_p)
+    xx = _checks.float_array(x, "x")
+    mask, p = _checks.keep_mask(dropout_mask, dropout_p, xx.shape)
+    lora_branch_add(y, xx, _checks.float_array(A, "A"), _checks.float_array(B, "B"), scaling, mask, p)
     return y
