@@ -335,7 +335,6 @@ def qlora_forward(
     reference's weight for float32 and float64 states; float16/bfloat16 states (rounded Ŵ) raise
     NotImplementedError, as does ``dropout_mask``.
     """
-    from refimpl.qlora import _float64
     from refimpl.quant.state import PROFILES
 
     st = _quant_state(state)
@@ -345,17 +344,17 @@ def qlora_forward(
         _checks.choice(profile, "profile", PROFILES)
     p = _packed(packed, st)
     out_f, in_f = st.shape
-    xx = _checks.float_array(_float64(x, "x"), "x", ndim=range(1, 33))
+    xx = _checks.float_array(x, "x", ndim=range(1, 33))
     if xx.shape[-1] != in_f:
         raise ValueError(f"x: expected a last axis of size in = {in_f}, got shape {xx.shape}")
-    a = _checks.float_array(_float64(A, "A"), "A", ndim=2)
-    b = _checks.float_array(_float64(B, "B"), "B", ndim=2)
+    a = _checks.float_array(A, "A", ndim=2)
+    b = _checks.float_array(B, "B", ndim=2)
     _checks.check_shape(a, "A", (None, in_f))
     _checks.check_shape(b, "B", (out_f, a.shape[0]))
     if a.shape[0] > min(in_f, out_f):
         raise ValueError(f"A: rank r = {a.shape[0]} must be at most min(in, out) = {min(in_f, out_f)}")
     s = _checks.real(scaling, "scaling")
-    bb = None if bias is None else _bias(_float64(bias, "bias"), out_f)
+    bb = _bias(bias, out_f)
     _no_dropout(dropout_mask, dropout_p, xx.shape)
     if st.dtype not in ("float32", "float64"):
         raise NotImplementedError(f"state.dtype: the CuPy QLoRA kernels use the float32 weight f32(code·absmax); "
