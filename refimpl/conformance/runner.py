@@ -51,6 +51,7 @@ class CaseResult:
     snippet: str = ""
     divergence: str = ""
     seconds: float = 0.0
+    classes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -200,6 +201,35 @@ class _Checker:
                                   snippet="" if v.passed else self.snip(case, f"golden vector {label}: {v.message}")))
         return out
 
+    def boundary(self) -> list[CaseResult]:
+        """Every boundary case of the row, expected from the reference in this run."""
+        cases = self.spec.boundary() if self.spec.boundary else []
+        if not cases:
+            return [CaseResult(self.spec.name, "boundary", "*", SKIP, "no boundary cases for this op")]
+        out = []
+        for b in cases:
+            case = self.prepare(b.case)
+            try:
+                exp = self.expected(case)
+            except Exception as exc:
+                out.append(CaseResult(self.spec.name, "boundary", b.label, FAIL,
+                                      f"the reference rejected a boundary case (a table bug): "
+                                      f"{type(exc).__name__}: {exc}", n_cases=1, classes=list(b.classes)))
+                continue
+            try:
+                act = self.actual(case)
+            except Exception as exc:
+                out.append(CaseResult(self.spec.name, "boundary", b.label, FAIL,
+                                      f"target raised {type(exc).__name__}: {exc}", n_cases=1,
+                                      classes=list(b.classes), snippet=self.snip(case, f"boundary case {b.label}")))
+                continue
+            v = compare(self.spec.tolerance, act, exp, case, self.dtype)
+            out.append(CaseResult(self.spec.name, "boundary", b.label, PASS if v.passed else FAIL, v.message,
+                                  worst_ratio=v.worst_ratio, n_cases=1, classes=list(b.classes),
+                                  snippet="" if v.passed else self.snip(case, f"boundary case {b.label}: "
+                                                                              f"{v.message}")))
+        return out
+
     def properties(self, examples: int) -> CaseResult:
         from hypothesis import HealthCheck, Verbosity, given, settings
 
@@ -335,6 +365,8 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
                 new = [chk.shapes()]
             elif tier == "golden":
                 new = chk.golden(vdir)
+            elif tier == "boundary":
+                new = chk.boundary()
             elif tier == "properties":
                 if progress:
                     say(f"  properties {spec.name} ...")

@@ -23,7 +23,7 @@ import numpy as np
 from refimpl.conformance.tolerance import Exact, Tolerance
 
 #: The tiers, in the order the runner takes them (array-api-tests' idea: root causes first).
-TIERS = ("names", "shapes", "golden", "properties", "special")
+TIERS = ("names", "shapes", "golden", "boundary", "properties", "special")
 
 Case = dict[str, Any]
 
@@ -35,6 +35,17 @@ class Special:
 
     label: str
     case: Case
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A deterministic case placed where kernels go wrong (a tail block, a threshold ±1 ulp, an
+    option value); ``classes`` names the op's equivalence classes it exercises. The expected
+    result is the reference's, computed in the run."""
+
+    label: str
+    case: Case
+    classes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,11 @@ class OpSpec:
     tiers: tuple[str, ...] = TIERS
     #: the reference's own validation rejects these (arguments that a target must reject too)
     nonfinite_args: tuple[str, ...] = ()
+    #: the equivalence classes of the input domain a kernel can get wrong, "<kind>: <what>" with kind one of
+    #: shape, dtype, option, value (e.g. "shape: tail block", "value: threshold ±1 ulp"); every class is hit
+    #: by at least one boundary case in every run
+    classes: tuple[str, ...] = ()
+    boundary: Callable[[], list[Boundary]] | None = None
 
     @property
     def module(self) -> str:
@@ -80,6 +96,13 @@ class OpSpec:
         if self.golden is None:
             raise LookupError(f"{self.name}: no golden cases")
         return dict(self.golden(np.random.default_rng(0))[0][1])
+
+
+#: Public functions of the reference modules that are not array ops and so have no row, with the reason.
+#: Every other public callable of ``refimpl.<module>`` for the modules below must have a row
+#: (tests/test_conformance_coverage.py); a target that provides an op without a row is reported unchecked.
+OP_MODULES = ("lora", "dora", "quant", "qlora", "merging")
+NOT_OPS: dict[str, str] = {}
 
 
 def _families() -> list[str]:
