@@ -34,7 +34,14 @@ def describe(x: Any) -> str:
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
-    """Convert array-likes (lists, DLPack-capable arrays, torch tensors) to NumPy."""
+    """Convert array-likes (lists, DLPack-capable arrays, torch tensors) to NumPy.
+
+    Masked arrays and ``np.matrix`` are refused: a mask would be dropped silently (a masked NaN
+    would pass the finite check) and a matrix keeps 2-D shapes under indexing and reductions.
+    """
+    if isinstance(x, (np.ma.MaskedArray, np.matrix)):
+        raise TypeError(f"{name}: expected a plain array, got {type(x).__name__} (convert it first, e.g. "
+                        f"np.asarray(x) or x.filled(...))")
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):

@@ -6,13 +6,16 @@
     refimpl lab ...        (forwarded to refimpl.lab.cli.main)
     refimpl memory ...     (forwarded to refimpl.memory.main)
 
-``conform`` exits 0 only when every case that is not a known divergence passes.
+``conform`` exits 0 (CONFORMS) only when every selected tier ran, every equivalence class was hit
+and every case that is not a known divergence passed; 1 DOES NOT CONFORM, 2 usage or input error,
+3 internal error of refimpl, 4 INCOMPLETE, 5 NOTHING CHECKED.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -32,6 +35,9 @@ def _forward(module: str, argv: list[str]) -> int:
 
 
 def _conform(args: argparse.Namespace) -> int:
+    # a module:object target in the working directory resolves as it would under `python -m`
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     from refimpl.conformance import report, runner
     from refimpl.conformance.table import TIERS
 
@@ -41,33 +47,54 @@ def _conform(args: argparse.Namespace) -> int:
         print(f"refimpl conform: --tiers: expected names from {', '.join(TIERS)}, got {', '.join(bad)}",
               file=sys.stderr)
         return 2
+    for kind, path in args.report or []:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            print(f"refimpl conform: --report {kind} {path}: the folder {parent} does not exist or is not writable",
+                  file=sys.stderr)
+            return 2
+    if args.reproducers and os.path.exists(args.reproducers) and not os.path.isdir(args.reproducers):
+        print(f"refimpl conform: --reproducers {args.reproducers}: not a folder", file=sys.stderr)
+        return 2
+    examples = max(args.examples, runner.THOROUGH_EXAMPLES) if args.thorough else args.examples
     try:
-        res = runner.run(args.target, args.ops, examples=args.examples, tiers=tiers,
+        res = runner.run(args.target, args.ops, examples=examples, tiers=tiers,
                          divergences=args.divergences or None, vectors_dir=args.vectors_dir,
-                         progress=None if args.quiet else runner.stderr_progress)
+                         progress=None if args.quiet or not sys.stderr.isatty() else runner.stderr_progress,
+                         timeout=args.timeout,
+                         isolate=not args.no_isolate, budget=args.budget)
     except (ValueError, TypeError) as exc:
         print(f"refimpl conform: {exc}", file=sys.stderr)
         return 2
-    print(report.terminal(res))
+    print(report.terminal(res, coverage=args.coverage))
+    if args.reproducers:
+        from refimpl.conformance.reproducers import write_reproducers
+
+        for path in write_reproducers(res, args.reproducers):
+            print(f"wrote reproducer {path}", file=sys.stderr)
     for kind, path in args.report or []:
         if kind == "json":
             report.write_json(res, path)
         else:
             report.write_junit(res, path)
         print(f"wrote {kind} report to {path}", file=sys.stderr)
-    return 0 if res.ok else 1
+    return res.exit_code
 
 
 def _vectors(args: argparse.Namespace) -> int:
     from refimpl.conformance import vectors
 
     t0 = time.perf_counter()
-    if args.action == "generate":
-        info = vectors.generate(args.dir)
-        print(f"wrote {info['files']} golden vectors for {info['ops']} ops ({info['total_bytes']} bytes) "
-              f"to {info['directory']} in {time.perf_counter() - t0:.1f} s")
-        return 0
-    problems = vectors.verify(args.dir)
+    try:  # a refused folder, a full disk, an unreadable file: one line and exit 2, never a traceback
+        if args.action == "generate":
+            info = vectors.generate(args.dir)
+            print(f"wrote {info['files']} golden vectors for {info['ops']} ops ({info['total_bytes']} bytes) "
+                  f"to {info['directory']} in {time.perf_counter() - t0:.1f} s")
+            return 0
+        problems = vectors.verify(args.dir)
+    except (ValueError, OSError) as exc:
+        print(f"refimpl vectors {args.action}: {exc}", file=sys.stderr)
+        return 2
     if problems:
         for p in problems:
             print(f"MISMATCH {p}")
@@ -117,6 +144,83 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a crash of refimpl itself is one line on stderr and exit 3, never a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("refimpl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"refimpl: internal error: {type(exc).__name__}: {exc} (a bug in refimpl: please report it; "
+              "REFIMPL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        if os.environ.get("REFIMPL_TRACEBACK"):
+            raise
+        return 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``refimpl`` argument parser (lab and memory forward their own arguments)."""
+    import refimpl
+
+    parser = argparse.ArgumentParser(prog="refimpl", description="Reference implementation and test oracle "
+                                     "for LoRA, DoRA, NF4/FP4 (QLoRA) and adapter merging.",
+                                     epilog="exit codes: 0 success; 1 a check failed; 2 usage or input error; "
+                                            "3 internal error; conform also 4 INCOMPLETE, 5 NOTHING CHECKED "
+                                            "(refimpl conform --help)")
+    parser.add_argument("--version", action="version",
+                        version=f"refimpl {refimpl.__version__} (spec {refimpl.SPEC_VERSION})")
+    sub = parser.add_subparsers(dest="command", required=True, help="the sub-command (each has its own --help)")
+
+    p = sub.add_parser("conform", help="check an implementation against the reference, tier by tier",
+                       description="Check an implementation against the reference, tier by tier (names, shapes, "
+                                   "golden, boundary, properties, special).",
+                       epilog="exit codes: 0 CONFORMS; 1 DOES NOT CONFORM (a case failed); 2 usage or input error; "
+                              "3 internal error of refimpl; 4 INCOMPLETE (a selected tier did not run, an "
+                              "equivalence class was never hit, or the target provides an op that has no row); "
+                              "5 NOTHING CHECKED (the target provides none of the selected ops)")
+    p.add_argument("--target", default="auto",
+                   help="numpy, numba, cupy, peft, bitsandbytes, mergekit, auto (fastest built-in kernels, "
+                        "else numpy) or module:object (default: auto)")
+    p.add_argument("--ops", default=None, help="comma-separated globs over op names, e.g. 'quant.*,lora.forward'")
+    p.add_argument("--examples", type=int, default=25, help="Hypothesis examples per op (default 25)")
+    p.add_argument("--tiers", default=None,
+                   help="comma-separated subset of names,shapes,golden,boundary,properties,special")
+    p.add_argument("--report", nargs=2, action="append", metavar=("json|junit", "PATH"),
+                   help="also write a report (repeatable)")
+    p.add_argument("--divergences", action="append", metavar="TOML", help="extra known-divergences file")
+    p.add_argument("--vectors-dir", default=None, help="golden vectors directory (default spec/vectors/v1)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress on stderr (progress is shown only when stderr is a terminal)")
+    p.add_argument("--coverage", action="store_true", help="print equivalence classes x boundary cases that hit them")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one call of the target may take before it counts as hung (default 60)")
+    p.add_argument("--budget", type=float, default=0.0, metavar="SECONDS",
+                   help="after the default tiers, spend this many seconds on freshly seeded random examples")
+    p.add_argument("--thorough", action="store_true",
+                   help=f"a long run: at least {1000} Hypothesis examples per op")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run the target in this process (no protection against exits, crashes and hangs)")
+    p.add_argument("--reproducers", metavar="DIR", default=None,
+                   help="write a standalone script in the peer's own API for each failure or modelled divergence "
+                        "of a built-in peer (for upstream issues)")
+
+    v = sub.add_parser("vectors", help="golden vectors: generate or verify spec/vectors/v1",
+                       description="Generate or verify the golden vectors (safetensors + MANIFEST.json).",
+                       epilog="exit codes: 0 success; 1 verify found a mismatch; 2 usage error")
+    v.add_argument("action", choices=("generate", "verify"),
+                   help="generate: write the vectors the reference produces; verify: compare the files with them")
+    v.add_argument("--dir", default=None, help="directory (default spec/vectors/v1)")
+
+    sub.add_parser("info", help="versions, the LoRA self-check, conformance ops and available targets",
+                   description="Versions, the LoRA self-check, conformance ops and available targets.",
+                   epilog="exit codes: 0 self-check passed; 1 it failed")
+    sub.add_parser("lab", help="the teaching lab (arguments forwarded to refimpl.lab.cli)")
+    sub.add_parser("memory", help="parameter and memory accounting (arguments forwarded to refimpl.memory)")
+
+    return parser
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # lab and memory own their arguments: forward everything after the sub-command
     if argv and argv[0] == "lab":
@@ -124,31 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "memory":
         return _forward("refimpl.memory", argv[1:])
 
-    parser = argparse.ArgumentParser(prog="refimpl", description="Reference implementation and test oracle "
-                                     "for LoRA, DoRA, NF4/FP4 (QLoRA) and adapter merging.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("conform", help="check an implementation against the reference, tier by tier")
-    p.add_argument("--target", default="auto",
-                   help="numpy, numba, cupy, peft, bitsandbytes, mergekit, auto (fastest built-in kernels, "
-                        "else numpy) or module:object (default: auto)")
-    p.add_argument("--ops", default=None, help="comma-separated globs over op names, e.g. 'quant.*,lora.forward'")
-    p.add_argument("--examples", type=int, default=25, help="Hypothesis examples per op (default 25)")
-    p.add_argument("--tiers", default=None, help="comma-separated subset of names,shapes,golden,properties,special")
-    p.add_argument("--report", nargs=2, action="append", metavar=("json|junit", "PATH"),
-                   help="also write a report (repeatable)")
-    p.add_argument("--divergences", action="append", metavar="TOML", help="extra known-divergences file")
-    p.add_argument("--vectors-dir", default=None, help="golden vectors directory (default spec/vectors/v1)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-
-    v = sub.add_parser("vectors", help="golden vectors: generate or verify spec/vectors/v1")
-    v.add_argument("action", choices=("generate", "verify"))
-    v.add_argument("--dir", default=None, help="directory (default spec/vectors/v1)")
-
-    sub.add_parser("info", help="versions, the LoRA self-check, conformance ops and available targets")
-    sub.add_parser("lab", help="the teaching lab (arguments forwarded to refimpl.lab.cli)")
-    sub.add_parser("memory", help="parameter and memory accounting (arguments forwarded to refimpl.memory)")
-
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "conform":
         for kind, _ in args.report or []:

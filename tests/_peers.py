@@ -24,3 +24,42 @@ def require(module: str) -> ModuleType:
         if os.environ.get("REFIMPL_REQUIRE_PEERS") == "1":
             pytest.fail(reason + " [REFIMPL_REQUIRE_PEERS=1]")
         pytest.skip(reason)
+
+
+def bnb_dequantize_expected(packed, state, profile_output=None):
+    """What bitsandbytes' CPU ``dequantize_4bit`` must return for ``state`` on this host, and the path it takes.
+
+    On the paths the ``bitsandbytes-cpu`` profile states (C++ scalar loop, torch fallback for an odd last
+    dimension) that is refimpl's own ``dequantize_4bit`` (``profile_output`` when given); on the AVX-512
+    kernel and the AVX-512 blocksize >= 2048 fallback it is the known divergence's model
+    (refimpl/conformance/peers/bnb_paths.py), so any difference the model does not explain fails.
+    """
+    from refimpl import quant
+    from refimpl.conformance.peers import bnb_paths
+
+    path = bnb_paths.dequantize_path(tuple(state.shape), int(state.blocksize))
+    if path in bnb_paths.PROFILE_PATHS:
+        out = quant.dequantize_4bit(packed, state) if profile_output is None else profile_output
+        return out, path
+    return bnb_paths.peer_dequantize(packed, state, path), path
+
+
+class PathTally:
+    """Counts bitsandbytes dequantize paths (and the cases where a path's output differs from the profile)
+    for a test's printed summary."""
+
+    def __init__(self) -> None:
+        self.cases: dict[str, int] = {}
+        self.divergent: dict[str, int] = {}
+
+    def add(self, path: str, differs_from_profile: bool = False) -> None:
+        self.cases[path] = self.cases.get(path, 0) + 1
+        self.divergent[path] = self.divergent.get(path, 0) + bool(differs_from_profile)
+
+    def line(self) -> str:
+        from refimpl.conformance.peers import bnb_paths
+
+        parts = [f"{bnb_paths.LABELS[p]} {n}" + (f" ({self.divergent[p]} differ from the profile, reproduced "
+                                                  f"by the divergence model)" if self.divergent[p] else "")
+                 for p, n in self.cases.items()]
+        return "bitsandbytes dequantize paths: " + ", ".join(parts) + "; " + "; ".join(bnb_paths.host_lines())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 import refimpl.lora as lora
 from refimpl.conformance import TIERS, get_target, op_table, report, run
 from refimpl.conformance import divergences as div
-from refimpl.conformance.runner import ABSENT, FAIL, PASS, SKIP, XFAIL
+from refimpl.conformance.runner import ABSENT, FAIL, NA, PASS, SKIP, XFAIL
 from refimpl.conformance.targets import NamespaceTarget, ReferenceTarget
 
 
@@ -50,7 +53,7 @@ def test_missing_op_is_absent_and_blocks_later_tiers():
     res = run(NamespaceTarget("partial", {"lora.delta": lora.delta}), "lora.delta,lora.merge", examples=3)
     assert res.ok
     assert res.cell("lora.merge", "names")[0] == ABSENT
-    assert all(res.cell("lora.merge", t)[0] == SKIP for t in TIERS[1:])
+    assert all(res.cell("lora.merge", t)[0] == "-" for t in TIERS[1:])  # nothing to run, nothing to vouch for
     assert res.cell("lora.delta", "properties")[0] == PASS
 
 
@@ -61,7 +64,7 @@ def test_wrong_output_shape_fails_the_shapes_tier_and_stops_there():
     res = run(NamespaceTarget("t", {"lora.delta": transposed_delta}), "lora.delta", examples=3)
     assert not res.ok
     assert res.cell("lora.delta", "shapes")[0] == FAIL
-    assert all(res.cell("lora.delta", t)[0] == SKIP for t in ("golden", "properties", "special"))
+    assert all(res.cell("lora.delta", t)[0] == NA for t in ("golden", "boundary", "properties", "special"))
     assert "shape" in res.failures[0].message
 
 
@@ -217,12 +220,26 @@ def test_pytest_plugin_turns_each_op_and_tier_into_a_test_item(tmp_path):
     if not registered:
         cmd[3:3] = ["-p", "refimpl.conformance.pytest_plugin"]
     env = {**__import__("os").environ, "PYTHONPATH": f"{root}{__import__('os').pathsep}{tmp_path}"}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    # under xdist (as CI suites run) each worker runs only its items' ops; the summary table still appears
+    parallel = ["-n", "2", "--dist", "loadgroup"] if importlib.util.find_spec("xdist") else []
+    proc = subprocess.run([*cmd, *parallel], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     out = proc.stdout
     assert proc.returncode == 1, out[-2000:]
     assert "refimpl::planted_target:TARGET::lora.scaling::properties" in out
     assert "reproduce with:" in out and "refimpl conformance: planted_target:TARGET" in out
-    assert "3 failed" in out and "passed" in out
+    failed = re.findall(r"^FAILED (\S+)", out, flags=re.M)
+    assert len(failed) >= 3 and all("lora.scaling" in f for f in failed), failed
+    assert "passed" in out
+    # collection runs nothing: --collect-only lists one item per op and tier at once
+    t0 = time.perf_counter()
+    listed = subprocess.run([*cmd, "--collect-only"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert time.perf_counter() - t0 < 30 and "12 tests collected" in listed.stdout, listed.stdout[-800:]
+    assert listed.stdout.count("::refimpl::planted_target:TARGET::") == 12
+    # -k selects items by op and tier; only the selected op runs
+    sel = subprocess.run([*cmd, "-k", "lora and delta and golden"], cwd=tmp_path, capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert sel.returncode == 0 and "1 passed, 11 deselected" in sel.stdout, sel.stdout[-800:]
 
 
 def test_target_returning_torch_tensors_is_converted_through_dlpack():

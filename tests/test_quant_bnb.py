@@ -4,6 +4,12 @@ The matrix: nf4/fp4 × float32/float16/bfloat16 × blocksizes 32, 64, 128, 256, 
 off/on × shapes with tail blocks, odd lengths, 1-D and 2-D × normal, uniform, heavy-tailed data and
 values within 3 ulp of every threshold. Compared bit for bit: packed codes, the whole serialized state
 (absmax or its 8-bit codes, nested absmax, offset, code maps, JSON) and the dequantized output.
+
+bitsandbytes dequantizes on one of three CPU paths chosen by the host's instruction set, the last
+dimension and the blocksize (refimpl/conformance/peers/bnb_paths.py). Where it takes the C++ scalar loop
+or the torch fallback for an odd last dimension, its output must equal refimpl's profile; where it takes
+the AVX-512 kernel (or the AVX-512 blocksize >= 2048 fallback), it must equal the known divergence's model
+bit for bit. Each test prints the paths it exercised; on a host without AVX-512 it says so.
 """
 
 from __future__ import annotations
@@ -13,14 +19,18 @@ import numpy as np
 import pytest
 
 from refimpl import quant
+from refimpl.conformance.peers import bnb_paths
 from refimpl.quant import codebooks
-from tests._peers import require
+from tests._peers import PathTally, bnb_dequantize_expected, require
 
 pytestmark = pytest.mark.peers
 
 DTYPES = ("float32", "float16", "bfloat16")
 BLOCKSIZES = (32, 64, 128, 256, 4096)
 SHAPES = ((7,), (12345,), (33, 129), (1000, 77), (385, 1024))
+# run for every (dtype, blocksize, nested) on top of SHAPES: (130, 200) takes the C++ scalar loop on every host
+# (200 % 16 != 0); (96, 80) the AVX-512 kernel where the host has it (rows of 80 are not whole blocks)
+PATH_SHAPES = ((130, 200), (96, 80))
 KINDS = ("normal", "uniform", "heavy", "near_threshold")
 _NP = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
        "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -107,7 +117,8 @@ def bnb():
     torch._dynamo.config.disable = previous
 
 
-def compare_one(torch, F, x: np.ndarray, quant_type: str, blocksize: int, nested: bool) -> dict[str, int]:
+def compare_one(torch, F, x: np.ndarray, quant_type: str, blocksize: int, nested: bool,
+                tally: PathTally | None = None) -> dict[str, int]:
     xt = to_torch(torch, x)
     packed_t, state_t = F.quantize_4bit(xt, blocksize=blocksize, compress_statistics=nested,
                                         quant_type=quant_type)
@@ -120,7 +131,11 @@ def compare_one(torch, F, x: np.ndarray, quant_type: str, blocksize: int, nested
     for key in theirs:
         out["state:" + key.split(".")[-1]] = _bits_equal(theirs[key], ours[key])
     deq_t = to_numpy(F.dequantize_4bit(packed_t, state_t)).reshape(x.shape)  # (1, n) quirk: #2047
-    out["dequantized"] = _bits_equal(deq_t, quant.dequantize_4bit(packed, state))
+    ours = quant.dequantize_4bit(packed, state)
+    expected, path = bnb_dequantize_expected(packed, state, ours)
+    out["dequantized"] = _bits_equal(deq_t, expected)
+    if tally is not None:
+        tally.add(path, _bits_equal(deq_t, ours) > 0)
     return out
 
 
@@ -131,23 +146,37 @@ def test_byte_exact_matrix_against_bitsandbytes_cpu(bnb, quant_type):
     elements = 0
     mismatches: dict[str, int] = {}
     failures = []
-    combo = 0
+    combo = tensors = 0
+    tally = PathTally()
     for dtype in DTYPES:
         for blocksize in BLOCKSIZES:
             for nested in (False, True):
                 for j, kind in enumerate(KINDS):
                     shape = SHAPES[(combo + j) % len(SHAPES)]
                     x = make_data(kind, shape, quant_type, dtype, blocksize, rng)
-                    result = compare_one(torch, F, x, quant_type, blocksize, nested)
+                    result = compare_one(torch, F, x, quant_type, blocksize, nested, tally)
                     elements += x.size
+                    tensors += 1
+                    for key, count in result.items():
+                        mismatches[key] = mismatches.get(key, 0) + count
+                        if count and len(failures) < 5:
+                            failures.append((dtype, blocksize, nested, kind, shape, key, count))
+                for i, shape in enumerate(PATH_SHAPES):
+                    kind = KINDS[(combo + i) % len(KINDS)]
+                    x = make_data(kind, shape, quant_type, dtype, blocksize, rng)
+                    result = compare_one(torch, F, x, quant_type, blocksize, nested, tally)
+                    elements += x.size
+                    tensors += 1
                     for key, count in result.items():
                         mismatches[key] = mismatches.get(key, 0) + count
                         if count and len(failures) < 5:
                             failures.append((dtype, blocksize, nested, kind, shape, key, count))
                 combo += 1
-    print(f"\n[{quant_type}] bitsandbytes-cpu byte-exact matrix: {elements} elements in {combo * len(KINDS)} "
+    print(f"\n[{quant_type}] bitsandbytes-cpu byte-exact matrix: {elements} elements in {tensors} "
           f"tensors; mismatches: " + ", ".join(f"{k}={v}" for k, v in sorted(mismatches.items())))
+    print(tally.line())
     assert elements >= 10_000_000
+    assert bnb_paths.SCALAR in tally.cases  # the profile's own rules are checked on every host
     assert sum(mismatches.values()) == 0, f"first mismatches (dtype, bs, nested, kind, shape, item, count): {failures}"
 
 
@@ -162,14 +191,19 @@ def test_special_values_match_bitsandbytes_cpu(bnb):
         "tiny_fp4_values": np.concatenate([[1.0], np.linspace(-1 / 300, 1 / 300, 63)]).astype(np.float32),
     }
     rows["nan_in_tail"] = np.concatenate([np.full(64, 0.5), [0.25, np.nan], np.ones(42)]).astype(np.float32)
+    tally = PathTally()
     for name, x in rows.items():
-        for dtype in DTYPES:
-            with np.errstate(over="ignore"):
-                xd = x.astype(_NP[dtype])
-            for quant_type in ("nf4", "fp4"):
-                for nested in (False, True):
-                    result = compare_one(torch, F, xd, quant_type, 64, nested)
-                    assert sum(result.values()) == 0, (name, dtype, quant_type, nested, result)
+        for shape in (x.shape, (2, x.size // 2), (x.size // 16, 16)):  # 1-D, then rows of x.size / 2 and 16
+            if int(np.prod(shape)) != x.size:
+                continue
+            for dtype in DTYPES:
+                with np.errstate(over="ignore"):
+                    xd = x.astype(_NP[dtype]).reshape(shape)
+                for quant_type in ("nf4", "fp4"):
+                    for nested in (False, True):
+                        result = compare_one(torch, F, xd, quant_type, 64, nested, tally)
+                        assert sum(result.values()) == 0, (name, shape, dtype, quant_type, nested, result)
+    print("\n" + tally.line())
 
 
 def test_blockwise_8bit_cpu_lookup_rule_matches_bitsandbytes(bnb):
@@ -210,7 +244,9 @@ def test_quant_state_dict_round_trips_through_bitsandbytes(bnb):
         as_torch = {k: torch.from_numpy(v) for k, v in state.to_bnb_dict().items()}
         state_t = F.QuantState.from_dict(as_torch, device="cpu")
         deq_t = to_numpy(F.dequantize_4bit(torch.from_numpy(packed), state_t))
-        assert _bits_equal(deq_t.reshape(x.shape), quant.dequantize_4bit(packed, state)) == 0
+        expected, path = bnb_dequantize_expected(packed, state)  # (96, 80): rows are not whole blocks
+        print(f"\nnested={nested}: bitsandbytes took the {bnb_paths.LABELS[path]} path")
+        assert _bits_equal(deq_t.reshape(x.shape), expected) == 0
         back = quant.QuantState.from_bnb_dict({"weight." + k: to_numpy(v)
                                                for k, v in state_t.as_dict(packed=True).items()})
         assert _bits_equal(quant.dequantize_4bit(packed, back), quant.dequantize_4bit(packed, state)) == 0

@@ -5,6 +5,8 @@ paste-able Python snippet."""
 from __future__ import annotations
 
 import dataclasses
+import keyword
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,50 +73,144 @@ def _float_literal(v: float) -> str:
     return repr(float(v))
 
 
+def _dtype_literal(dt: np.dtype) -> str:
+    """``np.<name>`` for NumPy's own scalar types, else ``np.dtype('<str>')`` (both from data, never raw text)."""
+    if dt.name.isidentifier() and getattr(np, dt.name, None) is dt.type:
+        return f"np.{dt.name}"
+    return f"np.dtype({dt.str!r})"
+
+
 def _array_literal(a: np.ndarray) -> str:
     dt = a.dtype
     if dt == np.dtype(ml_dtypes.bfloat16):
         return f"np.array({_nested(a.astype(np.float64))}).astype(ml_dtypes.bfloat16)"
     if dt.kind == "f":
-        return f"np.array({_nested(a.astype(np.float64))}, dtype=np.{dt.name})"
-    return f"np.array({np.asarray(a).tolist()!r}, dtype=np.{dt.name})"
+        return f"np.array({_nested(a.astype(np.float64))}, dtype={_dtype_literal(dt)})"
+    if dt.kind in "biu":
+        return f"np.array({np.asarray(a).tolist()!r}, dtype={_dtype_literal(dt)})"
+    return f"np.array({_literal(np.asarray(a).tolist(), set())}, dtype={_dtype_literal(dt)})"
 
 
 def _nested(a: np.ndarray) -> str:
     if a.ndim == 0:
         return _float_literal(float(a))
     if a.size == 0:
-        return f"np.zeros({a.shape})"
+        return f"np.zeros({tuple(int(n) for n in a.shape)!r})"
     return "[" + ", ".join(_nested(row) for row in a) + "]"
 
 
-def literal(v: Any) -> str:
-    """Python source that rebuilds ``v`` exactly (float64 repr round-trips)."""
+def rng_from_state(state: Mapping[str, Any]) -> np.random.Generator:
+    """A NumPy Generator in exactly the given ``bit_generator.state`` (how a snippet rebuilds a case's rng)."""
+    name = state.get("bit_generator") if isinstance(state, Mapping) else None
+    cls = getattr(np.random, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, np.random.BitGenerator)):
+        raise ValueError(f"state: expected a NumPy bit generator state, got {state!r}")
+    bg = cls()
+    bg.state = dict(state)
+    return np.random.Generator(bg)
+
+
+def _qualified(cls: type, imports: set[str]) -> str | None:
+    """``module.Class`` for a refimpl class whose name is plain identifiers, recording the import; else None."""
+    module, name = cls.__module__, cls.__qualname__
+    parts = [*module.split("."), *name.split(".")]
+    if module.split(".")[0] != "refimpl" or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
+        return None
+    imports.add(module)
+    return f"{module}.{name}"
+
+
+def _placeholder(v: Any) -> str:
+    """A string literal standing in for a value that has no source form (never its repr as code)."""
+    return repr(f"<no literal for {type(v).__qualname__}: {reprlib.repr(v)}>")
+
+
+def _literal(v: Any, imports: set[str]) -> str:
+    """Python source for ``v``, built from its data; modules the expression needs are added to ``imports``."""
+    if v is None or isinstance(v, (bool, int, str, bytes, complex)):
+        return repr(v)  # the repr of these types is a literal: a newline in a str is written as \n
+    if isinstance(v, float):
+        return _float_literal(v)
     if isinstance(v, np.ndarray):
         return _array_literal(v)
     if isinstance(v, np.generic):
-        return literal(v.item())
-    if isinstance(v, float):
-        return _float_literal(v)
+        return _literal(v.item(), imports)
+    if isinstance(v, np.dtype):
+        return f"np.dtype({v.str!r})"
+    if isinstance(v, np.random.Generator):
+        seed = getattr(v, "seed", None)  # rows_lora.SeededRng: prints as the seed it was made from
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return f"np.random.default_rng({int(seed)!r})"
+        imports.add("refimpl.conformance._values")
+        return f"refimpl.conformance._values.rng_from_state({_literal(v.bit_generator.state, imports)})"
     if hasattr(v, "to_bnb_dict") and hasattr(v, "profile"):  # refimpl.quant.QuantState
-        items = ", ".join(f"{k!r}: {literal(t)}" for k, t in v.to_bnb_dict().items())
-        return f"refimpl.quant.QuantState.from_bnb_dict({{{items}}}, profile={v.profile!r})"
+        imports.add("refimpl.quant")
+        items = ", ".join(f"{k!r}: {_literal(t, imports)}" for k, t in v.to_bnb_dict().items())
+        offset = getattr(v, "offset", None)
+        extra = ", nonfinite='propagate'" if offset is not None and not np.isfinite(offset) else ""
+        return f"refimpl.quant.QuantState.from_bnb_dict({{{items}}}, profile={str(v.profile)!r}{extra})"
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        name = _qualified(type(v), imports)
+        if name is None:
+            return _placeholder(v)
+        fields = ", ".join(f"{f.name}={_literal(getattr(v, f.name), imports)}" for f in dataclasses.fields(v)
+                           if f.init and f.name.isidentifier() and not keyword.iskeyword(f.name))
+        return f"{name}({fields})"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{_literal(k, imports)}: {_literal(x, imports)}" for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
-        body = ", ".join(literal(x) for x in v)
+        body = ", ".join(_literal(x, imports) for x in v)
         return f"[{body}]" if isinstance(v, list) else f"({body}{',' if len(v) == 1 else ''})"
-    return repr(v)
+    return _placeholder(v)
+
+
+def literal(v: Any) -> str:
+    """Python source that rebuilds ``v`` exactly (float64 repr round-trips).
+
+    Every piece is built from data with ``repr`` of a str, int, float or bytes, so no text carried
+    by a value (a label, a message, a key) can become a statement; a value with no source form
+    becomes a string placeholder.
+    """
+    return _literal(v, set())
+
+
+def comment(text: str) -> list[str]:
+    """``text`` as comment lines: every line (any line break Python or str.splitlines knows) starts with
+    "# ", and control characters are escaped, so no part of the text can become code."""
+    lines = str(text).splitlines() or [""]
+    return ["# " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in line) for line in lines]
+
+
+def _is_name(s: Any) -> bool:
+    return isinstance(s, str) and s.isidentifier() and not keyword.iskeyword(s)
 
 
 def snippet(op: str, target: str, case: Mapping[str, Any], note: str = "") -> str:
-    """A Python snippet that reproduces one case: reference vs target, side by side."""
-    module, func = op.rsplit(".", 1)
-    lines = ["import ml_dtypes", "import numpy as np", "import refimpl", f"import refimpl.{module} as ref",
-             "from refimpl.conformance import get_target", ""]
-    if note:
-        lines.insert(0, f"# {note}")
-    for k, v in case.items():
-        lines.append(f"{k} = {literal(v)}")
-    args = ", ".join(f"{k}={k}" for k in case)
-    lines += ["", f"expected = ref.{func}({args})",
-              f"actual = get_target({target!r}).lookup({op!r})({args})"]
+    """A Python snippet that reproduces one case: reference vs target, side by side.
+
+    Code lines are built from data only (``repr`` of names and values, see ``literal``); ``note``,
+    which may carry a target's exception message or a golden vector's case label, is written as
+    sanitized comment lines. Argument names that are not identifiers go through a ``case`` dict.
+    """
+    module, _, func = str(op).rpartition(".")
+    imports: set[str] = set()
+    values = {k: _literal(v, imports) for k, v in case.items()}
+    lines = comment(note) if note else []
+    lines += ["import ml_dtypes", "import numpy as np", "import refimpl"]
+    if module and all(_is_name(p) for p in module.split(".")) and _is_name(func):
+        lines.append(f"import refimpl.{module} as ref")
+        call = f"ref.{func}"
+    else:
+        lines.append("import importlib")
+        call = f"getattr(importlib.import_module('refimpl.' + {module!r}), {func!r})"
+    lines += [f"import {m}" for m in sorted(imports)]
+    lines += ["from refimpl.conformance import get_target", ""]
+    if all(_is_name(k) for k in case):
+        lines += [f"{k} = {src}" for k, src in values.items()]
+        args = ", ".join(f"{k}={k}" for k in case)
+    else:
+        lines.append("case = {" + ", ".join(f"{_literal(k, imports)}: {src}" for k, src in values.items()) + "}")
+        args = "**case"
+    lines += ["", f"expected = {call}({args})",
+              f"actual = get_target({str(target)!r}).lookup({str(op)!r})({args})"]
     return "\n".join(lines)

@@ -2,16 +2,23 @@
 
     pytest --refimpl-target=mypkg.kernels:TARGET [--refimpl-ops='lora.*'] [--refimpl-examples=25]
 
-adds one test item per op and tier (``refimpl::<target>::<op>::<tier>``); a failing item
-shows the failure and the paste-able snippet of its shrunk input; known divergences are
-xfail, absent ops and unavailable rows are skipped. Registered as the ``refimpl`` entry
-point in the ``pytest11`` group; without the installed entry point use
-``-p refimpl.conformance.pytest_plugin``. Nothing is collected unless
-``--refimpl-target`` is given.
+Collection creates one test item per op and tier (``refimpl::<target>::<op>::<tier>``, selectable
+with ``-k``) and runs nothing: ``--collect-only`` is instant. The first item of an op runs that op's
+tiers (cached for the op's other items); a failing item shows the failure and the paste-able snippet
+of its shrunk input; a tier that should have run and did not fails (the run cannot vouch for it);
+known divergences are xfail; absent ops and tiers that do not apply are skipped. Under pytest-xdist
+each worker runs only the ops of its items (``--dist loadgroup`` keeps an op's items on one worker),
+and the summary table is built from the items' reports, so it appears under xdist too.
+
+Registered as the ``refimpl`` entry point in the ``pytest11`` group; without the installed entry
+point use ``-p refimpl.conformance.pytest_plugin``. Nothing is collected unless ``--refimpl-target``
+is given.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -28,30 +35,61 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="extra known-divergences TOML file (repeatable)")
 
 
+class _OpRuns:
+    """One conformance run per op, on first use (so collection runs nothing)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.cache: dict[str, Any] = {}
+
+    def results(self, op: str) -> Any:
+        if op not in self.cache:
+            from refimpl.conformance import runner
+
+            c = self.config
+            self.cache[op] = runner.run(c.getoption("--refimpl-target"), op,
+                                        examples=c.getoption("--refimpl-examples"),
+                                        divergences=c.getoption("--refimpl-divergences"))
+        return self.cache[op]
+
+
 class ConformanceItem(pytest.Item):
     """One op × tier of a conformance run."""
 
-    def __init__(self, *, results: list[Any], **kwargs: Any) -> None:
+    def __init__(self, *, op: str, tier: str, runs: _OpRuns, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.results = results
+        self.op, self.tier, self.runs = op, tier, runs
 
     def runtest(self) -> None:
-        from refimpl.conformance.runner import ABSENT, FAIL, SKIP, XFAIL
+        from refimpl.conformance.runner import ABSENT, FAIL, NA, SKIP, XFAIL
 
-        fails = [r for r in self.results if r.status == FAIL]
+        res = self.runs.results(self.op)
+        results = [r for r in res.results if r.op == self.op and r.tier == self.tier]
+        self.user_properties.append(("refimpl", json.dumps({"target": res.target, "op": self.op,
+                                                            "tier": self.tier,
+                                                            "results": [asdict(r) for r in results]},
+                                                           default=str)))
+        if not results:  # an absent op has no later tiers
+            pytest.skip(next((r.message for r in res.results if r.op == self.op), "not run"))
+        # a tier that should have run and did not is a failure: the run cannot vouch for the op
+        fails = [r for r in results if r.status in (FAIL, SKIP)]
+        if self.tier == "boundary":
+            missed = [c for c, n in res.coverage.get(self.op, {}).items() if n == 0]
+            if missed:
+                raise ConformanceFailure(fails, f"equivalence classes never hit: {missed}")
         if fails:
             raise ConformanceFailure(fails)
-        if self.results and all(r.status == XFAIL for r in self.results if r.status not in (SKIP,)) \
-                and any(r.status == XFAIL for r in self.results):
-            pytest.xfail("; ".join(dict.fromkeys(r.divergence for r in self.results if r.status == XFAIL)))
-        if self.results and all(r.status in (SKIP, ABSENT) for r in self.results):
-            pytest.skip(self.results[0].message)
+        if any(r.status == XFAIL for r in results) and all(r.status in (XFAIL, NA) for r in results):
+            pytest.xfail("; ".join(dict.fromkeys(r.divergence for r in results if r.status == XFAIL)))
+        if all(r.status in (NA, ABSENT) for r in results):
+            pytest.skip(results[0].message)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, ConformanceFailure):
-            parts = []
+            parts = [excinfo.value.note] if excinfo.value.note else []
             for r in excinfo.value.results:
-                parts.append(f"[{r.tier}: {r.label}] {r.message}")
+                what = "did not run: " if r.status == "skip" else ""
+                parts.append(f"[{r.tier}: {r.label}] {what}{r.message}")
                 if r.snippet:
                     parts.append("reproduce with:\n" + r.snippet)
             return "\n".join(parts)
@@ -62,35 +100,59 @@ class ConformanceItem(pytest.Item):
 
 
 class ConformanceFailure(AssertionError):
-    def __init__(self, results: list[Any]) -> None:
-        super().__init__(f"{len(results)} failing case(s)")
-        self.results = results
+    def __init__(self, results: list[Any], note: str = "") -> None:
+        super().__init__(note or f"{len(results)} failing case(s)")
+        self.results, self.note = results, note
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     target = config.getoption("--refimpl-target")
     if not target:
         return
-    from refimpl.conformance import runner
+    from refimpl.conformance.table import TIERS, select
 
-    res = runner.run(target, config.getoption("--refimpl-ops"), examples=config.getoption("--refimpl-examples"),
-                     divergences=config.getoption("--refimpl-divergences"))
-    for op in res.ops():
-        for tier in res.settings["tiers"]:
-            rs = [r for r in res.results if r.op == op and r.tier == tier]
-            if rs:
-                items.append(ConformanceItem.from_parent(session, name=f"refimpl::{res.target}::{op}::{tier}",
-                                                         results=rs))
-    config._refimpl_result = res  # for the terminal summary
+    ops = config.getoption("--refimpl-ops")
+    specs = select(ops)
+    if not specs:
+        raise pytest.UsageError(f"--refimpl-ops: no op matches {ops!r}")
+    runs = _OpRuns(config)
+    before = len(items)
+    for spec in specs:
+        for tier in TIERS:
+            item = ConformanceItem.from_parent(session, name=f"refimpl::{target}::{spec.name}::{tier}", op=spec.name,
+                                               tier=tier, runs=runs)
+            item.add_marker(pytest.mark.xdist_group(spec.name))
+            items.append(item)
+    # the items are made here rather than by a collector: count them in "collected N items"
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and hasattr(reporter, "_numcollected"):
+        reporter._numcollected += len(items) - before
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config._refimpl_reports = []  # type: ignore[attr-defined]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call":
+        return
+    for key, value in report.user_properties:
+        if key == "refimpl":
+            _REPORTS.append(json.loads(value))
+
+
+_REPORTS: list[dict[str, Any]] = []
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    res = getattr(config, "_refimpl_result", None)
-    if res is None:
+    if not _REPORTS:
         return
     from refimpl.conformance import report
+    from refimpl.conformance.runner import CaseResult, RunResult
 
-    terminalreporter.section(f"refimpl conformance: {res.target}")
+    target = _REPORTS[0]["target"]
+    results = [CaseResult(**r) for rep in _REPORTS for r in rep["results"]]
+    res = RunResult(target, results, settings={"tiers": sorted({rep["tier"] for rep in _REPORTS},
+                                                                key=[*report.TIERS].index)})
+    terminalreporter.section(f"refimpl conformance: {target}")
     terminalreporter.write_line(report.table(res))
-    for w in res.warnings:
-        terminalreporter.write_line(f"warning: {w}")

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from refimpl.conformance.runner import FAIL, PASS, SKIP, XFAIL, RunResult
+from refimpl.conformance.runner import ABSENT, CONFORMS, FAIL, FAILS, INCOMPLETE, NA, PASS, SKIP, XFAIL, RunResult
 from refimpl.conformance.table import TIERS
 
-_MARK = {"pass": "ok", "fail": "FAIL", "xfail": "xfail", "skip": "skip", "absent": "absent", "-": "-"}
+_MARK = {"pass": "ok", "fail": "FAIL", "xfail": "xfail", "skip": "SKIP", "absent": "absent", "n/a": "n/a", "-": "-"}
+_VERDICT_NOTE = {CONFORMS: "", FAILS: "", INCOMPLETE: " (a selected tier did not run or a class was never hit; see "
+                                                       "the gaps above)",
+                 "NOTHING CHECKED": " (the target provides none of the selected ops)"}
 
 
 def table(res: RunResult) -> str:
@@ -38,11 +44,22 @@ def table(res: RunResult) -> str:
     n_fail = len(res.failures)
     n_xfail = sum(r.status == XFAIL for r in res.results)
     n_pass = sum(r.status == PASS for r in res.results)
-    verdict = "CONFORMS" if res.ok else ("DOES NOT CONFORM" if res.failures else
-                                         "NOTHING CHECKED (the target provides none of the selected ops)")
+    for note in res.notes:
+        lines.append(f"note: {note}")
+    gaps = res.gaps
+    if gaps:
+        lines.append(f"gaps ({len(gaps)}): the run cannot vouch for these")
+        lines += [f"  {g}" for g in gaps[:40]]
+        if len(gaps) > 40:
+            lines.append(f"  ... and {len(gaps) - 40} more (see the JSON report)")
+    n_classes = sum(len(h) for h in res.coverage.values())
+    n_hit = sum(1 for h in res.coverage.values() for v in h.values() if v)
     lines.append("")
-    lines.append(f"target {res.target}: {verdict} — {n_pass} passed, {n_fail} failed, "
-                 f"{n_xfail} known divergences, in {res.seconds:.1f} s")
+    subset = [t for t in TIERS if t not in res.settings.get("tiers", TIERS)]
+    scope = f" on tiers {', '.join(res.settings['tiers'])} only" if subset else ""
+    lines.append(f"target {res.target}: {res.verdict}{scope}{_VERDICT_NOTE.get(res.verdict, '')} — {n_pass} passed, "
+                 f"{n_fail} failed, {n_xfail} known divergences; {n_hit} of {n_classes} equivalence classes hit; "
+                 f"in {res.seconds:.1f} s")
     return "\n".join(lines)
 
 
@@ -59,12 +76,26 @@ def failures_text(res: RunResult, limit: int = 20) -> str:
 
 
 def divergences_text(res: RunResult) -> str:
-    seen = dict.fromkeys(r.divergence for r in res.results if r.status == XFAIL)
-    return "\n".join(f"known divergence: {d}" for d in seen)
+    counts: dict[str, int] = {}
+    for r in res.results:
+        if r.status == XFAIL:
+            counts[r.divergence] = counts.get(r.divergence, 0) + max(1, r.n_cases)
+    return "\n".join(f"known divergence ({n} case{'s' if n != 1 else ''}): {d}" for d, n in counts.items())
 
 
-def terminal(res: RunResult) -> str:
-    parts = [table(res)]
+def coverage_text(res: RunResult) -> str:
+    """Equivalence classes × boundary cases that hit them, per op."""
+    lines = ["coverage: equivalence classes hit by the boundary tier"]
+    for op, hits in res.coverage.items():
+        n_hit = sum(1 for v in hits.values() if v)
+        lines.append(f"{op}: {n_hit} of {len(hits)} classes hit")
+        lines += [f"  {'hit ' if v else 'MISS'} {v:>3}  {c}" for c, v in hits.items()]
+    return "\n".join(lines)
+
+
+def terminal(res: RunResult, *, coverage: bool = False) -> str:
+    parts = [coverage_text(res)] if coverage else []
+    parts.append(table(res))
     if res.failures:
         parts.append(failures_text(res))
     div = divergences_text(res)
@@ -75,33 +106,99 @@ def terminal(res: RunResult) -> str:
     return "\n\n".join(parts)
 
 
+#: Version of the JSON report's layout (docs/report.md); bumped on any change a reader must know about.
+JSON_SCHEMA_VERSION = "2"
+
+
+def versions() -> dict[str, str | None]:
+    """refimpl, spec, Python, numpy and peer versions (None where a package is not installed)."""
+    import importlib.metadata
+    import platform
+
+    import numpy as np
+
+    import refimpl
+
+    out: dict[str, str | None] = {"refimpl": refimpl.__version__, "spec": refimpl.SPEC_VERSION,
+                                  "python": platform.python_version(), "numpy": np.__version__}
+    for dist in ("numba", "torch", "peft", "bitsandbytes", "mergekit", "hypothesis", "cupy-cuda13x"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def to_json(res: RunResult) -> dict[str, Any]:
+    """The JSON report (layout: docs/report.md)."""
+    return {"schema_version": JSON_SCHEMA_VERSION, "versions": versions(), **res.to_dict()}
+
+
 def write_json(res: RunResult, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(res.to_dict(), indent=1, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(to_json(res), indent=1, default=str) + "\n"
+    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _junit_time(seconds: float) -> str:
+    return f"{max(0.0, seconds):.3f}"
 
 
 def write_junit(res: RunResult, path: str | Path) -> None:
-    """JUnit XML: one testsuite per tier, one testcase per op × case."""
-    root = ET.Element("testsuites", name=f"refimpl conform --target {res.target}",
-                      tests=str(len(res.results)), failures=str(len(res.failures)), time=f"{res.seconds:.3f}")
-    for tier in res.settings.get("tiers", TIERS):
-        rs = [r for r in res.results if r.tier == tier]
-        suite = ET.SubElement(root, "testsuite", name=f"{res.target}.{tier}", tests=str(len(rs)),
-                              failures=str(sum(r.status == FAIL for r in rs)),
-                              skipped=str(sum(r.status not in (PASS, FAIL) for r in rs)),
-                              time=f"{sum(r.seconds for r in rs):.3f}")
-        for r in rs:
-            tc = ET.SubElement(suite, "testcase", classname=f"{res.target}.{tier}.{r.op}", name=r.label,
-                               time=f"{r.seconds:.3f}")
-            if r.status == FAIL:
-                f = ET.SubElement(tc, "failure", message=r.message[:500])
-                f.text = r.message + ("\n\nreproduce with:\n" + r.snippet if r.snippet else "")
-            elif r.status == XFAIL:
-                ET.SubElement(tc, "skipped", message=f"known divergence: {r.divergence}")
-            elif r.status != PASS:
-                ET.SubElement(tc, "skipped", message=f"{r.status}: {r.message}")
-            elif r.message:
-                ET.SubElement(tc, "system-out").text = r.message
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    """JUnit XML (Jenkins junit-10 layout): one testsuite per op, one testcase per op × tier.
+
+    A testcase fails when any of its cases failed (each failure is one <failure> with its snippet), is
+    skipped when the tier did not apply, and passes otherwise; known divergences are listed in its
+    system-out. A tier that should have run and did not is an <error>: the run cannot vouch for it.
+    """
+    tiers = [t for t in TIERS if t in res.settings.get("tiers", TIERS)]
+    root = ET.Element("testsuites", name=f"refimpl conform --target {res.target}", time=_junit_time(res.seconds))
+    n_tests = n_fail = n_err = 0
+    for op in res.ops():
+        suite = ET.SubElement(root, "testsuite", name=f"{res.target}.{op}")
+        s_tests = s_fail = s_err = s_skip = 0
+        for tier in tiers:
+            rs = [r for r in res.results if r.op == op and r.tier == tier]
+            if not rs:
+                continue
+            s_tests += 1
+            tc = ET.SubElement(suite, "testcase", classname=f"refimpl.{res.target}.{op}", name=f"{op} {tier}",
+                               time=_junit_time(sum(r.seconds for r in rs)))
+            fails = [r for r in rs if r.status == FAIL]
+            skipped = [r for r in rs if r.status == SKIP]
+            for r in fails:
+                f = ET.SubElement(tc, "failure", type="mismatch", message=f"{r.label}: {r.message}"[:500])
+                f.text = f"[{r.label}] {r.message}" + ("\n\nreproduce with:\n" + r.snippet if r.snippet else "")
+            for r in skipped:
+                ET.SubElement(tc, "error", type="not run", message=f"{r.label}: did not run: {r.message}"[:500])
+            if not fails and not skipped and all(r.status in (NA, ABSENT) for r in rs):
+                ET.SubElement(tc, "skipped", message=rs[0].message[:500])
+                s_skip += 1
+            lines = [f"{r.status:<6} {r.label}: {r.message}" + (f" [known divergence: {r.divergence}]"
+                                                                if r.status == XFAIL else "") for r in rs]
+            ET.SubElement(tc, "system-out").text = "\n".join(lines)
+            s_fail += bool(fails)
+            s_err += bool(skipped) and not fails
+        suite.set("tests", str(s_tests))
+        suite.set("failures", str(s_fail))
+        suite.set("errors", str(s_err))
+        suite.set("skipped", str(s_skip))
+        suite.set("time", _junit_time(sum(r.seconds for r in res.results if r.op == op)))
+        n_tests, n_fail, n_err = n_tests + s_tests, n_fail + s_fail, n_err + s_err
+    root.set("tests", str(n_tests))
+    root.set("failures", str(n_fail))
+    root.set("errors", str(n_err))
+    _atomic_write(path, lambda p: ET.ElementTree(root).write(p, encoding="utf-8", xml_declaration=True))
 
 
-__all__ = ["SKIP", "divergences_text", "failures_text", "table", "terminal", "write_json", "write_junit"]
+__all__ = ["JSON_SCHEMA_VERSION", "SKIP", "coverage_text", "divergences_text", "failures_text", "table", "terminal",
+           "to_json", "versions", "write_json", "write_junit"]

@@ -1,17 +1,31 @@
-"""Op rows for refimpl.lora (spec/lora.md; LoRA arXiv 2106.09685, rsLoRA arXiv 2312.03732)."""
+"""Op rows for refimpl.lora (spec/lora.md; LoRA arXiv 2106.09685, rsLoRA arXiv 2312.03732).
+
+Each row lists the equivalence classes of its input domain (``classes``) and deterministic boundary cases
+that hit every class in every run (``boundary``). A boundary case's classes are computed from the case
+itself (``_linear_classes`` and friends), so a label can never claim a class the case does not reach.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from refimpl.conformance.table import Case, OpSpec, Special, abs_case
+from refimpl.conformance.table import TIERS, Boundary, Case, OpSpec, Special, abs_case
 from refimpl.conformance.tolerance import Bounded, Exact
 
 _SCALINGS_EXACT = (0.25, 0.5, 1.0, 2.0)  # powers of two keep golden products exact
 _P_EXACT = (0.0, 0.5, 0.75)  # 1/(1-p) is a power of two
+#: input dtypes the reference accepts (it computes in float64 whatever it is given)
+_DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: storage formats of merge / unmerge's ``dtype=`` option (refimpl.precision.DTYPES)
+_MERGE_DTYPES = (None, "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+#: Public functions of refimpl.lora that are not array ops (none: every one has a row).
+NOT_OPS: dict[str, str] = {}
 
 
 def _ref(name: str):
@@ -26,10 +40,47 @@ def _flat(result: Any) -> dict[str, np.ndarray]:
     return flatten(result)
 
 
+def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a`` stored in ``dtype`` (one rounding); the reference reads it back exactly."""
+    from refimpl.precision import DTYPES
+
+    return a if dtype == "float64" else a.astype(DTYPES[dtype])
+
+
+def _dtype_name(a: Any) -> str:
+    return str(np.asarray(a).dtype)
+
+
+class SeededRng(np.random.Generator):
+    """A PCG64 Generator that prints as ``np.random.default_rng(seed)``, so a failing case's snippet
+    rebuilds the same draws (randomness is an input of init and dropout_mask)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(np.random.PCG64(seed))
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"np.random.default_rng({self.seed})"
+
+
+@dataclass(frozen=True)
+class _RowWithoutVectors(OpSpec):
+    """A row whose inputs cannot be stored as golden vectors (a Generator): it has no golden tier, and its
+    canonical example is its first boundary case."""
+
+    def example(self) -> Case:
+        return dict(self.boundary()[0].case)
+
+
+_NO_GOLDEN = tuple(t for t in TIERS if t != "golden")
+
+
 # ---------------------------------------------------------------------------- strategies
 
 
-def _linear_strategy(*, grad: bool = False, with_x: bool = True, merged: bool = False):
+def _linear_strategy(*, grad: bool = False, with_x: bool = True, merged: bool = False, options: bool = False):
+    """Linear-layer cases; every option value is drawn (fan_in_fan_out, bias, mask, p, the input dtype, the
+    backward flags and, with ``options``, merge's storage dtype and safe flag)."""
     from hypothesis import strategies as st
 
     from refimpl.conformance import strategies as rs
@@ -39,20 +90,21 @@ def _linear_strategy(*, grad: bool = False, with_x: bool = True, merged: bool = 
         n_in, n_out = draw(rs.dims(1, 6)), draw(rs.dims(1, 6))
         r = draw(st.integers(1, min(n_in, n_out)))
         fifo = draw(st.booleans())
+        dt = draw(st.sampled_from(_DTYPES))
         case: Case = {}
         if with_x:
-            lead = tuple(draw(st.lists(rs.dims(1, 3), min_size=1, max_size=2)))
-            case["x"] = draw(rs.float_arrays((*lead, n_in)))
+            lead = tuple(draw(st.lists(rs.dims(1, 3), min_size=0, max_size=2)))
+            case["x"] = _cast(draw(rs.float_arrays((*lead, n_in))), dt)
         wshape = (n_in, n_out) if fifo else (n_out, n_in)
-        case["W_merged" if merged else "W"] = draw(rs.float_arrays(wshape))
-        case["A"] = draw(rs.float_arrays((r, n_in)))
-        case["B"] = draw(rs.float_arrays((n_out, r)))
+        case["W_merged" if merged else "W"] = _cast(draw(rs.float_arrays(wshape)), dt)
+        case["A"] = _cast(draw(rs.float_arrays((r, n_in))), dt)
+        case["B"] = _cast(draw(rs.float_arrays((n_out, r))), dt)
         if grad:
-            case["grad_y"] = draw(rs.float_arrays((*case["x"].shape[:-1], n_out)))
-        case["scaling"] = draw(rs.reals(-4.0, 4.0))
+            case["grad_y"] = _cast(draw(rs.float_arrays((*case["x"].shape[:-1], n_out))), dt)
+        case["scaling"] = draw(st.one_of(rs.reals(-4.0, 4.0), st.sampled_from([0.0, -2.0, 64.0, 128.0])))
         if with_x:
             if not grad and draw(st.booleans()):
-                case["bias"] = draw(rs.float_arrays((n_out,)))
+                case["bias"] = _cast(draw(rs.float_arrays((n_out,))), dt)
             if draw(st.booleans()):
                 case["dropout_mask"] = draw(rs.keep_masks(case["x"].shape))
                 case["dropout_p"] = draw(st.sampled_from([0.0, 0.1, 0.5, 0.75]))
@@ -60,6 +112,10 @@ def _linear_strategy(*, grad: bool = False, with_x: bool = True, merged: bool = 
         if grad:
             case["need_dW"] = draw(st.booleans())
             case["need_dbias"] = draw(st.booleans())
+        if options:
+            case["dtype"] = draw(st.sampled_from(_MERGE_DTYPES))
+            if not merged:
+                case["safe"] = draw(st.booleans())
         return case
 
     return build()
@@ -70,7 +126,8 @@ def _scaling_strategy():
 
     from refimpl.conformance import strategies as rs
 
-    return st.fixed_dictionaries({"alpha": rs.reals(-64.0, 64.0), "r": st.integers(1, 256),
+    return st.fixed_dictionaries({"alpha": st.one_of(rs.reals(-64.0, 64.0), st.sampled_from([0.0, -16.0, 512.0])),
+                                  "r": st.one_of(st.integers(1, 256), st.sampled_from([1, 4, 16, 64])),
                                   "use_rslora": st.booleans()})
 
 
@@ -83,11 +140,14 @@ def _embedding_strategy():
     def build(draw) -> Case:
         vocab, dim = draw(rs.dims(1, 8)), draw(rs.dims(1, 6))
         r = draw(st.integers(1, min(vocab, dim)))
-        ids_shape = tuple(draw(st.lists(rs.dims(1, 4), min_size=1, max_size=2)))
+        dt = draw(st.sampled_from(_DTYPES))
+        ids_shape = tuple(draw(st.lists(rs.dims(1, 4), min_size=0, max_size=2)))
         ids = np.asarray(draw(st.lists(st.integers(0, vocab - 1), min_size=int(np.prod(ids_shape)),
                                        max_size=int(np.prod(ids_shape)))), dtype=np.int64).reshape(ids_shape)
-        return {"ids": ids, "E": draw(rs.float_arrays((vocab, dim))), "A": draw(rs.float_arrays((r, vocab))),
-                "B": draw(rs.float_arrays((dim, r))), "scaling": draw(rs.reals(-4.0, 4.0))}
+        ids = ids.astype(draw(st.sampled_from([np.int64, np.int32, np.uint16])))
+        return {"ids": ids, "E": _cast(draw(rs.float_arrays((vocab, dim))), dt),
+                "A": _cast(draw(rs.float_arrays((r, vocab))), dt), "B": _cast(draw(rs.float_arrays((dim, r))), dt),
+                "scaling": draw(st.one_of(rs.reals(-4.0, 4.0), st.sampled_from([0.0, -2.0, 64.0])))}
 
     return build()
 
@@ -100,6 +160,66 @@ def _param_count_strategy():
         n_in, n_out = draw(st.integers(1, 8192)), draw(st.integers(1, 8192))
         return {"in_features": n_in, "out_features": n_out, "r": draw(st.integers(1, min(n_in, n_out, 512))),
                 "lora_bias": draw(st.booleans()), "dora": draw(st.booleans())}
+
+    return build()
+
+
+def _init_strategy():
+    from hypothesis import strategies as st
+
+    from refimpl.conformance import strategies as rs
+
+    @st.composite
+    def build(draw) -> Case:
+        method = draw(st.sampled_from(("default", "gaussian", "pissa", "olora")))
+        emb = method in ("default", "gaussian") and draw(st.booleans())
+        fifo = not emb and draw(st.booleans())
+        n_in, n_out = draw(rs.dims(1, 6)), draw(rs.dims(1, 6))
+        dt = draw(st.sampled_from(_DTYPES))
+        w = _cast(draw(rs.float_arrays((n_in, n_out) if fifo else (n_out, n_in))), dt)
+        # PiSSA takes √(S/s): the reference needs α > 0 there (a negative α gives NaN factors)
+        alpha = draw(rs.reals(0.25, 64.0) if method == "pissa" else rs.reals(-64.0, 64.0))
+        return {"W": w, "r": draw(st.integers(1, min(n_in, n_out))), "alpha": alpha, "method": method,
+                "rng": SeededRng(draw(st.integers(0, 2**32 - 1))), "use_rslora": draw(st.booleans()),
+                "fan_in_fan_out": fifo, "embedding": emb}
+
+    return build()
+
+
+def _dropout_mask_strategy():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw) -> Case:
+        shape = tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=3)))
+        p = draw(st.one_of(st.sampled_from([0.0, 0.5, 0.99]), st.floats(0.0, 0.999, allow_subnormal=False)))
+        return {"rng": SeededRng(draw(st.integers(0, 2**32 - 1))), "shape": shape, "p": p}
+
+    return build()
+
+
+_LAYER_NAMES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
+                "lm_head", "q_proj", "model.layers.1.xq_proj")
+_TARGET_KEYS = ("q_proj", "v_proj", "self_attn.k_proj", "up_proj", "lm_head", "proj", "layers.0.mlp.down_proj")
+
+
+def _model_count_strategy():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw) -> Case:
+        names = draw(st.lists(st.sampled_from(_LAYER_NAMES), min_size=1, max_size=6, unique=True))
+        layers = {n: (draw(st.integers(1, 4096)), draw(st.integers(1, 4096))) for n in names}
+        targets: Any = draw(st.one_of(st.just("all-linear"),
+                                      st.lists(st.sampled_from(_TARGET_KEYS), min_size=1, max_size=4, unique=True)))
+        hit = [n for n in names if targets == "all-linear" or any(n == k or n.endswith("." + k) for k in targets)]
+        if not hit:  # the reference rejects a target list that matches nothing: add an exact name
+            targets = [*targets, names[0]]
+            hit = [names[0]]
+        r = draw(st.integers(1, min(min(layers[n]) for n in hit)))
+        return {"layers": layers, "r": r, "target_modules": targets, "lora_bias": draw(st.booleans()),
+                "dora": draw(st.booleans())}
 
     return build()
 
@@ -158,9 +278,17 @@ def _reduction(case: Case) -> tuple[int, int, int, int]:
     return n_in, n_out, r, n_rows
 
 
+def _f64(case: Case) -> Case:
+    """The case with every floating array (bfloat16 included, which NumPy does not call floating) in float64."""
+    from refimpl.precision import DTYPES
+
+    low = {DTYPES[d] for d in _DTYPES}
+    return {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype in low else v) for k, v in case.items()}
+
+
 def _magnitude_of(name: str, **renames: str):
     def mag(case: Case) -> dict[str, np.ndarray]:
-        c = abs_case(case)
+        c = abs_case(_f64(case))
         for old, new in renames.items():
             c[new] = c.pop(old)
         return _flat(_ref(name)(**c))
@@ -193,6 +321,541 @@ def _specials(name: str, array_args: tuple[str, ...], example) -> list[Special]:
     return out
 
 
+# ---------------------------------------------------------------------------- equivalence classes
+
+_X_CLASSES = ("shape: x 1-D (one row)", "shape: x 2-D", "shape: x 3-D (batch and sequence axes)",
+              "shape: one row", "shape: more than 16 rows (a large-batch kernel path)")
+_W_CLASSES = ("shape: in % 8 != 0 (a remainder after vector width 8)",
+              "shape: in > 16 and in % 16 != 0 (a remainder after vector width 16)",
+              "shape: out % 8 != 0 (a remainder after vector width 8)",
+              "shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)",
+              "shape: in == out (a transposition keeps the shape)", "shape: in != out",
+              "shape: r = 1", "shape: r = min(in, out)")
+_FIFO_CLASSES = ("option: fan_in_fan_out=False", "option: fan_in_fan_out=True")
+_BIAS_CLASSES = ("option: bias given", "option: no bias")
+_DROP_CLASSES = ("option: dropout_mask given (train form)", "option: no dropout_mask (eval form)",
+                 "value: dropout_p = 0 with a mask", "value: dropout_p > 0 (keep factor 1/(1 − p) ≠ 1)")
+_S_CLASSES = ("value: scaling 0", "value: scaling negative", "value: scaling positive, not 1",
+              "value: |scaling| ≥ 64 (large)")
+_DTYPE_CLASSES = tuple(f"dtype: {d} inputs" for d in _DTYPES)
+_GRAD_CLASSES = ("option: need_dW=True", "option: need_dW=False", "option: need_dbias=True",
+                 "option: need_dbias=False")
+_MERGE_CLASSES = tuple(f"option: dtype={d}" for d in _MERGE_DTYPES)
+_SAFE_CLASSES = ("option: safe=True with a storage dtype", "option: safe=False with a storage dtype")
+
+
+def _linear_classes(c: Case) -> tuple[str, ...]:
+    """The classes a linear-layer case (forward, backward, delta, merge, unmerge) belongs to."""
+    out: list[str] = []
+    a = c["A"]
+    r, n_in = a.shape
+    n_out = c["B"].shape[0]
+    if "x" in c:
+        x = c["x"]
+        rows = int(np.prod(x.shape[:-1]))
+        out.append({1: _X_CLASSES[0], 2: _X_CLASSES[1]}.get(x.ndim, _X_CLASSES[2]))
+        if rows == 1:
+            out.append(_X_CLASSES[3])
+        if rows > 16:
+            out.append(_X_CLASSES[4])
+    if n_in % 8:
+        out.append(_W_CLASSES[0])
+    if n_in > 16 and n_in % 16:
+        out.append(_W_CLASSES[1])
+    if n_out % 8:
+        out.append(_W_CLASSES[2])
+    if n_out > 16 and n_out % 16:
+        out.append(_W_CLASSES[3])
+    out.append(_W_CLASSES[4] if n_in == n_out else _W_CLASSES[5])
+    if r == 1:
+        out.append(_W_CLASSES[6])
+    if r == min(n_in, n_out):
+        out.append(_W_CLASSES[7])
+    out.append(_FIFO_CLASSES[int(bool(c.get("fan_in_fan_out")))])
+    if "x" in c and "grad_y" not in c:
+        out.append(_BIAS_CLASSES[0] if c.get("bias") is not None else _BIAS_CLASSES[1])
+    if "x" in c:
+        if c.get("dropout_mask") is None:
+            out.append(_DROP_CLASSES[1])
+        else:
+            out += [_DROP_CLASSES[0], _DROP_CLASSES[2] if c.get("dropout_p", 0.0) == 0 else _DROP_CLASSES[3]]
+    s = c["scaling"]
+    if s == 0:
+        out.append(_S_CLASSES[0])
+    elif s < 0:
+        out.append(_S_CLASSES[1])
+    elif s != 1:
+        out.append(_S_CLASSES[2])
+    if abs(s) >= 64:
+        out.append(_S_CLASSES[3])
+    out.append(f"dtype: {_dtype_name(a)} inputs")
+    if "need_dW" in c:
+        out += [f"option: need_dW={c['need_dW']}", f"option: need_dbias={c['need_dbias']}"]
+    if "dtype" in c:
+        out.append(f"option: dtype={c['dtype']}")
+        if "safe" in c and c["dtype"] is not None:
+            out.append(_SAFE_CLASSES[0] if c["safe"] else _SAFE_CLASSES[1])
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Lin:
+    """One linear-layer configuration: leading axes of x, widths, rank and options."""
+
+    lead: tuple[int, ...]
+    n_in: int
+    n_out: int
+    r: int
+    fifo: bool = False
+    bias: bool = False
+    p: float | None = None  # None: no dropout mask (eval form)
+    s: float = 0.75
+    dtype: str = "float64"
+
+
+#: Shapes that leave remainders after vector widths 8 and 16, 1/2/3-D x, one row and more than 16 rows,
+#: r = 1 and r = min(in, out), square and non-square W, every option value, every input dtype.
+_LINEAR_CONFIGS = (
+    _Lin((), 6, 5, 1, bias=True),
+    _Lin((1,), 19, 21, 19, fifo=True, p=0.0, s=-1.5),
+    _Lin((2, 3), 40, 33, 4, bias=True, p=0.25, s=2.0),
+    _Lin((33,), 24, 17, 3, fifo=True, bias=True, p=0.5, s=0.5),
+    _Lin((17,), 8, 16, 8, s=128.0),
+    _Lin((3,), 5, 7, 2, bias=True, s=0.0),
+    _Lin((2, 5), 18, 9, 2, p=0.1, dtype="float32"),
+    _Lin((20,), 9, 18, 9, fifo=True, bias=True, dtype="float16", s=-0.625),
+    _Lin((4,), 12, 12, 5, fifo=True, p=0.75, dtype="bfloat16"),
+    _Lin((3, 7), 17, 35, 6, bias=True, p=0.5, s=-80.0),
+    _Lin((2, 2, 5), 12, 12, 12, s=1.25),
+)
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
+    return rng.standard_normal(shape) * scale
+
+
+def _mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A 0/1 keep mask with at least one kept and (where possible) one dropped element."""
+    m = (rng.random(shape) >= 0.5).astype(np.float64)
+    flat = m.reshape(-1)
+    flat[0] = 1.0
+    if flat.size > 1:
+        flat[-1] = 0.0
+    return m
+
+
+def _lin_case(i: int, cfg: _Lin, *, grad: bool = False, with_x: bool = True, merged: bool = False) -> Case:
+    rng = np.random.default_rng(1000 + i)
+    dt = cfg.dtype
+    c: Case = {}
+    if with_x:
+        c["x"] = _cast(_normal(rng, (*cfg.lead, cfg.n_in)), dt)
+    c["W_merged" if merged else "W"] = _cast(_normal(rng, (cfg.n_in, cfg.n_out) if cfg.fifo
+                                                     else (cfg.n_out, cfg.n_in)), dt)
+    c["A"] = _cast(_normal(rng, (cfg.r, cfg.n_in), 0.5), dt)
+    c["B"] = _cast(_normal(rng, (cfg.n_out, cfg.r), 0.5), dt)
+    if grad:
+        c["grad_y"] = _cast(_normal(rng, (*cfg.lead, cfg.n_out)), dt)
+    c["scaling"] = cfg.s
+    if with_x and not grad and cfg.bias:
+        c["bias"] = _cast(_normal(rng, (cfg.n_out,)), dt)
+    if with_x and cfg.p is not None:
+        c["dropout_mask"] = _mask(rng, c["x"].shape)
+        c["dropout_p"] = cfg.p
+    c["fan_in_fan_out"] = cfg.fifo
+    return c
+
+
+def _label(i: int, cfg: _Lin) -> str:
+    x = "x" + "x".join(map(str, (*cfg.lead, cfg.n_in)))
+    drop = "" if cfg.p is None else f"_p{cfg.p:g}"
+    return (f"b{i}_{x}_out{cfg.n_out}_r{cfg.r}_s{cfg.s:g}" + ("_fifo" if cfg.fifo else "") + ("_bias" if cfg.bias
+                                                                                             else "")
+            + drop + (f"_{cfg.dtype}" if cfg.dtype != "float64" else ""))
+
+
+def _bounds_of(cases: list[tuple[str, Case]], classify: Callable[[Case], tuple[str, ...]]) -> list[Boundary]:
+    return [Boundary(label, case, classify(case)) for label, case in cases]
+
+
+def _linear_boundary(kind: str) -> Callable[[], list[Boundary]]:
+    """Boundary cases of a linear-layer op: ``kind`` is delta, forward, backward, merge or unmerge."""
+
+    def build() -> list[Boundary]:
+        cases: list[tuple[str, Case]] = []
+        for i, cfg in enumerate(_LINEAR_CONFIGS):
+            if kind == "forward":
+                c = _lin_case(i, cfg)
+            elif kind == "backward":
+                c = _lin_case(i, cfg, grad=True)
+                c["need_dW"], c["need_dbias"] = i % 2 == 0, i % 3 != 1
+            else:
+                c = _lin_case(i, cfg, with_x=False, merged=kind == "unmerge")
+                if kind == "delta":
+                    c = {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")}
+                elif kind in ("merge", "unmerge"):
+                    c["dtype"] = None
+            cases.append((_label(i, cfg), c))
+        if kind in ("merge", "unmerge"):
+            # every storage dtype (and both merge paths) on a 24 x 40 layer: enough elements that one and two
+            # roundings differ somewhere
+            base = _lin_case(99, _Lin((1,), 40, 24, 4, s=0.625), with_x=False, merged=kind == "unmerge")
+            for dt in _MERGE_DTYPES[1:]:
+                for safe in ((False, True) if kind == "merge" else (None,)):
+                    c = {**base, "dtype": dt}
+                    if safe is not None:
+                        c["safe"] = safe
+                    cases.append((f"dtype_{dt}" + ("" if safe is None else f"_safe{int(safe)}"), c))
+        return _bounds_of(cases, _linear_classes)
+
+    return build
+
+
+def _linear_op_classes(kind: str) -> tuple[str, ...]:
+    w = (*_W_CLASSES, *_FIFO_CLASSES, *_S_CLASSES, *_DTYPE_CLASSES)
+    if kind == "delta":
+        return w
+    if kind in ("merge", "unmerge"):
+        return (*w, *_MERGE_CLASSES, *(_SAFE_CLASSES if kind == "merge" else ()))
+    xs = (*_X_CLASSES, *w, *_DROP_CLASSES)
+    return (*xs, *_BIAS_CLASSES) if kind == "forward" else (*xs, *_GRAD_CLASSES)
+
+
+# ---------------------------------------------------------------------------- scaling, embedding, counts
+
+_SCALING_CLASSES = ("value: r = 1", "value: r a perfect square > 1 (√r exact)", "value: r not a perfect square",
+                    "value: r > 64", "option: use_rslora=False", "option: use_rslora=True", "value: alpha 0",
+                    "value: alpha negative", "value: alpha not a multiple of r")
+
+
+def _scaling_classes(c: Case) -> tuple[str, ...]:
+    a, r = c["alpha"], c["r"]
+    out = [f"option: use_rslora={c['use_rslora']}"]
+    if r == 1:
+        out.append(_SCALING_CLASSES[0])
+    elif math.isqrt(r) ** 2 == r:
+        out.append(_SCALING_CLASSES[1])
+    else:
+        out.append(_SCALING_CLASSES[2])
+    if r > 64:
+        out.append(_SCALING_CLASSES[3])
+    if a == 0:
+        out.append(_SCALING_CLASSES[6])
+    if a < 0:
+        out.append(_SCALING_CLASSES[7])
+    if a % r:
+        out.append(_SCALING_CLASSES[8])
+    return tuple(out)
+
+
+def _scaling_boundary() -> list[Boundary]:
+    cases = [(16.0, 1), (16.0, 4), (24.0, 16), (-16.0, 8), (0.0, 3), (7.0, 3), (64.0, 128), (1.0, 255)]
+    return _bounds_of([(f"alpha{a:g}_r{r}_rs{int(rs)}", {"alpha": a, "r": r, "use_rslora": rs})
+                       for a, r in cases for rs in (False, True)], _scaling_classes)
+
+
+_EMB_CLASSES = ("shape: ids 0-D (one token)", "shape: ids 1-D", "shape: ids 2-D", "shape: more than 16 ids",
+                "value: repeated ids", "value: ids 0 and V − 1 (the table's ends)", "shape: V > d", "shape: V < d",
+                "shape: V == d",
+                "shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)", "shape: r = 1",
+                "shape: r = min(V, d)", *_S_CLASSES, *_DTYPE_CLASSES, "dtype: int64 ids", "dtype: int32 ids",
+                "dtype: unsigned ids")
+
+
+def _embedding_classes(c: Case) -> tuple[str, ...]:
+    ids, E = np.asarray(c["ids"]), c["E"]
+    vocab, dim = E.shape
+    r = c["A"].shape[0]
+    out = [{0: "shape: ids 0-D (one token)", 1: "shape: ids 1-D"}.get(ids.ndim, "shape: ids 2-D")]
+    if ids.size > 16:
+        out.append("shape: more than 16 ids")
+    if np.unique(ids).size < ids.size:
+        out.append("value: repeated ids")
+    if 0 in ids and vocab - 1 in ids:
+        out.append("value: ids 0 and V − 1 (the table's ends)")
+    out.append("shape: V > d" if vocab > dim else "shape: V < d" if vocab < dim else "shape: V == d")
+    if dim > 16 and dim % 16:
+        out.append("shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)")
+    if r == 1:
+        out.append("shape: r = 1")
+    if r == min(vocab, dim):
+        out.append("shape: r = min(V, d)")
+    s = c["scaling"]
+    out += [cls for cls, hit in zip(_S_CLASSES, (s == 0, s < 0, s > 0 and s != 1, abs(s) >= 64), strict=True) if hit]
+    out.append(f"dtype: {_dtype_name(E)} inputs")
+    out.append({"i": "dtype: int64 ids" if ids.dtype == np.int64 else "dtype: int32 ids" if ids.dtype == np.int32
+                else "dtype: other signed ids", "u": "dtype: unsigned ids"}[ids.dtype.kind])
+    return tuple(out)
+
+
+def _embedding_boundary() -> list[Boundary]:
+    configs = [  # (ids shape, V, d, r, scaling, dtype, ids dtype)
+        ((), 7, 5, 1, 0.75, "float64", np.int64),
+        ((9,), 40, 19, 19, -1.5, "float64", np.int32),
+        ((3, 7), 33, 48, 4, 2.0, "float32", np.uint16),
+        ((20,), 6, 35, 6, 0.0, "float16", np.int64),
+        ((2, 2), 12, 12, 3, 96.0, "bfloat16", np.uint8),
+    ]
+    out = []
+    for i, (shape, vocab, dim, r, s, dt, idt) in enumerate(configs):
+        rng = np.random.default_rng(2000 + i)
+        ids = rng.integers(0, vocab, size=shape)
+        if ids.ndim:
+            flat = ids.reshape(-1)
+            flat[0], flat[-1] = 0, vocab - 1
+            if flat.size > 2:
+                flat[1] = flat[-1]  # a repeated id
+        c = {"ids": ids.astype(idt), "E": _cast(_normal(rng, (vocab, dim)), dt),
+             "A": _cast(_normal(rng, (r, vocab), 0.5), dt), "B": _cast(_normal(rng, (dim, r), 0.5), dt), "scaling": s}
+        out.append((f"b{i}_ids{'x'.join(map(str, shape)) or '0d'}_V{vocab}_d{dim}_r{r}_s{s:g}_{dt}", c))
+    return _bounds_of(out, _embedding_classes)
+
+
+_COUNT_CLASSES = ("option: lora_bias=False", "option: lora_bias=True", "option: dora=False", "option: dora=True",
+                  "shape: r = 1", "shape: r = min(in, out)", "shape: in != out", "shape: in == out")
+
+
+def _count_classes(c: Case) -> tuple[str, ...]:
+    i, o, r = c["in_features"], c["out_features"], c["r"]
+    out = [f"option: lora_bias={c['lora_bias']}", f"option: dora={c['dora']}",
+           "shape: in != out" if i != o else "shape: in == out"]
+    if r == 1:
+        out.append("shape: r = 1")
+    if r == min(i, o):
+        out.append("shape: r = min(in, out)")
+    return tuple(out)
+
+
+def _count_boundary() -> list[Boundary]:
+    cases = [(4096, 4096, 8, False, False), (10, 6, 6, True, True), (1, 7, 1, True, False), (768, 3072, 1, False, True),
+             (5, 5, 5, False, True)]
+    return _bounds_of([(f"in{i}_out{o}_r{r}_bias{int(b)}_dora{int(d)}",
+                        {"in_features": i, "out_features": o, "r": r, "lora_bias": b, "dora": d})
+                       for i, o, r, b, d in cases], _count_classes)
+
+
+_MODEL_CLASSES = ("option: target_modules='all-linear'", "option: target_modules a list",
+                  "value: a key matching a dotted suffix", "value: a key equal to a whole name",
+                  "value: a key inside a name but not after a dot (no match)", "value: a multi-part key",
+                  *_COUNT_CLASSES[:4], "shape: r = min(in, out) of a matched layer")
+
+
+def _model_classes(c: Case) -> tuple[str, ...]:
+    t = c["target_modules"]
+    out = [f"option: lora_bias={c['lora_bias']}", f"option: dora={c['dora']}"]
+    if t == "all-linear":
+        out.append(_MODEL_CLASSES[0])
+        hit = list(c["layers"])
+    else:
+        out.append(_MODEL_CLASSES[1])
+        names = list(c["layers"])
+        if any(n.endswith("." + k) for n in names for k in t):
+            out.append(_MODEL_CLASSES[2])
+        if any(n == k for n in names for k in t):
+            out.append(_MODEL_CLASSES[3])
+        if any(k in n and not (n == k or n.endswith("." + k)) for n in names for k in t):
+            out.append(_MODEL_CLASSES[4])
+        if any("." in k for k in t):
+            out.append(_MODEL_CLASSES[5])
+        hit = [n for n in names if any(n == k or n.endswith("." + k) for k in t)]
+    if any(c["r"] == min(c["layers"][n]) for n in hit):
+        out.append(_MODEL_CLASSES[-1])
+    return tuple(out)
+
+
+def _model_boundary() -> list[Boundary]:
+    layers = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.k_proj": (16, 64),
+              "model.layers.0.self_attn.v_proj": (16, 64), "model.layers.0.mlp.up_proj": (172, 64),
+              "model.layers.0.mlp.down_proj": (64, 172), "model.layers.1.xq_proj": (8, 64), "lm_head": (100, 64)}
+    cases = [
+        ("all_linear", {"layers": layers, "r": 8, "target_modules": "all-linear", "lora_bias": False, "dora": False}),
+        ("suffix_keys", {"layers": layers, "r": 16, "target_modules": ["q_proj", "v_proj"], "lora_bias": True,
+                         "dora": False}),
+        ("whole_name_and_multipart", {"layers": layers, "r": 4, "target_modules": ["lm_head", "self_attn.k_proj",
+                                                                                  "mlp.down_proj"],
+                                      "lora_bias": False, "dora": True}),
+        ("one_layer", {"layers": {"proj": (3, 5)}, "r": 3, "target_modules": ["proj"], "lora_bias": True,
+                       "dora": True}),
+    ]
+    return _bounds_of(cases, _model_classes)
+
+
+# ---------------------------------------------------------------------------- init
+
+_INIT_CLASSES = ("option: method=default", "option: method=gaussian", "option: method=pissa",
+                 "option: method=olora", "option: embedding=True, method=default",
+                 "option: embedding=True, method=gaussian", "option: fan_in_fan_out=True",
+                 "option: fan_in_fan_out=False", "option: use_rslora=True", "option: use_rslora=False",
+                 "shape: r = 1", "shape: r = min(in, out)", "shape: in > out", "shape: in < out",
+                 "value: s = α/r ≠ 1", "value: alpha negative", *_DTYPE_CLASSES)
+
+
+def _init_classes(c: Case) -> tuple[str, ...]:
+    w = c["W"]
+    emb, fifo = c.get("embedding", False), c.get("fan_in_fan_out", False)
+    out_f, in_f = (w.shape[1], w.shape[0]) if (emb or fifo) else w.shape
+    m = c.get("method", "default")
+    out = [f"option: method={m}", f"option: fan_in_fan_out={fifo}", f"option: use_rslora={c['use_rslora']}",
+           f"dtype: {_dtype_name(w)} inputs"]
+    if emb:
+        out.append(f"option: embedding=True, method={m}")
+    if c["r"] == 1:
+        out.append("shape: r = 1")
+    if c["r"] == min(in_f, out_f):
+        out.append("shape: r = min(in, out)")
+    if in_f != out_f:
+        out.append("shape: in > out" if in_f > out_f else "shape: in < out")
+    s = c["alpha"] / (math.sqrt(c["r"]) if c["use_rslora"] else c["r"])
+    if s != 1:
+        out.append("value: s = α/r ≠ 1")
+    if c["alpha"] < 0:
+        out.append("value: alpha negative")
+    return tuple(out)
+
+
+def _init_boundary() -> list[Boundary]:
+    configs = [  # (method, (out, in), r, alpha, rslora, fifo, emb, dtype)
+        ("pissa", (5, 9), 2, 8.0, False, False, False, "float64"),
+        ("default", (24, 40), 4, 16.0, False, False, False, "float64"),
+        ("default", (33, 19), 1, -8.0, True, True, False, "float32"),
+        ("gaussian", (17, 12), 12, 24.0, False, False, False, "float16"),
+        ("gaussian", (8, 20), 3, 6.0, True, True, False, "bfloat16"),
+        ("default", (6, 35), 6, 12.0, False, False, True, "float64"),   # embedding: W is E (V, d) = (35, 6)
+        ("gaussian", (19, 9), 2, 4.0, False, False, True, "float32"),
+        ("pissa", (20, 12), 12, 6.0, True, True, False, "float64"),
+        ("pissa", (7, 7), 1, 3.0, False, False, False, "bfloat16"),
+        ("olora", (9, 17), 3, 12.0, False, False, False, "float64"),
+        ("olora", (18, 10), 10, -5.0, True, True, False, "float16"),
+        ("olora", (6, 6), 1, 2.0, False, False, False, "float32"),
+    ]
+    out = []
+    for i, (m, (o, n), r, a, rs, fifo, emb, dt) in enumerate(configs):
+        rng = np.random.default_rng(3000 + i)
+        shape = (n, o) if (fifo or emb) else (o, n)
+        w = _normal(rng, shape)
+        if m == "pissa":  # well-separated singular values: the factors are well conditioned (a tight bound)
+            u, _, vh = np.linalg.svd(w, full_matrices=False)
+            w = (u * (2.0 ** -np.arange(u.shape[1]) * 4.0)) @ vh
+        c = {"W": _cast(w, dt), "r": r, "alpha": a, "method": m, "rng": SeededRng(40 + i), "use_rslora": rs,
+             "fan_in_fan_out": fifo, "embedding": emb}
+        out.append((f"b{i}_{m}{'_emb' if emb else ''}{'_fifo' if fifo else ''}_{o}x{n}_r{r}_a{a:g}"
+                    f"{'_rs' if rs else ''}_{dt}", c))
+    return _bounds_of(out, _init_classes)
+
+
+def _golden_init(rng: np.random.Generator) -> list[tuple[str, Case]]:
+    """PiSSA and OLoRA need no random draws (rng is not an input): their cases are stored as vectors."""
+    from refimpl.conformance.strategies import dyadic
+
+    out = []
+    for i, (m, (o, n), r, a, fifo) in enumerate([("pissa", (6, 4), 2, 4.0, False), ("olora", (5, 8), 3, 6.0, True)]):
+        w = dyadic(rng, (n, o) if fifo else (o, n))
+        out.append((f"case{i}_{m}_{o}x{n}_r{r}", {"W": w, "r": r, "alpha": a, "method": m, "use_rslora": False,
+                                                  "fan_in_fan_out": fifo, "embedding": False}))
+    return out
+
+
+def _init_layout(c: Case) -> tuple[np.ndarray, float]:
+    """W in (out, in) layout (float64) and s."""
+    w = np.asarray(c["W"], dtype=np.float64)
+    if c.get("fan_in_fan_out") or c.get("embedding"):
+        w = w.T
+    r = c["r"]
+    s = c["alpha"] / (math.sqrt(r) if c.get("use_rslora") else r)
+    return w, s
+
+
+def _init_depth(c: Case) -> int:
+    w, _ = _init_layout(c)
+    return sum(w.shape) + 8  # a Householder sweep over each dimension, the square root and the divide
+
+
+def _init_magnitude(c: Case) -> dict[str, np.ndarray]:
+    """Per output, |δ| ≤ (γ_K(target) + γ_K(float64)) · magnitude.
+
+    default / gaussian / embedding: the reference's own draws; A = −b + 2b·u (kaiming bound b = 1/√in) and
+    A = σ·z carry a few roundings of |A|, B = z none; W is returned as given (exact).
+    PiSSA (first-order perturbation theory; Wedin): a backward-stable SVD is exact for W + E with
+    ‖E‖₂ ≤ γ_K ‖W‖₂; then |δσ_i| ≤ ‖E‖, the angle of singular vector i is ≤ ‖E‖ / gap_i, and the rank-r
+    part moves by ≤ ‖E‖ (1 + 2σ₁ / gap_r), gap_r = σ_r − σ_{r+1}. A_i = √(σ_i/s) v_iᵀ therefore moves by
+    ≤ ‖E‖ (√(σ_i/|s|) / gap_i + 1 / (2√(σ_i |s|))), B likewise.
+    OLoRA (Stewart/Sun QR perturbation): Householder QR is column-wise backward stable, and the leading r
+    columns' Q_r moves by ≤ 2 κ₂(W[:, :r]) γ_K, R_r = Q_rᵀ W by ≤ 2 κ₂ ‖W‖₂ γ_K, W_res by |s| times that.
+    A zero gap or rank-deficient leading columns give an infinite bound (the factors are not determined).
+    """
+    m = c.get("method", "default")
+    w, s = _init_layout(c)
+    out_f, in_f = w.shape
+    r = c["r"]
+    zero_w = np.zeros_like(np.asarray(c["W"], dtype=np.float64))
+    if m in ("default", "gaussian"):
+        if c.get("embedding"):
+            return {"out.W": zero_w, "out.A": np.zeros((r, in_f)), "out.B": np.zeros((out_f, r))}
+        a = np.full((r, in_f), 4.0 / math.sqrt(in_f)) if m == "default" else np.full((r, in_f), 8.0 / r)
+        return {"out.W": zero_w, "out.A": a, "out.B": np.zeros((out_f, r))}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if m == "pissa":
+            sv = np.linalg.svd(w, compute_uv=False)
+            norm = sv[0]
+            padded = np.concatenate([[np.inf], sv, [0.0]])
+            gaps = np.minimum(padded[:-2] - padded[1:-1], padded[1:-1] - padded[2:])[:r]
+            gap_r = sv[r - 1] - (sv[r] if r < sv.size else 0.0)
+            root = np.sqrt(sv[:r] / abs(s))
+            fac = norm * (root / gaps + 1.0 / (2.0 * np.sqrt(sv[:r] * abs(s))))
+            fac = np.where(np.isfinite(fac), fac, np.inf)
+            w_res = np.full(w.shape, norm * (1.0 + 2.0 * norm / gap_r) if gap_r > 0 else np.inf)
+            a_mag, b_mag = np.repeat(fac[:, None], in_f, axis=1), np.repeat(fac[None, :], out_f, axis=0)
+        else:
+            lead = np.linalg.svd(w[:, :r], compute_uv=False)
+            kappa = lead[0] / lead[-1] if lead[-1] > 0 else np.inf
+            norm = np.linalg.norm(w, 2)
+            a_mag = np.full((r, in_f), 2.0 * kappa * norm)
+            b_mag = np.full((out_f, r), 2.0 * kappa)
+            w_res = np.full(w.shape, norm + abs(s) * 4.0 * kappa * norm)
+    fifo = c.get("fan_in_fan_out")
+    return {"out.W": w_res.T if fifo else w_res, "out.A": a_mag, "out.B": b_mag}
+
+
+# ---------------------------------------------------------------------------- dropout mask
+
+_MASK_CLASSES = ("shape: 1-D", "shape: 2-D", "shape: 3-D", "shape: a zero-length axis (empty mask)",
+                 "shape: more than 16 elements", "value: p = 0 (keep everything)", "value: 0 < p < 1",
+                 "value: p close to 1 (0.99)")
+
+
+def _mask_classes(c: Case) -> tuple[str, ...]:
+    shape, p = c["shape"], c["p"]
+    out = [f"shape: {len(shape)}-D"]
+    if 0 in shape:
+        out.append(_MASK_CLASSES[3])
+    if math.prod(shape) > 16:
+        out.append(_MASK_CLASSES[4])
+    out.append(_MASK_CLASSES[5] if p == 0 else _MASK_CLASSES[7] if p >= 0.99 else _MASK_CLASSES[6])
+    return tuple(out)
+
+
+def _mask_boundary() -> list[Boundary]:
+    cases = [((7,), 0.5), ((33,), 0.0), ((4, 9), 0.25), ((2, 3, 5), 0.99), ((0, 3), 0.5), ((3, 17), 0.1)]
+    return _bounds_of([(f"shape{'x'.join(map(str, sh))}_p{p:g}", {"rng": SeededRng(50 + i), "shape": sh, "p": p})
+                       for i, (sh, p) in enumerate(cases)], _mask_classes)
+
+
+# ---------------------------------------------------------------------------- merge bounds
+
+
+def _merge_magnitude(*, merged: bool = False) -> Callable[[Case], dict[str, np.ndarray]]:
+    """|W| + |s|·|B||A| (merge) or |W'| + |s|·|B||A| (unmerge), before any storage rounding: both sides round
+    the same float64 value into the storage dtype, so the float64 bound applies to the stored results."""
+
+    def mag(case: Case) -> dict[str, np.ndarray]:
+        c = abs_case(_f64({k: v for k, v in case.items() if k not in ("dtype", "safe")}))
+        if merged:
+            c["W"] = c.pop("W_merged")
+        return _flat(_ref("merge")(**c))
+
+    return mag
+
+
 def rows() -> list[OpSpec]:
     def linear_depth(case: Case) -> int:
         n_in, _, r, _ = _reduction(case)
@@ -206,6 +869,7 @@ def rows() -> list[OpSpec]:
         return lambda: dict(_golden_linear(np.random.default_rng(0), **kw)[0][1])
 
     fwd = ("x", "W", "A", "B", "scaling", "bias")
+    init_ex = {"W": np.arange(12.0).reshape(3, 4) - 5.5, "r": 2, "alpha": 4.0, "use_rslora": False}
     return [
         OpSpec(
             "lora.scaling", _scaling_strategy, "alpha finite real, r ≥ 1, use_rslora bool",
@@ -218,6 +882,7 @@ def rows() -> list[OpSpec]:
                               Special("alpha is inf", {"alpha": math.inf, "r": 8, "use_rslora": False}),
                               Special("r is 0", {"alpha": 8.0, "r": 0, "use_rslora": False}),
                               Special("alpha is 0", {"alpha": 0.0, "r": 4, "use_rslora": True})],
+            classes=_SCALING_CLASSES, boundary=_scaling_boundary,
         ),
         OpSpec(
             "lora.delta", lambda: _linear_strategy(with_x=False).map(
@@ -229,6 +894,7 @@ def rows() -> list[OpSpec]:
             specials=lambda: _specials("delta", ("A", "B", "scaling"),
                                        lambda: {k: v for k, v in ex("delta", with_x=False)().items()
                                                 if k in ("A", "B", "scaling", "fan_in_fan_out")}),
+            classes=_linear_op_classes("delta"), boundary=_linear_boundary("delta"),
         ),
         OpSpec(
             "lora.forward", _linear_strategy,
@@ -237,6 +903,7 @@ def rows() -> list[OpSpec]:
             Bounded(linear_depth, _magnitude_of("forward")),
             golden=_golden_linear,
             specials=lambda: _specials("forward", fwd, ex("forward")),
+            classes=_linear_op_classes("forward"), boundary=_linear_boundary("forward"),
         ),
         OpSpec(
             "lora.backward", lambda: _linear_strategy(grad=True),
@@ -244,25 +911,29 @@ def rows() -> list[OpSpec]:
             Bounded(backward_depth, _magnitude_of("backward")),
             golden=lambda rng: _golden_linear(rng, grad=True),
             specials=lambda: _specials("backward", ("x", "W", "A", "B", "grad_y"), ex("backward", grad=True)),
+            classes=_linear_op_classes("backward"), boundary=_linear_boundary("backward"),
         ),
         OpSpec(
-            "lora.merge", lambda: _linear_strategy(with_x=False),
-            "W (out, in) or (in, out) with fan_in_fan_out, A (r, in), B (out, r); float64 result (dtype=None)",
-            Bounded(lambda c: c["A"].shape[0] + 3, _magnitude_of("merge")),
+            "lora.merge", lambda: _linear_strategy(with_x=False, options=True),
+            "W (out, in) or (in, out) with fan_in_fan_out, A (r, in), B (out, r); dtype None (float64 result) or a "
+            "storage format (float32, float16, bfloat16, float8_*), rounded once (safe=False) or twice (safe=True)",
+            Bounded(lambda c: c["A"].shape[0] + 3, _merge_magnitude()),
             golden=lambda rng: _golden_linear(rng, with_x=False),
             specials=lambda: _specials("merge", ("W", "A", "B", "scaling"), ex("merge", with_x=False)),
+            classes=_linear_op_classes("merge"), boundary=_linear_boundary("merge"),
         ),
         OpSpec(
-            "lora.unmerge", lambda: _linear_strategy(with_x=False, merged=True),
-            "as merge, with W_merged in place of W",
+            "lora.unmerge", lambda: _linear_strategy(with_x=False, merged=True, options=True),
+            "as merge, with W_merged in place of W; dtype None or a storage format (round(W' − round(ΔW)))",
             # |W' − ΔW| is bounded by the merge of the absolute values, |W'| + |s|·|B||A|
-            Bounded(lambda c: c["A"].shape[0] + 3, _magnitude_of("merge", W_merged="W")),
+            Bounded(lambda c: c["A"].shape[0] + 3, _merge_magnitude(merged=True)),
             golden=lambda rng: _golden_linear(rng, with_x=False, merged=True),
             specials=lambda: _specials("unmerge", ("W_merged", "A", "B"), ex("unmerge", with_x=False, merged=True)),
+            classes=_linear_op_classes("unmerge"), boundary=_linear_boundary("unmerge"),
         ),
         OpSpec(
             "lora.embedding_forward", _embedding_strategy,
-            "ids integer array in [0, V), E (V, d), A (r, V), B (d, r), r ≤ min(V, d)",
+            "ids integer array (any shape, 0-D included) in [0, V), E (V, d), A (r, V), B (d, r), r ≤ min(V, d)",
             Bounded(lambda c: c["A"].shape[0] + 3, _magnitude_of("embedding_forward")),
             golden=_golden_embedding,
             specials=lambda: [
@@ -270,6 +941,7 @@ def rows() -> list[OpSpec]:
                            lambda: dict(_golden_embedding(np.random.default_rng(0))[0][1])),
                 Special("ids out of range", {**_golden_embedding(np.random.default_rng(0))[0][1],
                                              "ids": np.array([10], dtype=np.int64)})],
+            classes=_EMB_CLASSES, boundary=_embedding_boundary,
         ),
         OpSpec(
             "lora.param_count", _param_count_strategy, "in, out ≥ 1 integers, 1 ≤ r ≤ min(in, out)", Exact(),
@@ -281,5 +953,54 @@ def rows() -> list[OpSpec]:
                                                                "lora_bias": False, "dora": False}),
                               Special("r is 0", {"in_features": 4, "out_features": 3, "r": 0,
                                                  "lora_bias": False, "dora": False})],
+            classes=_COUNT_CLASSES, boundary=_count_boundary,
+        ),
+        OpSpec(
+            "lora.model_param_count", _model_count_strategy,
+            "layers {name: (out, in)} non-empty, 1 ≤ r ≤ min(out, in) of every matched layer, target_modules "
+            "'all-linear' or a list of names (equal, or a suffix after a dot)", Exact(),
+            golden=lambda rng: [(label, c) for label, c in (
+                ("two_of_three", {"layers": {"a.q_proj": (8, 16), "a.v_proj": (8, 16), "a.o_proj": (16, 8)}, "r": 4,
+                                  "target_modules": ["q_proj", "v_proj"], "lora_bias": False, "dora": False}),
+                ("all_linear_dora", {"layers": {"l0.fc": (12, 6), "l1.fc": (6, 12)}, "r": 2,
+                                     "target_modules": "all-linear", "lora_bias": True, "dora": True}))],
+            specials=lambda: [
+                Special("no layer matches", {"layers": {"a.q_proj": (8, 8)}, "r": 2, "target_modules": ["k_proj"]}),
+                Special("target_modules a bare name", {"layers": {"a.q_proj": (8, 8)}, "r": 2,
+                                                       "target_modules": "q_proj"}),
+                Special("r above a matched layer's min(out, in)", {"layers": {"a.q_proj": (8, 2)}, "r": 3,
+                                                                   "target_modules": "all-linear"}),
+                Special("layers empty", {"layers": {}, "r": 2, "target_modules": "all-linear"})],
+            classes=_MODEL_CLASSES, boundary=_model_boundary,
+        ),
+        OpSpec(
+            "lora.init", _init_strategy,
+            "W (out, in) ((in, out) with fan_in_fan_out; the table E (V, d) with embedding), 1 ≤ r ≤ min(in, out), "
+            "alpha finite (> 0 for PiSSA), method default/gaussian/pissa/olora (embedding: default/gaussian), "
+            "rng a numpy Generator (the draws are the reference's)",
+            Bounded(_init_depth, _init_magnitude,
+                    note="draws exact up to their roundings; SVD/QR factors by first-order perturbation bounds with "
+                         "LAPACK's signs (numpy.linalg)"),
+            golden=_golden_init,
+            specials=lambda: [
+                Special("unknown method", {**init_ex, "method": "loftq"}),
+                Special("pissa with alpha 0", {**init_ex, "alpha": 0.0, "method": "pissa"}),
+                Special("embedding with pissa", {**init_ex, "method": "pissa", "embedding": True}),
+                Special("embedding with fan_in_fan_out", {**init_ex, "embedding": True, "fan_in_fan_out": True,
+                                                          "rng": SeededRng(0)}),
+                Special("r above min(in, out)", {**init_ex, "r": 4, "rng": SeededRng(0)}),
+                Special("rng is not a Generator", {**init_ex, "rng": 0}),
+                Special("W has nan", {**init_ex, "W": np.full((3, 4), np.nan), "method": "olora"})],
+            classes=_INIT_CLASSES, boundary=_init_boundary,
+        ),
+        _RowWithoutVectors(
+            "lora.dropout_mask", _dropout_mask_strategy,
+            "rng a numpy Generator, shape a sequence of integers ≥ 0, p in [0, 1): (rng.random(shape) ≥ p) as 0/1",
+            Exact(), tiers=_NO_GOLDEN,
+            specials=lambda: [Special("p is 1", {"rng": SeededRng(0), "shape": (3,), "p": 1.0}),
+                              Special("p negative", {"rng": SeededRng(0), "shape": (3,), "p": -0.1}),
+                              Special("negative length", {"rng": SeededRng(0), "shape": (-1,), "p": 0.5}),
+                              Special("rng is a seed", {"rng": 0, "shape": (3,), "p": 0.5})],
+            classes=_MASK_CLASSES, boundary=_mask_boundary,
         ),
     ]

@@ -5,19 +5,33 @@ partial implementation sees root causes rather than a cascade:
 
 1. ``names``      the target provides a callable for the op;
 2. ``shapes``     on one small case, its result has the reference's outputs, shapes and dtype kinds;
-3. ``golden``     it reproduces the golden vectors in spec/vectors (inputs stored exactly);
-4. ``properties`` differential: on Hypothesis-drawn valid inputs it agrees with the reference
+3. ``golden``     it reproduces the golden vectors in spec/vectors (inputs stored exactly; under a
+                  target's options the expected values are the reference's under those options);
+4. ``boundary``   deterministic cases at the op's equivalence classes (tails, vector-width remainders,
+                  path switches, every option and dtype, thresholds ±1 ulp, ties); every class is hit;
+5. ``properties`` differential: on Hypothesis-drawn valid inputs it agrees with the reference
                   under the op's tolerance model; a failure is shrunk to the smallest input and
                   printed as a paste-able snippet;
-5. ``special``    special values (NaN, ±inf, -0.0, zero factors, out-of-range options): it does
+6. ``special``    special values (NaN, ±inf, -0.0, zero factors, out-of-range options): it does
                   what the reference does, a result or a ValueError/TypeError.
 
-Known divergences (``divergences.py``) turn a matching failure into ``xfail``.
+The verdict is a promise, so it is CONFORMS only when every selected tier ran for every op the
+target provides, every equivalence class was hit, and every provided op has a row. A skipped tier
+or an unchecked op gives INCOMPLETE; a failure gives DOES NOT CONFORM.
+
+Each op runs in a forked worker process (``isolate=True``): a target that exits (``sys.exit``,
+``os._exit``), crashes or hangs past ``timeout`` seconds on one case fails that op, and the run goes on
+in a fresh worker.
+
+Known divergences (``divergences.py``) turn a matching failure into ``xfail``. Built-in entries apply
+to the built-in targets only (by class, not by name). An entry with a ``model`` is accepted only where
+the model reproduces the target's output bit for bit; any other difference stays a failure.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -29,12 +43,19 @@ import numpy as np
 
 from refimpl.conformance import divergences as _div
 from refimpl.conformance._values import flatten, snippet
-from refimpl.conformance.table import TIERS, OpSpec, select
-from refimpl.conformance.targets import Target, get_target
-from refimpl.conformance.tolerance import Verdict, compare
+from refimpl.conformance.isolation import Executor
+from refimpl.conformance.table import TIERS, OpSpec, op_table, select
+from refimpl.conformance.targets import Target, get_target, is_builtin, provided_ops
+from refimpl.conformance.tolerance import Verdict, compare, compare_exact
 
-PASS, FAIL, XFAIL, SKIP, ABSENT = "pass", "fail", "xfail", "skip", "absent"
+PASS, FAIL, XFAIL, SKIP, ABSENT, NA = "pass", "fail", "xfail", "skip", "absent", "n/a"
 DEFAULT_EXAMPLES = 25
+DEFAULT_TIMEOUT = 60.0
+THOROUGH_EXAMPLES = 1000
+
+CONFORMS, FAILS, INCOMPLETE, NOTHING = "CONFORMS", "DOES NOT CONFORM", "INCOMPLETE", "NOTHING CHECKED"
+#: process exit codes of ``refimpl conform`` (2 is a usage or input error, 3 an internal error of refimpl)
+EXIT_CODES = {CONFORMS: 0, FAILS: 1, INCOMPLETE: 4, NOTHING: 5}
 
 
 @dataclass
@@ -52,17 +73,24 @@ class CaseResult:
     divergence: str = ""
     seconds: float = 0.0
     classes: list[str] = field(default_factory=list)
+    reproducer: str = ""
 
 
 @dataclass
 class RunResult:
-    """Everything a run found; ``ok`` is the exit verdict."""
+    """Everything a run found; ``verdict`` is the promise, ``ok`` whether it is CONFORMS."""
 
     target: str
     results: list[CaseResult]
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    #: op -> declared equivalence class -> boundary cases that hit it in this run
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: ops the target provides that have no row (so nothing checked them)
+    unchecked: list[str] = field(default_factory=list)
+    #: lines from the target (e.g. which code path of a peer ran)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[CaseResult]:
@@ -74,18 +102,41 @@ class RunResult:
         return any(r.status == PASS and r.tier != "names" for r in self.results)
 
     @property
+    def gaps(self) -> list[str]:
+        """Why the run is incomplete: skipped tiers of provided ops, classes never hit, unchecked ops."""
+        out = [f"{r.op}: tier {r.tier} did not run ({r.message})" for r in self.results if r.status == SKIP]
+        for op, hits in self.coverage.items():
+            out += [f"{op}: class {c!r} was never hit" for c, n in hits.items() if n == 0]
+        out += [f"{op}: provided by the target but has no row (unchecked)" for op in self.unchecked]
+        return out
+
+    @property
+    def verdict(self) -> str:
+        if self.failures:
+            return FAILS
+        if self.gaps:
+            return INCOMPLETE
+        if not self.checked:
+            return NOTHING
+        return CONFORMS
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    @property
     def ok(self) -> bool:
-        return not self.failures and self.checked
+        return self.verdict == CONFORMS
 
     def ops(self) -> list[str]:
         return list(dict.fromkeys(r.op for r in self.results))
 
     def cell(self, op: str, tier: str) -> tuple[str, float | None, int]:
-        """Aggregated status of one op × tier: fail > xfail > pass > absent > skip; worst ratio; case count."""
+        """Aggregated status of one op × tier: fail > skip > xfail > pass > absent > n/a; worst ratio; case count."""
         rs = [r for r in self.results if r.op == op and r.tier == tier]
         if not rs:
             return "-", None, 0
-        order = [FAIL, XFAIL, PASS, ABSENT, SKIP]
+        order = [FAIL, SKIP, XFAIL, PASS, ABSENT, NA]
         status = min((r.status for r in rs), key=order.index)
         # known divergences are excluded: the column shows how close the conforming cases are
         ratios = [r.worst_ratio for r in rs
@@ -93,18 +144,10 @@ class RunResult:
         return status, (max(ratios) if ratios else None), sum(r.n_cases for r in rs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "ok": self.ok, "seconds": round(self.seconds, 3),
-                "settings": self.settings, "warnings": self.warnings,
+        return {"target": self.target, "verdict": self.verdict, "ok": self.ok, "exit_code": self.exit_code,
+                "seconds": round(self.seconds, 3), "settings": self.settings, "warnings": self.warnings,
+                "gaps": self.gaps, "unchecked": self.unchecked, "notes": self.notes, "coverage": self.coverage,
                 "results": [asdict(r) for r in self.results]}
-
-
-class _Progress:
-    def __init__(self, sink: Callable[[str], None] | None) -> None:
-        self.sink = sink
-
-    def __call__(self, msg: str) -> None:
-        if self.sink is not None:
-            self.sink(msg)
 
 
 def stderr_progress(msg: str) -> None:
@@ -113,6 +156,26 @@ def stderr_progress(msg: str) -> None:
 
 def _copy_case(case: dict[str, Any]) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in case.items()}
+
+
+class InputMutated(AssertionError):
+    """The target wrote into an array it was given."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        if not isinstance(b, np.ndarray) or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return a.tobytes() == b.tobytes()
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b,
+                                                                                                     strict=True))
+    return True  # scalars and objects are immutable here or compared by their own tiers
+
+
+def _mutated(original: dict[str, Any], given: dict[str, Any]) -> str:
+    """The first argument whose arrays the target changed, or ''."""
+    return next((k for k, v in original.items() if not _same(v, given.get(k))), "")
 
 
 def _options(target: Target, op: str) -> dict[str, Any]:
@@ -134,11 +197,17 @@ def _kind(dt: np.dtype) -> str:
 
 
 class _Checker:
-    def __init__(self, spec: OpSpec, target: Target, f: Callable[..., Any]) -> None:
+    """Runs the tiers of one op against one target callable (inside the worker)."""
+
+    def __init__(self, spec: OpSpec, target: Target, f: Callable[..., Any], divs: list[_div.Divergence],
+                 beat: Callable[[str, str], None]) -> None:
         self.spec, self.target, self.f = spec, target, f
         self.ref = spec.reference()
         self.opts = _options(target, spec.name)
         self.dtype = _dtype(target, spec.name)
+        self.beat = beat
+        self.divs = divs
+        self.modelled = [d for d in divs if d.model and d.applies(spec.name, target.name)]
 
     def prepare(self, case: dict[str, Any]) -> dict[str, Any]:
         return {**case, **self.opts}
@@ -146,11 +215,55 @@ class _Checker:
     def expected(self, case: dict[str, Any]) -> dict[str, np.ndarray]:
         return flatten(self.ref(**_copy_case(case)))
 
-    def actual(self, case: dict[str, Any]) -> dict[str, np.ndarray]:
-        return flatten(self.f(**_copy_case(case)))
+    def actual(self, case: dict[str, Any], tier: str = "", label: str = "") -> dict[str, np.ndarray]:
+        self.beat(tier, label)
+        given = _copy_case(case)
+        out = flatten(self.f(**given))
+        changed = _mutated(case, given)
+        if changed:
+            raise InputMutated(f"the target modified its input {changed!r} in place (inputs are read-only)")
+        return out
 
     def snip(self, case: dict[str, Any], note: str) -> str:
         return snippet(self.spec.name, self.target.name, case, note)
+
+    def reproducer(self, case: dict[str, Any]) -> str:
+        fn = getattr(self.target, "reproducer", None)
+        if fn is None:
+            return ""
+        try:
+            return fn(self.spec.name, case) or ""
+        except Exception as exc:  # a reproducer is a convenience: never let it change a verdict
+            return f"# no reproducer: {type(exc).__name__}: {exc}"
+
+    def known(self, case: dict[str, Any], act: dict[str, np.ndarray], exp: dict[str, np.ndarray]) -> str:
+        """The modelled divergence that reproduces ``act`` bit for bit, or ''."""
+        for d in self.modelled:
+            model = d.model_fn()
+            modelled = model(self.spec.name, case, exp) if model is not None else None
+            if modelled is not None and compare_exact(act, modelled).passed:
+                return str(d)
+        return ""
+
+    def one(self, tier: str, label: str, case: dict[str, Any], exp: dict[str, np.ndarray],
+            classes: Iterable[str] = ()) -> CaseResult:
+        """Call the target on one prepared case and compare with ``exp``."""
+        name = self.spec.name
+        try:
+            act = self.actual(case, tier, label)
+        except Exception as exc:
+            return CaseResult(name, tier, label, FAIL, f"target raised {type(exc).__name__}: {exc}", n_cases=1,
+                              classes=list(classes), snippet=self.snip(case, f"{tier} case {label}"),
+                              reproducer=self.reproducer(case))
+        v = compare(self.spec.tolerance, act, exp, case, self.dtype)
+        if v.passed:
+            return CaseResult(name, tier, label, PASS, v.message, worst_ratio=v.worst_ratio, n_cases=1,
+                              classes=list(classes))
+        div = self.known(case, act, exp)
+        return CaseResult(name, tier, label, XFAIL if div else FAIL, v.message, worst_ratio=v.worst_ratio,
+                          n_cases=1, classes=list(classes), divergence=div,
+                          snippet=self.snip(case, f"{tier} case {label}: {v.message}"),
+                          reproducer=self.reproducer(case))
 
     # -------------------------------------------------------------- tiers
 
@@ -158,7 +271,7 @@ class _Checker:
         case = self.prepare(self.spec.example())
         exp = self.expected(case)
         try:
-            act = self.actual(case)
+            act = self.actual(case, "shapes", "example")
         except Exception as exc:
             return CaseResult(self.spec.name, "shapes", "example", FAIL, f"target raised {type(exc).__name__}: {exc}",
                               n_cases=1, snippet=self.snip(case, "the target raised on a valid input"))
@@ -179,33 +292,25 @@ class _Checker:
     def golden(self, vectors_dir: Path | None) -> list[CaseResult]:
         from refimpl.conformance import vectors
 
-        if self.opts:
-            return [CaseResult(self.spec.name, "golden", "*", SKIP,
-                               f"golden vectors hold the default profile; this target runs with {self.opts}")]
+        if self.spec.golden is None:
+            return [CaseResult(self.spec.name, "golden", "*", NA, "no golden vectors for this op")]
         try:
             cases = vectors.load_op(self.spec.name, vectors_dir)
         except FileNotFoundError as exc:
             return [CaseResult(self.spec.name, "golden", "*", SKIP, str(exc))]
         out = []
         for label, case, expected in cases:
-            try:
-                act = self.actual(case)
-            except Exception as exc:
-                out.append(CaseResult(self.spec.name, "golden", label, FAIL,
-                                      f"target raised {type(exc).__name__}: {exc}", n_cases=1,
-                                      snippet=self.snip(case, f"golden vector {label}")))
-                continue
-            v = compare(self.spec.tolerance, act, expected, case, self.dtype)
-            out.append(CaseResult(self.spec.name, "golden", label, PASS if v.passed else FAIL, v.message,
-                                  worst_ratio=v.worst_ratio, n_cases=1,
-                                  snippet="" if v.passed else self.snip(case, f"golden vector {label}: {v.message}")))
+            if self.opts:  # the vectors hold the default profile: the expected values are the reference's here
+                case = self.prepare(case)
+                expected = self.expected(case)
+            out.append(self.one("golden", label, case, expected))
         return out
 
     def boundary(self) -> list[CaseResult]:
         """Every boundary case of the row, expected from the reference in this run."""
         cases = self.spec.boundary() if self.spec.boundary else []
         if not cases:
-            return [CaseResult(self.spec.name, "boundary", "*", SKIP, "no boundary cases for this op")]
+            return [CaseResult(self.spec.name, "boundary", "*", SKIP, "the row has no boundary cases")]
         out = []
         for b in cases:
             case = self.prepare(b.case)
@@ -216,27 +321,19 @@ class _Checker:
                                       f"the reference rejected a boundary case (a table bug): "
                                       f"{type(exc).__name__}: {exc}", n_cases=1, classes=list(b.classes)))
                 continue
-            try:
-                act = self.actual(case)
-            except Exception as exc:
-                out.append(CaseResult(self.spec.name, "boundary", b.label, FAIL,
-                                      f"target raised {type(exc).__name__}: {exc}", n_cases=1,
-                                      classes=list(b.classes), snippet=self.snip(case, f"boundary case {b.label}")))
-                continue
-            v = compare(self.spec.tolerance, act, exp, case, self.dtype)
-            out.append(CaseResult(self.spec.name, "boundary", b.label, PASS if v.passed else FAIL, v.message,
-                                  worst_ratio=v.worst_ratio, n_cases=1, classes=list(b.classes),
-                                  snippet="" if v.passed else self.snip(case, f"boundary case {b.label}: "
-                                                                              f"{v.message}")))
+            out.append(self.one("boundary", b.label, case, exp, b.classes))
         return out
 
-    def properties(self, examples: int) -> CaseResult:
+    def properties(self, examples: int, seed: int | None = None) -> list[CaseResult]:
         from hypothesis import HealthCheck, Verbosity, given, settings
+        from hypothesis import seed as hseed
 
-        stats = {"n": 0, "worst": 0.0}
+        label = "differential" if seed is None else f"differential (seed {seed})"
+        stats: dict[str, Any] = {"n": 0, "worst": 0.0}
+        known: dict[str, int] = {}
         failing: dict[str, Any] = {}
 
-        @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+        @settings(max_examples=examples, derandomize=seed is None, database=None, deadline=None,
                   verbosity=Verbosity.quiet, suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
                   print_blob=False)
         @given(self.spec.strategy())
@@ -249,31 +346,47 @@ class _Checker:
                                               f"{type(exc).__name__}: {exc}", ratio=None)
                 raise
             try:
-                act = self.actual(case)
+                act = self.actual(case, "properties", label)
             except Exception as exc:
                 failing.update(case=case, msg=f"target raised {type(exc).__name__}: {exc}", ratio=None)
                 raise AssertionError(failing["msg"]) from exc
             v: Verdict = compare(self.spec.tolerance, act, exp, case, self.dtype)
             stats["n"] += 1
             if not v.passed:
+                div = self.known(case, act, exp)
+                if div:
+                    known[div] = known.get(div, 0) + 1
+                    return
                 failing.update(case=case, msg=v.message, ratio=v.worst_ratio)
                 raise AssertionError(v.message)
             stats["worst"] = max(stats["worst"], v.worst_ratio)
 
+        if seed is not None:
+            prop = hseed(seed)(prop)
+        out = []
         try:
             prop()
         except Exception as exc:
             if not failing:
-                return CaseResult(self.spec.name, "properties", "differential", FAIL,
-                                  f"{type(exc).__name__}: {exc}", n_cases=stats["n"])
-            case = failing["case"]
-            return CaseResult(self.spec.name, "properties", "differential", FAIL, failing["msg"],
-                              worst_ratio=failing.get("ratio"), n_cases=stats["n"],
-                              snippet=self.snip(case, "smallest failing input (shrunk): " + failing["msg"]))
-        return CaseResult(self.spec.name, "properties", "differential", PASS,
-                          f"{stats['n']} examples, worst error/bound {stats['worst']:.3g}"
-                          if self.spec.tolerance.kind == "bounded" else f"{stats['n']} examples, bit-exact",
-                          worst_ratio=stats["worst"], n_cases=stats["n"])
+                out.append(CaseResult(self.spec.name, "properties", label, FAIL, f"{type(exc).__name__}: {exc}",
+                                      n_cases=stats["n"]))
+            else:
+                case = failing["case"]
+                out.append(CaseResult(self.spec.name, "properties", label, FAIL, failing["msg"],
+                                      worst_ratio=failing.get("ratio"), n_cases=stats["n"],
+                                      snippet=self.snip(case, "smallest failing input (shrunk): " + failing["msg"]),
+                                      reproducer=self.reproducer(case)))
+        else:
+            n_known = sum(known.values())
+            out.append(CaseResult(self.spec.name, "properties", label, PASS,
+                                  f"{stats['n'] - n_known} examples, worst error/bound {stats['worst']:.3g}"
+                                  if self.spec.tolerance.kind == "bounded"
+                                  else f"{stats['n'] - n_known} examples, bit-exact",
+                                  worst_ratio=stats["worst"], n_cases=stats["n"] - n_known))
+        for div, n in known.items():
+            out.append(CaseResult(self.spec.name, "properties", f"{label}: known divergence", XFAIL,
+                                  f"{n} drawn cases reproduced by the divergence's model", n_cases=n, divergence=div))
+        return out
 
     def special(self) -> list[CaseResult]:
         out = []
@@ -283,119 +396,212 @@ class _Checker:
                 exp, ref_exc = self.expected(case), None
             except (ValueError, TypeError) as exc:
                 exp, ref_exc = None, exc
-            try:
-                act, tgt_exc = self.actual(case), None
-            except Exception as exc:
-                act, tgt_exc = None, exc
-            name = self.spec.name
-            if ref_exc is not None:
-                if isinstance(tgt_exc, (ValueError, TypeError)):
-                    out.append(CaseResult(name, "special", sp.label, PASS, f"rejected: {type(tgt_exc).__name__}",
-                                          n_cases=1))
-                else:
-                    got = "returned a result" if tgt_exc is None else f"raised {type(tgt_exc).__name__}: {tgt_exc}"
-                    msg = f"the reference raises {type(ref_exc).__name__} ({ref_exc}); the target {got}"
-                    out.append(CaseResult(name, "special", sp.label, FAIL, msg, n_cases=1,
-                                          snippet=self.snip(case, f"special value '{sp.label}': {msg}")))
+            if exp is not None:
+                out.append(self.one("special", sp.label, case, exp))
                 continue
-            if tgt_exc is not None:
-                msg = f"the reference returns a result; the target raised {type(tgt_exc).__name__}: {tgt_exc}"
+            try:
+                self.actual(case, "special", sp.label)
+                tgt_exc: Exception | None = None
+            except Exception as exc:
+                tgt_exc = exc
+            name = self.spec.name
+            if isinstance(tgt_exc, (ValueError, TypeError)):
+                out.append(CaseResult(name, "special", sp.label, PASS, f"rejected: {type(tgt_exc).__name__}",
+                                      n_cases=1))
+            else:
+                got = "returned a result" if tgt_exc is None else f"raised {type(tgt_exc).__name__}: {tgt_exc}"
+                msg = f"the reference raises {type(ref_exc).__name__} ({ref_exc}); the target {got}"
                 out.append(CaseResult(name, "special", sp.label, FAIL, msg, n_cases=1,
                                       snippet=self.snip(case, f"special value '{sp.label}': {msg}")))
-                continue
-            v = compare(self.spec.tolerance, act, exp, case, self.dtype)
-            out.append(CaseResult(name, "special", sp.label, PASS if v.passed else FAIL, v.message,
-                                  worst_ratio=v.worst_ratio, n_cases=1,
-                                  snippet="" if v.passed else self.snip(case, f"special value '{sp.label}': "
-                                                                              f"{v.message}")))
         if not out:
-            out.append(CaseResult(self.spec.name, "special", "*", SKIP, "no special values for this op"))
+            out.append(CaseResult(self.spec.name, "special", "*", NA, "no special values for this op"))
         return out
+
+
+def _label_divergences(results: list[CaseResult], op: str, target: Target, divs: list[_div.Divergence]) -> None:
+    """Turn failures matching a model-less known divergence into xfail."""
+    for r in results:
+        if r.status != FAIL:
+            continue
+        for d in divs:
+            if not d.model and d.matches(op, target.name, r.tier, r.label):
+                r.status, r.divergence = XFAIL, str(d)
+                break
+
+
+def _applicable(divs: list[_div.Divergence], target: Target) -> list[_div.Divergence]:
+    """Built-in entries apply to built-in targets only (by class); a user's file applies by target name."""
+    builtin = is_builtin(target)
+    return [d for d in divs if not d.source.startswith(_div.BUILTIN_FILE.name + "#") or builtin]
+
+
+@dataclass
+class _Task:
+    op: str
+    tiers: list[str]
+    examples: int
+    seed: int | None = None
+
+
+def _run_task(task: _Task, spec: OpSpec, chk: _Checker, vectors_dir: Path | None, emit: Callable[[CaseResult],
+              None]) -> None:
+    """The tiers of one op, in order; a failed shapes tier stops the op."""
+    for tier in task.tiers:
+        t1 = time.perf_counter()
+        if tier not in spec.tiers:
+            new = [CaseResult(spec.name, tier, "*", NA, "tier not applicable to this op")]
+        elif tier == "shapes":
+            new = [chk.shapes()]
+        elif tier == "golden":
+            new = chk.golden(vectors_dir)
+        elif tier == "boundary":
+            new = chk.boundary()
+        elif tier == "properties":
+            new = chk.properties(task.examples, task.seed)
+        else:
+            new = chk.special()
+        _label_divergences(new, spec.name, chk.target, chk.divs)
+        for r in new:
+            r.seconds = time.perf_counter() - t1
+            emit(r)
+        if tier == "shapes" and any(r.status == FAIL for r in new):
+            for later in task.tiers[task.tiers.index(tier) + 1:]:
+                emit(CaseResult(spec.name, later, "*", NA, "not run: the shapes tier failed"))
+            return
+
+
+def _execute(executor: Executor, task: _Task) -> list[CaseResult]:
+    """Run one task through the executor; a crash, an exit or a hang of the target is a failure."""
+    raw, lost, crash = executor.run(asdict(task))
+    out = [CaseResult(**r) for r in raw]
+    if crash:
+        out.append(CaseResult(task.op, "*", "*", FAIL, f"the target raised {crash} (a BaseException: it would end "
+                                                       "the caller's process)", n_cases=1))
+    if lost is not None:
+        out.append(CaseResult(task.op, lost.tier, lost.label, FAIL,
+                              f"the target {lost.what} during {lost.tier} case {lost.label!r}", n_cases=1))
+    return out
+
+
+def _coverage(specs: list[OpSpec], results: list[CaseResult], present: set[str]) -> dict[str, dict[str, int]]:
+    cov: dict[str, dict[str, int]] = {}
+    for spec in specs:
+        if spec.name not in present or not spec.classes or "boundary" not in spec.tiers:
+            continue
+        hits = dict.fromkeys(spec.classes, 0)
+        for r in results:
+            if r.op == spec.name and r.tier == "boundary" and r.status in (PASS, FAIL, XFAIL):
+                for c in r.classes:
+                    if c in hits:
+                        hits[c] += 1
+        cov[spec.name] = hits
+    return cov
+
+
+def _unchecked(target: Target, patterns: str | Iterable[str] | None) -> list[str]:
+    provided = provided_ops(target)
+    if patterns is not None:
+        pats = [p.strip() for p in patterns.split(",")] if isinstance(patterns, str) else list(patterns)
+        provided = [op for op in provided if any(fnmatch.fnmatchcase(op, p) for p in pats if p)]
+    table = op_table()
+    return sorted(op for op in provided if op not in table)
 
 
 def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *,
         examples: int = DEFAULT_EXAMPLES, tiers: Iterable[str] = TIERS,
         divergences: list[str | Path] | None = None, vectors_dir: str | Path | None = None,
-        progress: Callable[[str], None] | None = None) -> RunResult:
+        progress: Callable[[str], None] | None = None, timeout: float = DEFAULT_TIMEOUT, isolate: bool = True,
+        budget: float = 0.0) -> RunResult:
     """Check ``target`` against the reference on the selected ops (globs, e.g. "quant.*").
 
-    Returns a RunResult; ``result.ok`` is true when every case that is not a known
-    divergence passed and at least one case was checked (absent ops and ops whose reference
-    has not landed are skipped).
+    ``timeout`` bounds each call of the target (seconds); ``isolate`` runs the target in a forked
+    worker so that an exit or a crash is a failure, not the end of the run; ``budget`` spends that
+    many more seconds on freshly seeded random examples after the default tiers.
     """
+    if not (timeout > 0 and np.isfinite(timeout)):
+        raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
+    if not (budget >= 0 and np.isfinite(budget)):
+        raise ValueError(f"budget: expected a non-negative number of seconds, got {budget!r}")
+    if examples < 1:
+        raise ValueError(f"examples: expected a positive integer, got {examples!r}")
     start = time.perf_counter()
-    say = _Progress(progress)
+    say = progress or (lambda msg: None)
     tgt = get_target(target)
     tiers = [t for t in TIERS if t in set(tiers)]
     specs = select(ops)
     if not specs:
         raise ValueError(f"ops: no op matches {ops!r}")
-    divs = _div.load_all(divergences)
+    divs = _applicable(_div.load_all(divergences), tgt)
     vdir = Path(vectors_dir) if vectors_dir is not None else None
-    results: list[CaseResult] = []
-    blocked: dict[str, str] = {}
-    checkers: dict[str, _Checker] = {}
     say(f"refimpl conform: target {tgt.name}, {len(specs)} ops, tiers {', '.join(tiers)}, {examples} examples")
+
+    results: list[CaseResult] = []
+    checkers: dict[str, _Checker] = {}
     for spec in specs:
         why = spec.unavailable_reason()
         if why:
-            blocked[spec.name] = why
+            results += [CaseResult(spec.name, t, "*", SKIP, why) for t in tiers]
+            continue
+        f = tgt.lookup(spec.name)
+        if f is None:
+            results.append(CaseResult(spec.name, "names", "*", ABSENT, f"target {tgt.name} does not provide "
+                                                                        f"{spec.name}"))
+            continue
+        if "names" in tiers:
+            results.append(CaseResult(spec.name, "names", "*", PASS, "present", n_cases=1))
+        checkers[spec.name] = _Checker(spec, tgt, f, divs, lambda tier, label: None)
+
+    later = [t for t in tiers if t != "names"]
+    by_name = {s.name: s for s in specs}
+
+    def run_task(task: dict[str, Any], beat: Callable[[str, str], None], emit: Callable[[dict[str, Any]], None]):
+        chk = checkers[task["op"]]
+        chk.beat = beat
+        _run_task(_Task(**task), by_name[task["op"]], chk, vdir, lambda r: emit(asdict(r)))
+
+    executor = Executor(run_task, timeout, isolate)
+    try:
+        for name in checkers:
+            t0 = time.perf_counter()
+            new = _execute(executor, _Task(name, later, examples))
+            results += new
+            bad = sum(r.status == FAIL for r in new)
+            failed = f", {bad} FAILED" if bad else ""
+            say(f"  {name:<34} {len(new)} results{failed}  ({time.perf_counter() - t0:.1f} s)")
+        rounds, deadline = 0, time.perf_counter() + budget
+        while budget and "properties" in later and time.perf_counter() < deadline:
+            rounds += 1
+            for name in checkers:
+                if time.perf_counter() >= deadline:
+                    break
+                results += _execute(executor, _Task(name, ["properties"], examples, seed=rounds))
+        if rounds:
+            say(f"budget: {rounds} extra round(s) of {examples} seeded examples per op")
+    finally:
+        executor.close()
+
     for tier in tiers:
-        t0 = time.perf_counter()
-        n_before = len(results)
-        for spec in specs:
-            if spec.name in blocked:
-                results.append(CaseResult(spec.name, tier, "*", SKIP, blocked[spec.name]))
-                continue
-            if tier not in spec.tiers:
-                results.append(CaseResult(spec.name, tier, "*", SKIP, "tier not applicable to this op"))
-                continue
-            t1 = time.perf_counter()
-            if tier == "names":
-                f = tgt.lookup(spec.name)
-                if f is None:
-                    blocked[spec.name] = f"target {tgt.name} does not provide {spec.name}"
-                    results.append(CaseResult(spec.name, tier, "*", ABSENT, blocked[spec.name]))
-                else:
-                    checkers[spec.name] = _Checker(spec, tgt, f)
-                    results.append(CaseResult(spec.name, tier, "*", PASS, "present", n_cases=1))
-                continue
-            chk = checkers[spec.name]
-            if tier == "shapes":
-                new = [chk.shapes()]
-            elif tier == "golden":
-                new = chk.golden(vdir)
-            elif tier == "boundary":
-                new = chk.boundary()
-            elif tier == "properties":
-                if progress:
-                    say(f"  properties {spec.name} ...")
-                new = [chk.properties(examples)]
-            else:
-                new = chk.special()
-            for r in new:
-                r.seconds = time.perf_counter() - t1
-                if r.status == FAIL:
-                    for d in divs:
-                        if d.matches(spec.name, tgt.name, r.tier, r.label):
-                            r.status, r.divergence = XFAIL, str(d)
-                            break
-            results.extend(new)
-            if tier == "shapes" and any(r.status == FAIL for r in new):
-                blocked[spec.name] = "shapes tier failed"
-        tier_res = results[n_before:]
-        counts = {s: sum(r.status == s for r in tier_res) for s in (PASS, FAIL, XFAIL, SKIP, ABSENT)}
-        say(f"tier {tier:<10} " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-            + f"  ({time.perf_counter() - t0:.1f} s)")
+        tier_res = [r for r in results if r.tier == tier]
+        counts = {s: sum(r.status == s for r in tier_res) for s in (PASS, FAIL, XFAIL, SKIP, ABSENT, NA)}
+        say(f"tier {tier:<10} " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+
     warnings = []
-    ran = {s.name for s in specs if s.name not in blocked or blocked[s.name] == "shapes tier failed"}
     for d in divs:
-        applicable = [op for op in ran if d.applies(op, tgt.name)]
+        applicable = [op for op in checkers if d.applies(op, tgt.name)]
         if applicable and not any(r.divergence == str(d) for r in results):
-            warnings.append(f"known divergence matched nothing (fixed upstream, or a stale entry): {d} "
-                            f"[{d.source}]")
+            warnings.append(f"known divergence matched nothing (fixed upstream, not exercised on this host, or a "
+                            f"stale entry): {d} [{d.source}]")
+    notes_fn = getattr(tgt, "notes", None)
+    notes = list(notes_fn()) if notes_fn else []
+    if target == "auto":
+        from refimpl.conformance.targets import auto_reason
+
+        notes.insert(0, auto_reason())
+    coverage = _coverage(specs, results, set(checkers)) if "boundary" in tiers else {}
     return RunResult(tgt.name, results, warnings, time.perf_counter() - start,
-                     {"examples": examples, "tiers": tiers, "ops": [s.name for s in specs]})
+                     {"examples": examples, "tiers": tiers, "ops": [s.name for s in specs], "timeout": timeout,
+                      "isolate": executor.isolate, "budget": budget},
+                     coverage=coverage, unchecked=_unchecked(tgt, ops), notes=notes)
 
 
 def assert_conforms(target: str | Target, ops: str | Iterable[str] | None = None, **kwargs: Any) -> RunResult:
@@ -404,5 +610,5 @@ def assert_conforms(target: str | Target, ops: str | Iterable[str] | None = None
     if not res.ok:
         from refimpl.conformance.report import failures_text
 
-        raise AssertionError(failures_text(res))
+        raise AssertionError(f"verdict {res.verdict}\n" + "\n".join(res.gaps[:20]) + "\n" + failures_text(res))
     return res

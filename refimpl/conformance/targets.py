@@ -78,6 +78,23 @@ class NamespaceTarget:
         f = getattr(obj, op.replace(".", "_"), None)
         return f if callable(f) else None
 
+    def provided_ops(self) -> list[str]:
+        """Mapping keys that look like op names, or the public callables under ``<module>.`` attributes."""
+        from refimpl.conformance.table import OP_MODULES
+
+        obj = self._obj
+        if isinstance(obj, Mapping):
+            return sorted(k for k in obj if isinstance(k, str) and "." in k and callable(obj[k]))
+        out = []
+        for module in OP_MODULES:
+            sub = getattr(obj, module, None)
+            if sub is None:
+                continue
+            names = getattr(sub, "__all__", None) or [n for n in dir(sub) if not n.startswith("_")]
+            out += [f"{module}.{n}" for n in names if callable(getattr(sub, n, None))
+                    and not isinstance(getattr(sub, n, None), type)]
+        return sorted(out)
+
     def options(self, op: str) -> dict[str, Any]:
         import fnmatch
 
@@ -160,6 +177,63 @@ def kernel_backends() -> list[str]:
 BUILTIN = ("auto", "numpy", "numba", "cupy", "peft", "bitsandbytes", "mergekit")
 
 
+def is_builtin(target: Target) -> bool:
+    """Whether ``target`` is one of refimpl's built-in targets, by class (a user target named "peft" is not)."""
+    cls = type(target)
+    if cls in (ReferenceTarget, KernelTarget):
+        return True
+    return (cls.__module__, cls.__qualname__) in _PEERS.values()
+
+
+def provided_ops(target: Target) -> list[str]:
+    """The op names a target provides, where they can be listed (else [])."""
+    fn = getattr(target, "provided_ops", None)
+    if callable(fn):
+        return sorted(fn())
+    from refimpl.conformance.table import OP_MODULES, not_ops
+
+    if isinstance(target, ReferenceTarget):
+        skip = not_ops()
+        out = []
+        for module in OP_MODULES:
+            mod = importlib.import_module(f"refimpl.{module}")
+            for name in getattr(mod, "__all__", []):
+                obj = getattr(mod, name, None)
+                if callable(obj) and not isinstance(obj, type) and f"{module}.{name}" not in skip:
+                    out.append(f"{module}.{name}")
+        return sorted(out)
+    if isinstance(target, KernelTarget):
+        try:
+            return sorted(importlib.import_module("refimpl.kernels").ops(target.backend))
+        except Exception:
+            return []
+    if isinstance(target, NamespaceTarget):
+        return target.provided_ops()
+    ops = getattr(target, "_ops", None)
+    return sorted(ops) if isinstance(ops, Mapping) else []
+
+
+_EXTRA = {"numba": "fast", "cupy": "gpu", "peft": "peers", "bitsandbytes": "peers", "mergekit": "peers"}
+
+
+_PEERS = {"peft": ("refimpl.conformance.peers.peft", "PeftTarget"),
+          "bitsandbytes": ("refimpl.conformance.peers.bnb", "BitsandbytesTarget"),
+          "mergekit": ("refimpl.conformance.peers.mergekit", "MergekitTarget")}
+
+
+def auto_reason() -> str:
+    """Which target ``auto`` resolves to here, and why."""
+    kernels = importlib.import_module("refimpl.kernels")
+    why = kernels.available()
+    chosen = kernel_backends()
+    skipped = [f"{b}: {why[b]}" for b in ("cupy", "numba") if why.get(b) is not None]
+    if chosen:
+        return (f"auto chose {chosen[0]}, the fastest kernels usable here"
+                + (f" ({'; '.join(skipped)})" if skipped else ""))
+    return ("auto fell back to numpy, the reference checked against itself (a sanity check of the harness, not "
+            f"of a kernel): {'; '.join(skipped)}; pip install 'refimpl[fast]' for the numba kernels")
+
+
 def get_target(spec: str | Target) -> Target:
     """Resolve a target name (see the module docstring) or pass a Target through."""
     if not isinstance(spec, str):
@@ -171,39 +245,39 @@ def get_target(spec: str | Target) -> Target:
         return KernelTarget(backends[0]) if backends else ReferenceTarget()
     if spec == "numpy":
         return ReferenceTarget()
-    if spec == "numba":
-        return KernelTarget(spec)
-    if spec == "cupy":
-        # no GPU here: say so (exit 2 from the CLI) rather than report every op as not provided
-        why = importlib.import_module("refimpl.kernels").available()["cupy"]
+    if spec in ("numba", "cupy"):
+        # not usable here: say so and how to fix it (exit 2 from the CLI) rather than report nothing checked
+        why = importlib.import_module("refimpl.kernels").available()[spec]
         if why is not None:
-            raise ValueError(f"target: cupy is unavailable here: {why}")
+            raise ValueError(f"target: {spec} is unavailable here: {why}; install it with "
+                             f"pip install 'refimpl[{_EXTRA[spec]}]'")
         return KernelTarget(spec)
-    if spec == "peft":
-        from refimpl.conformance.peers.peft import PeftTarget
-
-        return PeftTarget()
-    if spec == "bitsandbytes":
-        from refimpl.conformance.peers.bnb import BitsandbytesTarget
-
-        return BitsandbytesTarget()
-    if spec == "mergekit":
-        from refimpl.conformance.peers.mergekit import MergekitTarget
-
-        return MergekitTarget()
+    if spec in _PEERS:
+        module, cls = _PEERS[spec]
+        try:
+            return getattr(importlib.import_module(module), cls)()
+        except ImportError as exc:
+            raise ValueError(f"target: {spec} is unavailable here ({type(exc).__name__}: {exc}); install the "
+                             f"peers with pip install 'refimpl[{_EXTRA[spec]}]'") from exc
     if ":" in spec:
         modname, _, attr = spec.partition(":")
         try:
             mod = importlib.import_module(modname)
         except ImportError as exc:
             raise ValueError(f"target: cannot import module {modname!r} of {spec!r} ({exc})") from exc
+        except Exception as exc:  # the user's module failed while importing: their error, named, not a traceback
+            raise ValueError(f"target: importing module {modname!r} of {spec!r} raised "
+                             f"{type(exc).__name__}: {exc}") from exc
         obj: Any = mod
         for part in attr.split("."):
             if not hasattr(obj, part):
                 raise ValueError(f"target: module {modname!r} has no attribute {attr!r}")
             obj = getattr(obj, part)
         if isinstance(obj, type):
-            obj = obj()
+            try:
+                obj = obj()
+            except Exception as exc:
+                raise ValueError(f"target: constructing {spec!r} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(obj, Target):
             return obj
         return NamespaceTarget(spec, obj)

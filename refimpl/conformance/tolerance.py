@@ -106,6 +106,15 @@ def compare_exact(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.nd
     return Verdict(True, 0.0)
 
 
+def over_bound_note(ratio: float) -> str:
+    """How far over the bound a failure is, in words. The bound is the worst case of rounding on the formula's
+    longest path in both precisions, so any ratio above 1 is more than rounding can explain."""
+    if not np.isfinite(ratio):
+        return "the error is unbounded where the bound admits only an exact match (or a NaN/inf differs)"
+    return (f"{ratio:.3g}x the derived bound: rounding in the declared precision cannot explain it "
+            "(a different formula, a lower precision than declared, or an added epsilon)")
+
+
 def compare_bounded(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
                     bounds: Mapping[str, np.ndarray]) -> Verdict:
     """Elementwise error / bound over every named output; the worst ratio is reported."""
@@ -130,7 +139,7 @@ def compare_bounded(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
             worst = max(worst, rep.worst_ratio)
             detail = f"{name}: {rep}"
         if not rep.passed:
-            return Verdict(False, rep.worst_ratio, f"{name}: {rep}")
+            return Verdict(False, rep.worst_ratio, f"{name}: {rep}; {over_bound_note(rep.worst_ratio)}")
     return Verdict(True, worst, detail)
 
 

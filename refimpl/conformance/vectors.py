@@ -16,8 +16,12 @@ and JavaScript.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from refimpl.conformance.table import OpSpec, select
 
 FORMAT = "v1"
 MAX_TOTAL_BYTES = 5 * 1024 * 1024
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a MANIFEST.json larger than this is not one generate wrote
 SEED = 20260601  # SeedSequence entropy; each op draws from SeedSequence([SEED, crc32(op)])
 
 
@@ -93,32 +98,115 @@ def _manifest(files: dict[str, bytes]) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
+def _manifest_listing(d: Path) -> set[str] | None:
+    """The files a MANIFEST.json of this format in ``d`` lists, or None when there is no such manifest."""
+    m = d / "MANIFEST.json"
+    try:
+        if not m.is_file() or m.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        doc = json.loads(m.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("files"), dict):
+        return None
+    return {rel for rel in doc["files"] if isinstance(rel, str)}
+
+
+def _owned(d: Path) -> list[str]:
+    """The files in ``d`` that ``generate`` wrote (MANIFEST.json and the files it lists), as relative paths.
+
+    ValueError when ``d`` is a file or holds anything else: a folder given by mistake (a model, a
+    checkout) is refused, never cleaned.
+    """
+    if not d.exists() and not d.is_symlink():
+        return []
+    if not d.is_dir():
+        raise ValueError(f"directory: expected a folder for the golden vectors, got the file {str(d)!r}")
+    listed = _manifest_listing(d)
+    own = set() if listed is None else listed | {"MANIFEST.json"}
+    present = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_symlink() or not p.is_dir())
+    foreign = [rel for rel in present if rel not in own]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        why = "no MANIFEST.json of golden vectors" if listed is None else "files its MANIFEST.json does not list"
+        raise ValueError(f"directory: {str(d)!r} holds {why} ({shown}); `vectors generate` replaces the whole "
+                         "folder, so give it a new or empty folder or one it generated earlier")
+    return present
+
+
+def _remove_owned(old: Path, owned: list[str]) -> None:
+    """Delete the previous vectors that the commit moved to ``old``: only the files checked as generated."""
+    for rel in owned:
+        (old / rel).unlink(missing_ok=True)
+    for sub in sorted((p for p in old.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    try:
+        old.rmdir()
+    except OSError:
+        warnings.warn(f"vectors generate: {old} kept: files appeared in the folder while generating", stacklevel=3)
+
+
 def generate(directory: str | Path | None = None) -> dict[str, Any]:
-    """Write every golden vector and MANIFEST.json; stale files of this format are removed."""
-    d = Path(directory) if directory is not None else default_dir()
+    """Write every golden vector and MANIFEST.json into ``directory`` (default spec/vectors/v1).
+
+    The folder must be absent, empty, or hold only what an earlier ``generate`` wrote (its
+    MANIFEST.json and the files listed there); anything else raises ValueError before a byte is
+    written. The new set is written into a hidden folder beside it and swapped in with one rename,
+    so a failure (full disk, Ctrl-C, SIGTERM) leaves the old set whole and no partial file.
+    """
+    given = Path(directory) if directory is not None else default_dir()
+    d = given.resolve()
     files = build()
     total = sum(len(b) for b in files.values())
     if total > MAX_TOTAL_BYTES:
         raise ValueError(f"golden vectors: {total} bytes exceed the {MAX_TOTAL_BYTES}-byte budget")
-    d.mkdir(parents=True, exist_ok=True)
-    for old in d.glob("*/*.safetensors"):
-        if old.relative_to(d).as_posix() not in files:
-            old.unlink()
-    for rel, data in files.items():
-        p = d / rel
-        if not p.is_file() or p.read_bytes() != data:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(data)
-    for sub in d.iterdir():
-        if sub.is_dir() and not any(sub.iterdir()):
-            sub.rmdir()
-    (d / "MANIFEST.json").write_bytes(_manifest(files))
-    return {"directory": str(d), "files": len(files), "total_bytes": total,
+    _owned(d)
+    tmp = io._make_temp_dir(d)
+    old: Path | None = None
+    owned: list[str] = []
+    committed = False
+    with io._sigterm_cleanup():
+        try:
+            for rel, data in [*files.items(), ("MANIFEST.json", _manifest(files))]:
+                p = tmp / rel
+                p.parent.mkdir(parents=True, exist_ok=True)
+                with open(p, "xb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            with io._critical():
+                owned = _owned(d)  # check again just before the swap
+                old = io._commit_dir(tmp, d)
+                committed = True
+        except BaseException:
+            if not committed:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if old is not None:
+                _remove_owned(old, owned)
+    return {"directory": str(given), "files": len(files), "total_bytes": total,
             "ops": len({rel.split("/")[0] for rel in files})}
 
 
+def _read_expected(p: Path, size: int) -> bytes | None:
+    """The bytes of ``p`` when it is a regular file of exactly ``size`` bytes (never reads more), else None."""
+    try:
+        if not p.is_file() or p.stat().st_size != size:
+            return None
+        with open(p, "rb") as fh:
+            return fh.read(size + 1)
+    except OSError:
+        return None
+
+
 def verify(directory: str | Path | None = None) -> list[str]:
-    """Regenerate in memory and compare with the files on disk; returns the problems (empty = verified)."""
+    """Regenerate in memory and compare with the files on disk; returns the problems (empty = verified).
+
+    A file is read only when its size equals the regenerated one, so a huge or special file in the
+    folder costs one ``stat``; unreadable files are problems, not exceptions.
+    """
     d = Path(directory) if directory is not None else default_dir()
     problems: list[str] = []
     if not (d / "MANIFEST.json").is_file():
@@ -131,15 +219,15 @@ def verify(directory: str | Path | None = None) -> list[str]:
         p = d / rel
         if not p.is_file():
             problems.append(f"{rel}: missing on disk")
-        elif p.read_bytes() != data:
+        elif _read_expected(p, len(data)) != data:
             problems.append(f"{rel}: differs from the regenerated bytes")
-    if (d / "MANIFEST.json").read_bytes() != _manifest(files):
+    manifest = _manifest(files)
+    if _read_expected(d / "MANIFEST.json", len(manifest)) != manifest:
         problems.append("MANIFEST.json: differs from the regenerated manifest")
     else:
-        manifest = json.loads((d / "MANIFEST.json").read_text())
-        for rel, entry in manifest["files"].items():
-            p = d / rel
-            if p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() != entry["sha256"]:
+        for rel, entry in json.loads(manifest)["files"].items():
+            data = _read_expected(d / rel, entry["bytes"])
+            if data is not None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 problems.append(f"{rel}: sha256 does not match MANIFEST.json")
     return problems
 

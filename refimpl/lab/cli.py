@@ -2,6 +2,7 @@
 
     refimpl lab train --rank 8 --alpha 16 --layers all --dropout 0.05 --weight-decay 0.01 --examples 2000
     refimpl lab experiment rank|layers|overfit|merge|loraplus|memory [--out DIR]
+    refimpl lab serve [--port 8000] [--host 127.0.0.1]     (the lesson's sandbox as a local web page)
 
 (until the top-level command forwards here: ``python -m refimpl.lab.cli ...``)
 """
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="lab-out")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--quick", action="store_true", help="a smaller sweep (for tests)")
+    v = sub.add_parser("serve", help="the lesson's sandbox: a local web page over the lab (refimpl.lab.serve)")
+    v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind; anything beyond localhost must be asked for")
+    v.add_argument("--max-runs", type=int, default=2, help="runs trained at once (more are queued)")
+    v.add_argument("--no-warm", action="store_true", help="do not pretrain the base at start")
     return ap
 
 
@@ -101,6 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "serve":
+            from refimpl.lab.serve import serve
+
+            if not 0 <= args.port <= 65535:
+                raise ValueError(f"--port: expected 0 to 65535, got {args.port}")
+            if args.max_runs < 1:
+                raise ValueError(f"--max-runs: expected a positive integer, got {args.max_runs}")
+            return serve(args.host, args.port, max_runs=args.max_runs, warm=not args.no_warm)
         from refimpl.lab.experiments import run_experiment
 
         res = run_experiment(args.name, args.out, seed=args.seed, quick=args.quick)

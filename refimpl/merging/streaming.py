@@ -1,19 +1,30 @@
 """Merge whole models stored as safetensors files, tensor by tensor, in the memory of a few tensors.
 
-Every input tensor is read on its own through ``safetensors.safe_open(framework="numpy")`` (the
-file is memory-mapped; each read opens and closes it, so no mapping outlives one tensor), merged
-with one of this package's per-tensor operations, and streamed into output shards written by a
-small safetensors writer (header first, then each tensor's bytes as it is produced). Shards are
-written to temporary files and renamed into place only after every tensor succeeded, so a failure
-never leaves a partial output. Per-tensor tasks may run on any ``concurrent.futures.Executor``
-(threads, processes, a Dask ``distributed`` client's ``get_executor()``); results are written in order.
+Every input header is parsed and checked by ``refimpl.io.read_header`` (format errors are
+ValueErrors naming the file); every input tensor is read on its own with one positioned read (no
+memory map outlives one tensor), merged with one of this package's per-tensor operations, and
+streamed into output shards written by a small safetensors writer (header first, then each tensor's
+bytes as it is produced). Per-tensor tasks may run on any ``concurrent.futures.Executor`` (threads,
+processes, a Dask ``distributed`` client's ``get_executor()``); results are written in order.
+
+File guarantees (spec/merging.md §10.1): the output folder never holds an input; it is absent, empty
+or holds only an earlier merge_files result, which is replaced whole, and anything else in it is
+refused before a byte is written. The whole result (every shard and the index) is written into a
+fresh hidden folder beside ``out_dir`` and appears with one rename (one atomic exchange when it
+replaces an earlier merge), so a reader sees the old merge or the new one, never a mix, whether it
+looks for ``model.safetensors``, globs the shards or follows the index. On an error, Ctrl-C or
+SIGTERM the hidden folder is removed; the leftovers of a SIGKILL are removed by the next run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import shutil
 import sys
+import warnings
 import zlib
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -24,23 +35,19 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from refimpl import _checks, precision
+from refimpl import io as _io
 from refimpl.merging import _common, arithmetic, spherical, ties_dare
 from refimpl.merging import sparsify as _sparsify
 
 METHODS = ("task_arithmetic", "ties", "dare", "magnitude_prune", "linear", "slerp")
 
-#: safetensors dtype codes.
-_CODES = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.uint16): "U16",
-    np.dtype(np.uint32): "U32", np.dtype(np.uint64): "U64", np.dtype(np.bool_): "BOOL",
-    np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2",
-}
-_FROM_CODE = {v: k for k, v in _CODES.items()}
+#: safetensors dtype codes (every one of them loads; FP8 through ml_dtypes).
+_CODES = _io.CODES
+
+#: the value of the "merged_by" metadata entry that marks merge_files' own output
+MARKER = "refimpl.merging.merge_files"
 
 
 @dataclass(frozen=True)
@@ -48,10 +55,14 @@ class TensorInfo:
     file: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    offset: int = -1  #: absolute file offset of the tensor's bytes (-1: look it up in the header)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
 
 
 @dataclass(frozen=True)
@@ -87,24 +98,28 @@ def _files_of(spec: Any, name: str) -> list[str]:
 
 
 def read_index(spec: Any, name: str = "model") -> dict[str, TensorInfo]:
-    """Name → (file, shape, dtype) for every tensor of a model, from the safetensors headers only."""
+    """Name → (file, shape, dtype, offset) for every tensor of a model, from the safetensors headers only.
+
+    A malformed header raises ValueError naming ``name`` and the file (``refimpl.io.read_header``).
+    """
     index: dict[str, TensorInfo] = {}
     for path in _files_of(spec, name):
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                if key in index:
-                    raise ValueError(f"{name}: tensor {key!r} appears in both {index[key].file} and {path}")
-                sl = f.get_slice(key)
-                code = sl.get_dtype()
-                if code not in _FROM_CODE:
-                    raise TypeError(f"{name}: tensor {key!r} has unsupported dtype {code}")
-                index[key] = TensorInfo(path, tuple(int(s) for s in sl.get_shape()), _FROM_CODE[code])
+        try:
+            header = _io.read_header(path)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        for key, e in header.tensors.items():
+            if key in index:
+                raise ValueError(f"{name}: tensor {key!r} appears in both {index[key].file} and {path}")
+            index[key] = TensorInfo(path, e.shape, e.dtype, e.offset)
     return index
 
 
 def _load(info: TensorInfo, key: str) -> np.ndarray:
-    with safe_open(info.file, framework="numpy") as f:
-        return f.get_tensor(key)
+    """One tensor of one input file, in the shape ``info`` gives (a 0-d tensor may be read as shape (1,))."""
+    if info.offset < 0:
+        return _io.read_tensor(info.file, key, _io.read_header(info.file).tensors[key]).reshape(info.shape)
+    return _io.read_tensor(info.file, key, _io.TensorEntry(info.dtype, info.shape, info.offset, info.nbytes))
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,11 @@ def _merge_tensor(task: _Task) -> np.ndarray:
     base = _load(task.base, task.key)
     dt = np.dtype(base.dtype)
     if dt not in _checks.FLOAT_DTYPES:
-        return np.ascontiguousarray(base)  # integer/bool buffers are copied from the base
+        return np.ascontiguousarray(base)  # integer/bool/FP8 buffers are copied from the base
+    if base.ndim == 0:  # a scalar (e.g. a logit scale): merged as a 1-element vector
+        return _merge_tensor(dataclasses.replace(
+            task, base=dataclasses.replace(task.base, shape=(1,)),
+            models=tuple(dataclasses.replace(m, shape=(1,)) for m in task.models))).reshape(())
     opts = dict(task.options)
     w = _common.weight_vector(task.weights, len(task.models))
     if task.method == "linear":
@@ -261,8 +280,18 @@ def merge_files(
     ``executor``: an optional ``concurrent.futures.Executor`` that runs the per-tensor tasks; at most
     ``max_in_flight`` results are pending at once, which bounds memory. Peak memory is about
     (T + 4)·(largest tensor in float64) per task in flight (measured for TIES with T = 2: 5.8×).
+
+    ``out_dir`` must not hold any input, and must be absent, empty, or hold only an earlier
+    merge_files result (which this merge replaces whole); anything else is refused with a ValueError
+    before a byte is written. The result appears all at once (one rename of a complete hidden folder
+    beside ``out_dir``); on any error, Ctrl-C or SIGTERM nothing of it remains (spec/merging.md §10.1).
     """
     _checks.choice(method, "method", METHODS)
+    out = _output_dir(out_dir)
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix) or prefix in (".", ".."):
+        raise (ValueError if isinstance(prefix, str) else TypeError)(
+            f"prefix: expected a plain file-name stem (letters, digits, '.', '_', '-'; no path), got {prefix!r}")
+    progress = _checks.boolean(progress, "progress")
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, Sequence) or not models:
         raise TypeError(f"models: expected a non-empty list of models (paths), got {_checks.describe(models)}")
     if method == "slerp" and len(models) != 1:
@@ -281,6 +310,8 @@ def merge_files(
         raise TypeError(f"executor: expected a concurrent.futures.Executor, got {_checks.describe(executor)}")
 
     base_index = read_index(base, "base")
+    if not base_index:
+        raise ValueError(f"base: expected at least one tensor, got none in {_files_of(base, 'base')}")
     model_indexes = [read_index(m, f"models[{i}]") for i, m in enumerate(models)]
     for i, idx in enumerate(model_indexes):
         for key, info in base_index.items():
@@ -301,14 +332,16 @@ def merge_files(
     # Fail early on bad options: run the first floating tensor's merge on a tiny slice of the data.
     _validate_options(method, weights, opts, len(models))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = {Path(f).resolve() for i, spec in enumerate([base, *models])
+              for f in _files_of(spec, "base" if i == 0 else f"models[{i - 1}]")}
+    _own_entries(out, inputs)  # refuse before writing anything
     shards = _plan_shards(keys, base_index, shard_size)
     n = len(shards)
     names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
                                                       for i in range(n)]
-    tmp_paths = [out / f".{nm}.tmp-{os.getpid()}" for nm in names]
-    metadata = {"format": "pt", "merged_by": "refimpl.merging.merge_files", "method": method}
+    metadata = {"format": "pt", "merged_by": MARKER, "method": method}
+    shard_of = {k: names[i] for i, sk in enumerate(shards) for k in sk}
+    total = sum(base_index[k].nbytes for k in keys)
     bar = _Progress(len(tasks), progress)
     task_iter = iter(tasks)
     pending: deque = deque()
@@ -318,46 +351,136 @@ def merge_files(
         if t is not None:
             pending.append((t, executor.submit(_merge_tensor, t) if executor is not None else None))
 
+    tmp_dir = _io._make_temp_dir(out)
+    old: Path | None = None
+    own: list[str] = []
+    committed = False
     try:
-        for _ in range(max_in_flight):
-            submit_next()
-        for shard_keys, tmp in zip(shards, tmp_paths, strict=True):
-            with open(tmp, "wb") as fh:
-                fh.write(_header([(k, base_index[k]) for k in shard_keys], metadata))
-                for key in shard_keys:
-                    t, fut = pending.popleft()
-                    assert t.key == key
-                    arr = fut.result() if fut is not None else _merge_tensor(t)
+        with _io._sigterm_cleanup():
+            try:
+                for _ in range(max_in_flight):
                     submit_next()
-                    if arr.shape != base_index[key].shape or arr.dtype != base_index[key].dtype:
-                        raise RuntimeError(f"merge of {key!r} returned {_checks.describe(arr)}")
-                    fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
-                    del arr
-                    bar.step(key)
-                fh.flush()
-                os.fsync(fh.fileno())
-    except BaseException:
-        for fut in (f for _, f in pending if f is not None):
-            fut.cancel()
-        for tmp in tmp_paths:
-            tmp.unlink(missing_ok=True)
-        raise
+                for shard_keys, nm in zip(shards, names, strict=True):
+                    with open(tmp_dir / nm, "xb") as fh:
+                        fh.write(_header([(k, base_index[k]) for k in shard_keys], metadata))
+                        for key in shard_keys:
+                            t, fut = pending.popleft()
+                            assert t.key == key
+                            arr = fut.result() if fut is not None else _merge_tensor(t)
+                            submit_next()
+                            if arr.shape != base_index[key].shape or arr.dtype != base_index[key].dtype:
+                                raise RuntimeError(f"merge of {key!r} returned {_checks.describe(arr)}")
+                            fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                            del arr
+                            bar.step(key)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                if n > 1:
+                    index = {"metadata": {"total_size": total, "merged_by": MARKER}, "weight_map": shard_of}
+                    with open(tmp_dir / f"{prefix}.safetensors.index.json", "x", encoding="utf-8") as fh:
+                        fh.write(json.dumps(index, indent=2))
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                with _io._critical():  # check again (the merge may have taken hours), then swap in one step
+                    own = _own_entries(out, inputs)
+                    old = _io._commit_dir(tmp_dir, out)  # the earlier merge, if any, now lies at `old`
+                    committed = True
+            except BaseException:
+                for fut in (f for _, f in pending if f is not None):
+                    fut.cancel()
+                if not committed:
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
+            finally:
+                if old is not None:
+                    _remove_replaced(old, own, out)
     finally:
         bar.close()
-    written = []
-    for tmp, nm in zip(tmp_paths, names, strict=True):
-        os.replace(tmp, out / nm)
-        written.append(str(out / nm))
-    shard_of = {k: names[i] for i, sk in enumerate(shards) for k in sk}
-    total = sum(base_index[k].nbytes for k in keys)
+    given = Path(out_dir)
+    written = [str(given / nm) for nm in names]
     if n > 1:
-        index_path = out / f"{prefix}.safetensors.index.json"
-        tmp_index = out / f".{index_path.name}.tmp-{os.getpid()}"
-        tmp_index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": shard_of}, indent=2))
-        os.replace(tmp_index, index_path)
-        written.append(str(index_path))
+        written.append(str(given / f"{prefix}.safetensors.index.json"))
     largest = max(keys, key=lambda k: base_index[k].nbytes)
     return MergeFilesResult(tuple(written), len(keys), total, largest, base_index[largest].nbytes, shard_of)
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+#: hidden temporary files that earlier refimpl versions left in out_dir when killed
+_OLD_TMP = re.compile(r"\..+\.(safetensors|safetensors\.index\.json)\.tmp-\d+")
+
+
+def _output_dir(out_dir: Any) -> Path:
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir: expected a folder path, got {_checks.describe(out_dir)}")
+    out = Path(out_dir).resolve()
+    if out.parent == out:
+        raise ValueError(f"out_dir: expected a folder below a parent folder, got {str(out)!r}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: expected a folder, got the file {str(out)!r}")
+    return out
+
+
+def _own_entries(out: Path, inputs: set[Path]) -> list[str]:
+    """The names in ``out`` that merge_files wrote earlier; ValueError when ``out`` holds an input or
+    anything merge_files did not write (it would be replaced with the folder)."""
+    for f in sorted(inputs):
+        if out == f or out in f.parents:
+            raise ValueError(f"out_dir: {str(out)!r} holds the input {str(f)!r}; merge_files replaces the whole "
+                             "folder, so write the merge to another folder")
+    if not out.is_dir():
+        return []
+    own, foreign, shards, indexes = [], [], set(), []
+    for e in sorted(os.scandir(out), key=lambda e: e.name):
+        if e.is_file(follow_symlinks=False) and e.name.endswith(".safetensors") and _is_own_shard(e.path):
+            own.append(e.name)
+            shards.add(e.name)
+        elif e.is_file(follow_symlinks=False) and e.name.endswith(".safetensors.index.json"):
+            indexes.append(e)
+        elif e.is_file(follow_symlinks=False) and _OLD_TMP.fullmatch(e.name):
+            own.append(e.name)
+        else:
+            foreign.append(e.name)
+    for e in indexes:
+        (own if _is_own_index(e.path, shards) else foreign).append(e.name)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"out_dir: {str(out)!r} holds files merge_files did not write ({shown}); merge_files "
+                         "replaces the whole folder, so merge into a new or empty folder (or move them away)")
+    return own
+
+
+def _is_own_shard(path: str) -> bool:
+    try:
+        return _io.read_header(path).metadata.get("merged_by") == MARKER
+    except (ValueError, OSError):
+        return False
+
+
+def _is_own_index(path: str, shards: set[str]) -> bool:
+    """An index merge_files wrote: marked, or (earlier versions) naming only merge_files shards present here."""
+    try:
+        if os.path.getsize(path) > 2**26:
+            return False
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(doc, dict):
+        return False
+    meta, wmap = doc.get("metadata"), doc.get("weight_map")
+    if isinstance(meta, dict) and meta.get("merged_by") == MARKER:
+        return True
+    return isinstance(wmap, dict) and bool(wmap) and all(isinstance(v, str) and v in shards for v in wmap.values())
+
+
+def _remove_replaced(old: Path, own: list[str], out: Path) -> None:
+    """Delete the earlier merge that the commit moved to ``old``: only the files checked as its own."""
+    for name in own:
+        (old / name).unlink(missing_ok=True)
+    try:
+        old.rmdir()
+    except OSError:
+        warnings.warn(f"merge_files: {old} kept: files appeared in {out} while merging, and only merge_files' own "
+                      "earlier output is ever deleted", stacklevel=3)
 
 
 def _validate_options(method: str, weights: Any, opts: dict, count: int) -> None:

@@ -14,16 +14,25 @@ and compares bit for bit:
 * ``quant.quantize_blockwise_8bit`` / ``dequantize_blockwise_8bit``: ``quantize_blockwise`` /
   ``dequantize_blockwise`` with the dynamic map.
 * ``quant.codebook``: ``get_4bit_type`` (nf4, fp4) and ``create_dynamic_map(signed=True)``.
+
+bitsandbytes picks one of three CPU dequantize paths per call (AVX-512 kernel, C++ scalar loop, torch
+fallback) from the host's instruction set, the last dimension and the blocksize (``bnb_paths.py``).
+The profile states the scalar rules; the AVX-512 differences are known divergences with a model
+(``known_divergences.toml``). The target counts the path of every dequantize call (in shared memory,
+so that the counts survive the runner's forked worker) and ``notes()`` reports them with the host;
+``reproducer(op, case)`` writes a standalone torch + bitsandbytes script for a case.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from refimpl.conformance._values import to_numpy
+from refimpl.conformance.peers import bnb_paths
 
 PROFILE = "bitsandbytes-cpu"
 
@@ -50,6 +59,9 @@ class BitsandbytesTarget:
         # bitsandbytes' CPU dequantization is torch.compile'd; one recompile per new shape floods the log
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
+        # one int64 counter per dequantize path; an anonymous shared mapping is inherited by forked workers
+        self._shared = mmap.mmap(-1, 8 * len(bnb_paths.PATHS))
+        self._counts = np.frombuffer(self._shared, dtype=np.int64)
         self._ops: dict[str, Callable[..., Any]] = {
             "quant.quantize_4bit": self.quantize_4bit, "quant.dequantize_4bit": self.dequantize_4bit,
             "quant.quantize_blockwise_8bit": self.quantize_blockwise_8bit,
@@ -96,7 +108,9 @@ class BitsandbytesTarget:
 
         qs = F.QuantState.from_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                                      for k, v in state.to_bnb_dict().items()}, device=torch.device("cpu"))
+        path = bnb_paths.dequantize_path(tuple(state.shape), int(state.blocksize))
         out = to_numpy(F.dequantize_4bit(torch.from_numpy(np.ascontiguousarray(packed)), qs))
+        self._counts[bnb_paths.PATHS.index(path)] += 1
         if out.shape != state.shape and out.size == state.n:  # bitsandbytes#2047: (1, n) for even 1-D
             out = out.reshape(state.shape)
         return out
@@ -115,3 +129,21 @@ class BitsandbytesTarget:
                                      absmax=torch.from_numpy(np.ascontiguousarray(absmax)),
                                      code=F.create_dynamic_map(signed=True), blocksize=blocksize)
         return to_numpy(out)
+
+    def path_counts(self) -> dict[str, int]:
+        """Number of dequantize_4bit calls per bitsandbytes CPU path (bnb_paths.PATHS), this process and
+        its forked workers together."""
+        return {p: int(c) for p, c in zip(bnb_paths.PATHS, self._counts, strict=True)}
+
+    def notes(self) -> list[str]:
+        """Lines for the verdict table: the host as bitsandbytes sees it, the dequantize paths that ran and
+        how often, and whether the AVX-512 kernel was exercised."""
+        return bnb_paths.host_lines(self.path_counts())
+
+    def reproducer(self, op: str, case: dict[str, Any]) -> str | None:
+        """A standalone torch + bitsandbytes script for ``case`` (dequantize_4bit only), or None."""
+        if op != "quant.dequantize_4bit":
+            return None
+        from refimpl.conformance.reproducer import bnb_dequantize_script
+
+        return bnb_dequantize_script(case["packed"], case["state"])

@@ -14,6 +14,7 @@ keep their own fixed chunking, so results never depend on the thread count.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,15 @@ from numba import config, get_num_threads
 PARTS_PER_THREAD = 4
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+
+
+def _forget_pool_in_child() -> None:
+    # a forked child (the conformance runner's worker) inherits the pool object but not its threads
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _pool() -> ThreadPoolExecutor:

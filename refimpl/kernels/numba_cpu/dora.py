@@ -44,14 +44,27 @@ def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool 
     """‖W + s·B A‖ per output row (shape (out,)) without forming W + s·B A.
 
     ``embedding=True`` (E of shape (V, d), A (r, V), B (d, r)): the norm of each column of E + ΔE
-    across the vocabulary, shape (d,), as the reference.
+    across the vocabulary, shape (d,), as the reference. ConvNd weights (out, in, *k) with A (r, in, *k)
+    and B (out, r, 1, …): the norm over every axis but the first, on the (out, in·∏k) reshapes.
     """
-    w = _checks.float_array(W, "W", ndim=2)
+    w = _checks.float_array(W, "W", ndim=range(2, 6))
     transposed = _checks.boolean(fan_in_fan_out, "fan_in_fan_out") | _checks.boolean(embedding, "embedding")
-    w = w.T if transposed else w
-    a, b = _checks.float_array(A, "A", ndim=2), _checks.float_array(B, "B", ndim=2)
-    _checks.check_shape(a, "A", (None, w.shape[1]))
-    _checks.check_shape(b, "B", (w.shape[0], a.shape[0]))
+    if w.ndim > 2:
+        if transposed:
+            raise ValueError(f"fan_in_fan_out: a convolution weight has no transposed layout, got "
+                             f"{_checks.describe(w)} with fan_in_fan_out/embedding set")
+        a = _checks.float_array(A, "A", ndim=w.ndim)
+        b = _checks.float_array(B, "B", ndim=w.ndim)
+        _checks.check_shape(a, "A", (None, *w.shape[1:]))
+        _checks.check_shape(b, "B", (w.shape[0], a.shape[0], *([1] * (w.ndim - 2))))
+        w, a, b = w.reshape(w.shape[0], -1), a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    else:
+        w = w.T if transposed else w
+        a, b = _checks.float_array(A, "A", ndim=2), _checks.float_array(B, "B", ndim=2)
+        _checks.check_shape(a, "A", (None, w.shape[1]))
+        _checks.check_shape(b, "B", (w.shape[0], a.shape[0]))
+    if a.shape[0] > min(w.shape):
+        raise ValueError(f"A: rank r = {a.shape[0]} must be in [1, min(out, in) = {min(w.shape)}]")
     return _row_norms(w, a, b, _checks.real(scaling, "scaling"))
 
 
