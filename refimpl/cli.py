@@ -62,7 +62,7 @@ def _conform(args: argparse.Namespace) -> int:
                          divergences=args.divergences or None, vectors_dir=args.vectors_dir,
                          progress=None if args.quiet or not sys.stderr.isatty() else runner.stderr_progress,
                          timeout=args.timeout,
-                         isolate=not args.no_isolate, budget=args.budget)
+                         isolate=not args.no_isolate, budget=args.budget, fail_fast=args.fail_fast)
     except (ValueError, TypeError) as exc:
         print(f"refimpl conform: {exc}", file=sys.stderr)
         return 2
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the default tiers, spend this many seconds on freshly seeded random examples")
     p.add_argument("--thorough", action="store_true",
                    help=f"a long run: at least {1000} Hypothesis examples per op")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop each op at its first failing tier (the same verdict, sooner)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run the target in this process (no protection against exits, crashes and hangs)")
     p.add_argument("--reproducers", metavar="DIR", default=None,

@@ -29,6 +29,7 @@ storage format, as PEFT does. See spec/dora.md for the written rules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,7 @@ def _bias(bias: Any, out_features: int) -> np.ndarray:
 # ---------------------------------------------------------------------------- norm, direction, magnitude
 
 
+@precision._overflow_checked
 def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,
                 embedding: bool = False) -> np.ndarray:
     """‖W + s·B A‖ per output row, over the input dimension (DoRA eq. 5's ‖V + ΔV‖_c); shape (out,).
@@ -173,6 +175,7 @@ def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool 
     return np.linalg.norm(layer.combined(), axis=1)
 
 
+@precision._overflow_checked
 def direction(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,
               embedding: bool = False) -> np.ndarray:
     """The unit-norm direction (W + s·B A) / ‖W + s·B A‖ (DoRA eq. 5), in the layout of W."""
@@ -181,6 +184,7 @@ def direction(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = 
     return layer.to_caller(v / _nonzero_norm(np.linalg.norm(v, axis=1))[:, None])
 
 
+@precision._overflow_checked
 def init_magnitude(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,
                    embedding: bool = False, dtype: Any = None) -> np.ndarray:
     """m₀ = ‖W + s·B A‖ (DoRA §4.1: m initialised to the norm of the pre-trained weight), shape (out,).
@@ -203,6 +207,7 @@ def init_magnitude(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bo
 # ---------------------------------------------------------------------------- forward and backward
 
 
+@precision._overflow_checked
 def forward(
     x: Any,
     W: Any,
@@ -238,6 +243,7 @@ def forward(
     return xx @ layer.w.T + b + (f - 1.0) * (xd @ layer.w.T) + f * (layer.s * ((xd @ layer.a.T) @ layer.b.T))
 
 
+@precision._overflow_checked
 def backward(
     x: Any,
     W: Any,
@@ -294,6 +300,7 @@ def backward(
     return DoraGrads(dx=dx.reshape(xx.shape), dA=dA, dB=dB, dm=dm)
 
 
+@precision._overflow_checked
 def embedding_forward(ids: Any, E: Any, A: Any, B: Any, m: Any, scaling: float) -> np.ndarray:
     """DoRA Embedding (PEFT ``lora.Embedding`` with ``use_dora``): y = (f ⊙ (E + ΔE))[ids].
 
@@ -314,6 +321,7 @@ def embedding_forward(ids: Any, E: Any, A: Any, B: Any, m: Any, scaling: float) 
     return (f * v.T)[idx]
 
 
+@precision._overflow_checked
 def forward_sequential(x: Any, W: Any, adapters: Sequence[DoraAdapter], *, bias: Any = None,
                        fan_in_fan_out: bool = False) -> np.ndarray:
     """Several active DoRA adapters on one layer, composed as PEFT composes them (eval form).
@@ -344,6 +352,7 @@ def forward_sequential(x: Any, W: Any, adapters: Sequence[DoraAdapter], *, bias:
 # ---------------------------------------------------------------------------- merge and unmerge
 
 
+@precision._overflow_checked
 def merge(
     W: Any,
     A: Any,
@@ -381,6 +390,7 @@ def merge(
     return DoraMerge(W=merged, weight_norm=norm)
 
 
+@precision._overflow_checked
 def unmerge(
     W_merged: Any,
     A: Any,
@@ -435,9 +445,10 @@ def param_count(in_features: int, out_features: int, r: int, *, kernel_size: Seq
         return rr * (i + o) + o
     if rr % g:
         raise ValueError(f"r: expected a multiple of groups = {g} (PEFT requires r % groups == 0), got {rr}")
-    return rr * i * int(np.prod(ks)) + o * (rr // g) + o
+    return rr * i * math.prod(ks) + o * (rr // g) + o  # Python ints: no int64 overflow
 
 
+@precision._overflow_checked
 def forward_error_bound(x: Any, W: Any, A: Any, B: Any, m: Any, scaling: float, dtype: Any = "float32", *,
                         bias: Any = None, fan_in_fan_out: bool = False) -> np.ndarray:
     """Elementwise bound on |ŷ − y| for a kernel that evaluates the DoRA eval form in ``dtype``.
@@ -468,6 +479,7 @@ def forward_error_bound(x: Any, W: Any, A: Any, B: Any, m: Any, scaling: float, 
     return precision.gamma(k, dtype) * ((1 + np.abs(f - 1) + c * af) * p + (1 + c) * af * q + 2 * b)
 
 
+@precision._overflow_checked
 def backward_error_bound(x: Any, W: Any, A: Any, B: Any, m: Any, grad_y: Any, scaling: float,
                          dtype: Any = "float64", *, mode: str = "detached", dropout_mask: Any = None,
                          dropout_p: float = 0.0, fan_in_fan_out: bool = False) -> DoraGrads:

@@ -75,6 +75,7 @@ def scaling(alpha: float, r: int, *, use_rslora: bool = False) -> float:
     return a / np.sqrt(rank) if _checks.boolean(use_rslora, "use_rslora") else a / rank
 
 
+@precision._overflow_checked
 def delta(A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False) -> np.ndarray:
     """ΔW = s · B A, shape (out, in); transposed to (in, out) when ``fan_in_fan_out``."""
     a, b = _factors(A, B, None, None)
@@ -85,6 +86,7 @@ def delta(A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False) -> np
 # ---------------------------------------------------------------------------- forward and backward
 
 
+@precision._overflow_checked
 def forward(
     x: Any,
     W: Any,
@@ -126,6 +128,7 @@ class LoraGrads:
     dbias: np.ndarray | None = None
 
 
+@precision._overflow_checked
 def backward(
     x: Any,
     W: Any,
@@ -192,6 +195,7 @@ def dropout_mask(rng: np.random.Generator, shape: Sequence[int], p: float) -> np
 # ---------------------------------------------------------------------------- embedding
 
 
+@precision._overflow_checked
 def embedding_forward(ids: Any, E: Any, A: Any, B: Any, scaling: float) -> np.ndarray:
     """Embedding LoRA (PEFT ``lora.Embedding``): y = E[ids] + s · Aᵀ[ids] Bᵀ.
 
@@ -211,6 +215,7 @@ def embedding_forward(ids: Any, E: Any, A: Any, B: Any, scaling: float) -> np.nd
 # ---------------------------------------------------------------------------- merge
 
 
+@precision._overflow_checked
 def merge(
     W: Any,
     A: Any,
@@ -239,6 +244,7 @@ def merge(
     return merged.T if fifo else merged
 
 
+@precision._overflow_checked
 def unmerge(
     W_merged: Any,
     A: Any,
@@ -269,6 +275,7 @@ class LoraInit:
     B: np.ndarray
 
 
+@precision._overflow_checked
 def init(
     W: Any,
     r: int,

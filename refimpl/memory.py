@@ -19,12 +19,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from refimpl import _checks
 
 GB = 1e9
 METHODS = ("full", "lora", "qlora")
 ACTIVATIONS = ("none", "full", "checkpointed")
+#: Upper limits of the inputs: far above any real model (10¹⁵ parameters, 16M-token sequences, batch 2²⁰),
+#: low enough that a typo (``--rank 10**20``) is an error rather than a number.
+MAX_PARAMS = 1e15
+MAX_SEQ_LEN = 2**24
+MAX_BATCH = 2**20
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,19 @@ class ModelShape:
     n_heads: int
     vocab: int
 
+    def __post_init__(self) -> None:
+        # stored as Python ints, so the counts below cannot overflow as NumPy int64 would
+        for f in ("n_layers", "hidden", "ffn", "n_heads", "vocab"):
+            object.__setattr__(self, f, _checks.integer(getattr(self, f), f, low=1))
+
     def n_params(self) -> int:
         """Embedding + untied LM head + per layer (4h² attention + 3·h·f MLP + 2h norms) + final norm."""
         h, f = self.hidden, self.ffn
         return 2 * self.vocab * h + self.n_layers * (4 * h * h + 3 * h * f + 2 * h) + h
+
+    def max_rank(self) -> int:
+        """The largest LoRA rank every adapted layer allows: r ≤ min(in, out) = min(hidden, ffn)."""
+        return min(self.hidden, self.ffn)
 
     def lora_params(self, rank: int) -> int:
         """LoRA on every linear layer (q, k, v, o, gate, up, down): r·(in + out) each."""
@@ -75,8 +90,8 @@ class MemoryEstimate:
 def activation_bytes(model: ModelShape, *, mode: str, seq_len: int, batch: int) -> float:
     """Activation memory kept for backward, 16-bit, Korthikanti et al. eq. 2 (no sequence parallelism)."""
     _checks.choice(mode, "activations", ACTIVATIONS)
-    s = _checks.integer(seq_len, "seq_len", low=1)
-    b = _checks.integer(batch, "batch", low=1)
+    s = _checks.integer(seq_len, "seq_len", low=1, high=MAX_SEQ_LEN)
+    b = _checks.integer(batch, "batch", low=1, high=MAX_BATCH)
     h, a = model.hidden, model.n_heads
     per_layer = s * b * h * (34 + 5 * a * s / h)
     if mode == "none":
@@ -117,7 +132,7 @@ def estimate(
     p = LoRA parameters at ``rank`` on every linear layer (+ DoRA magnitudes when ``dora``).
     """
     _checks.choice(method, "method", METHODS)
-    _checks.integer(rank, "rank", low=1)
+    _checks.integer(rank, "rank", low=1, high=model.max_rank())
     _checks.boolean(dora, "dora")
     _checks.boolean(double_quant, "double_quant")
     _checks.integer(blocksize, "blocksize", low=1)
@@ -126,7 +141,8 @@ def estimate(
         _checks.real(v, name, low=0.0)
     if dora and method == "full":
         raise ValueError("dora: expected False for method='full' (DoRA is an adapter), got True")
-    n = float(model.n_params()) if n_params is None else _checks.real(n_params, "n_params", low=1.0)
+    n = float(model.n_params()) if n_params is None else _checks.real(n_params, "n_params", low=1.0,
+                                                                                 high=MAX_PARAMS)
     act = activation_bytes(model, mode=activations, seq_len=seq_len, batch=batch)
     comp: dict[str, float] = {}
     notes = [f"model {model.name}: {model.n_params() / 1e9:.3f} B parameters by count; "
@@ -195,9 +211,26 @@ def format_lesson_table() -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit 2), like the range errors below."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _check_options(args: argparse.Namespace, model: ModelShape) -> None:
+    """ValueError/TypeError naming the command-line option when a number is out of its range. Checked with
+    or without a method, so a value is never silently ignored."""
+    _checks.integer(args.rank, "--rank", low=1, high=model.max_rank())
+    _checks.integer(args.seq_len, "--seq-len", low=1, high=MAX_SEQ_LEN)
+    _checks.integer(args.batch, "--batch", low=1, high=MAX_BATCH)
+    if args.params is not None:
+        _checks.real(args.params, "--params", low=1.0, high=MAX_PARAMS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``refimpl memory``: the lesson's 65B table, or one estimate."""
-    ap = argparse.ArgumentParser(prog="refimpl memory", description=__doc__.splitlines()[0])
+    """``refimpl memory``: the lesson's 65B table, or one estimate. Exit 2 on an invalid option."""
+    ap = _Parser(prog="refimpl memory", description=__doc__.splitlines()[0])
     ap.add_argument("method", nargs="?", choices=METHODS, help="one method; omit for the lesson's 65B table")
     ap.add_argument("--params", type=float, default=None, help="number of parameters (default: LLaMA-65B count)")
     ap.add_argument("--rank", type=int, default=64)
@@ -206,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args(list(argv) if argv is not None else None)
+    try:
+        _check_options(args, LLAMA_65B)
+    except (TypeError, ValueError) as exc:
+        print(f"refimpl memory: {exc}", file=sys.stderr)
+        return 2
     if args.method is None:
         print(format_lesson_table())
         return 0

@@ -14,8 +14,11 @@ comfortably inside. Tolerances are never scaled by array size.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -33,6 +36,54 @@ DTYPES: dict[str, np.dtype] = {
 }
 
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _first_nonfinite(result: Any, name: str = "out") -> tuple[str, int] | None:
+    """(output name, flat index) of the first NaN/±inf float in an op's result (arrays, floats, dataclass
+    fields, tuple items), or None."""
+    if isinstance(result, np.ndarray) and (result.dtype.kind == "f" or result.dtype == DTYPES["bfloat16"]):
+        bad = ~np.isfinite(result.astype(np.float64, copy=False))
+        return (name, int(np.flatnonzero(bad.reshape(-1))[0])) if bad.any() else None
+    if isinstance(result, (float, np.floating)):
+        return None if np.isfinite(result) else (name, 0)
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        fields = [(f"{name}.{f.name}", getattr(result, f.name)) for f in dataclasses.fields(result)]
+    elif isinstance(result, (tuple, list)):
+        fields = [(f"{name}[{i}]", v) for i, v in enumerate(result)]
+    elif isinstance(result, Mapping):
+        fields = [(f"{name}[{k!r}]", v) for k, v in result.items()]
+    else:
+        return None
+    for sub, value in fields:
+        hit = _first_nonfinite(value, sub)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _overflow_checked(fn: _F) -> _F:
+    """Decorate a reference op whose inputs are validated finite: a NaN/±inf in its result can then only
+    come from overflow (float64 beyond ~1.8e308, or a ``dtype=`` rounding beyond that format's largest
+    finite value), so it raises ValueError naming the op and the output instead of returning it (and
+    instead of NumPy's RuntimeWarning). Policy: spec/conventions.md §5, "Overflow"."""
+    op = f"{fn.__module__.removeprefix('refimpl.').split('.')[0]}.{fn.__name__}"  # merging.* from submodules
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            result = fn(*args, **kwargs)
+        hit = _first_nonfinite(result)
+        if hit is not None:
+            where, i = hit
+            raise ValueError(f"{op}: the inputs are finite but the result {where} is not (first at flat "
+                             f"index {i}): the computation overflows float64 or the requested dtype; scale the "
+                             f"inputs down")
+        return result
+
+    return checked  # type: ignore[return-value]
 
 
 def resolve_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
@@ -131,6 +182,14 @@ def ulp(x: Any, dtype: Any) -> np.ndarray:
     return nxt.astype(np.float64) - r.astype(np.float64)
 
 
+def _not_scalar(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` unless it is 0-d: a matrix product needs an axis to sum over (ValueError naming ``name``)."""
+    if arr.ndim == 0:
+        raise ValueError(f"{name}: expected an array of at least one dimension, got {_checks.describe(arr)}")
+    return arr
+
+
+@_overflow_checked
 def matmul_error_bound(a: Any, b: Any, dtype: Any, *, extra_roundings: int = 1) -> np.ndarray:
     """Elementwise bound on |fl(a @ b) − a @ b| when the products and the K-term sum
     are computed in ``dtype``: γ_{K + extra} · (|a| @ |b|).
@@ -138,10 +197,14 @@ def matmul_error_bound(a: Any, b: Any, dtype: Any, *, extra_roundings: int = 1) 
     ``extra_roundings`` counts roundings after the sum (the default 1 covers
     storing the result in ``dtype``).
     """
-    aa = np.abs(_checks.float_array(a, "a", allow_empty=True))
-    bb = np.abs(_checks.float_array(b, "b", allow_empty=True))
+    aa = np.abs(_not_scalar(_checks.float_array(a, "a", allow_empty=True), "a"))
+    bb = np.abs(_not_scalar(_checks.float_array(b, "b", allow_empty=True), "b"))
     k = aa.shape[-1]
-    return gamma(k + extra_roundings, dtype) * (aa @ bb)
+    kb = bb.shape[0] if bb.ndim == 1 else bb.shape[-2]
+    if kb != k:
+        raise ValueError(f"b: expected {k} rows to match a's last axis (a @ b), got shape {bb.shape}")
+    extra = _checks.integer(extra_roundings, "extra_roundings", low=0)
+    return gamma(k + extra, dtype) * (aa @ bb)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ def forward(
     return lora.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p)
 
 
+@precision._overflow_checked
 def forward_error_bound(
     x: Any,
     packed: Any,
@@ -73,11 +74,21 @@ def forward_error_bound(
                  + [(1+γ_K)(1+γ_r)(1+u)⁴ − 1] · |s| · (|x| |A|ᵀ) |B|ᵀ,   γ_n of ``accumulate``.
     """
     W = dequantized_weight(packed, state, profile=profile)
-    ax, aA, aB = (np.abs(_checks.float_array(v, name)) for v, name in ((x, "x"), (A, "A"), (B, "B")))
-    K, r = W.shape[1], aA.shape[0]
+    out_f, K = W.shape
+    ax = np.abs(_checks.float_array(x, "x"))
+    if ax.ndim == 0:
+        raise ValueError(f"x: expected an array of shape (..., {K}), got a 0-d array")
+    _checks.check_shape(ax, "x", (*ax.shape[:-1], K))
+    aA = np.abs(_checks.float_array(A, "A", ndim=2))
+    _checks.check_shape(aA, "A", (None, K))
+    r = aA.shape[0]
+    aB = np.abs(_checks.float_array(B, "B", ndim=2))
+    _checks.check_shape(aB, "B", (out_f, r))
     base = ax @ np.abs(W).T
     if bias is not None:
-        base = base + np.abs(_checks.float_array(bias, "bias"))
+        bb = _checks.float_array(bias, "bias", ndim=1)
+        _checks.check_shape(bb, "bias", (out_f,))
+        base = base + np.abs(bb)
     s = abs(_checks.real(scaling, "scaling"))
     acc = dtype if accumulate is None else accumulate
     u = precision.unit_roundoff(dtype)

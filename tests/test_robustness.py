@@ -67,6 +67,12 @@ LEGAL = {
     ("lora.param_count", "in_features", "negative"),  # checked with r ≤ min(in, out): r raises first, any error ok
     ("merging.dare", "masks", "nan in first"),  # masks are boolean: no NaN to inject
     ("lora.embedding_forward", "ids", "empty"),  # an empty batch of token ids is a valid lookup (shape (0, d))
+    ("dora.embedding_forward", "ids", "empty"),  # the same lookup as LoRA's: (0, d)
+    # check_4bit classifies what an implementation did with NaN/inf in x ("special", spec/nf4.md §11):
+    # a non-finite x is its input domain, not an error
+    ("quant.check_4bit", "x", "nan"),
+    ("quant.check_4bit", "x", "inf"),
+    ("quant.check_4bit", "x", "-inf"),
     # NaN/inf in a stored absmax propagate by the spec (bitsandbytes' CPU NaN poisoning, spec/nf4.md)
     ("quant.dequantize_blockwise_8bit", "absmax", "nan"),
     ("quant.dequantize_blockwise_8bit", "absmax", "inf"),

@@ -58,7 +58,8 @@ def flatten(result: Any, prefix: str = "out") -> dict[str, np.ndarray]:
         for i, v in enumerate(result):
             items.update(flatten(v, f"{prefix}.{i}"))
         return items
-    if isinstance(result, str):
+    if isinstance(result, (str, np.dtype)):  # names (a dtype, a quant type, a profile) are compared as text
+        items[prefix] = np.asarray(str(result))
         return items
     arr = to_numpy(result)
     items[prefix] = np.asarray(arr)

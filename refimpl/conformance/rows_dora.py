@@ -119,8 +119,8 @@ def _strategy(*, with_x: bool = True, with_m: bool = True, grad: bool = False, o
         layout = draw(st.sampled_from(("linear", "fifo", "embedding") if options else ("linear", "fifo")))
         dt = draw(st.sampled_from(_DTYPES))
         c: Case = {}
-        if with_x:
-            lead = tuple(draw(st.lists(rs.dims(1, 3), min_size=0, max_size=2)))
+        if with_x:  # an unbatched (1-D) x is a boundary case: PEFT's DoRA returns (1, out) there
+            lead = tuple(draw(st.lists(rs.dims(1, 3), min_size=1, max_size=2)))
             c["x"] = _cast(draw(rs.float_arrays((*lead, n_in))), dt)
         c["W"] = _cast(draw(rs.float_arrays((n_in, n_out) if layout != "linear" else (n_out, n_in))), dt)
         c["A"] = _cast(draw(rs.float_arrays((r, n_in))), dt)
@@ -539,7 +539,8 @@ def _weight_boundary(kind: str):
                     c = {"W_merged": merged.W, "A": c["A"], "B": c["B"], "m": c["m"], "scaling": c["scaling"],
                          "weight_norm": merged.weight_norm, "fan_in_fan_out": c["fan_in_fan_out"],
                          "embedding": c["embedding"], "dtype": None}
-            cases.append((f"{cfg[0]}_{cfg[4]}_out{cfg[1]}_in{cfg[2]}_r{cfg[3]}_s{cfg[6]:g}_{cfg[5]}", c))
+            cases.append((f"{cfg[0]}_{cfg[4]}_out{cfg[1]}_in{cfg[2]}_r{cfg[3]}_s{cfg[6]:g}_{cfg[5]}"
+                          + ("_base" if "unmerged_base" in c else ""), c))
         if kind in ("merge", "unmerge", "init_magnitude"):
             base = cases[2][1]
             for dt in _STORE_DTYPES[1:]:
@@ -682,6 +683,21 @@ def _sequential_boundary() -> list[Boundary]:
     return _bounds_of(out, _sequential_classes)
 
 
+def _sequential_zero_row() -> Case:
+    """The first boundary case with a second adapter whose W + s·B A has a zero row (the reference raises)."""
+    from refimpl.dora import DoraAdapter
+
+    c = _sequential_boundary()[0].case
+    w = np.asarray(c["W"], dtype=np.float64)
+    ad = c["adapters"][0]
+    b = np.array(ad.B, dtype=np.float64)
+    b[0] = 0.0
+    a = np.array(ad.A, dtype=np.float64)
+    w2 = w.copy()
+    w2[0] = 0.0
+    return {**c, "W": w2, "adapters": [*c["adapters"], DoraAdapter(A=a, B=b, m=ad.m, scaling=ad.scaling)]}
+
+
 _COUNT_CLASSES = ("option: kernel_size=() (Linear, Embedding)", "option: kernel_size 1-D (Conv1d)",
                   "option: kernel_size 2-D (Conv2d)", "option: kernel_size 3-D (Conv3d)", "option: groups=1",
                   "option: groups > 1", "shape: r = 1", "shape: in != out")
@@ -822,7 +838,8 @@ def rows() -> list[OpSpec]:
             specials=lambda: [
                 Special("no adapters", {**_sequential_boundary()[0].case, "adapters": []}),
                 Special("an adapter as a tuple", {**_sequential_boundary()[0].case,
-                                                  "adapters": [(1.0, 2.0)]})],
+                                                  "adapters": [(1.0, 2.0)]}),
+                Special("a row of W + s·B A is zero", _sequential_zero_row())],
             classes=_SEQ_CLASSES, boundary=_sequential_boundary),
         OpSpec("dora.param_count", _param_count_strategy,
                "in, out, r ≥ 1; kernel_size () or ConvNd sizes ≥ 1; groups ≥ 1 dividing r (groups only with a kernel)",

@@ -581,7 +581,7 @@ def _ties_cases(op: str) -> list[Boundary]:
                                                       "density": 0.5, "weights": [1.0, 0.25, -1.5]},
                       "value: negative weight", shape=shape))
     out.append(_b("one task", {"task_vectors": _taus(61, 1, (9,)), "density": 0.5}, "value: one task", shape=(9,)))
-    out.append(_b("nine tasks", {"task_vectors": _taus(62, 9, (32,), kind="ties"), "density": 0.7,
+    out.append(_b("nine tasks", {"task_vectors": _taus(62, 9, (32,), kind="normal"), "density": 0.7,
                                  "weights": [1.0, -1.0, 0.5, 2.0, 0.0, 1.0, -0.5, 1.5, 1.0]},
                   "value: many tasks (T ≥ 8)", "value: zero weight", shape=(32,)))
     out.append(_b("all-zero task vectors", {"task_vectors": [np.zeros(6), np.zeros(6)], "density": 0.5},
@@ -621,7 +621,7 @@ def _ties_boundary() -> list[Boundary]:
                                                 "density": 1.0, "weight_stage": stage},
                       f"option: weight_stage={stage}", shape=(6,)))
     for div in ("count", "weight_sum", "none"):
-        out.append(_b(f"divisor={div}", {"task_vectors": _taus(71, 3, (16,), kind="ties"), "density": 0.8,
+        out.append(_b(f"divisor={div}", {"task_vectors": _taus(71, 3, (16,), kind="normal"), "density": 0.8,
                                          "divisor": div, "weights": [0.5, 2.0, 1.5]},
                       f"option: divisor={div}", shape=(16,)))
     out.append(_b("weight_sum divisor 0 over agreeing entries", {
@@ -1120,11 +1120,11 @@ def _elect_boundary() -> list[Boundary]:
         for v in vals:
             out.append(_b(f"{name}={v}", {"trimmed": base, "weights": [1.0, -2.0, 0.5], **ELECT_DEFAULT, name: v},
                           f"option: {name}={v}", "value: negative weight", shape=(18,)))
-    zero = [np.array([1.0, -2.0, 0.5, 1.0, 0.0]), np.array([-1.0, -1.0, 0.5, -1.0, 0.0])]
-    out.append(_b("score 0, global majority", {"trimmed": zero, "weights": None, **ELECT_DEFAULT,
+    zero = [np.array([1.0, -2.0, 0.5, 1.0, 0.0, 1.5]), np.array([-1.0, -1.0, 0.5, -1.0, 0.0, 0.0])]
+    out.append(_b("score 0, global majority; zeros beside a vote", {"trimmed": zero, "weights": None, **ELECT_DEFAULT,
                                                "zero_sign": "global_majority"},
                   "value: elected score exactly 0", "option: zero_sign=global_majority", "value: weights None",
-                  "value: zeros", shape=(5,)))
+                  "value: zeros", shape=(6,)))
     even = [np.array([1.0, 2.0, -1.0, -2.0]), np.array([-1.0, 1.0, 1.0, -1.0])]
     out.append(_b("global majority 0", {"trimmed": even, "weights": None, **ELECT_DEFAULT, "elect": "count",
                                         "zero_sign": "global_majority"}, "value: global majority 0",

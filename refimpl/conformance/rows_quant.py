@@ -110,10 +110,10 @@ def _threshold_block(targets: list[float], tail: bool, dtype_name: str = "float3
     return None
 
 
-def _straddle(m: float, tail: bool, exclude: float | None = None) -> tuple[float, float] | None:
+def _straddle(m: float, absmax: float | None = None) -> tuple[float, float] | None:
     """(a, x) with x·f32(1/a) and x/a on opposite sides of the float32 midpoint m (one > m, the other ≤ m),
-    so the scaling rule decides the code; with ``tail`` the candidate a is ``exclude`` only."""
-    cands = [exclude] if exclude is not None else _absmax_candidates("float32")[:200]
+    so the scaling rule decides the code; a is ``absmax`` when given, else searched."""
+    cands = [absmax] if absmax is not None else _absmax_candidates("float32")[:200]
     for a in cands:
         a32 = _F32(a)
         x0 = _F32(np.float64(m) * np.float64(a32))
@@ -176,7 +176,7 @@ def _straddle_case(quant_type: str, blocksize: int, tail_len: int, seed: int) ->
     for m in _midpoints(quant_type):
         if m == 0:
             continue
-        found = _straddle(float(m), tail=False)
+        found = _straddle(float(m))
         if found is not None:
             a, x = found
             vals = np.array([a, x, -x], dtype=np.float32)
@@ -184,7 +184,7 @@ def _straddle_case(quant_type: str, blocksize: int, tail_len: int, seed: int) ->
         if tail_a is None and found is not None:
             tail_a = found[0]
         if tail_a is not None:
-            again = _straddle(float(m), tail=True, exclude=tail_a)
+            again = _straddle(float(m), absmax=tail_a)
             if again is not None:
                 tail_xs.append(again[1])
     vals = np.array(tail_xs, dtype=np.float32)[:tail_len - 1]

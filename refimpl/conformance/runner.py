@@ -193,6 +193,8 @@ def _kind(dt: np.dtype) -> str:
         return "float"
     if dt.kind in "iu":
         return "integer"
+    if dt.kind in "US":
+        return "text"
     return {"b": "bool", "c": "complex"}.get(dt.kind, dt.kind)
 
 
@@ -236,11 +238,18 @@ class _Checker:
         except Exception as exc:  # a reproducer is a convenience: never let it change a verdict
             return f"# no reproducer: {type(exc).__name__}: {exc}"
 
-    def known(self, case: dict[str, Any], act: dict[str, np.ndarray], exp: dict[str, np.ndarray]) -> str:
-        """The modelled divergence that reproduces ``act`` bit for bit, or ''."""
+    def known(self, case: dict[str, Any], act: dict[str, np.ndarray], exp: dict[str, np.ndarray], tier: str,
+              label: str) -> str:
+        """The modelled divergence that reproduces ``act`` bit for bit, or ''. A model that raises explains
+        nothing: the case stays a failure."""
         for d in self.modelled:
+            if not d.matches(self.spec.name, self.target.name, tier, label):
+                continue
             model = d.model_fn()
-            modelled = model(self.spec.name, case, exp) if model is not None else None
+            try:
+                modelled = model(self.spec.name, case, exp) if model is not None else None
+            except Exception:
+                continue
             if modelled is not None and compare_exact(act, modelled).passed:
                 return str(d)
         return ""
@@ -259,7 +268,7 @@ class _Checker:
         if v.passed:
             return CaseResult(name, tier, label, PASS, v.message, worst_ratio=v.worst_ratio, n_cases=1,
                               classes=list(classes))
-        div = self.known(case, act, exp)
+        div = self.known(case, act, exp, tier, label)
         return CaseResult(name, tier, label, XFAIL if div else FAIL, v.message, worst_ratio=v.worst_ratio,
                           n_cases=1, classes=list(classes), divergence=div,
                           snippet=self.snip(case, f"{tier} case {label}: {v.message}"),
@@ -298,6 +307,8 @@ class _Checker:
             cases = vectors.load_op(self.spec.name, vectors_dir)
         except FileNotFoundError as exc:
             return [CaseResult(self.spec.name, "golden", "*", SKIP, str(exc))]
+        except ValueError as exc:  # a tampered, malformed or unlisted vector file (names the file)
+            return [CaseResult(self.spec.name, "golden", "*", FAIL, f"golden vectors unusable: {exc}")]
         out = []
         for label, case, expected in cases:
             if self.opts:  # the vectors hold the default profile: the expected values are the reference's here
@@ -353,7 +364,7 @@ class _Checker:
             v: Verdict = compare(self.spec.tolerance, act, exp, case, self.dtype)
             stats["n"] += 1
             if not v.passed:
-                div = self.known(case, act, exp)
+                div = self.known(case, act, exp, "properties", label)
                 if div:
                     known[div] = known.get(div, 0) + 1
                     return
@@ -441,6 +452,7 @@ class _Task:
     tiers: list[str]
     examples: int
     seed: int | None = None
+    fail_fast: bool = False
 
 
 def _run_task(task: _Task, spec: OpSpec, chk: _Checker, vectors_dir: Path | None, emit: Callable[[CaseResult],
@@ -464,9 +476,10 @@ def _run_task(task: _Task, spec: OpSpec, chk: _Checker, vectors_dir: Path | None
         for r in new:
             r.seconds = time.perf_counter() - t1
             emit(r)
-        if tier == "shapes" and any(r.status == FAIL for r in new):
+        if any(r.status == FAIL for r in new) and (tier == "shapes" or task.fail_fast):
+            why = "the shapes tier failed" if tier == "shapes" else f"the {tier} tier failed (fail-fast)"
             for later in task.tiers[task.tiers.index(tier) + 1:]:
-                emit(CaseResult(spec.name, later, "*", NA, "not run: the shapes tier failed"))
+                emit(CaseResult(spec.name, later, "*", NA, f"not run: {why}"))
             return
 
 
@@ -511,12 +524,13 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
         examples: int = DEFAULT_EXAMPLES, tiers: Iterable[str] = TIERS,
         divergences: list[str | Path] | None = None, vectors_dir: str | Path | None = None,
         progress: Callable[[str], None] | None = None, timeout: float = DEFAULT_TIMEOUT, isolate: bool = True,
-        budget: float = 0.0) -> RunResult:
+        budget: float = 0.0, fail_fast: bool = False) -> RunResult:
     """Check ``target`` against the reference on the selected ops (globs, e.g. "quant.*").
 
     ``timeout`` bounds each call of the target (seconds); ``isolate`` runs the target in a forked
     worker so that an exit or a crash is a failure, not the end of the run; ``budget`` spends that
-    many more seconds on freshly seeded random examples after the default tiers.
+    many more seconds on freshly seeded random examples after the default tiers; ``fail_fast`` stops
+    an op at its first failing tier (the verdict is the same, reached sooner).
     """
     if not (timeout > 0 and np.isfinite(timeout)):
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
@@ -559,11 +573,12 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
         chk.beat = beat
         _run_task(_Task(**task), by_name[task["op"]], chk, vdir, lambda r: emit(asdict(r)))
 
-    executor = Executor(run_task, timeout, isolate)
+    fork_safe = bool(getattr(tgt, "fork_safe", True))
+    executor = Executor(run_task, timeout, isolate and fork_safe)
     try:
         for name in checkers:
             t0 = time.perf_counter()
-            new = _execute(executor, _Task(name, later, examples))
+            new = _execute(executor, _Task(name, later, examples, fail_fast=fail_fast))
             results += new
             bad = sum(r.status == FAIL for r in new)
             failed = f", {bad} FAILED" if bad else ""
@@ -597,10 +612,13 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
         from refimpl.conformance.targets import auto_reason
 
         notes.insert(0, auto_reason())
+    if isolate and not fork_safe:
+        notes.append(f"target {tgt.name} cannot run in a forked worker (fork_safe is False): it ran in this process, "
+                     "so an exit or a hang of the target would end the run instead of failing one op")
     coverage = _coverage(specs, results, set(checkers)) if "boundary" in tiers else {}
     return RunResult(tgt.name, results, warnings, time.perf_counter() - start,
                      {"examples": examples, "tiers": tiers, "ops": [s.name for s in specs], "timeout": timeout,
-                      "isolate": executor.isolate, "budget": budget},
+                      "isolate": executor.isolate, "budget": budget, "fail_fast": fail_fast},
                      coverage=coverage, unchecked=_unchecked(tgt, ops), notes=notes)
 
 

@@ -92,10 +92,12 @@ class OpSpec:
         return getattr(importlib.import_module(f"refimpl.{self.module}"), self.function)
 
     def example(self) -> Case:
-        """The canonical small case (the first golden case, seed 0)."""
-        if self.golden is None:
-            raise LookupError(f"{self.name}: no golden cases")
-        return dict(self.golden(np.random.default_rng(0))[0][1])
+        """The canonical small case: the first golden case (seed 0), else the first boundary case."""
+        if self.golden is not None:
+            return dict(self.golden(np.random.default_rng(0))[0][1])
+        if self.boundary is not None:
+            return dict(self.boundary()[0].case)
+        raise LookupError(f"{self.name}: no golden or boundary cases")
 
 
 #: Every public function of ``refimpl.<module>`` for these modules has a row, or is named in a row family's
@@ -116,6 +118,20 @@ def op_table() -> dict[str, OpSpec]:
         for spec in mod.rows():
             rows[spec.name] = spec
     return rows
+
+
+def public_functions(module: str) -> list[str]:
+    """The public functions ``refimpl.<module>`` defines or re-exports from refimpl (``__all__`` where given)."""
+    import inspect
+
+    mod = importlib.import_module(f"refimpl.{module}")
+    names = getattr(mod, "__all__", None) or [n for n in dir(mod) if not n.startswith("_")]
+    out = []
+    for n in names:
+        obj = getattr(mod, n, None)
+        if inspect.isfunction(obj) and obj.__module__.startswith("refimpl."):
+            out.append(f"{module}.{n}")
+    return out
 
 
 def not_ops() -> dict[str, str]:

@@ -11,6 +11,12 @@ have the reference's names). Optional methods:
   both the reference and the target (e.g. ``profile="bitsandbytes-cpu"``);
 * ``compute_dtype(op) -> str``: the precision the target computes in (bounds
   widen from float64's unit roundoff to that dtype's).
+* ``fork_safe`` (attribute, default True): False for a target that cannot run in a
+  forked worker (a CUDA context does not survive fork); it then runs in the runner's
+  process, without protection against exits and hangs.
+* ``provided_ops() -> list[str]``, ``notes() -> list[str]``, ``reproducer(op, case) -> str``:
+  what the target provides (ops without a row are reported unchecked), lines for the report,
+  and a standalone script in a peer's own API for a failing case.
 
 Built-in names: ``numpy`` (the reference itself), ``numba`` and ``cupy`` (refimpl's
 kernels; ``cupy`` raises ValueError with the reason where CuPy or a GPU is missing),
@@ -120,6 +126,8 @@ class KernelTarget:
     def __init__(self, backend: str) -> None:
         self.name = backend
         self.backend = backend
+        #: a CUDA context does not survive fork, so the cupy kernels run in the runner's own process
+        self.fork_safe = backend != "cupy"
 
     def lookup(self, op: str) -> Callable[..., Any] | None:
         try:
@@ -190,18 +198,11 @@ def provided_ops(target: Target) -> list[str]:
     fn = getattr(target, "provided_ops", None)
     if callable(fn):
         return sorted(fn())
-    from refimpl.conformance.table import OP_MODULES, not_ops
+    from refimpl.conformance.table import OP_MODULES, not_ops, public_functions
 
     if isinstance(target, ReferenceTarget):
         skip = not_ops()
-        out = []
-        for module in OP_MODULES:
-            mod = importlib.import_module(f"refimpl.{module}")
-            for name in getattr(mod, "__all__", []):
-                obj = getattr(mod, name, None)
-                if callable(obj) and not isinstance(obj, type) and f"{module}.{name}" not in skip:
-                    out.append(f"{module}.{name}")
-        return sorted(out)
+        return sorted(op for module in OP_MODULES for op in public_functions(module) if op not in skip)
     if isinstance(target, KernelTarget):
         try:
             return sorted(importlib.import_module("refimpl.kernels").ops(target.backend))

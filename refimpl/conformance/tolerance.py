@@ -88,7 +88,9 @@ def compare_exact(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.nd
         act = np.asarray(act)
         if act.shape != exp.shape:
             return Verdict(False, float("inf"), f"{name}: shape {act.shape}, expected {exp.shape}")
-        if exp.dtype.kind == "f" or exp.dtype.name == "bfloat16":
+        if exp.dtype.kind in "USO":
+            differ = np.asarray(act.astype(str) != exp.astype(str))
+        elif exp.dtype.kind == "f" or exp.dtype.name == "bfloat16":
             with np.errstate(invalid="ignore", over="ignore"):
                 a = act.astype(exp.dtype)
             nan_both = np.isnan(a.astype(np.float64)) & np.isnan(exp.astype(np.float64))
@@ -127,7 +129,7 @@ def compare_bounded(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
         act = np.asarray(act)
         if act.shape != exp.shape:
             return Verdict(False, float("inf"), f"{name}: shape {act.shape}, expected {exp.shape}")
-        if exp.dtype.kind not in "f" and exp.dtype.name != "bfloat16":
+        if exp.dtype.kind != "f" and exp.dtype.name != "bfloat16":
             v = compare_exact({name: act}, {name: exp})
             if not v.passed:
                 return v

@@ -232,15 +232,61 @@ def verify(directory: str | Path | None = None) -> list[str]:
     return problems
 
 
-def load_op(op: str, directory: str | Path | None = None) -> list[tuple[str, dict[str, Any], dict[str, np.ndarray]]]:
-    """The golden cases of one op: (label, keyword arguments, expected named outputs)."""
-    d = (Path(directory) if directory is not None else default_dir()) / op
-    paths = sorted(d.glob("*.safetensors")) if d.is_dir() else []
-    if not paths:
-        raise FileNotFoundError(f"no golden vectors for {op} in {d.parent} (run `refimpl vectors generate`)")
-    out = []
-    for p in paths:
-        tensors, meta = io.load_tensors(p)
+_META_TYPES: dict[str, type | tuple[type, ...]] = {"op": str, "case": str, "args": list, "scalars": dict,
+                                                   "kinds": dict, "outputs": list, "shapes": dict}
+
+
+def _manifest_entries(d: Path) -> dict[str, Any]:
+    """The ``files`` of MANIFEST.json in ``d``: relative path -> {"sha256", "bytes"}; ValueError naming it."""
+    m = d / "MANIFEST.json"
+    try:
+        if m.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{m}: larger than {MAX_MANIFEST_BYTES} bytes: not a manifest of golden vectors")
+        doc = json.loads(m.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"{m}: missing; golden vectors are only read with their manifest (run "
+                         "`refimpl vectors generate`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{m}: not a readable JSON manifest ({type(exc).__name__}: {exc})") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+            for e in files.values()):
+        raise ValueError(f"{m}: expected an object with \"files\": {{path: {{\"sha256\", \"bytes\"}}}}")
+    return files
+
+
+def _check_file(p: Path, entry: dict[str, Any]) -> None:
+    """ValueError naming ``p`` unless its size and sha256 are those MANIFEST.json lists (a file of another
+    size is never read, so a huge file costs one ``stat``)."""
+    size = p.stat().st_size
+    if size != entry["bytes"]:
+        raise ValueError(f"{p}: {size} bytes, MANIFEST.json lists {entry['bytes']}: the file was changed "
+                         "after `refimpl vectors generate` (regenerate it, or restore it)")
+    with open(p, "rb") as fh:
+        data = fh.read(size + 1)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{p}: sha256 does not match MANIFEST.json: the file was changed after "
+                         "`refimpl vectors generate` (regenerate it, or restore it)")
+
+
+def _decode_case(p: Path, op: str, tensors: dict[str, np.ndarray], meta: dict[str, Any],
+                 ) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    """(label, keyword arguments, expected outputs) of one vector file; ValueError naming ``p`` when its
+    metadata is incomplete or does not fit its tensors."""
+    for key, typ in _META_TYPES.items():
+        if key not in meta:
+            raise ValueError(f"{p}: metadata has no {key!r} (keys: {sorted(meta)}); not a golden vector of "
+                             f"format {FORMAT}")
+        if not isinstance(meta[key], typ):
+            raise ValueError(f"{p}: metadata {key!r}: expected a JSON {typ.__name__}, got "
+                             f"{type(meta[key]).__name__}")
+    if meta["op"] != op:
+        raise ValueError(f"{p}: holds a case of {meta['op']!r}, not of {op!r}")
+    names = [*meta["args"], *meta["outputs"]]
+    if not all(isinstance(n, str) for n in names) or not all(isinstance(k, str) for k in meta["kinds"].values()):
+        raise ValueError(f"{p}: metadata 'args', 'outputs' and 'kinds' must hold strings")
+    try:
         # safetensors' NumPy reader returns 0-d tensors as shape (1,): restore the stored shapes
         tensors = {k: v.reshape(meta["shapes"][k]) for k, v in tensors.items()}
         case: dict[str, Any] = {}
@@ -250,14 +296,54 @@ def load_op(op: str, directory: str | Path | None = None) -> list[tuple[str, dic
                 case[name] = meta["scalars"][name]
             elif kind == "array":
                 case[name] = tensors[f"input.{name}"]
-            elif kind.startswith("list"):
+            elif kind.startswith("list") and kind[4:].isdigit():
                 case[name] = [tensors[f"input.{name}.{i}"] for i in range(int(kind[4:]))]
-            else:
+            elif kind.startswith("QuantState:"):
                 from refimpl.quant import QuantState
 
                 prefix = f"input.{name}."
                 parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                case[name] = QuantState.from_bnb_dict(parts, profile=kind.split(":", 1)[1])
+                # the stored state is the reference's own output (NaN offsets included), checked by its sha256
+                case[name] = QuantState.from_bnb_dict(parts, profile=kind.split(":", 1)[1], nonfinite="propagate")
+            else:
+                raise ValueError(f"unknown kind {kind!r} of argument {name!r}")
         expected = {name: tensors[f"output.{name}"] for name in meta["outputs"]}
-        out.append((meta["case"], case, expected))
+    except KeyError as exc:
+        raise ValueError(f"{p}: no {exc.args[0]!r} in the file's tensors or metadata") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{p}: {exc}") from None
+    return meta["case"], case, expected
+
+
+def load_op(op: str, directory: str | Path | None = None) -> list[tuple[str, dict[str, Any], dict[str, np.ndarray]]]:
+    """The golden cases of one op: (label, keyword arguments, expected named outputs).
+
+    FileNotFoundError when the op has no vectors. Every file is checked against MANIFEST.json (size and
+    sha256; a file it does not list, or a listed one that is missing, counts too) before it is decoded,
+    and a tampered, malformed or incomplete file raises ValueError naming it: the runner reports that
+    as a failure of the golden tier, never as a traceback.
+    """
+    root = Path(directory) if directory is not None else default_dir()
+    d = root / op
+    paths = sorted(d.glob("*.safetensors")) if d.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"no golden vectors for {op} in {root} (run `refimpl vectors generate`)")
+    entries = _manifest_entries(root)
+    listed = {rel for rel in entries if rel.startswith(f"{op}/") and rel.count("/") == 1}
+    missing = sorted(listed - {f"{op}/{p.name}" for p in paths})
+    if missing:
+        raise ValueError(f"{root / missing[0]}: listed in MANIFEST.json but missing"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    out = []
+    for p in paths:
+        entry = entries.get(f"{op}/{p.name}")
+        if entry is None:
+            raise ValueError(f"{p}: not listed in {root / 'MANIFEST.json'} (a stray or renamed file; run "
+                             "`refimpl vectors generate` or remove it)")
+        try:
+            _check_file(p, entry)
+        except OSError as exc:
+            raise ValueError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+        tensors, meta = io.load_tensors(p)  # format errors: ValueError naming the file
+        out.append(_decode_case(p, op, tensors, meta))
     return out

@@ -37,6 +37,7 @@ import math
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -640,7 +641,7 @@ def _page(title: str, body: str) -> bytes:
 
 def spec_page(name: str) -> bytes | None:
     """A spec/ Markdown page as HTML (headings carry GitHub-style anchors), or None where there is none."""
-    if not re.fullmatch(r"[a-z_]+\.md", name) or not (SPEC / name).is_file():
+    if not re.fullmatch(r"[a-z0-9_]+\.md", name) or not (SPEC / name).is_file():
         return None
     lines = []
     for line in (SPEC / name).read_text(encoding="utf-8").splitlines():
@@ -876,11 +877,17 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_runs: int = 2, warm: bo
               file=sys.stderr, flush=True)
     thread = threading.Thread(target=srv.serve_forever, name="lab-http", daemon=True)
     thread.start()
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # a terminated server cleans up as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while thread.is_alive():
             thread.join(0.5)
     except KeyboardInterrupt:
         print("refimpl lab serve: stopping", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         srv.close()
     return 0

@@ -6,13 +6,14 @@ Linear merge ("model soups"): Wortsman et al., arXiv 2203.05482.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from refimpl import _checks
+from refimpl import _checks, precision
 from refimpl.merging import _common
 
 
@@ -21,6 +22,7 @@ def _is_float_array(x: Any) -> bool:
     return np.dtype(_checks._to_numpy(x, "x").dtype) in _checks.FLOAT_DTYPES
 
 
+@precision._overflow_checked
 def task_vector(finetuned: Any, base: Any) -> Any:
     """τ = θ_t − θ₀ (Ilharco et al. 2023, §2), in float64.
 
@@ -52,6 +54,7 @@ def task_vector(finetuned: Any, base: Any) -> Any:
     return f - b
 
 
+@precision._overflow_checked
 def task_arithmetic(
     task_vectors: Sequence[Any],
     weights: Sequence[float] | None = None,
@@ -88,6 +91,7 @@ def task_arithmetic_owned(taus: list[np.ndarray], w: np.ndarray, lam: float, nor
     return merged
 
 
+@precision._overflow_checked
 def linear(tensors: Sequence[Any], weights: Sequence[float] | None = None, *, normalize: bool = True) -> np.ndarray:
     """Weighted average of full weights, Σ_t w_t θ_t / Σ_t w_t (``normalize``), else Σ_t w_t θ_t.
 
@@ -117,7 +121,7 @@ class ModelLayout:
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+        return tuple(math.prod(int(n) for n in s) for s in self.shapes)  # Python ints: no int64 overflow
 
 
 def flatten_model(state: Mapping[str, Any], *, remove_keys: Sequence[str] = ()) -> tuple[np.ndarray, ModelLayout]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from refimpl import _checks
+from refimpl import _checks, precision
 from refimpl.merging import _common
 
 
@@ -37,6 +37,7 @@ def _adapters(As: Any, Bs: Any, scalings: Any, weights: Any) -> tuple[list, list
     return A, B, w * s
 
 
+@precision._overflow_checked
 def lora_delta(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
                weights: Sequence[float] | None = None) -> np.ndarray:
     """ΔW = Σ_i w_i s_i B_i A_i, shape (out, in), float64: the target of every LoRA-space merge."""
@@ -44,6 +45,7 @@ def lora_delta(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
     return sum(ci * (b @ a) for ci, a, b in zip(c, A, B, strict=True))
 
 
+@precision._overflow_checked
 def lora_cat(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
              weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenation: A = [c_1 A_1; …; c_T A_T] (rows), B = [B_1 … B_T] (columns), rank Σ r_i.
@@ -55,6 +57,7 @@ def lora_cat(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
     return np.concatenate([ci * a for ci, a in zip(c, A, strict=True)], axis=0), np.concatenate(B, axis=1)
 
 
+@precision._overflow_checked
 def lora_factor_linear(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
                        weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """PEFT's factor-space ``combination_type="linear"`` (an emulation, NOT Σ c_i ΔW_i).
@@ -73,6 +76,7 @@ def lora_factor_linear(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
     return (sum(x * a for x, a in zip(a_w, A, strict=True)), sum(x * b for x, b in zip(b_w, B, strict=True)))
 
 
+@precision._overflow_checked
 def lowrank_factors(delta: Any, rank: int, *, split: str = "B",
                     clamp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-r factors of ΔW (Eckart–Young): U, S, Vᵀ = svd(ΔW), truncated to r.
@@ -100,6 +104,7 @@ def lowrank_factors(delta: Any, rank: int, *, split: str = "B",
     return a, b
 
 
+@precision._overflow_checked
 def lora_svd(As: Sequence[Any], Bs: Sequence[Any], scalings: Any, weights: Sequence[float] | None = None,
              *, rank: int | None = None, split: str = "B", clamp: float | None = None
              ) -> tuple[np.ndarray, np.ndarray]:

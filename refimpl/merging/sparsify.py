@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from refimpl import _checks
+from refimpl import _checks, precision
 from refimpl.merging import _common
 
 #: How many entries a magnitude trim keeps (see spec/merging.md, "Trim").
@@ -59,6 +59,7 @@ def trim_mask(tau: Any, density: float, *, k_rule: str = "threshold") -> np.ndar
     return keep.reshape(t.shape)
 
 
+@precision._overflow_checked
 def l1_rescaled(tau: Any, mask: Any) -> np.ndarray:
     """mergekit's ``rescaled_masked_tensor(norm=l1)`` with validated inputs (see ``_l1_rescaled``)."""
     t = _common.as_float(tau, "tau")[0]
@@ -93,6 +94,7 @@ def densities(density: Any, count: int, name: str = "density") -> np.ndarray:
     return np.asarray(vals)
 
 
+@precision._overflow_checked
 def magnitude_prune(
     task_vectors: Sequence[Any],
     weights: Sequence[float] | None = None,

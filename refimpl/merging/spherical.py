@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from refimpl import _checks
+from refimpl import _checks, precision
 from refimpl.merging import _common
 
 #: mergekit's DOT_THRESHOLD and normalisation guard.
@@ -58,6 +58,7 @@ def _coefficients(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float, 
     return SlerpCoefficients(float(np.sin((1.0 - t) * omega) / s), float(np.sin(t * omega) / s), dot, False)
 
 
+@precision._overflow_checked
 def slerp_coefficients(t: float, v0: Any, v1: Any, *, dot_threshold: float = DOT_THRESHOLD,
                        eps: float = EPS) -> SlerpCoefficients:
     """The two scalars c0, c1 of ``slerp`` (and cos Ω), computed in float64."""
@@ -66,6 +67,7 @@ def slerp_coefficients(t: float, v0: Any, v1: Any, *, dot_threshold: float = DOT
                          _checks.real(eps, "eps", low=0.0))
 
 
+@precision._overflow_checked
 def slerp(t: float, v0: Any, v1: Any, *, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS) -> np.ndarray:
     """SLERP between base v0 (t = 0) and v1 (t = 1) over the whole flattened tensor, in float64.
 

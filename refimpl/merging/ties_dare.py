@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from refimpl import _checks
+from refimpl import _checks, precision
 from refimpl.merging import _common
 from refimpl.merging.sparsify import (
     K_RULES,
@@ -63,6 +63,7 @@ DARE_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+@precision._overflow_checked
 def elect_and_merge(
     trimmed: Sequence[Any],
     weights: Any,
@@ -152,6 +153,7 @@ def _ties_options(profile: str, table: dict, given: dict) -> dict:
     return opts
 
 
+@precision._overflow_checked
 def ties(
     task_vectors: Sequence[Any],
     weights: Sequence[float] | None = None,
@@ -208,6 +210,7 @@ def ties_owned(taus: list[np.ndarray], w: np.ndarray, d: np.ndarray, opts: dict[
     return merged
 
 
+@precision._overflow_checked
 def dare(
     task_vectors: Sequence[Any],
     weights: Sequence[float] | None = None,

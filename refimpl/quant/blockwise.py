@@ -62,7 +62,7 @@ def _nonfinite_mode(nonfinite: Any, profile: str) -> str:
 def float_input_array(x: Any, name: str) -> np.ndarray:
     """x as a non-empty NumPy array of dtype float32, float16, bfloat16 or float64 (not converted;
     NaN/inf are left to the profile's special-value rules, which ``_checks.float_array`` would reject)."""
-    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    arr = _checks._to_numpy(x, name)  # refuses masked arrays and np.matrix
     if np.dtype(arr.dtype) not in _INPUT_DTYPES:
         raise TypeError(f"{name}: expected a float32, float16 or bfloat16 array (float64: reference profile "
                         f"only), got {_checks.describe(arr)}")
@@ -106,7 +106,7 @@ def pack_nibbles(nibbles: Any, pad: int = 0) -> np.ndarray:
     """Pack 4-bit codes two per byte, the first element in the high nibble:
     byte_k = 16·nib_{2k} + nib_{2k+1}. An odd count is padded with ``pad``.
     Returns uint8 of shape ((n + 1)//2, 1), bitsandbytes' storage layout."""
-    nib = np.asarray(nibbles)
+    nib = _checks._to_numpy(nibbles, "nibbles")
     if nib.dtype.kind not in "iu":
         raise TypeError(f"nibbles: expected an integer array of 4-bit codes, got {_checks.describe(nib)}")
     nib = nib.reshape(-1)
@@ -123,7 +123,7 @@ def pack_nibbles(nibbles: Any, pad: int = 0) -> np.ndarray:
 
 def unpack_nibbles(packed: Any, n: int) -> np.ndarray:
     """Inverse of ``pack_nibbles``: the first ``n`` 4-bit codes (uint8) of packed bytes."""
-    p = np.asarray(packed)
+    p = _checks._to_numpy(packed, "packed")
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected a uint8 array, got {_checks.describe(p)}")
     n = _checks.integer(n, "n", low=1)
@@ -281,7 +281,7 @@ def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = Non
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
     profile = state.profile if profile is None else _profile(profile)
     n = state.n
-    p = np.asarray(packed)
+    p = _checks._to_numpy(packed, "packed")
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
     if p.size != (n + 1) // 2:
@@ -394,11 +394,11 @@ def quantize_blockwise_8bit(
 
 def dequantize_blockwise_8bit(codes: Any, absmax: Any, blocksize: int = 256) -> np.ndarray:
     """x̂_i = f32(d[q_i] · a_{i // blocksize}) with the dynamic map d; float32 with the codes' shape."""
-    q = np.asarray(codes)
+    q = _checks._to_numpy(codes, "codes")
     if q.dtype != np.uint8:
         raise TypeError(f"codes: expected a uint8 array, got {_checks.describe(q)}")
     bs = _blocksize(blocksize)
-    a = np.asarray(absmax)
+    a = _checks._to_numpy(absmax, "absmax")
     if a.dtype != np.float32:
         raise TypeError(f"absmax: expected a float32 array, got {_checks.describe(a)}")
     nblocks = -(-q.size // bs)

@@ -165,18 +165,21 @@ def _linear_always_normalize(tensors, weights=None, *, normalize=True):
 
 
 def _dare_with(*, drop=None, force_merge=None, skip_normalize=False):
+    """``merging.dare`` with one defect: another drop step, the merge mode or normalize ignored."""
     def fn(task_vectors, weights=None, *, density, masks=None, rng=None, merge="linear", profile="paper",
            lam=1.0, normalize=None, **kw):
-        if drop is not None:
-            original = ties_dare.dare_drop
-            ties_dare.dare_drop = drop
-        try:
-            return M.dare(task_vectors, weights, density=density, masks=masks, rng=rng,
-                          merge=force_merge or merge, profile=profile, lam=lam,
-                          normalize=False if skip_normalize else normalize, **kw)
-        finally:
-            if drop is not None:
-                ties_dare.dare_drop = original
+        taus = _common.task_list(task_vectors)
+        w = _common.weight_vector(weights, len(taus))
+        d = sparsify.densities(density, len(taus))
+        opts = ties_dare.dare_options(profile, force_merge or merge, normalize=False if skip_normalize else normalize,
+                                      **kw)
+        ms = sparsify.keep_masks(masks, taus) if masks is not None else sparsify.dare_masks(taus[0].shape, len(taus),
+                                                                                           d, rng)
+        step = drop or sparsify.dare_drop
+        dropped = [step(t, m, dt, opts["dare_rescale"]) for t, m, dt in zip(taus, ms, d, strict=True)]
+        # the rest of the reference pipeline, its own drop made a no-op (keep-all masks, no rescale)
+        return ties_dare.dare_owned(dropped, w, d, [np.ones(t.shape, bool) for t in dropped],
+                                    {**opts, "dare_rescale": "none"}, float(lam))
     return fn
 
 

@@ -100,7 +100,7 @@ class BitsandbytesTarget:
         packed, state = F.quantize_4bit(_torch_of(arr), blocksize=blocksize, compress_statistics=double_quant,
                                         quant_type=quant_type)
         d = {k: to_numpy(v) for k, v in state.as_dict(packed=True).items()}
-        return to_numpy(packed), QuantState.from_bnb_dict(d, profile=PROFILE)
+        return to_numpy(packed), QuantState.from_bnb_dict(d, profile=PROFILE, nonfinite="propagate")
 
     def dequantize_4bit(self, packed, state, *, profile=None):
         import bitsandbytes.functional as F

@@ -47,6 +47,14 @@ def _densities(density, n: int) -> list[float]:
     return [float(density)] * n
 
 
+_MERGEKIT_OPTIONS: dict[str, dict[str, Any]] = {
+    "merging.ties": {"profile": "mergekit",
+                     **dict.fromkeys(("k_rule", "elect", "zero_sign", "weight_stage", "divisor", "rescale"))},
+    "merging.dare": {"profile": "mergekit", **dict.fromkeys(("rescale", "normalize", "ties_density", "elect",
+                                                              "zero_sign", "weight_stage", "divisor"))},
+}
+
+
 class MergekitTarget:
     """Adapts mergekit's generalized task arithmetic to refimpl.merging's op names."""
 
@@ -62,7 +70,8 @@ class MergekitTarget:
         return self._ops.get(op)
 
     def options(self, op: str) -> dict[str, Any]:
-        return {"profile": "mergekit"} if op in ("merging.ties", "merging.dare") else {}
+        """The ``mergekit`` profile with refimpl's rule options at the profile's values (λ stays free)."""
+        return dict(_MERGEKIT_OPTIONS.get(op, {}))
 
     def compute_dtype(self, op: str) -> str:
         # sparsify.bernoulli works in float32 on CPU (peers/merging.md §4.2), so DARE rounds to float32

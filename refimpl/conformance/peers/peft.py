@@ -118,6 +118,16 @@ class _DoraMerge:
     weight_norm: np.ndarray
 
 
+_TIES_RULES = ("k_rule", "elect", "zero_sign", "weight_stage", "divisor", "rescale")
+_DARE_RULES = ("rescale", "normalize", "ties_density", "elect", "zero_sign", "weight_stage", "divisor")
+_PEFT_OPTIONS: dict[str, dict[str, Any]] = {
+    "merging.task_arithmetic": {"lam": 1.0, "normalize": False},
+    "merging.ties": {"profile": "peft", "lam": 1.0, **dict.fromkeys(_TIES_RULES)},
+    "merging.magnitude_prune": {"profile": "peft", "lam": 1.0, "k_rule": None, "rescale": None},
+    "merging.dare": {"profile": "peft", "lam": 1.0, **dict.fromkeys(_DARE_RULES)},
+}
+
+
 class PeftTarget:
     """Adapts PEFT's layers and merge utilities to refimpl's op names."""
 
@@ -140,9 +150,9 @@ class PeftTarget:
         return None if f is None else _quiet(f)
 
     def options(self, op: str) -> dict[str, Any]:
-        if op in ("merging.ties", "merging.magnitude_prune", "merging.dare"):
-            return {"profile": "peft"}
-        return {}
+        """PEFT's merge_utils have no λ, no normalize and none of refimpl's rule options: those are pinned to
+        the ``peft`` profile's values (None = the profile's rule) for reference and target alike."""
+        return dict(_PEFT_OPTIONS.get(op, {}))
 
     def compute_dtype(self, op: str) -> str:
         return "float64"

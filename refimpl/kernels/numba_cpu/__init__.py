@@ -8,6 +8,11 @@
 
 Every kernel is a serial ``@njit(..., cache=True, nogil=True, fastmath=False)`` loop run on numba's
 thread count by ``_parallel.parallel_ranges``: compiled code is cached next to the
-modules (numba's __pycache__), so a second process loads it instead of compiling (bench/README.md
-gives the first-call compile and second-process start times). Importing this package needs numba.
+modules (numba's __pycache__, or $NUMBA_CACHE_DIR), so a second process loads it instead of compiling
+(bench/README.md gives the first-call compile and second-process start times); a damaged cache file is
+recompiled with a warning, never a kernel failure (``_cache``). Importing this package needs numba.
 """
+
+from refimpl.kernels.numba_cpu import _cache
+
+_cache.install()  # a damaged cache file recompiles the kernel with a warning instead of failing it
