@@ -158,7 +158,7 @@ def compare_4bit(torch, F, x, quant_type, dtype, bs, nested, device, threads) ->
               for k, v in state_t.as_dict(packed=True).items()}
     row: dict = {"quant_type": quant_type, "dtype": dtype, "blocksize": bs, "nested": nested, "n": int(x.size)}
     for profile in PROFILES:
-        state = quant.QuantState.from_bnb_dict(dict(theirs), profile=profile)
+        state = quant.QuantState.from_bnb_dict(dict(theirs), profile=profile, nonfinite="propagate")
         if nested:  # the JSON offset loses a NaN's payload; take the live tensor's bits
             state = dataclasses.replace(state, offset=to_numpy(torch, state_t.offset).reshape(()))
         ref_packed, ref_state = quant.quantize_4bit(x, bs, quant_type, nested, profile=profile,

@@ -12,7 +12,7 @@ from types import ModuleType
 
 __version__ = "0.1.0"
 #: Version of the written rules in spec/ (see spec/CHANGELOG.md).
-SPEC_VERSION = "1.0.0"
+SPEC_VERSION = "1.1.0"
 
 _SUBMODULES = (
     "conformance",

@@ -98,8 +98,8 @@ def _vectors(args: argparse.Namespace) -> int:
     if problems:
         for p in problems:
             print(f"MISMATCH {p}")
-        print(f"golden vectors: {len(problems)} problem(s); regenerate with `refimpl vectors generate` "
-              "if the change is intended (and bump spec/CHANGELOG.md)")
+        print(f"golden vectors: {len(problems)} problem(s); in a source checkout regenerate with `refimpl vectors "
+              "generate --dir refimpl/golden/v1` if the change is intended (and bump spec/CHANGELOG.md)")
         return 1
     d = args.dir or vectors.default_dir()
     n = len(vectors.build())
@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", nargs=2, action="append", metavar=("json|junit", "PATH"),
                    help="also write a report (repeatable)")
     p.add_argument("--divergences", action="append", metavar="TOML", help="extra known-divergences file")
-    p.add_argument("--vectors-dir", default=None, help="golden vectors directory (default spec/vectors/v1)")
+    p.add_argument("--vectors-dir", default=None,
+                   help="golden vectors directory (default: the vectors installed with refimpl, refimpl/golden/v1)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress on stderr (progress is shown only when stderr is a terminal)")
     p.add_argument("--coverage", action="store_true", help="print equivalence classes x boundary cases that hit them")
@@ -206,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a standalone script in the peer's own API for each failure or modelled divergence "
                         "of a built-in peer (for upstream issues)")
 
-    v = sub.add_parser("vectors", help="golden vectors: generate or verify spec/vectors/v1",
+    v = sub.add_parser("vectors", help="golden vectors: generate into a folder, or verify the installed ones",
                        description="Generate or verify the golden vectors (safetensors + MANIFEST.json).",
                        epilog="exit codes: 0 success; 1 verify found a mismatch; 2 usage error")
     v.add_argument("action", choices=("generate", "verify"),
                    help="generate: write the vectors the reference produces; verify: compare the files with them")
-    v.add_argument("--dir", default=None, help="directory (default spec/vectors/v1)")
+    v.add_argument("--dir", default=None,
+                   help="folder: required for generate (refimpl/golden/v1 in a source checkout); verify defaults "
+                        "to the vectors installed with refimpl")
 
     sub.add_parser("info", help="versions, the LoRA self-check, conformance ops and available targets",
                    description="Versions, the LoRA self-check, conformance ops and available targets.",

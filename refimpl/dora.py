@@ -184,7 +184,7 @@ def direction(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = 
     return layer.to_caller(v / _nonzero_norm(np.linalg.norm(v, axis=1))[:, None])
 
 
-@precision._overflow_checked
+@precision._overflow_checked(storage_dtype="dtype")
 def init_magnitude(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,
                    embedding: bool = False, dtype: Any = None) -> np.ndarray:
     """m₀ = ‖W + s·B A‖ (DoRA §4.1: m initialised to the norm of the pre-trained weight), shape (out,).
@@ -352,7 +352,7 @@ def forward_sequential(x: Any, W: Any, adapters: Sequence[DoraAdapter], *, bias:
 # ---------------------------------------------------------------------------- merge and unmerge
 
 
-@precision._overflow_checked
+@precision._overflow_checked(storage_dtype="dtype")
 def merge(
     W: Any,
     A: Any,
@@ -390,7 +390,7 @@ def merge(
     return DoraMerge(W=merged, weight_norm=norm)
 
 
-@precision._overflow_checked
+@precision._overflow_checked(storage_dtype="dtype")
 def unmerge(
     W_merged: Any,
     A: Any,

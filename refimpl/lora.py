@@ -215,7 +215,7 @@ def embedding_forward(ids: Any, E: Any, A: Any, B: Any, scaling: float) -> np.nd
 # ---------------------------------------------------------------------------- merge
 
 
-@precision._overflow_checked
+@precision._overflow_checked(storage_dtype="dtype")
 def merge(
     W: Any,
     A: Any,
@@ -244,7 +244,7 @@ def merge(
     return merged.T if fifo else merged
 
 
-@precision._overflow_checked
+@precision._overflow_checked(storage_dtype="dtype")
 def unmerge(
     W_merged: Any,
     A: Any,

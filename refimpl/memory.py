@@ -130,6 +130,8 @@ def estimate(
     quantization 8/blocksize + 32/(blocksize·256) bits (QLoRA §3, 0.127 bits at blocksize 64).
     ``n_params`` overrides the model's exact count (the lesson uses the nominal 65·10⁹).
     p = LoRA parameters at ``rank`` on every linear layer (+ DoRA magnitudes when ``dora``).
+    Ranges (ValueError naming the argument otherwise): 1 ≤ rank ≤ min(hidden, ffn) of ``model``,
+    1 ≤ n_params ≤ MAX_PARAMS, seq_len ≤ MAX_SEQ_LEN, batch ≤ MAX_BATCH.
     """
     _checks.choice(method, "method", METHODS)
     _checks.integer(rank, "rank", low=1, high=model.max_rank())
@@ -232,12 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``refimpl memory``: the lesson's 65B table, or one estimate. Exit 2 on an invalid option."""
     ap = _Parser(prog="refimpl memory", description=__doc__.splitlines()[0])
     ap.add_argument("method", nargs="?", choices=METHODS, help="one method; omit for the lesson's 65B table")
-    ap.add_argument("--params", type=float, default=None, help="number of parameters (default: LLaMA-65B count)")
-    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--params", type=float, default=None,
+                    help=f"number of parameters, 1..{MAX_PARAMS:g} (default: LLaMA-65B count)")
+    ap.add_argument("--rank", type=int, default=64, help=f"LoRA rank, 1..{LLAMA_65B.max_rank()} (default 64)")
     ap.add_argument("--dora", action="store_true")
     ap.add_argument("--activations", choices=ACTIVATIONS, default="none")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=512, help=f"tokens per sequence, 1..{MAX_SEQ_LEN} (default 512)")
+    ap.add_argument("--batch", type=int, default=1, help=f"sequences per batch, 1..{MAX_BATCH} (default 1)")
     args = ap.parse_args(list(argv) if argv is not None else None)
     try:
         _check_options(args, LLAMA_65B)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,6 +41,7 @@ _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_NESTING = threading.local()  # set while a checked op runs: ops it calls leave the check to it
 
 
 def _first_nonfinite(result: Any, name: str = "out") -> tuple[str, int] | None:
@@ -64,26 +67,44 @@ def _first_nonfinite(result: Any, name: str = "out") -> tuple[str, int] | None:
     return None
 
 
-def _overflow_checked(fn: _F) -> _F:
+def _overflow_checked(fn: _F | None = None, *, storage_dtype: str | None = None) -> Any:
     """Decorate a reference op whose inputs are validated finite: a NaN/±inf in its result can then only
-    come from overflow (float64 beyond ~1.8e308, or a ``dtype=`` rounding beyond that format's largest
-    finite value), so it raises ValueError naming the op and the output instead of returning it (and
-    instead of NumPy's RuntimeWarning). Policy: spec/conventions.md §5, "Overflow"."""
+    come from overflow (|values| beyond float64's ~1.8e308), so it raises ValueError naming the op and
+    the output instead of returning it (and instead of NumPy's RuntimeWarning).
+
+    ``storage_dtype`` names the op's argument that rounds the result to a storage format (the
+    ``dtype=`` of a merge): when it asks for a format narrower than float64, overflow gives that
+    format's rounding of the value (±inf, NaN for float8_e4m3fn), exactly as ``round_to`` does and
+    as the peers do, so the result is returned unchecked. Policy: spec/conventions.md §5, "Overflow".
+    """
+    if fn is None:
+        return functools.partial(_overflow_checked, storage_dtype=storage_dtype)
     op = f"{fn.__module__.removeprefix('refimpl.').split('.')[0]}.{fn.__name__}"  # merging.* from submodules
+    sig = inspect.signature(fn) if storage_dtype is not None else None
 
     @functools.wraps(fn)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            result = fn(*args, **kwargs)
+        outer = not getattr(_NESTING, "active", False)
+        _NESTING.active = True  # an op called by another checked op is checked once, as the outer op
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                result = fn(*args, **kwargs)
+        finally:
+            _NESTING.active = not outer
+        if not outer:
+            return result
+        if sig is not None:
+            dt = sig.bind(*args, **kwargs).arguments.get(storage_dtype)
+            if dt is not None and resolve_dtype(dt, storage_dtype) != np.dtype(np.float64):
+                return result
         hit = _first_nonfinite(result)
         if hit is not None:
             where, i = hit
-            raise ValueError(f"{op}: the inputs are finite but the result {where} is not (first at flat "
-                             f"index {i}): the computation overflows float64 or the requested dtype; scale the "
-                             f"inputs down")
+            raise ValueError(f"{op}: the inputs are finite but the result {where} is not (first at flat index "
+                             f"{i}): the float64 computation overflows; scale the inputs down")
         return result
 
-    return checked  # type: ignore[return-value]
+    return checked
 
 
 def resolve_dtype(dtype: Any, name: str = "dtype") -> np.dtype:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import textwrap
@@ -30,7 +29,7 @@ def test_reference_conforms_to_itself_on_every_available_op(reference_run):
     ran = {r.op for r in res.results if r.status == PASS}
     available = {n for n, s in op_table().items() if s.available()}
     assert ran == available
-    assert all(r.status in (PASS, SKIP) for r in res.results)
+    assert all(r.status in (PASS, NA) for r in res.results), {r.status for r in res.results}
     n_prop = sum(r.n_cases for r in res.results if r.tier == "properties")
     print(f"\nreference vs itself: {len(available)} ops, {n_prop} property examples, {res.seconds:.1f} s")
 
@@ -39,14 +38,17 @@ def test_every_row_names_a_domain_tolerance_golden_and_specials():
     for name, spec in op_table().items():
         assert spec.domain, name
         assert spec.tolerance.kind in ("exact", "bounded"), name
-        assert spec.golden is not None and spec.specials is not None, name
+        # a row whose inputs cannot be stored as tensors (a Generator, adapter objects) leaves out the golden tier
+        assert (spec.golden is not None) == ("golden" in spec.tiers), name
+        assert spec.boundary is not None and spec.classes, name
         assert set(spec.tiers) <= set(TIERS)
 
 
 def test_every_available_row_has_committed_golden_vectors(reference_run):
     golden = {r.op for r in reference_run.results if r.tier == "golden" and r.status == PASS}
-    available = {n for n, s in op_table().items() if s.available()}
-    assert golden == available
+    expected = {n for n, s in op_table().items() if s.available() and "golden" in s.tiers}
+    assert golden == expected
+    assert len(expected) >= 35
 
 
 def test_missing_op_is_absent_and_blocks_later_tiers():
@@ -204,6 +206,7 @@ def test_tiers_subset_runs_only_those_tiers():
 
 def test_pytest_plugin_turns_each_op_and_tier_into_a_test_item(tmp_path):
     import importlib.metadata
+    import importlib.util
     import subprocess
     import sys
     from pathlib import Path

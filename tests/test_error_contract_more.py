@@ -81,6 +81,22 @@ def test_an_exception_message_with_a_newline_stays_in_the_snippets_comments():
         assert _injected(r.snippet) == [], r.snippet  # ... but only as a comment
 
 
+def test_snippet_values_rebuild_generators_states_and_adapters_exactly():
+    rng = np.random.default_rng(7)
+    rng.random(3)  # a Generator part-way through its stream: its state, not a seed, must be rebuilt
+    x = np.random.default_rng(1).standard_normal(150).astype(np.float32)
+    x[5] = np.nan
+    _, state = quant.quantize_4bit(x, 64, "nf4", True, nonfinite="propagate")  # NaN nested offset
+    adapter = dora.DoraAdapter(A=np.ones((2, 3)), B=np.ones((4, 2)), m=np.ones(4), scaling=0.5)
+    code = snippet("merging.dare_masks", "numpy", {"rng": rng, "state": state, "adapters": [adapter]})
+    ns: dict = {}
+    exec(compile(code.split("\nexpected = ")[0], "<snippet>", "exec"), ns)
+    assert ns["rng"].bit_generator.state == rng.bit_generator.state
+    got = ns["state"].to_bnb_dict()
+    assert all(np.array_equal(got[k], v, equal_nan=True) for k, v in state.to_bnb_dict().items())
+    assert isinstance(ns["adapters"][0], dora.DoraAdapter) and ns["adapters"][0].scaling == 0.5
+
+
 def _write_vectors(root: Path, op: str, files: dict[str, bytes]) -> None:
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -437,7 +453,8 @@ def _overflowing_calls() -> dict:
     return {
         "lora.forward": lambda: lora.forward(x, W, A, B, 1.0),
         "lora.delta": lambda: lora.delta(np.full((2, 3), BIG), np.full((4, 2), BIG), 1.0),
-        "lora.merge": lambda: lora.merge(np.full((4, 3), 6e4), A, B, 1e4, dtype="float16"),
+        "lora.merge": lambda: lora.merge(np.full((4, 3), BIG), A, np.full((4, 2), BIG), BIG),
+        "dora.merge": lambda: dora.merge(np.full((4, 3), BIG), A, np.full((4, 2), BIG), m, BIG),
         "dora.forward": lambda: dora.forward(x, W, A, B, m, 1.0),
         "merging.linear": lambda: merging.linear(huge, [1.0, 1.0], normalize=False),
         "merging.task_arithmetic": lambda: merging.task_arithmetic(huge, [1.0, 1.0]),
@@ -452,6 +469,18 @@ def test_finite_inputs_that_overflow_raise_a_value_error_naming_the_op(op):
         warnings.simplefilter("error")  # no NumPy RuntimeWarning on the way either
         with pytest.raises(ValueError, match=rf"^{op}: the inputs are finite but the result"):
             _overflowing_calls()[op]()
+
+
+def test_a_requested_storage_dtype_rounds_overflow_like_round_to():
+    """``dtype=`` of a merge is a cast: beyond the format's largest finite value it gives ±inf (NaN for
+    float8_e4m3fn), the value a conforming kernel produces too (spec/conventions.md §5)."""
+    W, A, B = np.full((4, 3), 6e4), np.ones((2, 3)), np.ones((4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged = lora.merge(W, A, B, 1e4, dtype="float16")
+        assert np.isposinf(merged).all()
+        np.testing.assert_array_equal(merged, precision.round_to(W + 1e4 * (B @ A), "float16"))
+        assert np.isnan(lora.merge(W * 0, A, B * 3, 128.0, dtype="float8_e4m3fn")).all()  # 768 > 448
 
 
 def test_results_in_range_are_unchanged_by_the_overflow_check():

@@ -21,7 +21,8 @@ DIR = vectors.default_dir()
 
 def test_committed_vectors_equal_the_regenerated_ones():
     problems = vectors.verify()
-    assert problems == [], "\n".join(problems) + "\n(run `refimpl vectors generate` and commit spec/vectors)"
+    assert problems == [], ("\n".join(problems)
+                            + "\n(run `refimpl vectors generate --dir refimpl/golden/v1` and commit it)")
 
 
 def test_total_size_is_within_budget_and_manifest_lists_every_file_with_sha256():

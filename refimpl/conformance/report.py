@@ -9,10 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from refimpl.conformance.runner import ABSENT, CONFORMS, FAIL, FAILS, INCOMPLETE, NA, PASS, SKIP, XFAIL, RunResult
+from refimpl.conformance.runner import (
+    ABSENT,
+    CONFORMS,
+    FAIL,
+    FAILS,
+    INCOMPLETE,
+    NA,
+    PASS,
+    SKIP,
+    UNSUPPORTED,
+    XFAIL,
+    RunResult,
+)
 from refimpl.conformance.table import TIERS
 
-_MARK = {"pass": "ok", "fail": "FAIL", "xfail": "xfail", "skip": "SKIP", "absent": "absent", "n/a": "n/a", "-": "-"}
+_MARK = {"pass": "ok", "fail": "FAIL", "xfail": "xfail", "skip": "SKIP", "absent": "absent", "n/a": "n/a",
+         "unsupported": "unsup", "-": "-"}
 _VERDICT_NOTE = {CONFORMS: "", FAILS: "", INCOMPLETE: " (a selected tier did not run or a class was never hit; see "
                                                        "the gaps above)",
                  "NOTHING CHECKED": " (the target provides none of the selected ops)"}
@@ -53,7 +66,16 @@ def table(res: RunResult) -> str:
         if len(gaps) > 40:
             lines.append(f"  ... and {len(gaps) - 40} more (see the JSON report)")
     n_classes = sum(len(h) for h in res.coverage.values())
-    n_hit = sum(1 for h in res.coverage.values() for v in h.values() if v)
+    n_hit = sum(1 for h in res.coverage.values() for v in h.values() if v > 0)
+    n_out = sum(1 for h in res.coverage.values() for v in h.values() if v < 0)
+    outside: dict[str, int] = {}
+    for r in res.results:
+        if r.status == UNSUPPORTED:
+            outside[r.op] = outside.get(r.op, 0) + max(1, r.n_cases)
+    if outside:
+        lines.append("not run, outside the target's declared domain: "
+                     + ", ".join(f"{op} ({n} case{'s' if n != 1 else ''})" for op, n in outside.items())
+                     + (f"; {n_out} classes reached only there" if n_out else ""))
     lines.append("")
     subset = [t for t in TIERS if t not in res.settings.get("tiers", TIERS)]
     scope = f" on tiers {', '.join(res.settings['tiers'])} only" if subset else ""
@@ -87,9 +109,10 @@ def coverage_text(res: RunResult) -> str:
     """Equivalence classes × boundary cases that hit them, per op."""
     lines = ["coverage: equivalence classes hit by the boundary tier"]
     for op, hits in res.coverage.items():
-        n_hit = sum(1 for v in hits.values() if v)
+        n_hit = sum(1 for v in hits.values() if v > 0)
         lines.append(f"{op}: {n_hit} of {len(hits)} classes hit")
-        lines += [f"  {'hit ' if v else 'MISS'} {v:>3}  {c}" for c, v in hits.items()]
+        lines += [f"  {'hit ' if v > 0 else 'out ' if v < 0 else 'MISS'} {max(v, 0):>3}  {c}"
+                  + ("  (only cases outside the target's declared domain)" if v < 0 else "") for c, v in hits.items()]
     return "\n".join(lines)
 
 
@@ -180,7 +203,7 @@ def write_junit(res: RunResult, path: str | Path) -> None:
                 f.text = f"[{r.label}] {r.message}" + ("\n\nreproduce with:\n" + r.snippet if r.snippet else "")
             for r in skipped:
                 ET.SubElement(tc, "error", type="not run", message=f"{r.label}: did not run: {r.message}"[:500])
-            if not fails and not skipped and all(r.status in (NA, ABSENT) for r in rs):
+            if not fails and not skipped and all(r.status in (NA, ABSENT, UNSUPPORTED) for r in rs):
                 ET.SubElement(tc, "skipped", message=rs[0].message[:500])
                 s_skip += 1
             lines = [f"{r.status:<6} {r.label}: {r.message}" + (f" [known divergence: {r.divergence}]"

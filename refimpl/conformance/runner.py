@@ -5,7 +5,7 @@ partial implementation sees root causes rather than a cascade:
 
 1. ``names``      the target provides a callable for the op;
 2. ``shapes``     on one small case, its result has the reference's outputs, shapes and dtype kinds;
-3. ``golden``     it reproduces the golden vectors in spec/vectors (inputs stored exactly; under a
+3. ``golden``     it reproduces the golden vectors in refimpl/golden/v1 (inputs stored exactly; under a
                   target's options the expected values are the reference's under those options);
 4. ``boundary``   deterministic cases at the op's equivalence classes (tails, vector-width remainders,
                   path switches, every option and dtype, thresholds ±1 ulp, ties); every class is hit;
@@ -49,6 +49,8 @@ from refimpl.conformance.targets import Target, get_target, is_builtin, provided
 from refimpl.conformance.tolerance import Verdict, compare, compare_exact
 
 PASS, FAIL, XFAIL, SKIP, ABSENT, NA = "pass", "fail", "xfail", "skip", "absent", "n/a"
+#: a case outside the domain the target declares (``unsupported(op, case)``): not run, counted and reported
+UNSUPPORTED = "unsupported"
 DEFAULT_EXAMPLES = 25
 DEFAULT_TIMEOUT = 60.0
 THOROUGH_EXAMPLES = 1000
@@ -136,7 +138,7 @@ class RunResult:
         rs = [r for r in self.results if r.op == op and r.tier == tier]
         if not rs:
             return "-", None, 0
-        order = [FAIL, SKIP, XFAIL, PASS, ABSENT, NA]
+        order = [FAIL, SKIP, XFAIL, PASS, UNSUPPORTED, ABSENT, NA]
         status = min((r.status for r in rs), key=order.index)
         # known divergences are excluded: the column shows how close the conforming cases are
         ratios = [r.worst_ratio for r in rs
@@ -238,6 +240,11 @@ class _Checker:
         except Exception as exc:  # a reproducer is a convenience: never let it change a verdict
             return f"# no reproducer: {type(exc).__name__}: {exc}"
 
+    def outside(self, case: dict[str, Any]) -> str:
+        """Why the case lies outside the domain the target declares (``unsupported(op, case)``), or ''."""
+        fn = getattr(self.target, "unsupported", None)
+        return (fn(self.spec.name, case) or "") if fn else ""
+
     def known(self, case: dict[str, Any], act: dict[str, np.ndarray], exp: dict[str, np.ndarray], tier: str,
               label: str) -> str:
         """The modelled divergence that reproduces ``act`` bit for bit, or ''. A model that raises explains
@@ -258,6 +265,10 @@ class _Checker:
             classes: Iterable[str] = ()) -> CaseResult:
         """Call the target on one prepared case and compare with ``exp``."""
         name = self.spec.name
+        why = self.outside(case)
+        if why:
+            return CaseResult(name, tier, label, UNSUPPORTED, f"outside the target's declared domain: {why}",
+                              n_cases=1, classes=list(classes))
         try:
             act = self.actual(case, tier, label)
         except Exception as exc:
@@ -279,6 +290,10 @@ class _Checker:
     def shapes(self) -> CaseResult:
         case = self.prepare(self.spec.example())
         exp = self.expected(case)
+        why = self.outside(case)
+        if why:
+            return CaseResult(self.spec.name, "shapes", "example", UNSUPPORTED,
+                              f"outside the target's declared domain: {why}", n_cases=1)
         try:
             act = self.actual(case, "shapes", "example")
         except Exception as exc:
@@ -342,6 +357,7 @@ class _Checker:
         label = "differential" if seed is None else f"differential (seed {seed})"
         stats: dict[str, Any] = {"n": 0, "worst": 0.0}
         known: dict[str, int] = {}
+        outside: dict[str, int] = {}
         failing: dict[str, Any] = {}
 
         @settings(max_examples=examples, derandomize=seed is None, database=None, deadline=None,
@@ -350,6 +366,10 @@ class _Checker:
         @given(self.spec.strategy())
         def prop(drawn: dict[str, Any]) -> None:
             case = self.prepare(drawn)
+            why = self.outside(case)
+            if why:
+                outside[why] = outside.get(why, 0) + 1
+                return
             try:
                 exp = self.expected(case)
             except Exception as exc:
@@ -394,6 +414,9 @@ class _Checker:
                                   if self.spec.tolerance.kind == "bounded"
                                   else f"{stats['n'] - n_known} examples, bit-exact",
                                   worst_ratio=stats["worst"], n_cases=stats["n"] - n_known))
+        for why, n in outside.items():
+            out.append(CaseResult(self.spec.name, "properties", f"{label}: outside the declared domain", UNSUPPORTED,
+                                  f"{n} drawn cases not run: {why}", n_cases=n))
         for div, n in known.items():
             out.append(CaseResult(self.spec.name, "properties", f"{label}: known divergence", XFAIL,
                                   f"{n} drawn cases reproduced by the divergence's model", n_cases=n, divergence=div))
@@ -502,12 +525,16 @@ def _coverage(specs: list[OpSpec], results: list[CaseResult], present: set[str])
         if spec.name not in present or not spec.classes or "boundary" not in spec.tiers:
             continue
         hits = dict.fromkeys(spec.classes, 0)
+        declared_out: set[str] = set()
         for r in results:
-            if r.op == spec.name and r.tier == "boundary" and r.status in (PASS, FAIL, XFAIL):
+            if r.op == spec.name and r.tier == "boundary":
                 for c in r.classes:
-                    if c in hits:
+                    if c in hits and r.status in (PASS, FAIL, XFAIL):
                         hits[c] += 1
-        cov[spec.name] = hits
+                    elif r.status == UNSUPPORTED:
+                        declared_out.add(c)
+        # a class reached only by cases the target declares unsupported is reported as such, not as a gap
+        cov[spec.name] = {c: (n if n or c not in declared_out else -1) for c, n in hits.items()}
     return cov
 
 

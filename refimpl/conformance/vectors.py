@@ -1,4 +1,4 @@
-"""Golden vectors: spec/vectors/v1/<op>/<case>.safetensors and MANIFEST.json.
+"""Golden vectors: refimpl/golden/v1/<op>/<case>.safetensors and MANIFEST.json (package data).
 
 Each file holds one case of one op: ``input.<arg>`` tensors (stored exactly:
 float64, float32, integers), ``output.<name>`` tensors (the reference's result,
@@ -40,8 +40,10 @@ SEED = 20260601  # SeedSequence entropy; each op draws from SeedSequence([SEED, 
 
 
 def default_dir() -> Path:
-    """spec/vectors/v1 of the source checkout."""
-    return Path(refimpl.__file__).resolve().parent.parent / "spec" / "vectors" / FORMAT
+    """The committed vectors, shipped as package data: ``refimpl/golden/v1`` (importlib.resources)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("refimpl") / "golden" / FORMAT))
 
 
 def _rng(op: str) -> np.random.Generator:
@@ -70,12 +72,18 @@ def _encode(spec: OpSpec, label: str, case: dict[str, Any]) -> bytes:
         else:
             scalars[k] = v
     result = flatten(spec.reference()(**{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in case.items()}))
+    text: dict[str, str] = {}  # names in the result (a dtype, a quant type) are stored as metadata
     for name, arr in result.items():
-        tensors[f"output.{name}"] = np.array(arr, order="C", copy=True)
+        if arr.dtype.kind in "US":
+            text[name] = str(arr)
+        else:
+            tensors[f"output.{name}"] = np.array(arr, order="C", copy=True)
     meta = {"op": spec.name, "case": label, "args": list(case), "scalars": scalars, "kinds": kinds,
             "outputs": list(result), "shapes": {k: list(v.shape) for k, v in tensors.items()},
             "tolerance": spec.tolerance.kind,
             "spec_version": refimpl.SPEC_VERSION, "generator": f"refimpl {refimpl.__version__}", "format": FORMAT}
+    if text:
+        meta["text_outputs"] = text
     return io.tensors_to_bytes(tensors, meta)
 
 
@@ -147,15 +155,19 @@ def _remove_owned(old: Path, owned: list[str]) -> None:
         warnings.warn(f"vectors generate: {old} kept: files appeared in the folder while generating", stacklevel=3)
 
 
-def generate(directory: str | Path | None = None) -> dict[str, Any]:
-    """Write every golden vector and MANIFEST.json into ``directory`` (default spec/vectors/v1).
+def generate(directory: str | Path) -> dict[str, Any]:
+    """Write every golden vector and MANIFEST.json into ``directory``, which the caller names (in a source
+    checkout the committed set is ``refimpl/golden/v1``; an installed package is never written into).
 
     The folder must be absent, empty, or hold only what an earlier ``generate`` wrote (its
     MANIFEST.json and the files listed there); anything else raises ValueError before a byte is
     written. The new set is written into a hidden folder beside it and swapped in with one rename,
     so a failure (full disk, Ctrl-C, SIGTERM) leaves the old set whole and no partial file.
     """
-    given = Path(directory) if directory is not None else default_dir()
+    if directory is None or not isinstance(directory, (str, Path)) or not str(directory):
+        raise ValueError("directory: name the folder to write the golden vectors into (refimpl/golden/v1 in a "
+                         f"source checkout), got {directory!r}")
+    given = Path(directory)
     d = given.resolve()
     files = build()
     total = sum(len(b) for b in files.values())
@@ -210,7 +222,7 @@ def verify(directory: str | Path | None = None) -> list[str]:
     d = Path(directory) if directory is not None else default_dir()
     problems: list[str] = []
     if not (d / "MANIFEST.json").is_file():
-        return [f"{d}: no MANIFEST.json (run `refimpl vectors generate`)"]
+        return [f"{d}: no MANIFEST.json (in a source checkout: `refimpl vectors generate --dir refimpl/golden/v1`)"]
     files = build()
     on_disk = {p.relative_to(d).as_posix() for p in d.glob("*/*.safetensors")}
     for rel in sorted(on_disk - set(files)):
@@ -307,7 +319,9 @@ def _decode_case(p: Path, op: str, tensors: dict[str, np.ndarray], meta: dict[st
                 case[name] = QuantState.from_bnb_dict(parts, profile=kind.split(":", 1)[1], nonfinite="propagate")
             else:
                 raise ValueError(f"unknown kind {kind!r} of argument {name!r}")
-        expected = {name: tensors[f"output.{name}"] for name in meta["outputs"]}
+        text = meta.get("text_outputs", {})
+        expected = {name: np.asarray(text[name]) if name in text else tensors[f"output.{name}"]
+                    for name in meta["outputs"]}
     except KeyError as exc:
         raise ValueError(f"{p}: no {exc.args[0]!r} in the file's tensors or metadata") from None
     except (TypeError, ValueError) as exc:
@@ -327,7 +341,8 @@ def load_op(op: str, directory: str | Path | None = None) -> list[tuple[str, dic
     d = root / op
     paths = sorted(d.glob("*.safetensors")) if d.is_dir() else []
     if not paths:
-        raise FileNotFoundError(f"no golden vectors for {op} in {root} (run `refimpl vectors generate`)")
+        raise FileNotFoundError(f"no golden vectors for {op} in {root} (in a source checkout: "
+                                "`refimpl vectors generate --dir refimpl/golden/v1`)")
     entries = _manifest_entries(root)
     listed = {rel for rel in entries if rel.startswith(f"{op}/") and rel.count("/") == 1}
     missing = sorted(listed - {f"{op}/{p.name}" for p in paths})

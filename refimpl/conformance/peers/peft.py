@@ -149,6 +149,19 @@ class PeftTarget:
         f = self._ops.get(op)
         return None if f is None else _quiet(f)
 
+    def unsupported(self, op: str, case: dict[str, Any]) -> str | None:
+        """Cases this adapter does not build PEFT layers for (reported as outside its declared domain)."""
+        if op in ("lora.merge", "lora.unmerge") and case.get("dtype") is not None:
+            return "the adapter builds float64 PEFT layers only (PEFT's bf16 merges: tests/test_lora_peft.py)"
+        if op == "dora.merge":
+            if case.get("dtype") is not None:
+                return "the adapter builds float64 PEFT layers only"
+            if case.get("embedding") or case.get("unmerged_base") is not None:
+                return "the adapter wraps one Linear DoRA layer (no Embedding, no earlier merged adapter)"
+            if np.ndim(case.get("W")) != 2:
+                return "the adapter wraps a Linear DoRA layer (PEFT's ConvNd DoRA layers are not adapted)"
+        return None
+
     def options(self, op: str) -> dict[str, Any]:
         """PEFT's merge_utils have no λ, no normalize and none of refimpl's rule options: those are pinned to
         the ``peft`` profile's values (None = the profile's rule) for reference and target alike."""
