@@ -68,7 +68,7 @@ def _conform(args: argparse.Namespace) -> int:
         return 2
     print(report.terminal(res, coverage=args.coverage))
     if args.reproducers:
-        from refimpl.conformance.reproducers import write_reproducers
+        from refimpl.conformance.reproducer import write_reproducers
 
         for path in write_reproducers(res, args.reproducers):
             print(f"wrote reproducer {path}", file=sys.stderr)
@@ -116,13 +116,11 @@ def _info(args: argparse.Namespace) -> int:
     try:
         from refimpl import selfcheck
     except ImportError:
-        selfcheck = None
-    if selfcheck is not None:
-        rc = int(selfcheck.main() or 0)
-    else:
         import refimpl
 
         print(f"refimpl {refimpl.__version__} (spec {refimpl.SPEC_VERSION})")
+    else:
+        rc = int(selfcheck.main() or 0)
     rows = op_table()
     ready = [n for n, s in rows.items() if s.available()]
     print(f"\nconformance ops: {len(ready)} of {len(rows)} rows available")

@@ -176,7 +176,7 @@ def read_tensor(path: str | os.PathLike[str], key: str, entry: TensorEntry) -> n
     arr = np.empty(entry.shape, dtype=entry.dtype)
     with open(path, "rb") as fh:
         fh.seek(entry.offset)
-        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8))) if entry.nbytes else 0
+        got = fh.readinto(arr.reshape(-1).view(np.uint8).data) if entry.nbytes else 0
     if got != entry.nbytes:
         raise ValueError(f"{path}: tensor {key!r}: file truncated ({got} of {entry.nbytes} bytes)")
     return arr
@@ -312,7 +312,7 @@ def _remove_stale(dest: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files and folders that killed refimpl processes of this host left beside ``dest``."""
     d = Path(dest)
     pattern = re.compile(re.escape(f".{d.name}{_TMP_TAG}{_host()}.") + r"(\d+)\.[0-9a-f]+")
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(d.parent))
     except OSError:

@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from refimpl import _checks
 
@@ -186,7 +186,7 @@ def estimate(
 
 
 #: The lesson's 65B table and the settings that reproduce it (spec/memory.md explains each).
-LESSON_65B = {
+LESSON_65B: dict[str, tuple[float, dict[str, Any]]] = {
     "full": (780.0, {"activations": "none"}),
     "lora": (160.0, {"activations": "full"}),
     "qlora": (48.0, {"activations": "checkpointed"}),
@@ -230,18 +230,31 @@ def _check_options(args: argparse.Namespace, model: ModelShape) -> None:
         _checks.real(args.params, "--params", low=1.0, high=MAX_PARAMS)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``refimpl memory``: the lesson's 65B table, or one estimate. Exit 2 on an invalid option."""
-    ap = _Parser(prog="refimpl memory", description=__doc__.splitlines()[0])
+def _parser() -> argparse.ArgumentParser:
+    """The ``refimpl memory`` argument parser."""
+    ap = _Parser(prog="refimpl memory",
+                 description="GPU memory needed to fine-tune a model: full fine-tuning, LoRA, QLoRA (and DoRA on "
+                             "either). Without a method: the lesson's 65B table; with one: that method's estimate "
+                             "for the LLaMA-65B shape, its components and assumptions (spec/memory.md). "
+                             "1 GB = 1e9 bytes.",
+                 epilog="exit codes: 0 success; 2 usage or input error; 3 internal error")
     ap.add_argument("method", nargs="?", choices=METHODS, help="one method; omit for the lesson's 65B table")
     ap.add_argument("--params", type=float, default=None,
                     help=f"number of parameters, 1..{MAX_PARAMS:g} (default: LLaMA-65B count)")
     ap.add_argument("--rank", type=int, default=64, help=f"LoRA rank, 1..{LLAMA_65B.max_rank()} (default 64)")
-    ap.add_argument("--dora", action="store_true")
-    ap.add_argument("--activations", choices=ACTIVATIONS, default="none")
+    ap.add_argument("--dora", action="store_true",
+                    help="add DoRA's magnitude vectors to the trained parameters (lora and qlora only)")
+    ap.add_argument("--activations", choices=ACTIVATIONS, default="none",
+                    help="activations kept for the backward pass, 16-bit: none, full (no recomputation) or "
+                         "checkpointed (gradient checkpointing) (default none)")
     ap.add_argument("--seq-len", type=int, default=512, help=f"tokens per sequence, 1..{MAX_SEQ_LEN} (default 512)")
     ap.add_argument("--batch", type=int, default=1, help=f"sequences per batch, 1..{MAX_BATCH} (default 1)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``refimpl memory``: the lesson's 65B table, or one estimate. Exit 2 on an invalid option."""
+    args = _parser().parse_args(list(argv) if argv is not None else None)
     try:
         _check_options(args, LLAMA_65B)
     except (TypeError, ValueError) as exc:

@@ -93,7 +93,7 @@ def _overflow_checked(fn: _F | None = None, *, storage_dtype: str | None = None)
             _NESTING.active = not outer
         if not outer:
             return result
-        if sig is not None:
+        if sig is not None and storage_dtype is not None:  # sig is set exactly when storage_dtype is
             dt = sig.bind(*args, **kwargs).arguments.get(storage_dtype)
             if dt is not None and resolve_dtype(dt, storage_dtype) != np.dtype(np.float64):
                 return result

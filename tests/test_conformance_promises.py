@@ -213,3 +213,33 @@ def test_failure_verdict_with_get_target_resolves_builtin_only_by_class():
 
     assert is_builtin(get_target("numpy"))
     assert not is_builtin(NamedPeft())
+
+
+# ------------------------------------------------------------------ modelled divergences that predict a raise
+
+
+def model_raises_runtime_error(op, case, expected):
+    """A divergence model: the peer raises RuntimeError for lora.delta when r == 1, nothing else."""
+    return {"raises": "RuntimeError"} if op == "lora.delta" and case["A"].shape[0] == 1 else None
+
+
+def _raising_delta(exc_type):
+    def delta(A, B, scaling, *, fan_in_fan_out=False):
+        if A.shape[0] == 1:
+            raise exc_type("peer refuses rank 1")
+        return lora.delta(A, B, scaling, fan_in_fan_out=fan_in_fan_out)
+
+    return delta
+
+
+def test_a_modelled_raise_is_known_only_for_the_exception_the_model_predicts(tmp_path):
+    p = tmp_path / "div.toml"
+    p.write_text('[[divergence]]\nop = "lora.delta"\ntarget = "peer-*"\nreason = "rank 1 refused"\n'
+                 'upstream = "test"\nmodel = "tests.test_conformance_promises:model_raises_runtime_error"\n')
+    ok = run(NamespaceTarget("peer-runtime", {"lora.delta": _raising_delta(RuntimeError)}), "lora.delta",
+             divergences=[p])
+    assert ok.verdict == CONFORMS, ok.gaps + [f.message for f in ok.failures]
+    assert any(r.status == XFAIL for r in ok.results)
+    wrong = run(NamespaceTarget("peer-type", {"lora.delta": _raising_delta(TypeError)}), "lora.delta",
+                divergences=[p])
+    assert wrong.verdict == FAILS

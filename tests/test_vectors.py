@@ -54,7 +54,7 @@ def test_vectors_are_plain_safetensors_with_exact_inputs_and_reference_outputs()
     from safetensors.numpy import load_file
 
     for spec in op_table().values():
-        if not spec.available():
+        if not spec.available() or "golden" not in spec.tiers:
             continue
         for label, case, expected in vectors.load_op(spec.name):
             raw = load_file(str(DIR / spec.name / f"{label}.safetensors"))  # readable without refimpl

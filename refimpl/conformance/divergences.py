@@ -18,8 +18,9 @@ An entry with a ``model`` is stricter: a failing case counts as this divergence 
 model reproduces the target's output bit for bit. The model is imported from "module:function" and
 called as ``model(op, case, expected) -> dict[str, np.ndarray] | None``: ``case`` is the prepared
 case (target options included), ``expected`` the reference's flattened output (``{"out": ...}``);
-it returns the peer's output as modelled, with the same keys, or None where the divergence does not
-apply to this case (another code path, another op). Any other difference stays a failure, so a
+it returns the peer's output as modelled, with the same keys, or ``{"raises": "<exception class>"}``
+where the peer raises, or None where the divergence does not apply to this case (another code path,
+another op). Any other difference stays a failure, so a
 divergence that is named cannot hide a second, unnamed one.
 
 An entry that applies to the run (its target and op were run) but matched no failing case is
@@ -100,6 +101,8 @@ def load(path: str | Path) -> list[Divergence]:
         raise ValueError(f"divergences: {p}: expected [[divergence]] tables, got {type(entries).__name__}")
     out = []
     for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"divergences: {p}: entry {i} must be a [[divergence]] table, got {e!r}")
         missing = [k for k in ("op", "target", "reason", "upstream") if not isinstance(e.get(k), str) or not e[k]]
         if missing:
             raise ValueError(f"divergences: {p}: entry {i} needs non-empty string(s) {', '.join(missing)}, got {e!r}")

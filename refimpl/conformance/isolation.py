@@ -25,7 +25,7 @@ RunTask = Callable[[dict[str, Any], Callable[[str, str], None], Callable[[dict[s
 
 @dataclass
 class Lost:
-    """The worker stopped answering (``what``) during the case at ``tier`` / ``label``."""
+    """What happened (``what``: it hung, ended the process, raised a BaseException) at ``tier`` / ``label``."""
 
     tier: str
     label: str
@@ -74,15 +74,15 @@ class Executor:
         self.isolate = isolate and "fork" in multiprocessing.get_all_start_methods()
         self.worker: _Worker | None = None
 
-    def run(self, task: dict[str, Any]) -> tuple[list[dict[str, Any]], Lost | None, str]:
-        """(results, what was lost if the worker died or hung, a BaseException the target raised or '')."""
+    def run(self, task: dict[str, Any]) -> tuple[list[dict[str, Any]], Lost | None, Lost | None]:
+        """(results, the case lost if the worker died or hung, the case where the target raised a BaseException)."""
         results: list[dict[str, Any]] = []
         if not self.isolate:
             self.run_task(task, lambda tier, label: None, results.append)
-            return results, None, ""
+            return results, None, None
         if self.worker is None:
             self.worker = _Worker(self.run_task)
-        w, where, crash = self.worker, ["*", "*"], ""
+        w, where, crash = self.worker, ["*", "*"], None
         w.conn.send_bytes(json.dumps(task).encode())
         while True:
             if not w.conn.poll(self.timeout):
@@ -98,7 +98,7 @@ class Executor:
             elif "result" in msg:
                 results.append(msg["result"])
             elif "crash" in msg:
-                crash = f"{msg['crash']} at {where[0]} case {where[1]!r}"
+                crash = Lost(where[0], where[1], f"raised {msg['crash']}")
             else:
                 return results, None, crash
 

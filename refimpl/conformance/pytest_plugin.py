@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from _pytest._code.code import TerminalRepr
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,7 +87,7 @@ class ConformanceItem(pytest.Item):
         if all(r.status in (NA, ABSENT) for r in results):
             pytest.skip(results[0].message)
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str | TerminalRepr:
         if isinstance(excinfo.value, ConformanceFailure):
             parts = [excinfo.value.note] if excinfo.value.note else []
             for r in excinfo.value.results:
@@ -137,7 +140,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when != "call":
         return
     for key, value in report.user_properties:
-        if key == "refimpl":
+        if key == "refimpl" and isinstance(value, str):  # a JSON text (ConformanceItem.runtest)
             _REPORTS.append(json.loads(value))
 
 

@@ -152,7 +152,7 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     out = Path(path)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:

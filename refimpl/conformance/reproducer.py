@@ -9,9 +9,16 @@ including NaN payloads and the sign of zero.
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from refimpl.conformance.runner import RunResult
 
 
 def hex_literal(a: Any, indent: int = 4, width: int = 96) -> str:
@@ -166,3 +173,34 @@ def bnb_dequantize_script(packed: Any, state: Any) -> str:
                                        packed=hex_literal(p, 0),
                                        code=hex_literal(np.asarray(state.code, np.float32), 0),
                                        state_block="\n".join(lines))
+
+
+# ------------------------------------------------------------------ writing a run's reproducers
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "case"
+
+
+def write_reproducers(res: RunResult, directory: str | Path) -> list[Path]:
+    """One ``.py`` file per distinct reproducer of a failing or modelled-divergent case; returns the paths.
+
+    Files are written under a temporary name and renamed into place; nothing else in ``directory`` is touched.
+    """
+    out_dir = Path(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    seen: set[str] = set()
+    for r in res.results:
+        if r.status not in ("fail", "xfail") or not r.reproducer or r.reproducer.startswith("# no reproducer"):
+            continue
+        digest = hashlib.sha256(r.reproducer.encode()).hexdigest()[:8]
+        if digest in seen:
+            continue
+        seen.add(digest)
+        path = out_dir / f"{_slug(res.target)}_{_slug(r.op)}_{_slug(r.tier)}_{_slug(r.label)}_{digest}.py"
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(r.reproducer if r.reproducer.endswith("\n") else r.reproducer + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        written.append(path)
+    return written

@@ -21,6 +21,7 @@ a boundary case's classes are computed from the case itself (``_dora_classes``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -62,11 +63,11 @@ _STORE_DTYPES = (None, "float32", "float16", "bfloat16", "float8_e4m3fn", "float
 # ---------------------------------------------------------------------------- the layer in (out, in) layout
 
 
-def _weight_key(case: Case) -> str:
+def _weight_key(case: Mapping[str, Any]) -> str:
     return next(k for k in ("W", "W_merged", "E") if k in case)
 
 
-def _layer(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _layer(case: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(V, Vabs, W, s) in float64 and (out, in) layout (ConvNd reshaped to (out, in·∏k), as the reference)."""
     c = _f64(case)
     W, A, B = c[_weight_key(c)], c["A"], c["B"]
@@ -78,7 +79,7 @@ def _layer(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     return W + s * (B @ A), np.abs(W) + abs(s) * (np.abs(B) @ np.abs(A)), W, s
 
 
-def _to_caller(case: Case, w: np.ndarray) -> np.ndarray:
+def _to_caller(case: Mapping[str, Any], w: np.ndarray) -> np.ndarray:
     """An (out, in) array back in the layout of the case's weight."""
     shape = np.shape(case[_weight_key(case)])
     if len(shape) > 2:
@@ -86,18 +87,18 @@ def _to_caller(case: Case, w: np.ndarray) -> np.ndarray:
     return w.T if (case.get("fan_in_fan_out") or case.get("embedding") or "E" in case) else w
 
 
-def _row_norms(case: Case) -> tuple[np.ndarray, np.ndarray]:
+def _row_norms(case: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     V, Vabs, _, _ = _layer(case)
     return np.linalg.norm(V, axis=1), np.linalg.norm(Vabs, axis=1)
 
 
-def _reduction_len(case: Case) -> tuple[int, int]:
+def _reduction_len(case: Mapping[str, Any]) -> tuple[int, int]:
     """(in, r) of the (out, in) view: the lengths of the dot products."""
     a = np.shape(case["A"])
     return int(np.prod(a[1:])), a[0]
 
 
-def _depth(case: Case) -> int:
+def _depth(case: Mapping[str, Any]) -> int:
     n_in, r = _reduction_len(case)
     return n_in + r + 8  # r-term product, add, in-term sum of squares, sqrt, divide, in-term dot, adds
 
@@ -286,7 +287,7 @@ def _specials(example, args: tuple[str, ...]) -> list[Special]:
 # ---------------------------------------------------------------------------- magnitudes (bounds)
 
 
-def _forward_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _forward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c = _f64(case)
     V, Vabs, W, s = _layer(c)
     n, nabs = np.linalg.norm(V, axis=1), np.linalg.norm(Vabs, axis=1)
@@ -305,7 +306,7 @@ def _forward_magnitude(case: Case) -> dict[str, np.ndarray]:
     return {"out": mag}
 
 
-def _merge_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _merge_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c = _f64(case)
     V, Vabs, _, _ = _layer(c)
     if c.get("unmerged_base") is not None:  # f and κ of the base the norm is taken against
@@ -318,17 +319,17 @@ def _merge_magnitude(case: Case) -> dict[str, np.ndarray]:
     return {"out.W": _to_caller(c, w), "out.weight_norm": nabs}
 
 
-def _norm_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _norm_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {"out": _row_norms(case)[1]}
 
 
-def _direction_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _direction_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     V, Vabs, _, _ = _layer(case)
     n, nabs = np.linalg.norm(V, axis=1), np.linalg.norm(Vabs, axis=1)
     return {"out": _to_caller(case, (Vabs + (nabs / n)[:, None] * np.abs(V)) / n[:, None])}
 
 
-def _unmerge_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _unmerge_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c = _f64(case)
     _, _, Wm, _ = _layer(c)
     _, Vabs, _, _ = _layer({**c, "W_merged": np.zeros_like(c["W_merged"])})  # |s|·|B||A|
@@ -336,12 +337,12 @@ def _unmerge_magnitude(case: Case) -> dict[str, np.ndarray]:
     return {"out": _to_caller(c, np.abs(Wm) * ratio[:, None] + Vabs)}
 
 
-def _backward_depth(case: Case) -> int:
+def _backward_depth(case: Mapping[str, Any]) -> int:
     x, n_in, r = np.shape(case["x"]), *_reduction_len(case)
     return int(np.prod(x[:-1])) + n_in + np.shape(case["B"])[0] + r + 20
 
 
-def _backward_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _backward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """backward_error_bound's terms: its float64 bound divided by its γ_K (the same K as ``_backward_depth``)."""
     import refimpl.dora as dora
     from refimpl import precision
@@ -353,18 +354,18 @@ def _backward_magnitude(case: Case) -> dict[str, np.ndarray]:
     return {f"out.{k}": getattr(b, k) / g for k in ("dx", "dA", "dB", "dm")}
 
 
-def _embedding_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _embedding_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     V, Vabs, _, _ = _layer(case)  # (d, V)
     n, nabs = np.linalg.norm(V, axis=1), np.linalg.norm(Vabs, axis=1)
     f = np.abs(np.asarray(case["m"], dtype=np.float64) / n)
     return {"out": (f[:, None] * (Vabs + (nabs / n)[:, None] * np.abs(V))).T[np.asarray(case["ids"])]}
 
 
-def _embedding_depth(case: Case) -> int:
+def _embedding_depth(case: Mapping[str, Any]) -> int:
     return np.shape(case["E"])[0] + np.shape(case["A"])[0] + 8
 
 
-def _sequential_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _sequential_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c = _f64(case)
     x = np.abs(c["x"])
     w = c["W"].T if c.get("fan_in_fan_out") else c["W"]
@@ -381,7 +382,7 @@ def _sequential_magnitude(case: Case) -> dict[str, np.ndarray]:
     return {"out": m + bias}
 
 
-def _sequential_depth(case: Case) -> int:
+def _sequential_depth(case: Mapping[str, Any]) -> int:
     return np.shape(case["x"])[-1] + max(np.shape(ad.A)[0] for ad in case["adapters"]) + 8
 
 
@@ -670,10 +671,11 @@ def _sequential_boundary() -> list[Boundary]:
         c: Case = {"x": _cast(_normal(rng, (*lead, n_in)), dt), "W": _cast(w, dt)}
         ads = []
         for j, r in enumerate(ranks):
-            ad = {"A": _normal(rng, (r, n_in), 0.5), "B": _normal(rng, (n_out, r), 0.5),
-                  "scaling": (0.75, -1.5, 2.0)[j]}
+            ad: dict[str, Any] = {"A": _normal(rng, (r, n_in), 0.5), "B": _normal(rng, (n_out, r), 0.5),
+                                  "scaling": (0.75, -1.5, 2.0)[j]}
             ad["m"] = _magnitudes({**ad, "W": w, "fan_in_fan_out": fifo}, rng, negative=j == 0, zero=False)
-            ads.append(DoraAdapter(**{k: (_cast(v, dt) if isinstance(v, np.ndarray) else v) for k, v in ad.items()}))
+            fields: dict[str, Any] = {k: (_cast(v, dt) if isinstance(v, np.ndarray) else v) for k, v in ad.items()}
+            ads.append(DoraAdapter(**fields))
         c["adapters"] = ads
         if bias:
             c["bias"] = _cast(_normal(rng, (n_out,)), dt)

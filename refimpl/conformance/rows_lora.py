@@ -8,11 +8,12 @@ itself (``_linear_classes`` and friends), so a label can never claim a class the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl.conformance.table import TIERS, Boundary, Case, OpSpec, Special, abs_case
 from refimpl.conformance.tolerance import Bounded, Exact
@@ -69,6 +70,7 @@ class _RowWithoutVectors(OpSpec):
     text among the outputs): it has no golden tier, and its canonical example is its first boundary case."""
 
     def example(self) -> Case:
+        assert self.boundary is not None, f"{self.name}: a row without golden vectors needs boundary cases"
         return dict(self.boundary()[0].case)
 
 
@@ -270,7 +272,7 @@ def _golden_embedding(rng: np.random.Generator) -> list[tuple[str, Case]]:
 # ---------------------------------------------------------------------------- bounds
 
 
-def _reduction(case: Case) -> tuple[int, int, int, int]:
+def _reduction(case: Mapping[str, Any]) -> tuple[int, int, int, int]:
     a = case["A"]
     r, n_in = a.shape
     n_out = case["B"].shape[0]
@@ -278,7 +280,7 @@ def _reduction(case: Case) -> tuple[int, int, int, int]:
     return n_in, n_out, r, n_rows
 
 
-def _f64(case: Case) -> Case:
+def _f64(case: Mapping[str, Any]) -> Case:
     """The case with every floating array (bfloat16 included, which NumPy does not call floating) in float64."""
     from refimpl.precision import DTYPES
 
@@ -287,7 +289,7 @@ def _f64(case: Case) -> Case:
 
 
 def _magnitude_of(name: str, **renames: str):
-    def mag(case: Case) -> dict[str, np.ndarray]:
+    def mag(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
         c = abs_case(_f64(case))
         for old, new in renames.items():
             c[new] = c.pop(old)
@@ -755,7 +757,7 @@ def _golden_init(rng: np.random.Generator) -> list[tuple[str, Case]]:
     return out
 
 
-def _init_layout(c: Case) -> tuple[np.ndarray, float]:
+def _init_layout(c: Mapping[str, Any]) -> tuple[np.ndarray, float]:
     """W in (out, in) layout (float64) and s."""
     w = np.asarray(c["W"], dtype=np.float64)
     if c.get("fan_in_fan_out") or c.get("embedding"):
@@ -765,12 +767,12 @@ def _init_layout(c: Case) -> tuple[np.ndarray, float]:
     return w, s
 
 
-def _init_depth(c: Case) -> int:
+def _init_depth(c: Mapping[str, Any]) -> int:
     w, _ = _init_layout(c)
     return sum(w.shape) + 8  # a Householder sweep over each dimension, the square root and the divide
 
 
-def _init_magnitude(c: Case) -> dict[str, np.ndarray]:
+def _init_magnitude(c: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Per output, |δ| ≤ (γ_K(target) + γ_K(float64)) · magnitude.
 
     default / gaussian / embedding: the reference's own draws; A = −b + 2b·u (kaiming bound b = 1/√in) and
@@ -800,7 +802,7 @@ def _init_magnitude(c: Case) -> dict[str, np.ndarray]:
         return {"out.W": zero_w, "out.A": a, "out.B": np.zeros((out_f, r))}
     g64 = 2.0 * precision.gamma(_init_depth(c), "float64")
 
-    def capped(first_order: np.ndarray, trivial: np.ndarray) -> np.ndarray:
+    def capped(first_order: npt.ArrayLike, trivial: npt.ArrayLike) -> np.ndarray:
         first_order = np.where(np.isnan(first_order), np.inf, first_order)
         return np.minimum(first_order, np.asarray(trivial) / g64)
 
@@ -853,11 +855,11 @@ def _mask_boundary() -> list[Boundary]:
 # ---------------------------------------------------------------------------- merge bounds
 
 
-def _merge_magnitude(*, merged: bool = False) -> Callable[[Case], dict[str, np.ndarray]]:
+def _merge_magnitude(*, merged: bool = False) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
     """|W| + |s|·|B||A| (merge) or |W'| + |s|·|B||A| (unmerge), before any storage rounding: both sides round
     the same float64 value into the storage dtype, so the float64 bound applies to the stored results."""
 
-    def mag(case: Case) -> dict[str, np.ndarray]:
+    def mag(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
         c = abs_case(_f64({k: v for k, v in case.items() if k not in ("dtype", "safe")}))
         if merged:
             c["W"] = c.pop("W_merged")
@@ -867,11 +869,11 @@ def _merge_magnitude(*, merged: bool = False) -> Callable[[Case], dict[str, np.n
 
 
 def rows() -> list[OpSpec]:
-    def linear_depth(case: Case) -> int:
+    def linear_depth(case: Mapping[str, Any]) -> int:
         n_in, _, r, _ = _reduction(case)
         return n_in + r + 6  # in-term dot, r-term dot, scaling, dropout scale, bias and branch adds
 
-    def backward_depth(case: Case) -> int:
+    def backward_depth(case: Mapping[str, Any]) -> int:
         n_in, n_out, r, n_rows = _reduction(case)
         return n_in + n_out + r + n_rows + 6  # every reduction on the longest path, plus scalings
 

@@ -20,8 +20,10 @@ every input dtype, negative and zero weights, and tied magnitudes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -61,6 +63,7 @@ class _Row(OpSpec):
     def example(self) -> Case:
         if self.golden is not None:
             return super().example()
+        assert self.boundary is not None, f"{self.name}: a row without golden vectors needs boundary cases"
         return dict(self.boundary()[0].case)
 
 
@@ -68,7 +71,7 @@ def _f64(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
-def _input_dtype(case: Case) -> np.dtype | None:
+def _input_dtype(case: Mapping[str, Any]) -> np.dtype | None:
     for v in case.values():
         for a in (v if isinstance(v, (list, tuple)) else [v]):
             if isinstance(a, np.ndarray) and (a.dtype.kind == "f" or a.dtype == BF16):
@@ -300,7 +303,7 @@ def _dare_strategy():
 # ----------------------------------------------------------------------------- magnitudes (bounds)
 
 
-def _weights(case: Case, key: str = "task_vectors") -> np.ndarray:
+def _weights(case: Mapping[str, Any], key: str = "task_vectors") -> np.ndarray:
     w = case.get("weights")
     return np.ones(len(case[key])) if w is None else np.asarray(w, dtype=np.float64)
 
@@ -335,7 +338,7 @@ def _l1(opts_rescale: str, tau: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.abs(_l1_rescaled(np.abs(tau), m)) if opts_rescale == "l1" else np.abs(tau) * m
 
 
-def _ties_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _ties_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging.sparsify import densities, trim_mask
     from refimpl.merging.ties_dare import ties_options
 
@@ -350,25 +353,25 @@ def _ties_magnitude(case: Case) -> dict[str, np.ndarray]:
     return {"out": abs(float(case.get("lam", 1.0))) * _elected_magnitude(hat, w, opts)}
 
 
-def _l1_depth(case: Case, rescale: str) -> int:
+def _l1_depth(case: Mapping[str, Any], rescale: str) -> int:
     return 2 * int(np.asarray(case["task_vectors"][0]).size) + 2 if rescale == "l1" else 0
 
 
-def _ties_depth(case: Case) -> int:
+def _ties_depth(case: Mapping[str, Any]) -> int:
     from refimpl.merging.ties_dare import ties_options
 
     opts = ties_options(case.get("profile", "paper"), **{k: case.get(k) for k in TIES_OPTIONS})
     return len(case["task_vectors"]) + 6 + _l1_depth(case, opts["rescale"])
 
 
-def _prune_opts(case: Case) -> dict:
+def _prune_opts(case: Mapping[str, Any]) -> dict:
     from refimpl.merging.sparsify import TRIM_K_RULE
 
     prof = case.get("profile", "peft")
     return {"k_rule": case.get("k_rule") or TRIM_K_RULE[prof], "rescale": case.get("rescale") or "none"}
 
 
-def _prune_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _prune_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging.sparsify import densities, trim_mask
 
     taus = [_f64(t) for t in case["task_vectors"]]
@@ -379,7 +382,7 @@ def _prune_magnitude(case: Case) -> dict[str, np.ndarray]:
     return {"out": abs(float(case.get("lam", 1.0))) * mag}
 
 
-def _dare_opts(case: Case) -> dict:
+def _dare_opts(case: Mapping[str, Any]) -> dict:
     from refimpl.merging.ties_dare import dare_options
 
     return dare_options(case.get("profile", "paper"), case.get("merge", "linear"),
@@ -387,7 +390,7 @@ def _dare_opts(case: Case) -> dict:
                                                     "weight_stage", "divisor")})
 
 
-def _dare_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _dare_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging.sparsify import TRIM_K_RULE, densities, trim_mask
 
     taus = [_f64(t) for t in case["task_vectors"]]
@@ -412,11 +415,11 @@ def _dare_magnitude(case: Case) -> dict[str, np.ndarray]:
     return {"out": abs(float(case.get("lam", 1.0))) * mag}
 
 
-def _dare_depth(case: Case) -> int:
+def _dare_depth(case: Mapping[str, Any]) -> int:
     return len(case["task_vectors"]) + 7 + _l1_depth(case, _dare_opts(case)["dare_rescale"])
 
 
-def _ta_magnitude(case: Case, key: str = "task_vectors", lam_default: float = 1.0,
+def _ta_magnitude(case: Mapping[str, Any], key: str = "task_vectors", lam_default: float = 1.0,
                   normalize_default: bool = False) -> dict[str, np.ndarray]:
     w = _weights(case, key)
     mag = sum(abs(wt) * np.abs(_f64(t)) for t, wt in zip(case[key], w, strict=True))
@@ -425,8 +428,8 @@ def _ta_magnitude(case: Case, key: str = "task_vectors", lam_default: float = 1.
     return {"out": abs(float(case.get("lam", lam_default))) * mag}
 
 
-def _depth(case: Case) -> int:
-    return len(case.get("task_vectors") or case.get("tensors")) + 5
+def _depth(case: Mapping[str, Any]) -> int:
+    return len(case.get("task_vectors") or case["tensors"]) + 5  # task_arithmetic's or linear's inputs
 
 
 # ----------------------------------------------------------------------------- golden (the committed vectors)
@@ -803,7 +806,7 @@ SLERP_CLASSES = (*SHAPE_CLASSES, BIG, *DTYPE_CLASSES, "option: t = 0", "option: 
                  "option: dot_threshold given", "option: eps given")
 
 
-def _slerp_terms(case: Case):
+def _slerp_terms(case: Mapping[str, Any]):
     """(c0, c1, S0, S1, linear): the coefficients and their sensitivity (in units of the rounding of cos Ω)."""
     from refimpl.merging import slerp_coefficients
 
@@ -822,17 +825,17 @@ def _slerp_terms(case: Case):
     return c.c0, c.c1, dc(1.0 - t) * sens + abs(c.c0), dc(t) * sens + abs(c.c1), False
 
 
-def _slerp_depth(case: Case) -> int:
+def _slerp_depth(case: Mapping[str, Any]) -> int:
     return 2 * int(np.asarray(case["v0"]).size) + 16
 
 
-def _slerp_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _slerp_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c0, c1, s0, s1, _ = _slerp_terms(case)
     a, b = np.abs(_f64(case["v0"])), np.abs(_f64(case["v1"]))
     return {"out": (abs(c0) + s0) * a + (abs(c1) + s1) * b}
 
 
-def _coef_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _coef_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c0, c1, s0, s1, _ = _slerp_terms(case)
     return {"out.c0": np.asarray(abs(c0) + s0), "out.c1": np.asarray(abs(c1) + s1), "out.dot": np.asarray(1.0)}
 
@@ -910,18 +913,18 @@ LORA_CLASSES = ("shape: out ≠ in", "shape: out = in", "shape: out or in % 16 !
                 "value: several adapters (T ≥ 3)")
 
 
-def _lora_delta_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _lora_delta_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging.lora_space import _adapters
 
     A, B, c = _adapters(case["As"], case["Bs"], case["scalings"], case.get("weights"))
     return {"out": sum(abs(ci) * (np.abs(b) @ np.abs(a)) for ci, a, b in zip(c, A, B, strict=True))}
 
 
-def _lora_depth(case: Case) -> int:
+def _lora_depth(case: Mapping[str, Any]) -> int:
     return max(np.shape(a)[0] for a in case["As"]) + len(case["As"]) + 4
 
 
-def _cat_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _cat_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging.lora_space import _adapters
 
     A, B, c = _adapters(case["As"], case["Bs"], case["scalings"], case.get("weights"))
@@ -929,7 +932,7 @@ def _cat_magnitude(case: Case) -> dict[str, np.ndarray]:
             "out.1": np.zeros((B[0].shape[0], sum(b.shape[1] for b in B)))}
 
 
-def _factor_linear_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _factor_linear_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging.lora_space import _adapters
 
     A, B, c = _adapters(case["As"], case["Bs"], case["scalings"], case.get("weights"))
@@ -955,11 +958,11 @@ def _svd_bound(delta: np.ndarray, rank: int, split: str) -> dict[str, np.ndarray
     return {"out.0": np.full((rank, n), k), "out.1": np.full((m, rank), k)}
 
 
-def _lowrank_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _lowrank_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return _svd_bound(_f64(case["delta"]), int(case["rank"]), case.get("split", "B"))
 
 
-def _lora_svd_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _lora_svd_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging import lora_delta
 
     delta = lora_delta(case["As"], case["Bs"], case["scalings"], case.get("weights"))
@@ -967,7 +970,7 @@ def _lora_svd_magnitude(case: Case) -> dict[str, np.ndarray]:
     return _svd_bound(delta, int(r), case.get("split", "B"))
 
 
-def _svd_depth(case: Case) -> int:
+def _svd_depth(case: Mapping[str, Any]) -> int:
     m, n = np.shape(case["delta"]) if "delta" in case else (np.shape(case["Bs"][0])[0], np.shape(case["As"][0])[1])
     return 10 * (m + n) + 4 * len(case.get("As", [0]))
 
@@ -1094,17 +1097,17 @@ TRIM_MASK_CLASSES = (*SHAPE_CLASSES, BIG, *DTYPE_CLASSES, "option: k_rule=thresh
                      "value: density = 1", "value: all zeros")
 
 
-def _elect_opts(c: Case) -> dict:
+def _elect_opts(c: Mapping[str, Any]) -> dict:
     return {k: c[k] for k in ("elect", "zero_sign", "weight_stage", "divisor")}
 
 
-def _elect_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _elect_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     hat = [_f64(t) for t in (case["trimmed"] if isinstance(case["trimmed"], list) else list(case["trimmed"]))]
     w = np.ones(len(hat)) if case.get("weights") is None else np.asarray(case["weights"], dtype=np.float64)
     return {"out": _elected_magnitude(hat, w, _elect_opts(case))}
 
 
-def _elect_depth(case: Case) -> int:
+def _elect_depth(case: Mapping[str, Any]) -> int:
     return len(case["trimmed"]) + 6
 
 
@@ -1228,7 +1231,7 @@ L1_CLASSES = (*SHAPE_CLASSES, BIG, *DTYPE_CLASSES, "value: bool mask", "value: 0
               "value: kept norm below the guard")
 
 
-def _l1_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _l1_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {"out": _l1("l1", _f64(case["tau"]), np.asarray(case["mask"]).astype(bool))}
 
 
@@ -1294,7 +1297,7 @@ def _nan_first(a: np.ndarray) -> np.ndarray:
     return b
 
 
-def _new_specials(op: str) -> list[Special]:
+def _new_specials(op: str) -> Callable[[Case], list[Special]]:
     cases = {
         "slerp": lambda c: [Special("v0 has nan", {**c, "v0": _nan_first(c["v0"])}),
                             Special("t above 1", {**c, "t": 1.5}),

@@ -23,9 +23,11 @@ tier places inputs in every one of them:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl.conformance.table import Boundary, Case, OpSpec, Special
 from refimpl.conformance.tolerance import Bounded, Exact
@@ -58,8 +60,9 @@ def _quant():
 # ---------------------------------------------------------------------------- threshold-adjacent values
 
 
-def _step(x: np.ndarray | float, k: int, dtype: np.dtype) -> np.ndarray:
-    """x (a value of ``dtype``) moved k units in the last place of ``dtype`` (k > 0: away from −inf)."""
+def _step(x: npt.ArrayLike, k: int | np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x (a value of ``dtype``) moved k units in the last place of ``dtype`` (k > 0: away from −inf; an array
+    of k: one value per k)."""
     v = np.asarray(x, dtype=dtype)
     bits = v.view(np.uint16 if dtype.itemsize == 2 else np.uint32).astype(np.int64)
     neg = np.signbit(v.astype(np.float32))
@@ -151,7 +154,9 @@ def _threshold_case(quant_type: str, blocksize: int, tail_len: int, seed: int) -
     for m in _midpoints(quant_type):
         if m == 0:
             continue
-        a, xs = _threshold_block(_around(m), tail=False)
+        found = _threshold_block(_around(m), tail=False)
+        assert found is not None, f"no absmax hits the scaled values around {quant_type} midpoint {m}"
+        a, xs = found
         vals = np.array([a, *xs, *(-np.asarray(xs))], dtype=np.float32)
         blocks.append(np.concatenate([vals, _filler(rng, blocksize - vals.size, float(a))]))
     mids = [m for m in _midpoints(quant_type) if m != 0]
@@ -187,6 +192,7 @@ def _straddle_case(quant_type: str, blocksize: int, tail_len: int, seed: int) ->
             again = _straddle(float(m), absmax=tail_a)
             if again is not None:
                 tail_xs.append(again[1])
+    assert tail_a is not None, f"no {quant_type} midpoint has a straddling absmax"
     vals = np.array(tail_xs, dtype=np.float32)[:tail_len - 1]
     blocks.append(np.concatenate([vals, _filler(rng, tail_len - 1 - vals.size, tail_a), [tail_a]]))
     return np.concatenate(blocks).astype(np.float32)
@@ -209,6 +215,7 @@ def _half_tie_case(dtype_name: str, seed: int) -> np.ndarray:
             if xs[1] is not None:
                 got = (a, [x for x in xs if x is not None])
                 break
+        assert got is not None, f"no {dtype_name} absmax hits FP4 midpoint {m}"
         a, xs = got
         a32 = float(np.asarray(a).astype(np.float32))
         vals = np.array([a32, *[float(np.asarray(x).astype(np.float32)) for x in xs]], dtype=np.float32)
@@ -386,7 +393,7 @@ def _quantize_boundary_cases() -> tuple[Boundary, ...]:
     tiny = np.array([1.0, 1e-4, 1 / 400, 1 / 384, 2.6e-3, -1e-4, -1 / 400, -1 / 384, 0.0, -0.0, 1e-30, -1e-30],
                     dtype=np.float32)
     x = np.concatenate([np.tile(tiny, 10)]).reshape(3, 40)
-    x[:, 0] = x[:, 0] * np.float32([1.0, 0.75, 3.0])
+    x[:, 0] = x[:, 0] * np.array([1.0, 0.75, 3.0], dtype=np.float32)
     add("fp4 tiny values, zeros, -0.0, (3, 40) bs 32", _q(x, 32, "fp4", True),
         "value: FP4 tiny values in (0, 1/384] and (-1/384, 0)", "value: zeros and -0.0")
     add("nf4 tiny values, zeros, -0.0, (3, 40) bs 32", _q(x.copy(), 32, "nf4", False), "value: zeros and -0.0")
@@ -598,6 +605,7 @@ _DEQUANT_CLASSES = (
     "option: profile=bitsandbytes-cpu, FP4 with an even last dimension (C++ path: -0.0, C++ bf16 rounding)",
     "option: profile=bitsandbytes-cpu, FP4 with an odd last dimension (torch path: +0.0)",
     "option: profile given to dequantize_4bit for a reference-profile state",
+    "shape: 2-D or 3-D with at most 2 elements (packed is a single (1, 1) byte row)",
 )
 
 
@@ -658,6 +666,13 @@ def _dequantize_boundary_cases() -> tuple[Boundary, ...]:
         out.append(Boundary(f"fp4 {dt} {'x'.join(map(str, shape))} state profile bitsandbytes-cpu", case,
                             (tag, "option: profile=bitsandbytes-cpu", "value: FP4 nibble 8 (zero) and nibble 0",
                              f"dtype: {dt}", "option: quant_type=fp4")))
+    # a packed (1, 1) array looks like the transposed [1, m] layout that bitsandbytes' dequantize_4bit still
+    # accepts (it transposes its result back): a kernel must not mistake a tiny N-D tensor for that layout
+    tiny = "shape: 2-D or 3-D with at most 2 elements (packed is a single (1, 1) byte row)"
+    for shape, qt, dt in (((1, 1, 1), "nf4", "float32"), ((1, 2), "fp4", "float16"), ((2, 1, 1), "nf4", "bfloat16")):
+        case = _byte_state(shape, 32, qt, dt, seed=5)
+        out.append(Boundary(f"tiny {qt} {dt} {'x'.join(map(str, shape))}", case,
+                            (tiny, f"dtype: {dt}", f"option: quant_type={qt}", "option: blocksize=32")))
     case = _byte_state((4, 48), 64, "fp4", "bfloat16", seed=11)
     out.append(Boundary("fp4 bfloat16 4x48 reference state, profile=bitsandbytes-cpu given",
                         {**case, "profile": "bitsandbytes-cpu"},
@@ -1033,8 +1048,9 @@ def _qlora_weight(n_out: int, n_in: int, bs: int, qt: str, dq: bool, dt: str, rn
     w = (rng.standard_normal((n_out, n_in)) * rng.choice([0.05, 1.0])).astype(np.float32).astype(_dtype(dt))
     if qt == "fp4":
         w.reshape(-1)[::7] = np.asarray(1e-4, np.float32).astype(_dtype(dt))  # FP4 nibble 8 weights
-    kw = {} if profile is None else {"profile": profile}
-    return quant.quantize_4bit(w, bs, qt, dq, **kw)
+    if profile is None:
+        return quant.quantize_4bit(w, bs, qt, dq)
+    return quant.quantize_4bit(w, bs, qt, dq, profile=profile)
 
 
 def _qlora_strategy():
@@ -1168,7 +1184,7 @@ def _golden_qlora(rng: np.random.Generator) -> list[tuple[str, Case]]:
     return out
 
 
-def _qlora_magnitude(case: Case) -> dict[str, np.ndarray]:
+def _qlora_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """|x||Ŵ|ᵀ + |b| + |s|(|x||A|ᵀ)|B|ᵀ with Ŵ the exactly dequantized base weight (dropout: |x|·mask/(1−p))."""
     from refimpl import lora, qlora
 
@@ -1292,10 +1308,10 @@ def _feb_tolerance() -> Bounded:
     """The bound is a float64 sum of non-negative products: any other summation order is within γ_K of it."""
     from refimpl import qlora
 
-    def depth(c: Case) -> int:
+    def depth(c: Mapping[str, Any]) -> int:
         return int(c["A"].shape[1] + c["A"].shape[0] + 8)
 
-    def magnitude(c: Case) -> dict[str, np.ndarray]:
+    def magnitude(c: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {"out": qlora.forward_error_bound(**c)}
 
     return Bounded(depth, magnitude, note="the bound's own float64 evaluation, any summation order")

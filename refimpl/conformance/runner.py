@@ -257,7 +257,20 @@ class _Checker:
                 modelled = model(self.spec.name, case, exp) if model is not None else None
             except Exception:
                 continue
-            if modelled is not None and compare_exact(act, modelled).passed:
+            if modelled is not None and "raises" not in modelled and compare_exact(act, modelled).passed:
+                return str(d)
+        return ""
+
+    def known_raise(self, case: dict[str, Any], exc: BaseException, tier: str, label: str) -> str:
+        """The modelled divergence that predicts the target raising ``exc`` here (a model returning
+        ``{"raises": "<exception class name>"}``), or ''."""
+        for d in self.modelled:
+            model = d.model_fn() if d.matches(self.spec.name, self.target.name, tier, label) else None
+            try:
+                modelled = model(self.spec.name, case, {}) if model is not None else None
+            except Exception:
+                continue
+            if modelled is not None and modelled.get("raises") == type(exc).__name__:
                 return str(d)
         return ""
 
@@ -272,9 +285,10 @@ class _Checker:
         try:
             act = self.actual(case, tier, label)
         except Exception as exc:
-            return CaseResult(name, tier, label, FAIL, f"target raised {type(exc).__name__}: {exc}", n_cases=1,
-                              classes=list(classes), snippet=self.snip(case, f"{tier} case {label}"),
-                              reproducer=self.reproducer(case))
+            div = self.known_raise(case, exc, tier, label)
+            return CaseResult(name, tier, label, XFAIL if div else FAIL, f"target raised {type(exc).__name__}: {exc}",
+                              n_cases=1, classes=list(classes), divergence=div,
+                              snippet=self.snip(case, f"{tier} case {label}"), reproducer=self.reproducer(case))
         v = compare(self.spec.tolerance, act, exp, case, self.dtype)
         if v.passed:
             return CaseResult(name, tier, label, PASS, v.message, worst_ratio=v.worst_ratio, n_cases=1,
@@ -379,6 +393,10 @@ class _Checker:
             try:
                 act = self.actual(case, "properties", label)
             except Exception as exc:
+                div = self.known_raise(case, exc, "properties", label)
+                if div:
+                    known[div] = known.get(div, 0) + 1
+                    return
                 failing.update(case=case, msg=f"target raised {type(exc).__name__}: {exc}", ratio=None)
                 raise AssertionError(failing["msg"]) from exc
             v: Verdict = compare(self.spec.tolerance, act, exp, case, self.dtype)
@@ -510,9 +528,10 @@ def _execute(executor: Executor, task: _Task) -> list[CaseResult]:
     """Run one task through the executor; a crash, an exit or a hang of the target is a failure."""
     raw, lost, crash = executor.run(asdict(task))
     out = [CaseResult(**r) for r in raw]
-    if crash:
-        out.append(CaseResult(task.op, "*", "*", FAIL, f"the target raised {crash} (a BaseException: it would end "
-                                                       "the caller's process)", n_cases=1))
+    if crash is not None:
+        out.append(CaseResult(task.op, crash.tier, crash.label, FAIL,
+                              f"the target {crash.what} during {crash.tier} case {crash.label!r} (a BaseException: "
+                              "it would end the caller's process)", n_cases=1))
     if lost is not None:
         out.append(CaseResult(task.op, lost.tier, lost.label, FAIL,
                               f"the target {lost.what} during {lost.tier} case {lost.label!r}", n_cases=1))

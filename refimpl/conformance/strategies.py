@@ -8,7 +8,7 @@ small shapes, because a counterexample should shrink to something a person can r
 from __future__ import annotations
 
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from hypothesis import strategies as st
@@ -28,8 +28,12 @@ def reals(low: float = -4.0, high: float = 4.0) -> st.SearchStrategy[float]:
     return st.floats(low, high, allow_nan=False, allow_infinity=False, allow_subnormal=False).map(_flush_tiny)
 
 
+#: Hypothesis' float ``width`` (bits) per itemsize of the float dtypes drawn (bfloat16 is drawn at 16).
+_WIDTHS: dict[int, Literal[16, 32, 64]] = {2: 16, 4: 32, 8: 64}
+
+
 @cache
-def _elements(low: float, high: float, width: int) -> st.SearchStrategy[float]:
+def _elements(low: float, high: float, width: Literal[16, 32, 64]) -> st.SearchStrategy[float]:
     return st.floats(low, high, allow_nan=False, allow_infinity=False, allow_subnormal=False,
                      width=width).map(_flush_tiny)
 
@@ -39,7 +43,7 @@ def _elements(low: float, high: float, width: int) -> st.SearchStrategy[float]:
 def float_arrays(shape: tuple[int, ...], low: float = -4.0, high: float = 4.0,
                  dtype: Any = np.float64) -> st.SearchStrategy[np.ndarray]:
     """Arrays of ``shape`` with elements from ``reals(low, high)``."""
-    return hnp.arrays(dtype, shape, elements=_elements(low, high, np.dtype(dtype).itemsize * 8))
+    return hnp.arrays(dtype, shape, elements=_elements(low, high, _WIDTHS[np.dtype(dtype).itemsize]))
 
 
 @lru_cache(maxsize=4096)

@@ -238,14 +238,14 @@ def verify(directory: str | Path | None = None) -> list[str]:
         problems.append("MANIFEST.json: differs from the regenerated manifest")
     else:
         for rel, entry in json.loads(manifest)["files"].items():
-            data = _read_expected(d / rel, entry["bytes"])
-            if data is not None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            on_disk_bytes = _read_expected(d / rel, entry["bytes"])
+            if on_disk_bytes is not None and hashlib.sha256(on_disk_bytes).hexdigest() != entry["sha256"]:
                 problems.append(f"{rel}: sha256 does not match MANIFEST.json")
     return problems
 
 
-_META_TYPES: dict[str, type | tuple[type, ...]] = {"op": str, "case": str, "args": list, "scalars": dict,
-                                                   "kinds": dict, "outputs": list, "shapes": dict}
+_META_TYPES: dict[str, type] = {"op": str, "case": str, "args": list, "scalars": dict,
+                                "kinds": dict, "outputs": list, "shapes": dict}
 
 
 def _manifest_entries(d: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@
     refimpl lab experiment rank|layers|overfit|merge|loraplus|memory [--out DIR]
     refimpl lab serve [--port 8000] [--host 127.0.0.1]     (the lesson's sandbox as a local web page)
 
-(until the top-level command forwards here: ``python -m refimpl.lab.cli ...``)
+(also ``python -m refimpl.lab.cli ...``)
 """
 
 from __future__ import annotations
@@ -15,41 +15,76 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+#: The exit codes of every ``refimpl lab`` command (an unexpected exception is turned into 3 by ``refimpl``).
+EXIT_CODES = "exit codes: 0 success; 2 usage or input error; 3 internal error"
+INSTALL_HINT = "pip install 'refimpl[lab]'"
+
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="refimpl lab", description="The LoRA teaching lab (tiny NumPy transformer).")
-    sub = ap.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train one adapter and save its curves (CSV, JSON, PNG)")
-    t.add_argument("--task", default="facts", help="facts | position | facts_low | facts_high | bag_facts")
-    t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--layers", default="all", help='"qv", "attn", "ffn", "all" or a comma list such as q,v,up')
-    t.add_argument("--dropout", type=float, default=0.05)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--loraplus-ratio", type=float, default=1.0, help="learning rate of B = ratio x lr (LoRA+)")
-    t.add_argument("--examples", type=int, default=2000)
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--batch-size", type=int, default=64)
+    ap = argparse.ArgumentParser(prog="refimpl lab", description="The LoRA teaching lab (tiny NumPy transformer): "
+                                 "train one adapter, run one of the lesson's experiments, or serve the sandbox page.",
+                                 epilog=EXIT_CODES)
+    sub = ap.add_subparsers(dest="command", required=True, help="the lab command (each has its own --help)")
+    t = sub.add_parser("train", help="train one adapter and save its curves (CSV, JSON, PNG)",
+                       description="Train one adapter on the lab's pretrained tiny transformer and write its loss "
+                                   "curves (curves.csv, curves.json, curves.png) and summary.json, with a "
+                                   "diagnosis of the curves. Needs matplotlib (" + INSTALL_HINT + ").",
+                       epilog=EXIT_CODES)
+    t.add_argument("--task", default="facts",
+                   help="the synthetic task: facts | position | facts_low | facts_high | bag_facts (default facts)")
+    t.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    t.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling alpha/r (default 16)")
+    t.add_argument("--layers", default="all",
+                   help='adapted layers: "qv", "attn", "ffn", "all" or a comma list such as q,v,up (default all)')
+    t.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout probability (default 0.05)")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    t.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 0.003)")
+    t.add_argument("--loraplus-ratio", type=float, default=1.0,
+                   help="learning rate of B = ratio x lr (LoRA+; default 1, plain LoRA)")
+    t.add_argument("--examples", type=int, default=2000, help="training examples (default 2000)")
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    t.add_argument("--batch-size", type=int, default=64, help="examples per step (default 64)")
     t.add_argument("--dora", action="store_true", help="DoRA adapters (refimpl.dora)")
     t.add_argument("--nf4", action="store_true", help="QLoRA: NF4 frozen base weights (refimpl.quant)")
-    t.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default="lab-out/train")
-    t.add_argument("--no-progress", action="store_true")
-    e = sub.add_parser("experiment", help="run one of the lesson's experiments")
+    t.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) (rsLoRA) instead of alpha/r")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the data, adapter init, batches and dropout (default 0)")
+    t.add_argument("--out", default="lab-out/train", help="folder for the curves and summary (default lab-out/train)")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal)")
     from refimpl.lab.experiments import EXPERIMENTS
 
-    e.add_argument("name", choices=EXPERIMENTS)
-    e.add_argument("--out", default="lab-out")
-    e.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("experiment", help="run one of the lesson's experiments",
+                       description="Run one of the lesson's experiments and write its results (results.json, "
+                                   "CSV, PNG plots) under OUT/NAME/. Needs matplotlib (" + INSTALL_HINT + ").",
+                       epilog=EXIT_CODES)
+    e.add_argument("name", choices=EXPERIMENTS,
+                   help="rank: rank 1 to 32; layers: which layers to adapt; overfit: dropout and weight decay "
+                        "against overfitting; merge: merging two adapters; loraplus: LoRA+ ratios; "
+                        "memory: the lesson's 65B memory table")
+    e.add_argument("--out", default="lab-out", help="parent folder of the results (default lab-out)")
+    e.add_argument("--seed", type=int, default=0, help="seed of every run of the experiment (default 0)")
     e.add_argument("--quick", action="store_true", help="a smaller sweep (for tests)")
-    v = sub.add_parser("serve", help="the lesson's sandbox: a local web page over the lab (refimpl.lab.serve)")
-    v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind; anything beyond localhost must be asked for")
-    v.add_argument("--max-runs", type=int, default=2, help="runs trained at once (more are queued)")
+    v = sub.add_parser("serve", help="the lesson's sandbox: a local web page over the lab (refimpl.lab.serve)",
+                       description="Serve the lesson's sandbox: a local web page that trains adapters, streams "
+                                   "their curves, merges and exports them. Runs until Ctrl-C (exit 0).",
+                       epilog=EXIT_CODES + " (2 also when the address cannot be bound)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port, 0 to 65535; 0 picks a free port (default 8000)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; anything beyond localhost must be asked for (default 127.0.0.1)")
+    v.add_argument("--max-runs", type=int, default=2, help="runs trained at once; more are queued (default 2)")
     v.add_argument("--no-warm", action="store_true", help="do not pretrain the base at start")
     return ap
+
+
+def _missing_matplotlib(command: str) -> str | None:
+    """The one-line message when matplotlib (needed for the plots) cannot be imported, else None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return (f"refimpl lab {command}: the plots need matplotlib, which cannot be imported ({exc}); "
+                f"install the lab extra: {INSTALL_HINT}")
+    return None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -104,6 +139,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
+    if args.command in ("train", "experiment"):
+        missing = _missing_matplotlib(args.command)
+        if missing is not None:  # checked before training, not after minutes of it
+            print(missing, file=sys.stderr)
+            return 2
     try:
         if args.command == "train":
             return _train(args)

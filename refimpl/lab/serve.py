@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
@@ -56,9 +56,8 @@ import numpy as np
 from refimpl.lab import model as M
 from refimpl.lab._threads import single_thread_blas
 from refimpl.lab.diagnose import diagnose
-from refimpl.lab.optim import AdamWConfig, adamw_step, init_state, learning_rates
 from refimpl.lab.tasks import Dataset
-from refimpl.lab.train import Curve, TrainConfig, evaluate
+from refimpl.lab.train import Curve, TrainConfig, evaluate, train_adapter
 
 STATIC = Path(__file__).resolve().parent / "static"
 SPEC = Path(__file__).resolve().parents[2] / "spec"  # present in a source checkout (editable install)
@@ -210,56 +209,9 @@ def stream_train(
     on_point: Callable[[dict[str, float]], None],
     should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[dict[str, np.ndarray], Curve, bool]:
-    """``train_adapter``'s loop (same random streams, same order of operations, so the same curve),
-    calling ``on_point`` with each recorded point and ending early once ``should_stop()`` is true.
-
-    Returns (adapter, curve, stopped). Minibatches: ``default_rng([seed, 10])``; dropout masks:
-    ``default_rng([seed, 11])``; adapter init: ``default_rng([seed, 12])``.
-    """
-    adapter = M.init_adapter(base, config, acfg, np.random.default_rng([tcfg.seed, 12]))
-    batch_rng = np.random.default_rng([tcfg.seed, 10])
-    drop_rng = np.random.default_rng([tcfg.seed, 11])
-    opt = AdamWConfig(lr=tcfg.lr, weight_decay=tcfg.weight_decay, loraplus_ratio=tcfg.loraplus_ratio)
-    lrs = learning_rates(adapter, opt)
-    state = init_state(adapter)
-    n = train.ids.shape[0]
-    bs = min(tcfg.batch_size, n)
-    keys = ("step", "train_loss", "val_loss", "train_acc", "val_acc")
-    rec: dict[str, list] = {k: [] for k in keys}
-    train_eval = Dataset(train.ids[: tcfg.eval_size], train.labels[: tcfg.eval_size])
-    val_eval = Dataset(val.ids[: tcfg.eval_size], val.labels[: tcfg.eval_size])
-
-    def record(step: int) -> None:
-        tl, ta = evaluate(base, adapter, config, train_eval, acfg.scaling)
-        vl, va = evaluate(base, adapter, config, val_eval, acfg.scaling)
-        point = dict(zip(keys, (step, tl, vl, ta, va), strict=True))
-        for k, v in point.items():
-            rec[k].append(v)
-        on_point(point)
-
-    record(0)
-    stopped = False
-    order = batch_rng.permutation(n)
-    pos = 0
-    for step in range(1, tcfg.steps + 1):
-        if should_stop():
-            stopped = True
-            break
-        if pos + bs > n:
-            order, pos = batch_rng.permutation(n), 0
-        idx = order[pos : pos + bs]
-        pos += bs
-        masks = M.draw_dropout(adapter, config, bs, acfg.dropout, drop_rng)
-        logits, cache = M.forward(
-            base, adapter, config, train.ids[idx], scaling=acfg.scaling, dropout_masks=masks, dropout_p=acfg.dropout
-        )
-        _, d = M.cross_entropy(logits, train.labels[idx])
-        _, ga = M.backward(d, cache, base, config, need_base=False)
-        warm = min(1.0, step / tcfg.warmup) if tcfg.warmup else 1.0
-        adamw_step(adapter, ga, state, opt, {k: v * warm for k, v in lrs.items()} if warm < 1.0 else lrs)
-        if step % tcfg.eval_every == 0 or step == tcfg.steps:
-            record(step)
-    return adapter, Curve(**{k: tuple(v) for k, v in rec.items()}), stopped
+    """``train_adapter`` with its per-point callback and stop flag: (adapter, curve, stopped)."""
+    res = train_adapter(base, config, acfg, train, val, tcfg, on_point=on_point, should_stop=should_stop)
+    return res.adapter, res.curve, res.stopped
 
 
 def eval_every(steps: int) -> int:
@@ -518,6 +470,8 @@ class Lab:
 
 def task_vector(base: dict[str, np.ndarray], run: Run) -> dict[str, np.ndarray]:
     """The adapter's update of each adapted weight, W' − W (s·BA for LoRA; DoRA's full change)."""
+    if run.adapter is None:
+        raise ParamError("run", f"run {run.id} has no trained adapter (status {run.status})")
     merged = M.merged_base(base, run.adapter, run.scaling)
     return {k: merged[k] - base[k] for k in merged if merged[k] is not base[k]}
 
@@ -577,6 +531,8 @@ def peft_adapter_files(run: Run, folder: Path) -> list[Path]:
     ``lora_magnitude_vector`` (out,); float32, as PEFT saves them)."""
     from refimpl import io as rio
 
+    if run.adapter is None:
+        raise ParamError("run", f"run {run.id} has no adapter yet (status {run.status})")
     p = run.params
     tensors = {}
     for key, arr in run.adapter.items():
@@ -615,12 +571,12 @@ def export_run(lab: Lab, run: Run, fmt: str) -> tuple[bytes, str, str]:
             raise ParamError("format", f"run {run.id} has no adapter yet (status {run.status})")
         folder = lab.tmp / f"{stem}-{secrets.token_hex(3)}"
         files = peft_adapter_files(run, folder)
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        zbuf = io.BytesIO()
+        with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_DEFLATED) as z:
             for f in files:
                 z.write(f, f"{stem}-adapter/{f.name}")
         shutil.rmtree(folder, ignore_errors=True)
-        return buf.getvalue(), "application/zip", f"{stem}-adapter.zip"
+        return zbuf.getvalue(), "application/zip", f"{stem}-adapter.zip"
     raise ParamError("format", f"expected json, csv or peft, got {fmt!r}")
 
 
@@ -846,7 +802,8 @@ class LabServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        # an AF_INET/AF_INET6 server's address starts (host: str, port: int); typeshed allows bytes for AF_UNIX
+        host, port = cast("tuple[str, int]", self.server_address[:2])
         return f"http://{host}:{port}/"
 
     def warm(self) -> threading.Thread:

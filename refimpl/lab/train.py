@@ -6,6 +6,7 @@ import csv
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class TrainResult:
     curve: Curve
     seconds: float
     config: dict = field(default_factory=dict)
+    stopped: bool = False  #: ``should_stop`` ended the run before ``tcfg.steps``
 
 
 def evaluate(
@@ -90,11 +92,15 @@ def evaluate(
 
 
 def _progress(total: int, desc: str, enabled: bool):
+    import sys
+
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm is in the `lab` extra; without it, train silently
         return None
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    # the bar redraws itself with \r: only for a terminal, never into a log file or a pipe
+    tty = sys.stderr is not None and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not (enabled and tty), leave=False, dynamic_ncols=True)
 
 
 PRETRAIN_WEIGHT_DECAY = 0.1
@@ -168,18 +174,22 @@ def train_adapter(
     *,
     progress: bool = False,
     desc: str = "train",
+    on_point: Callable[[dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train only the adapter (base frozen) with AdamW (+ LoRA+ ratio, linear warmup over
     ``warmup`` steps) and record the curves.
 
     Minibatches are drawn with replacement-free epochs from ``default_rng([seed, 10])``; dropout
     masks from ``default_rng([seed, 11])``; the adapter init from ``default_rng([seed, 12])``.
+    ``on_point`` receives each recorded point (step, train/val loss and accuracy) as it is measured;
+    ``should_stop`` is asked before every step and ends the run early when it returns true.
     """
     with single_thread_blas():
-        return _train_loop(base, config, acfg, train, val, tcfg, progress, desc)
+        return _train_loop(base, config, acfg, train, val, tcfg, progress, desc, on_point, should_stop)
 
 
-def _train_loop(base, config, acfg, train, val, tcfg, progress, desc) -> TrainResult:
+def _train_loop(base, config, acfg, train, val, tcfg, progress, desc, on_point, should_stop) -> TrainResult:
     t0 = time.perf_counter()
     batch_rng = np.random.default_rng([tcfg.seed, 10])
     drop_rng = np.random.default_rng([tcfg.seed, 11])
@@ -198,14 +208,21 @@ def _train_loop(base, config, acfg, train, val, tcfg, progress, desc) -> TrainRe
     def record(step: int) -> None:
         tl, ta = evaluate(base, adapter, config, train_eval, acfg.scaling)
         vl, va = evaluate(base, adapter, config, val_eval, acfg.scaling)
-        for k, v in zip(rec, (step, tl, vl, ta, va), strict=True):
+        point = dict(zip(rec, (step, tl, vl, ta, va), strict=True))
+        for k, v in point.items():
             rec[k].append(v)
+        if on_point is not None:
+            on_point(point)
 
     record(0)
     bar = _progress(tcfg.steps, desc, progress)
     order = batch_rng.permutation(n)
     pos = 0
+    stopped = False
     for step in range(1, tcfg.steps + 1):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
         if pos + bs > n:
             order, pos = batch_rng.permutation(n), 0
         idx = order[pos : pos + bs]
@@ -228,4 +245,4 @@ def _train_loop(base, config, acfg, train, val, tcfg, progress, desc) -> TrainRe
         bar.close()
     curve = Curve(**{k: tuple(v) for k, v in rec.items()})
     return TrainResult(adapter=adapter, curve=curve, seconds=time.perf_counter() - t0,
-                       config={"adapter": asdict(acfg), "train": asdict(tcfg)})
+                       config={"adapter": asdict(acfg), "train": asdict(tcfg)}, stopped=stopped)

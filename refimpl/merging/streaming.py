@@ -189,7 +189,7 @@ def _merge_task_vectors(task: _Task, taus: list[np.ndarray], w: np.ndarray, opts
         return ties_dare.ties_owned(taus, w, d, ties_dare.ties_options(profile, **opts), lam)
     merge = opts.pop("merge", "linear")
     rng = np.random.default_rng([task.seed, zlib.crc32(task.key.encode())])
-    masks = _sparsify.dare_masks(taus[0].shape, len(taus), d, rng)
+    masks = _sparsify.dare_masks(taus[0].shape, len(taus), d.tolist(), rng)
     return ties_dare.dare_owned(taus, w, d, masks, ties_dare.dare_options(profile, merge, **opts), lam)
 
 
@@ -370,17 +370,17 @@ def merge_files(
                             submit_next()
                             if arr.shape != base_index[key].shape or arr.dtype != base_index[key].dtype:
                                 raise RuntimeError(f"merge of {key!r} returned {_checks.describe(arr)}")
-                            fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                            fh.write(arr.reshape(-1).view(np.uint8).data)
                             del arr
                             bar.step(key)
                         fh.flush()
                         os.fsync(fh.fileno())
                 if n > 1:
                     index = {"metadata": {"total_size": total, "merged_by": MARKER}, "weight_map": shard_of}
-                    with open(tmp_dir / f"{prefix}.safetensors.index.json", "x", encoding="utf-8") as fh:
-                        fh.write(json.dumps(index, indent=2))
-                        fh.flush()
-                        os.fsync(fh.fileno())
+                    with open(tmp_dir / f"{prefix}.safetensors.index.json", "x", encoding="utf-8") as fj:
+                        fj.write(json.dumps(index, indent=2))
+                        fj.flush()
+                        os.fsync(fj.fileno())
                 with _io._critical():  # check again (the merge may have taken hours), then swap in one step
                     own = _own_entries(out, inputs)
                     old = _io._commit_dir(tmp_dir, out)  # the earlier merge, if any, now lies at `old`

@@ -245,10 +245,13 @@ def dare(
     d = densities(density, len(taus))
     opts = dare_options(profile, merge, rescale=rescale, normalize=normalize, ties_density=ties_density,
                         elect=elect, zero_sign=zero_sign, weight_stage=weight_stage, divisor=divisor)
-    if (masks is None) == (rng is None):
+    if masks is None and rng is not None:
+        ms = dare_masks(taus[0].shape, len(taus), d.tolist(), rng)
+    elif masks is not None and rng is None:
+        ms = keep_masks(masks, taus)
+    else:
         raise ValueError("masks, rng: expected exactly one of them (the DARE keep-masks or a Generator to "
                          f"draw them), got masks={_checks.describe(masks)} and rng={_checks.describe(rng)}")
-    ms = dare_masks(taus[0].shape, len(taus), d, rng) if masks is None else keep_masks(masks, taus)
     return dare_owned(taus, w, d, ms, opts, _checks.real(lam, "lam"))
 
 

@@ -53,7 +53,7 @@ class Check4bitReport:
     def __str__(self) -> str:
         s = (f"{self.n_elements} nibbles: {self.n_equal} equal, {self.n_admissible} admissible, "
              f"{self.n_zero_sign} zero-sign, {self.n_special} special, {self.n_wrong} wrong")
-        if self.first_wrong_index is not None:
+        if self.first_wrong_index is not None and self.first_wrong is not None:  # set together
             s += f" (first at flat index {self.first_wrong_index}: got {self.first_wrong[0]}, " \
                  f"expected {self.first_wrong[1]})"
         return s + f"; {self.n_absmax_mismatch} block scales differ"

@@ -100,12 +100,19 @@ class QuantState:
     def nested(self) -> bool:
         return self.nested_absmax is not None
 
+    def _nested_parts(self) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        """(nested_absmax, nested_code, offset) of a nested state (``__post_init__`` sets all three together)."""
+        if self.nested_absmax is None or self.nested_code is None or self.offset is None:
+            raise ValueError("nested_absmax: not a double-quantized (nested) state")
+        return self.nested_absmax, self.nested_code, self.offset
+
     def block_absmax(self) -> np.ndarray:
         """The float32 scale of each block: stored, or rebuilt from the nested state (§7)."""
         if not self.nested:
             return self.absmax.copy()
-        return nested.dequantize_nested_absmax(self.absmax, self.nested_absmax, self.nested_code,
-                                               self.offset, self.nested_blocksize)
+        nested_absmax, nested_code, offset = self._nested_parts()
+        return nested.dequantize_nested_absmax(self.absmax, nested_absmax, nested_code, offset,
+                                               self.nested_blocksize)
 
     def to_bnb_dict(self) -> dict[str, np.ndarray]:
         """bitsandbytes' ``QuantState.as_dict(packed=True)`` as NumPy arrays (byte-identical JSON)."""
@@ -113,10 +120,11 @@ class QuantState:
                                 "dtype": self.dtype, "shape": list(self.shape)}
         out: dict[str, np.ndarray] = {"absmax": self.absmax.copy(), "quant_map": self.code.copy()}
         if self.nested:
-            out["nested_absmax"] = self.nested_absmax.copy()
-            out["nested_quant_map"] = self.nested_code.copy()
+            nested_absmax, nested_code, offset = self._nested_parts()
+            out["nested_absmax"] = nested_absmax.copy()
+            out["nested_quant_map"] = nested_code.copy()
             meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
-                        nested_offset=float(self.offset))
+                        nested_offset=float(offset))
         out["quant_state.bitsandbytes__" + self.quant_type] = np.frombuffer(
             json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
         return out

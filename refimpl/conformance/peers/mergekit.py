@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -102,7 +103,6 @@ def _injected_bernoulli(masks: list[np.ndarray]):
     """mergekit.sparsify.bernoulli draws one torch.bernoulli mask per task, in input order."""
     import torch
 
-    original = torch.bernoulli
     queue = list(masks)
 
     def fake(p, *args: Any, **kwargs: Any):
@@ -110,8 +110,5 @@ def _injected_bernoulli(masks: list[np.ndarray]):
             raise RuntimeError("more Bernoulli draws than masks")
         return torch.tensor(queue.pop(0)).to(p.dtype)
 
-    torch.bernoulli = fake
-    try:
+    with mock.patch.object(torch, "bernoulli", fake):
         yield
-    finally:
-        torch.bernoulli = original

@@ -20,9 +20,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 _ADAPTER = "default"
 
@@ -43,12 +46,22 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64)
 
 
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """``module.weight`` of a layer that has a weight Parameter (lora_A / lora_B's nn.Linear, DoRA's magnitude
+    layer); typed, as ``Module.__getattr__`` is ``Tensor | Module``."""
+    import torch
+
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 class _MaskDropout:
     """Factory of an nn.Module applying inverted dropout with a fixed keep mask."""
 
     @staticmethod
     def make(mask: np.ndarray, p: float):
-        torch = _torch()
+        import torch
 
         class MaskDropout(torch.nn.Module):
             def __init__(self) -> None:
@@ -90,10 +103,10 @@ def _linear_layer(W: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float, *
                    lora_dropout=0.5 if dropout_mask is not None else 0.0)
     layer.to(torch.float64)
     with torch.no_grad():
-        layer.lora_A[_ADAPTER].weight.copy_(_t(A))
-        layer.lora_B[_ADAPTER].weight.copy_(_t(B))
+        _weight(layer.lora_A[_ADAPTER]).copy_(_t(A))
+        _weight(layer.lora_B[_ADAPTER]).copy_(_t(B))
         if m is not None:
-            layer.lora_magnitude_vector[_ADAPTER].weight.copy_(_t(m))
+            _weight(layer.lora_magnitude_vector[_ADAPTER]).copy_(_t(m))
     layer.scaling[_ADAPTER] = float(scaling)
     if dropout_mask is not None:
         layer.lora_dropout[_ADAPTER] = _MaskDropout.make(dropout_mask, dropout_p)
@@ -158,7 +171,8 @@ class PeftTarget:
                 return "the adapter builds float64 PEFT layers only"
             if case.get("embedding") or case.get("unmerged_base") is not None:
                 return "the adapter wraps one Linear DoRA layer (no Embedding, no earlier merged adapter)"
-            if np.ndim(case.get("W")) != 2:
+            W = case.get("W")
+            if W is None or np.ndim(W) != 2:
                 return "the adapter wraps a Linear DoRA layer (PEFT's ConvNd DoRA layers are not adapted)"
         return None
 
@@ -178,8 +192,9 @@ class PeftTarget:
         from peft.tuners.lora.layer import Linear
 
         base = torch.nn.Linear(r, r, bias=False, device="meta")
-        cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora)
-        layer = Linear(base, _ADAPTER, cfg, r=r, lora_alpha=alpha, use_rslora=use_rslora)
+        # PEFT annotates lora_alpha as int but takes any real α (it computes α/r, α/√r in float)
+        cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora)  # type: ignore[arg-type]
+        layer = Linear(base, _ADAPTER, cfg, r=r, lora_alpha=alpha, use_rslora=use_rslora)  # type: ignore[arg-type]
         return float(layer.scaling[_ADAPTER])
 
     def delta(self, A, B, scaling, *, fan_in_fan_out=False):

@@ -234,7 +234,7 @@ def to_gpu_state(state: QuantState) -> Any:
     if state.nested_blocksize != NESTED_BLOCKSIZE:
         raise NotImplementedError(f"state.nested_blocksize: the CuPy kernels use {NESTED_BLOCKSIZE}, "
                                   f"got {state.nested_blocksize}")
-    if not np.array_equal(state.nested_code, codebooks.codebook("dynamic8")):
+    if state.nested_code is None or not np.array_equal(state.nested_code, codebooks.codebook("dynamic8")):
         raise NotImplementedError("state.nested_code: the CuPy kernels use the dynamic 8-bit map")
     return GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize, state.quant_type,
                          cp.asarray(state.nested_absmax), cp.asarray(np.array([state.offset], np.float32)))

@@ -40,7 +40,8 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(1, config.NUMBA_NUM_THREADS - 1),
+            # numba.config's options are set at import time, invisible to mypy
+            _POOL = ThreadPoolExecutor(max_workers=max(1, config.NUMBA_NUM_THREADS - 1),  # type: ignore[attr-defined]
                                        thread_name_prefix="refimpl-numba")
         return _POOL
 

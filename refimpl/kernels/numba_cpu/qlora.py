@@ -84,7 +84,8 @@ def _dot8(x, i, w, k):
 
 def _avx2_host() -> bool:
     """True when numba compiles for this host (the default) and the host has AVX2 (``vpermps``)."""
-    return numba.config.CPU_NAME in (None, "host") and "avx2" in llvm.get_host_cpu_features().flatten()
+    cpu_name = numba.config.CPU_NAME  # type: ignore[attr-defined]  # numba.config's options are set at import time
+    return cpu_name in (None, "host") and "avx2" in llvm.get_host_cpu_features().flatten()
 
 
 #: The vectorised GEMV kernel below is used when this is true (else the scalar kernel).

@@ -148,7 +148,7 @@ def quantize_4bit(
     flat, kind, dtype_name, shape = _input(x, profile, mode)
     code, bounds, order, zero_nib = _TABLES[quant_type]
     n = flat.size
-    packed = np.empty((n + 1) // 2, dtype=np.uint8)
+    packed: np.ndarray = np.empty((n + 1) // 2, dtype=np.uint8)  # reshaped to (-1, 1) below
     absmax = np.empty(-(-n // bs), dtype=np.float32)
     K.quantize_4bit_kernel(flat, kind, n, bs, bounds, order, zero_nib, packed, absmax)
     if mode == "raise" and not np.isfinite(absmax).all():  # any NaN/inf makes its block's absmax non-finite

@@ -65,7 +65,7 @@ def _histogram_chunks(bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks, h
                                   pmask, hist[c])
 
 
-def _histogram(bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks):
+def _histogram(bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks) -> tuple[np.ndarray, int]:
     """Counts of digit (key >> shift) & 0xFFFF over keys with (key & pmask) == prefix,
     key = bits & abs_mask (|x|); also counts non-finite keys (exponent all ones)."""
     hist = np.zeros((nchunks, _NBINS), dtype=np.int64)
@@ -80,7 +80,7 @@ def _select_desc(bits: np.ndarray, j: int, nbits: int) -> tuple[int, int, int]:
     exp_mask = np.uint64(0x7F800000 if nbits == 32 else 0x7FF0000000000000)
     nchunks = max(1, min(get_num_threads() * 2, bits.size // 65536 + 1))
     prefix, pmask, greater = 0, 0, 0
-    hist = None
+    hist: np.ndarray  # set by the first pass of the loop (nbits > _DIGIT)
     for shift in range(nbits - _DIGIT, -1, -_DIGIT):
         hist, bad = _histogram(bits, abs_mask, exp_mask, np.uint64(shift), np.uint64(prefix), np.uint64(pmask),
                                nchunks)
