@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, lora, precision
 
@@ -164,8 +165,8 @@ def _bias(bias: Any, out_features: int) -> np.ndarray:
 
 
 @precision._overflow_checked
-def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,
-                embedding: bool = False) -> np.ndarray:
+def weight_norm(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *, fan_in_fan_out: bool = False,
+                embedding: bool = False) -> npt.NDArray[np.float64]:
     """‖W + s·B A‖ per output row, over the input dimension (DoRA eq. 5's ‖V + ΔV‖_c); shape (out,).
 
     Embedding (``embedding=True``, E (V, d)): the norm of each column of E + ΔE
@@ -176,8 +177,8 @@ def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool 
 
 
 @precision._overflow_checked
-def direction(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,
-              embedding: bool = False) -> np.ndarray:
+def direction(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *, fan_in_fan_out: bool = False,
+              embedding: bool = False) -> npt.NDArray[np.float64]:
     """The unit-norm direction (W + s·B A) / ‖W + s·B A‖ (DoRA eq. 5), in the layout of W."""
     layer = _layer(W, A, B, scaling, fan_in_fan_out, embedding, allow_conv=True)
     v = layer.combined()
@@ -185,8 +186,8 @@ def direction(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = 
 
 
 @precision._overflow_checked(storage_dtype="dtype")
-def init_magnitude(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,
-                   embedding: bool = False, dtype: Any = None) -> np.ndarray:
+def init_magnitude(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *,
+                   fan_in_fan_out: bool = False, embedding: bool = False, dtype: Any = None) -> npt.NDArray[np.float64]:
     """m₀ = ‖W + s·B A‖ (DoRA §4.1: m initialised to the norm of the pre-trained weight), shape (out,).
 
     With the default LoRA init (B = 0) this is ‖W‖, so the layer starts equal to
@@ -209,18 +210,18 @@ def init_magnitude(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bo
 
 @precision._overflow_checked
 def forward(
-    x: Any,
-    W: Any,
-    A: Any,
-    B: Any,
-    m: Any,
+    x: npt.ArrayLike,
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    m: npt.ArrayLike,
     scaling: float,
     *,
-    bias: Any = None,
-    dropout_mask: Any = None,
+    bias: npt.ArrayLike | None = None,
+    dropout_mask: npt.ArrayLike | None = None,
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """DoRA layer output, shape (..., out), for x of shape (..., in).
 
     Eval form (no ``dropout_mask``; also PEFT's training without dropout):
@@ -245,16 +246,16 @@ def forward(
 
 @precision._overflow_checked
 def backward(
-    x: Any,
-    W: Any,
-    A: Any,
-    B: Any,
-    m: Any,
-    grad_y: Any,
+    x: npt.ArrayLike,
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    m: npt.ArrayLike,
+    grad_y: npt.ArrayLike,
     scaling: float,
     *,
     mode: str = "detached",
-    dropout_mask: Any = None,
+    dropout_mask: npt.ArrayLike | None = None,
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
 ) -> DoraGrads:
@@ -301,7 +302,8 @@ def backward(
 
 
 @precision._overflow_checked
-def embedding_forward(ids: Any, E: Any, A: Any, B: Any, m: Any, scaling: float) -> np.ndarray:
+def embedding_forward(ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, m: npt.ArrayLike,
+                      scaling: float) -> npt.NDArray[np.float64]:
     """DoRA Embedding (PEFT ``lora.Embedding`` with ``use_dora``): y = (f ⊙ (E + ΔE))[ids].
 
     E (V, d), A (r, V), B (d, r), ΔE = s·(B A)ᵀ, f = m / ‖E + ΔE‖ with the norm of
@@ -322,8 +324,8 @@ def embedding_forward(ids: Any, E: Any, A: Any, B: Any, m: Any, scaling: float) 
 
 
 @precision._overflow_checked
-def forward_sequential(x: Any, W: Any, adapters: Sequence[DoraAdapter], *, bias: Any = None,
-                       fan_in_fan_out: bool = False) -> np.ndarray:
+def forward_sequential(x: npt.ArrayLike, W: npt.ArrayLike, adapters: Sequence[DoraAdapter], *,
+                       bias: npt.ArrayLike | None = None, fan_in_fan_out: bool = False) -> npt.NDArray[np.float64]:
     """Several active DoRA adapters on one layer, composed as PEFT composes them (eval form).
 
         z₀ = x Wᵀ,   z_i = f_i ⊙ (z_{i−1} + s_i·(x A_iᵀ) B_iᵀ),   y = z_k + b,
@@ -354,15 +356,15 @@ def forward_sequential(x: Any, W: Any, adapters: Sequence[DoraAdapter], *, bias:
 
 @precision._overflow_checked(storage_dtype="dtype")
 def merge(
-    W: Any,
-    A: Any,
-    B: Any,
-    m: Any,
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    m: npt.ArrayLike,
     scaling: float,
     *,
     fan_in_fan_out: bool = False,
     embedding: bool = False,
-    unmerged_base: Any = None,
+    unmerged_base: npt.ArrayLike | None = None,
     dtype: Any = None,
 ) -> DoraMerge:
     """W_merged = f ⊙ (W + ΔW), f = m / ‖W_base + ΔW‖ per output row (PEFT ``merge``).
@@ -392,17 +394,17 @@ def merge(
 
 @precision._overflow_checked(storage_dtype="dtype")
 def unmerge(
-    W_merged: Any,
-    A: Any,
-    B: Any,
-    m: Any,
+    W_merged: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    m: npt.ArrayLike,
     scaling: float,
-    weight_norm: Any,
+    weight_norm: npt.ArrayLike,
     *,
     fan_in_fan_out: bool = False,
     embedding: bool = False,
     dtype: Any = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """W = W_merged / f − ΔW with f = m / weight_norm, the norm ``merge`` returned (PEFT's cached norm).
 
     Exact inverse of ``merge`` in exact arithmetic; in a low-precision ``dtype``
@@ -449,8 +451,9 @@ def param_count(in_features: int, out_features: int, r: int, *, kernel_size: Seq
 
 
 @precision._overflow_checked
-def forward_error_bound(x: Any, W: Any, A: Any, B: Any, m: Any, scaling: float, dtype: Any = "float32", *,
-                        bias: Any = None, fan_in_fan_out: bool = False) -> np.ndarray:
+def forward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, m: npt.ArrayLike,
+                        scaling: float, dtype: Any = "float32", *, bias: npt.ArrayLike | None = None,
+                        fan_in_fan_out: bool = False) -> npt.NDArray[np.float64]:
     """Elementwise bound on |ŷ − y| for a kernel that evaluates the DoRA eval form in ``dtype``.
 
     Inputs are taken as exact. With P = |x||W|ᵀ, Q = |s|·(|x||A|ᵀ)|B|ᵀ, c = ‖|W| + |s||B||A|‖ / ‖V‖
@@ -480,9 +483,10 @@ def forward_error_bound(x: Any, W: Any, A: Any, B: Any, m: Any, scaling: float, 
 
 
 @precision._overflow_checked
-def backward_error_bound(x: Any, W: Any, A: Any, B: Any, m: Any, grad_y: Any, scaling: float,
-                         dtype: Any = "float64", *, mode: str = "detached", dropout_mask: Any = None,
-                         dropout_p: float = 0.0, fan_in_fan_out: bool = False) -> DoraGrads:
+def backward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, m: npt.ArrayLike,
+                         grad_y: npt.ArrayLike, scaling: float, dtype: Any = "float64", *, mode: str = "detached",
+                         dropout_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0,
+                         fan_in_fan_out: bool = False) -> DoraGrads:
     """Elementwise bounds on the errors of ``backward``'s formulas evaluated in ``dtype`` (inputs exact).
 
     Each gradient is bounded by γ_k times its formula evaluated on absolute values, with every

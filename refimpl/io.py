@@ -39,6 +39,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks
 
@@ -169,7 +170,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return Header(str(p), dict(meta), dict(sorted(tensors.items())))  # by name, as safetensors' keys()
 
 
-def read_tensor(path: str | os.PathLike[str], key: str, entry: TensorEntry) -> np.ndarray:
+def read_tensor(path: str | os.PathLike[str], key: str, entry: TensorEntry) -> npt.NDArray[Any]:
     """Read one tensor (a writable array of ``entry``'s dtype and shape) with one positioned read."""
     if not isinstance(entry, TensorEntry):
         raise TypeError(f"entry: expected a TensorEntry from read_header, got {_checks.describe(entry)}")
@@ -182,7 +183,7 @@ def read_tensor(path: str | os.PathLike[str], key: str, entry: TensorEntry) -> n
     return arr
 
 
-def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
     """Read a safetensors file: (tensors, refimpl metadata; {} when absent).
 
     Format errors, and refimpl metadata that is not a JSON object, raise ValueError naming the file.
@@ -225,7 +226,7 @@ def _check_tensors(tensors: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def tensors_to_bytes(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytes:
+def tensors_to_bytes(tensors: Mapping[str, npt.NDArray[Any]], meta: Mapping[str, Any] | None = None) -> bytes:
     """Deterministic safetensors bytes of ``tensors`` with ``meta`` (JSON-serialisable) as metadata."""
     from safetensors.numpy import save
 
@@ -236,7 +237,7 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] 
     return save(t, metadata={META_KEY: text})
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, npt.NDArray[Any]],
                  meta: Mapping[str, Any] | None = None) -> Path:
     """Write a safetensors file atomically (temporary file, fsync, then rename)."""
     data = tensors_to_bytes(tensors, meta)
@@ -257,7 +258,7 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray]
     return p
 
 
-def load_peft_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def load_peft_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
     """A PEFT adapter folder: (adapter_config.json as a dict, adapter_model.safetensors tensors).
 
     Only the safetensors weights are read; a folder with only ``adapter_model.bin`` (a pickle)

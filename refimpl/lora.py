@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, precision
 
@@ -76,7 +77,8 @@ def scaling(alpha: float, r: int, *, use_rslora: bool = False) -> float:
 
 
 @precision._overflow_checked
-def delta(A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False) -> np.ndarray:
+def delta(A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *,
+          fan_in_fan_out: bool = False) -> npt.NDArray[np.float64]:
     """ΔW = s · B A, shape (out, in); transposed to (in, out) when ``fan_in_fan_out``."""
     a, b = _factors(A, B, None, None)
     d = _scaling(scaling) * (b @ a)
@@ -88,17 +90,17 @@ def delta(A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False) -> np
 
 @precision._overflow_checked
 def forward(
-    x: Any,
-    W: Any,
-    A: Any,
-    B: Any,
+    x: npt.ArrayLike,
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
     scaling: float,
     *,
-    bias: Any = None,
-    dropout_mask: Any = None,
+    bias: npt.ArrayLike | None = None,
+    dropout_mask: npt.ArrayLike | None = None,
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ for x of shape (..., in).
 
     ``dropout_mask`` (shape of x, 0/1) with ``dropout_p`` gives drop(x) = x ⊙ mask / (1 − p),
@@ -130,14 +132,14 @@ class LoraGrads:
 
 @precision._overflow_checked
 def backward(
-    x: Any,
-    W: Any,
-    A: Any,
-    B: Any,
-    grad_y: Any,
+    x: npt.ArrayLike,
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    grad_y: npt.ArrayLike,
     scaling: float,
     *,
-    dropout_mask: Any = None,
+    dropout_mask: npt.ArrayLike | None = None,
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
     need_dW: bool = False,
@@ -181,7 +183,7 @@ def backward(
     return LoraGrads(dx=dx, dA=dA, dB=dB, dW=dW, dbias=dbias)
 
 
-def dropout_mask(rng: np.random.Generator, shape: Sequence[int], p: float) -> np.ndarray:
+def dropout_mask(rng: np.random.Generator, shape: Sequence[int], p: float) -> npt.NDArray[np.float64]:
     """Draw a keep mask for inverted dropout: mask = (rng.random(shape) >= p), keep probability 1 − p.
 
     A convenience; every op takes the mask itself, so any other draw can be used.
@@ -196,7 +198,8 @@ def dropout_mask(rng: np.random.Generator, shape: Sequence[int], p: float) -> np
 
 
 @precision._overflow_checked
-def embedding_forward(ids: Any, E: Any, A: Any, B: Any, scaling: float) -> np.ndarray:
+def embedding_forward(ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike,
+                      scaling: float) -> npt.NDArray[np.float64]:
     """Embedding LoRA (PEFT ``lora.Embedding``): y = E[ids] + s · Aᵀ[ids] Bᵀ.
 
     E is (V, d), A is (r, V), B is (d, r); ΔE = s·(B A)ᵀ. PEFT never applies dropout here.
@@ -217,15 +220,15 @@ def embedding_forward(ids: Any, E: Any, A: Any, B: Any, scaling: float) -> np.nd
 
 @precision._overflow_checked(storage_dtype="dtype")
 def merge(
-    W: Any,
-    A: Any,
-    B: Any,
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
     scaling: float,
     *,
     fan_in_fan_out: bool = False,
     dtype: Any = None,
     safe: bool = False,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """W' = W + ΔW (LoRA §4.2: no inference latency once merged).
 
     With ``dtype`` (the base weight's storage format) the merge rounds as PEFT does:
@@ -246,14 +249,14 @@ def merge(
 
 @precision._overflow_checked(storage_dtype="dtype")
 def unmerge(
-    W_merged: Any,
-    A: Any,
-    B: Any,
+    W_merged: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
     scaling: float,
     *,
     fan_in_fan_out: bool = False,
     dtype: Any = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """W = W' − ΔW; with ``dtype``, PEFT's ``round(W' − round(ΔW))`` (not exact in low precision)."""
     fifo = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
     w, out_f, in_f = _weight(W_merged, fifo, "W_merged")
@@ -277,7 +280,7 @@ class LoraInit:
 
 @precision._overflow_checked
 def init(
-    W: Any,
+    W: npt.ArrayLike,
     r: int,
     *,
     alpha: float,

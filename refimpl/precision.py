@@ -20,10 +20,11 @@ import inspect
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks
 
@@ -65,6 +66,14 @@ def _first_nonfinite(result: Any, name: str = "out") -> tuple[str, int] | None:
         if hit is not None:
             return hit
     return None
+
+
+@overload
+def _overflow_checked(fn: _F, *, storage_dtype: str | None = None) -> _F: ...
+
+
+@overload
+def _overflow_checked(fn: None = None, *, storage_dtype: str | None = None) -> Callable[[_F], _F]: ...
 
 
 def _overflow_checked(fn: _F | None = None, *, storage_dtype: str | None = None) -> Any:
@@ -155,7 +164,7 @@ def _round_to_odd_float32(x: np.ndarray) -> np.ndarray:
     return np.where(inexact & even, nudged, t)
 
 
-def round_to(x: Any, dtype: Any) -> np.ndarray:
+def round_to(x: npt.ArrayLike, dtype: Any) -> npt.NDArray[np.float64]:
     """Round to the nearest value of ``dtype`` (ties to even) and return float64.
 
     One correct rounding from the float64 input. (Casting float64 to bfloat16
@@ -174,7 +183,7 @@ def round_to(x: Any, dtype: Any) -> np.ndarray:
     return _round_to_odd_float32(arr).astype(dt).astype(np.float64)
 
 
-def ordered_bits(x: Any, dtype: Any) -> np.ndarray:
+def ordered_bits(x: npt.ArrayLike, dtype: Any) -> npt.NDArray[np.int64]:
     """Map values of ``dtype`` to int64 so that adjacent values differ by 1 (−0 and +0 both map to 0)."""
     dt = resolve_dtype(dtype)
     arr = np.asarray(x)
@@ -185,7 +194,7 @@ def ordered_bits(x: Any, dtype: Any) -> np.ndarray:
     return np.where(bits & sign, -magnitude, magnitude)
 
 
-def ulp_distance(a: Any, b: Any, dtype: Any) -> np.ndarray:
+def ulp_distance(a: npt.ArrayLike, b: npt.ArrayLike, dtype: Any) -> npt.NDArray[np.int64]:
     """Number of representable ``dtype`` values between a and b (values are first rounded to dtype)."""
     ra = round_to(a, dtype)
     rb = round_to(b, dtype)
@@ -195,7 +204,7 @@ def ulp_distance(a: Any, b: Any, dtype: Any) -> np.ndarray:
     return np.abs(ordered_bits(ra, dt) - ordered_bits(rb, dt))
 
 
-def ulp(x: Any, dtype: Any) -> np.ndarray:
+def ulp(x: npt.ArrayLike, dtype: Any) -> npt.NDArray[np.float64]:
     """Spacing of ``dtype`` at |x|: the distance from |x| rounded to dtype to the next larger value."""
     dt = resolve_dtype(dtype)
     r = np.abs(round_to(x, dtype)).astype(dt)
@@ -211,7 +220,8 @@ def _not_scalar(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 @_overflow_checked
-def matmul_error_bound(a: Any, b: Any, dtype: Any, *, extra_roundings: int = 1) -> np.ndarray:
+def matmul_error_bound(a: npt.ArrayLike, b: npt.ArrayLike, dtype: Any, *,
+                       extra_roundings: int = 1) -> npt.NDArray[np.float64]:
     """Elementwise bound on |fl(a @ b) − a @ b| when the products and the K-term sum
     are computed in ``dtype``: γ_{K + extra} · (|a| @ |b|).
 
@@ -248,7 +258,7 @@ class BoundReport:
                 f"(error {self.error:.3g}, bound {self.bound:.3g}); {self.n_over} of {self.size} over")
 
 
-def compare_to_bound(actual: Any, expected: Any, bound: Any) -> BoundReport:
+def compare_to_bound(actual: npt.ArrayLike, expected: npt.ArrayLike, bound: npt.ArrayLike) -> BoundReport:
     """Report error / bound elementwise. NaN in the same places counts as agreement;
     a zero bound admits only an exact match."""
     act = _checks.float_array(actual, "actual", allow_nonfinite=True, allow_empty=True)

@@ -14,12 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, lora, precision
 from refimpl.quant import QuantState, dequantize_4bit
 
 
-def dequantized_weight(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
+def dequantized_weight(packed: npt.ArrayLike, state: QuantState, *,
+                       profile: str | None = None) -> npt.NDArray[np.float64]:
     """The base weight W = dequantize_4bit(packed, state) as float64, shape (out, in)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
@@ -29,18 +31,18 @@ def dequantized_weight(packed: Any, state: QuantState, *, profile: str | None = 
 
 
 def forward(
-    x: Any,
-    packed: Any,
+    x: npt.ArrayLike,
+    packed: npt.ArrayLike,
     state: QuantState,
-    A: Any,
-    B: Any,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
     scaling: float,
-    bias: Any = None,
+    bias: npt.ArrayLike | None = None,
     *,
-    dropout_mask: Any = None,
+    dropout_mask: npt.ArrayLike | None = None,
     dropout_p: float = 0.0,
     profile: str | None = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """y = x · dequant(W)ᵀ + b + s · (drop(x) Aᵀ) Bᵀ in float64 (QLoRA eq. 5).
 
     x: (..., in); packed/state: the 4-bit base weight of shape (out, in); A: (r, in); B: (out, r).
@@ -53,18 +55,18 @@ def forward(
 
 @precision._overflow_checked
 def forward_error_bound(
-    x: Any,
-    packed: Any,
+    x: npt.ArrayLike,
+    packed: npt.ArrayLike,
     state: QuantState,
-    A: Any,
-    B: Any,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
     scaling: float,
-    bias: Any = None,
+    bias: npt.ArrayLike | None = None,
     *,
     dtype: Any = "float32",
     accumulate: Any = None,
     profile: str | None = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """Elementwise bound on |ŷ − y| for ŷ computed the way PEFT's 4-bit LoRA layer does:
     base = fl(x Wᵀ + b) (K = in products), lora = fl(fl(fl(x Aᵀ) Bᵀ) · s), ŷ = fl(base + lora),
     with W the exactly dequantized weight, sums accumulated in ``accumulate`` (default: ``dtype``)

@@ -218,7 +218,7 @@ def test_divergence_entries_carry_an_importable_model(tmp_path):
     with pytest.raises(ValueError, match="cannot be imported"):
         divergences.load(f)[0].model_fn()
     builtin = [x for x in divergences.load_all() if x.model]
-    assert len(builtin) == 2 and all(callable(x.model_fn()) for x in builtin)
+    assert len(builtin) == 3 and all(callable(x.model_fn()) for x in builtin)
 
 
 def test_reproducer_runs_without_refimpl_and_prints_the_differences(bnb, tmp_path):

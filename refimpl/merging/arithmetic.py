@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, precision
 from refimpl.merging import _common
@@ -23,7 +24,8 @@ def _is_float_array(x: Any) -> bool:
 
 
 @precision._overflow_checked
-def task_vector(finetuned: Any, base: Any) -> Any:
+def task_vector(finetuned: npt.ArrayLike | Mapping[str, npt.ArrayLike],
+                base: npt.ArrayLike | Mapping[str, npt.ArrayLike]) -> Any:
     """τ = θ_t − θ₀ (Ilharco et al. 2023, §2), in float64.
 
     Arrays: both must be floating point, of one shape and one dtype.
@@ -56,12 +58,12 @@ def task_vector(finetuned: Any, base: Any) -> Any:
 
 @precision._overflow_checked
 def task_arithmetic(
-    task_vectors: Sequence[Any],
-    weights: Sequence[float] | None = None,
+    task_vectors: Sequence[npt.ArrayLike],
+    weights: npt.ArrayLike | None = None,
     *,
     lam: float = 1.0,
     normalize: bool = False,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """Merged task vector λ·Σ_t w_t τ_t (add it to θ₀ to get the merged model).
 
     Ilharco et al. 2023 (arXiv 2212.04089) eq. θ = θ₀ + λ Σ_t τ_t has one λ and
@@ -92,7 +94,8 @@ def task_arithmetic_owned(taus: list[np.ndarray], w: np.ndarray, lam: float, nor
 
 
 @precision._overflow_checked
-def linear(tensors: Sequence[Any], weights: Sequence[float] | None = None, *, normalize: bool = True) -> np.ndarray:
+def linear(tensors: Sequence[npt.ArrayLike], weights: npt.ArrayLike | None = None, *,
+           normalize: bool = True) -> npt.NDArray[np.float64]:
     """Weighted average of full weights, Σ_t w_t θ_t / Σ_t w_t (``normalize``), else Σ_t w_t θ_t.
 
     mergekit ``linear`` (Wortsman et al., "Model soups", arXiv 2203.05482).
@@ -124,7 +127,8 @@ class ModelLayout:
         return tuple(math.prod(int(n) for n in s) for s in self.shapes)  # Python ints: no int64 overflow
 
 
-def flatten_model(state: Mapping[str, Any], *, remove_keys: Sequence[str] = ()) -> tuple[np.ndarray, ModelLayout]:
+def flatten_model(state: Mapping[str, npt.ArrayLike], *,
+                  remove_keys: Sequence[str] = ()) -> tuple[npt.NDArray[np.float64], ModelLayout]:
     """Concatenate a model's floating tensors, keys sorted by name, into one float64 vector.
 
     This is the official TIES / MergeLM "whole model" scope (``state_dict_to_vector``):
@@ -142,7 +146,7 @@ def flatten_model(state: Mapping[str, Any], *, remove_keys: Sequence[str] = ()) 
     return np.concatenate([p.ravel() for p in parts]), layout
 
 
-def unflatten_model(vector: Any, layout: ModelLayout) -> dict[str, np.ndarray]:
+def unflatten_model(vector: npt.ArrayLike, layout: ModelLayout) -> dict[str, npt.NDArray[np.float64]]:
     """Split a flattened model vector back into named tensors (inverse of ``flatten_model``)."""
     if not isinstance(layout, ModelLayout):
         raise TypeError(f"layout: expected a ModelLayout, got {_checks.describe(layout)}")

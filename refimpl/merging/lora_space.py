@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, precision
 from refimpl.merging import _common
@@ -38,16 +39,16 @@ def _adapters(As: Any, Bs: Any, scalings: Any, weights: Any) -> tuple[list, list
 
 
 @precision._overflow_checked
-def lora_delta(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
-               weights: Sequence[float] | None = None) -> np.ndarray:
+def lora_delta(As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings: npt.ArrayLike,
+               weights: npt.ArrayLike | None = None) -> npt.NDArray[np.float64]:
     """ΔW = Σ_i w_i s_i B_i A_i, shape (out, in), float64: the target of every LoRA-space merge."""
     A, B, c = _adapters(As, Bs, scalings, weights)
     return sum(ci * (b @ a) for ci, a, b in zip(c, A, B, strict=True))
 
 
 @precision._overflow_checked
-def lora_cat(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
-             weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def lora_cat(As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings: npt.ArrayLike,
+             weights: npt.ArrayLike | None = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Concatenation: A = [c_1 A_1; …; c_T A_T] (rows), B = [B_1 … B_T] (columns), rank Σ r_i.
 
     B A = Σ_i B_i (c_i A_i) = Σ_i c_i B_i A_i exactly (PEFT ``combination_type="cat"``; merged scaling 1).
@@ -58,8 +59,10 @@ def lora_cat(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
 
 
 @precision._overflow_checked
-def lora_factor_linear(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
-                       weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def lora_factor_linear(
+    As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings: npt.ArrayLike,
+    weights: npt.ArrayLike | None = None,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """PEFT's factor-space ``combination_type="linear"`` (an emulation, NOT Σ c_i ΔW_i).
 
     a_i = sgn(c_i)√|c_i|, b_i = √|c_i|; A = Σ_i a_i A_i, B = Σ_i b_i B_i (all r_i equal), so
@@ -77,8 +80,8 @@ def lora_factor_linear(As: Sequence[Any], Bs: Sequence[Any], scalings: Any,
 
 
 @precision._overflow_checked
-def lowrank_factors(delta: Any, rank: int, *, split: str = "B",
-                    clamp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def lowrank_factors(delta: npt.ArrayLike, rank: int, *, split: str = "B",
+                    clamp: float | None = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Best rank-r factors of ΔW (Eckart–Young): U, S, Vᵀ = svd(ΔW), truncated to r.
 
     ``split="B"`` (PEFT): B = U_r diag(S_r), A = V_rᵀ. ``split="sqrt"`` (mergekit extract-lora):
@@ -105,9 +108,9 @@ def lowrank_factors(delta: Any, rank: int, *, split: str = "B",
 
 
 @precision._overflow_checked
-def lora_svd(As: Sequence[Any], Bs: Sequence[Any], scalings: Any, weights: Sequence[float] | None = None,
-             *, rank: int | None = None, split: str = "B", clamp: float | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+def lora_svd(As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings: npt.ArrayLike,
+             weights: npt.ArrayLike | None = None, *, rank: int | None = None, split: str = "B",
+             clamp: float | None = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """ΔW-space merge then SVD projection (PEFT ``combination_type="svd"``): factors of
     ``lowrank_factors(Σ_i w_i s_i B_i A_i, rank)``. ``rank`` defaults to max r_i (PEFT) and must be
     ≤ min(out, in) (PEFT crashes there). Exact iff rank(ΔW) ≤ rank. PEFT 0.21.2 scales once

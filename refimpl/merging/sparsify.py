@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, precision
 from refimpl.merging import _common
@@ -22,7 +23,7 @@ RESCALES = ("inverse", "l1", "none")
 L1_EPS = 1e-7
 
 
-def trim_mask(tau: Any, density: float, *, k_rule: str = "threshold") -> np.ndarray:
+def trim_mask(tau: npt.ArrayLike, density: float, *, k_rule: str = "threshold") -> npt.NDArray[np.bool_]:
     """Boolean keep-mask of a magnitude trim of one tensor (or one flattened model).
 
     With n entries and keep fraction d, k = ⌊fl(d·n)⌋ (the floating product, as every peer computes it):
@@ -60,7 +61,7 @@ def trim_mask(tau: Any, density: float, *, k_rule: str = "threshold") -> np.ndar
 
 
 @precision._overflow_checked
-def l1_rescaled(tau: Any, mask: Any) -> np.ndarray:
+def l1_rescaled(tau: npt.ArrayLike, mask: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """mergekit's ``rescaled_masked_tensor(norm=l1)`` with validated inputs (see ``_l1_rescaled``)."""
     t = _common.as_float(tau, "tau")[0]
     raw = np.asarray(mask)
@@ -96,15 +97,15 @@ def densities(density: Any, count: int, name: str = "density") -> np.ndarray:
 
 @precision._overflow_checked
 def magnitude_prune(
-    task_vectors: Sequence[Any],
-    weights: Sequence[float] | None = None,
+    task_vectors: Sequence[npt.ArrayLike],
+    weights: npt.ArrayLike | None = None,
     *,
     density: float | Sequence[float],
     profile: str = "peft",
     k_rule: str | None = None,
     rescale: str | None = None,
     lam: float = 1.0,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """λ·Σ_t w_t (τ_t ⊙ trim_mask(τ_t, d_t)) — PEFT ``merge_utils.magnitude_prune`` (no rescale).
 
     ``rescale="l1"`` applies mergekit's per-tensor L1 norm match after the trim.
@@ -124,7 +125,7 @@ def magnitude_prune(
 
 
 def dare_masks(shape: Sequence[int], count: int, density: float | Sequence[float],
-               rng: np.random.Generator) -> list[np.ndarray]:
+               rng: np.random.Generator) -> list[npt.NDArray[np.bool_]]:
     """Draw DARE keep-masks: for t = 0 … count−1 in order, m_t = ``rng.random(shape) < d_t``.
 
     Each entry is kept independently with probability d_t (Bernoulli(d_t); 1 = keep, as in PEFT

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, precision
 from refimpl.merging import _common
@@ -59,7 +60,7 @@ def _coefficients(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float, 
 
 
 @precision._overflow_checked
-def slerp_coefficients(t: float, v0: Any, v1: Any, *, dot_threshold: float = DOT_THRESHOLD,
+def slerp_coefficients(t: float, v0: npt.ArrayLike, v1: npt.ArrayLike, *, dot_threshold: float = DOT_THRESHOLD,
                        eps: float = EPS) -> SlerpCoefficients:
     """The two scalars c0, c1 of ``slerp`` (and cos Ω), computed in float64."""
     t, a, b = _operands(t, v0, v1)
@@ -68,7 +69,8 @@ def slerp_coefficients(t: float, v0: Any, v1: Any, *, dot_threshold: float = DOT
 
 
 @precision._overflow_checked
-def slerp(t: float, v0: Any, v1: Any, *, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS) -> np.ndarray:
+def slerp(t: float, v0: npt.ArrayLike, v1: npt.ArrayLike, *, dot_threshold: float = DOT_THRESHOLD,
+          eps: float = EPS) -> npt.NDArray[np.float64]:
     """SLERP between base v0 (t = 0) and v1 (t = 1) over the whole flattened tensor, in float64.
 
     mergekit computes the same formula in float32 (float64 only for float64 inputs) and returns

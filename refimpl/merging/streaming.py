@@ -35,6 +35,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, precision
 from refimpl import io as _io
@@ -250,7 +251,7 @@ def merge_files(
     out_dir: str | os.PathLike,
     *,
     method: str = "task_arithmetic",
-    weights: Sequence[float] | None = None,
+    weights: npt.ArrayLike | None = None,
     options: Mapping[str, Any] | None = None,
     shard_size: int = 5 * 2**30,
     executor: Executor | None = None,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks, precision
 from refimpl.merging import _common
@@ -65,14 +66,14 @@ DARE_PROFILES: dict[str, dict[str, Any]] = {
 
 @precision._overflow_checked
 def elect_and_merge(
-    trimmed: Sequence[Any],
-    weights: Any,
+    trimmed: Sequence[npt.ArrayLike] | npt.NDArray[Any],
+    weights: npt.ArrayLike,
     *,
     elect: str,
     zero_sign: str,
     weight_stage: str,
     divisor: str,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """Sign election and disjoint merge of T trimmed task vectors, a list or a (T, ...) stack
     (validated; the formula is in ``_elect_and_merge``)."""
     taus = _common.task_list(list(trimmed) if isinstance(trimmed, np.ndarray) and trimmed.ndim > 1 else trimmed,
@@ -155,8 +156,8 @@ def _ties_options(profile: str, table: dict, given: dict) -> dict:
 
 @precision._overflow_checked
 def ties(
-    task_vectors: Sequence[Any],
-    weights: Sequence[float] | None = None,
+    task_vectors: Sequence[npt.ArrayLike],
+    weights: npt.ArrayLike | None = None,
     *,
     density: float | Sequence[float],
     profile: str = "paper",
@@ -167,7 +168,7 @@ def ties(
     divisor: str | None = None,
     rescale: str | None = None,
     lam: float = 1.0,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """TIES-merged task vector λ·τ_m (add it to θ₀); arXiv 2306.01708, Algorithm 1.
 
     Each task vector is trimmed to its top-d magnitudes (``trim_mask`` with ``k_rule``; optionally
@@ -212,11 +213,11 @@ def ties_owned(taus: list[np.ndarray], w: np.ndarray, d: np.ndarray, opts: dict[
 
 @precision._overflow_checked
 def dare(
-    task_vectors: Sequence[Any],
-    weights: Sequence[float] | None = None,
+    task_vectors: Sequence[npt.ArrayLike],
+    weights: npt.ArrayLike | None = None,
     *,
     density: float | Sequence[float],
-    masks: Sequence[Any] | None = None,
+    masks: Sequence[npt.ArrayLike] | None = None,
     rng: np.random.Generator | None = None,
     merge: str = "linear",
     profile: str = "paper",
@@ -228,7 +229,7 @@ def dare(
     weight_stage: str | None = None,
     divisor: str | None = None,
     lam: float = 1.0,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """DARE-merged task vector; arXiv 2311.03099 eq. (1), τ̂_t = τ_t ⊙ m_t / d_t, then a merge.
 
     The keep-masks m_t (1 = keep) are ``masks`` (one per task), or drawn with ``dare_masks(shape, T,

@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks
 from refimpl.quant import codebooks, cuda_rcp, nested
@@ -102,7 +103,7 @@ def _blocksize(blocksize: Any, name: str = "blocksize") -> int:
 # packing
 
 
-def pack_nibbles(nibbles: Any, pad: int = 0) -> np.ndarray:
+def pack_nibbles(nibbles: npt.ArrayLike, pad: int = 0) -> npt.NDArray[np.uint8]:
     """Pack 4-bit codes two per byte, the first element in the high nibble:
     byte_k = 16·nib_{2k} + nib_{2k+1}. An odd count is padded with ``pad``.
     Returns uint8 of shape ((n + 1)//2, 1), bitsandbytes' storage layout."""
@@ -121,7 +122,7 @@ def pack_nibbles(nibbles: Any, pad: int = 0) -> np.ndarray:
     return ((nib[0::2] << 4) | nib[1::2]).astype(np.uint8).reshape(-1, 1)
 
 
-def unpack_nibbles(packed: Any, n: int) -> np.ndarray:
+def unpack_nibbles(packed: npt.ArrayLike, n: int) -> npt.NDArray[np.uint8]:
     """Inverse of ``pack_nibbles``: the first ``n`` 4-bit codes (uint8) of packed bytes."""
     p = _checks._to_numpy(packed, "packed")
     if p.dtype != np.uint8:
@@ -197,7 +198,7 @@ def nibbles_of_scaled(s: np.ndarray, quant_type: str, profile: str = "reference"
 
 
 def quantize_4bit(
-    x: Any,
+    x: npt.ArrayLike,
     blocksize: int = 64,
     quant_type: str = "nf4",
     double_quant: bool = False,
@@ -205,7 +206,7 @@ def quantize_4bit(
     profile: str = "reference",
     nonfinite: str | None = None,
     threads: int = 1,
-) -> tuple[np.ndarray, QuantState]:
+) -> tuple[npt.NDArray[np.uint8], QuantState]:
     """Blockwise NF4/FP4 quantization (QLoRA eq. 1; spec/nf4.md §4–§7).
 
     x: float32, float16 or bfloat16 array of any shape (float64 only in the reference profile,
@@ -273,7 +274,7 @@ def fp4_zero_is_negative(profile: str, shape: tuple[int, ...]) -> bool:
     return False
 
 
-def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
+def dequantize_4bit(packed: npt.ArrayLike, state: QuantState, *, profile: str | None = None) -> npt.NDArray[Any]:
     """x̂_i = RNE_dtype(f32(code[nib_i] · a_{i // bs})) with the shape and dtype of the quantized
     input (spec/nf4.md §6). For a nested state a_b is first rebuilt from its 8-bit codes (§7).
     ``profile`` defaults to the state's; it only changes the sign of FP4's zero nibble 8."""
@@ -342,8 +343,8 @@ def _cuda_binary_search(code: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def quantize_blockwise_8bit(
-    x: Any, blocksize: int = 256, *, profile: str = "reference", nonfinite: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    x: npt.ArrayLike, blocksize: int = 256, *, profile: str = "reference", nonfinite: str | None = None
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """8-bit blockwise quantization with the dynamic map d (arXiv 1511.04561; spec/nf4.md §8).
 
     a_k = max |x| per block (float32; NaN is skipped, as bitsandbytes' C++ and CUDA loops do),
@@ -392,7 +393,8 @@ def quantize_blockwise_8bit(
     return q.reshape(shape), absmax
 
 
-def dequantize_blockwise_8bit(codes: Any, absmax: Any, blocksize: int = 256) -> np.ndarray:
+def dequantize_blockwise_8bit(codes: npt.ArrayLike, absmax: npt.ArrayLike,
+                              blocksize: int = 256) -> npt.NDArray[np.float32]:
     """x̂_i = f32(d[q_i] · a_{i // blocksize}) with the dynamic map d; float32 with the codes' shape."""
     q = _checks._to_numpy(codes, "codes")
     if q.dtype != np.uint8:

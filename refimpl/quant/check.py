@@ -21,9 +21,9 @@ For each element whose nibble differs from the nibble the chosen profile gives:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks
 from refimpl.quant import blockwise, codebooks
@@ -76,8 +76,8 @@ def _fp4_cuda_boundaries() -> np.ndarray:
     return np.concatenate([-lit[::-1], lit])
 
 
-def check_4bit(packed: Any, state: QuantState, x: Any, *, profile: str = "reference", ulps: float = 3,
-               threads: int = 1) -> Check4bitReport:
+def check_4bit(packed: npt.ArrayLike, state: QuantState, x: npt.ArrayLike, *, profile: str = "reference",
+               ulps: float = 3, threads: int = 1) -> Check4bitReport:
     """Compare packed codes + state produced by an implementation for input ``x`` with what
     ``profile`` gives (quantize_4bit with nonfinite="propagate"), and classify each difference.
 

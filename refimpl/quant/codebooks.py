@@ -16,6 +16,7 @@ from __future__ import annotations
 from statistics import NormalDist
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks
 
@@ -113,7 +114,7 @@ _MIDPOINTS = {"nf4": from_hex(NF4_MIDPOINT_HEX), "fp4": from_hex(FP4_MIDPOINT_HE
 _NF4_CUDA_THRESHOLDS = from_hex(NF4_CUDA_THRESHOLD_HEX)
 
 
-def codebook(name: str = "nf4") -> np.ndarray:
+def codebook(name: str = "nf4") -> npt.NDArray[np.float32]:
     """The float32 code values of ``name`` ("nf4", "fp4" or "dynamic8"), index = code.
 
     NF4 and FP4 are indexed by nibble; FP4 is therefore not sorted (spec/nf4.md §2).

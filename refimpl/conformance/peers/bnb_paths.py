@@ -74,14 +74,29 @@ class Host:
 
 
 def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags: the kernel's view (/proc/cpuinfo), with avx512f as this process's cpuid sees
+    it (NumPy's runtime probe), which is what bitsandbytes' C++ dispatch sees too (it differs under emulation
+    such as ``qemu-x86_64 -cpu Haswell``, and in VMs that hide features)."""
+    flags: set[str] | None = None
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
-        return None
-    return None
+        pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        return flags
+    flags = set() if flags is None else flags
+    if features.get("AVX512F"):
+        flags.add("avx512f")
+    else:
+        flags.discard("avx512f")
+        flags.discard("avx512_bf16")
+    return flags
 
 
 def probe_cpp_kernel() -> str:
