@@ -156,6 +156,15 @@ class KernelTarget:
     def options(self, op: str) -> dict[str, Any]:
         return dict(self._api_table("OPTIONS").get(op, {}))
 
+    def unsupported(self, op: str, case: dict[str, Any]) -> str | None:
+        """The backend's declared limits (``reference_api.unsupported``), if it states any."""
+        try:
+            package = importlib.import_module("refimpl.kernels").BACKENDS[self.backend]
+            fn = getattr(importlib.import_module(f"{package}.reference_api"), "unsupported", None)
+        except (ImportError, AttributeError, KeyError):
+            return None
+        return fn(op, case) if callable(fn) else None
+
     def compute_dtype(self, op: str) -> str:
         table = self._api_table("COMPUTE_DTYPES")
         if op in table:
