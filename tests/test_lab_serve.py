@@ -3,8 +3,8 @@ stream stops its run, exports, offline assets, reference links) and the page in 
 headless Chromium from Debian's ``chromium`` / ``chromium-driver`` packages, driven by selenium.
 
 The browser test skips only where no browser can be had (no chromium or chromedriver binary, or no
-selenium), and says which. It saves screenshots to docs/lab-serve-*.png and prints the time from the
-Train click to the first curve point and to the end of the run.
+selenium), and says which. It saves screenshots (docs/lab-serve-*.png with REFIMPL_SCREENSHOT_DIR=docs) and
+prints the time from the Train click to the first curve point and to the end of the run.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from refimpl.lab import serve as S
 from refimpl.lab.diagnose import LABELS, diagnose
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -356,12 +355,20 @@ def _train(drv, server, timeout: float = 90, shot: Path | None = None) -> tuple[
     return rid, drv.execute_script("return window.labTimings[arguments[0]]", rid)
 
 
-def test_the_sandbox_in_chromium(server, browser):
-    """Controls, Train with live curves, the diagnosis and tree, failure modes, merge, a closed tab."""
+def test_the_sandbox_in_chromium(server, browser, tmp_path, capsys):
+    """Controls, Train with live curves, the diagnosis and tree, failure modes, merge, a closed tab.
+
+    Screenshots go to $REFIMPL_SCREENSHOT_DIR (``docs`` refreshes the committed ones), else a temporary
+    folder: a test run never rewrites tracked files. The timings are printed into the test log."""
+    shots = Path(os.environ.get("REFIMPL_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+
+    def log(text: str) -> None:
+        with capsys.disabled():
+            print(text)
     from selenium.webdriver.common.by import By
 
     drv = browser
-    DOCS.mkdir(exist_ok=True)
     drv.get(server.url)
     wait_for(lambda: drv.execute_script("return document.body.dataset.ready === '1'"), 15, "the page")
     wait_for(lambda: server.lab.bases.ready(), 60, "the base model (pretrained at server start)")
@@ -376,22 +383,22 @@ def test_the_sandbox_in_chromium(server, browser):
     for name, value in (("task", "facts"), ("rank", 16), ("layers", "all"), ("dropout", 0.05), ("weight_decay", 0.01),
                         ("examples", 2000), ("steps", 300), ("dora", False), ("nf4", False), ("seed", 0)):
         _set(drv, name, value)
-    rid, t = _train(drv, server, shot=DOCS / "lab-serve-streaming.png")
+    rid, t = _train(drv, server, shot=shots / "lab-serve-streaming.png")
     label = _attr(drv, "#diagnosis-label", "data-label")
-    print(f"\nrank 16, default run: first point {t['first']:.0f} ms after Train, end {t['end'] / 1000:.1f} s, "
+    log(f"\nrank 16, default run: first point {t['first']:.0f} ms after Train, end {t['end'] / 1000:.1f} s, "
           f"diagnosis {label}")
     assert label == "healthy" and t["first"] < 2000 and t["end"] < 60_000
     assert "The lesson's fix" in _text(drv, "#diagnosis")
     assert drv.find_elements(By.CSS_SELECTOR, "#tree g.on[data-node='healthy']")
-    drv.save_screenshot(str(DOCS / "lab-serve-train.png"))
+    drv.save_screenshot(str(shots / "lab-serve-train.png"))
     _set(drv, "rank", 1)
     _set(drv, "steps", 200)
     _, t1 = _train(drv, server)
-    print(f"rank 1: first point {t1['first']:.0f} ms, end {t1['end'] / 1000:.1f} s")
+    log(f"rank 1: first point {t1['first']:.0f} ms, end {t1['end'] / 1000:.1f} s")
     assert _attr(drv, "#diagnosis-label", "data-label") == "rank_too_low"
     assert drv.find_elements(By.CSS_SELECTOR, "#tree g.on[data-node='rank_too_low']")
     assert _points(drv, rid, "val") > 10  # the first run is still drawn
-    drv.save_screenshot(str(DOCS / "lab-serve-two-runs.png"))
+    drv.save_screenshot(str(shots / "lab-serve-two-runs.png"))
 
     # failure-mode tabs: the lab trains the planted configurations and diagnose() names each
     drv.find_element(By.CSS_SELECTOR, "#tabs button[data-view='failures']").click()
@@ -402,11 +409,11 @@ def test_the_sandbox_in_chromium(server, browser):
         got = wait_for(lambda c=chip: _attr(drv, c, "data-label"), 90, f"the {mode} run")
         assert got == mode
         if mode == "wrong_layers":
-            drv.save_screenshot(str(DOCS / "lab-serve-wrong-layers.png"))
+            drv.save_screenshot(str(shots / "lab-serve-wrong-layers.png"))
     assert wait_for(lambda: _attr(drv, ".fm-diagnosis[data-mode='healthy'] .chip", "data-label"), 60,
                     "the healthy run") == "healthy"
-    print(f"failure modes: 4 runs in {time.monotonic() - t0:.1f} s")
-    drv.save_screenshot(str(DOCS / "lab-serve-failure-modes.png"))
+    log(f"failure modes: 4 runs in {time.monotonic() - t0:.1f} s")
+    drv.save_screenshot(str(shots / "lab-serve-failure-modes.png"))
 
     # merge view: the lesson's pair, then the four merges as bars
     drv.find_element(By.CSS_SELECTOR, "#tabs button[data-view='sandbox']").click()
@@ -422,7 +429,7 @@ def test_the_sandbox_in_chromium(server, browser):
     assert len(drv.find_elements(By.CSS_SELECTOR, "#bars rect.bar")) == 7 * 3
     table = _text(drv, "#merge-table")
     assert "TIES" in table and "DARE" in table and "A: facts_low" in table and "B: facts_high" in table
-    drv.save_screenshot(str(DOCS / "lab-serve-merge.png"))
+    drv.save_screenshot(str(shots / "lab-serve-merge.png"))
 
     # in a second tab: Stop ends a run; closing the tab stops the next one
     main = drv.current_window_handle
@@ -446,6 +453,6 @@ def test_the_sandbox_in_chromium(server, browser):
     drv.switch_to.window(main)
     t0 = time.monotonic()
     wait_for(lambda: run.status == "stopped", S.CLOSE_GRACE_S + 10, "the closed tab's run to stop")
-    print(f"closed tab: run stopped {time.monotonic() - t0:.1f} s later, at step {run.points[-1]['step']} of 2000")
+    log(f"closed tab: run stopped {time.monotonic() - t0:.1f} s later, at step {run.points[-1]['step']} of 2000")
     logs = [e for e in drv.get_log("browser") if e["level"] == "SEVERE" and "/api/runs" not in e["message"]]
     assert not logs, logs  # no failed asset, no script error (the rank=0 400 is expected)

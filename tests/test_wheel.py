@@ -66,7 +66,7 @@ def test_the_sdist_holds_the_sources_and_the_vectors(built):
     assert any(n.endswith("/LICENSE") for n in names)
 
 
-def test_the_installed_wheel_conforms_verifies_and_runs_the_tour_outside_the_tree(built, tmp_path):
+def test_the_installed_wheel_conforms_verifies_and_runs_the_tour_outside_the_tree(built, tmp_path, capsys):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
@@ -102,3 +102,8 @@ def test_the_installed_wheel_conforms_verifies_and_runs_the_tour_outside_the_tre
                    "--refimpl-ops=lora.forward,quant.quantize_4bit"], project, env)
     assert plugin.returncode == 0, plugin.stdout[-3000:]
     assert "refimpl conformance: numba" in plugin.stdout
+    with capsys.disabled():  # the wheel job's evidence belongs in the CI log
+        verdict = next(line for line in conform.stdout.splitlines() if line.startswith("target numba:"))
+        print(f"\nwheel {wheel.name} in a clean venv, run from {home}:\n  refimpl conform -> {verdict}\n"
+              f"  refimpl vectors verify -> {verify.stdout.strip()}\n  README tour -> exit 0\n"
+              f"  pytest --refimpl-target=numba (empty project) -> {plugin.stdout.strip().splitlines()[-1]}")

@@ -46,6 +46,7 @@ from refimpl.conformance.rows_lora import (
     _normal,
     _RowWithoutVectors,
 )
+from refimpl.conformance.rows_lora import _embedding_strategy as _lora_embedding_strategy
 from refimpl.conformance.table import Boundary, Case, OpSpec, Special
 from refimpl.conformance.tolerance import Bounded, Exact
 
@@ -173,22 +174,16 @@ def _unmerge_strategy():
 
 
 def _embedding_strategy():
+    """LoRA's embedding cases (rows_lora) plus a magnitude m of the embedding width, in the same dtype."""
     from hypothesis import strategies as st
 
     from refimpl.conformance import strategies as rs
 
     @st.composite
     def build(draw) -> Case:
-        vocab, dim = draw(rs.dims(1, 8)), draw(rs.dims(1, 6))
-        r = draw(st.integers(1, min(vocab, dim)))
-        dt = draw(st.sampled_from(_DTYPES))
-        ids_shape = tuple(draw(st.lists(rs.dims(1, 4), min_size=0, max_size=2)))
-        ids = np.asarray(draw(st.lists(st.integers(0, vocab - 1), min_size=int(np.prod(ids_shape)),
-                                       max_size=int(np.prod(ids_shape)))), dtype=np.int64).reshape(ids_shape)
-        return {"ids": ids.astype(draw(st.sampled_from([np.int64, np.int32, np.uint16]))),
-                "E": _cast(draw(rs.float_arrays((vocab, dim))), dt), "A": _cast(draw(rs.float_arrays((r, vocab))), dt),
-                "B": _cast(draw(rs.float_arrays((dim, r))), dt), "m": _cast(draw(rs.float_arrays((dim,))), dt),
-                "scaling": draw(st.one_of(rs.reals(-4.0, 4.0), st.sampled_from([0.0, 64.0])))}
+        case = draw(_lora_embedding_strategy())
+        m = draw(rs.float_arrays((case["E"].shape[1],))).astype(case["E"].dtype)
+        return {**case, "m": m}
 
     return build().filter(lambda c: bool((_row_norms(c)[0] > 0).all()))
 
