@@ -95,8 +95,9 @@ def test_the_installed_wheel_conforms_verifies_and_runs_the_tour_outside_the_tre
     project = tmp_path / "empty_project"
     project.mkdir()
     (project / "test_nothing.py").write_text(textwrap.dedent("""
-        def test_placeholder():
-            assert 1 + 1 == 2
+        def test_the_project_own_code_still_runs():
+            import numpy
+            assert numpy.add(2, 3) == 5
     """))
     plugin = _run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--refimpl-target=numba",
                    "--refimpl-ops=lora.forward,quant.quantize_4bit"], project, env)
