@@ -229,7 +229,7 @@ def merge(
     dtype: Any = None,
     safe: bool = False,
 ) -> npt.NDArray[np.float64]:
-    """W' = W + ΔW (LoRA §4.2: no inference latency once merged).
+    """W' = W + ΔW (LoRA §4.1, "No Additional Inference Latency": none once merged).
 
     With ``dtype`` (the base weight's storage format) the merge rounds as PEFT does:
     unsafe ``round(W + ΔW)`` (one rounding) or, with ``safe=True``,
@@ -292,7 +292,9 @@ def init(
 ) -> LoraInit:
     """Initialise an adapter for base weight W as PEFT's ``init_lora_weights`` does.
 
-    - "default": A ~ U(−1/√in, 1/√in) (kaiming_uniform with a = √5), B = 0; ΔW = 0.
+    - "default": A ~ U(−1/√in, 1/√in) (kaiming_uniform with a = √5), B = 0; ΔW = 0. This is loralib's
+      and PEFT's initialisation, not the paper's: LoRA §4.1 (and the lesson) draw A from a Gaussian,
+      which is "gaussian" below (spec/lora.md §5).
     - "gaussian": A ~ N(0, (1/r)²), B = 0 (the std is 1/r, independent of in, as in PEFT).
     - embedding=True (W is the table E (V, d); A (r, V), B (d, r)), "default" or "gaussian":
       A = 0, B ~ N(0, 1) — the reverse of Linear.

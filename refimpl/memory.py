@@ -1,7 +1,8 @@
 """GPU memory needed to fine-tune a model: full fine-tuning, LoRA, QLoRA (and DoRA on either).
 
-Reproduces the lesson's 65B table (full FT 780 GB, LoRA 160 GB, QLoRA 48 GB; QLoRA paper,
-Dettmers et al., arXiv 2305.14314, §1) from stated bytes per element; spec/memory.md has the
+Reproduces the lesson's 65B table (full FT 780 GB, LoRA 160 GB, QLoRA 48 GB; ">780GB" and "<48GB" are
+in the QLoRA paper's §1, Dettmers et al., arXiv 2305.14314, whose abstract says only "a single 48GB GPU";
+160 GB is the lesson's own figure) from stated bytes per element; spec/memory.md has the
 formulas and every assumption. 1 GB = 10⁹ bytes.
 
     total = weights + gradients + optimizer state          (trained parameters)

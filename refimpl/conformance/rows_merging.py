@@ -236,6 +236,11 @@ TIES_OPTIONS = {"k_rule": ("threshold", "floor", "floor_min1"), "elect": ("sum",
                 "divisor": ("count", "weight_sum", "none"), "rescale": ("l1", "none")}
 
 
+#: profiles drawn (magnitude_prune is PEFT's op; the MergeLM trim is drawn through ties and dare)
+TIES_PROFILES = ("paper", "peft", "mergekit", "mergelm")
+PRUNE_PROFILES = ("paper", "peft", "mergekit")
+
+
 def _trim_strategy(op: str):
     """ties and magnitude_prune: 1–4 or 9 tasks, tie-rich or general values, every dtype, every option."""
     from hypothesis import strategies as st
@@ -252,7 +257,7 @@ def _trim_strategy(op: str):
         if w is not None:
             c["weights"] = w
         c["density"] = draw(st.sampled_from(DENSITIES))
-        _put(c, profile=_opt(draw, ("paper", "peft", "mergekit")), lam=_opt(draw, LAMS))
+        _put(c, profile=_opt(draw, TIES_PROFILES if op == "ties" else PRUNE_PROFILES), lam=_opt(draw, LAMS))
         for name in names:
             _put(c, **{name: _opt(draw, TIES_OPTIONS[name])})
         return c
@@ -285,7 +290,7 @@ def _dare_strategy():
         wsum = float(np.sum(w)) if w is not None else float(t)
         if norm and abs(wsum) < 1e-3:
             norm = False
-        _put(c, profile=_opt(draw, ("paper", "peft", "mergekit")), lam=_opt(draw, LAMS),
+        _put(c, profile=_opt(draw, TIES_PROFILES), lam=_opt(draw, LAMS),
              rescale=_opt(draw, ("inverse", "l1", "none")), normalize=norm)
         if merge == "ties":
             _put(c, ties_density=_opt(draw, (0.2, 0.5, 1.0)))
@@ -317,7 +322,8 @@ def _selection(hat, w, opts) -> list[np.ndarray]:
         score += e if opts["elect"] == "sum" else np.sign(e)
     gamma = np.sign(score)
     gamma[gamma == 0] = 1.0 if opts["zero_sign"] == "positive" else np.sign(gamma.sum())
-    return [np.where(gamma > 0, e > 0, e < 0) for e in es]
+    live = gamma != 0 if opts["zero_sign"] == "global_majority_zero" else True
+    return [np.where(gamma > 0, e > 0, e < 0) & live for e in es]
 
 
 def _elected_magnitude(hat, w, opts) -> np.ndarray:
@@ -643,6 +649,17 @@ def _ties_boundary() -> list[Boundary]:
     out.append(_b("no agreeing entry", {"task_vectors": [np.array([0.0, 1.0]), np.array([0.0, -1.0])],
                                         "density": 1.0, "weights": [1.0, 1.0], "profile": "peft"},
                   "value: no agreeing entry", "value: elected score exactly 0", shape=(2,)))
+    # MergeLM (profile=mergelm): the drop count int(n·(1 − d)) keeps one more entry than the official
+    # code when d·n is not whole (n = 10, d = 0.25: 4 vs 3), and a zero global majority gives 0
+    out.append(_b("profile=mergelm: n = 10, d = 0.25 keeps 4", {
+        "task_vectors": _taus(72, 2, (10,), kind="normal"), "density": 0.25, "profile": "mergelm"},
+        "option: profile=mergelm", "value: d·n not an integer", shape=(10,)))
+    out.append(_b("profile=mergelm: elected sign 0 gives 0", {
+        "task_vectors": [np.array([1.0, -2.0]), np.array([-1.0, 2.0])], "density": 1.0, "profile": "mergelm"},
+        "option: profile=mergelm", "value: elected score exactly 0", "value: global majority 0", shape=(2,)))
+    out.append(_b("profile=mergelm: d·n < 1, weighted", {
+        "task_vectors": _taus(73, 3, (7,), kind="normal"), "density": 0.1, "profile": "mergelm",
+        "weights": [1.0, 2.0, -0.5]}, "option: profile=mergelm", "value: d·n < 1", shape=(7,)))
     out.append(_b("mergekit profile, weighted election flips the sign", {
         "task_vectors": [tau1, tau2], "weights": [1.0, 3.0], "density": 1.0, "profile": "mergekit"},
         "option: profile=mergekit", "option: weight_stage=before_election", shape=(6,)))
@@ -653,7 +670,7 @@ TIES_CLASSES = (*TRIM_CLASSES, "option: elect=sum", "option: elect=count", "opti
                 "option: zero_sign=global_majority", "option: weight_stage=before_election",
                 "option: weight_stage=after_election", "option: divisor=count", "option: divisor=weight_sum",
                 "option: divisor=none", "value: agreeing weights sum to 0", "value: elected score exactly 0",
-                "value: global majority 0", "value: no agreeing entry")
+                "value: global majority 0", "value: no agreeing entry", "option: profile=mergelm")
 
 
 def _dare_boundary() -> list[Boundary]:
@@ -671,7 +688,7 @@ def _dare_boundary() -> list[Boundary]:
     base = {"task_vectors": _taus(90, 3, (20,), kind="normal"), "density": 0.5, "masks": masks(90, (20,), 3, 0.5),
             "weights": [1.0, 2.0, 0.5]}
     for merge in ("linear", "ties"):
-        for prof in ("paper", "peft", "mergekit"):
+        for prof in TIES_PROFILES:
             out.append(_b(f"{merge}, profile={prof}", {**base, "merge": merge, "profile": prof},
                           f"option: merge={merge}", f"option: profile={prof}", shape=(20,)))
         for rs in ("inverse", "l1", "none"):
@@ -715,7 +732,8 @@ def _dare_boundary() -> list[Boundary]:
 
 DARE_CLASSES = (*SHAPE_CLASSES, BIG, *DTYPE_CLASSES, "option: merge=linear", "option: merge=ties",
                 "option: profile=paper", "option: profile=peft", "option: profile=mergekit",
-                "option: rescale=inverse", "option: rescale=l1", "option: rescale=none", "option: normalize=True",
+                "option: profile=mergelm", "option: rescale=inverse", "option: rescale=l1", "option: rescale=none",
+                "option: normalize=True",
                 "option: normalize=False", "option: ties_density < 1", "option: elect=sum", "option: elect=count",
                 "option: zero_sign=positive", "option: zero_sign=global_majority",
                 "option: weight_stage=before_election", "option: weight_stage=after_election",

@@ -233,7 +233,14 @@ def tree_path(evidence: dict[str, float], label: str) -> list[dict[str, Any]]:
     path = []
     for node, figure, value, threshold, leaf in questions:
         yes = value > threshold
-        if node == "gap":
+        if node == "flat":  # or: the slope reaches ~0 early (plateau_start <= early_fraction) at a high level
+            start = evidence.get("plateau_start", 1.0)
+            early = start <= defaults["early_fraction"] and value > defaults["plateau_fraction"]
+            yes = yes or early
+            path.append({"node": node, "figure": figure, "value": value, "threshold": threshold, "yes": yes,
+                         "plateau": {"figure": "plateau_start", "value": start, "early": defaults["early_fraction"],
+                                     "level": defaults["plateau_fraction"], "yes": early}})
+        elif node == "gap":
             rise = evidence["val_rise/ref"]
             yes = yes or rise > defaults["rise_fraction"]
             path.append({"node": node, "figure": figure, "value": value, "threshold": threshold, "yes": yes,

@@ -1,7 +1,7 @@
 """Adapter and model merging: task arithmetic, TIES, DARE, magnitude prune, linear, SLERP,
 LoRA-space merges and streaming whole-model merges over safetensors files.
 
-The written rules are spec/merging.md. Each op has ``profile="paper" | "peft" | "mergekit"``
+The written rules are spec/merging.md. Each op has ``profile="paper" | "peft" | "mergekit" | "mergelm"``
 presets (where the implementations differ) and every preset's option can be set on its own.
 
 Modules: ``arithmetic`` (task vectors, task arithmetic, linear, whole-model flattening),

@@ -2,9 +2,11 @@
 
 A merge takes T task tensors of one shape and one floating dtype, optional
 per-task weights w_t, and options whose defaults come from a ``profile``:
-"paper" (the authors' released code), "peft" (PEFT 0.21.2 ``merge_utils``) or
-"mergekit" (mergekit 0.1.5). Every option can also be given on its own; an
-explicit option overrides the profile's value. See spec/merging.md.
+"paper" (the official TIES code, prateeky2806/ties-merging), "peft" (PEFT 0.21.2
+``merge_utils``), "mergekit" (mergekit 0.1.5) or "mergelm" (the DARE authors' yule-BUAA/MergeLM, whose
+TIES keeps one more entry when d·n is not whole and returns 0 where the elected sign is 0).
+Every option can also be given on its own; an explicit option overrides the profile's value.
+See spec/merging.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from refimpl import _checks
 
-PROFILES = ("paper", "peft", "mergekit")
+PROFILES = ("paper", "peft", "mergekit", "mergelm")
 
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -16,8 +16,8 @@ from refimpl import _checks, precision
 from refimpl.merging import _common
 
 #: How many entries a magnitude trim keeps (see spec/merging.md, "Trim").
-K_RULES = ("threshold", "floor", "floor_min1")
-TRIM_K_RULE = {"paper": "threshold", "peft": "floor", "mergekit": "floor_min1"}
+K_RULES = ("threshold", "floor", "floor_min1", "mask_rate")
+TRIM_K_RULE = {"paper": "threshold", "peft": "floor", "mergekit": "floor_min1", "mergelm": "mask_rate"}
 RESCALES = ("inverse", "l1", "none")
 #: mergekit's absolute guard in the L1 rescale: below it the masked tensor is returned unscaled.
 L1_EPS = 1e-7
@@ -28,11 +28,14 @@ def trim_mask(tau: npt.ArrayLike, density: float, *, k_rule: str = "threshold") 
 
     With n entries and keep fraction d, k = ⌊fl(d·n)⌋ (the floating product, as every peer computes it):
 
-    * ``"threshold"`` (official TIES / MergeLM, ``topk_values_mask``): keep |τ| ≥ the (n − k)-th
+    * ``"threshold"`` (official TIES, ``topk_values_mask``): keep |τ| ≥ the (n − k)-th
       smallest |τ|, i.e. k + 1 entries plus every tie at the threshold (1000 entries at d = 0.2 keep 201).
     * ``"floor"`` (PEFT ``magnitude_based_pruning``): exactly k entries, the largest |τ|; ties at the
       k-th value are broken by lower flat index (PEFT's ``topk`` order is unspecified). k = 0 keeps none.
     * ``"floor_min1"`` (mergekit ``sparsify.magnitude``): as ``"floor"`` with k = max(1, ⌊d·n⌋).
+    * ``"mask_rate"`` (MergeLM ``ties_merging``, whose input is the mask rate 1 − d): drop count
+      m = ⌊fl(n·fl(1 − d))⌋; keep |τ| ≥ the m-th smallest |τ|, i.e. n − m + 1 entries plus every tie
+      (n = 10, d = 0.25: m = 7, keeps 4 where ``"threshold"`` keeps 3); m = 0 keeps everything.
 
     d = 1 keeps everything under every rule (the official code raises there; PEFT and mergekit no-op).
     """
@@ -43,6 +46,12 @@ def trim_mask(tau: npt.ArrayLike, density: float, *, k_rule: str = "threshold") 
     n = a.size
     if d >= 1.0:
         return np.ones(t.shape, dtype=bool)
+    if k_rule == "mask_rate":
+        drop = int(n * (1.0 - d))
+        if drop == 0:
+            return np.ones(t.shape, dtype=bool)
+        kth = np.partition(a, drop - 1)[drop - 1]  # the drop-th smallest, 1-based (torch kthvalue)
+        return (a >= kth).reshape(t.shape)
     k = int(d * n)
     if k_rule == "threshold":
         kth = np.partition(a, n - k - 1)[n - k - 1]  # the (n − k)-th smallest, 1-based

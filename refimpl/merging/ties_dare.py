@@ -31,7 +31,7 @@ from refimpl.merging.sparsify import (
 )
 
 ELECT = ("sum", "count")
-ZERO_SIGN = ("positive", "global_majority")
+ZERO_SIGN = ("positive", "global_majority", "global_majority_zero")
 WEIGHT_STAGE = ("before_election", "after_election")
 DIVISOR = ("count", "weight_sum", "none")
 
@@ -48,6 +48,11 @@ TIES_PROFILES: dict[str, dict[str, Any]] = {
     # divisor Σ w over agreeing entries.
     "mergekit": {"k_rule": TRIM_K_RULE["mergekit"], "elect": "sum", "zero_sign": "positive",
                  "weight_stage": "before_election", "divisor": "weight_sum", "rescale": "none"},
+    # yule-BUAA/MergeLM model_merging_methods/merging_methods.py ties_merging: kthvalue at
+    # int(n · mask_rate) with mask_rate = 1 − d (keeps one more than the official code when d·n is not
+    # whole), sign of the sum, zeros → global majority, and where that is 0 too γ = 0 selects nothing.
+    "mergelm": {"k_rule": TRIM_K_RULE["mergelm"], "elect": "sum", "zero_sign": "global_majority_zero",
+                "weight_stage": "after_election", "divisor": "count", "rescale": "none"},
 }
 
 #: Per-profile DARE options. ``ties_density`` is the TIES trim applied after the drop (paper only).
@@ -61,6 +66,8 @@ DARE_PROFILES: dict[str, dict[str, Any]] = {
     "peft": _dare_profile("peft", "inverse", 1.0),
     # mergekit dare_ties: normalize=False, so the agreeing entries are summed, not averaged.
     "mergekit": _dare_profile("mergekit", "l1", 1.0, divisor="none"),
+    # MergeLM mask_merging + ties_merging: drop, rescale by 1/(1 − p), then its TIES (mask rate 0.8).
+    "mergelm": _dare_profile("mergelm", "inverse", 0.2),
 }
 
 
@@ -99,8 +106,10 @@ def _elect_and_merge(
     e_t = w_t τ̂_t (``weight_stage="before_election"``, mergekit) or τ̂_t (PEFT, paper);
     score = Σ_t e_t (``elect="sum"``: mass / total) or Σ_t sgn(e_t) (``"count"``: frequency);
     γ = sgn(score), where score = 0 gives +1 (``zero_sign="positive"``) or the global majority
-    sgn(Σ_p γ_p) (``"global_majority"``; if that is 0 too, γ_p stays 0 and selects negative entries);
-    m_t = (γ > 0 ∧ e_t > 0) ∨ (γ ≤ 0 ∧ e_t < 0), so zeros never vote nor count;
+    sgn(Σ_p γ_p) (``"global_majority"``; if that is 0 too, γ_p stays 0 and selects negative entries,
+    as the official TIES code does; ``"global_majority_zero"``: γ_p = 0 selects nothing, as MergeLM does);
+    m_t = (γ > 0 ∧ e_t > 0) ∨ (γ ≤ 0 ∧ e_t < 0) [∧ γ ≠ 0 for ``"global_majority_zero"``], so zeros never
+    vote nor count;
     τ_m = Σ_t w_t τ̂_t m_t / D with D = max(Σ_t m_t, 1) (``"count"``), Σ_t w_t m_t with 0 → 1
     (``"weight_sum"``) or 1 (``"none"``).
     """
@@ -120,12 +129,15 @@ def _elect_and_merge(
     else:
         gamma[gamma == 0] = np.sign(gamma.sum())
     positive = gamma > 0
+    live = gamma != 0 if zero_sign == "global_majority_zero" else None
     del gamma
     numerator = np.zeros(shape)
     den = np.zeros(shape) if divisor != "none" else None
     for t, w in zip(trimmed, weights, strict=True):
         vote = t * w if before else t  # the sign that voted, e_t
         sel = np.where(positive, vote > 0, vote < 0)
+        if live is not None:
+            sel &= live
         del vote
         contribution = t * w
         contribution *= sel

@@ -174,7 +174,9 @@ def _torch_linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
 
 
 def derive_nf4(offset: float = NF4_OFFSET) -> np.ndarray:
-    """Derive the NF4 codebook from the standard normal quantile function Φ⁻¹ (QLoRA §3, eq. 4).
+    """Derive the NF4 codebook from the standard normal quantile function Φ⁻¹ (QLoRA §3), as
+    bitsandbytes' ``create_normal_map`` does (not QLoRA's eq. 4 as written, which is −∞ at i = 0:
+    artidoro/qlora#94; spec/nf4.md §1).
 
     q⁺_i = Φ⁻¹(p_i) for the first 8 of 9 points p of linspace(offset, 0.5) (float32, torch's rule),
     q⁻_i = −Φ⁻¹(p_i) for the first 7 of 8 points of linspace(offset, 0.5); with an exact zero the

@@ -72,6 +72,9 @@ def unsupported(op: str, case: dict[str, Any]) -> str | None:
             return f"the fused QLoRA kernels use the unrounded float32 weight; a {dtype} state rounds it"
     if op == "merging.ties" and case.get("rescale") is not None:
         return "the CuPy TIES kernel has no L1 rescale (rescale='l1')"
+    if op == "merging.ties" and (case.get("profile") == "mergelm" or case.get("k_rule") == "mask_rate"
+                                 or case.get("zero_sign") == "global_majority_zero"):
+        return "the CuPy TIES kernel has no MergeLM rules (k_rule='mask_rate', zero_sign='global_majority_zero')"
     return None
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -10,8 +10,8 @@ Same options, profiles and values as ``refimpl.merging.ties`` (spec/merging.md),
    The selection also counts the entries strictly above the threshold and equal to it, so the
    "floor" rules (exactly k kept, ties broken by lower flat index) need a prefix count only when
    the threshold value is tied and not every tie fits.
-2. (``zero_sign="global_majority"`` only) one pass for G = sgn(Σ_p γ_p); (``rescale="l1"`` only)
-   one pass for ‖τ_t‖₁ and ‖τ̂_t‖₁.
+2. (``zero_sign="global_majority"`` or ``"global_majority_zero"`` only) one pass for G = sgn(Σ_p γ_p);
+   (``rescale="l1"`` only) one pass for ‖τ_t‖₁ and ‖τ̂_t‖₁.
 3. One fused pass over all tasks: trim, weight, elect, select, disjoint mean, λ, store.
 
 Extra memory: the output (one tensor; in the inputs' dtype unless ``out_dtype`` says otherwise)
@@ -193,7 +193,9 @@ def _merge_chunk(addrs, tau_like, bits_like, lo, hi, abs_mask, exp_mask, thr, st
             for j in range(m):
                 ngamma += np.int64(score[j] > 0) - np.int64(score[j] < 0)
             continue
-        g0 = 1.0 if zero_pos or gmaj > 0 else -1.0  # γ for a zero score; γ ≤ 0 selects negative entries
+        # γ for a zero score: +1, or the caller's global majority (−1 for a 0 majority under
+        # "global_majority": γ ≤ 0 selects negative entries; 0 under "global_majority_zero": selects nothing)
+        g0 = 1.0 if zero_pos else gmaj
         if not before and divisor == 0 and lam == 1.0:
             # the common case (PEFT and paper profiles): unweighted election, count divisor; the loops
             # are branch-free so they vectorise
@@ -372,6 +374,14 @@ def ties(
             continue
         k = int(d[t] * n)
         rule = opts["k_rule"]
+        if rule == "mask_rate":  # MergeLM: keep |τ| ≥ the m-th smallest, m = int(n·(1 − d))
+            drop = int(n * (1.0 - d[t]))
+            if drop == 0:
+                all_keep[t] = True
+                continue
+            key, _, _ = _select_desc(bits[t], n - drop + 1, nbits)
+            thr[t] = key
+            continue
         if rule == "threshold":  # keep |τ| ≥ the (k+1)-th largest
             key, _, _ = _select_desc(bits[t], k + 1, nbits)
             thr[t] = key
@@ -410,6 +420,8 @@ def ties(
     if not zero_pos:
         gsum, _ = _merge_pass(*args, zero_pos, 0.0, div, lam, nchunks, out, True)
         gmaj = float(np.sign(gsum))
+        if gmaj == 0.0 and opts["zero_sign"] == "global_majority":
+            gmaj = -1.0
     _, bad = _merge_pass(*args, zero_pos, gmaj, div, lam, nchunks, out, False)
     if bad:
         raise ValueError("task_vectors: expected finite values, got NaN or inf")

@@ -301,7 +301,8 @@ function drawTree() {
   const on = new Set(path.map(p => p.node));
   const answers = Object.fromEntries(path.filter(p => "yes" in p).map(p => [p.node, p]));
   const nodes = {
-    flat: { x: 10, y: 10, w: 215, h: 58, lines: ["Training loss flat?", `train_end / ref > ${th.flat_fraction}`] },
+    flat: { x: 10, y: 10, w: 215, h: 72, lines: ["Training loss flat?", `train_end / ref > ${th.flat_fraction}, or flat`,
+      `by ${th.early_fraction * 100}% of the run above ${th.plateau_fraction}`] },
     mediocre: { x: 10, y: 100, w: 215, h: 58, lines: ["Validation mediocre?", `val_min / ref > ${th.mediocre_fraction}`] },
     gap: { x: 10, y: 190, w: 215, h: 58, lines: ["Gap widening or val rising?",
       `Δgap / ref > ${th.gap_fraction} or rise > ${th.rise_fraction}`] },
@@ -331,6 +332,7 @@ function drawTree() {
     if (a) {
       let text = `${fmt(a.value, 2)} ${a.value > a.threshold ? ">" : "≤"} ${a.threshold}`;
       if (a.also) text += `; rise ${fmt(a.also.value, 2)}`;
+      if (a.plateau) text = `${fmt(a.value, 2)}; flat from ${fmt(a.plateau.value, 2)}`;
       svgEl(g, "text", { x: n.x + 8, y: n.y + 16 + n.lines.length * 14, class: "fig" }, `${text} → ${a.yes ? "yes" : "no"}`);
     }
   }
