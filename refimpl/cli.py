@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("refimpl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`refimpl memory | head`): not an error of refimpl
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         print(f"refimpl: internal error: {type(exc).__name__}: {exc} (a bug in refimpl: please report it; "
               "REFIMPL_TRACEBACK=1 shows the traceback)", file=sys.stderr)

@@ -243,51 +243,33 @@ def run_loraplus(out: Path, seed: int = 0, quick: bool = False) -> ExperimentRes
 
 
 def run_memory(out: Path, seed: int = 0, quick: bool = False) -> ExperimentResult:
-    """The lesson's 65B memory table from ``refimpl.memory.estimate`` (no training)."""
+    """The 65B memory accounting from ``refimpl.memory``: every method under ONE assumption set
+    (``memory.CONSISTENT``), beside the lesson's figures and the row-by-row fit that reproduces them (no training)."""
     from refimpl import memory
 
+    table = memory.consistent_table()
+    paged = {m: e for m, _, e in memory.consistent_table(paged_optimizer=True)}
+    fits = {m: e for m, _, e in memory.lesson_table()}
     rows = []
-    table = memory.lesson_table()
     for method, lesson_gb, est in table:
         rows.append({"method": method, "lesson_gb": lesson_gb, "estimate_gb": round(est.total_gb, 2),
                      "relative_difference": round(est.total_gb / lesson_gb - 1.0, 4),
-                     **{k: round(v, 2) for k, v in est.components_gb.items()}})
+                     **{k: round(v, 3) for k, v in est.components_gb.items()},
+                     "paged_optimizer_gpu_gb": round(paged[method].total_gb, 2),
+                     "lesson_fit_gb": round(fits[method].total_gb, 2),
+                     "lesson_fit_settings": memory._describe(memory.LESSON_65B[method][1])})
     files = _write(out, "memory", rows, None,
-                   {"assumptions": {m: list(e.assumptions) for m, _, e in table}})
-    comps = ["weights", "gradients", "optimizer state", "frozen base", "quant. constants", "adapter (w+g+opt)",
-             "activations"]
-
-    def parts(e) -> list[float]:
-        c = e.components_gb
-        return [c.get("weights", 0.0), c.get("gradients", 0.0), c.get("optimizer state", 0.0),
-                c.get("frozen base weights", 0.0) + c.get("frozen base weights (NF4)", 0.0),
-                c.get("quantization constants", 0.0),
-                c.get("adapter weights", 0.0) + c.get("adapter gradients", 0.0)
-                + c.get("adapter optimizer state", 0.0), c.get("activations", 0.0)]
-
-    plt = plots._pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    bottoms = np.zeros(len(table))
-    vals = np.array([parts(e) for _, _, e in table])
-    xs = np.arange(len(table))
-    for j, name in enumerate(comps):
-        if vals[:, j].any():
-            ax.bar(xs, vals[:, j], 0.5, bottom=bottoms, label=name)
-            bottoms += vals[:, j]
-    ax.scatter(xs, [gb for _, gb, _ in table], marker="_", s=900, color="black", zorder=3, label="lesson's figure")
-    for x, (_, gb, e) in zip(xs, table, strict=True):
-        ax.text(x + 0.28, e.total_gb, f"{e.total_gb:.1f} GB\n(lesson {gb:.0f})", fontsize=8, va="center")
-    ax.set_xticks(xs, [m for m, _, _ in table])
-    ax.set_ylabel("GB (1e9 bytes)")
-    ax.set_title("Memory to fine-tune a 65B model (refimpl.memory.estimate)")
-    ax.legend(fontsize=8, loc="center right")
-    ax.set_xlim(-0.5, len(table) - 0.1)
-    ax.set_ylim(0, 1.12 * max(bottoms.max(), max(gb for _, gb, _ in table)))
-    fig.tight_layout()
-    png = out / "memory.png"
-    fig.savefig(png)
-    plt.close(fig)
-    files.append(png)
+                   {"assumption_set": memory.CONSISTENT,
+                    "assumptions": {m: list(e.assumptions) for m, _, e in table},
+                    "lesson_fit_settings": {m: kw for m, (_, kw) in memory.LESSON_65B.items()}})
+    methods = [m for m, _, _ in table]
+    components = {k: [e.components_gb[k] for _, _, e in table] for k in memory.COMPONENTS}
+    title = ("Peak GPU memory to fine-tune a 65B model, ONE assumption set for every bar: weights/adapters/grads "
+             "16-bit (bf16), AdamW 2 fp32 states resident,\nactivations checkpointed (seq 512 x batch 1, the same "
+             "0.9 GB in every bar), LoRA r=64 on all linear layers (refimpl.memory, spec/memory.md)")
+    files.append(plots.plot_memory(methods, components, out / "memory.png", title=title,
+                                   lesson=[gb for _, gb, _ in table],
+                                   paged=[paged[m].cpu_gb["paged optimizer states"] for m in methods]))
     return ExperimentResult("memory", rows, memory.format_lesson_table(), files)
 
 

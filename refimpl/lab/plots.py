@@ -72,3 +72,53 @@ def plot_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], path
     fig.savefig(p)
     plt.close(fig)
     return p
+
+
+def plot_memory(methods: Sequence[str], components: Mapping[str, Sequence[float]], path: str | Path, *,
+                title: str, lesson: Sequence[float] | None = None,
+                paged: Sequence[float] | None = None) -> Path:
+    """Stacked bars, one per method, one segment per memory component (GB), all bars under the assumption set
+    named in ``title``. Two panels with the same bars: the full scale, and the adapter methods zoomed in so
+    their small components are visible. ``lesson``: the lesson's figures, a black tick on each bar.
+    ``paged``: optimizer states a paged optimizer would keep in CPU memory, an outlined segment above the bar
+    (not part of the GPU peak)."""
+    plt = _pyplot()
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), dpi=110, gridspec_kw={"width_ratios": [len(methods), 2]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for panel, ax in enumerate(axes):
+        idx = list(range(len(methods))) if panel == 0 else [i for i, m in enumerate(methods) if m != "full"]
+        x = np.arange(len(idx))
+        bottom = np.zeros(len(idx))
+        for j, (name, vals) in enumerate(components.items()):
+            v = np.array([vals[i] for i in idx], dtype=float)
+            ax.bar(x, v, 0.55, bottom=bottom, label=name, color=colors[j % len(colors)], edgecolor="white", lw=0.5)
+            bottom += v
+        top = max(list(bottom) + ([lesson[i] for i in idx] if lesson is not None else []))
+        for k, i in enumerate(idx):
+            ax.text(x[k], max(bottom[k], lesson[i] if lesson is not None else 0.0) + 0.02 * top,
+                    f"{bottom[k]:.1f} GB", ha="center", va="bottom", fontsize=8, fontweight="bold")
+        if lesson is not None:
+            ax.scatter(x, [lesson[i] for i in idx], marker="_", s=900, color="black", zorder=3,
+                       label="lesson's figure (its rows fitted with different assumptions)")
+            for k, i in enumerate(idx):
+                ax.text(x[k] - 0.3, lesson[i], f"lesson {lesson[i]:g} ", ha="right", va="center", fontsize=7)
+        ax.set_xticks(x, [methods[i] for i in idx])
+        ax.set_ylabel("GPU memory, GB (1e9 bytes)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_ylim(0, 1.15 * top)
+        ax.set_xlim(-0.9, len(idx) - 0.1)
+        ax.set_title("all methods" if panel == 0 else "LoRA and QLoRA, zoomed", fontsize=9)
+        if paged is not None and panel == 1:
+            for k, i in enumerate(idx):
+                ax.text(x[k] + 0.3, bottom[k] / 2, f"paged optimizer:\n-{paged[i]:.1f} GB\n(to CPU)", fontsize=7,
+                        va="center")
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p)
+    plt.close(fig)
+    return p
