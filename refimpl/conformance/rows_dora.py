@@ -36,6 +36,7 @@ from refimpl.conformance.rows_lora import (
     _S_CLASSES,
     _W_CLASSES,
     _X_CLASSES,
+    EMB_SHAPE_CLASSES,
     _bounds_of,
     _cast,
     _dtype_name,
@@ -45,6 +46,7 @@ from refimpl.conformance.rows_lora import (
     _linear_classes,
     _normal,
     _RowWithoutVectors,
+    embedding_shape_classes,
 )
 from refimpl.conformance.rows_lora import _embedding_strategy as _lora_embedding_strategy
 from refimpl.conformance.table import Boundary, Case, OpSpec, Special
@@ -569,32 +571,11 @@ def _linear_dora_classes(kind: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-_EMB_CLASSES = ("shape: ids 0-D (one token)", "shape: ids 1-D", "shape: ids 2-D", "shape: more than 16 ids",
-                "value: repeated ids", "shape: V > d", "shape: V < d", "shape: V == d",
-                "shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)", "shape: r = 1",
-                "shape: r = min(V, d)", *_S_CLASSES, *_DTYPE_CLASSES, *_M_CLASSES, *_NORM_CLASSES)
+_EMB_CLASSES = (*EMB_SHAPE_CLASSES, *_M_CLASSES, *_NORM_CLASSES)
 
 
 def _embedding_classes(c: Case) -> tuple[str, ...]:
-    ids, E = np.asarray(c["ids"]), c["E"]
-    vocab, dim = E.shape
-    r = c["A"].shape[0]
-    out = [{0: "shape: ids 0-D (one token)", 1: "shape: ids 1-D"}.get(ids.ndim, "shape: ids 2-D")]
-    if ids.size > 16:
-        out.append("shape: more than 16 ids")
-    if np.unique(ids).size < ids.size:
-        out.append("value: repeated ids")
-    out.append("shape: V > d" if vocab > dim else "shape: V < d" if vocab < dim else "shape: V == d")
-    if dim > 16 and dim % 16:
-        out.append("shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)")
-    if r == 1:
-        out.append("shape: r = 1")
-    if r == min(vocab, dim):
-        out.append("shape: r = min(V, d)")
-    s = c["scaling"]
-    out += [cls for cls, hit in zip(_S_CLASSES, (s == 0, s < 0, s > 0 and s != 1, abs(s) >= 64), strict=True) if hit]
-    out.append(f"dtype: {_dtype_name(E)} inputs")
-    return (*out, *_dora_classes(c))
+    return (*embedding_shape_classes(c), *_dora_classes(c))
 
 
 def _embedding_boundary() -> list[Boundary]:

@@ -556,15 +556,17 @@ def _scaling_boundary() -> list[Boundary]:
                        for a, r in cases for rs in (False, True)], _scaling_classes)
 
 
-_EMB_CLASSES = ("shape: ids 0-D (one token)", "shape: ids 1-D", "shape: ids 2-D", "shape: more than 16 ids",
-                "value: repeated ids", "value: ids 0 and V − 1 (the table's ends)", "shape: V > d", "shape: V < d",
-                "shape: V == d",
-                "shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)", "shape: r = 1",
-                "shape: r = min(V, d)", *_S_CLASSES, *_DTYPE_CLASSES, "dtype: int64 ids", "dtype: int32 ids",
-                "dtype: unsigned ids")
+#: the classes of an embedding case's shapes, scaling and table dtype (shared with DoRA's embedding row)
+EMB_SHAPE_CLASSES = ("shape: ids 0-D (one token)", "shape: ids 1-D", "shape: ids 2-D", "shape: more than 16 ids",
+                     "value: repeated ids", "shape: V > d", "shape: V < d", "shape: V == d",
+                     "shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)", "shape: r = 1",
+                     "shape: r = min(V, d)", *_S_CLASSES, *_DTYPE_CLASSES)
+_EMB_CLASSES = (*EMB_SHAPE_CLASSES, "value: ids 0 and V − 1 (the table's ends)", "dtype: int64 ids",
+                "dtype: int32 ids", "dtype: unsigned ids")
 
 
-def _embedding_classes(c: Case) -> tuple[str, ...]:
+def embedding_shape_classes(c: Case) -> list[str]:
+    """The classes of ``EMB_SHAPE_CLASSES`` that an embedding case (ids, E, A, scaling) hits."""
     ids, E = np.asarray(c["ids"]), c["E"]
     vocab, dim = E.shape
     r = c["A"].shape[0]
@@ -573,8 +575,6 @@ def _embedding_classes(c: Case) -> tuple[str, ...]:
         out.append("shape: more than 16 ids")
     if np.unique(ids).size < ids.size:
         out.append("value: repeated ids")
-    if 0 in ids and vocab - 1 in ids:
-        out.append("value: ids 0 and V − 1 (the table's ends)")
     out.append("shape: V > d" if vocab > dim else "shape: V < d" if vocab < dim else "shape: V == d")
     if dim > 16 and dim % 16:
         out.append("shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)")
@@ -585,6 +585,14 @@ def _embedding_classes(c: Case) -> tuple[str, ...]:
     s = c["scaling"]
     out += [cls for cls, hit in zip(_S_CLASSES, (s == 0, s < 0, s > 0 and s != 1, abs(s) >= 64), strict=True) if hit]
     out.append(f"dtype: {_dtype_name(E)} inputs")
+    return out
+
+
+def _embedding_classes(c: Case) -> tuple[str, ...]:
+    ids, vocab = np.asarray(c["ids"]), c["E"].shape[0]
+    out = embedding_shape_classes(c)
+    if 0 in ids and vocab - 1 in ids:
+        out.append("value: ids 0 and V − 1 (the table's ends)")
     out.append({"i": "dtype: int64 ids" if ids.dtype == np.int64 else "dtype: int32 ids" if ids.dtype == np.int32
                 else "dtype: other signed ids", "u": "dtype: unsigned ids"}[ids.dtype.kind])
     return tuple(out)
