@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from refimpl import _checks
+from refimpl import dora as reference_dora
 from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.kernels.numba_cpu.lora import _layer, _mask, lora_branch_add
 
@@ -47,25 +48,9 @@ def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool 
     across the vocabulary, shape (d,), as the reference. ConvNd weights (out, in, *k) with A (r, in, *k)
     and B (out, r, 1, …): the norm over every axis but the first, on the (out, in·∏k) reshapes.
     """
-    w = _checks.float_array(W, "W", ndim=range(2, 6))
-    transposed = _checks.boolean(fan_in_fan_out, "fan_in_fan_out") | _checks.boolean(embedding, "embedding")
-    if w.ndim > 2:
-        if transposed:
-            raise ValueError(f"fan_in_fan_out: a convolution weight has no transposed layout, got "
-                             f"{_checks.describe(w)} with fan_in_fan_out/embedding set")
-        a = _checks.float_array(A, "A", ndim=w.ndim)
-        b = _checks.float_array(B, "B", ndim=w.ndim)
-        _checks.check_shape(a, "A", (None, *w.shape[1:]))
-        _checks.check_shape(b, "B", (w.shape[0], a.shape[0], *([1] * (w.ndim - 2))))
-        w, a, b = w.reshape(w.shape[0], -1), a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    else:
-        w = w.T if transposed else w
-        a, b = _checks.float_array(A, "A", ndim=2), _checks.float_array(B, "B", ndim=2)
-        _checks.check_shape(a, "A", (None, w.shape[1]))
-        _checks.check_shape(b, "B", (w.shape[0], a.shape[0]))
-    if a.shape[0] > min(w.shape):
-        raise ValueError(f"A: rank r = {a.shape[0]} must be in [1, min(out, in) = {min(w.shape)}]")
-    return _row_norms(w, a, b, _checks.real(scaling, "scaling"))
+    # the reference's own operand checks and (out, in) reshapes of Linear, Embedding and ConvNd weights
+    layer = reference_dora._layer(W, A, B, scaling, fan_in_fan_out, embedding, allow_conv=True)
+    return _row_norms(layer.w, layer.a, layer.b, layer.s)
 
 
 def _row_norms(w: np.ndarray, a: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
