@@ -151,18 +151,10 @@ def test_byte_exact_matrix_against_bitsandbytes_cpu(bnb, quant_type):
     for dtype in DTYPES:
         for blocksize in BLOCKSIZES:
             for nested in (False, True):
-                for j, kind in enumerate(KINDS):
-                    shape = SHAPES[(combo + j) % len(SHAPES)]
-                    x = make_data(kind, shape, quant_type, dtype, blocksize, rng)
-                    result = compare_one(torch, F, x, quant_type, blocksize, nested, tally)
-                    elements += x.size
-                    tensors += 1
-                    for key, count in result.items():
-                        mismatches[key] = mismatches.get(key, 0) + count
-                        if count and len(failures) < 5:
-                            failures.append((dtype, blocksize, nested, kind, shape, key, count))
-                for i, shape in enumerate(PATH_SHAPES):
-                    kind = KINDS[(combo + i) % len(KINDS)]
+                # every data kind on a rotating shape, then every path-selecting shape on a rotating kind
+                cases = [(kind, SHAPES[(combo + j) % len(SHAPES)]) for j, kind in enumerate(KINDS)]
+                cases += [(KINDS[(combo + i) % len(KINDS)], shape) for i, shape in enumerate(PATH_SHAPES)]
+                for kind, shape in cases:
                     x = make_data(kind, shape, quant_type, dtype, blocksize, rng)
                     result = compare_one(torch, F, x, quant_type, blocksize, nested, tally)
                     elements += x.size
