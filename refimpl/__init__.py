@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+#: The package version; pyproject.toml reads it from here (setuptools dynamic version).
 __version__ = "0.1.0"
 #: Version of the written rules in spec/ (see spec/CHANGELOG.md).
 SPEC_VERSION = "1.1.0"

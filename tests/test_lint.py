@@ -1,4 +1,5 @@
-"""ruff and mypy run on every submission (the Standards: lint and types in CI)."""
+"""Lint, format and types run on every submission (.ci/run runs the suite): ``ruff check``,
+``ruff format --check`` and ``mypy refimpl``, with the settings in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def test_ruff_check_is_clean():
     p = subprocess.run([*_tool("ruff"), "check", "refimpl", "tests", "bench"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-4000:]
+
+
+def test_ruff_format_leaves_every_file_unchanged():
+    p = subprocess.run([*_tool("ruff"), "format", "--check", "refimpl", "tests", "bench"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+
+
+def test_the_version_is_written_once():
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'dynamic = ["version"]' in text and 'version = {attr = "refimpl.__version__"}' in text
+    assert not any(line.startswith("version =") for line in text.splitlines())
 
 
 def test_mypy_is_clean_on_the_package():
