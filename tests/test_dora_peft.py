@@ -3,8 +3,8 @@
 PEFT's parameters (W, A, B, m, bias: float32/bfloat16 values, exact in float64)
 are read back and fed to refimpl.dora, which computes in float64; PEFT's result
 must lie within a bound derived from float32 (and bfloat16) unit roundoff and
-the reduction lengths (refimpl.dora.forward_error_bound). Facts about PEFT:
-/work/shared/peers/peft.md §5. Every comparison prints its worst error / bound.
+the reduction lengths (refimpl.dora.forward_error_bound). PEFT 0.21.2:
+``tuners/lora/dora.py`` and ``tuners/lora/variants.py`` (spec/dora.md). Every comparison prints its worst error / bound.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 NF4/FP4 storage is bit-exact by definition (float32 arithmetic in a fixed order), so
 every quant row is ``Exact``: packed codes, absmax, nested state and dequantized bits.
 
-Where 4-bit kernels go wrong is known (peers/bitsandbytes.md §4, §7, §11; spec/nf4.md §4–§9), and
+Where 4-bit kernels go wrong is known (spec/nf4.md §4–§9, from bitsandbytes 0.50.2's source), and
 random inputs almost never reach it: in 500 random examples no scaled value came within 4 ulp of
 a midpoint. So each row lists its equivalence classes (``classes``) and a deterministic boundary
 tier places inputs in every one of them:
@@ -201,7 +201,7 @@ def _straddle_case(quant_type: str, blocksize: int, tail_len: int, seed: int) ->
 def _half_tie_case(dtype_name: str, seed: int) -> np.ndarray:
     """(14, 32) blocks of a float16/bfloat16 input whose scaled values tie an FP4 midpoint exactly (plus the
     ±1 ulp neighbours the dtype reaches with the same absmax): FP4's midpoints are short rationals that
-    half-precision data reaches (peers/bitsandbytes.md §4.3)."""
+    half-precision data reaches (spec/nf4.md)."""
     rng = np.random.default_rng(seed)
     dt = _dtype(dtype_name)
     rows = []

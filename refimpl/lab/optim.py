@@ -8,7 +8,7 @@ with gradient g at step t (1-based):
     θ ← θ − η · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
 
 LoRA+ (Hayou et al., arXiv 2402.12354) gives B a learning rate η·ratio. Groups follow PEFT's
-``create_loraplus_optimizer`` (peers/peft.md §7): a parameter whose name contains "lora_B"
+``create_loraplus_optimizer`` (PEFT 0.21.2 ``optimizers/loraplus.py``): a parameter whose name contains "lora_B"
 **or that is 1-D** (so the DoRA magnitude too) gets η·ratio; everything else gets η. Unlike PEFT,
 ``weight_decay`` here applies to every group (PEFT silently replaces it by
 ``loraplus_weight_decay``, default 0.0).

@@ -55,12 +55,12 @@ TIES_PROFILES: dict[str, dict[str, Any]] = {
                 "weight_stage": "after_election", "divisor": "count", "rescale": "none"},
 }
 
-#: Per-profile DARE options. ``ties_density`` is the TIES trim applied after the drop (paper only).
 def _dare_profile(profile: str, dare_rescale: str, ties_density: float, **overrides: Any) -> dict[str, Any]:
     base = {k: v for k, v in TIES_PROFILES[profile].items() if k not in ("k_rule", "rescale")}
     return {**base, "dare_rescale": dare_rescale, "normalize": False, "ties_density": ties_density, **overrides}
 
 
+#: Per-profile DARE options. ``ties_density`` is the TIES trim applied after the drop (paper only).
 DARE_PROFILES: dict[str, dict[str, Any]] = {
     "paper": _dare_profile("paper", "inverse", 0.2),
     "peft": _dare_profile("peft", "inverse", 1.0),

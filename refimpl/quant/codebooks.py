@@ -6,8 +6,8 @@ FP4 is bitsandbytes' 1-sign/3-magnitude float (not OCP E2M1; bitsandbytes #851, 
 The 8-bit dynamic map (Dettmers, arXiv 1511.04561) quantizes the per-block absmax
 values in double quantization.
 
-Every table is hardcoded as float32 bit patterns (hex), as the peer document
-recommends; ``derive_nf4`` regenerates NF4 from the normal quantile function so
+Every table is hardcoded as float32 bit patterns (hex), as bitsandbytes stores them
+(``bitsandbytes/functional.py``, ``get_4bit_type``); ``derive_nf4`` regenerates NF4 from the normal quantile function so
 a test can check the table against its definition bit for bit.
 """
 

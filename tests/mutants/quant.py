@@ -1,4 +1,4 @@
-"""One-defect mutants of refimpl.quant and refimpl.qlora (spec/nf4.md; peers/bitsandbytes.md).
+"""One-defect mutants of refimpl.quant and refimpl.qlora (spec/nf4.md).
 
 Each mutant is the reference op with one bug that a 4-bit kernel author could ship, written from
 what goes wrong in real kernels (bitsandbytes' history: the 0.49→0.50 argmin→midpoint rewrite, the

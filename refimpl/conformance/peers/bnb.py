@@ -1,4 +1,4 @@
-"""bitsandbytes 0.50.2 (CPU) as a conformance target (peers/bitsandbytes.md).
+"""bitsandbytes 0.50.2 (CPU) as a conformance target (spec/nf4.md).
 
 Ops map onto ``bitsandbytes.functional``; every case runs with refimpl's
 ``profile="bitsandbytes-cpu"`` (added to the case for reference and target alike),

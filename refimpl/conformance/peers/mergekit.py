@@ -1,4 +1,4 @@
-"""mergekit 0.1.5 as a conformance target (peers/merging.md §3.3, §4.2).
+"""mergekit 0.1.5 as a conformance target (``merge_methods/generalized_task_arithmetic.py``, ``sparsify.py``).
 
 Each op runs mergekit's own per-tensor merge, ``GeneralizedTaskArithmeticMerge.merge_group``,
 on a ``TensorGroup`` whose base is zeros and whose inputs are the task vectors (so
@@ -75,7 +75,7 @@ class MergekitTarget:
         return dict(_MERGEKIT_OPTIONS.get(op, {}))
 
     def compute_dtype(self, op: str) -> str:
-        # sparsify.bernoulli works in float32 on CPU (peers/merging.md §4.2), so DARE rounds to float32
+        # sparsify.bernoulli works in float32 on CPU (mergekit 0.1.5 ``sparsify.bernoulli``), so DARE rounds to float32
         return "float32" if op == "merging.dare" else "float64"
 
     def task_arithmetic(self, task_vectors, weights=None, *, lam=1.0, normalize=False):

@@ -1,4 +1,4 @@
-"""PEFT 0.21.2 as a conformance target (peers/peft.md).
+"""PEFT 0.21.2 as a conformance target (spec/lora.md, spec/dora.md, spec/merging.md).
 
 Each call builds the PEFT layer the op describes, in float64 on CPU, loads the
 case's tensors into it and reads the result back:
@@ -340,7 +340,7 @@ def _quiet(f: Callable[..., Any]) -> Callable[..., Any]:
 @contextlib.contextmanager
 def _injected_bernoulli(masks: list[np.ndarray]):
     """Replace torch.bernoulli for the duration of one PEFT DARE call: the i-th draw returns masks[i]
-    (PEFT draws one Bernoulli tensor per task, in task order; peers/peft.md §6.6)."""
+    (PEFT draws one Bernoulli tensor per task, in task order; ``utils/merge_utils.py`` ``random_pruning``)."""
     torch = _torch()
     original = torch.bernoulli
     queue = list(masks)

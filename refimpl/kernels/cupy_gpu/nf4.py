@@ -4,7 +4,7 @@ QLoRA (Dettmers et al., arXiv 2305.14314, §3): for block b of ``blocksize`` con
 flattened input, absmax_b = max |x|, s = x · (1 / absmax_b), nibble = the code whose float32 midpoint
 interval holds s (ties to the lower code), two nibbles a byte, the first element in the high nibble.
 
-The kernels reproduce bitsandbytes 0.50.2's CUDA rules (peers/bitsandbytes.md §5, spec/nf4.md):
+The kernels reproduce bitsandbytes 0.50.2's CUDA rules (``csrc/kernels.cu`` kQuantizeBlockwise, spec/nf4.md):
 absmax by ``fmaxf`` from −FLT_MAX (NaN ignored), the reciprocal ``rcp.approx.ftz.f32`` (bitsandbytes is
 built with ``--use_fast_math``), NF4 by comparisons ``s > t`` against the float32 midpoints, FP4 by the
 CUDA literals on |s| with the sign from ``s < 0``. On finite data this is the ``bitsandbytes-cuda``

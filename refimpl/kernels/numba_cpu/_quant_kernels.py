@@ -3,7 +3,7 @@
 Each kernel is one pass over its blocks: a serial ``@njit(nogil=True)`` loop over a range of blocks,
 run on numba's thread count by ``_parallel.parallel_ranges`` (no ``prange``: see there why).
 Arithmetic is IEEE float32 exactly as bitsandbytes 0.50.2 CPU does it
-(spec/nf4.md; peers/bitsandbytes.md §4, §7, §9):
+(spec/nf4.md; bitsandbytes ``backends/default/ops.py``, ``functional.py``):
 
     full block:  s = clamp(x · f32(1 / max(absmax, 1e-38)), −1, 1)     (reciprocal, then multiply)
     tail block:  s = clamp(x / max(absmax, 1e-38), −1, 1)              (true division; clamped absmax stored)
