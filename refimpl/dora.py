@@ -49,6 +49,26 @@ from refimpl._linear_operands import (
     token_ids,
 )
 
+#: the public API (the checks imported from refimpl._linear_operands are not part of it)
+__all__ = [
+    "BACKWARD_MODES",
+    "DoraAdapter",
+    "DoraGrads",
+    "DoraMerge",
+    "backward",
+    "backward_error_bound",
+    "direction",
+    "embedding_forward",
+    "forward",
+    "forward_error_bound",
+    "forward_sequential",
+    "init_magnitude",
+    "merge",
+    "param_count",
+    "unmerge",
+    "weight_norm",
+]
+
 BACKWARD_MODES = ("detached", "full")
 
 
@@ -80,7 +100,7 @@ class DoraAdapter:
     scaling: float
 
 
-# ---------------------------------------------------------------------------- core: the formulas (spec/dora.md §1-§4)
+# ---------------------------------------------------------------------------- core: the formulas (spec/dora.md §2–§7)
 
 
 def _nonzero_norm(norm: np.ndarray, name: str = "W + s·B·A") -> np.ndarray:

@@ -35,10 +35,29 @@ from refimpl._linear_operands import (
     token_ids,
 )
 
+#: the public API (the checks imported from refimpl._linear_operands are not part of it)
+__all__ = [
+    "INIT_METHODS",
+    "LoraGrads",
+    "LoraInit",
+    "ModelCount",
+    "backward",
+    "delta",
+    "dropout_mask",
+    "embedding_forward",
+    "forward",
+    "init",
+    "merge",
+    "model_param_count",
+    "param_count",
+    "scaling",
+    "unmerge",
+]
+
 INIT_METHODS = ("default", "gaussian", "pissa", "olora")
 
 
-# ---------------------------------------------------------------------------- core: the formulas (spec/lora.md §1-§5)
+# ------------------------------------------------------------------------- core: the formulas (spec/lora.md §1, §3–§6)
 
 
 def _dropped(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:

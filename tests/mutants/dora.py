@@ -1,14 +1,14 @@
 """One-defect mutants of refimpl.dora: each is the reference op with one bug a DoRA-kernel author could ship.
 
 Written from the causes (``tests/mutants/__init__.py``): the norm over the wrong axis (the planted bug of
-tests/test_conformance_planted.py) or of the untransposed Conv1D weight; an ε added to the norm; the bias
-scaled by m/‖V‖ (torchtune's DoRA bug); dropout on the base term of the train form; the norm not detached in
-backward (or the full mode's correction dropped); dm without its 1/‖V‖; the merge normed against the merged
-weight instead of the unmerged base (PEFT #3608); unmerge in the wrong order; a sum of squares that drops
-the columns after the last multiple of 16; a path above 16 rows that forgets s in the norm; the storage
-dtype ignored; the embedding norm across d instead of the vocabulary; sequential adapters normed against
-the running weight; grouped-conv parameters counted without the groups. Each ``fn`` takes the reference's
-keyword arguments.
+tests/test_conformance_planted.py) or of the untransposed Conv1D weight; an ε added to the norm; the bias scaled by
+m/‖V‖ (torchtune's DoRA bug); dropout on the base term of the train form; the norm not detached in backward (or the
+full mode's correction dropped); dm without its 1/‖V‖; the merge normed against the merged weight instead of the
+unmerged base (PEFT #3608); unmerge in the wrong order; a sum of squares that drops the columns after the last
+multiple of 16; rank components beyond min(out, in) lost; a path above 16 rows that forgets s in the norm; the
+storage dtype ignored; the embedding norm across d instead of the vocabulary; sequential adapters normed against the
+running weight; grouped-conv parameters counted without the groups. Each ``fn`` takes the reference's keyword
+arguments.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def _forward(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=
     D.forward(x, W, A, B, m, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
               fan_in_fan_out=fan_in_fan_out)
     w, a, b, s = _linear(W, A, B, scaling, fan_in_fan_out)
+    if defect == "rank_clipped":  # buffers sized by min(out, in): rank components beyond it lost
+        k = min(w.shape)
+        a, b = a[:k], b[:, :k]
     xx = np.asarray(x, dtype=np.float64)
     mm = np.asarray(m, dtype=np.float64)
     rows = int(np.prod(xx.shape[:-1]))
@@ -260,6 +263,7 @@ MUTANTS: list[Mutant] = [
     Mutant("bias scaled by m/||V|| (torchtune)", "dora.forward", "scaling", _fwd("bias_scaled")),
     Mutant("train form: dropout on the base term", "dora.forward", "options", _fwd("dropout_on_base")),
     Mutant("norm drops columns after the last multiple of 16", "dora.forward", "tails", _fwd("tail16")),
+    Mutant("rank clipped to min(out, in)", "dora.forward", "tails", _fwd("rank_clipped")),
     Mutant("path above 16 rows forgets s in the norm", "dora.forward", "path switch",
            _fwd("big_batch_norm_unscaled")),
     Mutant("Conv1D norm over the stored axis", "dora.forward", "transposition", _forward_fifo_norm_untransposed),

@@ -1,12 +1,12 @@
 """One-defect mutants of refimpl.lora: each is the reference op with one bug a LoRA-kernel author could ship.
 
-Written from the causes (``tests/mutants/__init__.py``): α instead of α/r and √r swapped with r; dropout on the
-base branch or without its 1/(1 − p) rescale; fan_in_fan_out ignored or B A transposed; the bias scaled or added
-twice; a vector-width remainder (columns after the last multiple of 16) dropped; a large-batch path (more than
-16 rows) that forgets the scaling; float32 arithmetic behind a float64 signature; merge's safe flag ignored and
-unmerge subtracting B A without s; init variants with the wrong bound, std, SVD slice or scaling; embedding LoRA
-with A and B's roles swapped; a dropout mask that thresholds the other way; PEFT's target-name rule read as a
-substring. Each ``fn`` takes the reference's keyword arguments.
+Written from the causes (``tests/mutants/__init__.py``): α instead of α/r and √r swapped with r; dropout on the base
+branch or without its 1/(1 − p) rescale; fan_in_fan_out ignored or B A transposed; the bias scaled or added twice; a
+vector-width remainder (columns after the last multiple of 16) dropped; a large-batch path (more than 16 rows) that
+forgets the scaling; a rank buffer sized by min(in, out) (r above it is legal); float32 arithmetic behind a float64
+signature; merge's safe flag ignored and unmerge subtracting B A without s; init variants with the wrong bound, std,
+SVD slice or scaling; embedding LoRA with A and B's roles swapped; a dropout mask that thresholds the other way;
+PEFT's target-name rule read as a substring. Each ``fn`` takes the reference's keyword arguments.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def _forward(x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0
     L.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
               fan_in_fan_out=fan_in_fan_out)
     xx, w, a, b = _layer(x, W, A, B, fan_in_fan_out)
+    if defect == "rank_clipped":  # the (m, r) intermediate sized by min(in, out): rank components beyond it lost
+        k = min(w.shape)
+        a, b = a[:k], b[:, :k]
     s = float(scaling)
     rows = int(np.prod(xx.shape[:-1]))
     if defect == "float32":
@@ -280,6 +283,7 @@ MUTANTS: list[Mutant] = [
     Mutant("in-feature columns after the last multiple of 16 dropped", "lora.forward", "tails", _fwd("tail16")),
     Mutant("path above 16 rows forgets the scaling", "lora.forward", "path switch", _fwd("big_batch_no_scaling")),
     Mutant("forward computed in float32 behind a float64 signature", "lora.forward", "precision", _fwd("float32")),
+    Mutant("rank clipped to min(in, out)", "lora.forward", "tails", _fwd("rank_clipped")),
     Mutant("backward: dx's LoRA part not masked", "lora.backward", "options", _backward_mask_not_on_dx),
     Mutant("backward: dB without s", "lora.backward", "scaling", _backward_dB_unscaled),
     Mutant("backward: dA from the undropped x", "lora.backward", "options", _backward_dA_undropped),
