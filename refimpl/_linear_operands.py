@@ -8,7 +8,7 @@ B (out, r), so that an op's core reads as its formula and every kernel that call
 the same ValueError/TypeError for the same bad input.
 
 The rank r is any r ≥ 1: r > min(in, out) is legal, as in loralib and PEFT (B A then has rank at most
-min(in, out), and the adapter has more parameters than it can use; spec/lora.md §2).
+min(in, out), and the adapter has more parameters than it can use; spec/lora.md §1).
 
 Dropout is inverted dropout with an explicit 0/1 keep mask: the record holds the keep factor
 mask / (1 − p) (0 or 1/(1 − p) per element), and drop(x) = x ⊙ keep — the product torch's dropout forms

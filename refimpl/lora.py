@@ -13,7 +13,10 @@ table E; that is ``delta(..., fan_in_fan_out=True)``.
 
 Everything is float64 NumPy. Dropout is inverted dropout on the input of the LoRA
 branch only; its keep mask is an argument, never drawn behind the caller's back.
-See spec/lora.md for the written rules.
+Any rank r ≥ 1 is accepted, r > min(in, out) included, as in loralib and PEFT.
+The formulas are the private functions of the "core" section; each public function
+checks its operands with refimpl._linear_operands (shared with DoRA, QLoRA and the
+kernels) and calls its core. See spec/lora.md for the written rules.
 """
 
 from __future__ import annotations
@@ -330,6 +333,10 @@ def init(
     - "olora" (Büyükakyüz 2024, arXiv 2406.01775): W = Q R; B = Q[:, :r], A = R[:r], W_res = W − s·B A
       (no division by s, as in PEFT).
 
+    Any r ≥ 1 (as loralib and PEFT): with r > min(in, out), "default" and "gaussian" give A (r, in) and
+    B (out, r), while "pissa" and "olora" keep the k = min(in, out) components the SVD / QR has (A (k, in),
+    B (out, k)) with s still α/r of the requested r, as PEFT 0.21.2 does (spec/lora.md §5).
+
     Draws: A = rng.uniform(−b, b, (r, in)) for "default"; A = rng.normal(0, 1/r, (r, in)) for
     "gaussian"; B = rng.standard_normal((d, r)) for embeddings. SVD and QR factors have free signs:
     compare them through B A and W_res.
@@ -344,7 +351,7 @@ def init(
     # Embedding: E is (V, d), and the adapter maps V -> d, like a (d, V) linear layer.
     w = base_weight(W, fifo or emb)
     out_f, in_f = w.shape
-    rank = _checks.integer(r, "r", low=1)  # any r ≥ 1, r > min(in, out) included (spec/lora.md §2)
+    rank = _checks.integer(r, "r", low=1)  # any r ≥ 1, r > min(in, out) included (spec/lora.md §1)
     s = scaling(alpha, rank, use_rslora=use_rslora)
     if m in ("default", "gaussian"):
         a, b = _init_random(_checks.rng(rng), m, emb, in_f, out_f, rank)
