@@ -156,12 +156,12 @@ def linear_operands(x: Any, W: Any, A: Any, B: Any, scaling: Any, *, bias: Any =
                     dropout_p: Any = 0.0, fan_in_fan_out: Any = False) -> LinearOperands:
     """Check a linear layer's operands: x (..., in), W (out, in) or (in, out) with ``fan_in_fan_out``,
     A (r, in), B (out, r), scaling, bias (out,) and a 0/1 keep mask of x's shape with p in [0, 1)."""
-    fifo = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
-    w = base_weight(W, fifo)
+    transposed = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
+    w = base_weight(W, transposed)
     ops = adapter_operands(x, A, B, scaling, in_features=w.shape[1], out_features=w.shape[0], bias=bias,
                            dropout_mask=dropout_mask, dropout_p=dropout_p)
     return LinearOperands(x=ops.x, A=ops.A, B=ops.B, scaling=ops.scaling, bias=ops.bias, keep=ops.keep, W=w,
-                          fan_in_fan_out=fifo)
+                          fan_in_fan_out=transposed)
 
 
 def linear_layer(W: Any, A: Any, B: Any, scaling: Any, *, fan_in_fan_out: Any = False, embedding: Any = False,

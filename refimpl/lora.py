@@ -342,14 +342,14 @@ def init(
     compare them through B A and W_res.
     """
     m = _checks.choice(method, "method", INIT_METHODS)
-    fifo = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
+    transposed = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")  # W given (in, out)
     emb = _checks.boolean(embedding, "embedding")
-    if emb and fifo:
+    if emb and transposed:
         raise ValueError("fan_in_fan_out: an embedding table is already (V, d); pass fan_in_fan_out=False")
     if emb and m not in ("default", "gaussian"):
         raise ValueError(f"method: embedding LoRA supports 'default' and 'gaussian', got {m!r}")
     # Embedding: E is (V, d), and the adapter maps V -> d, like a (d, V) linear layer.
-    w = base_weight(W, fifo or emb)
+    w = base_weight(W, transposed or emb)
     out_f, in_f = w.shape
     rank = _checks.integer(r, "r", low=1)  # any r ≥ 1, r > min(in, out) included (spec/lora.md §1)
     s = scaling(alpha, rank, use_rslora=use_rslora)
@@ -360,7 +360,7 @@ def init(
         raise ValueError("alpha: PiSSA divides the singular values by s = α/r, so alpha must be non-zero")
     a, b = _init_pissa(w, rank, s) if m == "pissa" else _init_olora(w, rank)
     w_res = w - _delta(a, b, s)  # W_res = W − s · B A
-    return LoraInit(W=w_res.T if fifo else w_res, A=a, B=b)
+    return LoraInit(W=w_res.T if transposed else w_res, A=a, B=b)
 
 
 # ---------------------------------------------------------------------------- parameter counts
