@@ -23,6 +23,10 @@ FLOAT_DTYPES: tuple[np.dtype, ...] = (
     np.dtype(np.float64),
 )
 
+#: ``ndim`` of an input batch x of shape (..., features): one feature axis after up to 31 leading
+#: (batch, sequence, ...) axes, 32 axes in all (NumPy's limit was 32 before 2.0).
+BATCHED_NDIM = range(1, 33)
+
 
 def describe(x: Any) -> str:
     """A short description of a value for error messages."""

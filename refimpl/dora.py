@@ -37,7 +37,37 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from refimpl import _checks, bounds, lora, precision
+from refimpl import _checks, bounds, precision
+from refimpl._linear_operands import (
+    adapter_factors,
+    base_weight,
+    bias_vector,
+    layer_input,
+    linear_layer,
+    linear_operands,
+    scaling_factor,
+    token_ids,
+)
+
+#: the public API (the checks imported from refimpl._linear_operands are not part of it)
+__all__ = [
+    "BACKWARD_MODES",
+    "DoraAdapter",
+    "DoraGrads",
+    "DoraMerge",
+    "backward",
+    "backward_error_bound",
+    "direction",
+    "embedding_forward",
+    "forward",
+    "forward_error_bound",
+    "forward_sequential",
+    "init_magnitude",
+    "merge",
+    "param_count",
+    "unmerge",
+    "weight_norm",
+]
 
 BACKWARD_MODES = ("detached", "full")
 
@@ -70,62 +100,7 @@ class DoraAdapter:
     scaling: float
 
 
-# ---------------------------------------------------------------------------- validation helpers
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """Validated operands in (out, in) layout; ``shape`` restores the caller's layout of W."""
-
-    w: np.ndarray  # (out, in)
-    a: np.ndarray  # (r, in)
-    b: np.ndarray  # (out, r)
-    s: float
-    transposed: bool
-    shape: tuple[int, ...]
-
-    def delta(self) -> np.ndarray:
-        return lora.delta(self.a, self.b, self.s)
-
-    def combined(self) -> np.ndarray:
-        """V = W + s·B A in (out, in) layout."""
-        return self.w + self.delta()
-
-    def to_caller(self, w2: np.ndarray) -> np.ndarray:
-        """An (out, in) array back in the caller's layout of W."""
-        return (w2.T if self.transposed else w2).reshape(self.shape)
-
-
-def _layer(W: Any, A: Any, B: Any, scaling: Any, fan_in_fan_out: Any, embedding: Any = False,
-           *, allow_conv: bool = False, w_name: str = "W") -> _Layer:
-    transposed = _checks.boolean(fan_in_fan_out, "fan_in_fan_out") | _checks.boolean(embedding, "embedding")
-    w = _checks.float_array(W, w_name, ndim=range(2, 6) if allow_conv else 2)
-    s = _checks.real(scaling, "scaling")
-    if w.ndim > 2:  # ConvNd: (out, in, *k) with A (r, in, *k) and B (out, r, 1, …)
-        if transposed:
-            raise ValueError(f"fan_in_fan_out: a convolution weight has no transposed layout, got "
-                             f"{_checks.describe(w)} with fan_in_fan_out/embedding set")
-        a = _checks.float_array(A, "A", ndim=w.ndim)
-        b = _checks.float_array(B, "B", ndim=w.ndim)
-        _checks.check_shape(a, "A", (None, *w.shape[1:]))
-        _checks.check_shape(b, "B", (w.shape[0], a.shape[0], *([1] * (w.ndim - 2))))
-        w2, a2, b2 = w.reshape(w.shape[0], -1), a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    else:
-        w2 = w.T if transposed else w
-        a2 = _checks.float_array(A, "A", ndim=2)
-        b2 = _checks.float_array(B, "B", ndim=2)
-        _checks.check_shape(a2, "A", (None, w2.shape[1]))
-        _checks.check_shape(b2, "B", (w2.shape[0], a2.shape[0]))
-    r = a2.shape[0]
-    if r < 1 or r > min(w2.shape):
-        raise ValueError(f"A: rank r = {r} must be in [1, min(out, in) = {min(w2.shape)}]")
-    return _Layer(w2, a2, b2, s, transposed, w.shape)
-
-
-def _magnitude(m: Any, out_features: int) -> np.ndarray:
-    mm = _checks.float_array(m, "m", ndim=1)
-    _checks.check_shape(mm, "m", (out_features,))
-    return mm
+# ---------------------------------------------------------------------------- core: the formulas (spec/dora.md §2–§7)
 
 
 def _nonzero_norm(norm: np.ndarray, name: str = "W + s·B·A") -> np.ndarray:
@@ -140,25 +115,77 @@ def _nonzero_norm(norm: np.ndarray, name: str = "W + s·B·A") -> np.ndarray:
     return norm
 
 
-def _input(x: Any, in_features: int, name: str = "x") -> np.ndarray:
-    xx = _checks.float_array(x, name, ndim=range(1, 33))
-    if xx.shape[-1] != in_features:
-        raise ValueError(f"{name}: expected a last axis of size in = {in_features}, got shape {xx.shape}")
-    return xx
+def _combined(W: np.ndarray, A: np.ndarray, B: np.ndarray, s: float) -> np.ndarray:
+    return W + s * (B @ A)  # V = W + s · B A
 
 
-def _dropped(x: np.ndarray, dropout_mask: Any, dropout_p: Any) -> np.ndarray | None:
-    """x_d = x ⊙ mask / (1 − p), or None for the eval form (no mask given)."""
-    mask, p = _checks.keep_mask(dropout_mask, dropout_p, x.shape)
-    return None if mask is None else x * mask / (1.0 - p)
+def _row_norm(V: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(V, axis=1)  # ‖V‖ per output row, over the input dimension
 
 
-def _bias(bias: Any, out_features: int) -> np.ndarray:
-    if bias is None:
-        return np.zeros(out_features)
-    bb = _checks.float_array(bias, "bias", ndim=1)
-    _checks.check_shape(bb, "bias", (out_features,))
-    return bb
+def _factor(m: np.ndarray, V: np.ndarray, name: str = "W + s·B·A") -> np.ndarray:
+    return m / _nonzero_norm(_row_norm(V), name)  # f = m / ‖V‖
+
+
+def _forward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray, s: float,
+             bias: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    V = _combined(W, A, B, s)
+    f = _factor(m, V)
+    if keep is None:  # eval form
+        return f * (x @ V.T) + bias
+    x_d = x * keep  # train form (PEFT's dropout formula): the base term never sees dropout
+    return x @ W.T + bias + (f - 1.0) * (x_d @ W.T) + f * (s * ((x_d @ A.T) @ B.T))
+
+
+def _backward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray, g: np.ndarray, s: float,
+              keep: np.ndarray | None, full: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(dx, dA, dB, dm) for x (N, in), g = ∂L/∂y (N, out), keep (N, in) or None; ``full`` differentiates ‖V‖."""
+    x_in = x if keep is None else x * keep
+    V = _combined(W, A, B, s)
+    n = _nonzero_norm(_row_norm(V))
+    gf = g * (m / n)  # G ⊙ f
+    dm = np.sum(g * (x_in @ V.T), axis=0) / n
+    dV = gf.T @ x_in
+    if full:
+        dV = dV - (m * dm / n**2)[:, None] * V
+    dA = s * (B.T @ dV)
+    dB = s * (dV @ A.T)
+    dx = gf @ V if keep is None else g @ W + (gf @ V - g @ W) * keep
+    return dx, dA, dB, dm
+
+
+def _forward_sequential(x: np.ndarray, W: np.ndarray, adapters: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+                        bias: np.ndarray) -> np.ndarray:
+    z = x @ W.T  # z₀ = x Wᵀ
+    for A, B, m, s in adapters:
+        z = _factor(m, _combined(W, A, B, s)) * (z + s * ((x @ A.T) @ B.T))  # z_i = f_i ⊙ (z_{i−1} + s_i x A_iᵀ B_iᵀ)
+    return z + bias
+
+
+def _merge(W: np.ndarray, base: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray,
+           s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(f ⊙ (W + ΔW), ‖W_base + ΔW‖) with f = m / ‖W_base + ΔW‖."""
+    d = s * (B @ A)
+    norm = _nonzero_norm(_row_norm(base + d))
+    return (m / norm)[:, None] * (W + d), norm
+
+
+def _unmerge(W_merged: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray, s: float,
+             weight_norm: np.ndarray) -> np.ndarray:
+    return W_merged / (m / weight_norm)[:, None] - s * (B @ A)  # W = W' / f − ΔW
+
+
+# ---------------------------------------------------------------------------- checks beside the core
+
+
+def _magnitude(m: Any, out_features: int) -> np.ndarray:
+    m_arr = _checks.float_array(m, "m", ndim=1)
+    _checks.check_shape(m_arr, "m", (out_features,))
+    return m_arr
+
+
+def _bias_or_zero(bias: np.ndarray | None, out_features: int) -> np.ndarray:
+    return np.zeros(out_features) if bias is None else bias
 
 
 # ---------------------------------------------------------------------------- norm, direction, magnitude
@@ -172,17 +199,17 @@ def weight_norm(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: f
     Embedding (``embedding=True``, E (V, d)): the norm of each column of E + ΔE
     across the vocabulary, shape (d,). ConvNd weights: over all axes but the first.
     """
-    layer = _layer(W, A, B, scaling, fan_in_fan_out, embedding, allow_conv=True)
-    return np.linalg.norm(layer.combined(), axis=1)
+    layer = linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding, allow_conv=True)
+    return _row_norm(_combined(layer.W, layer.A, layer.B, layer.scaling))
 
 
 @precision._overflow_checked
 def direction(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *, fan_in_fan_out: bool = False,
               embedding: bool = False) -> npt.NDArray[np.float64]:
     """The unit-norm direction (W + s·B A) / ‖W + s·B A‖ (DoRA eq. 5), in the layout of W."""
-    layer = _layer(W, A, B, scaling, fan_in_fan_out, embedding, allow_conv=True)
-    v = layer.combined()
-    return layer.to_caller(v / _nonzero_norm(np.linalg.norm(v, axis=1))[:, None])
+    layer = linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding, allow_conv=True)
+    V = _combined(layer.W, layer.A, layer.B, layer.scaling)
+    return layer.to_caller(V / _nonzero_norm(_row_norm(V))[:, None])  # V / ‖V‖
 
 
 @precision._overflow_checked(storage_dtype="dtype")
@@ -196,13 +223,13 @@ def init_magnitude(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling
     that m is off by up to one rounding (|f − 1| ≤ u = 2⁻⁸), so PEFT's DoRA is not
     the identity at init there. A zero row gives m = 0 (allowed; forward then raises).
     """
-    layer = _layer(W, A, B, scaling, fan_in_fan_out, embedding, allow_conv=True)
+    layer = linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding, allow_conv=True)
     if dtype is None:
-        return np.linalg.norm(layer.combined(), axis=1)
+        return _row_norm(_combined(layer.W, layer.A, layer.B, layer.scaling))
     dt = precision.resolve_dtype(dtype)
-    low_rank = precision.round_to(layer.s * precision.round_to(layer.b @ layer.a, dt), dt)
-    v = precision.round_to(precision.round_to(layer.w, dt) + low_rank, dt)
-    return precision.round_to(np.linalg.norm(v, axis=1), dt)
+    low_rank = precision.round_to(layer.scaling * precision.round_to(layer.B @ layer.A, dt), dt)
+    V = precision.round_to(precision.round_to(layer.W, dt) + low_rank, dt)
+    return precision.round_to(_row_norm(V), dt)
 
 
 # ---------------------------------------------------------------------------- forward and backward
@@ -231,17 +258,10 @@ def forward(
     The base term x Wᵀ never sees dropout; with an all-ones mask and p = 0 the
     two forms agree. Liu et al. 2024 (arXiv 2402.09353) eq. 5; PEFT PR #1474.
     """
-    layer = _layer(W, A, B, scaling, fan_in_fan_out)
-    out_f, in_f = layer.w.shape
-    mm = _magnitude(m, out_f)
-    xx = _input(x, in_f)
-    b = _bias(bias, out_f)
-    v = layer.combined()
-    f = mm / _nonzero_norm(np.linalg.norm(v, axis=1))
-    xd = _dropped(xx, dropout_mask, dropout_p)
-    if xd is None:
-        return f * (xx @ v.T) + b
-    return xx @ layer.w.T + b + (f - 1.0) * (xd @ layer.w.T) + f * (layer.s * ((xd @ layer.a.T) @ layer.b.T))
+    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                          fan_in_fan_out=fan_in_fan_out)
+    m_arr = _magnitude(m, ops.out_features)
+    return _forward(ops.x, ops.W, ops.A, ops.B, m_arr, ops.scaling, _bias_or_zero(ops.bias, ops.out_features), ops.keep)
 
 
 @precision._overflow_checked
@@ -272,33 +292,16 @@ def backward(
 
     dm is the same in both modes: the norm does not depend on m.
     """
-    layer = _layer(W, A, B, scaling, fan_in_fan_out)
-    out_f, in_f = layer.w.shape
-    mm = _magnitude(m, out_f)
-    xx = _input(x, in_f)
-    g = _checks.float_array(grad_y, "grad_y", ndim=xx.ndim)
-    _checks.check_shape(g, "grad_y", (*xx.shape[:-1], out_f))
-    how = _checks.choice(mode, "mode", BACKWARD_MODES)
-    xd = _dropped(xx, dropout_mask, dropout_p)
-    x_in = (xx if xd is None else xd).reshape(-1, in_f)
-    g2 = g.reshape(-1, out_f)
-
-    v = layer.combined()
-    n = _nonzero_norm(np.linalg.norm(v, axis=1))
-    f = mm / n
-    gf = g2 * f
-    dm = np.sum(g2 * (x_in @ v.T), axis=0) / n
-    dV = gf.T @ x_in
-    if how == "full":
-        dV = dV - (mm * dm / n**2)[:, None] * v
-    dA = layer.s * (layer.b.T @ dV)
-    dB = layer.s * (dV @ layer.a.T)
-    if xd is None:
-        dx = gf @ v
-    else:
-        keep = np.asarray(dropout_mask, dtype=np.float64).reshape(-1, in_f) / (1.0 - float(dropout_p))
-        dx = g2 @ layer.w + (gf @ v - g2 @ layer.w) * keep
-    return DoraGrads(dx=dx.reshape(xx.shape), dA=dA, dB=dB, dm=dm)
+    ops = linear_operands(x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                          fan_in_fan_out=fan_in_fan_out)
+    m_arr = _magnitude(m, ops.out_features)
+    g = _checks.float_array(grad_y, "grad_y", ndim=ops.x.ndim)
+    _checks.check_shape(g, "grad_y", (*ops.x.shape[:-1], ops.out_features))
+    full = _checks.choice(mode, "mode", BACKWARD_MODES) == "full"
+    x2, g2 = ops.x.reshape(-1, ops.in_features), g.reshape(-1, ops.out_features)  # sums over every leading axis
+    keep2 = None if ops.keep is None else ops.keep.reshape(x2.shape)
+    dx, dA, dB, dm = _backward(x2, ops.W, ops.A, ops.B, m_arr, g2, ops.scaling, keep2, full)
+    return DoraGrads(dx=dx.reshape(ops.x.shape), dA=dA, dB=dB, dm=dm)
 
 
 @precision._overflow_checked
@@ -310,17 +313,11 @@ def embedding_forward(ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B:
     each embedding dimension across the vocabulary, m of shape (d,). No dropout
     (PEFT never applies it to embeddings).
     """
-    layer = _layer(E, A, B, scaling, False, True, w_name="E")
-    dim, vocab = layer.w.shape
-    mm = _magnitude(m, dim)
-    idx = np.asarray(ids)
-    if idx.dtype.kind not in "iu":
-        raise TypeError(f"ids: expected an integer array of token ids, got {_checks.describe(idx)}")
-    if idx.size and (idx.min() < 0 or idx.max() >= vocab):
-        raise ValueError(f"ids: expected ids in [0, {vocab}), got values in [{idx.min()}, {idx.max()}]")
-    v = layer.combined()  # (d, V)
-    f = mm / _nonzero_norm(np.linalg.norm(v, axis=1), "E + s·(B·A)ᵀ")
-    return (f * v.T)[idx]
+    layer = linear_layer(E, A, B, scaling, embedding=True, w_name="E")  # (d, V) layout
+    m_arr = _magnitude(m, layer.out_features)
+    idx = token_ids(ids, layer.in_features)
+    V = _combined(layer.W, layer.A, layer.B, layer.scaling)  # (d, V)
+    return (_factor(m_arr, V, "E + s·(B·A)ᵀ") * V.T)[idx]  # y = (f ⊙ (E + ΔE))[ids]
 
 
 @precision._overflow_checked
@@ -337,18 +334,16 @@ def forward_sequential(x: npt.ArrayLike, W: npt.ArrayLike, adapters: Sequence[Do
     """
     if isinstance(adapters, DoraAdapter) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError(f"adapters: expected a non-empty sequence of DoraAdapter, got {_checks.describe(adapters)}")
-    fifo = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
-    w = _checks.float_array(W, "W", ndim=2)
-    w2 = w.T if fifo else w
-    xx = _input(x, w2.shape[1])
-    z = xx @ w2.T
+    w = base_weight(W, fan_in_fan_out)
+    out_f, in_f = w.shape
+    x_arr = layer_input(x, in_f)
+    checked = []
     for i, ad in enumerate(adapters):
         if not isinstance(ad, DoraAdapter):
             raise TypeError(f"adapters[{i}]: expected a DoraAdapter, got {_checks.describe(ad)}")
-        layer = _layer(W, ad.A, ad.B, ad.scaling, fifo)
-        f = _magnitude(ad.m, w2.shape[0]) / _nonzero_norm(np.linalg.norm(layer.combined(), axis=1))
-        z = f * (z + layer.s * ((xx @ layer.a.T) @ layer.b.T))
-    return z + _bias(bias, w2.shape[0])
+        a, b = adapter_factors(ad.A, ad.B, in_f, out_f)
+        checked.append((a, b, _magnitude(ad.m, out_f), scaling_factor(ad.scaling)))
+    return _forward_sequential(x_arr, w, checked, _bias_or_zero(bias_vector(bias, out_f), out_f))
 
 
 # ---------------------------------------------------------------------------- merge and unmerge
@@ -376,20 +371,17 @@ def merge(
     ``dtype`` rounds the merged weight once into the base storage format (PEFT
     computes f ⊙ (W + ΔW) in float32 and casts; its safe and unsafe DoRA merges agree).
     """
-    layer = _layer(W, A, B, scaling, fan_in_fan_out, embedding, allow_conv=True)
-    mm = _magnitude(m, layer.w.shape[0])
+    layer = linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding, allow_conv=True)
+    m_arr = _magnitude(m, layer.out_features)
     if unmerged_base is None:
-        base = layer.w
+        base = layer.W
     else:
-        ub = _checks.float_array(unmerged_base, "unmerged_base", ndim=len(layer.shape))
-        _checks.check_shape(ub, "unmerged_base", layer.shape)
-        base = ub.reshape(layer.shape[0], -1) if ub.ndim > 2 else (ub.T if layer.transposed else ub)
-    d = layer.delta()
-    norm = _nonzero_norm(np.linalg.norm(base + d, axis=1))
-    merged = layer.to_caller((mm / norm)[:, None] * (layer.w + d))
-    if dtype is not None:
-        merged = precision.round_to(merged, dtype)
-    return DoraMerge(W=merged, weight_norm=norm)
+        ub = _checks.float_array(unmerged_base, "unmerged_base", ndim=len(layer.w_shape))
+        _checks.check_shape(ub, "unmerged_base", layer.w_shape)
+        base = ub.reshape(layer.w_shape[0], -1) if ub.ndim > 2 else (ub.T if layer.transposed else ub)
+    merged, norm = _merge(layer.W, base, layer.A, layer.B, m_arr, layer.scaling)
+    merged = layer.to_caller(merged)
+    return DoraMerge(W=merged if dtype is None else precision.round_to(merged, dtype), weight_norm=norm)
 
 
 @precision._overflow_checked(storage_dtype="dtype")
@@ -411,18 +403,18 @@ def unmerge(
     (result rounded once) it is not, as in PEFT. A zero magnitude row cannot be
     unmerged (the merged row is 0 whatever W was): ValueError.
     """
-    layer = _layer(W_merged, A, B, scaling, fan_in_fan_out, embedding, allow_conv=True, w_name="W_merged")
-    out_f = layer.w.shape[0]
-    mm = _magnitude(m, out_f)
+    layer = linear_layer(W_merged, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding,
+                         allow_conv=True, w_name="W_merged")
+    m_arr = _magnitude(m, layer.out_features)
     norm = _checks.float_array(weight_norm, "weight_norm", ndim=1)
-    _checks.check_shape(norm, "weight_norm", (out_f,))
+    _checks.check_shape(norm, "weight_norm", (layer.out_features,))
     if (norm <= 0).any():
         raise ValueError(f"weight_norm: expected positive row norms (as returned by merge), got "
                          f"{norm[norm <= 0][:4].tolist()} at rows {np.flatnonzero(norm <= 0)[:8].tolist()}")
-    if (mm == 0).any():
-        raise ValueError(f"m: zero magnitude at output row(s) {np.flatnonzero(mm == 0)[:8].tolist()}; "
+    if (m_arr == 0).any():
+        raise ValueError(f"m: zero magnitude at output row(s) {np.flatnonzero(m_arr == 0)[:8].tolist()}; "
                          "those merged rows are 0 and the base weight cannot be recovered")
-    restored = layer.to_caller(layer.w / (mm / norm)[:, None] - layer.delta())
+    restored = layer.to_caller(_unmerge(layer.W, layer.A, layer.B, m_arr, layer.scaling, norm))
     return restored if dtype is None else precision.round_to(restored, dtype)
 
 
@@ -438,16 +430,16 @@ def param_count(in_features: int, out_features: int, r: int, *, kernel_size: Seq
     """
     i = _checks.integer(in_features, "in_features", low=1)
     o = _checks.integer(out_features, "out_features", low=1)
-    rr = _checks.integer(r, "r", low=1)
+    rank = _checks.integer(r, "r", low=1)
     g = _checks.integer(groups, "groups", low=1)
     ks = tuple(_checks.integer(k, "kernel_size", low=1) for k in kernel_size)
     if not ks:
         if g != 1:
             raise ValueError(f"groups: only convolutions are grouped; expected 1 without kernel_size, got {g}")
-        return rr * (i + o) + o
-    if rr % g:
-        raise ValueError(f"r: expected a multiple of groups = {g} (PEFT requires r % groups == 0), got {rr}")
-    return rr * i * math.prod(ks) + o * (rr // g) + o  # Python ints: no int64 overflow
+        return rank * (i + o) + o
+    if rank % g:
+        raise ValueError(f"r: expected a multiple of groups = {g} (PEFT requires r % groups == 0), got {rank}")
+    return rank * i * math.prod(ks) + o * (rank // g) + o  # Python ints: no int64 overflow
 
 
 @precision._overflow_checked
@@ -465,13 +457,10 @@ def forward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B:
     It covers PEFT's order of evaluation (base, minus bias, (f − 1)·base + f·s·lora, plus
     base) and the direct f ⊙ (x Vᵀ) + b.
     """
-    layer = _layer(W, A, B, scaling, fan_in_fan_out)
-    out_f, in_f = layer.w.shape
-    m_arr = _magnitude(m, out_f)
-    x_arr = _input(x, in_f)
-    b = None if bias is None else _bias(bias, out_f)
-    _nonzero_norm(np.linalg.norm(layer.combined(), axis=1))
-    return bounds.dora_forward(x_arr, layer.w, layer.a, layer.b, m_arr, layer.s, dtype, bias=b)
+    ops = linear_operands(x, W, A, B, scaling, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    m_arr = _magnitude(m, ops.W.shape[0])
+    _nonzero_norm(_row_norm(_combined(ops.W, ops.A, ops.B, ops.scaling)))
+    return bounds.dora_forward(ops.x, ops.W, ops.A, ops.B, m_arr, ops.scaling, dtype, bias=ops.bias)
 
 
 @precision._overflow_checked
@@ -486,17 +475,16 @@ def backward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B
     k = N + in + out + r + 20 (the longest chain of dot products and elementwise steps;
     ``refimpl.bounds.dora_backward``).
     """
-    layer = _layer(W, A, B, scaling, fan_in_fan_out)
-    out_f, in_f = layer.w.shape
+    ops = linear_operands(x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                          fan_in_fan_out=fan_in_fan_out)
+    out_f, in_f = ops.W.shape
     m_arr = _magnitude(m, out_f)
-    x_arr = _input(x, in_f)
-    g = _checks.float_array(grad_y, "grad_y", ndim=x_arr.ndim)
-    _checks.check_shape(g, "grad_y", (*x_arr.shape[:-1], out_f))
+    g = _checks.float_array(grad_y, "grad_y", ndim=ops.x.ndim)
+    _checks.check_shape(g, "grad_y", (*ops.x.shape[:-1], out_f))
     mode = _checks.choice(mode, "mode", BACKWARD_MODES)
-    mask, p = _checks.keep_mask(dropout_mask, dropout_p, x_arr.shape)
-    keep = None if mask is None else mask / (1.0 - p)
-    x_in = x_arr if keep is None else x_arr * keep
-    _nonzero_norm(np.linalg.norm(layer.combined(), axis=1))
-    b = bounds.dora_backward(x_in.reshape(-1, in_f), layer.w, layer.a, layer.b, m_arr, g.reshape(-1, out_f),
-                             layer.s, dtype, mode, None if keep is None else keep.reshape(-1, in_f))
-    return DoraGrads(dx=b.dx.reshape(x_arr.shape), dA=b.dA, dB=b.dB, dm=b.dm)
+    x_in = ops.x if ops.keep is None else ops.x * ops.keep
+    _nonzero_norm(_row_norm(_combined(ops.W, ops.A, ops.B, ops.scaling)))
+    keep = None if ops.keep is None else ops.keep.reshape(-1, in_f)
+    b = bounds.dora_backward(x_in.reshape(-1, in_f), ops.W, ops.A, ops.B, m_arr, g.reshape(-1, out_f),
+                             ops.scaling, dtype, mode, keep)
+    return DoraGrads(dx=b.dx.reshape(ops.x.shape), dA=b.dA, dB=b.dB, dm=b.dm)

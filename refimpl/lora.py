@@ -13,7 +13,10 @@ table E; that is ``delta(..., fan_in_fan_out=True)``.
 
 Everything is float64 NumPy. Dropout is inverted dropout on the input of the LoRA
 branch only; its keep mask is an argument, never drawn behind the caller's back.
-See spec/lora.md for the written rules.
+Any rank r ≥ 1 is accepted, r > min(in, out) included, as in loralib and PEFT.
+The formulas are the private functions of the "core" section; each public function
+checks its operands with refimpl._linear_operands (shared with DoRA, QLoRA and the
+kernels) and calls its core. See spec/lora.md for the written rules.
 """
 
 from __future__ import annotations
@@ -26,44 +29,108 @@ import numpy as np
 import numpy.typing as npt
 
 from refimpl import _checks, precision
+from refimpl._linear_operands import (
+    adapter_factors,
+    base_weight,
+    linear_layer,
+    linear_operands,
+    scaling_factor,
+    token_ids,
+)
+
+#: the public API (the checks imported from refimpl._linear_operands are not part of it)
+__all__ = [
+    "INIT_METHODS",
+    "LoraGrads",
+    "LoraInit",
+    "ModelCount",
+    "backward",
+    "delta",
+    "dropout_mask",
+    "embedding_forward",
+    "forward",
+    "init",
+    "merge",
+    "model_param_count",
+    "param_count",
+    "scaling",
+    "unmerge",
+]
 
 INIT_METHODS = ("default", "gaussian", "pissa", "olora")
 
 
-# ---------------------------------------------------------------------------- validation helpers
+# ------------------------------------------------------------------------- core: the formulas (spec/lora.md §1, §3–§6)
 
 
-def _rank_range(r: Any, in_features: int, out_features: int, name: str = "r") -> int:
-    return _checks.integer(r, name, low=1, high=min(in_features, out_features))
+def _dropped(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """drop(x) = x ⊙ mask / (1 − p), with keep = mask / (1 − p); x itself in eval mode (no mask)."""
+    return x if keep is None else x * keep
 
 
-def _weight(W: Any, fan_in_fan_out: bool, name: str = "W") -> tuple[np.ndarray, int, int]:
-    """Validate W and return it in (out, in) layout with (out, in)."""
-    w = _checks.float_array(W, name, ndim=2)
-    w = w.T if fan_in_fan_out else w
-    return w, w.shape[0], w.shape[1]
+def _delta(A: np.ndarray, B: np.ndarray, s: float) -> np.ndarray:
+    return s * (B @ A)  # ΔW = s · B A
 
 
-def _factors(A: Any, B: Any, in_features: int | None, out_features: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Validate A (r, in) and B (out, r) against each other and the base shape."""
-    a = _checks.float_array(A, "A", ndim=2)
-    b = _checks.float_array(B, "B", ndim=2)
-    r = a.shape[0]
-    _checks.check_shape(a, "A", (None, in_features))
-    _checks.check_shape(b, "B", (out_features, r))
-    if r > min(a.shape[1], b.shape[0]):
-        raise ValueError(f"A: rank r = {r} must be at most min(in, out) = {min(a.shape[1], b.shape[0])}")
-    return a, b
+def _forward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, s: float, bias: np.ndarray | None,
+             keep: np.ndarray | None) -> np.ndarray:
+    y = x @ W.T if bias is None else x @ W.T + bias
+    return y + s * ((_dropped(x, keep) @ A.T) @ B.T)  # y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ  (eq. 3)
 
 
-def _scaling(scaling: Any) -> float:
-    return _checks.real(scaling, "scaling")
+def _backward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float,
+              keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(∂L/∂x, ∂L/∂A, ∂L/∂B) for x (N, in) and g = ∂L/∂y (N, out); keep (N, in) or None."""
+    x_d = _dropped(x, keep)
+    h = x_d @ A.T
+    gb = s * (g @ B)  # ∂L/∂h
+    dB = s * (g.T @ h)
+    dA = gb.T @ x_d
+    dx = g @ W + _dropped(gb @ A, keep)  # the LoRA branch's gradient passes through drop(·) again
+    return dx, dA, dB
 
 
-def _dropout(x: np.ndarray, dropout_mask: Any, dropout_p: Any) -> np.ndarray:
-    """Inverted dropout with an explicit keep mask: x ⊙ mask / (1 − p); x itself without a mask."""
-    mask, p = _checks.keep_mask(dropout_mask, dropout_p, x.shape)
-    return x if mask is None else x * mask / (1.0 - p)
+def _merge(W: np.ndarray, A: np.ndarray, B: np.ndarray, s: float) -> np.ndarray:
+    return W + _delta(A, B, s)  # W' = W + s · B A
+
+
+def _merge_rounded(W: np.ndarray, A: np.ndarray, B: np.ndarray, s: float, dtype: Any, safe: bool) -> np.ndarray:
+    """PEFT's merge into a storage dtype: round(W + ΔW), or round(W + round(ΔW)) when ``safe``."""
+    d = _delta(A, B, s)
+    return precision.round_to(W + (precision.round_to(d, dtype) if safe else d), dtype)
+
+
+def _unmerge(W_merged: np.ndarray, A: np.ndarray, B: np.ndarray, s: float, dtype: Any) -> np.ndarray:
+    """W = W' − ΔW, or PEFT's round(W' − round(ΔW)) in a storage dtype."""
+    d = _delta(A, B, s)
+    return W_merged - d if dtype is None else precision.round_to(W_merged - precision.round_to(d, dtype), dtype)
+
+
+def _embedding_forward(idx: np.ndarray, E: np.ndarray, A: np.ndarray, B: np.ndarray, s: float) -> np.ndarray:
+    return E[idx] + s * (A.T[idx] @ B.T)  # y = E[ids] + s · Aᵀ[ids] Bᵀ
+
+
+def _init_random(g: np.random.Generator, method: str, embedding: bool, in_f: int, out_f: int,
+                 r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) of "default" (A ~ U(±1/√in)) or "gaussian" (A ~ N(0, 1/r²)), B = 0; embedding: A = 0, B ~ N(0, 1)."""
+    if embedding:
+        return np.zeros((r, in_f)), g.standard_normal((out_f, r))
+    bound = 1.0 / np.sqrt(in_f)
+    a = g.uniform(-bound, bound, (r, in_f)) if method == "default" else g.normal(0.0, 1.0 / r, (r, in_f))
+    return a, np.zeros((out_f, r))
+
+
+def _init_pissa(W: np.ndarray, r: int, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """W = U S Vh, S_r ← S_r / s: A = diag(√S_r) Vh_r, B = U_r diag(√S_r) (k = min(r, in, out) triplets)."""
+    u, sv, vh = np.linalg.svd(W, full_matrices=False)
+    root = np.sqrt(sv[:r] / s)
+    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+
+
+def _init_olora(W: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """W = Q R: A = R[:r], B = Q[:, :r] (k = min(r, in, out) columns)."""
+    q, r_factor = np.linalg.qr(W, mode="reduced")
+    return r_factor[:r], q[:, :r]
 
 
 # ---------------------------------------------------------------------------- scaling and delta
@@ -80,8 +147,8 @@ def scaling(alpha: float, r: int, *, use_rslora: bool = False) -> float:
 def delta(A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *,
           fan_in_fan_out: bool = False) -> npt.NDArray[np.float64]:
     """ΔW = s · B A, shape (out, in); transposed to (in, out) when ``fan_in_fan_out``."""
-    a, b = _factors(A, B, None, None)
-    d = _scaling(scaling) * (b @ a)
+    a, b = adapter_factors(A, B)
+    d = _delta(a, b, scaling_factor(scaling))
     return d.T if _checks.boolean(fan_in_fan_out, "fan_in_fan_out") else d
 
 
@@ -106,17 +173,9 @@ def forward(
     ``dropout_mask`` (shape of x, 0/1) with ``dropout_p`` gives drop(x) = x ⊙ mask / (1 − p),
     applied to the LoRA branch only (PEFT ``Linear.forward``); without a mask this is eval mode.
     """
-    w, out_f, in_f = _weight(W, _checks.boolean(fan_in_fan_out, "fan_in_fan_out"))
-    a, b = _factors(A, B, in_f, out_f)
-    xx = _checks.float_array(x, "x", ndim=range(1, 33))
-    _checks.check_shape(xx, "x", (*xx.shape[:-1], in_f))
-    s = _scaling(scaling)
-    y = xx @ w.T
-    if bias is not None:
-        bb = _checks.float_array(bias, "bias", ndim=1)
-        _checks.check_shape(bb, "bias", (out_f,))
-        y = y + bb
-    return y + s * ((_dropout(xx, dropout_mask, dropout_p) @ a.T) @ b.T)
+    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                          fan_in_fan_out=fan_in_fan_out)
+    return _forward(ops.x, ops.W, ops.A, ops.B, ops.scaling, ops.bias, ops.keep)
 
 
 @dataclass(frozen=True)
@@ -154,33 +213,19 @@ def backward(
 
     Sums run over every leading (batch, sequence) axis.
     """
-    fifo = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
-    w, out_f, in_f = _weight(W, fifo)
-    a, b = _factors(A, B, in_f, out_f)
-    xx = _checks.float_array(x, "x", ndim=range(1, 33))
-    _checks.check_shape(xx, "x", (*xx.shape[:-1], in_f))
-    g = _checks.float_array(grad_y, "grad_y", ndim=xx.ndim)
-    _checks.check_shape(g, "grad_y", (*xx.shape[:-1], out_f))
-    s = _scaling(scaling)
-    mask, p = _checks.keep_mask(dropout_mask, dropout_p, xx.shape)
-    xd = xx if mask is None else xx * mask / (1.0 - p)
-    keep = None if mask is None else mask / (1.0 - p)
-
-    x2, xd2, g2 = xx.reshape(-1, in_f), xd.reshape(-1, in_f), g.reshape(-1, out_f)
-    h = xd2 @ a.T
-    gb = s * (g2 @ b)  # ∂L/∂h
-    dB = s * (g2.T @ h)
-    dA = gb.T @ xd2
-    dx_lora = gb @ a
-    if keep is not None:
-        dx_lora = dx_lora * keep.reshape(-1, in_f)
-    dx = (g2 @ w + dx_lora).reshape(xx.shape)
-    dW = None
-    if _checks.boolean(need_dW, "need_dW"):
-        dW = g2.T @ x2
-        dW = dW.T if fifo else dW
-    dbias = g2.sum(axis=0) if _checks.boolean(need_dbias, "need_dbias") else None
-    return LoraGrads(dx=dx, dA=dA, dB=dB, dW=dW, dbias=dbias)
+    ops = linear_operands(x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                          fan_in_fan_out=fan_in_fan_out)
+    g = _checks.float_array(grad_y, "grad_y", ndim=ops.x.ndim)
+    _checks.check_shape(g, "grad_y", (*ops.x.shape[:-1], ops.out_features))
+    want_dW, want_dbias = _checks.boolean(need_dW, "need_dW"), _checks.boolean(need_dbias, "need_dbias")
+    x2, g2 = ops.x.reshape(-1, ops.in_features), g.reshape(-1, ops.out_features)  # sums over every leading axis
+    keep2 = None if ops.keep is None else ops.keep.reshape(x2.shape)
+    dx, dA, dB = _backward(x2, ops.W, ops.A, ops.B, g2, ops.scaling, keep2)
+    dW = g2.T @ x2 if want_dW else None  # ∂L/∂W = gᵀ x in (out, in) layout
+    if dW is not None and ops.fan_in_fan_out:
+        dW = dW.T
+    dbias = g2.sum(axis=0) if want_dbias else None
+    return LoraGrads(dx=dx.reshape(ops.x.shape), dA=dA, dB=dB, dW=dW, dbias=dbias)
 
 
 def dropout_mask(rng: np.random.Generator, shape: Sequence[int], p: float) -> npt.NDArray[np.float64]:
@@ -205,14 +250,8 @@ def embedding_forward(ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B:
     E is (V, d), A is (r, V), B is (d, r); ΔE = s·(B A)ᵀ. PEFT never applies dropout here.
     """
     e = _checks.float_array(E, "E", ndim=2)
-    vocab, dim = e.shape
-    a, b = _factors(A, B, vocab, dim)
-    idx = np.asarray(ids)
-    if idx.dtype.kind not in "iu":
-        raise TypeError(f"ids: expected an integer array of token ids, got {_checks.describe(idx)}")
-    if idx.size and (idx.min() < 0 or idx.max() >= vocab):
-        raise ValueError(f"ids: expected ids in [0, {vocab}), got values in [{idx.min()}, {idx.max()}]")
-    return e[idx] + _scaling(scaling) * (a.T[idx] @ b.T)
+    a, b = adapter_factors(A, B, *e.shape)
+    return _embedding_forward(token_ids(ids, e.shape[0]), e, a, b, scaling_factor(scaling))
 
 
 # ---------------------------------------------------------------------------- merge
@@ -235,16 +274,11 @@ def merge(
     unsafe ``round(W + ΔW)`` (one rounding) or, with ``safe=True``,
     ``round(W + round(ΔW))`` (ΔW rounded to the base dtype first: two roundings).
     """
-    fifo = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
-    w, out_f, in_f = _weight(W, fifo)
-    a, b = _factors(A, B, in_f, out_f)
-    d = _scaling(scaling) * (b @ a)
+    layer = linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out)
+    safe_merge = _checks.boolean(safe, "safe")
     if dtype is None:
-        merged = w + d
-    else:
-        _checks.boolean(safe, "safe")
-        merged = precision.round_to(w + (precision.round_to(d, dtype) if safe else d), dtype)
-    return merged.T if fifo else merged
+        return layer.to_caller(_merge(layer.W, layer.A, layer.B, layer.scaling))
+    return layer.to_caller(_merge_rounded(layer.W, layer.A, layer.B, layer.scaling, dtype, safe_merge))
 
 
 @precision._overflow_checked(storage_dtype="dtype")
@@ -258,12 +292,8 @@ def unmerge(
     dtype: Any = None,
 ) -> npt.NDArray[np.float64]:
     """W = W' − ΔW; with ``dtype``, PEFT's ``round(W' − round(ΔW))`` (not exact in low precision)."""
-    fifo = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
-    w, out_f, in_f = _weight(W_merged, fifo, "W_merged")
-    a, b = _factors(A, B, in_f, out_f)
-    d = _scaling(scaling) * (b @ a)
-    out = w - d if dtype is None else precision.round_to(w - precision.round_to(d, dtype), dtype)
-    return out.T if fifo else out
+    layer = linear_layer(W_merged, A, B, scaling, fan_in_fan_out=fan_in_fan_out, w_name="W_merged")
+    return layer.to_caller(_unmerge(layer.W, layer.A, layer.B, layer.scaling, dtype))
 
 
 # ---------------------------------------------------------------------------- initialisation
@@ -303,45 +333,34 @@ def init(
     - "olora" (Büyükakyüz 2024, arXiv 2406.01775): W = Q R; B = Q[:, :r], A = R[:r], W_res = W − s·B A
       (no division by s, as in PEFT).
 
+    Any r ≥ 1 (as loralib and PEFT): with r > min(in, out), "default" and "gaussian" give A (r, in) and
+    B (out, r), while "pissa" and "olora" keep the k = min(in, out) components the SVD / QR has (A (k, in),
+    B (out, k)) with s still α/r of the requested r, as PEFT 0.21.2 does (spec/lora.md §5).
+
     Draws: A = rng.uniform(−b, b, (r, in)) for "default"; A = rng.normal(0, 1/r, (r, in)) for
     "gaussian"; B = rng.standard_normal((d, r)) for embeddings. SVD and QR factors have free signs:
     compare them through B A and W_res.
     """
     m = _checks.choice(method, "method", INIT_METHODS)
-    fifo = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
+    transposed = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")  # W given (in, out)
     emb = _checks.boolean(embedding, "embedding")
-    if emb and fifo:
+    if emb and transposed:
         raise ValueError("fan_in_fan_out: an embedding table is already (V, d); pass fan_in_fan_out=False")
     if emb and m not in ("default", "gaussian"):
         raise ValueError(f"method: embedding LoRA supports 'default' and 'gaussian', got {m!r}")
     # Embedding: E is (V, d), and the adapter maps V -> d, like a (d, V) linear layer.
-    w, out_f, in_f = _weight(W, fifo or emb)
-    rank = _rank_range(r, in_f, out_f)
+    w = base_weight(W, transposed or emb)
+    out_f, in_f = w.shape
+    rank = _checks.integer(r, "r", low=1)  # any r ≥ 1, r > min(in, out) included (spec/lora.md §1)
     s = scaling(alpha, rank, use_rslora=use_rslora)
-
     if m in ("default", "gaussian"):
-        g = _checks.rng(rng)
-        if emb:
-            a = np.zeros((rank, in_f))
-            b = g.standard_normal((out_f, rank))
-        else:
-            a = (g.uniform(-1.0 / np.sqrt(in_f), 1.0 / np.sqrt(in_f), (rank, in_f)) if m == "default"
-                 else g.normal(0.0, 1.0 / rank, (rank, in_f)))
-            b = np.zeros((out_f, rank))
+        a, b = _init_random(_checks.rng(rng), m, emb, in_f, out_f, rank)
         return LoraInit(W=np.array(_checks.float_array(W, "W")), A=a, B=b)
-
-    if m == "pissa":
-        if s == 0.0:
-            raise ValueError("alpha: PiSSA divides the singular values by s = α/r, so alpha must be non-zero")
-        u, sv, vh = np.linalg.svd(w, full_matrices=False)
-        root = np.sqrt(sv[:rank] / s)
-        a = root[:, None] * vh[:rank]
-        b = u[:, :rank] * root[None, :]
-    else:  # olora
-        q, rr = np.linalg.qr(w, mode="reduced")
-        a, b = rr[:rank], q[:, :rank]
-    w_res = w - s * (b @ a)
-    return LoraInit(W=w_res.T if fifo else w_res, A=a, B=b)
+    if m == "pissa" and s == 0.0:
+        raise ValueError("alpha: PiSSA divides the singular values by s = α/r, so alpha must be non-zero")
+    a, b = _init_pissa(w, rank, s) if m == "pissa" else _init_olora(w, rank)
+    w_res = w - _delta(a, b, s)  # W_res = W − s · B A
+    return LoraInit(W=w_res.T if transposed else w_res, A=a, B=b)
 
 
 # ---------------------------------------------------------------------------- parameter counts
@@ -356,7 +375,7 @@ def param_count(in_features: int, out_features: int, r: int, *, lora_bias: bool 
     """
     i = _checks.integer(in_features, "in_features", low=1)
     o = _checks.integer(out_features, "out_features", low=1)
-    rank = _rank_range(r, i, o)
+    rank = _checks.integer(r, "r", low=1)
     extra = o * int(_checks.boolean(lora_bias, "lora_bias")) + o * int(_checks.boolean(dora, "dora"))
     return rank * (i + o) + extra
 

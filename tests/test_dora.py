@@ -427,14 +427,16 @@ def test_shape_mismatches_raise_naming_the_argument():
         dora.weight_norm(W, A, np.zeros((3, 2)), s)
     with pytest.raises(ValueError, match=r"B: expected shape \(4, 2\), got shape \(4, 3\)"):
         dora.merge(W, A, np.zeros((4, 3)), m, s)
-    with pytest.raises(ValueError, match="x: expected a last axis of size in = 5"):
+    # the linear family's one x check (refimpl._linear_operands.layer_input) names the shape and in
+    with pytest.raises(ValueError, match=r"x: expected shape \(3, 5\) \(a last axis of size in = 5\)"):
         dora.forward(np.zeros((3, 4)), W, A, B, m, s)
     with pytest.raises(ValueError, match=r"grad_y: expected shape \(3, 4\)"):
         dora.backward(x, W, A, B, m, np.zeros((3, 5)), s)
     with pytest.raises(ValueError, match=r"bias: expected shape \(4,\)"):
         dora.forward(x, W, A, B, m, s, bias=np.zeros(5))
-    with pytest.raises(ValueError, match="A: rank r = 6 must be in"):
-        dora.weight_norm(W, np.zeros((6, 5)), np.zeros((4, 6)), s)
+    # r = 6 > min(out, in) = 4 is legal (as in PEFT), but A and B must agree on r
+    with pytest.raises(ValueError, match=r"B: expected shape \(4, 6\), got shape \(4, 5\)"):
+        dora.weight_norm(W, np.zeros((6, 5)), np.zeros((4, 5)), s)
     with pytest.raises(ValueError, match="W: expected a 2-D array"):
         dora.forward(x, W[0], A, B, m, s)
     with pytest.raises(ValueError, match=r"unmerged_base: expected shape \(4, 5\), got shape \(5, 4\)"):
@@ -522,3 +524,16 @@ def test_param_count_rejects_bad_arguments():
         dora.param_count(8, 12, 4, groups=2)
     with pytest.raises(TypeError, match="in_features: expected an integer"):
         dora.param_count(8.0, 12, 4)
+
+
+def test_rank_above_min_out_in_computes_the_dora_formula():
+    """r = 7 > min(out, in) = 4, accepted as PEFT accepts it: forward is f ⊙ (x Vᵀ) + b with V = W + s·B A,
+    f = m / ‖V‖, and the weight norm is ‖V‖ per row (B A has rank ≤ 4; the formula does not care)."""
+    rng = np.random.default_rng(43)
+    W, A, B = rng.standard_normal((4, 5)), rng.standard_normal((7, 5)), rng.standard_normal((4, 7))
+    m, x, s = rng.uniform(0.5, 2.0, 4), rng.standard_normal((3, 5)), 0.25
+    V = W + s * B @ A
+    np.testing.assert_allclose(dora.weight_norm(W, A, B, s), np.linalg.norm(V, axis=1), rtol=1e-13)
+    np.testing.assert_allclose(dora.forward(x, W, A, B, m, s), (m / np.linalg.norm(V, axis=1)) * (x @ V.T),
+                               rtol=1e-12, atol=1e-12)
+    assert dora.param_count(5, 4, 7) == 7 * 9 + 4

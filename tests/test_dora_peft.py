@@ -39,11 +39,11 @@ def torch():
     return t
 
 
-def _wrap(torch, base, target, *, dropout=0.0, names=("default",), init=True, seed=0):
+def _wrap(torch, base, target, *, dropout=0.0, names=("default",), init=True, seed=0, r=R):
     """get_peft_model with DoRA on ``target``; B and m are then randomised so that nothing is trivial."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[target], use_dora=True, lora_dropout=dropout,
+    cfg = LoraConfig(r=r, lora_alpha=ALPHA, target_modules=[target], use_dora=True, lora_dropout=dropout,
                      init_lora_weights=init)
     model = get_peft_model(base, cfg, adapter_name=names[0])
     for name in names[1:]:
@@ -213,6 +213,37 @@ def test_merge_and_unmerge_match_peft_float32(torch):
     bound = precision.gamma(R + 4, F32) * (np.abs(merged / f[:, None]) + 2 * delta_abs)
     _report("unmerge with the cached norm (fp32)", precision.compare_to_bound(unmerged, ref, bound))
     print(f"[dora-peft] fp32 merge→unmerge round trip: max |W' − W| = {np.abs(unmerged - P['W']).max():.3g}")
+
+
+@pytest.mark.parametrize("n_in, n_out, r", [(3, 5, 8), (10, 2, 6)])
+def test_rank_above_min_in_out_matches_peft_magnitude_forward_and_merge(torch, n_in, n_out, r):
+    """r > min(in, out), which PEFT accepts (A (r, in), B (out, r)) and refimpl too (spec/dora.md §1): the
+    initial magnitude, the eval forward and the merge agree within their float32 bounds."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(17)
+    lin = torch.nn.Linear(n_in, n_out)
+    W0 = _np(lin.weight).copy()
+    fresh = get_peft_model(_model(torch, copy.deepcopy(lin)),
+                           LoraConfig(r=r, lora_alpha=ALPHA, target_modules=["lin"], use_dora=True))
+    m0 = _np(fresh.base_model.model.lin.lora_magnitude_vector["default"].weight)
+    n_bound = precision.gamma(n_in + 2, F32) * np.linalg.norm(W0, axis=1)  # B = 0 at init: m₀ = ‖W‖
+    _report(f"r={r} > min: initial magnitude (fp32)", precision.compare_to_bound(
+        m0, dora.init_magnitude(W0, np.zeros((r, n_in)), np.zeros((n_out, r)), ALPHA / r), n_bound))
+    model, layer = _wrap(torch, _model(torch, lin), "lin", seed=17, r=r)
+    model.eval()
+    P = _params(layer)
+    assert P["A"].shape == (r, n_in) and P["B"].shape == (n_out, r)
+    x = torch.randn(N, n_in)
+    with torch.no_grad():
+        y = _np(model(x))
+    args = (_np(x), P["W"], P["A"], P["B"], P["m"], P["s"])
+    _report(f"r={r} > min({n_in}, {n_out}): eval forward (fp32)", precision.compare_to_bound(
+        y, dora.forward(*args, bias=P["bias"]), dora.forward_error_bound(*args, F32, bias=P["bias"])))
+    layer.merge()
+    mg = dora.merge(P["W"], P["A"], P["B"], P["m"], P["s"])
+    _report(f"r={r} > min({n_in}, {n_out}): merged weight (fp32)",
+            precision.compare_to_bound(_np(layer.get_base_layer().weight), mg.W, _merge_bound(P, F32)))
 
 
 def test_two_adapters_compose_sequentially_in_forward_and_merge(torch):

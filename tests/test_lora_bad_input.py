@@ -37,15 +37,16 @@ CASES = [
     (lambda: lora.forward(x, W, A, B, 1.0, dropout_mask=np.ones(x.shape), dropout_p=-0.1), ValueError,
      ["dropout_p"]),
     (lambda: lora.forward(np.zeros((0, 10)), W, A, B, 1.0), ValueError, ["x", "non-empty"]),
-    (lambda: lora.forward(x, W, rng.standard_normal((11, 10)), rng.standard_normal((6, 11)), 1.0), ValueError,
-     ["rank", "min(in, out)"]),
+    # r > min(in, out) is legal (as in loralib and PEFT), but A and B must still agree on r
+    (lambda: lora.forward(x, W, rng.standard_normal((11, 10)), rng.standard_normal((6, 12)), 1.0), ValueError,
+     ["B", "expected shape (6, 11)"]),
     (lambda: lora.backward(x, W, A, B, g[:, :5], 1.0), ValueError, ["grad_y", "expected shape"]),
     (lambda: lora.backward(x, W, A, B, g, 1.0, need_dW="yes"), TypeError, ["need_dW", "bool"]),
     (lambda: lora.scaling(8, 0), ValueError, ["r", "[1, inf]"]),
     (lambda: lora.scaling(float("inf"), 8), ValueError, ["alpha", "finite"]),
     (lambda: lora.scaling(8, 2.5), TypeError, ["r", "integer"]),
-    (lambda: lora.init(W, 0, alpha=8, rng=rng), ValueError, ["r", "[1, 6]"]),
-    (lambda: lora.init(W, 7, alpha=8, rng=rng), ValueError, ["r", "[1, 6]"]),
+    (lambda: lora.init(W, 0, alpha=8, rng=rng), ValueError, ["r", "[1, inf]"]),
+    (lambda: lora.init(W, 7.0, alpha=8, rng=rng), TypeError, ["r", "integer"]),
     (lambda: lora.init(W, 4, alpha=8, rng=None), TypeError, ["rng", "Generator"]),
     (lambda: lora.init(W, 4, alpha=8, method="loftq", rng=rng), ValueError, ["method", "pissa"]),
     (lambda: lora.init(W, 4, alpha=float("nan"), rng=rng), ValueError, ["alpha", "finite"]),
@@ -59,7 +60,7 @@ CASES = [
      ["ids", "[0, 10)"]),
     (lambda: lora.embedding_forward(np.array([0.0]), np.zeros((10, 6)), A, B, 1.0), TypeError, ["ids", "integer"]),
     (lambda: lora.param_count(4096, 4096, 0), ValueError, ["r"]),
-    (lambda: lora.param_count(4096, 4096, 4097), ValueError, ["r", "4096"]),
+    (lambda: lora.param_count(4096, 4096, True), TypeError, ["r", "integer"]),
     (lambda: lora.param_count(0, 4096, 1), ValueError, ["in_features"]),
     (lambda: lora.model_param_count({"q": (4, 4)}, 2, ["v"]), ValueError, ["target_modules", "matched none"]),
     (lambda: lora.model_param_count({"q": (4,)}, 2, ["q"]), ValueError, ["layers['q']"]),
@@ -76,3 +77,20 @@ def test_bad_input_raises_a_named_error(call, exc, words):
     message = str(info.value)
     for word in words:
         assert word in message, f"{word!r} missing from: {message}"
+
+
+def test_rank_above_min_in_out_is_accepted_as_loralib_and_peft_accept_it():
+    """r = 11 > min(in, out) = 6: every op runs and computes its formula (B A has rank ≤ 6, the adapter r·(in + out)
+    parameters); PiSSA/OLoRA keep min(r, in, out) components, as PEFT 0.21.2 does."""
+    r = 11
+    a, b = rng.standard_normal((r, 10)), rng.standard_normal((6, r))
+    np.testing.assert_allclose(lora.forward(x, W, a, b, 0.5), x @ W.T + 0.5 * (x @ a.T) @ b.T, rtol=1e-12, atol=1e-12)
+    assert lora.backward(x, W, a, b, g, 0.5).dA.shape == (r, 10)
+    np.testing.assert_allclose(lora.merge(W, a, b, 0.5), W + 0.5 * b @ a, rtol=1e-12, atol=1e-12)
+    assert lora.param_count(10, 6, r) == r * 16
+    init = lora.init(W, r, alpha=8.0, rng=np.random.default_rng(1))
+    assert init.A.shape == (r, 10) and init.B.shape == (6, r) and not init.B.any()
+    for method in ("pissa", "olora"):
+        init = lora.init(W, r, alpha=8.0, method=method)
+        assert init.A.shape == (6, 10) and init.B.shape == (6, 6), method  # k = min(r, in, out) = 6 components
+        np.testing.assert_allclose(init.W + (8.0 / r) * init.B @ init.A, W, atol=1e-12)  # W_res + s·B A = W

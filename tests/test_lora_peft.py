@@ -126,6 +126,60 @@ def test_residual_inits_match_peft_through_products(method):
     _record(f"init={method} W_res", precision.compare_to_bound(peft_res, ours.W, np.full(W0.shape, bound)))
 
 
+@pytest.mark.parametrize("in_f, out_f, r", [(3, 5, 8), (12, 2, 6)])
+def test_rank_above_min_in_out_matches_peft_forward_merge_and_counts(in_f, out_f, r):
+    """r > min(in, out): PEFT builds A (r, in), B (out, r) and s = α/r; refimpl accepts the same operands
+    (spec/lora.md §1) and agrees on the forward pass, the merge and the trainable-parameter count."""
+    alpha = 16.0
+    model, layer = _linear_case(in_f=in_f, out_f=out_f, r=r, alpha=alpha)
+    A, s = _np(layer.lora_A["default"].weight), layer.scaling["default"]
+    assert A.shape == (r, in_f) and layer.lora_B["default"].weight.shape == (out_f, r)
+    assert s == pytest.approx(lora.scaling(alpha, r), rel=1e-15)
+    ours_init = lora.init(np.zeros((out_f, in_f)), r, alpha=alpha, rng=np.random.default_rng(0))
+    assert ours_init.A.shape == A.shape and ours_init.B.shape == (out_f, r)
+    assert np.abs(A).max() <= 1 / np.sqrt(in_f) and np.abs(ours_init.A).max() <= 1 / np.sqrt(in_f)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == lora.param_count(in_f, out_f, r)
+    _randomize_B(layer, 12)
+    W, b, B = _np(layer.base_layer.weight).copy(), _np(layer.base_layer.bias), _np(layer.lora_B["default"].weight)
+    x = torch.randn(4, in_f)
+    with torch.no_grad():
+        y = _np(model(x))
+    xn = _np(x)
+    _record(f"forward r={r} > min({in_f}, {out_f})",
+            precision.compare_to_bound(y, lora.forward(xn, W, A, B, s, bias=b), _fp32_bound(xn, W, A, B, s, b)))
+    layer.merge(safe_merge=False)
+    bound = precision.gamma(r + 3, "float32") * (np.abs(W) + abs(s) * np.abs(B) @ np.abs(A))
+    _record(f"merge r={r} > min({in_f}, {out_f})",
+            precision.compare_to_bound(_np(layer.base_layer.weight), lora.merge(W, A, B, s), bound))
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_residual_inits_with_rank_above_min_keep_min_in_out_components_like_peft(method):
+    """PEFT 0.21.2 slices r singular triplets / QR columns that stop at k = min(in, out) and assigns them as the
+    adapter: A (k, in), B (out, k), s = α/r of the requested r. refimpl's init does the same (spec/lora.md §5)."""
+    r, alpha, in_f, out_f = 7, 8.0, 6, 4
+    k = min(in_f, out_f)
+    torch.manual_seed(13)
+    base = torch.nn.Linear(in_f, out_f, bias=False)
+    W0 = _np(base.weight).copy()
+    model = _peft_model(base, r, alpha, init_lora_weights=method)
+    layer = model.base_model.model.lin
+    s = layer.scaling["default"]
+    A, B = _np(layer.lora_A["default"].weight), _np(layer.lora_B["default"].weight)
+    ours = lora.init(W0, r, alpha=alpha, method=method)
+    assert A.shape == ours.A.shape == (k, in_f) and B.shape == ours.B.shape == (out_f, k)
+    assert s == pytest.approx(lora.scaling(alpha, r), rel=1e-15)
+    # the whole SVD / QR is taken: s·B A = W (PiSSA) or s·W (OLoRA), so no gap enters; fp32 factorisation
+    # and product: γ_{mn}(fp32)·‖W‖ times the conditioning of W (a backward-stable factorisation of W + E)
+    sv = np.linalg.svd(W0, compute_uv=False)
+    bound = precision.gamma(W0.size, "float32") * sv[0] * (1 + sv[0] / sv[-1]) * max(1.0, abs(s))
+    _record(f"init={method} r > min ΔW", precision.compare_to_bound(s * B @ A, lora.delta(ours.A, ours.B, s),
+                                                                      np.full(W0.shape, bound)))
+    _record(f"init={method} r > min W_res", precision.compare_to_bound(_np(layer.base_layer.weight), ours.W,
+                                                                         np.full(W0.shape, bound)))
+
+
 def test_fan_in_fan_out_conv1d_matches_peft():
     transformers = require("transformers")
     conv1d = transformers.pytorch_utils.Conv1D(16, 24)  # nf=16 outputs, nx=24 inputs; weight (in, out)

@@ -64,7 +64,6 @@ def _mutations(name: str, value: Any) -> list[tuple[str, str, Any]]:
 
 #: calls that are legal although the sweep marks them "must reject": (op, argument, mutation)
 LEGAL = {
-    ("lora.param_count", "in_features", "negative"),  # checked with r ≤ min(in, out): r raises first, any error ok
     ("merging.dare", "masks", "nan in first"),  # masks are boolean: no NaN to inject
     ("lora.embedding_forward", "ids", "empty"),  # an empty batch of token ids is a valid lookup (shape (0, d))
     ("dora.embedding_forward", "ids", "empty"),  # the same lookup as LoRA's: (0, d)

@@ -48,6 +48,7 @@ from refimpl.conformance.rows_lora import (
     _normal,
     _RowWithoutVectors,
     embedding_shape_classes,
+    rank_strategy,
 )
 from refimpl.conformance.rows_lora import _embedding_strategy as _lora_embedding_strategy
 from refimpl.conformance.table import Boundary, Case, OpSpec, Special
@@ -120,7 +121,7 @@ def _strategy(*, with_x: bool = True, with_m: bool = True, grad: bool = False, o
     @st.composite
     def build(draw) -> Case:
         n_in, n_out = draw(rs.dims(1, 6)), draw(rs.dims(1, 6))
-        r = draw(st.integers(1, min(n_in, n_out)))
+        r = draw(rank_strategy(n_in, n_out))
         layout = draw(st.sampled_from(("linear", "fifo", "embedding") if options else ("linear", "fifo")))
         dt = draw(st.sampled_from(_DTYPES))
         c: Case = {}
@@ -205,7 +206,7 @@ def _sequential_strategy():
         lead = tuple(draw(st.lists(rs.dims(1, 3), min_size=0, max_size=2)))
         adapters = []
         for _ in range(draw(st.integers(1, 3))):
-            r = draw(st.integers(1, min(n_in, n_out)))
+            r = draw(rank_strategy(n_in, n_out))
             adapters.append(DoraAdapter(A=_cast(draw(rs.float_arrays((r, n_in))), dt),
                                         B=_cast(draw(rs.float_arrays((n_out, r))), dt),
                                         m=_cast(draw(rs.float_arrays((n_out,))), dt),
@@ -487,6 +488,8 @@ _WEIGHT_CONFIGS = (
     ("b6", 35, 17, 6, "embedding", "float32", -80.0, ()),
     ("b7_conv1d", 6, 4, 2, "conv", "float64", 0.5, (3,)),
     ("b8_conv2d", 5, 3, 3, "conv", "float32", -1.25, (3, 3)),
+    ("b9", 3, 5, 7, "linear", "float64", 0.5, ()),  # r > min(out, in)
+    ("b10_conv1d", 2, 1, 4, "conv", "float64", 0.75, (3,)),  # r > min(out, in·k)
 )
 
 
@@ -577,7 +580,8 @@ def _embedding_classes(c: Case) -> tuple[str, ...]:
 
 def _embedding_boundary() -> list[Boundary]:
     configs = [((), 7, 5, 1, 0.75, "float64"), ((9,), 40, 19, 19, -1.5, "float64"), ((3, 7), 33, 48, 4, 2.0, "float32"),
-               ((20,), 6, 35, 6, 0.0, "float16"), ((2, 2), 12, 12, 3, 96.0, "bfloat16")]
+               ((20,), 6, 35, 6, 0.0, "float16"), ((2, 2), 12, 12, 3, 96.0, "bfloat16"),
+               ((5,), 6, 4, 9, 0.5, "float64")]
     out = []
     for i, (shape, vocab, dim, r, s, dt) in enumerate(configs):
         rng = np.random.default_rng(900 + i)
@@ -601,7 +605,8 @@ _SEQ_CLASSES = ("shape: one adapter", "shape: two adapters", "shape: three adapt
                 "shape: in > 16 and in % 16 != 0 (a remainder after vector width 16)",
                 "shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)", *_FIFO_CLASSES,
                 "option: bias given", "option: no bias", "value: adapters of different ranks",
-                "value: a negative scaling", _M_CLASSES[0], *_DTYPE_CLASSES)
+                "value: a negative scaling", _M_CLASSES[0], *_DTYPE_CLASSES,
+                "shape: an adapter with r > min(in, out)")
 
 
 def _sequential_classes(c: Case) -> tuple[str, ...]:
@@ -624,6 +629,8 @@ def _sequential_classes(c: Case) -> tuple[str, ...]:
         out.append("shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)")
     if len({np.shape(ad.A)[0] for ad in ads}) > 1:
         out.append("value: adapters of different ranks")
+    if any(np.shape(ad.A)[0] > min(n_in, n_out) for ad in ads):
+        out.append("shape: an adapter with r > min(in, out)")
     if any(ad.scaling < 0 for ad in ads):
         out.append("value: a negative scaling")
     if any((np.asarray(ad.m, dtype=np.float64) < 0).any() for ad in ads):
@@ -636,7 +643,7 @@ def _sequential_boundary() -> list[Boundary]:
 
     configs = [((), 6, 5, (1,), False, True, "float64"), ((1,), 19, 21, (2, 5), True, False, "float64"),
                ((2, 3), 40, 33, (4, 4, 1), False, True, "float32"), ((33,), 24, 17, (3, 3), True, True, "float16"),
-               ((4,), 12, 12, (2,), False, False, "bfloat16")]
+               ((4,), 12, 12, (2,), False, False, "bfloat16"), ((3,), 3, 4, (2, 6), True, True, "float64")]
     out = []
     for i, (lead, n_in, n_out, ranks, fifo, bias, dt) in enumerate(configs):
         rng = np.random.default_rng(1100 + i)

@@ -80,6 +80,14 @@ _NO_GOLDEN = tuple(t for t in TIERS if t != "golden")
 # ---------------------------------------------------------------------------- strategies
 
 
+def rank_strategy(n_in: int, n_out: int):
+    """Ranks 1 ≤ r ≤ min(in, out) + 4: r = 1, r = min(in, out) and r above it, which loralib and PEFT accept (a
+    kernel that sizes a buffer by min(in, out), or assumes B A has full rank r, fails there)."""
+    from hypothesis import strategies as st
+
+    return st.integers(1, min(n_in, n_out) + 4)
+
+
 def _linear_strategy(*, grad: bool = False, with_x: bool = True, merged: bool = False, options: bool = False):
     """Linear-layer cases; every option value is drawn (fan_in_fan_out, bias, mask, p, the input dtype, the
     backward flags and, with ``options``, merge's storage dtype and safe flag)."""
@@ -90,7 +98,7 @@ def _linear_strategy(*, grad: bool = False, with_x: bool = True, merged: bool = 
     @st.composite
     def build(draw) -> Case:
         n_in, n_out = draw(rs.dims(1, 6)), draw(rs.dims(1, 6))
-        r = draw(st.integers(1, min(n_in, n_out)))
+        r = draw(rank_strategy(n_in, n_out))
         fifo = draw(st.booleans())
         dt = draw(st.sampled_from(_DTYPES))
         case: Case = {}
@@ -141,7 +149,7 @@ def _embedding_strategy():
     @st.composite
     def build(draw) -> Case:
         vocab, dim = draw(rs.dims(1, 8)), draw(rs.dims(1, 6))
-        r = draw(st.integers(1, min(vocab, dim)))
+        r = draw(rank_strategy(vocab, dim))
         dt = draw(st.sampled_from(_DTYPES))
         ids_shape = tuple(draw(st.lists(rs.dims(1, 4), min_size=0, max_size=2)))
         ids = np.asarray(draw(st.lists(st.integers(0, vocab - 1), min_size=int(np.prod(ids_shape)),
@@ -160,7 +168,7 @@ def _param_count_strategy():
     @st.composite
     def build(draw) -> Case:
         n_in, n_out = draw(st.integers(1, 8192)), draw(st.integers(1, 8192))
-        return {"in_features": n_in, "out_features": n_out, "r": draw(st.integers(1, min(n_in, n_out, 512))),
+        return {"in_features": n_in, "out_features": n_out, "r": draw(st.integers(1, 512)),
                 "lora_bias": draw(st.booleans()), "dora": draw(st.booleans())}
 
     return build()
@@ -181,7 +189,7 @@ def _init_strategy():
         w = _cast(draw(rs.float_arrays((n_in, n_out) if fifo else (n_out, n_in))), dt)
         # PiSSA takes √(S/s): the reference needs α > 0 there (a negative α gives NaN factors)
         alpha = draw(rs.reals(0.25, 64.0) if method == "pissa" else rs.reals(-64.0, 64.0))
-        return {"W": w, "r": draw(st.integers(1, min(n_in, n_out))), "alpha": alpha, "method": method,
+        return {"W": w, "r": draw(rank_strategy(n_in, n_out)), "alpha": alpha, "method": method,
                 "rng": SeededRng(draw(st.integers(0, 2**32 - 1))), "use_rslora": draw(st.booleans()),
                 "fan_in_fan_out": fifo, "embedding": emb}
 
@@ -219,7 +227,7 @@ def _model_count_strategy():
         if not hit:  # the reference rejects a target list that matches nothing: add an exact name
             targets = [*targets, names[0]]
             hit = [names[0]]
-        r = draw(st.integers(1, min(min(layers[n]) for n in hit)))
+        r = draw(st.integers(1, 2 * min(min(layers[n]) for n in hit) + 2))
         return {"layers": layers, "r": r, "target_modules": targets, "lora_bias": draw(st.booleans()),
                 "dora": draw(st.booleans())}
 
@@ -332,7 +340,8 @@ _W_CLASSES = ("shape: in % 8 != 0 (a remainder after vector width 8)",
               "shape: out % 8 != 0 (a remainder after vector width 8)",
               "shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)",
               "shape: in == out (a transposition keeps the shape)", "shape: in != out",
-              "shape: r = 1", "shape: r = min(in, out)")
+              "shape: r = 1", "shape: r = min(in, out)",
+              "shape: r > min(in, out) (more rank than B A can use; loralib and PEFT accept it)")
 _FIFO_CLASSES = ("option: fan_in_fan_out=False", "option: fan_in_fan_out=True")
 _BIAS_CLASSES = ("option: bias given", "option: no bias")
 _DROP_CLASSES = ("option: dropout_mask given (train form)", "option: no dropout_mask (eval form)",
@@ -373,6 +382,8 @@ def _linear_classes(c: Case) -> tuple[str, ...]:
         out.append(_W_CLASSES[6])
     if r == min(n_in, n_out):
         out.append(_W_CLASSES[7])
+    if r > min(n_in, n_out):
+        out.append(_W_CLASSES[8])
     out.append(_FIFO_CLASSES[int(bool(c.get("fan_in_fan_out")))])
     if "x" in c and "grad_y" not in c:
         out.append(_BIAS_CLASSES[0] if c.get("bias") is not None else _BIAS_CLASSES[1])
@@ -416,7 +427,7 @@ class _Lin:
 
 
 #: Shapes that leave remainders after vector widths 8 and 16, 1/2/3-D x, one row and more than 16 rows,
-#: r = 1 and r = min(in, out), square and non-square W, every option value, every input dtype.
+#: r = 1, r = min(in, out) and r above it, square and non-square W, every option value, every input dtype.
 _LINEAR_CONFIGS = (
     _Lin((), 6, 5, 1, bias=True),
     _Lin((1,), 19, 21, 19, fifo=True, p=0.0, s=-1.5),
@@ -429,6 +440,8 @@ _LINEAR_CONFIGS = (
     _Lin((4,), 12, 12, 5, fifo=True, p=0.75, dtype="bfloat16"),
     _Lin((3, 7), 17, 35, 6, bias=True, p=0.5, s=-80.0),
     _Lin((2, 2, 5), 12, 12, 12, s=1.25),
+    _Lin((2, 3), 3, 5, 7, bias=True, p=0.5, s=0.5),
+    _Lin((4,), 6, 2, 9, fifo=True, s=-1.25, dtype="float32"),
 )
 
 
@@ -560,7 +573,7 @@ def _scaling_boundary() -> list[Boundary]:
 EMB_SHAPE_CLASSES = ("shape: ids 0-D (one token)", "shape: ids 1-D", "shape: ids 2-D", "shape: more than 16 ids",
                      "value: repeated ids", "shape: V > d", "shape: V < d", "shape: V == d",
                      "shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)", "shape: r = 1",
-                     "shape: r = min(V, d)", *_S_CLASSES, *_DTYPE_CLASSES)
+                     "shape: r = min(V, d)", "shape: r > min(V, d)", *_S_CLASSES, *_DTYPE_CLASSES)
 _EMB_CLASSES = (*EMB_SHAPE_CLASSES, "value: ids 0 and V − 1 (the table's ends)", "dtype: int64 ids",
                 "dtype: int32 ids", "dtype: unsigned ids")
 
@@ -582,6 +595,8 @@ def embedding_shape_classes(c: Case) -> list[str]:
         out.append("shape: r = 1")
     if r == min(vocab, dim):
         out.append("shape: r = min(V, d)")
+    if r > min(vocab, dim):
+        out.append("shape: r > min(V, d)")
     s = c["scaling"]
     out += [cls for cls, hit in zip(_S_CLASSES, (s == 0, s < 0, s > 0 and s != 1, abs(s) >= 64), strict=True) if hit]
     out.append(f"dtype: {_dtype_name(E)} inputs")
@@ -605,6 +620,7 @@ def _embedding_boundary() -> list[Boundary]:
         ((3, 7), 33, 48, 4, 2.0, "float32", np.uint16),
         ((20,), 6, 35, 6, 0.0, "float16", np.int64),
         ((2, 2), 12, 12, 3, 96.0, "bfloat16", np.uint8),
+        ((5,), 6, 4, 9, 0.5, "float64", np.int64),
     ]
     out = []
     for i, (shape, vocab, dim, r, s, dt, idt) in enumerate(configs):
@@ -622,7 +638,8 @@ def _embedding_boundary() -> list[Boundary]:
 
 
 _COUNT_CLASSES = ("option: lora_bias=False", "option: lora_bias=True", "option: dora=False", "option: dora=True",
-                  "shape: r = 1", "shape: r = min(in, out)", "shape: in != out", "shape: in == out")
+                  "shape: r = 1", "shape: r = min(in, out)", "shape: in != out", "shape: in == out",
+                  "shape: r > min(in, out)")
 
 
 def _count_classes(c: Case) -> tuple[str, ...]:
@@ -633,12 +650,14 @@ def _count_classes(c: Case) -> tuple[str, ...]:
         out.append("shape: r = 1")
     if r == min(i, o):
         out.append("shape: r = min(in, out)")
+    if r > min(i, o):
+        out.append("shape: r > min(in, out)")
     return tuple(out)
 
 
 def _count_boundary() -> list[Boundary]:
     cases = [(4096, 4096, 8, False, False), (10, 6, 6, True, True), (1, 7, 1, True, False), (768, 3072, 1, False, True),
-             (5, 5, 5, False, True)]
+             (5, 5, 5, False, True), (4, 3, 8, True, False)]
     return _bounds_of([(f"in{i}_out{o}_r{r}_bias{int(b)}_dora{int(d)}",
                         {"in_features": i, "out_features": o, "r": r, "lora_bias": b, "dora": d})
                        for i, o, r, b, d in cases], _count_classes)
@@ -647,7 +666,8 @@ def _count_boundary() -> list[Boundary]:
 _MODEL_CLASSES = ("option: target_modules='all-linear'", "option: target_modules a list",
                   "value: a key matching a dotted suffix", "value: a key equal to a whole name",
                   "value: a key inside a name but not after a dot (no match)", "value: a multi-part key",
-                  *_COUNT_CLASSES[:4], "shape: r = min(in, out) of a matched layer")
+                  *_COUNT_CLASSES[:4], "shape: r = min(in, out) of a matched layer",
+                  "shape: r > min(in, out) of a matched layer")
 
 
 def _model_classes(c: Case) -> tuple[str, ...]:
@@ -669,6 +689,8 @@ def _model_classes(c: Case) -> tuple[str, ...]:
             out.append(_MODEL_CLASSES[5])
         hit = [n for n in names if any(n == k or n.endswith("." + k) for k in t)]
     if any(c["r"] == min(c["layers"][n]) for n in hit):
+        out.append(_MODEL_CLASSES[-2])
+    if any(c["r"] > min(c["layers"][n]) for n in hit):
         out.append(_MODEL_CLASSES[-1])
     return tuple(out)
 
@@ -686,6 +708,8 @@ def _model_boundary() -> list[Boundary]:
                                       "lora_bias": False, "dora": True}),
         ("one_layer", {"layers": {"proj": (3, 5)}, "r": 3, "target_modules": ["proj"], "lora_bias": True,
                        "dora": True}),
+        ("rank_above_a_layer", {"layers": {"proj": (3, 5), "lm_head": (100, 64)}, "r": 7,
+                                "target_modules": "all-linear", "lora_bias": False, "dora": True}),
     ]
     return _bounds_of(cases, _model_classes)
 
@@ -697,7 +721,9 @@ _INIT_CLASSES = ("option: method=default", "option: method=gaussian", "option: m
                  "option: embedding=True, method=gaussian", "option: fan_in_fan_out=True",
                  "option: fan_in_fan_out=False", "option: use_rslora=True", "option: use_rslora=False",
                  "shape: r = 1", "shape: r = min(in, out)", "shape: in > out", "shape: in < out",
-                 "value: s = α/r ≠ 1", "value: alpha negative", *_DTYPE_CLASSES)
+                 "value: s = α/r ≠ 1", "value: alpha negative", *_DTYPE_CLASSES,
+                 "shape: r > min(in, out), method=default or gaussian (A (r, in), B (out, r))",
+                 "shape: r > min(in, out), method=pissa or olora (min(in, out) components, as PEFT)")
 
 
 def _init_classes(c: Case) -> tuple[str, ...]:
@@ -713,6 +739,8 @@ def _init_classes(c: Case) -> tuple[str, ...]:
         out.append("shape: r = 1")
     if c["r"] == min(in_f, out_f):
         out.append("shape: r = min(in, out)")
+    if c["r"] > min(in_f, out_f):
+        out.append(_INIT_CLASSES[-2] if m in ("default", "gaussian") else _INIT_CLASSES[-1])
     if in_f != out_f:
         out.append("shape: in > out" if in_f > out_f else "shape: in < out")
     s = c["alpha"] / (math.sqrt(c["r"]) if c["use_rslora"] else c["r"])
@@ -737,6 +765,9 @@ def _init_boundary() -> list[Boundary]:
         ("olora", (9, 17), 3, 12.0, False, False, False, "float64"),
         ("olora", (18, 10), 10, -5.0, True, True, False, "float16"),
         ("olora", (6, 6), 1, 2.0, False, False, False, "float32"),
+        ("default", (3, 5), 7, 8.0, False, False, False, "float64"),
+        ("pissa", (4, 6), 6, 3.0, False, True, False, "float64"),
+        ("olora", (6, 3), 5, -2.0, False, False, False, "float32"),
     ]
     out = []
     for i, (m, (o, n), r, a, rs, fifo, emb, dt) in enumerate(configs):
@@ -802,6 +833,7 @@ def _init_magnitude(c: Mapping[str, Any]) -> dict[str, np.ndarray]:
     w, s = _init_layout(c)
     out_f, in_f = w.shape
     r = c["r"]
+    k = min(r, out_f, in_f)  # PiSSA / OLoRA components (as PEFT: no more than min(in, out))
     zero_w = np.zeros_like(np.asarray(c["W"], dtype=np.float64))
     if m in ("default", "gaussian"):
         if c.get("embedding"):
@@ -819,17 +851,17 @@ def _init_magnitude(c: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if m == "pissa":
             sv = np.linalg.svd(w, compute_uv=False)
             padded = np.concatenate([[np.inf], sv, [0.0]])
-            gaps = np.minimum(padded[:-2] - padded[1:-1], padded[1:-1] - padded[2:])[:r]
-            gap_r = sv[r - 1] - (sv[r] if r < sv.size else 0.0)
-            root = np.sqrt(sv[:r] / abs(s))
-            fac = capped(norm * (root / gaps + 1.0 / (2.0 * np.sqrt(sv[:r] * abs(s)))), 2.0 * root)
+            gaps = np.minimum(padded[:-2] - padded[1:-1], padded[1:-1] - padded[2:])[:k]
+            gap_r = sv[k - 1] - (sv[k] if k < sv.size else 0.0)
+            root = np.sqrt(sv[:k] / abs(s))
+            fac = capped(norm * (root / gaps + 1.0 / (2.0 * np.sqrt(sv[:k] * abs(s)))), 2.0 * root)
             w_res = np.full(w.shape, capped(norm * (1.0 + 2.0 * norm / gap_r), 2.0 * norm).item())
             a_mag, b_mag = np.repeat(fac[:, None], in_f, axis=1), np.repeat(fac[None, :], out_f, axis=0)
         else:
-            lead = np.linalg.svd(w[:, :r], compute_uv=False)
+            lead = np.linalg.svd(w[:, :k], compute_uv=False)
             kappa = lead[0] / lead[-1]
-            a_mag = np.full((r, in_f), capped(np.asarray(2.0 * kappa * norm), 2.0 * norm).item())
-            b_mag = np.full((out_f, r), capped(np.asarray(2.0 * kappa), 2.0).item())
+            a_mag = np.full((k, in_f), capped(np.asarray(2.0 * kappa * norm), 2.0 * norm).item())
+            b_mag = np.full((out_f, k), capped(np.asarray(2.0 * kappa), 2.0).item())
             w_res = np.full(w.shape, capped(np.asarray(norm + abs(s) * 4.0 * kappa * norm),
                                             norm + 2.0 * abs(s) * norm).item())
     fifo = c.get("fan_in_fan_out")
@@ -907,7 +939,7 @@ def rows() -> list[OpSpec]:
         OpSpec(
             "lora.delta", lambda: _linear_strategy(with_x=False).map(
                 lambda c: {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")}),
-            "A (r, in), B (out, r), 1 ≤ r ≤ min(in, out), scaling finite",
+            "A (r, in), B (out, r), r ≥ 1 (r > min(in, out) included), scaling finite",
             Bounded(lambda c: c["A"].shape[0] + 2, _magnitude_of("delta")),
             golden=lambda rng: [(n, {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")})
                                 for n, c in _golden_linear(rng, with_x=False)],
@@ -919,7 +951,8 @@ def rows() -> list[OpSpec]:
         OpSpec(
             "lora.forward", _linear_strategy,
             "x (..., in), W (out, in) or (in, out) with fan_in_fan_out, A (r, in), B (out, r), "
-            "r ≤ min(in, out); optional bias (out,), 0/1 dropout_mask of x's shape, dropout_p in [0, 1)",
+            "r ≥ 1 (r > min(in, out) included); optional bias (out,), 0/1 dropout_mask of x's shape, "
+            "dropout_p in [0, 1)",
             Bounded(linear_depth, _magnitude_of("forward")),
             golden=_golden_linear,
             specials=lambda: _specials("forward", fwd, ex("forward")),
@@ -953,7 +986,7 @@ def rows() -> list[OpSpec]:
         ),
         OpSpec(
             "lora.embedding_forward", _embedding_strategy,
-            "ids integer array (any shape, 0-D included) in [0, V), E (V, d), A (r, V), B (d, r), r ≤ min(V, d)",
+            "ids integer array (any shape, 0-D included) in [0, V), E (V, d), A (r, V), B (d, r), r ≥ 1",
             Bounded(lambda c: c["A"].shape[0] + 3, _magnitude_of("embedding_forward")),
             golden=_golden_embedding,
             specials=lambda: [
@@ -964,33 +997,30 @@ def rows() -> list[OpSpec]:
             classes=_EMB_CLASSES, boundary=_embedding_boundary,
         ),
         OpSpec(
-            "lora.param_count", _param_count_strategy, "in, out ≥ 1 integers, 1 ≤ r ≤ min(in, out)", Exact(),
+            "lora.param_count", _param_count_strategy, "in, out, r ≥ 1 integers (r > min(in, out) included)", Exact(),
             golden=lambda rng: [("lesson_4096_r8", {"in_features": 4096, "out_features": 4096, "r": 8,
                                                     "lora_bias": False, "dora": False}),
                                 ("dora_bias", {"in_features": 10, "out_features": 6, "r": 4,
                                                "lora_bias": True, "dora": True})],
-            specials=lambda: [Special("r above min(in, out)", {"in_features": 4, "out_features": 3, "r": 4,
-                                                               "lora_bias": False, "dora": False}),
-                              Special("r is 0", {"in_features": 4, "out_features": 3, "r": 0,
+            specials=lambda: [Special("r is 0", {"in_features": 4, "out_features": 3, "r": 0,
                                                  "lora_bias": False, "dora": False})],
             classes=_COUNT_CLASSES, boundary=_count_boundary,
         ),
         _RowWithoutVectors(  # its result names the adapted layers (text), which a safetensors vector cannot hold
             "lora.model_param_count", _model_count_strategy,
-            "layers {name: (out, in)} non-empty, 1 ≤ r ≤ min(out, in) of every matched layer, target_modules "
+            "layers {name: (out, in)} non-empty, r ≥ 1, target_modules "
             "'all-linear' or a list of names (equal, or a suffix after a dot)", Exact(), tiers=_NO_GOLDEN,
             specials=lambda: [
                 Special("no layer matches", {"layers": {"a.q_proj": (8, 8)}, "r": 2, "target_modules": ["k_proj"]}),
                 Special("target_modules a bare name", {"layers": {"a.q_proj": (8, 8)}, "r": 2,
                                                        "target_modules": "q_proj"}),
-                Special("r above a matched layer's min(out, in)", {"layers": {"a.q_proj": (8, 2)}, "r": 3,
-                                                                   "target_modules": "all-linear"}),
                 Special("layers empty", {"layers": {}, "r": 2, "target_modules": "all-linear"})],
             classes=_MODEL_CLASSES, boundary=_model_boundary,
         ),
         OpSpec(
             "lora.init", _init_strategy,
-            "W (out, in) ((in, out) with fan_in_fan_out; the table E (V, d) with embedding), 1 ≤ r ≤ min(in, out), "
+            "W (out, in) ((in, out) with fan_in_fan_out; the table E (V, d) with embedding), r ≥ 1 (PiSSA and "
+            "OLoRA keep min(r, in, out) components, as PEFT), "
             "alpha finite (> 0 for PiSSA), method default/gaussian/pissa/olora (embedding: default/gaussian), "
             "rng a numpy Generator (the draws are the reference's)",
             Bounded(_init_depth, _init_magnitude,
@@ -1003,7 +1033,7 @@ def rows() -> list[OpSpec]:
                 Special("embedding with pissa", {**init_ex, "method": "pissa", "embedding": True}),
                 Special("embedding with fan_in_fan_out", {**init_ex, "embedding": True, "fan_in_fan_out": True,
                                                           "rng": SeededRng(0)}),
-                Special("r above min(in, out)", {**init_ex, "r": 4, "rng": SeededRng(0)}),
+                Special("r is 0", {**init_ex, "r": 0, "rng": SeededRng(0)}),
                 Special("rng is not a Generator", {**init_ex, "rng": 0}),
                 Special("W has nan", {**init_ex, "W": np.full((3, 4), np.nan), "method": "olora"})],
             classes=_INIT_CLASSES, boundary=_init_boundary,

@@ -1,14 +1,14 @@
 """One-defect mutants of refimpl.dora: each is the reference op with one bug a DoRA-kernel author could ship.
 
 Written from the causes (``tests/mutants/__init__.py``): the norm over the wrong axis (the planted bug of
-tests/test_conformance_planted.py) or of the untransposed Conv1D weight; an ε added to the norm; the bias
-scaled by m/‖V‖ (torchtune's DoRA bug); dropout on the base term of the train form; the norm not detached in
-backward (or the full mode's correction dropped); dm without its 1/‖V‖; the merge normed against the merged
-weight instead of the unmerged base (PEFT #3608); unmerge in the wrong order; a sum of squares that drops
-the columns after the last multiple of 16; a path above 16 rows that forgets s in the norm; the storage
-dtype ignored; the embedding norm across d instead of the vocabulary; sequential adapters normed against
-the running weight; grouped-conv parameters counted without the groups. Each ``fn`` takes the reference's
-keyword arguments.
+tests/test_conformance_planted.py) or of the untransposed Conv1D weight; an ε added to the norm; the bias scaled by
+m/‖V‖ (torchtune's DoRA bug); dropout on the base term of the train form; the norm not detached in backward (or the
+full mode's correction dropped); dm without its 1/‖V‖; the merge normed against the merged weight instead of the
+unmerged base (PEFT #3608); unmerge in the wrong order; a sum of squares that drops the columns after the last
+multiple of 16; rank components beyond min(out, in) lost; a path above 16 rows that forgets s in the norm; the
+storage dtype ignored; the embedding norm across d instead of the vocabulary; sequential adapters normed against the
+running weight; grouped-conv parameters counted without the groups. Each ``fn`` takes the reference's keyword
+arguments.
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ def _forward(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=
     D.forward(x, W, A, B, m, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
               fan_in_fan_out=fan_in_fan_out)
     w, a, b, s = _linear(W, A, B, scaling, fan_in_fan_out)
-    xx = np.asarray(x, dtype=np.float64)
-    mm = np.asarray(m, dtype=np.float64)
-    rows = int(np.prod(xx.shape[:-1]))
+    if defect == "rank_clipped":  # buffers sized by min(out, in): rank components beyond it lost
+        k = min(w.shape)
+        a, b = a[:k], b[:, :k]
+    x_arr = np.asarray(x, dtype=np.float64)
+    m_arr = np.asarray(m, dtype=np.float64)
+    rows = int(np.prod(x_arr.shape[:-1]))
     s_norm = 1.0 if (defect == "big_batch_norm_unscaled" and rows > 16) else s
     v_norm = w + s_norm * (b @ a)
     if defect == "eps":
@@ -47,17 +50,17 @@ def _forward(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=
         n = np.linalg.norm(v_norm[:, :k], axis=1)  # the vector loop's remainder columns never squared
     else:
         n = np.linalg.norm(v_norm, axis=1)
-    f = mm / n
+    f = m_arr / n
     v = w + s * (b @ a)
-    bb = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    bias_arr = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
     if dropout_mask is None:
-        y = xx @ v.T
-        return f * (y + bb) if defect == "bias_scaled" else f * y + bb
-    xd = xx * np.asarray(dropout_mask, dtype=np.float64) / (1.0 - dropout_p)
-    base_in = xd if defect == "dropout_on_base" else xx
+        y = x_arr @ v.T
+        return f * (y + bias_arr) if defect == "bias_scaled" else f * y + bias_arr
+    xd = x_arr * np.asarray(dropout_mask, dtype=np.float64) / (1.0 - dropout_p)
+    base_in = xd if defect == "dropout_on_base" else x_arr
     lora_y = s * ((xd @ a.T) @ b.T)
     y = base_in @ w.T + (f - 1.0) * (xd @ w.T) + f * lora_y
-    return f * (y + bb) if defect == "bias_scaled" else y + bb
+    return f * (y + bias_arr) if defect == "bias_scaled" else y + bias_arr
 
 
 def _fwd(defect: str):
@@ -89,8 +92,8 @@ def _forward_fifo_norm_untransposed(x, W, A, B, m, scaling, *, fan_in_fan_out=Fa
     v, _, _, _ = _linear(W, A, B, scaling, True)
     n_true = np.linalg.norm(v, axis=1)
     n_wrong = np.linalg.norm(v, axis=0)
-    bb = 0.0 if kw.get("bias") is None else np.asarray(kw["bias"], dtype=np.float64)
-    return (y - bb) * n_true / n_wrong + bb
+    bias_arr = 0.0 if kw.get("bias") is None else np.asarray(kw["bias"], dtype=np.float64)
+    return (y - bias_arr) * n_true / n_wrong + bias_arr
 
 
 # ---------------------------------------------------------------------------- norms, directions, magnitudes
@@ -222,14 +225,14 @@ def _sequential_cumulative_norm(x, W, adapters, *, bias=None, fan_in_fan_out=Fal
     D.forward_sequential(x, W, adapters, bias=bias, fan_in_fan_out=fan_in_fan_out)
     w = np.asarray(W, dtype=np.float64)
     w = w.T if fan_in_fan_out else w
-    xx = np.asarray(x, dtype=np.float64)
-    z = xx @ w.T
+    x_arr = np.asarray(x, dtype=np.float64)
+    z = x_arr @ w.T
     running = w
     for ad in adapters:
         a, b = np.asarray(ad.A, dtype=np.float64), np.asarray(ad.B, dtype=np.float64)
         v = running + ad.scaling * (b @ a)
         f = np.asarray(ad.m, dtype=np.float64) / np.linalg.norm(v, axis=1)
-        z = f * (z + ad.scaling * ((xx @ a.T) @ b.T))
+        z = f * (z + ad.scaling * ((x_arr @ a.T) @ b.T))
         running = f[:, None] * v
     return z + (0.0 if bias is None else np.asarray(bias, dtype=np.float64))
 
@@ -260,6 +263,7 @@ MUTANTS: list[Mutant] = [
     Mutant("bias scaled by m/||V|| (torchtune)", "dora.forward", "scaling", _fwd("bias_scaled")),
     Mutant("train form: dropout on the base term", "dora.forward", "options", _fwd("dropout_on_base")),
     Mutant("norm drops columns after the last multiple of 16", "dora.forward", "tails", _fwd("tail16")),
+    Mutant("rank clipped to min(out, in)", "dora.forward", "tails", _fwd("rank_clipped")),
     Mutant("path above 16 rows forgets s in the norm", "dora.forward", "path switch",
            _fwd("big_batch_norm_unscaled")),
     Mutant("Conv1D norm over the stored axis", "dora.forward", "transposition", _forward_fifo_norm_untransposed),

@@ -1,12 +1,12 @@
 """One-defect mutants of refimpl.lora: each is the reference op with one bug a LoRA-kernel author could ship.
 
-Written from the causes (``tests/mutants/__init__.py``): α instead of α/r and √r swapped with r; dropout on the
-base branch or without its 1/(1 − p) rescale; fan_in_fan_out ignored or B A transposed; the bias scaled or added
-twice; a vector-width remainder (columns after the last multiple of 16) dropped; a large-batch path (more than
-16 rows) that forgets the scaling; float32 arithmetic behind a float64 signature; merge's safe flag ignored and
-unmerge subtracting B A without s; init variants with the wrong bound, std, SVD slice or scaling; embedding LoRA
-with A and B's roles swapped; a dropout mask that thresholds the other way; PEFT's target-name rule read as a
-substring. Each ``fn`` takes the reference's keyword arguments.
+Written from the causes (``tests/mutants/__init__.py``): α instead of α/r and √r swapped with r; dropout on the base
+branch or without its 1/(1 − p) rescale; fan_in_fan_out ignored or B A transposed; the bias scaled or added twice; a
+vector-width remainder (columns after the last multiple of 16) dropped; a large-batch path (more than 16 rows) that
+forgets the scaling; a rank buffer sized by min(in, out) (r above it is legal); float32 arithmetic behind a float64
+signature; merge's safe flag ignored and unmerge subtracting B A without s; init variants with the wrong bound, std,
+SVD slice or scaling; embedding LoRA with A and B's roles swapped; a dropout mask that thresholds the other way;
+PEFT's target-name rule read as a substring. Each ``fn`` takes the reference's keyword arguments.
 """
 
 from __future__ import annotations
@@ -38,14 +38,17 @@ def _forward(x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0
     """lora.forward with one optional defect (validation is the reference's, run first)."""
     L.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
               fan_in_fan_out=fan_in_fan_out)
-    xx, w, a, b = _layer(x, W, A, B, fan_in_fan_out)
+    x_arr, w, a, b = _layer(x, W, A, B, fan_in_fan_out)
+    if defect == "rank_clipped":  # the (m, r) intermediate sized by min(in, out): rank components beyond it lost
+        k = min(w.shape)
+        a, b = a[:k], b[:, :k]
     s = float(scaling)
-    rows = int(np.prod(xx.shape[:-1]))
+    rows = int(np.prod(x_arr.shape[:-1]))
     if defect == "float32":
-        xx, w, a, b = (t.astype(np.float32) for t in (xx, w, a, b))
+        x_arr, w, a, b = (t.astype(np.float32) for t in (x_arr, w, a, b))
         s = np.float32(s)
-    xd = _drop(xx, dropout_mask, dropout_p, rescale=defect != "no_rescale")
-    base_in = xd if defect == "dropout_on_base" else xx
+    xd = _drop(x_arr, dropout_mask, dropout_p, rescale=defect != "no_rescale")
+    base_in = xd if defect == "dropout_on_base" else x_arr
     if defect == "tail16" and w.shape[1] > 16:
         k = w.shape[1] // 16 * 16  # the vector loop's remainder columns are never reduced
         y = base_in[..., :k] @ w[:, :k].T
@@ -55,10 +58,10 @@ def _forward(x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0
         s = 1.0
     lora_y = s * ((xd @ a.T) @ b.T)
     if bias is not None:
-        bb = np.asarray(bias, dtype=np.float64)
+        bias_arr = np.asarray(bias, dtype=np.float64)
         if defect == "bias_scaled":
-            lora_y = lora_y + s * bb  # bias folded into the scaled LoRA branch as well
-        y = y + bb
+            lora_y = lora_y + s * bias_arr  # bias folded into the scaled LoRA branch as well
+        y = y + bias_arr
     return (y + lora_y).astype(np.float64)
 
 
@@ -125,9 +128,9 @@ def _backward_mask_not_on_dx(x, W, A, B, grad_y, scaling, *, dropout_mask=None, 
                    fan_in_fan_out=fan_in_fan_out, need_dW=need_dW, need_dbias=need_dbias)
     if dropout_mask is None:
         return g
-    xx, w, a, b = _layer(x, W, A, B, fan_in_fan_out)
+    x_arr, w, a, b = _layer(x, W, A, B, fan_in_fan_out)
     g2 = np.asarray(grad_y, dtype=np.float64).reshape(-1, w.shape[0])
-    dx = (g2 @ w + float(scaling) * (g2 @ b) @ a).reshape(xx.shape)
+    dx = (g2 @ w + float(scaling) * (g2 @ b) @ a).reshape(x_arr.shape)
     return L.LoraGrads(dx=dx, dA=g.dA, dB=g.dB, dW=g.dW, dbias=g.dbias)
 
 
@@ -142,9 +145,9 @@ def _backward_dA_undropped(x, W, A, B, grad_y, scaling, *, dropout_mask=None, dr
     """dA from x instead of the dropped x̃ (the mask applied in forward, forgotten in backward)."""
     g = L.backward(x, W, A, B, grad_y, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
                    fan_in_fan_out=fan_in_fan_out, need_dW=need_dW, need_dbias=need_dbias)
-    xx, w, _, b = _layer(x, W, A, B, fan_in_fan_out)
+    x_arr, w, _, b = _layer(x, W, A, B, fan_in_fan_out)
     g2 = np.asarray(grad_y, dtype=np.float64).reshape(-1, w.shape[0])
-    dA = (float(scaling) * (g2 @ b)).T @ xx.reshape(-1, w.shape[1])
+    dA = (float(scaling) * (g2 @ b)).T @ x_arr.reshape(-1, w.shape[1])
     return L.LoraGrads(dx=g.dx, dA=dA, dB=g.dB, dW=g.dW, dbias=g.dbias)
 
 
@@ -280,6 +283,7 @@ MUTANTS: list[Mutant] = [
     Mutant("in-feature columns after the last multiple of 16 dropped", "lora.forward", "tails", _fwd("tail16")),
     Mutant("path above 16 rows forgets the scaling", "lora.forward", "path switch", _fwd("big_batch_no_scaling")),
     Mutant("forward computed in float32 behind a float64 signature", "lora.forward", "precision", _fwd("float32")),
+    Mutant("rank clipped to min(in, out)", "lora.forward", "tails", _fwd("rank_clipped")),
     Mutant("backward: dx's LoRA part not masked", "lora.backward", "options", _backward_mask_not_on_dx),
     Mutant("backward: dB without s", "lora.backward", "scaling", _backward_dB_unscaled),
     Mutant("backward: dA from the undropped x", "lora.backward", "options", _backward_dA_undropped),

@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from refimpl import _checks
+from refimpl._linear_operands import adapter_operands, linear_operands
 from refimpl.quant import QuantState, codebooks
 from refimpl.quant import blockwise as _blockwise
 from refimpl.quant import nested as _nested
@@ -110,9 +111,9 @@ def _host(a: Any, dtype: str | None = None) -> np.ndarray:
     return h.view(_BF16) if dtype == "bfloat16" else h
 
 
-def _no_dropout(dropout_mask: Any, dropout_p: Any, shape: tuple[int, ...]) -> None:
-    mask, _ = _checks.keep_mask(dropout_mask, dropout_p, shape)
-    if mask is not None:
+def _no_dropout(keep: np.ndarray | None) -> None:
+    """The kernels are the eval form: a (checked) keep mask is not implemented."""
+    if keep is not None:
         raise NotImplementedError(
             "dropout_mask: the CuPy LoRA/DoRA/QLoRA kernels implement the eval form only (no keep mask); "
             "use refimpl.lora / refimpl.dora / refimpl.qlora or the numba backend for the train form")
@@ -121,33 +122,9 @@ def _no_dropout(dropout_mask: Any, dropout_p: Any, shape: tuple[int, ...]) -> No
 # ------------------------------------------------------------------------------------------- LoRA, DoRA
 
 
-def _linear_operands(x: Any, W: Any, A: Any, B: Any, fan_in_fan_out: Any) -> tuple[np.ndarray, ...]:
-    """x (..., in), W in (out, in) layout, A (r, in), B (out, r), validated as refimpl.lora does."""
-    w = _checks.float_array(W, "W", ndim=2)
-    if _checks.boolean(fan_in_fan_out, "fan_in_fan_out"):
-        w = w.T
-    out_f, in_f = w.shape
-    a = _checks.float_array(A, "A", ndim=2)
-    b = _checks.float_array(B, "B", ndim=2)
-    _checks.check_shape(a, "A", (None, in_f))
-    _checks.check_shape(b, "B", (out_f, a.shape[0]))
-    r = a.shape[0]
-    if r < 1 or r > min(in_f, out_f):
-        raise ValueError(f"A: rank r = {r} must be in [1, min(out, in) = {min(in_f, out_f)}]")
-    if r > _MAX_RANK:
-        raise NotImplementedError(f"A: the CuPy LoRA GEMM packs ranks up to {_MAX_RANK}, got r = {r}")
-    xx = _checks.float_array(x, "x", ndim=range(1, 33))
-    if xx.shape[-1] != in_f:
-        raise ValueError(f"x: expected a last axis of size in = {in_f}, got shape {xx.shape}")
-    return xx, w, a, b
-
-
-def _bias(bias: Any, out_f: int) -> np.ndarray | None:
-    if bias is None:
-        return None
-    bb = _checks.float_array(bias, "bias", ndim=1)
-    _checks.check_shape(bb, "bias", (out_f,))
-    return bb
+def _gemm_rank(rank: int) -> None:
+    if rank > _MAX_RANK:
+        raise NotImplementedError(f"A: the CuPy LoRA GEMM packs ranks up to {_MAX_RANK}, got r = {rank}")
 
 
 def lora_forward(
@@ -167,16 +144,15 @@ def lora_forward(
     One cuBLAS GEMM [x | s·x Aᵀ | 1] · [W | B | b]ᵀ (``lora_gemm.forward``); operands are rounded once
     to float32. ``dropout_mask`` is not implemented (NotImplementedError).
     """
-    xx, w, a, b = _linear_operands(x, W, A, B, fan_in_fan_out)
-    s = _checks.real(scaling, "scaling")
-    _no_dropout(dropout_mask, dropout_p, xx.shape)
-    out_f, in_f = w.shape
-    bb = _bias(bias, out_f)
-    from refimpl.kernels.cupy_gpu import lora_gemm
+    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                          fan_in_fan_out=fan_in_fan_out)
+    _no_dropout(ops.keep)
+    _gemm_rank(ops.rank)
+    from refimpl.kernels.cupy_gpu import lora_gemm  # cupy is optional: imported only when a kernel runs
 
-    y = lora_gemm.forward(_upload32(xx.reshape(-1, in_f)), _upload32(w), _upload32(a), _upload32(b), s,
-                          bias=None if bb is None else _upload32(bb))
-    return _host(y).reshape(*xx.shape[:-1], out_f)
+    y = lora_gemm.forward(_upload32(ops.x.reshape(-1, ops.in_features)), _upload32(ops.W), _upload32(ops.A),
+                          _upload32(ops.B), ops.scaling, bias=None if ops.bias is None else _upload32(ops.bias))
+    return _host(y).reshape(*ops.x.shape[:-1], ops.out_features)
 
 
 def dora_forward(
@@ -196,18 +172,18 @@ def dora_forward(
     (arXiv 2402.09353, eq. 5), as one GEMM over [f⊙W | f⊙B | b]. float32 operands (m included);
     ``dropout_mask`` (the train form) is not implemented. A zero row norm raises ValueError, as the reference.
     """
-    xx, w, a, b = _linear_operands(x, W, A, B, fan_in_fan_out)
-    s = _checks.real(scaling, "scaling")
-    out_f, in_f = w.shape
-    mm = _checks.float_array(m, "m", ndim=1)
-    _checks.check_shape(mm, "m", (out_f,))
-    bb = _bias(bias, out_f)
-    _no_dropout(dropout_mask, dropout_p, xx.shape)
-    from refimpl.kernels.cupy_gpu import lora_gemm
+    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                          fan_in_fan_out=fan_in_fan_out)
+    m_arr = _checks.float_array(m, "m", ndim=1)
+    _checks.check_shape(m_arr, "m", (ops.out_features,))
+    _no_dropout(ops.keep)
+    _gemm_rank(ops.rank)
+    from refimpl.kernels.cupy_gpu import lora_gemm  # cupy is optional: imported only when a kernel runs
 
-    y = lora_gemm.dora_forward(_upload32(xx.reshape(-1, in_f)), _upload32(w), _upload32(a), _upload32(b),
-                               _upload32(mm), s, bias=None if bb is None else _upload32(bb))
-    return _host(y).reshape(*xx.shape[:-1], out_f)
+    y = lora_gemm.dora_forward(_upload32(ops.x.reshape(-1, ops.in_features)), _upload32(ops.W), _upload32(ops.A),
+                               _upload32(ops.B), _upload32(m_arr), ops.scaling,
+                               bias=None if ops.bias is None else _upload32(ops.bias))
+    return _host(y).reshape(*ops.x.shape[:-1], ops.out_features)
 
 
 # ------------------------------------------------------------------------------------------- NF4 / FP4
@@ -359,28 +335,20 @@ def qlora_forward(
         _checks.choice(profile, "profile", PROFILES)
     p = _packed(packed, st)
     out_f, in_f = st.shape
-    xx = _checks.float_array(x, "x", ndim=range(1, 33))
-    if xx.shape[-1] != in_f:
-        raise ValueError(f"x: expected a last axis of size in = {in_f}, got shape {xx.shape}")
-    a = _checks.float_array(A, "A", ndim=2)
-    b = _checks.float_array(B, "B", ndim=2)
-    _checks.check_shape(a, "A", (None, in_f))
-    _checks.check_shape(b, "B", (out_f, a.shape[0]))
-    if a.shape[0] > min(in_f, out_f):
-        raise ValueError(f"A: rank r = {a.shape[0]} must be at most min(in, out) = {min(in_f, out_f)}")
-    s = _checks.real(scaling, "scaling")
-    bb = _bias(bias, out_f)
-    _no_dropout(dropout_mask, dropout_p, xx.shape)
+    ops = adapter_operands(x, A, B, scaling, in_features=in_f, out_features=out_f, bias=bias,
+                           dropout_mask=dropout_mask, dropout_p=dropout_p)
+    _no_dropout(ops.keep)
     if st.dtype not in ("float32", "float64"):
         raise NotImplementedError(f"state.dtype: the CuPy QLoRA kernels use the float32 weight f32(code·absmax); "
                                   f"a {st.dtype} state's weight is rounded to {st.dtype} by the reference")
-    if a.shape[0] > _MAX_RANK and not (xx.size // in_f <= 16 and in_f % 32 == 0):
-        raise NotImplementedError(f"A: the CuPy LoRA GEMM packs ranks up to {_MAX_RANK}, got r = {a.shape[0]}")
-    from refimpl.kernels.cupy_gpu import gemv4
+    if not (ops.x.size // in_f <= 16 and in_f % 32 == 0):  # the dequantize + GEMM path
+        _gemm_rank(ops.rank)
+    from refimpl.kernels.cupy_gpu import gemv4  # cupy is optional: imported only when a kernel runs
 
-    y = gemv4.qlora_forward(_upload32(xx.reshape(-1, in_f)), _cp().asarray(p), to_gpu_state(st), _upload32(a),
-                            _upload32(b), s, bias=None if bb is None else _upload32(bb))
-    return _host(y).reshape(*xx.shape[:-1], out_f)
+    y = gemv4.qlora_forward(_upload32(ops.x.reshape(-1, in_f)), _cp().asarray(p), to_gpu_state(st),
+                            _upload32(ops.A), _upload32(ops.B), ops.scaling,
+                            bias=None if ops.bias is None else _upload32(ops.bias))
+    return _host(y).reshape(*ops.x.shape[:-1], out_f)
 
 
 # ------------------------------------------------------------------------------------------- TIES

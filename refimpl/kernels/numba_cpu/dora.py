@@ -18,9 +18,9 @@ import numpy as np
 from numba import njit
 
 from refimpl import _checks
-from refimpl import dora as reference_dora
+from refimpl._linear_operands import linear_layer, linear_operands
 from refimpl.kernels.numba_cpu._parallel import parallel_ranges
-from refimpl.kernels.numba_cpu.lora import _layer, _mask, lora_branch_add
+from refimpl.kernels.numba_cpu.lora import lora_branch_add
 
 _TILE = 256
 
@@ -49,8 +49,8 @@ def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool 
     and B (out, r, 1, …): the norm over every axis but the first, on the (out, in·∏k) reshapes.
     """
     # the reference's own operand checks and (out, in) reshapes of Linear, Embedding and ConvNd weights
-    layer = reference_dora._layer(W, A, B, scaling, fan_in_fan_out, embedding, allow_conv=True)
-    return _row_norms(layer.w, layer.a, layer.b, layer.s)
+    layer = linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding, allow_conv=True)
+    return _row_norms(layer.W, layer.A, layer.B, layer.scaling)
 
 
 def _row_norms(w: np.ndarray, a: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
@@ -75,36 +75,30 @@ def forward(
     fan_in_fan_out: bool = False,
 ) -> np.ndarray:
     """``refimpl.dora.forward`` (eval form without a mask, PEFT's train form with one), float64."""
-    xx, w, a, b = _layer(x, W, A, B, fan_in_fan_out)
+    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                          fan_in_fan_out=fan_in_fan_out)
+    w, a, b, s = ops.W, ops.A, ops.B, ops.scaling
     out_f, in_f = w.shape
-    if a.shape[0] < 1:
-        raise ValueError(f"A: rank r = {a.shape[0]} must be in [1, min(out, in) = {min(w.shape)}]")
-    mm = _checks.float_array(m, "m", ndim=1)
-    _checks.check_shape(mm, "m", (out_f,))
-    s = _checks.real(scaling, "scaling")
-    bb = None
-    if bias is not None:
-        bb = _checks.float_array(bias, "bias", ndim=1)
-        _checks.check_shape(bb, "bias", (out_f,))
-    mask, p = _mask(dropout_mask, dropout_p, xx.shape)
+    m_arr = _checks.float_array(m, "m", ndim=1)
+    _checks.check_shape(m_arr, "m", (out_f,))
     norm = _row_norms(w, a, b, s)
     zero = np.flatnonzero(norm == 0)
     if zero.size:
         raise ValueError(f"W + s·B·A: row norm is zero at output row(s) {zero[:8].tolist()}; DoRA's direction "
                          "V/‖V‖ is undefined there (see spec/dora.md, special values)")
-    f = mm / norm
-    x2 = xx.reshape(-1, in_f)
+    f = m_arr / norm
+    x2 = ops.x.reshape(-1, in_f)
     y = np.matmul(x2, w.T)
-    if mask is None:
-        lora_branch_add(y, x2, a, b, s, None, 0.0)
+    if ops.keep is None:
+        lora_branch_add(y, x2, a, b, s, None)
         y *= f
     else:
-        xd = x2 * (mask.reshape(-1, in_f) / (1.0 - p))
+        xd = x2 * ops.keep.reshape(-1, in_f)
         u = np.matmul(xd, w.T)
         y -= u
-        lora_branch_add(u, xd, a, b, s, None, 0.0)
+        lora_branch_add(u, xd, a, b, s, None)
         u *= f
         y += u
-    if bb is not None:
-        y += bb
-    return y.reshape(*xx.shape[:-1], out_f)
+    if ops.bias is not None:
+        y += ops.bias
+    return y.reshape(*ops.x.shape[:-1], out_f)

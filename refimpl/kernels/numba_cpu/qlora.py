@@ -43,6 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from refimpl import _checks
+from refimpl._linear_operands import adapter_operands, layer_input
 from refimpl.kernels.numba_cpu import _quant_kernels as K
 from refimpl.kernels.numba_cpu import quant as nquant
 from refimpl.kernels.numba_cpu._bits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
@@ -342,23 +343,21 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
     if len(state.shape) != 2:
         raise ValueError(f"state: expected a 2-D (out_features, in_features) weight, got shape {state.shape}")
     n_out, k_in = state.shape
-    xx = _checks.float_array(x, "x")
-    if xx.ndim < 1 or xx.shape[-1] != k_in:
-        raise ValueError(f"x: expected shape (..., {k_in}), got shape {xx.shape}")
+    x_arr = layer_input(x, k_in)
     p = np.asarray(packed)
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
     if p.size != (state.n + 1) // 2:
         raise ValueError(f"packed: state describes shape {state.shape} ({(state.n + 1) // 2} bytes), "
                          f"got {p.size} bytes")
-    x2 = np.ascontiguousarray(xx.reshape(-1, k_in))
+    x2 = np.ascontiguousarray(x_arr.reshape(-1, k_in))
     y = np.empty((x2.shape[0], n_out), dtype=np.float64)
     kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
     flat = np.ascontiguousarray(p).reshape(-1)
     code = nquant.code_table(state, profile)
     if AVX2 and x2.shape[0] < GEMM_MIN_ROWS and k_in % state.blocksize == 0 and state.blocksize % 16 == 0:
         _gemv_avx2(x2, flat, state, code, kind, y)
-        return y.reshape(*xx.shape[:-1], n_out)
+        return y.reshape(*x_arr.shape[:-1], n_out)
     scales = nquant.block_scales(state)
     if x2.shape[0] == 1 and k_in % state.blocksize == 0:
         dequant_gemv_kernel(x2, flat, scales, n_out, k_in, state.blocksize, code, kind, y)
@@ -370,7 +369,7 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
             rows = min(_TILE_ROWS, n_out - lo)
             dequant_rows_kernel(flat, scales, lo, rows, k_in, state.blocksize, code, kind, tile)
             np.matmul(x2, tile[:rows].T, out=y[:, lo:lo + rows])
-    return y.reshape(*xx.shape[:-1], n_out)
+    return y.reshape(*x_arr.shape[:-1], n_out)
 
 
 def forward(
@@ -388,12 +387,10 @@ def forward(
 ) -> np.ndarray:
     """``refimpl.qlora.forward`` with the fused dequantize-matmul: y = x·W_dqᵀ + b + s·(drop(x)Aᵀ)Bᵀ."""
     y = dequant_matmul(x, packed, state, profile=profile)
-    n_out = state.shape[0]
-    if bias is not None:
-        b = _checks.float_array(bias, "bias")
-        _checks.check_shape(b, "bias", (n_out,))
-        y += b
-    xx = _checks.float_array(x, "x")
-    mask, p = _checks.keep_mask(dropout_mask, dropout_p, xx.shape)
-    lora_branch_add(y, xx, _checks.float_array(A, "A"), _checks.float_array(B, "B"), scaling, mask, p)
+    n_out, k_in = state.shape
+    ops = adapter_operands(x, A, B, scaling, in_features=k_in, out_features=n_out, bias=bias,
+                           dropout_mask=dropout_mask, dropout_p=dropout_p)
+    if ops.bias is not None:
+        y += ops.bias
+    lora_branch_add(y, ops.x, ops.A, ops.B, ops.scaling, ops.keep)
     return y
