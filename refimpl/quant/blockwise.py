@@ -55,12 +55,12 @@ U8 = npt.NDArray[np.uint8]
 
 def _quantize_4bit_core(x: F32, bs: int, quant_type: str, steps: Steps) -> tuple[U8, F32]:
     """QLoRA eq. 1 over the flattened float32 x (spec §4): the packed 4-bit codes and the block absmax."""
-    absmax = steps.block_absmax(x, bs)  # a_b = max_{i ∈ b} |x_i|                           §4.2
-    s = steps.scaled(x, absmax, bs)  # s_i = clamp(x_i · f32(1 / a_b), −1, 1)               §4.3
+    absmax = steps.block_absmax(x, bs)  # a_b = max_{i ∈ b} |x_i|  (§4.2)
+    s = steps.scaled(x, absmax, bs)  # s_i = clamp(x_i · f32(1 / a_b), −1, 1)  (§4.3)
     if x.size % 2:
-        s = np.append(s, steps.pad_scaled(absmax))  # an odd n is padded with one element   §4.5
-    nibbles = steps.nibbles(s, quant_type)  # q_i = #{ j : m_j < s_i }                      §4.4
-    return pack_nibbles(nibbles), absmax  # byte_k = 16 · nib_2k + nib_2k+1                 §4.6
+        s = np.append(s, steps.pad_scaled(absmax))  # an odd n is padded with one element  (§4.5)
+    nibbles = steps.nibbles(s, quant_type)  # q_i = #{ j : m_j < s_i }  (§4.4)
+    return pack_nibbles(nibbles), absmax  # byte_k = 16 · nib_2k + nib_2k+1  (§4.6)
 
 
 def _double_quantize_core(absmax: F32, threads: int, steps: Steps) -> tuple[np.float32, U8, F32]:

@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from refimpl import _checks
+from refimpl.kernels.cupy_gpu import nf4
 from refimpl.quant import QuantState, codebooks
 from refimpl.quant.blockwise import profile_steps
 from refimpl.quant.operands import NESTED_BLOCKSIZE, PROFILES, quant_operands
@@ -235,8 +236,6 @@ def to_gpu_state(state: QuantState) -> Any:
     The kernels use their own code tables (the standard NF4/FP4 codebooks, the dynamic 8-bit map, nested
     blocks of 256); a state with other tables raises NotImplementedError naming the field.
     """
-    from refimpl.kernels.cupy_gpu.nf4 import GpuQuantState
-
     state = _quant_state(state)
     cp = _cp()
     if not np.array_equal(state.code, codebooks.codebook(state.quant_type)):  # −0.0 == +0.0: FP4's zero sign
@@ -244,14 +243,14 @@ def to_gpu_state(state: QuantState) -> Any:
                                   "this state carries another table")
     dtype = state.dtype if state.dtype in ("float32", "float16", "bfloat16") else "float32"
     if not state.nested:
-        return GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize,
+        return nf4.GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize,
                              state.quant_type)
     if state.nested_blocksize != NESTED_BLOCKSIZE:
         raise NotImplementedError(f"state.nested_blocksize: the CuPy kernels use {NESTED_BLOCKSIZE}, "
                                   f"got {state.nested_blocksize}")
     if state.nested_code is None or not np.array_equal(state.nested_code, codebooks.codebook("dynamic8")):
         raise NotImplementedError("state.nested_code: the CuPy kernels use the dynamic 8-bit map")
-    return GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize, state.quant_type,
+    return nf4.GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize, state.quant_type,
                          cp.asarray(state.nested_absmax), cp.asarray(np.array([state.offset], np.float32)))
 
 
@@ -296,8 +295,6 @@ def quantize_4bit(
     _profile_only(profile)
     ops = quant_operands(x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite,
                          threads=threads)  # the reference's checks
-    from refimpl.kernels.cupy_gpu import nf4
-
     xd, kdt = _upload(ops.x)
     packed, gstate = nf4.quantize_4bit(xd, ops.blocksize, ops.quant_type, dtype=kdt)
     if ops.double_quant:
@@ -314,8 +311,6 @@ def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = Non
     st = _quant_state(state)
     _profile_only(st.profile if profile is None else profile)
     p = _packed(packed, st)
-    from refimpl.kernels.cupy_gpu import nf4
-
     gstate = to_gpu_state(st)
     out_dtype = gstate.dtype
     out = _host(nf4.dequantize_4bit(_cp().asarray(p), gstate, out_dtype=out_dtype), out_dtype)

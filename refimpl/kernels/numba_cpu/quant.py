@@ -4,7 +4,7 @@ Same rules, same bytes as the ``bitsandbytes-cpu`` profile of ``refimpl.quant`` 
 codes, absmax, nested state (offset, 8-bit codes, second-level absmax) and the dequantized bits
 are identical for float32, float16 and bfloat16 (``ml_dtypes.bfloat16``) inputs and every
 blocksize 32 … 4096. The per-element work is in ``_quant_kernels``; this module validates the
-arguments and builds the arrays.
+arguments with the reference's checks (``refimpl.quant.operands``, same errors) and builds the arrays.
 
     s_i   = clamp(x_i · f32(1/absmax_b), −1, 1)        (tail block: x_i / absmax_b)
     nib_i = #{ j : m_j < s_i }                          (float32 midpoints m_j; FP4 remapped)
