@@ -29,8 +29,8 @@ from refimpl.quant import blockwise as ref_blockwise
 from refimpl.quant.operands import BLOCKSIZES, NESTED_BLOCKSIZE, profile_name, quant_operands, raise_nonfinite
 from refimpl.quant.profiles.bitsandbytes_cpu import dynamic8_lut
 
-__all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "PROFILES", "QUANT_TYPES", "block_scales", "code_table", "dequantize_4bit",
-           "dequantize_absmax_8bit", "quantize_4bit", "quantize_absmax_8bit"]
+__all__ = ["BLOCKSIZES", "DYNAMIC8", "NESTED_BLOCKSIZE", "PROFILES", "QUANT_TYPES", "block_scales", "code_table",
+           "dequantize_4bit", "dequantize_absmax_8bit", "quantize_4bit", "quantize_absmax_8bit"]
 
 QUANT_TYPES = codebooks.QUANT_TYPES
 
@@ -44,7 +44,8 @@ def _tables(quant_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
 
 
 _TABLES = {qt: _tables(qt) for qt in QUANT_TYPES}
-_DYNAMIC8 = codebooks.codebook("dynamic8")
+#: the 8-bit dynamic map the nested statistics are decoded with (the QLoRA GEMV reads it too)
+DYNAMIC8 = codebooks.codebook("dynamic8")
 _KIND = {"float32": K.KIND_F32, "float16": K.KIND_F16, "bfloat16": K.KIND_BF16}
 PROFILES = ("reference", "bitsandbytes-cpu")
 
@@ -76,7 +77,7 @@ def dequantize_absmax_8bit(codes: Any, nested_absmax: Any, offset: Any) -> np.nd
         raise ValueError(f"nested_absmax: expected {-(-q.size // NESTED_BLOCKSIZE)} values for {q.size} codes, "
                          f"got {a2.size}")
     out = np.empty(q.size, dtype=np.float32)
-    K.dequantize_nested_kernel(q, a2, np.float32(offset), _DYNAMIC8, out)
+    K.dequantize_nested_kernel(q, a2, np.float32(offset), DYNAMIC8, out)
     return out
 
 
@@ -123,7 +124,7 @@ def quantize_4bit(
             centred = (absmax - offset).astype(np.float32)
         codes, a2 = ref_blockwise.quantize_blockwise_8bit(centred, NESTED_BLOCKSIZE, profile=ops.profile,
                                                           nonfinite="propagate")
-    return packed, QuantState(absmax=codes, offset=offset, nested_absmax=a2, nested_code=_DYNAMIC8.copy(),
+    return packed, QuantState(absmax=codes, offset=offset, nested_absmax=a2, nested_code=DYNAMIC8.copy(),
                               **fields)
 
 
