@@ -97,6 +97,24 @@ def test_reference_profile_raises_on_nonfinite_and_rounds_float64_once():
         Q.quantize_4bit(x, 64, "nf4", profile="bitsandbytes-cpu")
 
 
+def test_bad_input_gets_the_references_exact_error_message():
+    """The kernel validates through refimpl.quant.operands, so each bad input fails with the same text;
+    a float64 value that overflows float32 is caught after its one rounding, as the reference does."""
+    x = np.ones(100, dtype=np.float32)
+    x64 = np.ones(100)
+    x64[41] = 1e39
+    cases = [((x, 48), {}), ((x, 64, "int4"), {}), ((x, 64), {"nonfinite": "ignore"}),
+             ((x, 64, "nf4", 1), {}), ((x, 64), {"threads": 0}), ((np.ones(8, np.int32),), {}),
+             ((x64, 64), {}), ((np.where(np.arange(100) == 7, np.nan, x),), {}),
+             ((x64,), {"profile": "bitsandbytes-cpu"})]
+    for args, kw in cases:
+        with pytest.raises((TypeError, ValueError)) as ref:
+            R.quantize_4bit(*args, **kw)
+        with pytest.raises(ref.type, match=None) as got:
+            Q.quantize_4bit(*args, **kw)
+        assert str(got.value) == str(ref.value), (args[1:], kw)
+
+
 @given(hnp.arrays(np.float32, st.integers(1, 300),
                   elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
        st.sampled_from([32, 64, 128]), st.sampled_from(["nf4", "fp4"]))

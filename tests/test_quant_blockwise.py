@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from refimpl import precision, quant
-from refimpl.quant import QuantState, codebooks
+from refimpl.quant import QuantState, blockwise, codebooks, profiles
 
 U32 = precision.unit_roundoff("float32")
 
@@ -306,3 +306,17 @@ def test_cpu_bf16_tail_block_with_nan_dequantizes_to_positive_zero():
     assert np.all(out[64:] == 0) and not np.signbit(out[64:]).any()
     ref_packed, ref_state = quant.quantize_4bit(x.astype(ml_dtypes.bfloat16), 64, nonfinite="propagate")
     assert np.isnan(quant.dequantize_4bit(ref_packed, ref_state).astype(np.float32)).all()
+
+
+def test_profile_table_has_every_profile_and_replaces_only_named_steps():
+    """Each peer profile replaces some of the reference's steps and keeps the others."""
+    assert tuple(profiles.PROFILES) == quant.PROFILES
+    step_names = set(blockwise.Steps.__dataclass_fields__)
+    reference = blockwise.profile_steps("reference")
+    for name, replaced in profiles.PROFILES.items():
+        assert set(replaced) <= step_names, name
+        steps = blockwise.profile_steps(name)
+        for step in step_names:
+            expected = replaced.get(step, getattr(reference, step))
+            assert getattr(steps, step) is expected, (name, step)
+    assert profiles.PROFILES["reference"] == {}

@@ -31,9 +31,9 @@ import numpy.typing as npt
 
 from refimpl.conformance.table import Boundary, Case, OpSpec, Special
 from refimpl.conformance.tolerance import Bounded, Exact
+from refimpl.quant.operands import BLOCKSIZES as _BLOCKSIZES
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _F32 = np.float32
 
 #: Public functions of refimpl.quant / refimpl.qlora that are not array ops (no row).
@@ -288,13 +288,13 @@ def _dq_cls(dq: bool) -> str:
 def _offset_case(profile: str, want_lut: bool) -> np.ndarray:
     """Blocks of 32 (x = [a_i, smaller values]) whose absmax vector makes a float32 numpy mean differ from
     the profile's offset (and, for bitsandbytes-cpu, the LUT codes differ from the nearest codes)."""
-    from refimpl.quant import blockwise, nested
+    from refimpl.quant import blockwise
 
     nblocks = 300 if want_lut else 40
     for seed in range(400):
         rng = np.random.default_rng(1000 + seed)
         a = rng.uniform(0.5, 8.0, nblocks).astype(np.float32)
-        off = nested.absmax_offset(a, profile)
+        off = blockwise.profile_steps(profile).absmax_offset(a, 1)
         if _F32(np.mean(a, dtype=np.float32)) == off:
             continue
         if want_lut:
@@ -614,7 +614,7 @@ def _byte_state(shape: tuple[int, ...], bs: int, quant_type: str, dtype: str, se
     """Packed bytes cycling through all 256 values with random per-block scales (a state no quantizer need
     produce, so every nibble meets every block position)."""
     from refimpl.quant import QuantState, codebooks
-    from refimpl.quant import nested as nst
+    from refimpl.quant.nested import correctly_rounded_mean
 
     rng = np.random.default_rng(seed)
     n = int(np.prod(shape))
@@ -628,7 +628,7 @@ def _byte_state(shape: tuple[int, ...], bs: int, quant_type: str, dtype: str, se
     a2 = rng.uniform(0.5, 3.0, -(-nblocks // 256)).astype(np.float32)
     return {"packed": packed, "state": QuantState(
         shape=shape, dtype=dtype, blocksize=bs, quant_type=quant_type, absmax=codes,
-        code=codebooks.codebook(quant_type), offset=nst.absmax_offset(absmax, "reference"), nested_absmax=a2,
+        code=codebooks.codebook(quant_type), offset=correctly_rounded_mean(absmax), nested_absmax=a2,
         nested_code=codebooks.codebook("dynamic8"))}
 
 
@@ -1008,7 +1008,8 @@ def _check_boundary() -> list[Boundary]:
     out.append(Boundary("equal codes", {"packed": packed, "state": state, "x": x},
                         ("value: equal codes", "option: quant_type=nf4", "shape: tail block", "option: ulps default")))
     # thresholds: flip every code whose scaled value is within 1 ulp of a midpoint to its neighbour
-    s = blockwise._block_absmax_and_scaled(x, 32, "reference")[1]
+    steps = blockwise.profile_steps("reference")
+    s = steps.scaled(x, steps.block_absmax(x, 32), 32)
     nib = blockwise.unpack_nibbles(packed, x.size).astype(np.int64)
     mids = _midpoints("nf4")
     near = np.flatnonzero(np.min(np.abs(s[:, None].astype(np.float64) - mids[None, :]), axis=1)

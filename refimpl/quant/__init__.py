@@ -3,7 +3,6 @@ bitsandbytes 0.50.2, with 8-bit double quantization and a checker that classifie
 nibbles. The written rules are spec/nf4.md."""
 
 from refimpl.quant.blockwise import (
-    BLOCKSIZES,
     dequantize_4bit,
     dequantize_blockwise_8bit,
     pack_nibbles,
@@ -14,7 +13,8 @@ from refimpl.quant.blockwise import (
 )
 from refimpl.quant.check import Check4bitReport, check_4bit
 from refimpl.quant.codebooks import QUANT_TYPES, codebook
-from refimpl.quant.state import PROFILES, QuantState
+from refimpl.quant.operands import BLOCKSIZES, PROFILES
+from refimpl.quant.state import QuantState
 
 __all__ = [
     "BLOCKSIZES",

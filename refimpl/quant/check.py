@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from refimpl import _checks
 from refimpl.quant import blockwise, codebooks
+from refimpl.quant.operands import float_input_array
 from refimpl.quant.state import QuantState
 
 
@@ -87,7 +88,7 @@ def check_4bit(packed: npt.ArrayLike, state: QuantState, x: npt.ArrayLike, *, pr
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
     ulps = _checks.real(ulps, "ulps", low=0)
-    arr = blockwise.float_input_array(x, "x")
+    arr = float_input_array(x, "x")
     if tuple(arr.shape) != state.shape:
         raise ValueError(f"x: expected the state's shape {state.shape}, got shape {arr.shape}")
     p = np.asarray(packed)
@@ -113,8 +114,8 @@ def check_4bit(packed: npt.ArrayLike, state: QuantState, x: npt.ArrayLike, *, pr
         g, e = got[diff].astype(np.int64), exp[diff].astype(np.int64)
         xs = arr.reshape(-1)[diff].astype(np.float64)
         # Scales from the reference's own per-block absmax before any nesting.
-        raw_absmax = blockwise._block_absmax_and_scaled(
-            arr.reshape(-1).astype(np.float32), state.blocksize, profile)[0]
+        raw_absmax = blockwise.profile_steps(profile).block_absmax(
+            arr.reshape(-1).astype(np.float32), state.blocksize)
         a = raw_absmax[diff // state.blocksize].astype(np.float64)
         block_bad = ~np.isfinite(raw_absmax) | (np.abs(raw_absmax) < np.finfo(np.float32).tiny)
         x32 = arr.reshape(-1).astype(np.float32)

@@ -9,8 +9,9 @@ The float32 absmax vector a (one value per 4-bit block) is stored as 8-bit codes
         q_i  = code of f32(c_i · f32(1/a2_k)) in d
     dequantized:  â_i = f32(f32(d[q_i] · a2_k) + offset)
 
-What differs between profiles is the mean's rounding (``absmax_offset``) and the
-8-bit code choice (``blockwise.quantize_blockwise_8bit``); spec/nf4.md §7.
+What differs between profiles is the mean's rounding (the reference's ``correctly_rounded_mean``;
+bitsandbytes-cpu's torch order, ``profiles.bitsandbytes_cpu.absmax_offset``) and the 8-bit code choice
+(``blockwise.quantize_blockwise_8bit``); spec/nf4.md §7.
 
 This module also emulates PyTorch's CPU float32 sum (the "cascade sum" of
 aten/src/ATen/native/cpu/SumKernel.cpp), because bitsandbytes' offset is
@@ -116,17 +117,12 @@ def torch_cpu_sum_float32(x: np.ndarray, threads: int = 1) -> np.float32:
     return np.float32(np.float32(0) + _cascade_sum_serial(buffer))
 
 
-def absmax_offset(absmax: np.ndarray, profile: str, *, threads: int = 1) -> np.float32:
-    """offset = mean(absmax) in float32.
-
-    reference, bitsandbytes-cuda: the correctly rounded mean f32(Σa/n) (math.fsum); CUDA's own
-    reduction order is not emulated (spec/nf4.md §7). bitsandbytes-cpu: torch's CPU float32 sum,
-    then a float32 division by n (torch.mean on CPU is sum().div_(n)).
-    """
+def correctly_rounded_mean(absmax: np.ndarray) -> np.float32:
+    """offset = f32(Σa / n), the correctly rounded mean (math.fsum): the reference's offset, and the
+    bitsandbytes-cuda profile's (CUDA's reduction order is not emulated; spec/nf4.md §7). A NaN or +inf
+    absmax (nonfinite="propagate") gives a NaN or +inf mean."""
     a = np.asarray(absmax, dtype=np.float32)
-    if profile == "bitsandbytes-cpu":
-        return np.float32(torch_cpu_sum_float32(a, threads) / np.float32(a.size))
-    if not np.isfinite(a).all():  # NaN or +inf absmax (nonfinite="propagate"): the mean is NaN or +inf
+    if not np.isfinite(a).all():
         return np.float32(np.mean(a.astype(np.float64)))
     return np.float32(math.fsum(a.astype(np.float64).tolist()) / a.size)
 

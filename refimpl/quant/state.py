@@ -19,10 +19,9 @@ import numpy as np
 
 from refimpl import _checks
 from refimpl.quant import codebooks, nested
+from refimpl.quant.operands import PROFILES, valid_blocksize
 
-PROFILES = ("reference", "bitsandbytes-cpu", "bitsandbytes-cuda")
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def _array(value: Any, name: str, dtype: Any, size: int | None = None) -> np.ndarray:
@@ -63,9 +62,7 @@ class QuantState:
         if prod(shape) == 0:
             raise ValueError(f"shape: expected a non-empty shape, got {shape}")
         _checks.choice(self.dtype, "dtype", OUTPUT_DTYPES)
-        bs = _checks.integer(self.blocksize, "blocksize")
-        if bs not in _BLOCKSIZES:
-            raise ValueError(f"blocksize: expected one of {', '.join(map(str, _BLOCKSIZES))}, got {bs}")
+        valid_blocksize(self.blocksize)
         _checks.choice(self.quant_type, "quant_type", codebooks.QUANT_TYPES)
         _checks.choice(self.profile, "profile", PROFILES)
         object.__setattr__(self, "code", _array(self.code, "code", np.float32, 16))

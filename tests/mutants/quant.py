@@ -22,11 +22,12 @@ from refimpl import lora, qlora, quant
 from refimpl.quant import blockwise as bw
 from refimpl.quant import codebooks as cb
 from refimpl.quant import nested as nst
+from refimpl.quant.operands import ABSMAX_MIN as _TINY
+from refimpl.quant.profiles.bitsandbytes_cpu import ALL_ONES_NAN as _NAN_ALL_ONES
+from refimpl.quant.profiles.bitsandbytes_cpu import dynamic8_lut
 from tests.mutants import Mutant
 
 _F32 = np.float32
-_TINY = _F32(1e-38)
-_NAN_ALL_ONES = np.array(0xFFFFFFFF, dtype=np.uint32).view(np.float32)
 
 
 # ---------------------------------------------------------------------------- quantize_4bit with one knob
@@ -100,7 +101,7 @@ def _nested(absmax: np.ndarray, profile: str, threads: int, *, offset_rule: str 
         with np.errstate(all="ignore"):
             offset = _F32(np.mean(absmax, dtype=_F32))
     else:
-        offset = nst.absmax_offset(absmax, profile if offset_rule == "profile" else "reference", threads=threads)
+        offset = bw.profile_steps(profile if offset_rule == "profile" else "reference").absmax_offset(absmax, threads)
     with np.errstate(all="ignore"):
         centred = (absmax - offset).astype(_F32)
     code_profile = profile if codes_rule == "profile" else "reference"
@@ -111,7 +112,7 @@ def _nested(absmax: np.ndarray, profile: str, threads: int, *, offset_rule: str 
             dyn = cb.codebook("dynamic8")
             if code_profile == "bitsandbytes-cpu":
                 t = ((v + _F32(1)) * _F32(0.5) * _F32(65535) + _F32(0.5)).astype(_F32)
-                codes = bw._cpu_lut(dyn)[np.clip(np.nan_to_num(t).astype(np.int64), 0, 65535)]
+                codes = dynamic8_lut()[np.clip(np.nan_to_num(t).astype(np.int64), 0, 65535)]
             else:
                 codes = np.searchsorted(cb.float32_midpoints(dyn), v, side="left").clip(0, 255).astype(np.uint8)
     return offset, codes.astype(np.uint8), a2
@@ -185,8 +186,8 @@ def _dq4(packed: Any, state: Any, *, profile: str | None = None, row_index: bool
     if bf16_trunc and state.dtype == "bfloat16":
         out = (values.view(np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
     else:
-        cpp = prof == "bitsandbytes-cpu" and bw.fp4_zero_is_negative(prof, state.shape)
-        out = bw._cast_output(values, state.dtype, cpp)
+        with np.errstate(all="ignore"):
+            out = bw.profile_steps(prof).cast_output(values, state.dtype, state.shape)
     return out.reshape(state.shape)
 
 

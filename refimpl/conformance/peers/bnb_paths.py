@@ -190,7 +190,8 @@ def peer_dequantize(packed: Any, state: Any, path: str, h: Host | None = None) -
     * SCALAR: index = flat // bs; FP4 nibble 8 = −0.0; bf16 by ``float_to_bf16`` (RNE bit arithmetic);
     * torch paths: index = flat // bs; FP4 nibble 8 = +0.0; torch's round-to-nearest-even casts.
     """
-    from refimpl.quant.blockwise import _bf16_cpp, unpack_nibbles
+    from refimpl.quant.blockwise import unpack_nibbles
+    from refimpl.quant.profiles.bitsandbytes_cpu import bf16_cpp
 
     if path not in PATHS or path == UNKNOWN:
         raise ValueError(f"path: no model of bitsandbytes' dequantize path {path!r}")
@@ -212,7 +213,7 @@ def peer_dequantize(packed: Any, state: Any, path: str, h: Host | None = None) -
         if path == AVX512:
             out = _bf16_round_bits(values, avx512_bf16=bool(h is not None and h.cpp_bf16))
         elif path == SCALAR:
-            out = _bf16_cpp(values)
+            out = bf16_cpp(values)
         else:
             out = values.astype(ml_dtypes.bfloat16)
     else:

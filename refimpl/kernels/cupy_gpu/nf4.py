@@ -29,10 +29,12 @@ import numpy as np
 
 from refimpl.kernels.cupy_gpu import _device as D
 from refimpl.quant import codebooks as cb
+from refimpl.quant.operands import BLOCKSIZES, NESTED_BLOCKSIZE
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-QUANT_TYPES = ("nf4", "fp4")
-NESTED_BLOCKSIZE = 256
+__all__ = ["BLOCKSIZES", "DEQUANT_SLOTS", "NESTED_BLOCKSIZE", "QUANT_SLOTS", "QUANT_TYPES", "GpuQuantState",
+           "dequantize_4bit", "quantize_4bit", "quantize_absmax"]
+
+QUANT_TYPES = cb.QUANT_TYPES
 _QT = {"nf4": 0, "fp4": 1}
 #: quant blocks per thread (blocksize ≤ 256) and 16-element groups per thread in dequantization:
 #: independent loads in flight per thread, the lever for bandwidth (PERFORMANCE.md)

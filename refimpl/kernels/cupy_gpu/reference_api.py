@@ -36,9 +36,10 @@ import numpy as np
 
 from refimpl import _checks
 from refimpl._linear_operands import adapter_operands, linear_operands
+from refimpl.kernels.cupy_gpu import nf4
 from refimpl.quant import QuantState, codebooks
-from refimpl.quant import blockwise as _blockwise
-from refimpl.quant import nested as _nested
+from refimpl.quant.blockwise import profile_steps
+from refimpl.quant.operands import NESTED_BLOCKSIZE, PROFILES, quant_operands
 
 #: the profile of refimpl.quant that the quant kernels reproduce bit for bit
 PROFILE = "bitsandbytes-cuda"
@@ -211,8 +212,6 @@ def to_gpu_state(state: QuantState) -> Any:
     The kernels use their own code tables (the standard NF4/FP4 codebooks, the dynamic 8-bit map, nested
     blocks of 256); a state with other tables raises NotImplementedError naming the field.
     """
-    from refimpl.kernels.cupy_gpu.nf4 import NESTED_BLOCKSIZE, GpuQuantState
-
     state = _quant_state(state)
     cp = _cp()
     if not np.array_equal(state.code, codebooks.codebook(state.quant_type)):  # −0.0 == +0.0: FP4's zero sign
@@ -220,14 +219,14 @@ def to_gpu_state(state: QuantState) -> Any:
                                   "this state carries another table")
     dtype = state.dtype if state.dtype in ("float32", "float16", "bfloat16") else "float32"
     if not state.nested:
-        return GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize,
+        return nf4.GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize,
                              state.quant_type)
     if state.nested_blocksize != NESTED_BLOCKSIZE:
         raise NotImplementedError(f"state.nested_blocksize: the CuPy kernels use {NESTED_BLOCKSIZE}, "
                                   f"got {state.nested_blocksize}")
     if state.nested_code is None or not np.array_equal(state.nested_code, codebooks.codebook("dynamic8")):
         raise NotImplementedError("state.nested_code: the CuPy kernels use the dynamic 8-bit map")
-    return GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize, state.quant_type,
+    return nf4.GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize, state.quant_type,
                          cp.asarray(state.nested_absmax), cp.asarray(np.array([state.offset], np.float32)))
 
 
@@ -244,8 +243,6 @@ def from_gpu_state(gstate: Any, *, shape: tuple[int, ...], dtype: str, profile: 
 
 
 def _profile_only(profile: Any) -> str:
-    from refimpl.quant.state import PROFILES
-
     p = _checks.choice(profile, "profile", PROFILES)
     if p != PROFILE:
         raise NotImplementedError(f"profile: the CuPy quant kernels reproduce profile={PROFILE!r} only, got {p!r}")
@@ -271,22 +268,16 @@ def quantize_4bit(
     (spec/nf4.md §7). ``threads`` only matters to the bitsandbytes-cpu profile and is validated only.
     Any other profile raises NotImplementedError.
     """
-    prof = _profile_only(profile)
-    mode = _blockwise._nonfinite_mode(nonfinite, prof)
-    bs = _blockwise._blocksize(blocksize)
-    _checks.choice(quant_type, "quant_type", codebooks.QUANT_TYPES)
-    dq = _checks.boolean(double_quant, "double_quant")
-    _checks.integer(threads, "threads", low=1)
-    _, dtype_name, shape = _blockwise._float32_input(x, "x", prof, mode)  # the reference's checks
-    from refimpl.kernels.cupy_gpu import nf4
-
-    xd, kdt = _upload(np.asarray(x).reshape(-1))
-    packed, gstate = nf4.quantize_4bit(xd, bs, quant_type, dtype=kdt)
-    if dq:
-        offset = _nested.absmax_offset(_host(gstate.absmax), prof)
+    _profile_only(profile)
+    ops = quant_operands(x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite,
+                         threads=threads)  # the reference's checks
+    xd, kdt = _upload(ops.x)
+    packed, gstate = nf4.quantize_4bit(xd, ops.blocksize, ops.quant_type, dtype=kdt)
+    if ops.double_quant:
+        offset = profile_steps(ops.profile).absmax_offset(_host(gstate.absmax), ops.threads)
         codes, absmax2, off = nf4.quantize_absmax(gstate.absmax, offset=_cp().asarray(np.array([offset], np.float32)))
-        gstate = nf4.GpuQuantState(codes, gstate.shape, gstate.dtype, bs, quant_type, absmax2, off)
-    return _host(packed), from_gpu_state(gstate, shape=shape, dtype=dtype_name, profile=prof)
+        gstate = nf4.GpuQuantState(codes, gstate.shape, gstate.dtype, ops.blocksize, ops.quant_type, absmax2, off)
+    return _host(packed), from_gpu_state(gstate, shape=ops.shape, dtype=ops.dtype, profile=ops.profile)
 
 
 def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
@@ -296,8 +287,6 @@ def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = Non
     st = _quant_state(state)
     _profile_only(st.profile if profile is None else profile)
     p = _packed(packed, st)
-    from refimpl.kernels.cupy_gpu import nf4
-
     gstate = to_gpu_state(st)
     out_dtype = gstate.dtype
     out = _host(nf4.dequantize_4bit(_cp().asarray(p), gstate, out_dtype=out_dtype), out_dtype)
@@ -326,8 +315,6 @@ def qlora_forward(
     reference's weight for float32 and float64 states; float16/bfloat16 states (rounded Ŵ) raise
     NotImplementedError, as does ``dropout_mask``.
     """
-    from refimpl.quant.state import PROFILES
-
     st = _quant_state(state)
     if len(st.shape) != 2:
         raise ValueError(f"state: expected a 2-D (out_features, in_features) weight, got shape {st.shape}")

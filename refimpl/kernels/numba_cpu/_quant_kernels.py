@@ -22,9 +22,9 @@ from numba import njit
 
 from refimpl.kernels.numba_cpu._bits import bf16_to_f32, bits_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 from refimpl.kernels.numba_cpu._parallel import parallel_ranges
+from refimpl.quant.operands import ABSMAX_MIN
 
 KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2
-_TINY = np.float32(1e-38)
 _ONE = np.float32(1.0)
 
 
@@ -94,7 +94,7 @@ def _block_nibbles(src, off, m, inv, amc, full, bounds, nib):
 def _quantize_block(src, off, m, full, bounds, order, remap, zero_nib, nib, packed, base):
     """Quantize src[off:off+m] (float32) into packed[base:]; returns the stored absmax."""
     am = _absmax(src, off, m)
-    amc = _TINY if am < _TINY else am  # clamp(min=1e-38); NaN stays NaN
+    amc = ABSMAX_MIN if am < ABSMAX_MIN else am  # clamp(min=1e-38); NaN stays NaN
     inv = _ONE / amc
     _block_nibbles(src, off, m, inv, amc, full, bounds, nib)
     nib[m] = zero_nib  # the pad of an odd n

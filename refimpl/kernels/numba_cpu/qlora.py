@@ -315,7 +315,7 @@ def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.nda
     """The AVX2 kernel on validated arrays; nested statistics (blocks of 256) are decoded in the kernel."""
     n_out, k_in = state.shape
     nblocks = n_out * k_in // state.blocksize
-    dyn = nquant._nested_tables()[0]
+    dyn = nquant.DYNAMIC8
     if state.nested and state.nested_blocksize == nquant.NESTED_BLOCKSIZE:
         q = np.ascontiguousarray(state.absmax, dtype=np.uint8).reshape(-1)
         a2 = np.ascontiguousarray(state.nested_absmax, dtype=np.float32).reshape(-1)

@@ -4,7 +4,7 @@ Same rules, same bytes as the ``bitsandbytes-cpu`` profile of ``refimpl.quant`` 
 codes, absmax, nested state (offset, 8-bit codes, second-level absmax) and the dequantized bits
 are identical for float32, float16 and bfloat16 (``ml_dtypes.bfloat16``) inputs and every
 blocksize 32 … 4096. The per-element work is in ``_quant_kernels``; this module validates the
-arguments and builds the arrays.
+arguments with the reference's checks (``refimpl.quant.operands``, same errors) and builds the arrays.
 
     s_i   = clamp(x_i · f32(1/absmax_b), −1, 1)        (tail block: x_i / absmax_b)
     nib_i = #{ j : m_j < s_i }                          (float32 midpoints m_j; FP4 remapped)
@@ -26,13 +26,13 @@ from refimpl import _checks
 from refimpl.kernels.numba_cpu import _quant_kernels as K
 from refimpl.quant import QuantState, codebooks
 from refimpl.quant import blockwise as ref_blockwise
-from refimpl.quant import nested as ref_nested
-from refimpl.quant import state as ref_state
-from refimpl.quant.blockwise import float_input_array
+from refimpl.quant.operands import BLOCKSIZES, NESTED_BLOCKSIZE, profile_name, quant_operands, raise_nonfinite
+from refimpl.quant.profiles.bitsandbytes_cpu import dynamic8_lut
 
-BLOCKSIZES = ref_blockwise.BLOCKSIZES
+__all__ = ["BLOCKSIZES", "DYNAMIC8", "NESTED_BLOCKSIZE", "PROFILES", "QUANT_TYPES", "block_scales", "code_table",
+           "dequantize_4bit", "dequantize_absmax_8bit", "quantize_4bit", "quantize_absmax_8bit"]
+
 QUANT_TYPES = codebooks.QUANT_TYPES
-NESTED_BLOCKSIZE = 256
 
 
 def _tables(quant_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -44,47 +44,10 @@ def _tables(quant_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
 
 
 _TABLES = {qt: _tables(qt) for qt in QUANT_TYPES}
-_NESTED: dict[str, np.ndarray] = {}
-
-
-def _nested_tables() -> tuple[np.ndarray, np.ndarray]:
-    """(dynamic map, bitsandbytes' CPU 65,536-entry LUT): LUT[i] = #{ j : m_j < f32(−1 + f32(2i)/65535) }."""
-    if not _NESTED:
-        dyn = codebooks.codebook("dynamic8")
-        mids = codebooks.float32_midpoints(dyn)
-        grid = (np.float32(-1.0) + (np.arange(65536, dtype=np.float32) * np.float32(2.0)) / np.float32(65535.0))
-        _NESTED["dyn"] = dyn
-        _NESTED["lut"] = np.searchsorted(mids, grid.astype(np.float32), side="left").astype(np.uint8)
-    return _NESTED["dyn"], _NESTED["lut"]
-
-
+#: the 8-bit dynamic map the nested statistics are decoded with (the QLoRA GEMV reads it too)
+DYNAMIC8 = codebooks.codebook("dynamic8")
 _KIND = {"float32": K.KIND_F32, "float16": K.KIND_F16, "bfloat16": K.KIND_BF16}
 PROFILES = ("reference", "bitsandbytes-cpu")
-
-
-def _input(x: Any, profile: str, nonfinite: str) -> tuple[np.ndarray, int, str, tuple[int, ...]]:
-    """(flat float32 array or uint16 bits, kind, dtype name, shape); float64 only in the reference profile."""
-    arr = float_input_array(x, "x")
-    dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-                  np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float64): "float64"}[np.dtype(arr.dtype)]
-    if dtype_name == "float64":
-        if profile != "reference":
-            raise TypeError(f"x: profile {profile!r} accepts float32, float16 or bfloat16 (bitsandbytes refuses "
-                            f"float64), got {_checks.describe(arr)}; use profile='reference'")
-        if nonfinite == "raise":
-            _raise_nonfinite(arr)
-        arr = arr.astype(np.float32)
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    kind = _KIND.get(dtype_name, K.KIND_F32)
-    return (flat if kind == K.KIND_F32 else flat.view(np.uint16)), kind, dtype_name, tuple(np.shape(x))
-
-
-def _raise_nonfinite(arr: np.ndarray) -> None:
-    flat = np.asarray(arr).reshape(-1).astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(flat))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"x: expected finite values (or nonfinite='propagate'), got {flat[i]} at flat index {i}")
 
 
 # ---------------------------------------------------------------- public API
@@ -98,7 +61,7 @@ def quantize_absmax_8bit(absmax: Any, *, threads: int = 1) -> tuple[np.ndarray, 
     """
     a = np.ascontiguousarray(np.asarray(absmax, dtype=np.float32).reshape(-1))
     threads = _checks.integer(threads, "threads", low=1)
-    lut = _nested_tables()[1]
+    lut = dynamic8_lut()
     offset = np.float32(K.torch_cpu_sum_f32(a, threads, 8) / np.float32(a.size))
     codes = np.empty(a.size, dtype=np.uint8)
     a2 = np.empty(-(-a.size // NESTED_BLOCKSIZE), dtype=np.float32)
@@ -114,7 +77,7 @@ def dequantize_absmax_8bit(codes: Any, nested_absmax: Any, offset: Any) -> np.nd
         raise ValueError(f"nested_absmax: expected {-(-q.size // NESTED_BLOCKSIZE)} values for {q.size} codes, "
                          f"got {a2.size}")
     out = np.empty(q.size, dtype=np.float32)
-    K.dequantize_nested_kernel(q, a2, np.float32(offset), _nested_tables()[0], out)
+    K.dequantize_nested_kernel(q, a2, np.float32(offset), DYNAMIC8, out)
     return out
 
 
@@ -136,38 +99,33 @@ def quantize_4bit(
     offset (torch's summation order) and LUT codes here). "bitsandbytes-cuda" is not provided.
     Returns (packed uint8 of shape ((n+1)//2, 1), QuantState).
     """
-    profile = _checks.choice(profile, "profile", PROFILES)
-    mode = "raise" if nonfinite is None and profile == "reference" else \
-        ("propagate" if nonfinite is None else _checks.choice(nonfinite, "nonfinite", ("raise", "propagate")))
-    bs = _checks.integer(blocksize, "blocksize")
-    if bs not in BLOCKSIZES:
-        raise ValueError(f"blocksize: expected one of {', '.join(map(str, BLOCKSIZES))}, got {bs}")
-    _checks.choice(quant_type, "quant_type", QUANT_TYPES)
-    nested = _checks.boolean(double_quant, "double_quant")
-    threads = _checks.integer(threads, "threads", low=1)
-    flat, kind, dtype_name, shape = _input(x, profile, mode)
-    code, bounds, order, zero_nib = _TABLES[quant_type]
+    ops = quant_operands(x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite,
+                         threads=threads, profiles=PROFILES, check_finite=False)
+    kind = _KIND.get(ops.dtype, K.KIND_F32)  # float64 arrives rounded to float32
+    flat = np.ascontiguousarray(ops.x)
+    code, bounds, order, zero_nib = _TABLES[ops.quant_type]
     n = flat.size
     packed: np.ndarray = np.empty((n + 1) // 2, dtype=np.uint8)  # reshaped to (-1, 1) below
-    absmax = np.empty(-(-n // bs), dtype=np.float32)
-    K.quantize_4bit_kernel(flat, kind, n, bs, bounds, order, zero_nib, packed, absmax)
-    if mode == "raise" and not np.isfinite(absmax).all():  # any NaN/inf makes its block's absmax non-finite
-        _raise_nonfinite(np.asarray(x))
+    absmax = np.empty(-(-n // ops.blocksize), dtype=np.float32)
+    K.quantize_4bit_kernel(flat if kind == K.KIND_F32 else flat.view(np.uint16), kind, n, ops.blocksize, bounds,
+                           order, zero_nib, packed, absmax)
+    if ops.nonfinite == "raise" and not np.isfinite(absmax).all():  # NaN/inf make their block's absmax non-finite
+        raise_nonfinite(flat, "x")
     packed = packed.reshape(-1, 1)
-    if not nested:
-        return packed, QuantState(shape=shape, dtype=dtype_name, blocksize=bs, quant_type=quant_type,
-                                  absmax=absmax, code=code.copy(), profile=profile)
-    if profile == "bitsandbytes-cpu":
-        codes, a2, offset = quantize_absmax_8bit(absmax, threads=threads)
+    fields: dict[str, Any] = dict(shape=ops.shape, dtype=ops.dtype, blocksize=ops.blocksize,
+                                  quant_type=ops.quant_type, code=code.copy(), profile=ops.profile)
+    if not ops.double_quant:
+        return packed, QuantState(absmax=absmax, **fields)
+    if ops.profile == "bitsandbytes-cpu":
+        codes, a2, offset = quantize_absmax_8bit(absmax, threads=ops.threads)
     else:
-        offset = ref_nested.absmax_offset(absmax, profile, threads=threads)
+        offset = ref_blockwise.profile_steps(ops.profile).absmax_offset(absmax, ops.threads)
         with np.errstate(invalid="ignore", over="ignore"):
             centred = (absmax - offset).astype(np.float32)
-        codes, a2 = ref_blockwise.quantize_blockwise_8bit(centred, NESTED_BLOCKSIZE, profile=profile,
+        codes, a2 = ref_blockwise.quantize_blockwise_8bit(centred, NESTED_BLOCKSIZE, profile=ops.profile,
                                                           nonfinite="propagate")
-    return packed, QuantState(shape=shape, dtype=dtype_name, blocksize=bs, quant_type=quant_type,
-                              absmax=codes, code=code.copy(), offset=offset, nested_absmax=a2,
-                              nested_code=_nested_tables()[0].copy(), profile=profile)
+    return packed, QuantState(absmax=codes, offset=offset, nested_absmax=a2, nested_code=DYNAMIC8.copy(),
+                              **fields)
 
 
 def block_scales(state: QuantState) -> np.ndarray:
@@ -181,11 +139,7 @@ def block_scales(state: QuantState) -> np.ndarray:
 
 def code_table(state: QuantState, profile: str | None = None) -> np.ndarray:
     """The 16 float32 values by nibble, with FP4 nibble 8's zero sign as ``profile`` dequantizes it."""
-    prof = state.profile if profile is None else profile
-    code = np.asarray(state.code, dtype=np.float32).copy()
-    if state.quant_type == "fp4" and ref_blockwise.fp4_zero_is_negative(prof, state.shape):
-        code[8] = np.float32(-0.0)
-    return code
+    return ref_blockwise.dequantization_code(state, state.profile if profile is None else profile)
 
 
 def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
@@ -196,7 +150,7 @@ def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = Non
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
     if profile is not None:
-        _checks.choice(profile, "profile", ref_state.PROFILES)
+        profile_name(profile)
     p = np.asarray(packed)
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
