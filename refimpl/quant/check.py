@@ -22,14 +22,16 @@ explains it. Each cause is a testable hypothesis: the reference step is re-run o
 rule changed, and the cause is named where that reproduces the nibble under test:
 
 * ``special`` / ``zero_sign``: as above (a special-value block; FP4's ±0);
+Single rules are tried in this order (the smallest change first):
+
 * ``codebook``: the state's own ``code`` (16 levels; e.g. torchao's 4-decimal NF4) instead of the
   format's, with nearest-level rounding at its float32 midpoints;
-* ``precision:bfloat16`` / ``precision:float16``: s and the distances |s − c_j| computed in that dtype
-  (every step rounded to it), the nearest level by argmin (ties to the lower index); a 16-bit input is
-  tried in its own dtype only;
 * ``scaling``: the other scaling rule, x / a in a full block or x·f32(1/a) in a tail block
   (reciprocal vs division);
 * ``ties``: exact ties at a threshold go to the higher code;
+* ``precision:bfloat16`` / ``precision:float16``: s and the distances |s − c_j| computed in the input's
+  own 16-bit dtype (every step rounded to it), the nearest level by argmin (ties to the lower index); not
+  tried for a float32 input (computing it in 16 bits is a bug, not a design);
 * a ``+``-joined name (e.g. ``codebook+precision:bfloat16``): only that combination reproduces it (single
   rules are tried first, then pairs, then triples);
 * ``admissible``: none of the rules reproduces it but it lies within ``ulps`` of a threshold (above);
@@ -169,16 +171,20 @@ def _nibbles_under(rules: _Rules, xs: np.ndarray, a: np.ndarray, tail: np.ndarra
 
 def _hypotheses(state_code: np.ndarray, quant_type: str, dtype: str) -> list[_Rules]:
     """Every rule set that differs from the reference, fewest changes first (a fixed order within a size).
-    A 16-bit input is tried in its own dtype only (an implementation computes in its input's dtype or wider);
-    a float32 input in both."""
-    precisions = [dtype] if dtype in _LOW_PRECISION else list(_LOW_PRECISION)
+    Lower precision is tried for a 16-bit input only, in its own dtype (an implementation computes in its
+    input's dtype or wider; a float32 input computed in 16 bits is a bug, not a design)."""
+    precisions = [dtype] if dtype in _LOW_PRECISION else []
     codes: list[np.ndarray | None] = [None]
     if not np.array_equal(state_code.view(np.uint32), codebooks.codebook(quant_type).view(np.uint32)):
         codes.append(state_code)
     out = [_Rules(c, p, sc, t) for c, p, sc, t in itertools.product(codes, (None, *precisions), (False, True),
                                                                    (False, True))]
     out = [r for r in out if r.name()]
-    return sorted(out, key=lambda r: r.name().count("+"))
+    # fewest changes first; within a size the smallest change first: the state's codebook (a fact the state
+    # states), the scaling rule (one rounding), the tie rule (a reference s exactly on a threshold, which the
+    # scaling rule also moves), then a lower precision (many roundings)
+    return sorted(out, key=lambda r: (r.name().count("+"), r.codebook is None, not r.other_scaling,
+                                      not r.ties_high, r.precision is None))
 
 
 def _nibble_causes(hyps: list[_Rules], g: np.ndarray, xs: np.ndarray, a: np.ndarray, tail: np.ndarray,

@@ -86,7 +86,7 @@ class TorchaoTarget:
         if case.get("quant_type", "nf4") != "nf4":
             return "torchao's NF4Tensor has no FP4"
         x = case.get("x")
-        if not hasattr(x, "shape") or not isinstance(case.get("blocksize", 64), int):
+        if x is None or not hasattr(x, "shape") or not isinstance(case.get("blocksize", 64), int):
             return None
         dtype = str(np.asarray(x).dtype)
         if dtype not in torchao_profile.DTYPES:

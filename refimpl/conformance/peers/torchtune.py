@@ -68,7 +68,7 @@ class _KeepMask:
 
     @staticmethod
     def make(mask: np.ndarray, p: float):
-        torch = _torch()
+        import torch
 
         class KeepMask(torch.nn.Module):
             def __init__(self) -> None:
@@ -159,7 +159,8 @@ class TorchtuneTarget:
         if op == "dora.merge":
             if case.get("embedding") or case.get("unmerged_base") is not None:
                 return "torchtune's DoRALinear is one Linear layer (no Embedding, no earlier merged adapter)"
-            if np.ndim(case.get("W")) != 2:
+            W = case.get("W")
+            if W is None or np.ndim(W) != 2:
                 return "torchtune's DoRALinear is a Linear layer (no ConvNd)"
         return None
 
