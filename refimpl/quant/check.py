@@ -15,15 +15,14 @@ For each element whose nibble differs from the nibble the chosen profile gives:
   With ``profile="bitsandbytes-cuda"``, t is the CUDA kernel's float32 literal threshold (FP4:
   0.00260417f … 0.8333333f on |s|; NF4: the 15 literals of dQuantizeNF4), which is what that
   profile decides against.
-* ``wrong``: anything else: a bug.
+* ``wrong``: anything that none of the causes below explains: a bug.
 
 Causes (``Check4bitReport.causes``, issue 15 item 4). Every differing nibble is also given the cause that
 explains it. Each cause is a testable hypothesis: the reference step is re-run on that element with one
 rule changed, and the cause is named where that reproduces the nibble under test:
 
-* ``special`` / ``zero_sign``: as above (a special-value block; FP4's ±0);
-Single rules are tried in this order (the smallest change first):
-
+* ``special`` / ``zero_sign``: as above (a special-value block; FP4's ±0), decided first;
+* then single rules, in this order (the smallest change first):
 * ``codebook``: the state's own ``code`` (16 levels; e.g. torchao's 4-decimal NF4) instead of the
   format's, with nearest-level rounding at its float32 midpoints;
 * ``scaling``: the other scaling rule, x / a in a full block or x·f32(1/a) in a tail block
@@ -32,10 +31,10 @@ Single rules are tried in this order (the smallest change first):
 * ``precision:bfloat16`` / ``precision:float16``: s and the distances |s − c_j| computed in the input's
   own 16-bit dtype (every step rounded to it), the nearest level by argmin (ties to the lower index); not
   tried for a float32 input (computing it in 16 bits is a bug, not a design);
-* a ``+``-joined name (e.g. ``codebook+precision:bfloat16``): only that combination reproduces it (single
-  rules are tried first, then pairs, then triples);
-* ``admissible``: none of the rules reproduces it but it lies within ``ulps`` of a threshold (above);
-* ``wrong``: nothing explains it.
+* ``admissible``: no single rule reproduces it but it lies within ``ulps`` of a threshold (above);
+* a ``+``-joined name (e.g. ``codebook+precision:bfloat16``): only that combination reproduces it (pairs
+  are tried before triples);
+* ``wrong``: nothing explains it (``n_wrong``; ``passed`` still requires every difference admissible or ±0).
 
 Block scales that differ are attributed in ``scale_causes``: ``scale_quantization:linear_int8`` where
 torchao's int8 linear double quantization (``torchao_profile.quantize_scales``) of the raw block absmax

@@ -189,13 +189,3 @@ def dequantize(packed: npt.ArrayLike, state: QuantState) -> npt.NDArray[Any]:
     with np.errstate(invalid="ignore", over="ignore"):
         return (np.asarray(state.code, np.float32)[nib] * scale).astype(dt).reshape(state.shape)
 
-
-def scaled_values(x: npt.ArrayLike, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
-    """(s, absmax): torchao's scaled values D(x / a_b) and block absmax as float32 values, for check_4bit."""
-    arr = np.asarray(x)
-    dt = DTYPES.get({np.dtype(v): k for k, v in DTYPES.items()}.get(np.dtype(arr.dtype), "float32"), np.float32)
-    flat = arr.reshape(-1).astype(np.float32)
-    blocks = flat.reshape(-1, blocksize)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        absmax = np.abs(blocks).max(axis=1)
-        return _in(np.dtype(dt), blocks / absmax[:, None]).reshape(-1), absmax
