@@ -203,7 +203,8 @@ def test_builtin_divergences_each_name_reason_and_upstream():
     entries = div.load(div.BUILTIN_FILE)
     assert entries
     for d in entries:
-        assert d.reason and d.upstream and d.target in ("peft", "bitsandbytes", "mergekit", "cupy")
+        assert d.reason and d.upstream and d.target in ("peft", "bitsandbytes", "mergekit", "cupy", "torchao",
+                                                        "torchtune")
 
 
 def test_reference_target_finds_every_row():

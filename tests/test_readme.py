@@ -47,6 +47,7 @@ def test_extras_named_by_the_readme_exist_in_pyproject():
             for extra in group.split(","):
                 assert extra in extras, f"README names extra {extra!r}, pyproject lacks it"
     assert any(req.startswith("torch==2.13.0") for req in extras["peers"])
+    assert {"torchao==0.17.0", "torchtune==0.6.1"} <= set(extras["torchpeers"])  # the pair that imports together
 
 
 def test_readme_main_job_runs_and_exits_zero():

@@ -176,7 +176,7 @@ def kernel_backends() -> list[str]:
         return []
 
 
-BUILTIN = ("auto", "numpy", "numba", "cupy", "peft", "bitsandbytes", "mergekit")
+BUILTIN = ("auto", "numpy", "numba", "cupy", "peft", "bitsandbytes", "mergekit", "torchao", "torchtune")
 
 
 def is_builtin(target: Target) -> bool:
@@ -208,12 +208,15 @@ def provided_ops(target: Target) -> list[str]:
     return sorted(ops) if isinstance(ops, Mapping) else []
 
 
-_EXTRA = {"numba": "fast", "cupy": "gpu", "peft": "peers", "bitsandbytes": "peers", "mergekit": "peers"}
+_EXTRA = {"numba": "fast", "cupy": "gpu", "peft": "peers", "bitsandbytes": "peers", "mergekit": "peers",
+          "torchao": "torchpeers", "torchtune": "torchpeers"}
 
 
 _PEERS = {"peft": ("refimpl.conformance.peers.peft", "PeftTarget"),
           "bitsandbytes": ("refimpl.conformance.peers.bnb", "BitsandbytesTarget"),
-          "mergekit": ("refimpl.conformance.peers.mergekit", "MergekitTarget")}
+          "mergekit": ("refimpl.conformance.peers.mergekit", "MergekitTarget"),
+          "torchao": ("refimpl.conformance.peers.torchao", "TorchaoTarget"),
+          "torchtune": ("refimpl.conformance.peers.torchtune", "TorchtuneTarget")}
 
 
 def auto_reason() -> str:

@@ -1,0 +1,285 @@
+"""torchtune's LoRA and DoRA layers (``torchtune.modules.peft``, torchtune 0.6.1) as a conformance target.
+
+Each call builds the torchtune layer the op describes, in float64 on CPU, loads the case's tensors into
+it and reads the result back:
+
+* ``lora.scaling``: ``LoRALinear(…, rank=r, alpha=α)``'s α/r (torchtune has no rsLoRA).
+* ``lora.forward`` / ``lora.backward``: ``LoRALinear`` (``use_bias`` when the case has a bias); the
+  case's scaling becomes α = s·r (nudged by an ulp where (s·r)/r ≠ s); dropout is the layer's
+  ``dropout`` slot filled with the case's keep mask (x ⊙ mask / (1 − p)); backward is torch autograd.
+* ``lora.merge``: ``get_merged_lora_ckpt`` on the layer's state dict.
+* ``dora.forward``: ``DoRALinear`` with the case's magnitude; ``dora.merge``: ``get_merged_lora_ckpt``
+  with the magnitude in the state dict, and the layer's own ``_get_weight_norm`` for ‖W + s·B A‖.
+
+torchtune stores W as (out, in) only: ``fan_in_fan_out`` cases are outside its domain, as are merges
+into another storage dtype (the adapter builds float64 layers).
+
+Findings (``known_divergences.toml``, bench/reproducers/):
+
+* a bug: ``DoRALinear.forward`` returns (m/‖V‖ − 1)·base_out + … + base_out with base_out = x Wᵀ + b,
+  so the bias is scaled by m/‖V‖: y = f ⊙ (x Wᵀ + b) + f ⊙ s·(x Aᵀ) Bᵀ instead of … + b. These cases
+  stay failures (bench/reproducers/torchtune_dora_bias.py);
+* a design difference: with dropout torchtune computes f ⊙ (x Wᵀ) + b + f ⊙ s·(x_d Aᵀ) Bᵀ (the base
+  term sees the magnitude scale but not the dropout) where PEFT and refimpl's train form have
+  x Wᵀ + b + (f − 1) ⊙ (x_d Wᵀ) + f ⊙ s·(x_d Aᵀ) Bᵀ; ``dora_dropout_model`` reproduces it bit for bit
+  for bias-free layers (with a bias, the bias bug makes the case a failure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: the version this adapter was written against
+TESTED_VERSION = "0.6.1"
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _t(a: Any, requires_grad: bool = False):
+    torch = _torch()
+    return torch.tensor(np.asarray(a, dtype=np.float64), dtype=torch.float64).requires_grad_(requires_grad)
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
+def alpha_for(scaling: float, r: int) -> float:
+    """An α with α / r == scaling exactly in float64 (s·r, or a neighbour of it), so that torchtune's
+    α/r is the case's scaling."""
+    s = float(scaling)
+    base = s * r
+    for cand in (base, np.nextafter(base, np.inf), np.nextafter(base, -np.inf)):
+        if float(cand) / r == s:
+            return float(cand)
+    return base
+
+
+class _KeepMask:
+    """Factory of an nn.Module applying inverted dropout with a fixed keep mask."""
+
+    @staticmethod
+    def make(mask: np.ndarray, p: float):
+        import torch
+
+        class KeepMask(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.register_buffer("mask", _t(mask))
+                self.p = float(p)
+
+            def forward(self, x):
+                return x * self.mask / (1.0 - self.p)
+
+        return KeepMask()
+
+
+def _layer(W, A, B, scaling, *, bias=None, m=None, dropout_mask=None, dropout_p=0.0):
+    """A float64 torchtune LoRALinear (m None) or DoRALinear holding the case's tensors."""
+    torch = _torch()
+    from torchtune.modules.peft import DoRALinear, LoRALinear
+
+    r, n_in = np.shape(A)
+    n_out = np.shape(B)[0]
+    cls = LoRALinear if m is None else DoRALinear
+    layer = cls(n_in, n_out, rank=r, alpha=alpha_for(scaling, r), dropout=0.0, use_bias=bias is not None)
+    layer.to(torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(_t(W))
+        if bias is not None:
+            layer.bias.copy_(_t(bias))
+        layer.lora_a.weight.copy_(_t(A))
+        layer.lora_b.weight.copy_(_t(B))
+        if m is not None:
+            layer.magnitude.copy_(_t(m))
+            layer.scaling = float(scaling)
+    if dropout_mask is not None:
+        layer.dropout = _KeepMask.make(dropout_mask, dropout_p)
+        layer.train()
+    else:
+        layer.eval()
+    return layer
+
+
+@dataclass(frozen=True)
+class _Grads:
+    dx: np.ndarray
+    dA: np.ndarray
+    dB: np.ndarray
+    dW: np.ndarray | None = None
+    dbias: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _DoraMerge:
+    W: np.ndarray
+    weight_norm: np.ndarray
+
+
+class TorchtuneTarget:
+    """Adapts torchtune's LoRALinear / DoRALinear and get_merged_lora_ckpt to refimpl's op names."""
+
+    name = "torchtune"
+
+    def __init__(self) -> None:
+        from torchtune.modules import peft  # noqa: F401 - fail early with ImportError when the peer is missing
+
+        self._ops: dict[str, Callable[..., Any]] = {
+            "lora.scaling": self.scaling, "lora.forward": self.forward, "lora.backward": self.backward,
+            "lora.merge": self.merge, "dora.forward": self.dora_forward, "dora.merge": self.dora_merge,
+        }
+
+    def lookup(self, op: str) -> Callable[..., Any] | None:
+        return self._ops.get(op)
+
+    def provided_ops(self) -> list[str]:
+        return sorted(self._ops)
+
+    def compute_dtype(self, op: str) -> str:
+        return "float64"
+
+    def unsupported(self, op: str, case: dict[str, Any]) -> str | None:
+        """Cases torchtune's layers do not express."""
+        if case.get("fan_in_fan_out"):
+            return "torchtune's layers store W as (out, in) only (no fan_in_fan_out / Conv1D layout)"
+        if op == "lora.scaling" and case.get("use_rslora"):
+            return "torchtune's LoRALinear has no rsLoRA scaling"
+        if op in ("lora.merge", "dora.merge") and case.get("dtype") is not None:
+            return "the adapter builds float64 layers only"
+        if op == "lora.merge" and case.get("safe"):
+            return "get_merged_lora_ckpt has no safe (NaN-checking) merge"
+        if op == "dora.merge":
+            if case.get("embedding") or case.get("unmerged_base") is not None:
+                return "torchtune's DoRALinear is one Linear layer (no Embedding, no earlier merged adapter)"
+            W = case.get("W")
+            if W is None or np.ndim(W) != 2:
+                return "torchtune's DoRALinear is a Linear layer (no ConvNd)"
+        return None
+
+    def notes(self) -> list[str]:
+        import torch
+        import torchtune
+
+        return [f"torchtune {torchtune.__version__} (adapter written for {TESTED_VERSION}), torch {torch.__version__}, "
+                "float64 on CPU: LoRALinear / DoRALinear.forward (F.linear; no quantize_base), "
+                "get_merged_lora_ckpt for the merges"]
+
+    # ------------------------------------------------------------------ LoRA
+
+    def scaling(self, alpha: float, r: int, *, use_rslora: bool = False) -> float:
+        from torchtune.modules.peft import LoRALinear
+
+        if use_rslora:
+            raise NotImplementedError("torchtune has no rsLoRA")
+        layer = LoRALinear(1, 1, rank=int(r), alpha=alpha)
+        return float(layer.alpha / layer.rank)
+
+    def forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False):
+        if fan_in_fan_out:
+            raise NotImplementedError("torchtune stores W as (out, in)")
+        layer = _layer(W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p)
+        with _torch().no_grad():
+            return _np(layer(_t(x)))
+
+    def backward(self, x, W, A, B, grad_y, scaling, *, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False,
+                 need_dW=False, need_dbias=False):
+        if fan_in_fan_out:
+            raise NotImplementedError("torchtune stores W as (out, in)")
+        layer = _layer(W, A, B, scaling, bias=np.zeros(np.shape(B)[0]) if need_dbias else None,
+                       dropout_mask=dropout_mask, dropout_p=dropout_p)
+        layer.weight.requires_grad_(bool(need_dW))
+        xt = _t(x, requires_grad=True)
+        layer(xt).backward(_t(grad_y))
+        return _Grads(dx=_np(xt.grad), dA=_np(layer.lora_a.weight.grad), dB=_np(layer.lora_b.weight.grad),
+                      dW=_np(layer.weight.grad) if need_dW else None,
+                      dbias=_np(layer.bias.grad) if need_dbias else None)
+
+    def merge(self, W, A, B, scaling, *, fan_in_fan_out=False, dtype=None, safe=False):
+        from torchtune.modules.peft import get_merged_lora_ckpt
+
+        if fan_in_fan_out or dtype is not None or safe:
+            raise NotImplementedError("the torchtune target merges (out, in) float64 weights, unsafe")
+        r = np.shape(A)[0]
+        layer = _layer(W, A, B, scaling)
+        sd = {f"layer.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
+        merged = get_merged_lora_ckpt(sd, rank=r, alpha=alpha_for(scaling, r))
+        return _np(merged["layer.weight"])
+
+    # ------------------------------------------------------------------ DoRA
+
+    def dora_forward(self, x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0,
+                     fan_in_fan_out=False):
+        if fan_in_fan_out:
+            raise NotImplementedError("torchtune stores W as (out, in)")
+        layer = _layer(W, A, B, scaling, bias=bias, m=m, dropout_mask=dropout_mask, dropout_p=dropout_p)
+        with _torch().no_grad():
+            return _np(layer(_t(x)))
+
+    def dora_merge(self, W, A, B, m, scaling, *, fan_in_fan_out=False, embedding=False, unmerged_base=None,
+                   dtype=None):
+        torch = _torch()
+        from torchtune.modules.peft import get_merged_lora_ckpt
+
+        if fan_in_fan_out or embedding or unmerged_base is not None or dtype is not None:
+            raise NotImplementedError("the torchtune target merges one (out, in) float64 DoRA Linear layer")
+        r = np.shape(A)[0]
+        layer = _layer(W, A, B, scaling, m=m)
+        with torch.no_grad():
+            norm = layer._get_weight_norm(layer.weight, layer.lora_b.weight @ layer.lora_a.weight)
+        sd = {f"layer.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
+        merged = get_merged_lora_ckpt(sd, rank=r, alpha=alpha_for(scaling, r))
+        return _DoraMerge(W=_np(merged["layer.weight"]), weight_norm=_np(norm))
+
+    def reproducer(self, op: str, case: dict[str, Any]) -> str | None:
+        """The upstream reproducer of the DoRA bias bug, for a dora.forward case with a bias."""
+        if op != "dora.forward" or case.get("bias") is None:
+            return None
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parents[3] / "bench" / "reproducers" / "torchtune_dora_bias.py"
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------- divergence models
+
+
+def _dora_bias_once(case: dict[str, Any]) -> np.ndarray:
+    """torchtune's DoRALinear.forward with the bias added once (its design, without its bias bug):
+
+        y = ((f − 1) ⊙ x Wᵀ + f ⊙ (x_d Aᵀ Bᵀ) · s) + x Wᵀ + b,   f = (m / ‖W + s·B A‖).view(1, −1)
+
+    evaluated with torch in float64 in torchtune's order (``lora_b(lora_a(eye)).T`` for B A, f as a (1, out)
+    row), so it matches torchtune bit for bit wherever the layer has no bias."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    x, W, A, B, m = (_t(case[k]) for k in ("x", "W", "A", "B", "m"))
+    s = float(case["scaling"])
+    xd = x if case.get("dropout_mask") is None else \
+        x * _t(case["dropout_mask"]) / (1.0 - float(case.get("dropout_p", 0.0)))
+    with torch.no_grad():
+        base = F.linear(x, W)
+        lora_out = F.linear(F.linear(xd, A), B)
+        eye = torch.eye(A.shape[1], dtype=torch.float64)
+        lora_weight = F.linear(F.linear(eye, A), B).T
+        norm = torch.linalg.norm(W + s * lora_weight, dim=1)
+        f = (m / norm).view(1, -1)
+        y = (f - 1) * base + f * lora_out * s + base
+        if case.get("bias") is not None:
+            y = y + _t(case["bias"])
+    return _np(y)
+
+
+def dora_dropout_model(op: str, case: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any] | None:
+    """torchtune's DoRA dropout form (``_dora_bias_once``); None for a case without a dropout mask."""
+    if op != "dora.forward" or case.get("dropout_mask") is None or case.get("fan_in_fan_out"):
+        return None
+    return {"out": _dora_bias_once(case)}
