@@ -103,9 +103,11 @@ def _reduction_len(case: Mapping[str, Any]) -> tuple[int, int]:
     return int(np.prod(a[1:])), a[0]
 
 
-def _depth(case: Mapping[str, Any]) -> int:
+def _weight_depth(case: Mapping[str, Any]) -> int:
+    """merge (f ⊙ V) and direction (V / n): V (r-term product, scale, add), the norm (in-term sum of squares,
+    square root), the divide, the product and a storage rounding, within in + r + 8."""
     n_in, r = _reduction_len(case)
-    return n_in + r + 8  # r-term product, add, in-term sum of squares, sqrt, divide, in-term dot, adds
+    return n_in + r + 8
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -771,7 +773,7 @@ def rows() -> list[OpSpec]:
         OpSpec("dora.merge", lambda: _strategy(with_x=False, options="merge"),
                "W, A, B, m (out,), scaling in any layout of weight_norm; optional unmerged_base (W's shape) that the "
                "norm is taken against; dtype None or a storage format; every row of W_base + s·B A non-zero",
-               Bounded(_depth, _merge_magnitude), golden=lambda rng: _golden(rng, with_x=False),
+               Bounded(_weight_depth, _merge_magnitude), golden=lambda rng: _golden(rng, with_x=False),
                specials=lambda: _specials(merge_ex, ("W", "m")),
                classes=_weight_classes("merge"), boundary=_weight_boundary("merge")),
         OpSpec("dora.unmerge", _unmerge_strategy,
@@ -786,7 +788,7 @@ def rows() -> list[OpSpec]:
                classes=_weight_classes("unmerge"), boundary=_weight_boundary("unmerge")),
         OpSpec("dora.direction", lambda: _strategy(with_x=False, with_m=False, options="norm"),
                "as weight_norm; every row of W + s·B A non-zero",
-               Bounded(_depth, _direction_magnitude), golden=weight_only(),
+               Bounded(_weight_depth, _direction_magnitude), golden=weight_only(),
                specials=lambda: _specials(norm_ex, ("W", "A")),
                classes=_weight_classes("direction"), boundary=_weight_boundary("direction")),
         OpSpec("dora.init_magnitude", lambda: _strategy(with_x=False, with_m=False, options="magnitude"),
