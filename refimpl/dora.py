@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from refimpl import _checks, lora, precision
+from refimpl import _checks, bounds, lora, precision
 
 BACKWARD_MODES = ("detached", "full")
 
@@ -457,29 +457,21 @@ def forward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B:
     """Elementwise bound on |ŷ − y| for a kernel that evaluates the DoRA eval form in ``dtype``.
 
     Inputs are taken as exact. With P = |x||W|ᵀ, Q = |s|·(|x||A|ᵀ)|B|ᵀ, c = ‖|W| + |s||B||A|‖ / ‖V‖
-    (the norm's condition number, ≥ 1) and k = in + r + 10 roundings on the longest path
-    (K-term dot products, the norm's sum of squares and square root, the divide, the
-    (f − 1) and f products, the sums; Higham §3.1):
+    (the norm's condition number, ≥ 1) and k = in + r + 5 roundings on the longest chain
+    (``refimpl.bounds.dora_forward_depth`` counts them; Higham §3.1):
 
-        |ŷ − y| ≤ γ_k · [ (1 + |f − 1| + c|f|) P + (1 + c)|f| Q + 2|b| ]
+        |ŷ − y| ≤ γ_k · [ (1 + |f − 1| + c|f|) P + (1 + c)|f| Q + (1 + |f − 1|)|b| ]
 
     It covers PEFT's order of evaluation (base, minus bias, (f − 1)·base + f·s·lora, plus
     base) and the direct f ⊙ (x Vᵀ) + b.
     """
     layer = _layer(W, A, B, scaling, fan_in_fan_out)
     out_f, in_f = layer.w.shape
-    mm = _magnitude(m, out_f)
-    xx = np.abs(_input(x, in_f))
-    b = np.abs(_bias(bias, out_f))
-    n = _nonzero_norm(np.linalg.norm(layer.combined(), axis=1))
-    n_abs = np.linalg.norm(np.abs(layer.w) + abs(layer.s) * (np.abs(layer.b) @ np.abs(layer.a)), axis=1)
-    c = n_abs / n
-    f = mm / n
-    p = xx @ np.abs(layer.w).T
-    q = abs(layer.s) * ((xx @ np.abs(layer.a).T) @ np.abs(layer.b).T)
-    k = in_f + layer.a.shape[0] + 10
-    af = np.abs(f)
-    return precision.gamma(k, dtype) * ((1 + np.abs(f - 1) + c * af) * p + (1 + c) * af * q + 2 * b)
+    m_arr = _magnitude(m, out_f)
+    x_arr = _input(x, in_f)
+    b = None if bias is None else _bias(bias, out_f)
+    _nonzero_norm(np.linalg.norm(layer.combined(), axis=1))
+    return bounds.dora_forward(x_arr, layer.w, layer.a, layer.b, m_arr, layer.s, dtype, bias=b)
 
 
 @precision._overflow_checked
@@ -491,33 +483,20 @@ def backward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B
 
     Each gradient is bounded by γ_k times its formula evaluated on absolute values, with every
     1/n carrying the norm's condition number c = ‖|W| + |s||B||A|‖ / ‖V‖ and
-    k = N + in + out + r + 20 (the longest chain of dot products and elementwise steps).
+    k = N + in + out + r + 20 (the longest chain of dot products and elementwise steps;
+    ``refimpl.bounds.dora_backward``).
     """
     layer = _layer(W, A, B, scaling, fan_in_fan_out)
     out_f, in_f = layer.w.shape
-    mm = np.abs(_magnitude(m, out_f))
-    xx = _input(x, in_f)
-    g = _checks.float_array(grad_y, "grad_y", ndim=xx.ndim)
-    _checks.check_shape(g, "grad_y", (*xx.shape[:-1], out_f))
-    how = _checks.choice(mode, "mode", BACKWARD_MODES)
-    xd = _dropped(xx, dropout_mask, dropout_p)
-    x_in = np.abs(xx if xd is None else xd).reshape(-1, in_f)
-    g2 = np.abs(g.reshape(-1, out_f))
-    w_abs = np.abs(layer.w)
-    v_abs = w_abs + abs(layer.s) * (np.abs(layer.b) @ np.abs(layer.a))
-    n = _nonzero_norm(np.linalg.norm(layer.combined(), axis=1))
-    c = np.linalg.norm(v_abs, axis=1) / n
-    fc = mm / n * c
-    dm = c * np.sum(g2 * (x_in @ v_abs.T), axis=0) / n
-    dV = (g2 * fc).T @ x_in
-    if how == "full":
-        dV = dV + (mm * dm * c**2 / n**2)[:, None] * v_abs
-    dA = abs(layer.s) * (np.abs(layer.b).T @ dV)
-    dB = abs(layer.s) * (dV @ np.abs(layer.a).T)
-    dx = (g2 * fc) @ v_abs
-    if xd is not None:
-        keep = np.asarray(dropout_mask, dtype=np.float64).reshape(-1, in_f) / (1.0 - float(dropout_p))
-        dx = g2 @ w_abs + (dx + g2 @ w_abs) * keep
-    k = g2.shape[0] + in_f + out_f + layer.a.shape[0] + 20
-    gk = precision.gamma(k, dtype)
-    return DoraGrads(dx=gk * dx.reshape(xx.shape), dA=gk * dA, dB=gk * dB, dm=gk * dm)
+    m_arr = _magnitude(m, out_f)
+    x_arr = _input(x, in_f)
+    g = _checks.float_array(grad_y, "grad_y", ndim=x_arr.ndim)
+    _checks.check_shape(g, "grad_y", (*x_arr.shape[:-1], out_f))
+    mode = _checks.choice(mode, "mode", BACKWARD_MODES)
+    mask, p = _checks.keep_mask(dropout_mask, dropout_p, x_arr.shape)
+    keep = None if mask is None else mask / (1.0 - p)
+    x_in = x_arr if keep is None else x_arr * keep
+    _nonzero_norm(np.linalg.norm(layer.combined(), axis=1))
+    b = bounds.dora_backward(x_in.reshape(-1, in_f), layer.w, layer.a, layer.b, m_arr, g.reshape(-1, out_f),
+                             layer.s, dtype, mode, None if keep is None else keep.reshape(-1, in_f))
+    return DoraGrads(dx=b.dx.reshape(x_arr.shape), dA=b.dA, dB=b.dB, dm=b.dm)

@@ -223,19 +223,21 @@ def _not_scalar(arr: np.ndarray, name: str) -> np.ndarray:
 def matmul_error_bound(a: npt.ArrayLike, b: npt.ArrayLike, dtype: Any, *,
                        extra_roundings: int = 1) -> npt.NDArray[np.float64]:
     """Elementwise bound on |fl(a @ b) − a @ b| when the products and the K-term sum
-    are computed in ``dtype``: γ_{K + extra} · (|a| @ |b|).
+    are computed in ``dtype``: γ_{K + extra} · (|a| @ |b|) (``refimpl.bounds.matmul``).
 
     ``extra_roundings`` counts roundings after the sum (the default 1 covers
     storing the result in ``dtype``).
     """
-    aa = np.abs(_not_scalar(_checks.float_array(a, "a", allow_empty=True), "a"))
-    bb = np.abs(_not_scalar(_checks.float_array(b, "b", allow_empty=True), "b"))
-    k = aa.shape[-1]
-    kb = bb.shape[0] if bb.ndim == 1 else bb.shape[-2]
+    from refimpl import bounds  # deferred: bounds builds on this module's γ_n (a module-level cycle otherwise)
+
+    a_arr = _not_scalar(_checks.float_array(a, "a", allow_empty=True), "a")
+    b_arr = _not_scalar(_checks.float_array(b, "b", allow_empty=True), "b")
+    k = a_arr.shape[-1]
+    kb = b_arr.shape[0] if b_arr.ndim == 1 else b_arr.shape[-2]
     if kb != k:
-        raise ValueError(f"b: expected {k} rows to match a's last axis (a @ b), got shape {bb.shape}")
+        raise ValueError(f"b: expected {k} rows to match a's last axis (a @ b), got shape {b_arr.shape}")
     extra = _checks.integer(extra_roundings, "extra_roundings", low=0)
-    return gamma(k + extra, dtype) * (aa @ bb)
+    return bounds.matmul(a_arr, b_arr, dtype, extra_roundings=extra)
 
 
 @dataclass(frozen=True)

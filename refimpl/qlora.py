@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from refimpl import _checks, lora, precision
+from refimpl import _checks, bounds, lora, precision
 from refimpl.quant import QuantState, dequantize_4bit
 
 
@@ -70,7 +70,7 @@ def forward_error_bound(
     """Elementwise bound on |ŷ − y| for ŷ computed the way PEFT's 4-bit LoRA layer does:
     base = fl(x Wᵀ + b) (K = in products), lora = fl(fl(fl(x Aᵀ) Bᵀ) · s), ŷ = fl(base + lora),
     with W the exactly dequantized weight, sums accumulated in ``accumulate`` (default: ``dtype``)
-    and each stored result rounded to ``dtype`` (unit roundoff u; Higham §3.1):
+    and each stored result rounded to ``dtype`` (unit roundoff u; Higham §3.1; ``refimpl.bounds.qlora_forward``):
 
         |ŷ − y| ≤ [(1+γ_{K+1})(1+u)² − 1] · (|x| |W|ᵀ + |b|)
                  + [(1+γ_K)(1+γ_r)(1+u)⁴ − 1] · |s| · (|x| |A|ᵀ) |B|ᵀ,   γ_n of ``accumulate``.
@@ -86,14 +86,9 @@ def forward_error_bound(
     r = aA.shape[0]
     aB = np.abs(_checks.float_array(B, "B", ndim=2))
     _checks.check_shape(aB, "B", (out_f, r))
-    base = ax @ np.abs(W).T
+    b_arr = None
     if bias is not None:
-        bb = _checks.float_array(bias, "bias", ndim=1)
-        _checks.check_shape(bb, "bias", (out_f,))
-        base = base + np.abs(bb)
-    s = abs(_checks.real(scaling, "scaling"))
-    acc = dtype if accumulate is None else accumulate
-    u = precision.unit_roundoff(dtype)
-    g_base = (1 + precision.gamma(K + 1, acc)) * (1 + u) ** 2 - 1
-    g_lora = (1 + precision.gamma(K, acc)) * (1 + precision.gamma(r, acc)) * (1 + u) ** 4 - 1
-    return g_base * base + g_lora * s * ((ax @ aA.T) @ aB.T)
+        b_arr = _checks.float_array(bias, "bias", ndim=1)
+        _checks.check_shape(b_arr, "bias", (out_f,))
+    s = _checks.real(scaling, "scaling")
+    return bounds.qlora_forward(ax, W, aA, aB, s, b_arr, dtype, accumulate)

@@ -7,8 +7,8 @@ the differential tier (Hypothesis shrinks the input) and the snippet must reprod
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
+from refimpl import merging, quant
 from refimpl.conformance import run
 from refimpl.conformance.targets import NamespaceTarget
 
@@ -42,7 +42,6 @@ def test_planted_lora_scaling_alpha_instead_of_alpha_over_r_is_caught():
 
 
 def test_planted_nf4_swapped_nibble_order_is_caught():
-    quant = pytest.importorskip("refimpl.quant")
 
     def swapped(x, blocksize=64, quant_type="nf4", double_quant=False, **kw):
         packed, state = quant.quantize_4bit(x, blocksize, quant_type, double_quant, **kw)
@@ -58,7 +57,6 @@ def test_planted_nf4_swapped_nibble_order_is_caught():
 
 
 def test_planted_ties_k_off_by_one_is_caught():
-    merging = pytest.importorskip("refimpl.merging")
 
     def ties_k_plus_one(task_vectors, weights=None, *, density, **kw):
         n = np.asarray(task_vectors[0]).size
@@ -77,7 +75,6 @@ def test_planted_ties_k_off_by_one_is_caught():
 
 
 def test_planted_dora_norm_over_the_wrong_axis_is_caught():
-    pytest.importorskip("refimpl.dora")
 
     def dora_column_norm(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0,
                          fan_in_fan_out=False):

@@ -11,14 +11,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from refimpl import precision
+from refimpl import kernels, precision
 from refimpl.kernels import cupy_gpu as G
 from refimpl.quant import codebooks as _tables
 from tests._peers import require
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 NP_DT = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16}
-REASON = G.unavailable_reason()
+REASON = kernels.available()["cupy"]
 needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"GPU kernels unavailable: {REASON}")
 
 

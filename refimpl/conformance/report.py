@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from refimpl.conformance.runner import (
+from refimpl.conformance.results import (
     ABSENT,
     CONFORMS,
     FAIL,

@@ -7,11 +7,11 @@ of the formula is within γ_K of exact relative to the terms below (Higham §3.1
     ‖V‖:        |δn| ≤ γ_K ‖Vabs‖
     f = m/‖V‖:  |δf| ≤ γ_K |f| κ
     D = V/‖V‖:  |δD| ≤ γ_K (Vabs + κ |V|) / ‖V‖
-    eval y:     |δy| ≤ γ_K (|f| |x| Vabsᵀ + |f| κ |x Vᵀ| + |b|)
-    train y:    |δy| ≤ γ_K (|x||W|ᵀ + |b| + (|f|+1)|x_d||W|ᵀ + |f||s||x_d||A|ᵀ|B|ᵀ + |f| κ (|x_d Wᵀ| + |s x_d Aᵀ Bᵀ|))
+    forward y:  |δy| ≤ γ_K ((P + |b|) + |f − 1|(P_d + |b|) + |f| Q_d + κ|f| (P_d + Q_d)),  P = |x||W|ᵀ,
+                P_d = |x_d||W|ᵀ, Q_d = |s|(|x_d||A|ᵀ)|B|ᵀ, K = in + r + 5 (refimpl.bounds.dora_forward_*)
     merge W':   |δW'| ≤ γ_K |f| (Vabs + κ |V|)        (κ, f of the unmerged base when one is given)
     unmerge W:  |δW|  ≤ γ_K (|W'| n*/|m| + |s||B||A|)
-    backward:   refimpl.dora.backward_error_bound's terms (spec/dora.md §10)
+    backward:   refimpl.bounds.dora_backward_terms (spec/dora.md §10)
     sequential: Z₀ = |x||W|ᵀ, Zᵢ = |fᵢ|(Zᵢ₋₁ + |sᵢ|(|x||Aᵢ|ᵀ)|Bᵢ|ᵀ), Mᵢ = |fᵢ| Mᵢ₋₁ + (1 + κᵢ) Zᵢ,
                 |δy| ≤ γ_K (M_k + |b|)
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from refimpl import bounds
 from refimpl.conformance.rows_lora import (
     _DROP_CLASSES,
     _DTYPE_CLASSES,
@@ -284,23 +285,17 @@ def _specials(example, args: tuple[str, ...]) -> list[Special]:
 # ---------------------------------------------------------------------------- magnitudes (bounds)
 
 
+def _forward_depth(case: Mapping[str, Any]) -> int:
+    return bounds.dora_forward_depth(*_reduction_len(case))
+
+
 def _forward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The forward's terms (refimpl.bounds.dora_forward_magnitude; the eval and the train form)."""
     c = _f64(case)
-    V, Vabs, W, s = _layer(c)
-    n, nabs = np.linalg.norm(V, axis=1), np.linalg.norm(Vabs, axis=1)
-    kappa, f = nabs / n, np.asarray(c["m"]) / n
-    x, A, B = c["x"], c["A"], c["B"]
-    b = np.abs(c["bias"]) if c.get("bias") is not None else 0.0
-    # the train form's terms; in eval (x_d = x) PEFT evaluates that same form, base + (f − 1)·base + f·lora,
-    # whose (f − 1)·base term can dwarf f·(x Vᵀ), so the eval bound adds the paper form's terms to it
-    xd = x if c.get("dropout_mask") is None else x * c["dropout_mask"] / (1.0 - c.get("dropout_p", 0.0))
-    P, Q = xd @ W.T, s * ((xd @ A.T) @ B.T)
-    mag = (np.abs(x) @ np.abs(W).T + b + (np.abs(f) + 1) * (np.abs(xd) @ np.abs(W).T)
-           + np.abs(f) * abs(s) * ((np.abs(xd) @ np.abs(A).T) @ np.abs(B).T)
-           + np.abs(f) * kappa * (np.abs(P) + np.abs(Q)))
-    if c.get("dropout_mask") is None:
-        mag = mag + np.abs(f) * (np.abs(x) @ Vabs.T) + np.abs(f) * kappa * np.abs(x @ V.T)
-    return {"out": mag}
+    _, _, W, s = _layer(c)
+    xd = None if c.get("dropout_mask") is None else c["x"] * c["dropout_mask"] / (1.0 - c.get("dropout_p", 0.0))
+    return {"out": bounds.dora_forward_magnitude(c["x"], W, c["A"], c["B"], np.asarray(c["m"]), s, c.get("bias"),
+                                                 xd)}
 
 
 def _merge_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -336,19 +331,21 @@ def _unmerge_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _backward_depth(case: Mapping[str, Any]) -> int:
     x, n_in, r = np.shape(case["x"]), *_reduction_len(case)
-    return int(np.prod(x[:-1])) + n_in + np.shape(case["B"])[0] + r + 20
+    return bounds.dora_backward_depth(int(np.prod(x[:-1])), n_in, np.shape(case["B"])[0], r)
 
 
 def _backward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """backward_error_bound's terms: its float64 bound divided by its γ_K (the same K as ``_backward_depth``)."""
-    import refimpl.dora as dora
-    from refimpl import precision
-
+    """The gradients' terms (refimpl.bounds.dora_backward_terms)."""
     c = _f64(case)
-    kw = {k: c[k] for k in ("mode", "dropout_mask", "dropout_p", "fan_in_fan_out") if k in c}
-    b = dora.backward_error_bound(c["x"], c["W"], c["A"], c["B"], c["m"], c["grad_y"], c["scaling"], "float64", **kw)
-    g = precision.gamma(_backward_depth(c), "float64")
-    return {f"out.{k}": getattr(b, k) / g for k in ("dx", "dA", "dB", "dm")}
+    _, _, W, s = _layer(c)
+    x = c["x"]
+    n_in, out_f = W.shape[1], W.shape[0]
+    keep = None if c.get("dropout_mask") is None else c["dropout_mask"] / (1.0 - c.get("dropout_p", 0.0))
+    x_in = x if keep is None else x * keep
+    t = bounds.dora_backward_terms(x_in.reshape(-1, n_in), W, c["A"], c["B"], np.asarray(c["m"]),
+                                   c["grad_y"].reshape(-1, out_f), s, c.get("mode", "detached"),
+                                   None if keep is None else keep.reshape(-1, n_in))
+    return {"out.dx": t.dx.reshape(x.shape), "out.dA": t.dA, "out.dB": t.dB, "out.dm": t.dm}
 
 
 def _embedding_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -761,7 +758,7 @@ def rows() -> list[OpSpec]:
                classes=_weight_classes("weight_norm"), boundary=_weight_boundary("weight_norm")),
         OpSpec("dora.forward", _strategy,
                "as lora.forward plus m (out,); every row of W + s·B A non-zero",
-               Bounded(_depth, _forward_magnitude), golden=_golden,
+               Bounded(_forward_depth, _forward_magnitude), golden=_golden,
                specials=lambda: _specials(fwd_ex, ("x", "W", "m")),
                classes=_linear_dora_classes("forward"), boundary=_dora_linear_boundary("forward")),
         OpSpec("dora.merge", lambda: _strategy(with_x=False, options="merge"),

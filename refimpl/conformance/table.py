@@ -6,8 +6,7 @@ tolerance model, the tiers that apply, the golden-vector cases and the special
 values. Kernels, peers and user targets all run through the same rows.
 
 Rows live with their op family (``rows_lora``, ``rows_quant``, ``rows_dora``,
-``rows_merging``); a row whose reference module has not landed yet is kept with
-``available() == False`` and the reason, so nothing breaks.
+``rows_merging``).
 """
 
 from __future__ import annotations
@@ -74,19 +73,6 @@ class OpSpec:
     @property
     def function(self) -> str:
         return self.name.rsplit(".", 1)[1]
-
-    def unavailable_reason(self) -> str | None:
-        """None when the reference op exists, else why not (module not landed, name missing)."""
-        try:
-            mod = importlib.import_module(f"refimpl.{self.module}")
-        except ImportError as exc:
-            return f"refimpl.{self.module} is not available ({exc})"
-        if not callable(getattr(mod, self.function, None)):
-            return f"refimpl.{self.module} has no function {self.function!r}"
-        return None
-
-    def available(self) -> bool:
-        return self.unavailable_reason() is None
 
     def reference(self) -> Callable[..., Any]:
         return getattr(importlib.import_module(f"refimpl.{self.module}"), self.function)

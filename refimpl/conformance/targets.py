@@ -130,18 +130,11 @@ class KernelTarget:
         self.fork_safe = backend != "cupy"
 
     def lookup(self, op: str) -> Callable[..., Any] | None:
+        kernels = importlib.import_module("refimpl.kernels")
         try:
-            kernels = importlib.import_module("refimpl.kernels")
-        except ImportError:
+            return kernels.get(op, backend=self.backend)
+        except LookupError:  # the backend is unavailable here or does not provide the op
             return None
-        get = getattr(kernels, "get", None) or getattr(kernels, "lookup", None)
-        if get is None:
-            return None
-        try:
-            f = get(op, backend=self.backend)
-        except (KeyError, LookupError, ValueError, TypeError, ImportError):
-            return None
-        return f if callable(f) else None
 
     def _api_table(self, name: str) -> Mapping[str, Any]:
         """``name`` (COMPUTE_DTYPES or OPTIONS) of the backend's reference_api module, or {}."""
@@ -166,15 +159,7 @@ class KernelTarget:
         return fn(op, case) if callable(fn) else None
 
     def compute_dtype(self, op: str) -> str:
-        table = self._api_table("COMPUTE_DTYPES")
-        if op in table:
-            return str(table[op])
-        try:
-            kernels = importlib.import_module("refimpl.kernels")
-            fn = getattr(kernels, "compute_dtype", None)
-            return fn(op, backend=self.backend) if fn else "float64"
-        except Exception:
-            return "float64"
+        return str(self._api_table("COMPUTE_DTYPES").get(op, "float64"))
 
 
 #: the compute dtypes a target may declare (the error bounds widen from float64's unit roundoff to that dtype's)

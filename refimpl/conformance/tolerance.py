@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from refimpl import precision
+from refimpl.bounds import differential
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,7 @@ class Bounded:
 
     def bounds(self, case: Mapping[str, Any], dtype: str) -> dict[str, np.ndarray]:
         k = int(self.depth(case))
-        # a target computing in a narrower dtype also rounds each input once
-        k_target = k if dtype == "float64" else k + 2
-        g = precision.gamma(k_target, dtype) + precision.gamma(k, "float64")
-        return {name: g * np.abs(np.asarray(m, dtype=np.float64)) for name, m in self.magnitude(case).items()}
+        return {name: differential(k, m, dtype) for name, m in self.magnitude(case).items()}
 
 
 Tolerance = Exact | Bounded

@@ -9,12 +9,12 @@ Same operation names as the NumPy reference; each is checked against it by tests
     forward_packed                                    LoRA/DoRA as one cuBLAS GEMM over K = d + r
     ties                                              TIES merge in one fused pass
 
-Importing this package does not import CuPy; ``unavailable_reason()`` says why the kernels cannot run.
+Importing this package does not import CuPy; ``refimpl.kernels.available()["cupy"]`` says why the kernels
+cannot run here (None when they can).
 """
 
 from __future__ import annotations
 
-from refimpl.kernels.cupy_gpu._device import unavailable_reason
 from refimpl.kernels.cupy_gpu.gemv4 import gemv_4bit, qlora_forward
 from refimpl.kernels.cupy_gpu.lora_gemm import PackedLinear, forward_packed, pack, workspace
 from refimpl.kernels.cupy_gpu.lora_gemm import dora_forward as dora_forward
@@ -47,6 +47,5 @@ __all__ = [
     "quantize_4bit",
     "quantize_absmax",
     "ties",
-    "unavailable_reason",
     "workspace",
 ]

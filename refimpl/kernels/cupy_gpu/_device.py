@@ -21,21 +21,6 @@ DT_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def unavailable_reason() -> str | None:
-    """None when CuPy imports and sees a CUDA device; otherwise why not (for pytest skips)."""
-    try:
-        import cupy as cp
-    except Exception as exc:
-        return f"CuPy is not importable ({type(exc).__name__}: {exc}); install the gpu extra"
-    try:
-        count = cp.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        return f"no CUDA device visible to CuPy ({type(exc).__name__}: {exc})"
-    if count < 1:
-        return "no CUDA device visible to CuPy"
-    return None
-
-
 def _cp():
     import cupy as cp
 
