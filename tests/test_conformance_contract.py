@@ -308,3 +308,32 @@ def test_pytest_item_that_mixes_pass_and_xfail_is_reported_xfail(tmp_path):
 
 def test_results_statuses_are_those_the_report_knows():
     assert {PASS, FAIL, XFAIL, UNSUPPORTED} <= set(report._MARK)
+
+
+class _Boxed:
+    """An array of another library, seen only through DLPack (as CuPy or JAX arrays are)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self._a = a
+
+    def __dlpack__(self, **kw):
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_array_target_runs_any_dlpack_library_and_conforms():
+    from refimpl.conformance.adapters import ArrayTarget
+
+    def delta(A, B, scaling, *, fan_in_fan_out=False):
+        assert isinstance(A, _Boxed) and isinstance(B, _Boxed)
+        return _Boxed(np.ascontiguousarray(L.delta(np.from_dlpack(A), np.from_dlpack(B), scaling,
+                                                   fan_in_fan_out=fan_in_fan_out)))
+
+    # NumPy's DLPack has no bfloat16 (ml_dtypes): the target declares the float dtypes it takes
+    t = ArrayTarget({"lora.delta": delta}, lambda a, op: _Boxed(a), name="boxed",
+                    supports={"lora.*": {"dtypes": {"float16", "float32", "float64"}}})
+    res = run(t, "lora.delta", examples=10, tiers=("names", "shapes", "golden", "boundary", "properties"))
+    assert res.ok, report.failures_text(res)
+    assert res.verdict_scope == "declared domain" and "bfloat16" in str(res.out_of_scope)
