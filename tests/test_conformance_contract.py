@@ -186,6 +186,23 @@ def test_shrinking_reduces_the_shapes_of_a_failing_case():
     assert not np.array_equal(ns["expected"][0], ns["actual"][0])
 
 
+def test_shape_shrinking_cuts_a_large_failing_case_that_hypothesis_left_large():
+    from refimpl.conformance.runner import _Checker
+    from refimpl.conformance.table import op_table
+
+    target = FlipsLargeBlocks()
+    chk = _Checker(op_table()["quant.quantize_4bit"], target, target.lookup("quant.quantize_4bit"), [],
+                   lambda tier, label: None)
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 300)).astype(np.float32)
+    x[2, 277] = 3.5  # the one value the bug needs, deep inside a large case
+    case = {"x": x, "blocksize": 64, "quant_type": "nf4", "double_quant": True}
+    found = chk.failure(case)
+    assert found is not None
+    small, (message, _) = chk.smaller(case, found)
+    assert small["x"].size == 1 and small["x"][(0,) * small["x"].ndim] == np.float32(3.5), small["x"]
+    assert "differ" in message and small["blocksize"] == 64  # values that are not arrays stay as they were
+
+
 # ---------------------------------------------------------------------------- snippets and literals
 
 
