@@ -62,7 +62,8 @@ def _conform(args: argparse.Namespace) -> int:
                          divergences=args.divergences or None, vectors_dir=args.vectors_dir,
                          progress=None if args.quiet or not sys.stderr.isatty() else runner.stderr_progress,
                          timeout=args.timeout,
-                         isolate=not args.no_isolate, budget=args.budget, fail_fast=args.fail_fast)
+                         isolate=not args.no_isolate, budget=args.budget, fail_fast=args.fail_fast,
+                         compute_dtype=args.compute_dtype, profile=args.profile)
     except (ValueError, TypeError) as exc:
         print(f"refimpl conform: {exc}", file=sys.stderr)
         return 2
@@ -173,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="auto",
                    help="numpy, numba, cupy, peft, bitsandbytes, mergekit, auto (fastest built-in kernels, "
                         "else numpy) or module:object (default: auto)")
+    p.add_argument("--compute-dtype", default=None, choices=("float64", "float32", "float16", "bfloat16"),
+                   help="for a module:object target: the precision it computes in; the error bounds widen from "
+                        "float64's to this dtype's (default: the target's compute_dtype(op), else float64)")
+    p.add_argument("--profile", default=None,
+                   help="for a module:object target: the profile its quant or merging ops follow (e.g. "
+                        "bitsandbytes-cpu, peft), passed to the reference and the target alike (docs/targets.md)")
     p.add_argument("--ops", default=None, help="comma-separated globs over op names, e.g. 'quant.*,lora.forward'")
     p.add_argument("--examples", type=int, default=25, help="Hypothesis examples per op (default 25)")
     p.add_argument("--tiers", default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 import xml.etree.ElementTree as ET
@@ -31,7 +32,8 @@ def test_conform_exits_1_on_a_failing_user_target_and_prints_the_snippet(capsys)
                    "--examples", "10", "-q"])
     out, err = capsys.readouterr()
     assert rc == 1
-    assert "DOES NOT CONFORM" in out and "reproduce with:" in out and "expected = ref.scaling(" in out
+    assert "DOES NOT CONFORM" in out and re.search(r"^reproduce \[\w+: .+\] with:$", out, re.M)
+    assert "expected = outcome(ref.scaling, " in out and "target = get_target('tests.test_conformance:PLANTED')" in out
     assert err == ""  # -q: no progress
 
 

@@ -126,6 +126,32 @@ def _placeholder(v: Any) -> str:
     return repr(f"<no literal for {type(v).__qualname__}: {reprlib.repr(v)}>")
 
 
+def _quant_state_literal(state: Any, imports: set[str]) -> str:
+    """``refimpl.quant.QuantState(shape=..., quant_type='nf4', absmax=..., ...)``; a code table equal to a
+    built-in codebook prints as ``codebook('<name>')``."""
+    from refimpl.quant import codebooks  # refimpl.quant imports numba-free NumPy only, but not at harness import
+
+    imports.add("refimpl.quant")
+    imports.add("refimpl.quant.codebooks")
+    parts = []
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        src = _literal(value, imports)
+        if f.name in ("code", "nested_code") and isinstance(value, np.ndarray):
+            for name in (state.quant_type, "dynamic8"):
+                try:
+                    book = np.asarray(codebooks.codebook(name), np.float32)
+                except (ValueError, KeyError):
+                    continue
+                if book.shape == value.shape and book.tobytes() == value.astype(np.float32).tobytes():
+                    src = f"refimpl.quant.codebooks.codebook({name!r})"
+                    break
+        elif f.name == "offset" and value is not None:
+            src = f"np.float32({_float_literal(float(value))})"
+        parts.append(f"{f.name}={src}")
+    return "refimpl.quant.QuantState(" + ", ".join(parts) + ")"
+
+
 def _literal(v: Any, imports: set[str]) -> str:
     """Python source for ``v``, built from its data; modules the expression needs are added to ``imports``."""
     if v is None or isinstance(v, (bool, int, str, bytes, complex)):
@@ -144,12 +170,8 @@ def _literal(v: Any, imports: set[str]) -> str:
             return f"np.random.default_rng({int(seed)!r})"
         imports.add("refimpl.conformance._values")
         return f"refimpl.conformance._values.rng_from_state({_literal(v.bit_generator.state, imports)})"
-    if hasattr(v, "to_bnb_dict") and hasattr(v, "profile"):  # refimpl.quant.QuantState
-        imports.add("refimpl.quant")
-        items = ", ".join(f"{k!r}: {_literal(t, imports)}" for k, t in v.to_bnb_dict().items())
-        offset = getattr(v, "offset", None)
-        extra = ", nonfinite='propagate'" if offset is not None and not np.isfinite(offset) else ""
-        return f"refimpl.quant.QuantState.from_bnb_dict({{{items}}}, profile={str(v.profile)!r}{extra})"
+    if hasattr(v, "to_bnb_dict") and dataclasses.is_dataclass(v):  # refimpl.quant.QuantState: its constructor
+        return _quant_state_literal(v, imports)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         name = _qualified(type(v), imports)
         if name is None:
@@ -186,7 +208,7 @@ def _is_name(s: Any) -> bool:
     return isinstance(s, str) and s.isidentifier() and not keyword.iskeyword(s)
 
 
-def snippet(op: str, target: str, case: Mapping[str, Any], note: str = "") -> str:
+def snippet(op: str, target: str | None, case: Mapping[str, Any], note: str = "") -> str:
     """A Python snippet that reproduces one case: reference vs target, side by side.
 
     Code lines are built from data only (``repr`` of names and values, see ``literal``); ``note``,
@@ -205,13 +227,23 @@ def snippet(op: str, target: str, case: Mapping[str, Any], note: str = "") -> st
         lines.append("import importlib")
         call = f"getattr(importlib.import_module('refimpl.' + {module!r}), {func!r})"
     lines += [f"import {m}" for m in sorted(imports)]
-    lines += ["from refimpl.conformance import get_target", ""]
+    if target is not None:
+        lines += ["from refimpl.conformance import get_target", "", f"target = get_target({str(target)!r})"]
+    lines += ["", "", "def outcome(f, *args, **kwargs):",
+              '    """f(...), or the exception it raises (a special case may expect one)."""',
+              "    try:", "        return f(*args, **kwargs)", "    except Exception as exc:", "        return exc",
+              "", ""]
     if all(_is_name(k) for k in case):
         lines += [f"{k} = {src}" for k, src in values.items()]
         args = ", ".join(f"{k}={k}" for k in case)
     else:
         lines.append("case = {" + ", ".join(f"{_literal(k, imports)}: {src}" for k, src in values.items()) + "}")
         args = "**case"
-    lines += ["", f"expected = {call}({args})",
-              f"actual = get_target({str(target)!r}).lookup({str(op)!r})({args})"]
+    lines += ["", f"expected = outcome({call}{', ' if args else ''}{args})"]
+    if target is not None:
+        lines.append(f"actual = outcome(target.lookup({str(op)!r}){', ' if args else ''}{args})")
+    else:  # an object given to run() directly: it has no name get_target could resolve
+        lines += [f"actual = ...  # your target's lookup({str(op)!r}) called with the same arguments (the target was "
+                  "given as an object, with no importable name)"]
+    lines += ["print('expected:', expected)", "print('actual:  ', actual)"]
     return "\n".join(lines)

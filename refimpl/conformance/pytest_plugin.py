@@ -6,7 +6,8 @@ Collection creates one test item per op and tier (``refimpl::<target>::<op>::<ti
 with ``-k``) and runs nothing: ``--collect-only`` is instant. The first item of an op runs that op's
 tiers (cached for the op's other items); a failing item shows the failure and the paste-able snippet
 of its shrunk input; a tier that should have run and did not fails (the run cannot vouch for it);
-known divergences are xfail; absent ops and tiers that do not apply are skipped. Under pytest-xdist
+an item with any known divergence is xfail (its passing cases counted in the reason); absent ops and
+tiers that do not apply are skipped. Under pytest-xdist
 each worker runs only the ops of its items (``--dist loadgroup`` keeps an op's items on one worker),
 and the summary table is built from the items' reports, so it appears under xdist too.
 
@@ -64,7 +65,7 @@ class ConformanceItem(pytest.Item):
         self.op, self.tier, self.runs = op, tier, runs
 
     def runtest(self) -> None:
-        from refimpl.conformance.runner import ABSENT, FAIL, NA, SKIP, XFAIL
+        from refimpl.conformance.runner import ABSENT, FAIL, NA, PASS, SKIP, XFAIL
 
         res = self.runs.results(self.op)
         results = [r for r in res.results if r.op == self.op and r.tier == self.tier]
@@ -82,8 +83,12 @@ class ConformanceItem(pytest.Item):
                 raise ConformanceFailure(fails, f"equivalence classes never hit: {missed}")
         if fails:
             raise ConformanceFailure(fails)
-        if any(r.status == XFAIL for r in results) and all(r.status in (XFAIL, NA) for r in results):
-            pytest.xfail("; ".join(dict.fromkeys(r.divergence for r in results if r.status == XFAIL)))
+        xfails = [r for r in results if r.status == XFAIL]
+        if xfails:  # an item with any known divergence is xfail, never a plain pass (its passing cases are named)
+            why = "; ".join(dict.fromkeys(r.divergence for r in xfails))
+            n_pass = sum(r.status == PASS for r in results)
+            pytest.xfail(why if not n_pass else f"{len(xfails)} known divergence(s): {why}; {n_pass} other case(s) "
+                                                "passed")
         if all(r.status in (NA, ABSENT) for r in results):
             pytest.skip(results[0].message)
 

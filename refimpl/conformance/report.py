@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from refimpl.conformance.results import (
     SKIP,
     UNSUPPORTED,
     XFAIL,
+    CaseResult,
     RunResult,
 )
 from refimpl.conformance.table import TIERS
@@ -76,24 +78,57 @@ def table(res: RunResult) -> str:
         lines.append("not run, outside the target's declared domain: "
                      + ", ".join(f"{op} ({n} case{'s' if n != 1 else ''})" for op, n in outside.items())
                      + (f"; {n_out} classes reached only there" if n_out else ""))
+    for op, whys in res.out_of_scope.items():
+        lines += [f"  {op}: {why}" for why in whys[:6]] + ([f"  {op}: ... and {len(whys) - 6} more reasons"]
+                                                          if len(whys) > 6 else [])
     lines.append("")
     subset = [t for t in TIERS if t not in res.settings.get("tiers", TIERS)]
-    scope = f" on tiers {', '.join(res.settings['tiers'])} only" if subset else ""
+    limits = []
+    if res.verdict_scope != "full":  # never a plain CONFORMS when part of an op's domain was not run
+        limits.append("on the target's declared domain only (not the full domain of " + ", ".join(res.out_of_scope)
+                      + ")")
+    if subset:
+        limits.append(f"on tiers {', '.join(res.settings['tiers'])} only")
+    scope = (" " + ", ".join(limits)) if limits else ""
     lines.append(f"target {res.target}: {res.verdict}{scope}{_VERDICT_NOTE.get(res.verdict, '')} — {n_pass} passed, "
                  f"{n_fail} failed, {n_xfail} known divergences; {n_hit} of {n_classes} equivalence classes hit; "
                  f"in {res.seconds:.1f} s")
     return "\n".join(lines)
 
 
-def failures_text(res: RunResult, limit: int = 20) -> str:
-    """Each failure with its message and the paste-able snippet of its (shrunk) input."""
-    out = []
-    for r in res.failures[:limit]:
-        out.append(f"--- FAIL {r.op} [{r.tier}: {r.label}]\n{r.message}")
-        if r.snippet:
-            out.append("reproduce with:\n" + r.snippet)
-    if len(res.failures) > limit:
-        out.append(f"... and {len(res.failures) - limit} more failures (see the JSON report)")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b")
+
+
+def cause(message: str) -> str:
+    """A failure's message with its numbers replaced by '#': failures that differ only in values, indices or
+    shapes share a cause."""
+    return _NUMBER.sub("#", message.splitlines()[0] if message else "")
+
+
+def failure_groups(res: RunResult) -> list[tuple[str, str, list[CaseResult]]]:
+    """Every failure, grouped by (op, cause), in the order first seen."""
+    groups: dict[tuple[str, str], list[CaseResult]] = {}
+    for r in res.failures:
+        groups.setdefault((r.op, cause(r.message)), []).append(r)
+    return [(op, c, rs) for (op, c), rs in groups.items()]
+
+
+def failures_text(res: RunResult, limit: int | None = None, labels: int = 12) -> str:
+    """Every distinct failure (grouped by op and cause), each with its cases and the paste-able snippet of the
+    smallest one; ``limit`` caps the number of groups shown (default: all)."""
+    groups = failure_groups(res)
+    out = [f"{len(res.failures)} failing case(s) in {len(groups)} distinct failure(s), grouped by op and cause"]
+    for op, _, rs in groups[:limit]:
+        first = rs[0]
+        names = [f"{r.tier}: {r.label}" for r in rs]
+        shown = ", ".join(names[:labels]) + (f", and {len(names) - labels} more" if len(names) > labels else "")
+        out.append(f"--- FAIL {op} ({len(rs)} case{'s' if len(rs) != 1 else ''}: {shown})\n{first.message}")
+        with_snippet = [r for r in rs if r.snippet]
+        if with_snippet:
+            smallest = min(with_snippet, key=lambda r: len(r.snippet))
+            out.append(f"reproduce [{smallest.tier}: {smallest.label}] with:\n" + smallest.snippet)
+    if limit is not None and len(groups) > limit:
+        out.append(f"... and {len(groups) - limit} more distinct failures (see the JSON report)")
     return "\n".join(out)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 PASS, FAIL, XFAIL, SKIP, ABSENT, NA = "pass", "fail", "xfail", "skip", "absent", "n/a"
-#: a case outside the domain the target declares (``unsupported(op, case)``): not run, counted and reported
+#: a case outside the domain the target declares (``supports(op)``, ``unsupported(op, case)``, or options that
+#: replace a golden vector's inputs): not run, counted and reported
 UNSUPPORTED = "unsupported"
 
 CONFORMS, FAILS, INCOMPLETE, NOTHING = "CONFORMS", "DOES NOT CONFORM", "INCOMPLETE", "NOTHING CHECKED"
@@ -72,6 +73,24 @@ class RunResult:
         return out
 
     @property
+    def out_of_scope(self) -> dict[str, list[str]]:
+        """op -> what was not run because the target declared it outside its domain (``supports``,
+        ``unsupported``, or options that replace a golden vector's inputs)."""
+        out: dict[str, list[str]] = {}
+        for r in self.results:
+            if r.status == UNSUPPORTED:
+                out.setdefault(r.op, [])
+                if r.message not in out[r.op]:
+                    out[r.op].append(r.message)
+        return out
+
+    @property
+    def verdict_scope(self) -> str:
+        """"declared domain" when part of some op's domain was not run (the verdict holds only there), else
+        "full"."""
+        return "declared domain" if self.out_of_scope else "full"
+
+    @property
     def verdict(self) -> str:
         if self.failures:
             return FAILS
@@ -105,7 +124,8 @@ class RunResult:
         return status, (max(ratios) if ratios else None), sum(r.n_cases for r in rs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "verdict": self.verdict, "ok": self.ok, "exit_code": self.exit_code,
+        return {"target": self.target, "verdict": self.verdict, "verdict_scope": self.verdict_scope,
+                "out_of_scope": self.out_of_scope, "ok": self.ok, "exit_code": self.exit_code,
                 "seconds": round(self.seconds, 3), "settings": self.settings, "warnings": self.warnings,
                 "gaps": self.gaps, "unchecked": self.unchecked, "notes": self.notes, "coverage": self.coverage,
                 "results": [asdict(r) for r in self.results]}

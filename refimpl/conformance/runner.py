@@ -62,7 +62,7 @@ from refimpl.conformance.results import (
     RunResult,
 )
 from refimpl.conformance.table import TIERS, OpSpec, op_table, select
-from refimpl.conformance.targets import Target, get_target, is_builtin, provided_ops
+from refimpl.conformance.targets import Target, declare, get_target, is_builtin, provided_ops, target_source
 from refimpl.conformance.tolerance import Verdict, compare, compare_exact
 
 # the result records and verdict names live in results.py (report.py reads them too); they are re-exported here
@@ -72,6 +72,8 @@ __all__ = ["ABSENT", "CONFORMS", "DEFAULT_EXAMPLES", "DEFAULT_TIMEOUT", "EXIT_CO
 
 DEFAULT_EXAMPLES = 25
 DEFAULT_TIMEOUT = 60.0
+#: at most this many extra calls of the target while shrinking a failing case's shapes
+SHRINK_TRIES = 80
 THOROUGH_EXAMPLES = 1000
 
 
@@ -113,6 +115,91 @@ def _dtype(target: Target, op: str) -> str:
     return fn(op) if fn else "float64"
 
 
+def _supports(target: Target, op: str) -> dict[str, frozenset[Any]]:
+    """The target's ``supports(op)`` declaration: argument name (or ``"dtypes"``) -> the values it handles."""
+    fn = getattr(target, "supports", None)
+    decl = fn(op) if fn else None
+    if not decl:
+        return {}
+    out: dict[str, frozenset[Any]] = {}
+    for key, allowed in dict(decl).items():
+        if isinstance(allowed, (str, bytes)) or not isinstance(allowed, Iterable):
+            raise TypeError(f"supports({op!r}): {key!r} must map to a set of values, got {allowed!r}")
+        out[str(key)] = frozenset(str(np.dtype(a)) if key == "dtypes" else a for a in allowed)
+    return out
+
+
+def _values_of(key: str, case: dict[str, Any], defaults: dict[str, Any]) -> list[Any]:
+    """What ``key`` of a supports declaration is in ``case``: the argument's value (an array's dtype name), the
+    reference's default where the case leaves it out, or an attribute of that name of an argument (a QuantState's
+    ``quant_type``); ``"dtypes"`` is the dtype of every float array argument."""
+    if key == "dtypes":
+        return [str(v.dtype) for v in case.values() if isinstance(v, np.ndarray) and _kind(v.dtype) == "float"]
+    if key in case:
+        v = case[key]
+        return [str(v.dtype) if isinstance(v, np.ndarray) else v]
+    attrs = [getattr(v, key) for v in case.values() if hasattr(v, key) and not isinstance(v, np.ndarray)]
+    if attrs:
+        return attrs
+    return [defaults[key]] if key in defaults else []
+
+
+def beyond_support(decl: dict[str, frozenset[Any]], case: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """Why ``case`` lies outside a ``supports`` declaration (e.g. "quant_type='fp4' (supports 'nf4')"), or ''."""
+    for key, allowed in decl.items():
+        for v in _values_of(key, case, defaults):
+            try:
+                ok = v in allowed
+            except TypeError:  # an unhashable value cannot be in a set of declared values
+                ok = False
+            if not ok:
+                return f"{key}={v!r} (supports {', '.join(repr(a) for a in sorted(allowed, key=repr))})"
+    return ""
+
+
+def _reference_defaults(ref: Callable[..., Any]) -> dict[str, Any]:
+    import inspect
+
+    try:
+        params = inspect.signature(ref).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _overridden(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """The options that replace a different value the case itself gives (what ran is not what the label says)."""
+    out = {}
+    for k, v in opts.items():
+        if k in case and not _same_value(case[k], v):
+            out[k] = v
+    return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) if not isinstance(a, np.ndarray) and not isinstance(b, np.ndarray) else _same(a, b)
+    except Exception:
+        return False
+
+
+def relabel(label: str, case: dict[str, Any], opts: dict[str, Any]) -> str:
+    """``label`` plus what the target's options changed in the case, so a label names what actually ran
+    ("fp4: nan in x [ran with quant_type='nf4' from the target's options]")."""
+    changed = _overridden(case, opts)
+    if not changed:
+        return label
+    return f"{label} [ran with {', '.join(f'{k}={v!r}' for k, v in changed.items())} from the target's options]"
+
+
+def _cut_all(a: np.ndarray, n: int, m: int, cut: Callable[[np.ndarray, int, int, bool], np.ndarray]) -> np.ndarray:
+    """``a`` with every axis of length ``n`` cut to its first ``m`` entries."""
+    for axis, length in enumerate(a.shape):
+        if length == n:
+            a = cut(a, axis, m, False)
+    return a
+
+
 def _kind(dt: np.dtype) -> str:
     if dt.kind == "f" or dt.name == "bfloat16":
         return "float"
@@ -135,6 +222,10 @@ class _Checker:
         self.beat = beat
         self.divs = divs
         self.modelled = [d for d in divs if d.model and d.applies(spec.name, target.name)]
+        self.support = _supports(target, spec.name)
+        #: how a snippet gets the target back: a name for get_target, or None (an object with no importable name)
+        self.source: str | None = target.name
+        self.defaults = _reference_defaults(self.ref)
 
     def prepare(self, case: dict[str, Any]) -> dict[str, Any]:
         return {**case, **self.opts}
@@ -152,7 +243,7 @@ class _Checker:
         return out
 
     def snip(self, case: dict[str, Any], note: str) -> str:
-        return snippet(self.spec.name, self.target.name, case, note)
+        return snippet(self.spec.name, self.source, case, note)
 
     def reproducer(self, case: dict[str, Any]) -> str:
         fn = getattr(self.target, "reproducer", None)
@@ -165,8 +256,14 @@ class _Checker:
 
     def outside(self, case: dict[str, Any]) -> str:
         """Why the case lies outside the domain the target declares (``unsupported(op, case)``), or ''."""
+        why = beyond_support(self.support, case, self.defaults)
+        if why:
+            return why
         fn = getattr(self.target, "unsupported", None)
         return (fn(self.spec.name, case) or "") if fn else ""
+
+    def label(self, label: str, case: dict[str, Any]) -> str:
+        return relabel(label, case, self.opts)
 
     def known(self, case: dict[str, Any], act: dict[str, np.ndarray], exp: dict[str, np.ndarray], tier: str,
               label: str) -> str:
@@ -224,8 +321,17 @@ class _Checker:
 
     # -------------------------------------------------------------- tiers
 
-    def shapes(self) -> CaseResult:
+    def _example(self) -> dict[str, Any]:
+        """The row's example case, or where the target declares it outside its domain, the first boundary case
+        inside it."""
         case = self.prepare(self.spec.example())
+        if not self.outside(case) or self.spec.boundary is None:
+            return case
+        inside = (self.prepare(b.case) for b in self.spec.boundary() if not _overridden(b.case, self.opts))
+        return next((c for c in inside if not self.outside(c)), case)
+
+    def shapes(self) -> CaseResult:
+        case = self._example()
         exp = self.expected(case)
         why = self.outside(case)
         if why:
@@ -263,9 +369,23 @@ class _Checker:
             return [CaseResult(self.spec.name, "golden", "*", FAIL, f"golden vectors unusable: {exc}")]
         out = []
         for label, case, expected in cases:
-            if self.opts:  # the vectors hold the default profile: the expected values are the reference's here
+            changed = _overridden(case, self.opts)
+            if changed:  # the vector holds other values than the target's options: it did not run, and says so
+                held = ", ".join(f"{k}={case[k]!r}" for k in changed)
+                out.append(CaseResult(self.spec.name, "golden", label, UNSUPPORTED,
+                                      f"not run: the vector holds {held}, the target's options set "
+                                      + ", ".join(f"{k}={v!r}" for k, v in changed.items()), n_cases=1))
+                continue
+            if any(k not in case for k in self.opts):
+                # options the vector does not hold (a profile): the expected values are the reference's under them
                 case = self.prepare(case)
-                expected = self.expected(case)
+                try:
+                    expected = self.expected(case)
+                except (ValueError, TypeError) as exc:
+                    out.append(CaseResult(self.spec.name, "golden", label, UNSUPPORTED,
+                                          f"not run: the reference rejects the vector under the target's options "
+                                          f"({type(exc).__name__}: {exc})", n_cases=1))
+                    continue
             out.append(self.one("golden", label, case, expected))
         return out
 
@@ -276,20 +396,88 @@ class _Checker:
             return [CaseResult(self.spec.name, "boundary", "*", SKIP, "the row has no boundary cases")]
         out = []
         for b in cases:
-            case = self.prepare(b.case)
+            case, label = self.prepare(b.case), self.label(b.label, b.case)
             try:
                 exp = self.expected(case)
             except Exception as exc:
-                out.append(CaseResult(self.spec.name, "boundary", b.label, FAIL,
+                if _overridden(b.case, self.opts):  # the target's options made the case invalid: not this op's bug
+                    out.append(CaseResult(self.spec.name, "boundary", label, UNSUPPORTED,
+                                          f"not run: the reference rejects the case under the target's options "
+                                          f"({type(exc).__name__}: {exc})", n_cases=1, classes=list(b.classes)))
+                    continue
+                out.append(CaseResult(self.spec.name, "boundary", label, FAIL,
                                       f"the reference rejected a boundary case (a table bug): "
                                       f"{type(exc).__name__}: {exc}", n_cases=1, classes=list(b.classes)))
                 continue
-            out.append(self.one("boundary", b.label, case, exp, b.classes))
+            out.append(self.one("boundary", label, case, exp, b.classes))
         return out
+
+    def failure(self, case: dict[str, Any]) -> tuple[str, float | None] | None:
+        """(message, ratio) where the target fails on the prepared ``case`` outside any known divergence, else
+        None (also where the reference or the target's declared domain rejects the case)."""
+        if self.outside(case):
+            return None
+        try:
+            exp = self.expected(case)
+        except Exception:
+            return None
+        try:
+            act = self.actual(case, "properties", "shrinking shapes")
+        except Exception as exc:
+            return None if self.known_raise(case, exc, "properties", "") else (
+                f"target raised {type(exc).__name__}: {exc}", None)
+        v = compare(self.spec.tolerance, act, exp, case, self.dtype)
+        if v.passed or self.known(case, act, exp, "properties", ""):
+            return None
+        return v.message, v.worst_ratio
+
+    def smaller(self, case: dict[str, Any], found: tuple[str, float | None],
+                tries: int = SHRINK_TRIES) -> tuple[dict[str, Any], tuple[str, float | None]]:
+        """Shrink the shapes of a failing case (Hypothesis shrinks the values it drew; a case's shapes are often
+        drawn through sizes it cannot shorten without losing the failure): greedily cut array axes to 1, half or
+        one less (every array that shares the axis length at once, then one array alone, from the front or the
+        back) while the target still fails and the reference still accepts the case."""
+        def cut(a: np.ndarray, axis: int, m: int, tail: bool) -> np.ndarray:
+            n = a.shape[axis]
+            idx = [slice(None)] * a.ndim
+            idx[axis] = slice(n - m, n) if tail else slice(0, m)
+            return np.ascontiguousarray(a[tuple(idx)])
+
+        def moves(c: dict[str, Any]) -> Iterable[dict[str, Any]]:
+            arrays = {k: v for k, v in c.items() if isinstance(v, np.ndarray) and v.ndim}
+            lengths = sorted({n for v in arrays.values() for n in v.shape if n > 1}, reverse=True)
+            for n in lengths:
+                for m in dict.fromkeys((1, n // 2, n - 1)):
+                    yield {**c, **{k: _cut_all(v, n, m, cut) for k, v in arrays.items() if n in v.shape}}
+            for k, v in arrays.items():
+                for axis, n in enumerate(v.shape):
+                    for m in dict.fromkeys((1, n // 2, n - 1)):
+                        if 0 < m < n:
+                            yield {**c, k: cut(v, axis, m, False)}
+                            yield {**c, k: cut(v, axis, m, True)}
+
+        def size(c: dict[str, Any]) -> int:
+            return sum(v.size for v in c.values() if isinstance(v, np.ndarray))
+
+        improved = True
+        while improved and tries > 0:
+            improved = False
+            for cand in moves(case):
+                if size(cand) >= size(case):
+                    continue
+                tries -= 1
+                got = self.failure(cand)
+                if got is not None:
+                    case, found, improved = cand, got, True
+                    break
+                if tries <= 0:
+                    break
+        return case, found
 
     def properties(self, examples: int, seed: int | None = None) -> list[CaseResult]:
         from hypothesis import HealthCheck, Verbosity, given, settings
         from hypothesis import seed as hseed
+        from hypothesis.errors import Unsatisfiable
 
         label = "differential" if seed is None else f"differential (seed {seed})"
         stats: dict[str, Any] = {"n": 0, "worst": 0.0}
@@ -297,10 +485,14 @@ class _Checker:
         outside: dict[str, int] = {}
         failing: dict[str, Any] = {}
 
+        strategy = self.spec.strategy()
+        if self.support:  # draw only what the target declares it supports (the report names the rest)
+            strategy = strategy.filter(lambda d: not beyond_support(self.support, self.prepare(d), self.defaults))
+
         @settings(max_examples=examples, derandomize=seed is None, database=None, deadline=None,
                   verbosity=Verbosity.quiet, suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
                   print_blob=False)
-        @given(self.spec.strategy())
+        @given(strategy)
         def prop(drawn: dict[str, Any]) -> None:
             case = self.prepare(drawn)
             why = self.outside(case)
@@ -310,6 +502,10 @@ class _Checker:
             try:
                 exp = self.expected(case)
             except Exception as exc:
+                if _overridden(drawn, self.opts):  # the target's options made the drawn case invalid
+                    why = "the reference rejects the drawn case under the target's options"
+                    outside[why] = outside.get(why, 0) + 1
+                    return
                 failing.update(case=case, msg=f"the reference rejected a generated case (a strategy bug): "
                                               f"{type(exc).__name__}: {exc}", ratio=None)
                 raise
@@ -336,16 +532,25 @@ class _Checker:
         if seed is not None:
             prop = hseed(seed)(prop)
         out = []
+        declared = "; ".join(f"{k} in {{{', '.join(repr(a) for a in sorted(v, key=repr))}}}"
+                             for k, v in self.support.items())
         try:
             prop()
+        except Unsatisfiable:
+            out.append(CaseResult(self.spec.name, "properties", f"{label}: outside the declared domain", UNSUPPORTED,
+                                  f"no drawn input lies in the declared domain ({declared})", n_cases=0))
+            return out
         except Exception as exc:
             if not failing:
                 out.append(CaseResult(self.spec.name, "properties", label, FAIL, f"{type(exc).__name__}: {exc}",
                                       n_cases=stats["n"]))
             else:
-                case = failing["case"]
-                out.append(CaseResult(self.spec.name, "properties", label, FAIL, failing["msg"],
-                                      worst_ratio=failing.get("ratio"), n_cases=stats["n"],
+                case, (msg, ratio) = failing["case"], (failing["msg"], failing.get("ratio"))
+                if "strategy bug" not in msg:
+                    case, (msg, ratio) = self.smaller(case, (msg, ratio))
+                failing.update(msg=msg)
+                out.append(CaseResult(self.spec.name, "properties", label, FAIL, msg,
+                                      worst_ratio=ratio, n_cases=stats["n"],
                                       snippet=self.snip(case, "smallest failing input (shrunk): " + failing["msg"]),
                                       reproducer=self.reproducer(case)))
         else:
@@ -355,6 +560,10 @@ class _Checker:
                                   if self.spec.tolerance.kind == "bounded"
                                   else f"{stats['n'] - n_known} examples, bit-exact",
                                   worst_ratio=stats["worst"], n_cases=stats["n"] - n_known))
+        if self.support:
+            out.append(CaseResult(self.spec.name, "properties", f"{label}: drawn within the declared domain",
+                                  UNSUPPORTED, f"inputs were drawn only where {declared} (the target's supports)",
+                                  n_cases=0))
         for why, n in outside.items():
             out.append(CaseResult(self.spec.name, "properties", f"{label}: outside the declared domain", UNSUPPORTED,
                                   f"{n} drawn cases not run: {why}", n_cases=n))
@@ -366,28 +575,28 @@ class _Checker:
     def special(self) -> list[CaseResult]:
         out = []
         for sp in self.spec.specials() if self.spec.specials else []:
-            case = self.prepare(sp.case)
+            case, sp_label = self.prepare(sp.case), self.label(sp.label, sp.case)
             try:
                 exp, ref_exc = self.expected(case), None
             except (ValueError, TypeError) as exc:
                 exp, ref_exc = None, exc
             if exp is not None:
-                out.append(self.one("special", sp.label, case, exp))
+                out.append(self.one("special", sp_label, case, exp))
                 continue
             try:
-                self.actual(case, "special", sp.label)
+                self.actual(case, "special", sp_label)
                 tgt_exc: Exception | None = None
             except Exception as exc:
                 tgt_exc = exc
             name = self.spec.name
-            if isinstance(tgt_exc, (ValueError, TypeError)):
-                out.append(CaseResult(name, "special", sp.label, PASS, f"rejected: {type(tgt_exc).__name__}",
+            if isinstance(tgt_exc, (ValueError, TypeError)) or (tgt_exc is not None and self.outside(case)):
+                out.append(CaseResult(name, "special", sp_label, PASS, f"rejected: {type(tgt_exc).__name__}",
                                       n_cases=1))
             else:
                 got = "returned a result" if tgt_exc is None else f"raised {type(tgt_exc).__name__}: {tgt_exc}"
                 msg = f"the reference raises {type(ref_exc).__name__} ({ref_exc}); the target {got}"
-                out.append(CaseResult(name, "special", sp.label, FAIL, msg, n_cases=1,
-                                      snippet=self.snip(case, f"special value '{sp.label}': {msg}")))
+                out.append(CaseResult(name, "special", sp_label, FAIL, msg, n_cases=1,
+                                      snippet=self.snip(case, f"special value '{sp_label}': {msg}")))
         if not out:
             out.append(CaseResult(self.spec.name, "special", "*", NA, "no special values for this op"))
         return out
@@ -493,13 +702,16 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
         examples: int = DEFAULT_EXAMPLES, tiers: Iterable[str] = TIERS,
         divergences: list[str | Path] | None = None, vectors_dir: str | Path | None = None,
         progress: Callable[[str], None] | None = None, timeout: float = DEFAULT_TIMEOUT, isolate: bool = True,
-        budget: float = 0.0, fail_fast: bool = False) -> RunResult:
+        budget: float = 0.0, fail_fast: bool = False, compute_dtype: str | None = None,
+        profile: str | None = None) -> RunResult:
     """Check ``target`` against the reference on the selected ops (globs, e.g. "quant.*").
 
     ``timeout`` bounds each call of the target (seconds); ``isolate`` runs the target in a forked
     worker so that an exit or a crash is a failure, not the end of the run; ``budget`` spends that
     many more seconds on freshly seeded random examples after the default tiers; ``fail_fast`` stops
-    an op at its first failing tier (the verdict is the same, reached sooner).
+    an op at its first failing tier (the verdict is the same, reached sooner). ``compute_dtype`` and
+    ``profile`` declare, for a user target, the precision it computes in (its error bounds) and the
+    profile its quant or merging ops follow (docs/targets.md).
     """
     if not (timeout > 0 and np.isfinite(timeout)):
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
@@ -510,6 +722,11 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
     start = time.perf_counter()
     say = progress or (lambda msg: None)
     tgt = get_target(target)
+    if compute_dtype is not None or profile is not None:
+        if is_builtin(tgt):
+            raise ValueError(f"compute_dtype, profile: the built-in target {tgt.name} declares its own; these are "
+                             "for a user target (module:object)")
+        tgt = declare(tgt, compute_dtype=compute_dtype, profile=profile)
     tiers = [t for t in TIERS if t in set(tiers)]
     specs = select(ops)
     if not specs:
@@ -529,6 +746,7 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
         if "names" in tiers:
             results.append(CaseResult(spec.name, "names", "*", PASS, "present", n_cases=1))
         checkers[spec.name] = _Checker(spec, tgt, f, divs, lambda tier, label: None)
+        checkers[spec.name].source = target_source(target, tgt)
 
     later = [t for t in tiers if t != "names"]
     by_name = {s.name: s for s in specs}
@@ -583,6 +801,7 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
     coverage = _coverage(specs, results, set(checkers)) if "boundary" in tiers else {}
     return RunResult(tgt.name, results, warnings, time.perf_counter() - start,
                      {"examples": examples, "tiers": tiers, "ops": [s.name for s in specs], "timeout": timeout,
+                      "compute_dtype": compute_dtype, "profile": profile,
                       "isolate": executor.isolate, "budget": budget, "fail_fast": fail_fast},
                      coverage=coverage, unchecked=_unchecked(tgt, ops), notes=notes)
 

@@ -162,6 +162,81 @@ class KernelTarget:
         return str(self._api_table("COMPUTE_DTYPES").get(op, "float64"))
 
 
+#: the compute dtypes a target may declare (the error bounds widen from float64's unit roundoff to that dtype's)
+COMPUTE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def _takes(op: str, param: str) -> bool:
+    """Whether the reference of ``op`` has a parameter named ``param``."""
+    import inspect
+
+    module, func = op.rsplit(".", 1)
+    try:
+        ref = getattr(importlib.import_module(f"refimpl.{module}"), func)
+        return param in inspect.signature(ref).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+
+
+def known_profiles() -> dict[str, list[str]]:
+    """profile name -> the op families whose reference accepts it (``profile=`` of quant and merging ops)."""
+    from refimpl.quant import state
+
+    merging: tuple[str, ...] = ()
+    for home in ("refimpl.merging.operands", "refimpl.merging._common", "refimpl.merging"):
+        try:  # the merging family's checks may move between these modules (issue 17)
+            merging = tuple(importlib.import_module(home).PROFILES)
+            break
+        except (ImportError, AttributeError):
+            continue
+    out: dict[str, list[str]] = {}
+    for family, names in (("quant", state.PROFILES), ("merging", merging)):
+        for n in names:
+            out.setdefault(n, []).append(family)
+    return out
+
+
+class DeclaredTarget:
+    """A target with a compute dtype and/or a profile declared from outside (``refimpl conform --compute-dtype
+    float32 --profile bitsandbytes-cpu``); everything else is the wrapped target's."""
+
+    def __init__(self, target: Target, *, compute_dtype: str | None = None, profile: str | None = None) -> None:
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+        profiles = known_profiles()
+        if profile is not None and profile not in profiles:
+            raise ValueError(f"profile: expected one of {', '.join(profiles)}, got {profile!r}")
+        self.target, self._dtype, self._profile = target, compute_dtype, profile
+        self.name = target.name
+        self._families = profiles.get(profile or "", [])
+
+    def __getattr__(self, attr: str) -> Any:  # provided_ops, notes, reproducer, supports, fork_safe, ...
+        return getattr(self.target, attr)
+
+    def lookup(self, op: str) -> Callable[..., Any] | None:
+        return self.target.lookup(op)
+
+    def options(self, op: str) -> dict[str, Any]:
+        fn = getattr(self.target, "options", None)
+        out = dict(fn(op)) if fn else {}
+        if self._profile is not None and op.split(".")[0] in self._families and _takes(op, "profile"):
+            out["profile"] = self._profile
+        return out
+
+    def compute_dtype(self, op: str) -> str:
+        if self._dtype is not None:
+            return self._dtype
+        fn = getattr(self.target, "compute_dtype", None)
+        return fn(op) if fn else "float64"
+
+
+def declare(target: Target, *, compute_dtype: str | None = None, profile: str | None = None) -> Target:
+    """``target`` judged in ``compute_dtype`` and run under ``profile`` (for the ops that take one)."""
+    if compute_dtype is None and profile is None:
+        return target
+    return DeclaredTarget(target, compute_dtype=compute_dtype, profile=profile)
+
+
 def kernel_backends() -> list[str]:
     """Kernel backends usable here that provide at least one op, fastest first (cupy, numba)."""
     try:
@@ -230,6 +305,24 @@ def auto_reason() -> str:
                 + (f" ({'; '.join(skipped)})" if skipped else ""))
     return ("auto fell back to numpy, the reference checked against itself (a sanity check of the harness, not "
             f"of a kernel): {'; '.join(skipped)}; pip install 'refimpl[fast]' for the numba kernels")
+
+
+def target_source(spec: str | Target, target: Target) -> str | None:
+    """A name that ``get_target`` resolves to ``target`` again (what a reproduce snippet calls), or None where
+    the target was given as an object that has no importable name."""
+    if isinstance(spec, str):
+        return target.name if spec == "auto" else spec
+    if isinstance(target, NamespaceTarget):
+        return target.name if ":" in target.name else None
+    if isinstance(target, DeclaredTarget):
+        return target_source(target.target, target.target)
+    if is_builtin(target):
+        return target.name
+    cls = type(target)
+    module, qualname = cls.__module__, cls.__qualname__
+    if module in ("__main__", "builtins") or "<locals>" in qualname:
+        return None
+    return f"{module}:{qualname}"
 
 
 def get_target(spec: str | Target) -> Target:
