@@ -88,7 +88,8 @@ def _task_arithmetic(taus: list[np.ndarray], weights: np.ndarray, lam: float, no
         merged += w * tau
     if normalize:
         merged /= weights.sum()
-    return lam * merged
+    merged *= lam
+    return merged
 
 
 @precision._overflow_checked

@@ -91,8 +91,7 @@ def _elect(votes: list[np.ndarray], rules: TiesRules) -> np.ndarray:
     +1 (``"positive"``) or the global majority sgn(Σ_p γ_p) (the official code, MergeLM)."""
     score = sum(votes) if rules.elect == "sum" else sum(np.sign(vote) for vote in votes)
     gamma = np.sign(score)
-    gamma[gamma == 0] = 1.0 if rules.zero_sign == "positive" else np.sign(gamma.sum())
-    return gamma
+    return np.where(gamma == 0, 1.0 if rules.zero_sign == "positive" else np.sign(gamma.sum()), gamma)
 
 
 def _agrees(vote: np.ndarray, gamma: np.ndarray, rules: TiesRules) -> np.ndarray:
