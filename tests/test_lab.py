@@ -304,3 +304,26 @@ def test_cli_experiment_memory_writes_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "memory" / "memory.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         cli.main(["experiment", "ranks"])
+
+
+def test_rank_experiment_small_rank_goes_flat_early_and_adequate_rank_is_healthy(tmp_path):
+    """Experiment 1 shows the lesson's flat-training-loss signature at r = 1 (relabel needs a rank-7 change)
+    and ``diagnose`` names it by its shape; r = 8 keeps falling and is healthy."""
+    from refimpl.lab import run_experiment
+    from refimpl.lab.experiments import chance_loss, lab_model
+
+    res = run_experiment("rank", tmp_path, quick=True)
+    curves = json.loads((tmp_path / "rank" / "curves.json").read_text())
+    ref = chance_loss(lab_model()[0])
+    low, adequate = (np.asarray(curves[k]["train_loss"]) for k in ("r=1", "r=8"))
+    # the shape itself, independently of diagnose: r = 1 stops improving in the first quarter of the run
+    # while it is still far above what r = 8 reaches
+    quarter = len(low) // 4
+    assert low[quarter] - low[-1] < 0.1 * ref < low[0] - low[quarter]
+    assert adequate[-1] < 0.1 * ref < 0.5 * ref < low[-1]
+    d_low = diagnose(curves["r=1"]["train_loss"], curves["r=1"]["val_loss"], chance_loss=ref)
+    d_ok = diagnose(curves["r=8"]["train_loss"], curves["r=8"]["val_loss"], chance_loss=ref)
+    assert d_low.label == "rank_too_low" and "goes flat early" in d_low.reason, str(d_low)
+    assert d_low.evidence["plateau_start"] <= 0.25
+    assert d_ok.label == "healthy", str(d_ok)
+    assert [r["diagnosis"] for r in res.rows] == ["rank_too_low", "healthy"]

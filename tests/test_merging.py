@@ -359,3 +359,16 @@ def test_all_zero_task_vectors_merge_to_zero(k_rule, profile):
     z = [np.zeros(6), np.zeros(6)]
     assert not merging.ties(z, density=0.5, k_rule=k_rule, profile=profile).any()
     assert not merging.dare(z, density=0.5, rng=np.random.default_rng(0), profile=profile).any()
+
+
+@pytest.mark.parametrize("profile", ("paper", "peft", "mergekit", "mergelm"))
+def test_ties_and_dare_of_scalars_equal_their_one_element_vectors(profile):
+    """0-d task vectors (a scalar parameter such as a logit scale) merge as 1-element vectors do."""
+    scalars = [np.array(1.5), np.array(-2.0), np.array(0.25)]
+    vectors = [s.reshape(1) for s in scalars]
+    assert float(merging.ties(scalars, density=1.0, profile=profile)) == \
+        float(merging.ties(vectors, density=1.0, profile=profile)[0])
+    masks = [np.array(True), np.array(False), np.array(True)]
+    assert float(merging.dare(scalars, density=0.5, masks=masks, merge="ties", profile=profile)) == \
+        float(merging.dare(vectors, density=0.5, masks=[m.reshape(1) for m in masks], merge="ties",
+                           profile=profile)[0])

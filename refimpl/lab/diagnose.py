@@ -4,13 +4,14 @@ The lesson's signatures, made measurable. Losses are compared with a reference l
 the chance-level cross-entropy ln(n_classes) when ``chance_loss`` is given (the lab passes it),
 else the first point of the training curve.
 
-1. **rank_too_low** — "a flat training loss": training never gets far below the reference,
-   ``train_end > flat_fraction · L_ref``, **or** its slope reaches ≈ 0 early at a high level: the
+1. **rank_too_low** — "a flat training loss": its slope reaches ≈ 0 early at a high level: the
    training curve reaches its plateau (the first point after which the smoothed curve stays within
    ``plateau_tolerance · L_ref`` + twice the measured noise of its end level) within the first
    ``early_fraction`` of the run, and that level is above ``plateau_fraction · L_ref`` (the lesson's
    "loss stops decreasing after just a few hundred steps"; e.g. 3.3 → 1.46 in 20 of 200 steps, then
-   flat). Fix: raise r (16, 32, 64).
+   flat; the lab's ``rank`` experiment at r = 1), **or** training never gets far below the reference,
+   ``train_end > flat_fraction · L_ref`` (a curve still falling slowly at a high level). The shape is
+   tested first, so the reason names it when both hold. Fix: raise r (16, 32, 64).
 2. **wrong_layers** — "training loss decreases normally, but validation is mediocre": training
    falls below ``flat_fraction · L_ref`` but validation never gets below
    ``mediocre_fraction · L_ref``. Fix: target all linear layers at a lower rank.
@@ -167,14 +168,14 @@ def diagnose(
         "ambiguous": 0.0,
     }
     ambiguous_with = experiment = None
-    if train_end > flat_fraction * ref:
-        label = "rank_too_low"
-        reason = f"training loss stays high: it ends at {train_end / ref:.2f} x the reference (> {flat_fraction})"
-    elif early_plateau:
+    if early_plateau:  # the shape decides first: the lesson's "stops decreasing after a few hundred steps"
         label = "rank_too_low"
         reason = (f"training loss goes flat early: its slope reaches ~0 {plateau_at:.0%} into the run "
                   f"(<= {early_fraction:.0%}) at {train_end / ref:.2f} x the reference (> {plateau_fraction}): "
                   "the adapter lacks capacity")
+    elif train_end > flat_fraction * ref:
+        label = "rank_too_low"
+        reason = f"training loss stays high: it ends at {train_end / ref:.2f} x the reference (> {flat_fraction})"
     elif val_min > mediocre_fraction * ref:
         label = "wrong_layers"
         if val_rise > rise_fraction * ref:

@@ -12,6 +12,7 @@ g₁ and g₂ (new "facts").
 | ``position`` | g₀(x_{T−1}) | same knowledge, read from the last position: a new attention pattern (Q/K) |
 | ``facts_low`` | g₁(x₁), x₁ in the lower half of the content ids | knowledge edit on half the vocabulary |
 | ``facts_high`` | g₂(x₁), x₁ in the upper half | a second, disjoint knowledge edit (for merging) |
+| ``relabel`` | (g₀(x₁) + 1) mod C | every class moved to the next, a rank-(C − 1) logit change (Experiment 1) |
 
 The base is pretrained on ``pretrain``, a related task, so each adapter adapts something.
 """
@@ -25,7 +26,7 @@ import numpy as np
 from refimpl import _checks
 from refimpl.lab.model import ModelConfig
 
-TASKS = ("pretrain", "facts", "position", "facts_low", "facts_high", "bag", "bag_facts")
+TASKS = ("pretrain", "facts", "position", "facts_low", "facts_high", "bag", "bag_facts", "relabel")
 
 
 @dataclass(frozen=True)
@@ -75,5 +76,6 @@ def make_dataset(
         "position": g[0][ids[:, -1]],
         "facts_low": g[1][ids[:, 1]],
         "facts_high": g[2][ids[:, 1]],
+        "relabel": (g[0][ids[:, 1]] + 1) % config.n_classes,
     }[task]
     return Dataset(ids=ids.astype(np.int64), labels=label.astype(np.int64))

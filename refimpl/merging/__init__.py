@@ -6,7 +6,9 @@ presets (where the implementations differ) and every preset's option can be set 
 
 Modules: ``arithmetic`` (task vectors, task arithmetic, linear, whole-model flattening),
 ``sparsify`` (magnitude trim, magnitude prune, DARE masks), ``ties_dare`` (TIES, DARE),
-``spherical`` (SLERP), ``lora_space`` (cat, factor-space linear, SVD) and ``streaming`` (merge_files).
+``spherical`` (SLERP), ``lora_space`` (cat, factor-space linear, SVD) and ``streaming`` (merge_files);
+``operands`` (the argument checks the ops and their kernels share) and ``profiles`` (the peer rule sets,
+one record per profile).
 """
 
 from refimpl.merging.arithmetic import (

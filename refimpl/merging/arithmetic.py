@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from refimpl import _checks, precision
-from refimpl.merging import _common
+from refimpl.merging import operands
 
 
 def _is_float_array(x: Any) -> bool:
@@ -48,8 +48,8 @@ def task_vector(finetuned: npt.ArrayLike | Mapping[str, npt.ArrayLike],
                 raise ValueError(f"finetuned: expected key {key!r} (a floating tensor of base), it is missing")
             out[key] = task_vector(finetuned[key], b)
         return out
-    b, b_dtype = _common.as_float(base, "base")
-    f, f_dtype = _common.as_float(finetuned, "finetuned")
+    b, b_dtype = operands.as_float(base, "base")
+    f, f_dtype = operands.as_float(finetuned, "finetuned")
     _checks.same_shape(b, "base", f, "finetuned")
     if f_dtype != b_dtype:
         raise ValueError(f"finetuned: expected dtype {b_dtype} (the dtype of base), got dtype {f_dtype}")
@@ -72,24 +72,23 @@ def task_arithmetic(
     when ``normalize`` (mergekit replaces |Σ w| < 1e-8 by 1; here that raises).
     Negation is a negative weight or a negative λ: θ = θ₀ − λ τ.
     """
-    taus = _common.task_list(task_vectors)  # float64 copies, scaled in place below
-    w = _common.weight_vector(weights, len(taus))
-    return task_arithmetic_owned(taus, w, _checks.real(lam, "lam"), _checks.boolean(normalize, "normalize"))
+    ops = operands.task_operands(task_vectors, weights, lam=lam)
+    if _checks.boolean(normalize, "normalize"):
+        operands.normalizable(ops.weights)
+    return _task_arithmetic(ops.taus, ops.weights, ops.lam, normalize)
 
 
-def task_arithmetic_owned(taus: list[np.ndarray], w: np.ndarray, lam: float, normalize: bool) -> np.ndarray:
-    """``task_arithmetic`` on validated float64 arrays that the caller hands over (scaled in place)."""
+# core: the formula (spec/merging.md §3)
+
+
+def _task_arithmetic(taus: list[np.ndarray], weights: np.ndarray, lam: float, normalize: bool) -> np.ndarray:
+    """λ·Σ_t w_t τ_t (÷ Σ_t w_t with ``normalize``), summed in task order."""
     merged = np.zeros(taus[0].shape)
-    for tau, wt in zip(taus, w, strict=True):  # Σ in task order
-        tau *= wt
-        merged += tau
+    for tau, w in zip(taus, weights, strict=True):
+        merged += w * tau
     if normalize:
-        total = float(w.sum())
-        if abs(total) < 1e-8:
-            raise ValueError(f"weights: normalize=True needs |Σ w| ≥ 1e-8, got Σ w = {total!r}")
-        merged /= total
-    if lam != 1.0:
-        merged *= lam
+        merged /= weights.sum()
+    merged *= lam
     return merged
 
 
@@ -102,11 +101,11 @@ def linear(tensors: Sequence[npt.ArrayLike], weights: npt.ArrayLike | None = Non
     mergekit divides by Σ w with no guard (inf/NaN when Σ w = 0); here Σ w = 0
     with ``normalize`` raises ValueError.
     """
-    thetas = _common.task_list(tensors, "tensors")
-    w = _common.weight_vector(weights, len(thetas))
+    thetas = operands.task_list(tensors, "tensors")
+    w = operands.weight_vector(weights, len(thetas))
     normalize = _checks.boolean(normalize, "normalize")
-    stacked = _common.stack(thetas)
-    merged = (stacked * _common.bcast(w, stacked.ndim)).sum(axis=0)
+    stacked = operands.stack(thetas)
+    merged = (stacked * operands.bcast(w, stacked.ndim)).sum(axis=0)
     if normalize:
         total = float(w.sum())
         if total == 0.0:
@@ -141,7 +140,7 @@ def flatten_model(state: Mapping[str, npt.ArrayLike], *,
     keys = tuple(sorted(k for k, v in state.items() if k not in removed and _is_float_array(v)))
     if not keys:
         raise ValueError("state: expected at least one floating tensor, got none")
-    parts = [_common.as_float(state[k], f"state[{k!r}]")[0] for k in keys]
+    parts = [operands.as_float(state[k], f"state[{k!r}]")[0] for k in keys]
     layout = ModelLayout(keys, tuple(p.shape for p in parts))
     return np.concatenate([p.ravel() for p in parts]), layout
 

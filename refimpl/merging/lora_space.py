@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from refimpl import _checks, precision
-from refimpl.merging import _common
+from refimpl.merging import operands
 
 
 def _adapters(As: Any, Bs: Any, scalings: Any, weights: Any) -> tuple[list, list, np.ndarray]:
@@ -24,8 +24,8 @@ def _adapters(As: Any, Bs: Any, scalings: Any, weights: Any) -> tuple[list, list
             raise TypeError(f"{name}: expected a non-empty list of 2-D arrays, got {_checks.describe(seq)}")
     if len(As) != len(Bs):
         raise ValueError(f"Bs: expected {len(As)} matrices (one per A), got {len(Bs)}")
-    A = [_common.as_float(a, f"As[{i}]", ndim=2)[0] for i, a in enumerate(As)]
-    B = [_common.as_float(b, f"Bs[{i}]", ndim=2)[0] for i, b in enumerate(Bs)]
+    A = [operands.as_float(a, f"As[{i}]", ndim=2)[0] for i, a in enumerate(As)]
+    B = [operands.as_float(b, f"Bs[{i}]", ndim=2)[0] for i, b in enumerate(Bs)]
     n_in, n_out = A[0].shape[1], B[0].shape[0]
     for i, (a, b) in enumerate(zip(A, B, strict=True)):
         _checks.check_shape(a, f"As[{i}]", (None, n_in))
@@ -33,8 +33,8 @@ def _adapters(As: Any, Bs: Any, scalings: Any, weights: Any) -> tuple[list, list
     if np.ndim(scalings) == 0:
         s = np.full(len(A), _checks.real(scalings, "scalings"))
     else:
-        s = _common.weight_vector(scalings, len(A), "scalings")
-    w = _common.weight_vector(weights, len(A))
+        s = operands.weight_vector(scalings, len(A), "scalings")
+    w = operands.weight_vector(weights, len(A))
     return A, B, w * s
 
 
@@ -89,7 +89,7 @@ def lowrank_factors(delta: npt.ArrayLike, rank: int, *, split: str = "B",
     only): hi = quantile(concat(B, A), q), both factors clipped to [−hi, hi]. Factors are unique only
     up to signs: compare B·A. Returns (A, B).
     """
-    d = _common.as_float(delta, "delta", ndim=2)[0]
+    d = operands.as_float(delta, "delta", ndim=2)[0]
     r = _checks.integer(rank, "rank", low=1, high=min(d.shape))
     _checks.choice(split, "split", ("B", "sqrt"))
     u, s, vh = np.linalg.svd(d, full_matrices=False)

@@ -13,12 +13,13 @@ import numpy as np
 import numpy.typing as npt
 
 from refimpl import _checks, precision
-from refimpl.merging import _common
+from refimpl.merging import operands, profiles
+from refimpl.merging.operands import densities
+from refimpl.merging.profiles import K_RULES, RESCALES, TRIM_K_RULE
 
-#: How many entries a magnitude trim keeps (see spec/merging.md, "Trim").
-K_RULES = ("threshold", "floor", "floor_min1", "mask_rate")
-TRIM_K_RULE = {"paper": "threshold", "peft": "floor", "mergekit": "floor_min1", "mergelm": "mask_rate"}
-RESCALES = ("inverse", "l1", "none")
+__all__ = ["K_RULES", "L1_EPS", "RESCALES", "TRIM_K_RULE", "dare_drop", "dare_masks", "densities", "keep_masks",
+           "l1_rescaled", "magnitude_prune", "trim_mask"]
+
 #: mergekit's absolute guard in the L1 rescale: below it the masked tensor is returned unscaled.
 L1_EPS = 1e-7
 
@@ -39,42 +40,67 @@ def trim_mask(tau: npt.ArrayLike, density: float, *, k_rule: str = "threshold") 
 
     d = 1 keeps everything under every rule (the official code raises there; PEFT and mergekit no-op).
     """
-    t = _common.as_float(tau, "tau")[0]
-    d = _common.density(density)
+    t = operands.as_float(tau, "tau")[0]
+    d = operands.density(density)
     _checks.choice(k_rule, "k_rule", K_RULES)
-    a = np.abs(t).ravel()
+    return _trim_mask(t, d, k_rule)
+
+
+# core: the trim rules (spec/merging.md §4.1); a = |τ| flattened, n = a.size
+
+
+def _trim_mask(tau: np.ndarray, density: float, k_rule: str) -> np.ndarray:
+    """The keep-mask of ``trim_mask`` on a checked float64 tensor (d = 1 keeps everything)."""
+    if density >= 1.0:
+        return np.ones(tau.shape, dtype=bool)
+    return _KEEP[k_rule](np.abs(tau).ravel(), density).reshape(tau.shape)
+
+
+def _keep_threshold(a: np.ndarray, d: float) -> np.ndarray:
+    """Official TIES: |τ| ≥ the (n − k)-th smallest |τ|, k = ⌊d·n⌋."""
+    n, k = a.size, int(d * a.size)
+    return a >= np.partition(a, n - k - 1)[n - k - 1]
+
+
+def _keep_mask_rate(a: np.ndarray, d: float) -> np.ndarray:
+    """MergeLM: |τ| ≥ the m-th smallest |τ|, m = ⌊n·(1 − d)⌋ (m = 0 keeps all), torch ``kthvalue``."""
+    drop = int(a.size * (1.0 - d))
+    if drop == 0:
+        return np.ones(a.size, dtype=bool)
+    return a >= np.partition(a, drop - 1)[drop - 1]
+
+
+def _keep_floor(a: np.ndarray, d: float) -> np.ndarray:
+    """PEFT: exactly k = ⌊d·n⌋ largest |τ|, ties at the k-th value by lower flat index."""
+    return _keep_top(a, int(d * a.size))
+
+
+def _keep_floor_min1(a: np.ndarray, d: float) -> np.ndarray:
+    """mergekit: exactly max(1, ⌊d·n⌋) largest |τ|, ties as ``_keep_floor``."""
+    return _keep_top(a, max(1, int(d * a.size)))
+
+
+def _keep_top(a: np.ndarray, k: int) -> np.ndarray:
     n = a.size
-    if d >= 1.0:
-        return np.ones(t.shape, dtype=bool)
-    if k_rule == "mask_rate":
-        drop = int(n * (1.0 - d))
-        if drop == 0:
-            return np.ones(t.shape, dtype=bool)
-        kth = np.partition(a, drop - 1)[drop - 1]  # the drop-th smallest, 1-based (torch kthvalue)
-        return (a >= kth).reshape(t.shape)
-    k = int(d * n)
-    if k_rule == "threshold":
-        kth = np.partition(a, n - k - 1)[n - k - 1]  # the (n − k)-th smallest, 1-based
-        return (a >= kth).reshape(t.shape)
-    if k_rule == "floor_min1":
-        k = max(1, k)
-    if k == 0:
-        return np.zeros(t.shape, dtype=bool)
-    if k >= n:
-        return np.ones(t.shape, dtype=bool)
-    v = np.partition(a, n - k)[n - k]  # the k-th largest
-    keep = a > v
-    tied = np.flatnonzero(a == v)
+    if k == 0 or k >= n:
+        return np.full(n, k > 0)
+    kth = np.partition(a, n - k)[n - k]  # the k-th largest
+    keep = a > kth
+    tied = np.flatnonzero(a == kth)
     keep[tied[: k - int(keep.sum())]] = True
-    return keep.reshape(t.shape)
+    return keep
+
+
+_KEEP = {"threshold": _keep_threshold, "mask_rate": _keep_mask_rate, "floor": _keep_floor,
+         "floor_min1": _keep_floor_min1}
 
 
 @precision._overflow_checked
 def l1_rescaled(tau: npt.ArrayLike, mask: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """mergekit's ``rescaled_masked_tensor(norm=l1)`` with validated inputs (see ``_l1_rescaled``)."""
-    t = _common.as_float(tau, "tau")[0]
+    t = operands.as_float(tau, "tau")[0]
     raw = np.asarray(mask)
-    m = raw.astype(np.float64) if raw.dtype == bool else _common.as_float(raw, "mask")[0]
+    m = raw.astype(np.float64) if raw.dtype == bool else operands.as_float(raw, "mask")[0]
     _checks.same_shape(t, "tau", m, "mask")
     if not np.isin(m, (0.0, 1.0)).all():
         raise ValueError("mask: expected a keep mask of 0/1 (or bool) entries")
@@ -94,16 +120,6 @@ def _l1_rescaled(tau: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return masked * (before / after)
 
 
-def densities(density: Any, count: int, name: str = "density") -> np.ndarray:
-    """One keep fraction for all tasks, or one per task (mergekit's per-model density)."""
-    if np.ndim(density) == 0:
-        return np.full(count, _common.density(density, name))
-    vals = [_common.density(v, f"{name}[{i}]") for i, v in enumerate(density)]
-    if len(vals) != count:
-        raise ValueError(f"{name}: expected one density or {count} (one per task), got {len(vals)}")
-    return np.asarray(vals)
-
-
 @precision._overflow_checked
 def magnitude_prune(
     task_vectors: Sequence[npt.ArrayLike],
@@ -119,17 +135,20 @@ def magnitude_prune(
 
     ``rescale="l1"`` applies mergekit's per-tensor L1 norm match after the trim.
     """
-    taus = _common.task_list(task_vectors)
-    w = _common.weight_vector(weights, len(taus))
-    d = densities(density, len(taus))
-    opts = _common.profile_options(profile, {p: {"k_rule": r, "rescale": "none"} for p, r in TRIM_K_RULE.items()},
-                                   {"k_rule": k_rule, "rescale": rescale})
-    _checks.choice(opts["rescale"], "rescale", ("l1", "none"))
-    lam = _checks.real(lam, "lam")
+    ops = operands.task_operands(task_vectors, weights, density=density, lam=lam)
+    default_k_rule = profiles.profile(profile).ties.k_rule
+    rescale = _checks.choice("none" if rescale is None else rescale, "rescale", ("l1", "none"))
+    k_rule = _checks.choice(default_k_rule if k_rule is None else k_rule, "k_rule", K_RULES)
+    return _magnitude_prune(ops.taus, ops.weights, ops.densities, k_rule, rescale, ops.lam)
+
+
+def _magnitude_prune(taus: list[np.ndarray], weights: np.ndarray, densities: np.ndarray, k_rule: str,
+                     rescale: str, lam: float) -> np.ndarray:
+    """λ·Σ_t w_t (τ_t ⊙ m_t), m_t the trim's keep-mask (L1-matched with ``rescale="l1"``)."""
     out = np.zeros_like(taus[0])
-    for tau, wt, dt in zip(taus, w, d, strict=True):
-        m = trim_mask(tau, dt, k_rule=opts["k_rule"])
-        out += wt * (_l1_rescaled(tau, m) if opts["rescale"] == "l1" else tau * m)
+    for tau, w, d in zip(taus, weights, densities, strict=True):
+        keep = _trim_mask(tau, d, k_rule)
+        out += w * (_l1_rescaled(tau, keep) if rescale == "l1" else tau * keep)
     return lam * out
 
 

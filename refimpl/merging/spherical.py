@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from refimpl import _checks, precision
-from refimpl.merging import _common
+from refimpl.merging import operands
 
 #: mergekit's DOT_THRESHOLD and normalisation guard.
 DOT_THRESHOLD = 0.9995
@@ -38,8 +38,8 @@ class SlerpCoefficients:
 
 def _operands(t: Any, v0: Any, v1: Any) -> tuple[float, np.ndarray, np.ndarray]:
     t = _checks.real(t, "t", low=0.0, high=1.0)
-    a, a_dtype = _common.as_float(v0, "v0")
-    b, b_dtype = _common.as_float(v1, "v1")
+    a, a_dtype = operands.as_float(v0, "v0")
+    b, b_dtype = operands.as_float(v1, "v1")
     _checks.same_shape(a, "v0", b, "v1")
     if a_dtype != b_dtype:
         raise ValueError(f"v1: expected dtype {a_dtype} (the dtype of v0), got dtype {b_dtype}")

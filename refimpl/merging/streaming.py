@@ -27,7 +27,7 @@ import sys
 import warnings
 import zlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from refimpl import _checks, precision
 from refimpl import io as _io
-from refimpl.merging import _common, arithmetic, spherical, ties_dare
+from refimpl.merging import arithmetic, operands, profiles, spherical, ties_dare
 from refimpl.merging import sparsify as _sparsify
 
 METHODS = ("task_arithmetic", "ties", "dare", "magnitude_prune", "linear", "slerp")
@@ -139,9 +139,9 @@ class _Task:
 def _merge_tensor(task: _Task) -> np.ndarray:
     """Read one tensor from every input, merge it in float64, round once to the base dtype.
 
-    The task vectors are built one model at a time and handed to the in-place cores of ``ties`` /
-    ``dare`` (options were validated by ``merge_files``), so the working set is about T + 4 float64
-    copies of this tensor.
+    The task vectors are built one model at a time and handed to the cores of ``ties`` / ``dare``
+    (options were validated by ``merge_files``), which trim or drop each one as it arrives, so the
+    working set is about T + 4 float64 copies of this tensor.
     """
     base = _load(task.base, task.key)
     dt = np.dtype(base.dtype)
@@ -152,19 +152,14 @@ def _merge_tensor(task: _Task) -> np.ndarray:
             task, base=dataclasses.replace(task.base, shape=(1,)),
             models=tuple(dataclasses.replace(m, shape=(1,)) for m in task.models))).reshape(())
     opts = dict(task.options)
-    w = _common.weight_vector(task.weights, len(task.models))
+    w = operands.weight_vector(task.weights, len(task.models))
     if task.method == "linear":
         merged = arithmetic.linear([_load(m, task.key) for m in task.models], w, **opts)
     elif task.method == "slerp":
         merged = spherical.slerp(opts.pop("t"), base, _load(task.models[0], task.key), **opts)
     else:
-        taus = []
-        for m in task.models:
-            tau = np.subtract(_load(m, task.key), base, dtype=np.float64)
-            _finite(tau, task.key, m.file)
-            taus.append(tau)
-        merged = _merge_task_vectors(task, taus, w, opts)
-        del taus
+        taus = (_task_vector(m, task.key, base) for m in task.models)  # one model at a time
+        merged = _merge_task_vectors(task, taus, base.shape, w, opts)
         np.add(merged, base, out=merged)
     if dt == np.dtype(ml_dtypes.bfloat16):
         return np.ascontiguousarray(precision.round_to(merged, dt).astype(dt))
@@ -178,20 +173,27 @@ def _finite(tau: np.ndarray, key: str, file: str) -> None:
                          f"entry at flat index {bad}")
 
 
-def _merge_task_vectors(task: _Task, taus: list[np.ndarray], w: np.ndarray, opts: dict) -> np.ndarray:
+def _task_vector(model: TensorInfo, key: str, base: np.ndarray) -> np.ndarray:
+    tau = np.subtract(_load(model, key), base, dtype=np.float64)
+    _finite(tau, key, model.file)
+    return tau
+
+
+def _merge_task_vectors(task: _Task, taus: Iterator[np.ndarray], shape: tuple[int, ...], w: np.ndarray,
+                        opts: dict) -> np.ndarray:
     lam = float(opts.pop("lam", 1.0))
     if task.method == "task_arithmetic":
-        return arithmetic.task_arithmetic_owned(taus, w, lam, bool(opts.get("normalize", False)))
+        return arithmetic._task_arithmetic(list(taus), w, lam, bool(opts.get("normalize", False)))
     if task.method == "magnitude_prune":
-        return _sparsify.magnitude_prune(taus, w, lam=lam, **opts)
-    d = _sparsify.densities(opts.pop("density"), len(taus))
+        return _sparsify.magnitude_prune(list(taus), w, lam=lam, **opts)
+    d = operands.densities(opts.pop("density"), len(w))
     profile = opts.pop("profile", "paper")
     if task.method == "ties":
-        return ties_dare.ties_owned(taus, w, d, ties_dare.ties_options(profile, **opts), lam)
-    merge = opts.pop("merge", "linear")
+        return ties_dare._ties(taus, w, d, profiles.ties_rules(profile, **opts), lam)
+    rules = profiles.dare_rules(profile, opts.pop("merge", "linear"), **opts)
     rng = np.random.default_rng([task.seed, zlib.crc32(task.key.encode())])
-    masks = _sparsify.dare_masks(taus[0].shape, len(taus), d.tolist(), rng)
-    return ties_dare.dare_owned(taus, w, d, masks, ties_dare.dare_options(profile, merge, **opts), lam)
+    masks = _sparsify.dare_masks(shape, len(w), d.tolist(), rng)
+    return ties_dare._dare(taus, w, d, masks, rules, lam)
 
 
 def _header(entries: list[tuple[str, TensorInfo]], metadata: Mapping[str, str]) -> bytes:
@@ -298,7 +300,7 @@ def merge_files(
     if method == "slerp" and len(models) != 1:
         raise ValueError(f"models: slerp merges the base with exactly one model, got {len(models)}")
     if weights is not None:
-        weights = tuple(float(w) for w in _common.weight_vector(weights, len(models)))
+        weights = tuple(float(w) for w in operands.weight_vector(weights, len(models)))
     opts = dict(options or {})
     if method == "slerp" and "t" not in opts:
         raise ValueError("options: slerp needs options['t'] (0 = base, 1 = the model)")

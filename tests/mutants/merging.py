@@ -10,13 +10,14 @@ wrongly, and an ε added to a norm. Each ``fn`` takes the reference's keyword ar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 
 import refimpl.merging as M
-from refimpl.merging import _common, lora_space, sparsify, spherical, ties_dare
+from refimpl.merging import lora_space, operands, profiles, sparsify, spherical, ties_dare
 from tests.mutants import Mutant
 
 # ----------------------------------------------------------------------------- a TIES pipeline with hooks
@@ -83,12 +84,12 @@ def _elect(taus, w, *, elect, zero_sign, weight_stage, divisor, zeros_vote=False
 def _ties(task_vectors, weights=None, *, density, profile="paper", lam=1.0, trim=None, elect_kw=None,
           opt_override=None, lam_twice=False, tail=0, first_density=False, **given):
     """``merging.ties`` assembled from the hooks above; every keyword is one defect."""
-    taus = _common.task_list(task_vectors)
-    w = _common.weight_vector(weights, len(taus))
+    taus = operands.task_list(task_vectors)
+    w = operands.weight_vector(weights, len(taus))
     d = sparsify.densities(density, len(taus))
     if first_density:
         d = np.full_like(d, d[0])
-    opts = ties_dare.ties_options(profile, **given)
+    opts = profiles.ties_options(profile, **given)
     opts.update(opt_override or {})
     hat = []
     for tau, dt in zip(taus, d, strict=True):
@@ -123,12 +124,10 @@ def _planted_k_plus_one(task_vectors, weights=None, *, density, **kw):
 
 def _prune(task_vectors, weights=None, *, density, profile="peft", k_rule=None, rescale=None, lam=1.0,
            smallest=False, force_rule=None):
-    taus = _common.task_list(task_vectors)
-    w = _common.weight_vector(weights, len(taus))
+    taus = operands.task_list(task_vectors)
+    w = operands.weight_vector(weights, len(taus))
     d = sparsify.densities(density, len(taus))
-    opts = _common.profile_options(profile, {p: {"k_rule": r, "rescale": "none"}
-                                             for p, r in sparsify.TRIM_K_RULE.items()},
-                                   {"k_rule": k_rule, "rescale": rescale})
+    opts = {"k_rule": k_rule or profiles.profile(profile).ties.k_rule, "rescale": rescale or "none"}
     rule = force_rule or opts["k_rule"]
     out = np.zeros(taus[0].shape)
     for tau, wt, dt in zip(taus, w, d, strict=True):
@@ -148,7 +147,7 @@ def _ta_no_normalize(task_vectors, weights=None, *, lam=1.0, normalize=False):
 def _ta_abs_normalize(task_vectors, weights=None, *, lam=1.0, normalize=False):
     out = M.task_arithmetic(task_vectors, weights, lam=lam, normalize=False)
     if normalize:
-        w = _common.weight_vector(weights, len(task_vectors))
+        w = operands.weight_vector(weights, len(task_vectors))
         out = out / float(np.abs(w).sum())
     return out
 
@@ -168,18 +167,20 @@ def _dare_with(*, drop=None, force_merge=None, skip_normalize=False):
     """``merging.dare`` with one defect: another drop step, the merge mode or normalize ignored."""
     def fn(task_vectors, weights=None, *, density, masks=None, rng=None, merge="linear", profile="paper",
            lam=1.0, normalize=None, **kw):
-        taus = _common.task_list(task_vectors)
-        w = _common.weight_vector(weights, len(taus))
+        taus = operands.task_list(task_vectors)
+        w = operands.weight_vector(weights, len(taus))
         d = sparsify.densities(density, len(taus))
-        opts = ties_dare.dare_options(profile, force_merge or merge, normalize=False if skip_normalize else normalize,
-                                      **kw)
+        rules = profiles.dare_rules(profile, force_merge or merge, normalize=False if skip_normalize else normalize,
+                                    **kw)
+        if rules.merge == "linear" and rules.normalize:
+            operands.normalizable(w)
         ms = sparsify.keep_masks(masks, taus) if masks is not None else sparsify.dare_masks(taus[0].shape, len(taus),
                                                                                            d, rng)
         step = drop or sparsify.dare_drop
-        dropped = [step(t, m, dt, opts["dare_rescale"]) for t, m, dt in zip(taus, ms, d, strict=True)]
+        dropped = [step(t, m, dt, rules.rescale) for t, m, dt in zip(taus, ms, d, strict=True)]
         # the rest of the reference pipeline, its own drop made a no-op (keep-all masks, no rescale)
-        return ties_dare.dare_owned(dropped, w, d, [np.ones(t.shape, bool) for t in dropped],
-                                    {**opts, "dare_rescale": "none"}, float(lam))
+        return ties_dare._dare(dropped, w, d, [np.ones(t.shape, bool) for t in dropped],
+                               dataclasses.replace(rules, rescale="none"), float(lam))
     return fn
 
 
@@ -287,7 +288,7 @@ def _trim_mask_exact_k(tau, density, *, k_rule="threshold"):
 
 def _elect_zeros_vote(trimmed, weights, *, elect, zero_sign, weight_stage, divisor):
     taus = [np.asarray(t, dtype=np.float64) for t in trimmed]
-    return _elect(taus, _common.weight_vector(weights, len(taus)), elect=elect, zero_sign=zero_sign,
+    return _elect(taus, operands.weight_vector(weights, len(taus)), elect=elect, zero_sign=zero_sign,
                   weight_stage=weight_stage, divisor=divisor, zeros_vote=True)
 
 
@@ -338,7 +339,7 @@ MUTANTS: list[Mutant] = [
     _m("ties: divisor 'weight_sum' read as 'count'", "merging.ties", "options",
        lambda task_vectors, weights=None, *, divisor=None, profile="paper", **kw:
        _ties(task_vectors, weights, profile=profile, **kw,
-             divisor="count" if (divisor or ties_dare.TIES_PROFILES[profile]["divisor"]) == "weight_sum"
+             divisor="count" if (divisor or profiles.TIES_PROFILES[profile]["divisor"]) == "weight_sum"
              else divisor)),
     _m("ties: profile ignored (always paper)", "merging.ties", "options",
        lambda task_vectors, weights=None, *, profile="paper", **kw: M.ties(task_vectors, weights, **kw)),
@@ -347,7 +348,7 @@ MUTANTS: list[Mutant] = [
     _m("ties: floor_min1 read as floor (d·n < 1 keeps nothing)", "merging.ties", "options",
        lambda task_vectors, weights=None, *, k_rule=None, profile="paper", **kw:
        M.ties(task_vectors, weights, profile=profile, **kw,
-              k_rule="floor" if (k_rule or ties_dare.TIES_PROFILES[profile]["k_rule"]) == "floor_min1" else k_rule)),
+              k_rule="floor" if (k_rule or profiles.TIES_PROFILES[profile]["k_rule"]) == "floor_min1" else k_rule)),
     _m("ties: the last n % 16 entries never written", "merging.ties", "tails", _ties_mutant(tail=16)),
     _m("ties: the last n % 8 entries never written", "merging.ties", "tails", _ties_mutant(tail=8)),
     # magnitude prune

@@ -37,6 +37,8 @@ import numpy as np
 from refimpl import _checks
 from refimpl._linear_operands import adapter_operands, linear_operands
 from refimpl.kernels.cupy_gpu import nf4
+from refimpl.merging import operands
+from refimpl.merging.profiles import ties_rules
 from refimpl.quant import QuantState, codebooks
 from refimpl.quant.blockwise import profile_steps
 from refimpl.quant.operands import NESTED_BLOCKSIZE, PROFILES, quant_operands
@@ -359,23 +361,18 @@ def ties(
     elect + disjoint-merge pass over float32 task vectors (operands rounded once to float32), float64
     arithmetic, result float32. ``rescale="l1"`` and more than 16 tasks raise
     NotImplementedError."""
-    from refimpl.merging import _common
-    from refimpl.merging.ties_dare import densities, ties_options
-
-    taus = _common.task_list(task_vectors)
-    w = _common.weight_vector(weights, len(taus))
-    d = densities(density, len(taus))
-    opts = ties_options(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
-                        divisor=divisor, rescale=rescale)
-    lam_v = _checks.real(lam, "lam")
-    if opts["rescale"] != "none":
-        raise NotImplementedError(f"rescale: the CuPy TIES kernel has no L1 rescale, got {opts['rescale']!r}")
-    if len(taus) > _MAX_TASKS:
+    ops = operands.task_operands(task_vectors, weights, density=density, lam=lam)
+    rules = ties_rules(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
+                       divisor=divisor, rescale=rescale)
+    if rules.rescale != "none":
+        raise NotImplementedError(f"rescale: the CuPy TIES kernel has no L1 rescale, got {rules.rescale!r}")
+    if len(ops.taus) > _MAX_TASKS:
         raise NotImplementedError(f"task_vectors: the CuPy TIES kernel merges at most {_MAX_TASKS} tasks, "
-                                  f"got {len(taus)}")
+                                  f"got {len(ops.taus)}")
     # the package rebinds its attribute ``ties`` to the function, so the submodule is taken by its full name
     _ties = importlib.import_module("refimpl.kernels.cupy_gpu.ties")
-    out = _ties.ties([_upload32(t) for t in taus], [float(v) for v in w], density=[float(v) for v in d],
-                     k_rule=opts["k_rule"], elect=opts["elect"], zero_sign=opts["zero_sign"],
-                     weight_stage=opts["weight_stage"], divisor=opts["divisor"], lam=lam_v, out_dtype="float32")
-    return _host(out).reshape(taus[0].shape)
+    out = _ties.ties([_upload32(t) for t in ops.taus], [float(v) for v in ops.weights],
+                     density=[float(v) for v in ops.densities], k_rule=rules.k_rule, elect=rules.elect,
+                     zero_sign=rules.zero_sign, weight_stage=rules.weight_stage, divisor=rules.divisor, lam=ops.lam,
+                     out_dtype="float32")
+    return _host(out).reshape(ops.taus[0].shape)

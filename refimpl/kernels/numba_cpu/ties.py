@@ -32,9 +32,9 @@ from numba.extending import intrinsic
 
 from refimpl import _checks
 from refimpl.kernels.numba_cpu._parallel import parallel_ranges
-from refimpl.merging import _common
-from refimpl.merging.sparsify import L1_EPS, densities
-from refimpl.merging.ties_dare import ties_options
+from refimpl.merging import operands
+from refimpl.merging.profiles import ties_rules
+from refimpl.merging.sparsify import L1_EPS
 
 _DIGIT = 16
 _NBINS = 1 << _DIGIT
@@ -299,29 +299,22 @@ def _l1_norms(x, xb, abs_mask, thr, strict, tie_start, tie_budget, all_keep, nch
 
 
 def _stack(task_vectors: Any) -> tuple[list[np.ndarray], tuple[int, ...]]:
-    """Validate T same-shape, same-dtype float tensors; return them as 1-D C-order views (float32
-    copies of float16/bfloat16 inputs, exact) and the common shape."""
-    if isinstance(task_vectors, np.ndarray) or not isinstance(task_vectors, Sequence) or \
-            isinstance(task_vectors, str):
-        raise TypeError(f"task_vectors: expected a list or tuple of arrays, got {_checks.describe(task_vectors)}")
-    if len(task_vectors) < 1:
-        raise ValueError("task_vectors: expected at least 1 tensor(s), got 0")
+    """Check T same-shape, same-dtype float tensors (``operands.task_sequence``, ``same_as_first``); return
+    them as 1-D C-order views (float32 copies of float16/bfloat16 inputs, exact) and the common shape.
+    Finiteness is checked in the merge pass, not here."""
     arrs: list[np.ndarray] = []
-    for i, t in enumerate(task_vectors):
+    first: np.ndarray | None = None
+    for i, t in enumerate(operands.task_sequence(task_vectors)):
         a = t if isinstance(t, np.ndarray) else np.asarray(t)
-        if a.dtype == ml_dtypes.bfloat16 or a.dtype == np.float16:
-            a = a.astype(np.float32)
-        elif a.dtype not in (np.float32, np.float64):
-            a = _common.as_float(t, f"task_vectors[{i}]")[0]
+        if a.dtype not in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
+            a = operands.as_float(t, f"task_vectors[{i}]")[0]
         if a.size == 0:
             raise ValueError(f"task_vectors[{i}]: expected a non-empty array, got {_checks.describe(a)}")
-        if arrs and a.shape != np.shape(task_vectors[0]):
-            raise ValueError(f"task_vectors[{i}]: expected the shape of task_vectors[0] "
-                             f"{np.shape(task_vectors[0])}, got shape {a.shape}")
-        if arrs and a.dtype != arrs[0].dtype:
-            raise ValueError(f"task_vectors[{i}]: expected dtype {arrs[0].dtype} (the dtype of task_vectors[0]), "
-                             f"got dtype {a.dtype}")
-        arrs.append(np.ascontiguousarray(a).reshape(-1))
+        if first is None:
+            first = a
+        else:
+            operands.same_as_first(i, a.shape, operands.input_dtype(a), first.shape, operands.input_dtype(first))
+        arrs.append(np.ascontiguousarray(a, dtype=np.float32 if a.itemsize == 2 else a.dtype).reshape(-1))
     return arrs, tuple(np.shape(task_vectors[0]))
 
 
@@ -346,15 +339,13 @@ def ties(
     float16/bfloat16 inputs) sets the output dtype; each value is computed in float64 and rounded
     once. Pass ``out_dtype=np.float64`` for the reference's output dtype.
     """
-    w = _common.weight_vector(weights, len(task_vectors) if isinstance(task_vectors, Sequence) else 0)
     taus, shape = _stack(task_vectors)
     T, n = len(taus), taus[0].size
-    if w.size != T:
-        raise ValueError(f"weights: expected {T} weights (one per task), got {w.size}")
-    d = densities(density, T)
-    opts = ties_options(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
-                        divisor=divisor, rescale=rescale)
+    w = operands.weight_vector(weights, T)
+    d = operands.densities(density, T)
     lam = _checks.real(lam, "lam")
+    rules = ties_rules(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
+                       divisor=divisor, rescale=rescale)
     odt = np.dtype(taus[0].dtype if out_dtype is None else out_dtype)
     if odt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"out_dtype: expected float32 or float64, got {odt}")
@@ -373,7 +364,7 @@ def ties(
             all_keep[t] = True
             continue
         k = int(d[t] * n)
-        rule = opts["k_rule"]
+        rule = rules.k_rule
         if rule == "mask_rate":  # MergeLM: keep |τ| ≥ the m-th smallest, m = int(n·(1 − d))
             drop = int(n * (1.0 - d[t]))
             if drop == 0:
@@ -404,23 +395,23 @@ def ties(
             tie_start[t, 1:] = np.cumsum(counts)[:-1]
         # else every tie is kept: key >= thr
     scale = np.ones(T, dtype=np.float64)
-    if opts["rescale"] == "l1":
+    if rules.rescale == "l1":
         for t in range(T):
             before, after = _l1_norms(taus[t], bits[t], abs_mask, thr[t], strict[t], tie_start[t], tie_budget[t],
                                       all_keep[t], nchunks)
             if before >= L1_EPS and after >= L1_EPS:
                 scale[t] = before / after
-    div = {"count": 0, "weight_sum": 1, "none": 2}[opts["divisor"]]
+    div = {"count": 0, "weight_sum": 1, "none": 2}[rules.divisor]
     exp_mask = np.uint64(0x7F800000 if nbits == 32 else 0x7FF0000000000000)
     args = (tuple(taus), tuple(bits), abs_mask, exp_mask, thr, strict, tie_start, tie_budget, all_keep, scale, w,
-            opts["weight_stage"] == "before_election", opts["elect"] == "count")
+            rules.weight_stage == "before_election", rules.elect == "count")
     out = np.empty(n, dtype=odt)
     gmaj = 0.0
-    zero_pos = opts["zero_sign"] == "positive"
+    zero_pos = rules.zero_sign == "positive"
     if not zero_pos:
         gsum, _ = _merge_pass(*args, zero_pos, 0.0, div, lam, nchunks, out, True)
         gmaj = float(np.sign(gsum))
-        if gmaj == 0.0 and opts["zero_sign"] == "global_majority":
+        if gmaj == 0.0 and rules.zero_sign == "global_majority":
             gmaj = -1.0
     _, bad = _merge_pass(*args, zero_pos, gmaj, div, lam, nchunks, out, False)
     if bad:
