@@ -154,24 +154,30 @@ def compare_4bit(torch, F, x, quant_type, dtype, bs, nested, device, threads) ->
     if device != "cpu":
         torch.cuda.synchronize()
     packed = to_numpy(torch, packed_t)
-    theirs = {k: to_numpy(torch, v) if isinstance(v, torch.Tensor) else v
-              for k, v in state_t.as_dict(packed=True).items()}
+    theirs = {
+        k: to_numpy(torch, v) if isinstance(v, torch.Tensor) else v for k, v in state_t.as_dict(packed=True).items()
+    }
     row: dict = {"quant_type": quant_type, "dtype": dtype, "blocksize": bs, "nested": nested, "n": int(x.size)}
     for profile in PROFILES:
         state = quant.QuantState.from_bnb_dict(dict(theirs), profile=profile, nonfinite="propagate")
         if nested:  # the JSON offset loses a NaN's payload; take the live tensor's bits
             state = dataclasses.replace(state, offset=to_numpy(torch, state_t.offset).reshape(()))
-        ref_packed, ref_state = quant.quantize_4bit(x, bs, quant_type, nested, profile=profile,
-                                                    nonfinite="propagate", threads=threads)
+        ref_packed, ref_state = quant.quantize_4bit(
+            x, bs, quant_type, nested, profile=profile, nonfinite="propagate", threads=threads
+        )
         rep = quant.check_4bit(packed, state, x, profile=profile, threads=threads)
         deq_bits, deq_zero = bit_mismatch(deq_t, quant.dequantize_4bit(packed, state, profile=profile))
         entry = {
-            "nibbles_differ": rep.n_elements - rep.n_equal, "admissible": rep.n_admissible,
-            "zero_sign": rep.n_zero_sign, "special": rep.n_special, "wrong": rep.n_wrong,
+            "nibbles_differ": rep.n_elements - rep.n_equal,
+            "admissible": rep.n_admissible,
+            "zero_sign": rep.n_zero_sign,
+            "special": rep.n_special,
+            "wrong": rep.n_wrong,
             "first_wrong_index": rep.first_wrong_index,
             "first_wrong": list(rep.first_wrong) if rep.first_wrong else None,
             "block_scales_differ": rep.n_absmax_mismatch,
-            "dequantized_bits_differ": deq_bits, "dequantized_zero_sign_only": deq_zero,
+            "dequantized_bits_differ": deq_bits,
+            "dequantized_zero_sign_only": deq_zero,
             "packed_bytes_differ": int((packed.reshape(-1) != ref_packed.reshape(-1)).sum()),
         }
         if nested:
@@ -191,11 +197,20 @@ def compare_8bit(torch, F, x, device) -> dict:
     for profile in PROFILES:
         q, a = quant.quantize_blockwise_8bit(x, 256, profile=profile, nonfinite="propagate")
         where = np.flatnonzero(q.reshape(-1) != codes.reshape(-1))
-        row[profile] = {"codes_differ": int(where.size), "absmax_differ": bit_mismatch(a, absmax)[0],
-                        "first_differ": [{"index": int(i), "x": float(x.reshape(-1)[i]),
-                                          "absmax": float(absmax.reshape(-1)[i // 256]),
-                                          "bnb": int(codes.reshape(-1)[i]), "refimpl": int(q.reshape(-1)[i])}
-                                         for i in where[:5]]}
+        row[profile] = {
+            "codes_differ": int(where.size),
+            "absmax_differ": bit_mismatch(a, absmax)[0],
+            "first_differ": [
+                {
+                    "index": int(i),
+                    "x": float(x.reshape(-1)[i]),
+                    "absmax": float(absmax.reshape(-1)[i // 256]),
+                    "bnb": int(codes.reshape(-1)[i]),
+                    "refimpl": int(q.reshape(-1)[i]),
+                }
+                for i in where[:5]
+            ],
+        }
     return row
 
 
@@ -242,7 +257,9 @@ def measure_rcp_approx(table_path: str) -> dict:
     delta = got - ieee
     same_binades = all(
         np.array_equal(results[name, e] + ((e - 127) << 23), got)
-        for name in ("rcp_ptx", "rcp_div") for e in (100, 127, 150) )
+        for name in ("rcp_ptx", "rcp_div")
+        for e in (100, 127, 150)
+    )
     div_equals_ptx = all(np.array_equal(results["rcp_div", e], results["rcp_ptx", e]) for e in (100, 127, 150, 227))
     # 2^100 has results near 2^-101 (normal) as well; 2^227 = e 227: results 2^-100, still normal.
     same_227 = np.array_equal(results["rcp_ptx", 227] + (100 << 23), got)
@@ -254,11 +271,17 @@ def measure_rcp_approx(table_path: str) -> dict:
     np.savez_compressed(table_path, delta2=packed)
     import torch
 
-    return {"significands": n, "plus_one_ulp": int((delta == 1).sum()), "minus_one_ulp": int((delta == -1).sum()),
-            "equal_to_rn": int((delta == 0).sum()), "depends_on_significand_only": bool(same_binades and same_227),
-            "fast_math_division_equals_rcp_approx_ftz": bool(div_equals_ptx),
-            "device_name": torch.cuda.get_device_name(0),
-            "capability": list(torch.cuda.get_device_capability(0)), "table": os.path.basename(table_path)}
+    return {
+        "significands": n,
+        "plus_one_ulp": int((delta == 1).sum()),
+        "minus_one_ulp": int((delta == -1).sum()),
+        "equal_to_rn": int((delta == 0).sum()),
+        "depends_on_significand_only": bool(same_binades and same_227),
+        "fast_math_division_equals_rcp_approx_ftz": bool(div_equals_ptx),
+        "device_name": torch.cuda.get_device_name(0),
+        "capability": list(torch.cuda.get_device_capability(0)),
+        "table": os.path.basename(table_path),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -271,9 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=16384 + 37, help="elements per case (default 16421)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blocksizes", default=",".join(map(str, BLOCKSIZES)))
-    ap.add_argument("--measure-rcp", metavar="NPZ", default=None,
-                    help="first measure the GPU's rcp.approx.ftz.f32 into this table (CuPy), e.g. "
-                         "refimpl/quant/rcp_approx_ftz_sm90.npz; the comparison then uses it")
+    ap.add_argument(
+        "--measure-rcp",
+        metavar="NPZ",
+        default=None,
+        help="first measure the GPU's rcp.approx.ftz.f32 into this table (CuPy), e.g. "
+        "refimpl/quant/rcp_approx_ftz_sm90.npz; the comparison then uses it",
+    )
     args = ap.parse_args(argv)
 
     # bitsandbytes' torch dequantization path (CPU) is wrapped in torch.compile; eager runs the same
@@ -312,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("normal", "uniform", "heavy", "small"):
         for dtype in DTYPES:
             n = args.size
-            x = {"normal": rng.standard_normal(n), "uniform": rng.uniform(-1, 1, n),
-                 "heavy": rng.standard_normal(n) * np.exp(2 * rng.standard_normal(n)),
-                 "small": rng.standard_normal(n) * 1e-3}[kind]
+            x = {
+                "normal": rng.standard_normal(n),
+                "uniform": rng.uniform(-1, 1, n),
+                "heavy": rng.standard_normal(n) * np.exp(2 * rng.standard_normal(n)),
+                "small": rng.standard_normal(n) * 1e-3,
+            }[kind]
             x = x.astype(np.float32)
             x[::256] = np.abs(x[::256]) + 1e-3 * (kind == "small")  # some blocks with ties near ±a
             row = compare_8bit(torch, F, x.astype(_NP[dtype]), args.device)
@@ -327,9 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     for quant_type in ("nf4", "fp4"):
         for profile in PROFILES:
             sel = [r for r in rows if r["quant_type"] == quant_type]
-            keys = ("nibbles_differ", "admissible", "zero_sign", "special", "wrong", "block_scales_differ",
-                    "dequantized_bits_differ", "dequantized_zero_sign_only", "packed_bytes_differ",
-                    "nested_codes_differ", "nested_absmax_differ", "absmax_differ")
+            keys = (
+                "nibbles_differ",
+                "admissible",
+                "zero_sign",
+                "special",
+                "wrong",
+                "block_scales_differ",
+                "dequantized_bits_differ",
+                "dequantized_zero_sign_only",
+                "packed_bytes_differ",
+                "nested_codes_differ",
+                "nested_absmax_differ",
+                "absmax_differ",
+            )
             tot = {k: sum(r[profile].get(k, 0) or 0 for r in sel) for k in keys}
             offs = [r[profile]["offset_ulps"] for r in sel if r["nested"]]
             tot["offset_max_ulps"] = max((o for o in offs if o is not None), default=0)
@@ -340,13 +381,27 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"8bit/{profile}"] = {
             "codes_differ": sum(r[profile]["codes_differ"] for r in rows8),
             "absmax_differ": sum(r[profile]["absmax_differ"] for r in rows8),
-            "elements": sum(r["n"] for r in rows8)}
+            "elements": sum(r["n"] for r in rows8),
+        }
 
-    cols = ("elements", "nibbles_differ", "admissible", "zero_sign", "special", "wrong", "block_scales_differ",
-            "dequantized_bits_differ", "dequantized_zero_sign_only", "offset_cases_differ", "offset_max_ulps",
-            "nested_codes_differ")
-    print(f"bitsandbytes {bitsandbytes.__version__} on {args.device} vs refimpl; {len(rows)} 4-bit cases, "
-          f"{len(rows8)} 8-bit cases, {elapsed:.1f} s")
+    cols = (
+        "elements",
+        "nibbles_differ",
+        "admissible",
+        "zero_sign",
+        "special",
+        "wrong",
+        "block_scales_differ",
+        "dequantized_bits_differ",
+        "dequantized_zero_sign_only",
+        "offset_cases_differ",
+        "offset_max_ulps",
+        "nested_codes_differ",
+    )
+    print(
+        f"bitsandbytes {bitsandbytes.__version__} on {args.device} vs refimpl; {len(rows)} 4-bit cases, "
+        f"{len(rows8)} 8-bit cases, {elapsed:.1f} s"
+    )
     print("| quant/profile | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for key, tot in summary.items():
@@ -362,19 +417,36 @@ def main(argv: list[str] | None = None) -> int:
     for quant_type in ("nf4", "fp4"):
         for kind in KINDS:
             sel = [r["bitsandbytes-cuda"] for r in rows if r["quant_type"] == quant_type and r["kind"] == kind]
-            print(f"  {quant_type} {kind:15s} " + " / ".join(
-                str(sum(e[k] for e in sel)) for k in ("nibbles_differ", "admissible", "zero_sign", "special", "wrong")))
+            print(
+                f"  {quant_type} {kind:15s} "
+                + " / ".join(
+                    str(sum(e[k] for e in sel))
+                    for k in ("nibbles_differ", "admissible", "zero_sign", "special", "wrong")
+                )
+            )
 
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor()
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "versions": {"bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "machine": {"device": args.device, "device_name": device_name, "cpu_count": os.cpu_count(),
-                    "torch_threads": threads},
+        "versions": {
+            "bitsandbytes": bitsandbytes.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "device": args.device,
+            "device_name": device_name,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": threads,
+        },
         "reciprocal": {"measured": rcp_measured, "refimpl_table": rcp_table},
-        "size_per_case": args.size, "seed": args.seed, "elapsed_s": elapsed,
-        "summary": summary, "cases_4bit": rows, "cases_8bit": rows8,
+        "size_per_case": args.size,
+        "seed": args.seed,
+        "elapsed_s": elapsed,
+        "summary": summary,
+        "cases_4bit": rows,
+        "cases_8bit": rows8,
     }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bnb_compare-{args.device.split(':')[0]}.json")

@@ -88,18 +88,19 @@ def machine() -> dict[str, Any]:
         "numba_threads": numba.get_num_threads(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": {d: _version(d) for d in ("numpy", "numba", "torch", "bitsandbytes", "peft", "scipy",
-                                              "ml_dtypes")},
+        "versions": {d: _version(d) for d in ("numpy", "numba", "torch", "bitsandbytes", "peft", "scipy", "ml_dtypes")},
         "load_average_at_start": os.getloadavg(),
     }
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A Markdown table of ``rows`` (dicts) over ``columns``; floats with 3 significant digits."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3g}"
         return "" if v is None else str(v)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

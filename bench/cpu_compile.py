@@ -61,8 +61,7 @@ print(json.dumps(out))
 
 def child(cache_dir: str) -> dict[str, float]:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True,
-                         cwd=ROOT)
+    res = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -71,8 +70,9 @@ def conform_cold_s() -> float:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=str(ROOT))
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "refimpl.cli", "conform", "-q"], env=env, capture_output=True,
-                       check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "refimpl.cli", "conform", "-q"], env=env, capture_output=True, check=True, cwd=ROOT
+        )
         return time.perf_counter() - t0
 
 
@@ -90,13 +90,15 @@ def main() -> None:
     if not args.no_conform:
         t = conform_cold_s()
         rows.append({"step": "refimpl conform -q (default target, whole process)", "cold_s": t})
-        targets.append({"name": "cold default `refimpl conform` wall time (s)", "measured": t, "target": "< 60",
-                        "met": t < 60})
+        targets.append(
+            {"name": "cold default `refimpl conform` wall time (s)", "measured": t, "target": "< 60", "met": t < 60}
+        )
     print(f"numba compile (cold cache) vs second process (warm cache), load average {info['load_average_at_start']}")
     print(C.table(rows, ["step", "cold_s", "warm_s"]))
     for tg in targets:
-        print(f"- {tg['name']}: measured {tg['measured']:.3g}, target {tg['target']}: "
-              f"{'met' if tg['met'] else 'MISSED'}")
+        print(
+            f"- {tg['name']}: measured {tg['measured']:.3g}, target {tg['target']}: {'met' if tg['met'] else 'MISSED'}"
+        )
     print("wrote", C.write("compile", info, rows, targets))
 
 

@@ -59,31 +59,65 @@ def main() -> None:
     peak_peft, out_peft = C.peak_extra_bytes(run_peft)
     out_peft = out_peft.numpy()
     diff_peft = int(np.count_nonzero(out_peft != out_numba))
-    rows.append({"impl": "PEFT merge_utils.ties (torch)", "median_s": t_peft,
-                 "peak_extra_x_one_tensor": peak_peft / one, "x_slower_than_numba": t_peft / t_numba,
-                 "entries_differing_from_numba": diff_peft})
+    rows.append(
+        {
+            "impl": "PEFT merge_utils.ties (torch)",
+            "median_s": t_peft,
+            "peak_extra_x_one_tensor": peak_peft / one,
+            "x_slower_than_numba": t_peft / t_numba,
+            "entries_differing_from_numba": diff_peft,
+        }
+    )
     del out_peft
     if not args.skip_reference:
         start = time.perf_counter()
         peak_ref, out_ref = C.peak_extra_bytes(
-            lambda: merging.ties(taus, weights, density=args.density, profile="peft"))
+            lambda: merging.ties(taus, weights, density=args.density, profile="peft")
+        )
         t_ref = time.perf_counter() - start
         same = bool(np.array_equal(out_ref.astype(np.float32), out_numba))
-        rows.append({"impl": "NumPy reference (float64, one run)", "median_s": t_ref,
-                     "peak_extra_x_one_tensor": peak_ref / one, "x_slower_than_numba": t_ref / t_numba,
-                     "equals_numba": same})
+        rows.append(
+            {
+                "impl": "NumPy reference (float64, one run)",
+                "median_s": t_ref,
+                "peak_extra_x_one_tensor": peak_ref / one,
+                "x_slower_than_numba": t_ref / t_numba,
+                "equals_numba": same,
+            }
+        )
         del out_ref
     rows[0]["x_slower_than_numba"] = 1.0
     targets = [
-        {"name": f"TIES 3 x {args.n} float32 vs PEFT", "measured": t_peft / t_numba, "target": 5,
-         "met": t_peft / t_numba >= 5},
-        {"name": "TIES peak extra memory (x one tensor, output included; target <= 2)",
-         "measured": peak_numba / one, "target": "<= 2", "met": peak_numba / one <= 2},
+        {
+            "name": f"TIES 3 x {args.n} float32 vs PEFT",
+            "measured": t_peft / t_numba,
+            "target": 5,
+            "met": t_peft / t_numba >= 5,
+        },
+        {
+            "name": "TIES peak extra memory (x one tensor, output included; target <= 2)",
+            "measured": peak_numba / one,
+            "target": "<= 2",
+            "met": peak_numba / one <= 2,
+        },
     ]
-    print(f"TIES 3 x {args.n} float32, density {args.density}, on {info['cpu_model']}, {info['logical_cpus']} CPUs, "
-          f"load average {info['load_average_at_start']}")
-    print(C.table(rows, ["impl", "median_s", "x_slower_than_numba", "peak_extra_x_one_tensor",
-                         "entries_differing_from_numba", "equals_numba"]))
+    print(
+        f"TIES 3 x {args.n} float32, density {args.density}, on {info['cpu_model']}, {info['logical_cpus']} CPUs, "
+        f"load average {info['load_average_at_start']}"
+    )
+    print(
+        C.table(
+            rows,
+            [
+                "impl",
+                "median_s",
+                "x_slower_than_numba",
+                "peak_extra_x_one_tensor",
+                "entries_differing_from_numba",
+                "equals_numba",
+            ],
+        )
+    )
     for t in targets:
         status = "met" if t["met"] else "MISSED"
         print(f"- {t['name']}: measured {t['measured']:.3g}, target {t['target']}: {status}")

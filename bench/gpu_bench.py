@@ -30,11 +30,14 @@ import torch
 from refimpl.kernels import cupy_gpu as G
 from refimpl.kernels.cupy_gpu import gemv4, lora_gemm, nf4
 
-_SPIN = cp.RawKernel(r"""
+_SPIN = cp.RawKernel(
+    r"""
 extern "C" __global__ void spin(long long cycles) {
   long long t0 = clock64();
   while (clock64() - t0 < cycles) { }
-}""", "spin")
+}""",
+    "spin",
+)
 
 
 def gpu_time(fn, *, reps: int = 20, rounds: int = 9, warmup: int = 3, spin_ms: float = 20.0) -> float:
@@ -56,8 +59,13 @@ def gpu_time(fn, *, reps: int = 20, rounds: int = 9, warmup: int = 3, spin_ms: f
 
 
 def versions() -> dict:
-    v = {"python": platform.python_version(), "cupy": cp.__version__, "torch": torch.__version__,
-         "torch_cuda": torch.version.cuda, "numpy": np.__version__}
+    v = {
+        "python": platform.python_version(),
+        "cupy": cp.__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "numpy": np.__version__,
+    }
     try:
         import bitsandbytes
 
@@ -142,16 +150,24 @@ def main() -> None:
                 key = f"quantize_{qt}_bs{bs}_bf16"
                 t_ours = gpu_time(lambda i, bs=bs, qt=qt: G.quantize_4bit(x, bs, qt), reps=10)
                 bytes_moved = n * 2 + n / 2 + 4 * n / bs
-                fig[key] = {"ours_s": t_ours, "ours_elem_per_s": n / t_ours, "ours_Bps": bytes_moved / t_ours,
-                            "ours_share_of_copy_bw": bytes_moved / t_ours / copy_bw}
+                fig[key] = {
+                    "ours_s": t_ours,
+                    "ours_elem_per_s": n / t_ours,
+                    "ours_Bps": bytes_moved / t_ours,
+                    "ours_share_of_copy_bw": bytes_moved / t_ours / copy_bw,
+                }
                 if F is not None:
                     t_b = gpu_time(lambda i, bs=bs, qt=qt: F.quantize_4bit(x, blocksize=bs, quant_type=qt), reps=10)
                     fig[key].update({"bnb_s": t_b, "bnb_elem_per_s": n / t_b, "speedup_vs_bnb": t_b / t_ours})
                 packed, st = G.quantize_4bit(x, bs, qt)
                 key = f"dequantize_{qt}_bs{bs}_bf16"
                 t_ours = gpu_time(lambda i, packed=packed, st=st: G.dequantize_4bit(packed, st), reps=10)
-                fig[key] = {"ours_s": t_ours, "ours_elem_per_s": n / t_ours, "ours_Bps": bytes_moved / t_ours,
-                            "ours_share_of_copy_bw": bytes_moved / t_ours / copy_bw}
+                fig[key] = {
+                    "ours_s": t_ours,
+                    "ours_elem_per_s": n / t_ours,
+                    "ours_Bps": bytes_moved / t_ours,
+                    "ours_share_of_copy_bw": bytes_moved / t_ours / copy_bw,
+                }
                 if F is not None:
                     bp, bst = F.quantize_4bit(x, blocksize=bs, quant_type=qt)
                     t_b = gpu_time(lambda i, bp=bp, bst=bst: F.dequantize_4bit(bp, bst), reps=10)
@@ -160,8 +176,9 @@ def main() -> None:
         t_ours = gpu_time(lambda i: G.quantize_4bit(x, 64, "nf4", double_quant=True), reps=10)
         fig["quantize_nf4_bs64_bf16_nested"] = {"ours_s": t_ours, "ours_elem_per_s": n / t_ours}
         if F is not None:
-            t_b = gpu_time(lambda i: F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True),
-                           reps=10)
+            t_b = gpu_time(
+                lambda i: F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True), reps=10
+            )
             fig["quantize_nf4_bs64_bf16_nested"].update({"bnb_s": t_b, "speedup_vs_bnb": t_b / t_ours})
         torch.cuda.empty_cache()
 
@@ -175,13 +192,17 @@ def main() -> None:
         sweep = {}
         for m in (1, 4, 16):
             xs = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
-            cands = ([(2, 2, 4), (2, 2, 2), (2, 1, 4), (4, 2, 4), (2, 2, 8), (1, 2, 4), (2, 4, 4), (4, 1, 2)]
-                     if m <= 4 else [(2, 2, 2), (2, 2, 4), (2, 1, 2), (2, 2, 1), (1, 2, 4)])
+            cands = (
+                [(2, 2, 4), (2, 2, 2), (2, 1, 4), (4, 2, 4), (2, 2, 8), (1, 2, 4), (2, 4, 4), (4, 1, 2)]
+                if m <= 4
+                else [(2, 2, 2), (2, 2, 4), (2, 1, 2), (2, 2, 1), (1, 2, 4)]
+            )
             for cfg in cands:
                 gemv4.GEMV_CONFIG[m] = cfg
                 try:
                     sweep[f"m{m}_rpw{cfg[0]}_u{cfg[1]}_ks{cfg[2]}_s"] = gpu_time(
-                        lambda i, xs=xs: G.gemv_4bit(xs, *ours_q[i % copies]), reps=40)
+                        lambda i, xs=xs: G.gemv_4bit(xs, *ours_q[i % copies]), reps=40
+                    )
                 except Exception as exc:
                     sweep[f"m{m}_rpw{cfg[0]}_u{cfg[1]}_ks{cfg[2]}_s"] = repr(exc)
             ok = [c for c in cands if isinstance(sweep[f"m{m}_rpw{c[0]}_u{c[1]}_ks{c[2]}_s"], float)]
@@ -194,19 +215,28 @@ def main() -> None:
             t_ours = gpu_time(lambda i, xs=xs: G.gemv_4bit(xs, *ours_q[i % copies]), reps=40)
             t_bf16 = gpu_time(lambda i, xs=xs: xs @ Ws[i % copies].T, reps=40)
             bytes_w = N * K / 2 + 4 * N * K / 64
-            fig[key] = {"ours_s": t_ours, "ours_weight_Bps": bytes_w / t_ours, "torch_bf16_s": t_bf16,
-                        "ours_share_of_copy_bw": bytes_w / t_ours / copy_bw}
+            fig[key] = {
+                "ours_s": t_ours,
+                "ours_weight_Bps": bytes_w / t_ours,
+                "torch_bf16_s": t_bf16,
+                "ours_share_of_copy_bw": bytes_w / t_ours / copy_bw,
+            }
             if F is not None:
                 with torch.inference_mode():
-                    t_b = gpu_time(lambda i, xs=xs: bnb.matmul_4bit(xs, bnb_q[i % copies][0].t(),
-                                                                     quant_state=bnb_q[i % copies][1]), reps=40)
+                    t_b = gpu_time(
+                        lambda i, xs=xs: bnb.matmul_4bit(
+                            xs, bnb_q[i % copies][0].t(), quant_state=bnb_q[i % copies][1]
+                        ),
+                        reps=40,
+                    )
                 fig[key].update({"bnb_s": t_b, "ours_over_bnb_time": t_ours / t_b})
         # QLoRA forward m=1 with r=16 LoRA branch
         A = torch.randn(16, K, device="cuda", dtype=torch.bfloat16) / 64
         B = torch.randn(N, 16, device="cuda", dtype=torch.bfloat16) / 64
         x1 = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        fig["qlora_forward_m1_8192_r16"] = {"ours_s": gpu_time(
-            lambda i: G.qlora_forward(x1, *ours_q[i % copies], A, B, 2.0), reps=40)}
+        fig["qlora_forward_m1_8192_r16"] = {
+            "ours_s": gpu_time(lambda i: G.qlora_forward(x1, *ours_q[i % copies], A, B, 2.0), reps=40)
+        }
         torch.cuda.empty_cache()
 
     def _section2():
@@ -223,20 +253,29 @@ def main() -> None:
         t_base = gpu_time(lambda i: torch.matmul(x, W.T, out=y), reps=20)
         xc, Wc = cp.asarray(x.view(torch.int16)), cp.asarray(W.view(torch.int16))
         yc = cp.empty((m, out), dtype=cp.uint16)
-        t_base_cublas = gpu_time(lambda i: lora_gemm.gemm_rowmajor(
-            lora_gemm._handle(), m, out, d, 1.0, xc.data.ptr, d, Wc.data.ptr, d, 0.0, yc.data.ptr, out, "bfloat16"),
-            reps=20)
+        t_base_cublas = gpu_time(
+            lambda i: lora_gemm.gemm_rowmajor(
+                lora_gemm._handle(), m, out, d, 1.0, xc.data.ptr, d, Wc.data.ptr, d, 0.0, yc.data.ptr, out, "bfloat16"
+            ),
+            reps=20,
+        )
         t_naive = gpu_time(lambda i: x @ W.T + s * ((x @ A.T) @ B.T), reps=20)
         t_addmm = gpu_time(lambda i: torch.addmm(x @ W.T, x @ A.T, B.T, alpha=s), reps=20)
         packed = G.pack(W, A, B, s)
         buf = G.workspace(packed, m)
         buf[:, :d].copy_(x)
-        lf = {"base_gemm_torch_s": t_base, "base_gemm_cublas_s": t_base_cublas, "torch_naive_s": t_naive,
-              "torch_addmm_s": t_addmm, "extra_flops_share": (2 * m * d * r + 2 * m * r * out) / (2 * m * d * out)}
+        lf = {
+            "base_gemm_torch_s": t_base,
+            "base_gemm_cublas_s": t_base_cublas,
+            "torch_naive_s": t_naive,
+            "torch_addmm_s": t_addmm,
+            "extra_flops_share": (2 * m * d * r + 2 * m * r * out) / (2 * m * d * out),
+        }
         yout = torch.empty(m, out, device="cuda", dtype=torch.bfloat16)
         for chunks in (1, 2, 4, 8):
             lf[f"ours_packed_chunks{chunks}_s"] = gpu_time(
-                lambda i, c=chunks: G.forward_packed(packed, buf, chunks=c, out=yout), reps=20)
+                lambda i, c=chunks: G.forward_packed(packed, buf, chunks=c, out=yout), reps=20
+            )
 
         def with_copy(i):
             buf[:, :d].copy_(x)
@@ -252,18 +291,27 @@ def main() -> None:
         Wp = cp.asarray(packed.weight.view(torch.int16))
         yp = cp.asarray(yout.view(torch.int16))
         kp = packed.k_pad
-        lf["u_gemm_cublas_s"] = gpu_time(lambda i: lora_gemm.gemm_rowmajor(
-            h, m, r, d, s, xp.data.ptr, kp, Ac.data.ptr, d, 0.0, xp.data.ptr + 2 * d, kp, "bfloat16"), reps=20)
+        lf["u_gemm_cublas_s"] = gpu_time(
+            lambda i: lora_gemm.gemm_rowmajor(
+                h, m, r, d, s, xp.data.ptr, kp, Ac.data.ptr, d, 0.0, xp.data.ptr + 2 * d, kp, "bfloat16"
+            ),
+            reps=20,
+        )
         lf["u_gemm_torch_s"] = gpu_time(lambda i: x @ A.T, reps=20)
-        lf["main_gemm_kpad_s"] = gpu_time(lambda i: lora_gemm.gemm_rowmajor(
-            h, m, out, kp, 1.0, xp.data.ptr, kp, Wp.data.ptr, kp, 0.0, yp.data.ptr, out, "bfloat16"), reps=20)
+        lf["main_gemm_kpad_s"] = gpu_time(
+            lambda i: lora_gemm.gemm_rowmajor(
+                h, m, out, kp, 1.0, xp.data.ptr, kp, Wp.data.ptr, kp, 0.0, yp.data.ptr, out, "bfloat16"
+            ),
+            reps=20,
+        )
         for align in (8, 128):
             lora_gemm.K_ALIGN = align
             pa = G.pack(W, A, B, s)
             ba = G.workspace(pa, m)
             ba[:, :d].copy_(x)
             lf[f"ours_packed_kalign{align}_chunks1_s"] = gpu_time(
-                lambda i, pa=pa, ba=ba: G.forward_packed(pa, ba, chunks=1, out=yout), reps=20)
+                lambda i, pa=pa, ba=ba: G.forward_packed(pa, ba, chunks=1, out=yout), reps=20
+            )
         lora_gemm.K_ALIGN = 64
         lf["k_pad_default"] = packed.k_pad
         lf["ours_over_base"] = best / t_base
@@ -276,7 +324,8 @@ def main() -> None:
         buf_b = G.workspace(packed_b, m)
         buf_b[:, :d].copy_(x)
         lf["ours_with_bias_chunks4_s"] = gpu_time(
-            lambda i: G.forward_packed(packed_b, buf_b, chunks=4, out=yout), reps=20)
+            lambda i: G.forward_packed(packed_b, buf_b, chunks=4, out=yout), reps=20
+        )
 
         # ---- DoRA forward (eval), same shapes
         mag = (W.float().norm(dim=1) * 1.1).contiguous()
@@ -290,7 +339,8 @@ def main() -> None:
         df = {"base_gemm_torch_s": t_base, "pack_first_call_wall_s": t_pack, "pack_s": t_pack_gpu}
         for chunks in (1, 2, 4, 8):
             df[f"ours_packed_chunks{chunks}_s"] = gpu_time(
-                lambda i, c=chunks: G.forward_packed(pd_, bufd, chunks=c, out=yout), reps=20)
+                lambda i, c=chunks: G.forward_packed(pd_, bufd, chunks=c, out=yout), reps=20
+            )
 
         def dora_torch(i):
             lw = B @ A
@@ -323,8 +373,12 @@ def main() -> None:
             cp.cuda.Device().synchronize()
             walls.append(time.perf_counter() - t0)
         cp_pool = cp.get_default_memory_pool()
-        tf = {"ours_s": t_ties, "ours_wall_s": statistics.median(walls),
-              "ours_cupy_pool_bytes": cp_pool.total_bytes(), "tensor_bytes": 4 * nt}
+        tf = {
+            "ours_s": t_ties,
+            "ours_wall_s": statistics.median(walls),
+            "ours_cupy_pool_bytes": cp_pool.total_bytes(),
+            "tensor_bytes": 4 * nt,
+        }
         try:
             from peft.utils import merge_utils
 
@@ -350,29 +404,33 @@ def main() -> None:
         _section0()
     except Exception as exc:
         import traceback
+
         traceback.print_exc()
-        fig['_section0_error'] = repr(exc)
+        fig["_section0_error"] = repr(exc)
     torch.cuda.empty_cache()
     try:
         _section1()
     except Exception as exc:
         import traceback
+
         traceback.print_exc()
-        fig['_section1_error'] = repr(exc)
+        fig["_section1_error"] = repr(exc)
     torch.cuda.empty_cache()
     try:
         _section2()
     except Exception as exc:
         import traceback
+
         traceback.print_exc()
-        fig['_section2_error'] = repr(exc)
+        fig["_section2_error"] = repr(exc)
     torch.cuda.empty_cache()
     try:
         _section4()
     except Exception as exc:
         import traceback
+
         traceback.print_exc()
-        fig['_section4_error'] = repr(exc)
+        fig["_section4_error"] = repr(exc)
     torch.cuda.empty_cache()
 
     # ---- targets

@@ -58,10 +58,15 @@ def layer_shapes(total_bytes: float, hidden: int = 2048) -> list[tuple[str, tupl
     """
     vocab = 16384
     shapes = [("embed_tokens.weight", (vocab, hidden))]
-    per_layer = [("q_proj.weight", (hidden, hidden)), ("k_proj.weight", (hidden // 4, hidden)),
-                 ("v_proj.weight", (hidden // 4, hidden)), ("o_proj.weight", (hidden, hidden)),
-                 ("up_proj.weight", (2 * hidden, hidden)), ("down_proj.weight", (hidden, 2 * hidden)),
-                 ("input_layernorm.weight", (hidden,))]
+    per_layer = [
+        ("q_proj.weight", (hidden, hidden)),
+        ("k_proj.weight", (hidden // 4, hidden)),
+        ("v_proj.weight", (hidden // 4, hidden)),
+        ("o_proj.weight", (hidden, hidden)),
+        ("up_proj.weight", (2 * hidden, hidden)),
+        ("down_proj.weight", (hidden, 2 * hidden)),
+        ("input_layernorm.weight", (hidden,)),
+    ]
     size = 4 * vocab * hidden
     i = 0
     while size < total_bytes - 4 * vocab * hidden:
@@ -100,16 +105,30 @@ def build(root: Path, gb: float, tasks: int, files: int, hidden: int = 2048) -> 
     size = write_model(root / "base", shapes, 0, files)
     for t in range(tasks):
         write_model(root / f"task{t}", shapes, t + 1, files, scale=0.01)
-    return {"base": str(root / "base"), "models": [str(root / f"task{t}") for t in range(tasks)],
-            "bytes_per_model": size, "n_tensors": len(shapes)}
+    return {
+        "base": str(root / "base"),
+        "models": [str(root / f"task{t}") for t in range(tasks)],
+        "bytes_per_model": size,
+        "n_tensors": len(shapes),
+    }
 
 
 def measure(model: dict, out: Path, method: str, options: dict, shard_size: int) -> dict:
     """Run merge_files in a child process; return its peak RSS above the pre-merge RSS."""
-    args = {"base": model["base"], "models": model["models"], "out": str(out), "method": method,
-            "options": options, "shard_size": shard_size}
-    proc = subprocess.run([sys.executable, "-c", _CHILD.replace("__ROOT__", repr(str(ROOT))), json.dumps(args)],
-                          capture_output=True, text=True, check=True)
+    args = {
+        "base": model["base"],
+        "models": model["models"],
+        "out": str(out),
+        "method": method,
+        "options": options,
+        "shard_size": shard_size,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD.replace("__ROOT__", repr(str(ROOT))), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     largest = r["largest_tensor_bytes"]
     r["peak_extra_bytes"] = r["vm_hwm"] - r["rss_before"]
@@ -142,22 +161,38 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
-        "model": {"gb_per_model": model["bytes_per_model"] / 1e9, "tasks": a.tasks, "files_per_model": a.files,
-                  "n_tensors": model["n_tensors"]},
-        "method": a.method, "options": options, "build_seconds": build_s, "output_bytes": out_bytes,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+        "model": {
+            "gb_per_model": model["bytes_per_model"] / 1e9,
+            "tasks": a.tasks,
+            "files_per_model": a.files,
+            "n_tensors": model["n_tensors"],
+        },
+        "method": a.method,
+        "options": options,
+        "build_seconds": build_s,
+        "output_bytes": out_bytes,
         **r,
     }
     out = ROOT / "bench" / "results" / f"merge-files-memory-{a.machine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model: {result['model']['gb_per_model']:.2f} GB × {a.tasks + 1} models, {model['n_tensors']} tensors, "
-          f"{a.files} files each; method {a.method}")
+    print(
+        f"model: {result['model']['gb_per_model']:.2f} GB × {a.tasks + 1} models, {model['n_tensors']} tensors, "
+        f"{a.files} files each; method {a.method}"
+    )
     print(f"largest tensor {r['largest_tensor']}: {r['largest_tensor_bytes'] / 1e6:.1f} MB")
-    print(f"peak RSS above pre-merge: {r['peak_extra_bytes'] / 1e6:.1f} MB = "
-          f"{r['peak_extra_over_largest_tensor']:.2f} × largest tensor "
-          f"({r['peak_extra_over_largest_tensor_float64']:.2f} × its float64 size); merge {r['seconds']:.1f} s")
+    print(
+        f"peak RSS above pre-merge: {r['peak_extra_bytes'] / 1e6:.1f} MB = "
+        f"{r['peak_extra_over_largest_tensor']:.2f} × largest tensor "
+        f"({r['peak_extra_over_largest_tensor_float64']:.2f} × its float64 size); merge {r['seconds']:.1f} s"
+    )
     print(f"wrote {out}")
 
 

@@ -44,8 +44,10 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     would pass the finite check) and a matrix keeps 2-D shapes under indexing and reductions.
     """
     if isinstance(x, (np.ma.MaskedArray, np.matrix)):
-        raise TypeError(f"{name}: expected a plain array, got {type(x).__name__} (convert it first, e.g. "
-                        f"np.asarray(x) or x.filled(...))")
+        raise TypeError(
+            f"{name}: expected a plain array, got {type(x).__name__} (convert it first, e.g. "
+            f"np.asarray(x) or x.filled(...))"
+        )
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
@@ -84,12 +86,12 @@ def float_array(
             arr = arr.astype(np.float64)  # a literal list like [1, 2] means floats
         else:
             raise TypeError(
-                f"{name}: expected a floating-point array (float16, bfloat16, float32 or float64), "
-                f"got {describe(arr)}"
+                f"{name}: expected a floating-point array (float16, bfloat16, float32 or float64), got {describe(arr)}"
             )
     if np.dtype(arr.dtype) not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: unsupported floating dtype {arr.dtype}; expected one of "
-                        f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
+        raise TypeError(
+            f"{name}: unsupported floating dtype {arr.dtype}; expected one of {', '.join(str(d) for d in FLOAT_DTYPES)}"
+        )
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if arr.ndim not in allowed:
@@ -102,9 +104,7 @@ def float_array(
         finite = np.isfinite(out if convert else arr.astype(np.float64))
         if not finite.all():
             bad = int(np.flatnonzero(~finite.ravel())[0])
-            raise ValueError(
-                f"{name}: expected finite values, got a non-finite value at flat index {bad}"
-            )
+            raise ValueError(f"{name}: expected finite values, got a non-finite value at flat index {bad}")
     return out
 
 
@@ -179,8 +179,9 @@ def rng(value: Any, name: str = "rng") -> np.random.Generator:
     return value
 
 
-def keep_mask(mask: Any, p: Any, shape: tuple[int, ...], *, mask_name: str = "dropout_mask",
-              p_name: str = "dropout_p") -> tuple[np.ndarray | None, float]:
+def keep_mask(
+    mask: Any, p: Any, shape: tuple[int, ...], *, mask_name: str = "dropout_mask", p_name: str = "dropout_p"
+) -> tuple[np.ndarray | None, float]:
     """Validate an inverted-dropout keep mask (0/1 entries, the shape of x) and its rate p in [0, 1).
 
     Returns (the mask as float64, or None when no mask is given, and p). Dropout is then

@@ -91,8 +91,9 @@ class LinearOperands(AdapterOperands):
 # ---------------------------------------------------------------------------- single checks
 
 
-def adapter_factors(A: Any, B: Any, in_features: int | None = None,
-                    out_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def adapter_factors(
+    A: Any, B: Any, in_features: int | None = None, out_features: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A (r, in) and B (out, r), checked against each other and, where given, the base's (in, out).
 
     Any rank r ≥ 1 (A is non-empty) is accepted, r > min(in, out) included.
@@ -114,8 +115,10 @@ def layer_input(x: Any, in_features: int, name: str = "x") -> np.ndarray:
     x_arr = _checks.float_array(x, name, ndim=_checks.BATCHED_NDIM)
     if x_arr.shape[-1] != in_features:
         want = ", ".join(map(str, (*x_arr.shape[:-1], in_features)))
-        raise ValueError(f"{name}: expected shape ({want}{',' if x_arr.ndim == 1 else ''}) (a last axis of size "
-                         f"in = {in_features}), got shape {x_arr.shape}")
+        raise ValueError(
+            f"{name}: expected shape ({want}{',' if x_arr.ndim == 1 else ''}) (a last axis of size "
+            f"in = {in_features}), got shape {x_arr.shape}"
+        )
     return x_arr
 
 
@@ -143,29 +146,74 @@ def base_weight(W: Any, fan_in_fan_out: Any, name: str = "W") -> np.ndarray:
 # ---------------------------------------------------------------------------- records
 
 
-def adapter_operands(x: Any, A: Any, B: Any, scaling: Any, *, in_features: int, out_features: int,
-                     bias: Any = None, dropout_mask: Any = None, dropout_p: Any = 0.0) -> AdapterOperands:
+def adapter_operands(
+    x: Any,
+    A: Any,
+    B: Any,
+    scaling: Any,
+    *,
+    in_features: int,
+    out_features: int,
+    bias: Any = None,
+    dropout_mask: Any = None,
+    dropout_p: Any = 0.0,
+) -> AdapterOperands:
     """Check an input batch and an adapter against a base of shape (out, in) given some other way."""
     a, b = adapter_factors(A, B, in_features, out_features)
     x_arr = layer_input(x, in_features)
-    return AdapterOperands(x=x_arr, A=a, B=b, scaling=scaling_factor(scaling), bias=bias_vector(bias, out_features),
-                           keep=keep_factor(dropout_mask, dropout_p, x_arr.shape))
+    return AdapterOperands(
+        x=x_arr,
+        A=a,
+        B=b,
+        scaling=scaling_factor(scaling),
+        bias=bias_vector(bias, out_features),
+        keep=keep_factor(dropout_mask, dropout_p, x_arr.shape),
+    )
 
 
-def linear_operands(x: Any, W: Any, A: Any, B: Any, scaling: Any, *, bias: Any = None, dropout_mask: Any = None,
-                    dropout_p: Any = 0.0, fan_in_fan_out: Any = False) -> LinearOperands:
+def linear_operands(
+    x: Any,
+    W: Any,
+    A: Any,
+    B: Any,
+    scaling: Any,
+    *,
+    bias: Any = None,
+    dropout_mask: Any = None,
+    dropout_p: Any = 0.0,
+    fan_in_fan_out: Any = False,
+) -> LinearOperands:
     """Check a linear layer's operands: x (..., in), W (out, in) or (in, out) with ``fan_in_fan_out``,
     A (r, in), B (out, r), scaling, bias (out,) and a 0/1 keep mask of x's shape with p in [0, 1)."""
     transposed = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
     w = base_weight(W, transposed)
-    ops = adapter_operands(x, A, B, scaling, in_features=w.shape[1], out_features=w.shape[0], bias=bias,
-                           dropout_mask=dropout_mask, dropout_p=dropout_p)
-    return LinearOperands(x=ops.x, A=ops.A, B=ops.B, scaling=ops.scaling, bias=ops.bias, keep=ops.keep, W=w,
-                          fan_in_fan_out=transposed)
+    ops = adapter_operands(
+        x,
+        A,
+        B,
+        scaling,
+        in_features=w.shape[1],
+        out_features=w.shape[0],
+        bias=bias,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+    )
+    return LinearOperands(
+        x=ops.x, A=ops.A, B=ops.B, scaling=ops.scaling, bias=ops.bias, keep=ops.keep, W=w, fan_in_fan_out=transposed
+    )
 
 
-def linear_layer(W: Any, A: Any, B: Any, scaling: Any, *, fan_in_fan_out: Any = False, embedding: Any = False,
-                 allow_conv: bool = False, w_name: str = "W") -> LinearLayer:
+def linear_layer(
+    W: Any,
+    A: Any,
+    B: Any,
+    scaling: Any,
+    *,
+    fan_in_fan_out: Any = False,
+    embedding: Any = False,
+    allow_conv: bool = False,
+    w_name: str = "W",
+) -> LinearLayer:
     """Check a weight and its adapter (no input): W (out, in), (in, out) with ``fan_in_fan_out``, an
     embedding table E (V, d) with ``embedding`` (a Linear stored (in, out) with in = V), or, with
     ``allow_conv``, a ConvNd weight (out, in, *k) with A (r, in, *k) and B (out, r, 1, …)."""
@@ -177,14 +225,22 @@ def linear_layer(W: Any, A: Any, B: Any, scaling: Any, *, fan_in_fan_out: Any = 
         a2, b2 = adapter_factors(A, B, w2.shape[1], w2.shape[0])
         return LinearLayer(W=w2, A=a2, B=b2, scaling=s, transposed=transposed, w_shape=w.shape)
     if transposed:
-        raise ValueError(f"fan_in_fan_out: a convolution weight has no transposed layout, got "
-                         f"{_checks.describe(w)} with fan_in_fan_out/embedding set")
+        raise ValueError(
+            f"fan_in_fan_out: a convolution weight has no transposed layout, got "
+            f"{_checks.describe(w)} with fan_in_fan_out/embedding set"
+        )
     a = _checks.float_array(A, "A", ndim=w.ndim)
     b = _checks.float_array(B, "B", ndim=w.ndim)
     _checks.check_shape(a, "A", (None, *w.shape[1:]))
     _checks.check_shape(b, "B", (w.shape[0], a.shape[0], *([1] * (w.ndim - 2))))
-    return LinearLayer(W=w.reshape(w.shape[0], -1), A=a.reshape(a.shape[0], -1), B=b.reshape(b.shape[0], -1),
-                       scaling=s, transposed=False, w_shape=w.shape)
+    return LinearLayer(
+        W=w.reshape(w.shape[0], -1),
+        A=a.reshape(a.shape[0], -1),
+        B=b.reshape(b.shape[0], -1),
+        scaling=s,
+        transposed=False,
+        w_shape=w.shape,
+    )
 
 
 def token_ids(ids: Any, vocab: int) -> np.ndarray:

@@ -44,8 +44,9 @@ def matmul(a: Array, b: Array, dtype: Any, *, extra_roundings: int = 1) -> Array
 # ---------------------------------------------------------------------------- QLoRA forward
 
 
-def qlora_forward(x: Array, W: Array, A: Array, B: Array, scaling: float, bias: Array | None, dtype: Any,
-                  accumulate: Any = None) -> Array:
+def qlora_forward(
+    x: Array, W: Array, A: Array, B: Array, scaling: float, bias: Array | None, dtype: Any, accumulate: Any = None
+) -> Array:
     """The QLoRA forward as PEFT's 4-bit LoRA layer evaluates it, W the exactly dequantized (out, in) weight:
 
         base = fl(x Wᵀ + b)          K = in products and sums, + 1 for the bias, stored in dtype
@@ -94,8 +95,16 @@ def dora_forward_depth(in_features: int, r: int) -> int:
     return in_features + r + 5
 
 
-def dora_forward_magnitude(x: Array, W: Array, A: Array, B: Array, m: Array, scaling: float,
-                           bias: Array | None = None, x_dropped: Array | None = None) -> Array:
+def dora_forward_magnitude(
+    x: Array,
+    W: Array,
+    A: Array,
+    B: Array,
+    m: Array,
+    scaling: float,
+    bias: Array | None = None,
+    x_dropped: Array | None = None,
+) -> Array:
     """The terms the roundings of the DoRA forward act on; |ŷ − y| ≤ γ_k · this, k = ``dora_forward_depth``.
 
     With x_d the dropped input (x in the eval form), P = |x||W|ᵀ, P_d = |x_d||W|ᵀ, Q_d = |s|(|x_d||A|ᵀ)|B|ᵀ,
@@ -119,8 +128,17 @@ def dora_forward_magnitude(x: Array, W: Array, A: Array, B: Array, m: Array, sca
     return (P + b) + np.abs(f - 1) * (Pd + b) + af * Qd + c * af * (Pd + Qd)
 
 
-def dora_forward(x: Array, W: Array, A: Array, B: Array, m: Array, scaling: float, dtype: Any,
-                 bias: Array | None = None, x_dropped: Array | None = None) -> Array:
+def dora_forward(
+    x: Array,
+    W: Array,
+    A: Array,
+    B: Array,
+    m: Array,
+    scaling: float,
+    dtype: Any,
+    bias: Array | None = None,
+    x_dropped: Array | None = None,
+) -> Array:
     """Elementwise bound on the DoRA forward evaluated in ``dtype``: γ_k · ``dora_forward_magnitude``."""
     k = dora_forward_depth(W.shape[1], A.shape[0])
     return gamma(k, dtype) * dora_forward_magnitude(x, W, A, B, m, scaling, bias, x_dropped)
@@ -143,8 +161,17 @@ def dora_backward_depth(n_rows: int, in_features: int, out_features: int, r: int
     return n_rows + in_features + out_features + r + 20
 
 
-def dora_backward_terms(x: Array, W: Array, A: Array, B: Array, m: Array, grad_y: Array, scaling: float,
-                        mode: str, keep: Array | None = None) -> DoraBackwardTerms:
+def dora_backward_terms(
+    x: Array,
+    W: Array,
+    A: Array,
+    B: Array,
+    m: Array,
+    grad_y: Array,
+    scaling: float,
+    mode: str,
+    keep: Array | None = None,
+) -> DoraBackwardTerms:
     """Each gradient of spec/dora.md §4 evaluated on absolute values, every 1/n carrying the condition
     number c. x: (N, in) as the backward sees it (x_d in the train form); ``keep`` the dropout factor
     mask / (1 − p) of shape (N, in), or None (eval form); grad_y: (N, out)."""
@@ -165,8 +192,18 @@ def dora_backward_terms(x: Array, W: Array, A: Array, B: Array, m: Array, grad_y
     return DoraBackwardTerms(dx=dx, dA=dA, dB=dB, dm=dm)
 
 
-def dora_backward(x: Array, W: Array, A: Array, B: Array, m: Array, grad_y: Array, scaling: float, dtype: Any,
-                  mode: str, keep: Array | None = None) -> DoraBackwardTerms:
+def dora_backward(
+    x: Array,
+    W: Array,
+    A: Array,
+    B: Array,
+    m: Array,
+    grad_y: Array,
+    scaling: float,
+    dtype: Any,
+    mode: str,
+    keep: Array | None = None,
+) -> DoraBackwardTerms:
     """Elementwise bounds on the DoRA gradients evaluated in ``dtype``: γ_k · ``dora_backward_terms``."""
     t = dora_backward_terms(x, W, A, B, m, grad_y, scaling, mode, keep)
     gk = gamma(dora_backward_depth(x.shape[0], W.shape[1], W.shape[0], A.shape[0]), dtype)

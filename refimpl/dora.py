@@ -127,8 +127,16 @@ def _factor(m: np.ndarray, V: np.ndarray, name: str = "W + s·B·A") -> np.ndarr
     return m / _nonzero_norm(_row_norm(V), name)  # f = m / ‖V‖
 
 
-def _forward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray, s: float,
-             bias: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+def _forward(
+    x: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    m: np.ndarray,
+    s: float,
+    bias: np.ndarray,
+    keep: np.ndarray | None,
+) -> np.ndarray:
     V = _combined(W, A, B, s)
     f = _factor(m, V)
     if keep is None:  # eval form
@@ -137,8 +145,17 @@ def _forward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.n
     return x @ W.T + bias + (f - 1.0) * (x_d @ W.T) + f * (s * ((x_d @ A.T) @ B.T))
 
 
-def _backward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray, g: np.ndarray, s: float,
-              keep: np.ndarray | None, full: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _backward(
+    x: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    m: np.ndarray,
+    g: np.ndarray,
+    s: float,
+    keep: np.ndarray | None,
+    full: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(dx, dA, dB, dm) for x (N, in), g = ∂L/∂y (N, out), keep (N, in) or None; ``full`` differentiates ‖V‖."""
     x_in = x if keep is None else x * keep
     V = _combined(W, A, B, s)
@@ -154,24 +171,27 @@ def _backward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.
     return dx, dA, dB, dm
 
 
-def _forward_sequential(x: np.ndarray, W: np.ndarray, adapters: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]],
-                        bias: np.ndarray) -> np.ndarray:
+def _forward_sequential(
+    x: np.ndarray, W: np.ndarray, adapters: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], bias: np.ndarray
+) -> np.ndarray:
     z = x @ W.T  # z₀ = x Wᵀ
     for A, B, m, s in adapters:
         z = _factor(m, _combined(W, A, B, s)) * (z + s * ((x @ A.T) @ B.T))  # z_i = f_i ⊙ (z_{i−1} + s_i x A_iᵀ B_iᵀ)
     return z + bias
 
 
-def _merge(W: np.ndarray, base: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray,
-           s: float) -> tuple[np.ndarray, np.ndarray]:
+def _merge(
+    W: np.ndarray, base: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray, s: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(f ⊙ (W + ΔW), ‖W_base + ΔW‖) with f = m / ‖W_base + ΔW‖."""
     d = s * (B @ A)
     norm = _nonzero_norm(_row_norm(base + d))
     return (m / norm)[:, None] * (W + d), norm
 
 
-def _unmerge(W_merged: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray, s: float,
-             weight_norm: np.ndarray) -> np.ndarray:
+def _unmerge(
+    W_merged: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.ndarray, s: float, weight_norm: np.ndarray
+) -> np.ndarray:
     return W_merged / (m / weight_norm)[:, None] - s * (B @ A)  # W = W' / f − ΔW
 
 
@@ -192,8 +212,15 @@ def _bias_or_zero(bias: np.ndarray | None, out_features: int) -> np.ndarray:
 
 
 @precision._overflow_checked
-def weight_norm(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *, fan_in_fan_out: bool = False,
-                embedding: bool = False) -> npt.NDArray[np.float64]:
+def weight_norm(
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    scaling: float,
+    *,
+    fan_in_fan_out: bool = False,
+    embedding: bool = False,
+) -> npt.NDArray[np.float64]:
     """‖W + s·B A‖ per output row, over the input dimension (DoRA eq. 5's ‖V + ΔV‖_c); shape (out,).
 
     Embedding (``embedding=True``, E (V, d)): the norm of each column of E + ΔE
@@ -204,8 +231,15 @@ def weight_norm(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: f
 
 
 @precision._overflow_checked
-def direction(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *, fan_in_fan_out: bool = False,
-              embedding: bool = False) -> npt.NDArray[np.float64]:
+def direction(
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    scaling: float,
+    *,
+    fan_in_fan_out: bool = False,
+    embedding: bool = False,
+) -> npt.NDArray[np.float64]:
     """The unit-norm direction (W + s·B A) / ‖W + s·B A‖ (DoRA eq. 5), in the layout of W."""
     layer = linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding, allow_conv=True)
     V = _combined(layer.W, layer.A, layer.B, layer.scaling)
@@ -213,8 +247,16 @@ def direction(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: flo
 
 
 @precision._overflow_checked(storage_dtype="dtype")
-def init_magnitude(W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *,
-                   fan_in_fan_out: bool = False, embedding: bool = False, dtype: Any = None) -> npt.NDArray[np.float64]:
+def init_magnitude(
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    scaling: float,
+    *,
+    fan_in_fan_out: bool = False,
+    embedding: bool = False,
+    dtype: Any = None,
+) -> npt.NDArray[np.float64]:
     """m₀ = ‖W + s·B A‖ (DoRA §4.1: m initialised to the norm of the pre-trained weight), shape (out,).
 
     With the default LoRA init (B = 0) this is ‖W‖, so the layer starts equal to
@@ -258,8 +300,9 @@ def forward(
     The base term x Wᵀ never sees dropout; with an all-ones mask and p = 0 the
     two forms agree. Liu et al. 2024 (arXiv 2402.09353) eq. 5; PEFT PR #1474.
     """
-    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     m_arr = _magnitude(m, ops.out_features)
     return _forward(ops.x, ops.W, ops.A, ops.B, m_arr, ops.scaling, _bias_or_zero(ops.bias, ops.out_features), ops.keep)
 
@@ -292,8 +335,9 @@ def backward(
 
     dm is the same in both modes: the norm does not depend on m.
     """
-    ops = linear_operands(x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     m_arr = _magnitude(m, ops.out_features)
     g = _checks.float_array(grad_y, "grad_y", ndim=ops.x.ndim)
     _checks.check_shape(g, "grad_y", (*ops.x.shape[:-1], ops.out_features))
@@ -305,8 +349,9 @@ def backward(
 
 
 @precision._overflow_checked
-def embedding_forward(ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, m: npt.ArrayLike,
-                      scaling: float) -> npt.NDArray[np.float64]:
+def embedding_forward(
+    ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, m: npt.ArrayLike, scaling: float
+) -> npt.NDArray[np.float64]:
     """DoRA Embedding (PEFT ``lora.Embedding`` with ``use_dora``): y = (f ⊙ (E + ΔE))[ids].
 
     E (V, d), A (r, V), B (d, r), ΔE = s·(B A)ᵀ, f = m / ‖E + ΔE‖ with the norm of
@@ -321,8 +366,14 @@ def embedding_forward(ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B:
 
 
 @precision._overflow_checked
-def forward_sequential(x: npt.ArrayLike, W: npt.ArrayLike, adapters: Sequence[DoraAdapter], *,
-                       bias: npt.ArrayLike | None = None, fan_in_fan_out: bool = False) -> npt.NDArray[np.float64]:
+def forward_sequential(
+    x: npt.ArrayLike,
+    W: npt.ArrayLike,
+    adapters: Sequence[DoraAdapter],
+    *,
+    bias: npt.ArrayLike | None = None,
+    fan_in_fan_out: bool = False,
+) -> npt.NDArray[np.float64]:
     """Several active DoRA adapters on one layer, composed as PEFT composes them (eval form).
 
         z₀ = x Wᵀ,   z_i = f_i ⊙ (z_{i−1} + s_i·(x A_iᵀ) B_iᵀ),   y = z_k + b,
@@ -403,17 +454,22 @@ def unmerge(
     (result rounded once) it is not, as in PEFT. A zero magnitude row cannot be
     unmerged (the merged row is 0 whatever W was): ValueError.
     """
-    layer = linear_layer(W_merged, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding,
-                         allow_conv=True, w_name="W_merged")
+    layer = linear_layer(
+        W_merged, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding, allow_conv=True, w_name="W_merged"
+    )
     m_arr = _magnitude(m, layer.out_features)
     norm = _checks.float_array(weight_norm, "weight_norm", ndim=1)
     _checks.check_shape(norm, "weight_norm", (layer.out_features,))
     if (norm <= 0).any():
-        raise ValueError(f"weight_norm: expected positive row norms (as returned by merge), got "
-                         f"{norm[norm <= 0][:4].tolist()} at rows {np.flatnonzero(norm <= 0)[:8].tolist()}")
+        raise ValueError(
+            f"weight_norm: expected positive row norms (as returned by merge), got "
+            f"{norm[norm <= 0][:4].tolist()} at rows {np.flatnonzero(norm <= 0)[:8].tolist()}"
+        )
     if (m_arr == 0).any():
-        raise ValueError(f"m: zero magnitude at output row(s) {np.flatnonzero(m_arr == 0)[:8].tolist()}; "
-                         "those merged rows are 0 and the base weight cannot be recovered")
+        raise ValueError(
+            f"m: zero magnitude at output row(s) {np.flatnonzero(m_arr == 0)[:8].tolist()}; "
+            "those merged rows are 0 and the base weight cannot be recovered"
+        )
     restored = layer.to_caller(_unmerge(layer.W, layer.A, layer.B, m_arr, layer.scaling, norm))
     return restored if dtype is None else precision.round_to(restored, dtype)
 
@@ -421,8 +477,9 @@ def unmerge(
 # ---------------------------------------------------------------------------- counts and bounds
 
 
-def param_count(in_features: int, out_features: int, r: int, *, kernel_size: Sequence[int] = (),
-                groups: int = 1) -> int:
+def param_count(
+    in_features: int, out_features: int, r: int, *, kernel_size: Sequence[int] = (), groups: int = 1
+) -> int:
     """Trainable parameters of one DoRA layer: r·(in + out) + out (A, B and m).
 
     Embedding: in = num_embeddings, out = embedding_dim. ConvNd (``kernel_size``):
@@ -443,9 +500,18 @@ def param_count(in_features: int, out_features: int, r: int, *, kernel_size: Seq
 
 
 @precision._overflow_checked
-def forward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, m: npt.ArrayLike,
-                        scaling: float, dtype: Any = "float32", *, bias: npt.ArrayLike | None = None,
-                        fan_in_fan_out: bool = False) -> npt.NDArray[np.float64]:
+def forward_error_bound(
+    x: npt.ArrayLike,
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    m: npt.ArrayLike,
+    scaling: float,
+    dtype: Any = "float32",
+    *,
+    bias: npt.ArrayLike | None = None,
+    fan_in_fan_out: bool = False,
+) -> npt.NDArray[np.float64]:
     """Elementwise bound on |ŷ − y| for a kernel that evaluates the DoRA eval form in ``dtype``.
 
     Inputs are taken as exact. With P = |x||W|ᵀ, Q = |s|·(|x||A|ᵀ)|B|ᵀ, c = ‖|W| + |s||B||A|‖ / ‖V‖
@@ -464,10 +530,21 @@ def forward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B:
 
 
 @precision._overflow_checked
-def backward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, m: npt.ArrayLike,
-                         grad_y: npt.ArrayLike, scaling: float, dtype: Any = "float64", *, mode: str = "detached",
-                         dropout_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0,
-                         fan_in_fan_out: bool = False) -> DoraGrads:
+def backward_error_bound(
+    x: npt.ArrayLike,
+    W: npt.ArrayLike,
+    A: npt.ArrayLike,
+    B: npt.ArrayLike,
+    m: npt.ArrayLike,
+    grad_y: npt.ArrayLike,
+    scaling: float,
+    dtype: Any = "float64",
+    *,
+    mode: str = "detached",
+    dropout_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+) -> DoraGrads:
     """Elementwise bounds on the errors of ``backward``'s formulas evaluated in ``dtype`` (inputs exact).
 
     Each gradient is bounded by γ_k times its formula evaluated on absolute values, with every
@@ -475,8 +552,9 @@ def backward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B
     k = N + in + out + r + 20 (the longest chain of dot products and elementwise steps;
     ``refimpl.bounds.dora_backward``).
     """
-    ops = linear_operands(x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     out_f, in_f = ops.W.shape
     m_arr = _magnitude(m, out_f)
     g = _checks.float_array(grad_y, "grad_y", ndim=ops.x.ndim)
@@ -485,6 +563,7 @@ def backward_error_bound(x: npt.ArrayLike, W: npt.ArrayLike, A: npt.ArrayLike, B
     x_in = ops.x if ops.keep is None else ops.x * ops.keep
     _nonzero_norm(_row_norm(_combined(ops.W, ops.A, ops.B, ops.scaling)))
     keep = None if ops.keep is None else ops.keep.reshape(-1, in_f)
-    b = bounds.dora_backward(x_in.reshape(-1, in_f), ops.W, ops.A, ops.B, m_arr, g.reshape(-1, out_f),
-                             ops.scaling, dtype, mode, keep)
+    b = bounds.dora_backward(
+        x_in.reshape(-1, in_f), ops.W, ops.A, ops.B, m_arr, g.reshape(-1, out_f), ops.scaling, dtype, mode, keep
+    )
     return DoraGrads(dx=b.dx.reshape(ops.x.shape), dA=b.dA, dB=b.dB, dm=b.dm)

@@ -56,11 +56,21 @@ STORABLE = ("float64", "float32", "float16", "int64", "int32", "uint8", "uint16"
 
 #: safetensors dtype code -> NumPy dtype (little-endian, as the format stores them)
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "U16": np.dtype("<u2"),
-    "U32": np.dtype("<u4"), "U64": np.dtype("<u8"), "BOOL": np.dtype(np.bool_),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "U16": np.dtype("<u2"),
+    "U32": np.dtype("<u4"),
+    "U64": np.dtype("<u8"),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 #: NumPy dtype -> safetensors dtype code
 CODES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -121,8 +131,10 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             raise ValueError(f"{p}: not a safetensors file: {size} bytes, shorter than the 8-byte header length")
         n = int.from_bytes(fh.read(8), "little")
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ValueError(f"{p}: not a safetensors file: header length {n} exceeds "
-                             f"{'the file size ' + str(size) if 8 + n > size else 'the 100 MB limit'}")
+            raise ValueError(
+                f"{p}: not a safetensors file: header length {n} exceeds "
+                f"{'the file size ' + str(size) if 8 + n > size else 'the 100 MB limit'}"
+            )
         raw = fh.read(n)
     try:
         head = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -140,23 +152,31 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     for key, entry in head.items():
         where = f"{p}: tensor {key!r}"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object with dtype, shape and data_offsets, got "
-                             f"{_checks.describe(entry)}")
+            raise ValueError(
+                f"{where}: expected an object with dtype, shape and data_offsets, got {_checks.describe(entry)}"
+            )
         code, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if code not in DTYPES:
             raise ValueError(f"{where}: unsupported dtype {code!r}; expected one of {', '.join(DTYPES)}")
         if not isinstance(shape, list) or not all(_is_index(s) for s in shape):
             raise ValueError(f"{where}: expected a shape of non-negative integers, got {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_index(o) for o in offs)
-                and offs[0] <= offs[1] <= data_len):
-            raise ValueError(f"{where}: expected data_offsets [begin, end] within the {data_len}-byte data "
-                             f"section, got {offs!r}")
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(_is_index(o) for o in offs)
+            and offs[0] <= offs[1] <= data_len
+        ):
+            raise ValueError(
+                f"{where}: expected data_offsets [begin, end] within the {data_len}-byte data section, got {offs!r}"
+            )
         nbytes = DTYPES[code].itemsize
         for s in shape:
             nbytes *= s  # Python ints: no overflow
         if offs[1] - offs[0] != nbytes:
-            raise ValueError(f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, but shape {shape} of "
-                             f"{code} needs {nbytes}")
+            raise ValueError(
+                f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, but shape {shape} of "
+                f"{code} needs {nbytes}"
+            )
         spans.append((offs[0], offs[1], key))
         tensors[key] = TensorEntry(DTYPES[code], tuple(shape), data_start + offs[0], nbytes)
     end = 0
@@ -216,8 +236,9 @@ def _check_tensors(tensors: Any) -> dict[str, np.ndarray]:
         if not isinstance(k, str) or not k:
             raise TypeError(f"tensors: expected non-empty str keys, got {k!r}")
         if k == "__metadata__":
-            raise ValueError("tensors: the name '__metadata__' is reserved by the safetensors format; pass "
-                             "metadata as meta=")
+            raise ValueError(
+                "tensors: the name '__metadata__' is reserved by the safetensors format; pass metadata as meta="
+            )
         if not isinstance(v, np.ndarray) or isinstance(v, (np.ma.MaskedArray, np.matrix)):
             raise TypeError(f"tensors[{k!r}]: expected a numpy array, got {_checks.describe(v)}")
         if v.dtype.name not in STORABLE:
@@ -237,8 +258,9 @@ def tensors_to_bytes(tensors: Mapping[str, npt.NDArray[Any]], meta: Mapping[str,
     return save(t, metadata={META_KEY: text})
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, npt.NDArray[Any]],
-                 meta: Mapping[str, Any] | None = None) -> Path:
+def save_tensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, npt.NDArray[Any]], meta: Mapping[str, Any] | None = None
+) -> Path:
     """Write a safetensors file atomically (temporary file, fsync, then rename)."""
     data = tensors_to_bytes(tensors, meta)
     p = Path(path)
@@ -437,8 +459,11 @@ def _sigterm_cleanup() -> Iterator[None]:
     Only in the main thread and only while SIGTERM has its default action (a program with its own
     handler keeps it); nested blocks share the outer one.
     """
-    if (_SigtermState.active or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    if (
+        _SigtermState.active
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
     _SigtermState.active, _SigtermState.got, _SigtermState.raised = True, 0, False

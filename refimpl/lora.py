@@ -72,14 +72,22 @@ def _delta(A: np.ndarray, B: np.ndarray, s: float) -> np.ndarray:
     return s * (B @ A)  # ΔW = s · B A
 
 
-def _forward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, s: float, bias: np.ndarray | None,
-             keep: np.ndarray | None) -> np.ndarray:
+def _forward(
+    x: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: float,
+    bias: np.ndarray | None,
+    keep: np.ndarray | None,
+) -> np.ndarray:
     y = x @ W.T if bias is None else x @ W.T + bias
     return y + s * ((_dropped(x, keep) @ A.T) @ B.T)  # y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ  (eq. 3)
 
 
-def _backward(x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float,
-              keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _backward(
+    x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float, keep: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(∂L/∂x, ∂L/∂A, ∂L/∂B) for x (N, in) and g = ∂L/∂y (N, out); keep (N, in) or None."""
     x_d = _dropped(x, keep)
     h = x_d @ A.T
@@ -110,8 +118,9 @@ def _embedding_forward(idx: np.ndarray, E: np.ndarray, A: np.ndarray, B: np.ndar
     return E[idx] + s * (A.T[idx] @ B.T)  # y = E[ids] + s · Aᵀ[ids] Bᵀ
 
 
-def _init_random(g: np.random.Generator, method: str, embedding: bool, in_f: int, out_f: int,
-                 r: int) -> tuple[np.ndarray, np.ndarray]:
+def _init_random(
+    g: np.random.Generator, method: str, embedding: bool, in_f: int, out_f: int, r: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) of "default" (A ~ U(±1/√in)) or "gaussian" (A ~ N(0, 1/r²)), B = 0; embedding: A = 0, B ~ N(0, 1)."""
     if embedding:
         return np.zeros((r, in_f)), g.standard_normal((out_f, r))
@@ -144,8 +153,9 @@ def scaling(alpha: float, r: int, *, use_rslora: bool = False) -> float:
 
 
 @precision._overflow_checked
-def delta(A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *,
-          fan_in_fan_out: bool = False) -> npt.NDArray[np.float64]:
+def delta(
+    A: npt.ArrayLike, B: npt.ArrayLike, scaling: float, *, fan_in_fan_out: bool = False
+) -> npt.NDArray[np.float64]:
     """ΔW = s · B A, shape (out, in); transposed to (in, out) when ``fan_in_fan_out``."""
     a, b = adapter_factors(A, B)
     d = _delta(a, b, scaling_factor(scaling))
@@ -173,8 +183,9 @@ def forward(
     ``dropout_mask`` (shape of x, 0/1) with ``dropout_p`` gives drop(x) = x ⊙ mask / (1 − p),
     applied to the LoRA branch only (PEFT ``Linear.forward``); without a mask this is eval mode.
     """
-    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     return _forward(ops.x, ops.W, ops.A, ops.B, ops.scaling, ops.bias, ops.keep)
 
 
@@ -213,8 +224,9 @@ def backward(
 
     Sums run over every leading (batch, sequence) axis.
     """
-    ops = linear_operands(x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     g = _checks.float_array(grad_y, "grad_y", ndim=ops.x.ndim)
     _checks.check_shape(g, "grad_y", (*ops.x.shape[:-1], ops.out_features))
     want_dW, want_dbias = _checks.boolean(need_dW, "need_dW"), _checks.boolean(need_dbias, "need_dbias")
@@ -243,8 +255,9 @@ def dropout_mask(rng: np.random.Generator, shape: Sequence[int], p: float) -> np
 
 
 @precision._overflow_checked
-def embedding_forward(ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike,
-                      scaling: float) -> npt.NDArray[np.float64]:
+def embedding_forward(
+    ids: npt.ArrayLike, E: npt.ArrayLike, A: npt.ArrayLike, B: npt.ArrayLike, scaling: float
+) -> npt.NDArray[np.float64]:
     """Embedding LoRA (PEFT ``lora.Embedding``): y = E[ids] + s · Aᵀ[ids] Bᵀ.
 
     E is (V, d), A is (r, V), B is (d, r); ΔE = s·(B A)ᵀ. PEFT never applies dropout here.
@@ -366,8 +379,7 @@ def init(
 # ---------------------------------------------------------------------------- parameter counts
 
 
-def param_count(in_features: int, out_features: int, r: int, *, lora_bias: bool = False,
-                dora: bool = False) -> int:
+def param_count(in_features: int, out_features: int, r: int, *, lora_bias: bool = False, dora: bool = False) -> int:
     """Trainable parameters of one adapted layer: r·(in + out) [+ out for lora_bias] [+ out for DoRA's m].
 
     d = 4096, r = 8: 2·4096·8 = 65,536, a 256× reduction from d² = 16.7M (the lesson's numbers).

@@ -166,24 +166,31 @@ def estimate(
     _checks.integer(blocksize, "blocksize", low=1)
     ab = ADAPTER_BYTES[adapter_dtype] if adapter_bytes is None else adapter_bytes
     agb = ADAPTER_BYTES[adapter_dtype] if adapter_grad_bytes is None else adapter_grad_bytes
-    for name, v in (("grad_bytes", grad_bytes), ("optimizer_bytes", optimizer_bytes),
-                    ("adapter_bytes", ab), ("adapter_grad_bytes", agb)):
+    for name, v in (
+        ("grad_bytes", grad_bytes),
+        ("optimizer_bytes", optimizer_bytes),
+        ("adapter_bytes", ab),
+        ("adapter_grad_bytes", agb),
+    ):
         _checks.real(v, name, low=0.0)
     if dora and method == "full":
         raise ValueError("dora: expected False for method='full' (DoRA is an adapter), got True")
-    n = float(model.n_params()) if n_params is None else _checks.real(n_params, "n_params", low=1.0,
-                                                                                 high=MAX_PARAMS)
+    n = float(model.n_params()) if n_params is None else _checks.real(n_params, "n_params", low=1.0, high=MAX_PARAMS)
     act = activation_bytes(model, mode=activations, seq_len=seq_len, batch=batch)
     comp = dict.fromkeys(COMPONENTS, 0.0)
-    notes = [f"model {model.name}: {model.n_params() / 1e9:.3f} B parameters by count; "
-             f"{n / 1e9:.3f} B used", "1 GB = 1e9 bytes"]
+    notes = [
+        f"model {model.name}: {model.n_params() / 1e9:.3f} B parameters by count; {n / 1e9:.3f} B used",
+        "1 GB = 1e9 bytes",
+    ]
     if method == "full":
         wb = 2.0 if weight_bytes is None else _checks.real(weight_bytes, "weight_bytes", low=0.0)
         trainable = n
         comp["weights"] = n * wb
         comp["gradients"] = n * grad_bytes
-        notes.append(f"every weight trained: {wb:g} B weight + {grad_bytes:g} B gradient + "
-                     f"{optimizer_bytes:g} B optimizer state (AdamW: two fp32 moments) per parameter")
+        notes.append(
+            f"every weight trained: {wb:g} B weight + {grad_bytes:g} B gradient + "
+            f"{optimizer_bytes:g} B optimizer state (AdamW: two fp32 moments) per parameter"
+        )
     else:
         p = float(model.lora_params(rank) + (model.dora_magnitude_params() if dora else 0))
         trainable = p
@@ -196,28 +203,43 @@ def estimate(
             const_bits = 8 / blocksize + 32 / (blocksize * 256) if double_quant else 32 / blocksize
             comp["weights"] = n * wb
             comp["quantization constants"] = n * const_bits / 8
-            notes.append(f"frozen base in NF4: {wb:g} B per weight + {const_bits:.4f} bits of absmax "
-                         f"(blocksize {blocksize}, double quantization {double_quant})")
+            notes.append(
+                f"frozen base in NF4: {wb:g} B per weight + {const_bits:.4f} bits of absmax "
+                f"(blocksize {blocksize}, double quantization {double_quant})"
+            )
         comp["adapters"] = p * ab
         comp["gradients"] = p * agb
-        notes.append(f"LoRA r={rank} on all 7 linear layers per block{' + DoRA magnitudes' if dora else ''}: "
-                     f"{p / 1e6:.1f} M trainable; adapters {adapter_dtype}: {ab:g} B weight + {agb:g} B gradient "
-                     f"+ {optimizer_bytes:g} B AdamW state (two fp32 moments) each")
+        notes.append(
+            f"LoRA r={rank} on all 7 linear layers per block{' + DoRA magnitudes' if dora else ''}: "
+            f"{p / 1e6:.1f} M trainable; adapters {adapter_dtype}: {ab:g} B weight + {agb:g} B gradient "
+            f"+ {optimizer_bytes:g} B AdamW state (two fp32 moments) each"
+        )
     opt = trainable * optimizer_bytes
     cpu: dict[str, float] = {}
     if paged_optimizer:
         cpu["paged optimizer states"] = opt / GB
-        notes.append("paged optimizer: AdamW states in CPU-backed paged memory, counted off the GPU peak "
-                     "(best case: evicted whenever the GPU needs the room)")
+        notes.append(
+            "paged optimizer: AdamW states in CPU-backed paged memory, counted off the GPU peak "
+            "(best case: evicted whenever the GPU needs the room)"
+        )
     else:
         comp["optimizer states"] = opt
         notes.append("optimizer states resident on the GPU (not paged)")
     comp["activations"] = act
-    notes.append(f"activations: {activations}" + ("" if activations == "none" else
-                 f" (16-bit, seq_len {seq_len} x batch {batch}, Korthikanti et al. eq. 2)"))
+    notes.append(
+        f"activations: {activations}"
+        + ("" if activations == "none" else f" (16-bit, seq_len {seq_len} x batch {batch}, Korthikanti et al. eq. 2)")
+    )
     comp_gb = {k: v / GB for k, v in comp.items()}
-    return MemoryEstimate(method=method, components_gb=comp_gb, total_gb=sum(comp_gb.values()), n_params=n,
-                          trainable_params=trainable, assumptions=tuple(notes), cpu_gb=cpu)
+    return MemoryEstimate(
+        method=method,
+        components_gb=comp_gb,
+        total_gb=sum(comp_gb.values()),
+        n_params=n,
+        trainable_params=trainable,
+        assumptions=tuple(notes),
+        cpu_gb=cpu,
+    )
 
 
 #: The lesson's 65B figures (full FT, LoRA, QLoRA).
@@ -226,23 +248,34 @@ LESSON_GB = {"full": 780.0, "lora": 160.0, "qlora": 48.0}
 LESSON_TOLERANCE = 0.02
 #: The one assumption set used for every method in ``consistent_table`` (and the CLI's defaults): the QLoRA
 #: paper's own setting — BF16 adapters, gradient checkpointing — with AdamW states resident on the GPU.
-CONSISTENT: dict[str, Any] = {"adapter_dtype": "bf16", "activations": "checkpointed", "paged_optimizer": False,
-                              "seq_len": 512, "batch": 1}
+CONSISTENT: dict[str, Any] = {
+    "adapter_dtype": "bf16",
+    "activations": "checkpointed",
+    "paged_optimizer": False,
+    "seq_len": 512,
+    "batch": 1,
+}
 #: The sets searched by ``assumption_grid``: adapter precision × activations × paged optimizer.
 GRID_ADAPTERS = ("fp32", "bf16")
 GRID_PAGED = (False, True)
 
 
-def assumption_grid(*, n_params: float = 65e9, seq_len: int = 512, batch: int = 1
-                    ) -> list[tuple[dict[str, Any], dict[str, float]]]:
+def assumption_grid(
+    *, n_params: float = 65e9, seq_len: int = 512, batch: int = 1
+) -> list[tuple[dict[str, Any], dict[str, float]]]:
     """Every (adapter precision, activations, paged optimizer) set with the total GB of full, lora and qlora
     on a nominal ``n_params`` model (LLaMA-65B shape for adapters and activations), r = 64 on all layers."""
     out = []
     for adt in GRID_ADAPTERS:
         for act in ACTIVATIONS:
             for paged in GRID_PAGED:
-                kw: dict[str, Any] = {"adapter_dtype": adt, "activations": act, "paged_optimizer": paged,
-                                      "seq_len": seq_len, "batch": batch}
+                kw: dict[str, Any] = {
+                    "adapter_dtype": adt,
+                    "activations": act,
+                    "paged_optimizer": paged,
+                    "seq_len": seq_len,
+                    "batch": batch,
+                }
                 out.append((kw, {m: estimate(m, n_params=n_params, **kw).total_gb for m in METHODS}))
     return out
 
@@ -280,22 +313,27 @@ def consistent_table(**overrides: Any) -> list[tuple[str, float, MemoryEstimate]
 
 
 def _describe(kw: dict[str, Any]) -> str:
-    return (f"adapters {kw.get('adapter_dtype', 'bf16')}, activations {kw.get('activations', 'checkpointed')}, "
-            f"optimizer {'paged' if kw.get('paged_optimizer') else 'resident'}")
+    return (
+        f"adapters {kw.get('adapter_dtype', 'bf16')}, activations {kw.get('activations', 'checkpointed')}, "
+        f"optimizer {'paged' if kw.get('paged_optimizer') else 'resident'}"
+    )
 
 
 def format_lesson_table() -> str:
     """Table A (which assumption sets reproduce each lesson figure) and table B (one set for every method)."""
     grid = assumption_grid()
-    lines = ["A. Total GB of a nominal 65e9-parameter model (LLaMA-65B shape), LoRA r=64 on all linear layers,",
-             "   seq_len 512 x batch 1, AdamW (two fp32 moments); bf16 adapters = fp16 adapters (2 B each);",
-             "   '*' = within 2 % of the lesson's figure (780 / 160 / 48 GB)",
-             f"{'adapters':<9} {'activations':<13} {'optimizer':<9} {'full':>9} {'lora':>9} {'qlora':>9}"]
+    lines = [
+        "A. Total GB of a nominal 65e9-parameter model (LLaMA-65B shape), LoRA r=64 on all linear layers,",
+        "   seq_len 512 x batch 1, AdamW (two fp32 moments); bf16 adapters = fp16 adapters (2 B each);",
+        "   '*' = within 2 % of the lesson's figure (780 / 160 / 48 GB)",
+        f"{'adapters':<9} {'activations':<13} {'optimizer':<9} {'full':>9} {'lora':>9} {'qlora':>9}",
+    ]
     for kw, t in grid:
-        cells = [f"{t[m]:>8.1f}{'*' if abs(t[m] / LESSON_GB[m] - 1) <= LESSON_TOLERANCE else ' '}"
-                 for m in METHODS]
-        lines.append(f"{kw['adapter_dtype']:<9} {kw['activations']:<13} "
-                     f"{'paged' if kw['paged_optimizer'] else 'resident':<9} {' '.join(cells)}")
+        cells = [f"{t[m]:>8.1f}{'*' if abs(t[m] / LESSON_GB[m] - 1) <= LESSON_TOLERANCE else ' '}" for m in METHODS]
+        lines.append(
+            f"{kw['adapter_dtype']:<9} {kw['activations']:<13} "
+            f"{'paged' if kw['paged_optimizer'] else 'resident':<9} {' '.join(cells)}"
+        )
     lines.append("   no single row fits all three: the lesson's table is fitted row by row (fp32 adapters;")
     lines.append("   activations none for full FT, full for LoRA, checkpointed for QLoRA):")
     for m, gb, est in lesson_table():
@@ -307,8 +345,10 @@ def format_lesson_table() -> str:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in est.components_gb.items() if v)
         lines.append(f"{m:<8} {gb:>5.0f} GB {est.total_gb:>6.1f} GB  {parts}")
     for m, _, est in consistent_table(paged_optimizer=True):
-        lines.append(f"{m:<8} {'paged':>8} {est.total_gb:>6.1f} GB  on the GPU; "
-                     f"{est.cpu_gb['paged optimizer states']:.1f} GB optimizer states paged to CPU")
+        lines.append(
+            f"{m:<8} {'paged':>8} {est.total_gb:>6.1f} GB  on the GPU; "
+            f"{est.cpu_gb['paged optimizer states']:.1f} GB optimizer states paged to CPU"
+        )
     lines.append("assumptions:")
     seen: list[str] = []
     for _, _, est in consistent_table():
@@ -338,28 +378,44 @@ def _check_options(args: argparse.Namespace, model: ModelShape) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     """The ``refimpl memory`` argument parser."""
-    ap = _Parser(prog="refimpl memory",
-                 description="Peak GPU memory needed to fine-tune a model: full fine-tuning, LoRA, QLoRA (and DoRA "
-                             "on either). Without a method: (A) which assumption sets reproduce each of the lesson's "
-                             "65B figures (780 / 160 / 48 GB) and (B) every method under one consistent set; with "
-                             "one: that method's estimate for the LLaMA-65B shape, its components and assumptions "
-                             "(spec/memory.md). 1 GB = 1e9 bytes.",
-                 epilog="exit codes: 0 success; 2 usage or input error; 3 internal error")
+    ap = _Parser(
+        prog="refimpl memory",
+        description="Peak GPU memory needed to fine-tune a model: full fine-tuning, LoRA, QLoRA (and DoRA "
+        "on either). Without a method: (A) which assumption sets reproduce each of the lesson's "
+        "65B figures (780 / 160 / 48 GB) and (B) every method under one consistent set; with "
+        "one: that method's estimate for the LLaMA-65B shape, its components and assumptions "
+        "(spec/memory.md). 1 GB = 1e9 bytes.",
+        epilog="exit codes: 0 success; 2 usage or input error; 3 internal error",
+    )
     ap.add_argument("method", nargs="?", choices=METHODS, help="one method; omit for the lesson's 65B tables")
-    ap.add_argument("--params", type=float, default=None,
-                    help=f"number of parameters, 1..{MAX_PARAMS:g} (default: LLaMA-65B count)")
+    ap.add_argument(
+        "--params", type=float, default=None, help=f"number of parameters, 1..{MAX_PARAMS:g} (default: LLaMA-65B count)"
+    )
     ap.add_argument("--rank", type=int, default=64, help=f"LoRA rank, 1..{LLAMA_65B.max_rank()} (default 64)")
-    ap.add_argument("--dora", action="store_true",
-                    help="add DoRA's magnitude vectors to the trained parameters (lora and qlora only)")
-    ap.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default=CONSISTENT["adapter_dtype"],
-                    help="precision of the adapter weights and their gradients: bf16 or fp16 (2 B each) or fp32 "
-                         f"(4 B each) (default {CONSISTENT['adapter_dtype']}, as in the QLoRA paper)")
-    ap.add_argument("--paged", action="store_true",
-                    help="paged optimizer (QLoRA): AdamW states in CPU-backed memory, reported apart and left out "
-                         "of the GPU peak")
-    ap.add_argument("--activations", choices=ACTIVATIONS, default=CONSISTENT["activations"],
-                    help="activations kept for the backward pass, 16-bit: none, full (no recomputation) or "
-                         f"checkpointed (gradient checkpointing) (default {CONSISTENT['activations']})")
+    ap.add_argument(
+        "--dora",
+        action="store_true",
+        help="add DoRA's magnitude vectors to the trained parameters (lora and qlora only)",
+    )
+    ap.add_argument(
+        "--adapter-dtype",
+        choices=ADAPTER_DTYPES,
+        default=CONSISTENT["adapter_dtype"],
+        help="precision of the adapter weights and their gradients: bf16 or fp16 (2 B each) or fp32 "
+        f"(4 B each) (default {CONSISTENT['adapter_dtype']}, as in the QLoRA paper)",
+    )
+    ap.add_argument(
+        "--paged",
+        action="store_true",
+        help="paged optimizer (QLoRA): AdamW states in CPU-backed memory, reported apart and left out of the GPU peak",
+    )
+    ap.add_argument(
+        "--activations",
+        choices=ACTIVATIONS,
+        default=CONSISTENT["activations"],
+        help="activations kept for the backward pass, 16-bit: none, full (no recomputation) or "
+        f"checkpointed (gradient checkpointing) (default {CONSISTENT['activations']})",
+    )
     ap.add_argument("--seq-len", type=int, default=512, help=f"tokens per sequence, 1..{MAX_SEQ_LEN} (default 512)")
     ap.add_argument("--batch", type=int, default=1, help=f"sequences per batch, 1..{MAX_BATCH} (default 1)")
     return ap
@@ -377,9 +433,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_lesson_table())
         return 0
     try:
-        est = estimate(args.method, n_params=args.params, rank=args.rank, dora=args.dora,
-                       adapter_dtype=args.adapter_dtype, paged_optimizer=args.paged,
-                       activations=args.activations, seq_len=args.seq_len, batch=args.batch)
+        est = estimate(
+            args.method,
+            n_params=args.params,
+            rank=args.rank,
+            dora=args.dora,
+            adapter_dtype=args.adapter_dtype,
+            paged_optimizer=args.paged,
+            activations=args.activations,
+            seq_len=args.seq_len,
+            batch=args.batch,
+        )
     except (TypeError, ValueError) as exc:
         print(f"refimpl memory: {exc}", file=sys.stderr)
         return 2

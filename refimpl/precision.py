@@ -109,8 +109,10 @@ def _overflow_checked(fn: _F | None = None, *, storage_dtype: str | None = None)
         hit = _first_nonfinite(result)
         if hit is not None:
             where, i = hit
-            raise ValueError(f"{op}: the inputs are finite but the result {where} is not (first at flat index "
-                             f"{i}): the float64 computation overflows; scale the inputs down")
+            raise ValueError(
+                f"{op}: the inputs are finite but the result {where} is not (first at flat index "
+                f"{i}): the float64 computation overflows; scale the inputs down"
+            )
         return result
 
     return checked
@@ -220,8 +222,9 @@ def _not_scalar(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 @_overflow_checked
-def matmul_error_bound(a: npt.ArrayLike, b: npt.ArrayLike, dtype: Any, *,
-                       extra_roundings: int = 1) -> npt.NDArray[np.float64]:
+def matmul_error_bound(
+    a: npt.ArrayLike, b: npt.ArrayLike, dtype: Any, *, extra_roundings: int = 1
+) -> npt.NDArray[np.float64]:
     """Elementwise bound on |fl(a @ b) − a @ b| when the products and the K-term sum
     are computed in ``dtype``: γ_{K + extra} · (|a| @ |b|) (``refimpl.bounds.matmul``).
 
@@ -256,8 +259,10 @@ class BoundReport:
         return self.n_over == 0
 
     def __str__(self) -> str:
-        return (f"error/bound = {self.worst_ratio:.3g} at {self.worst_index} "
-                f"(error {self.error:.3g}, bound {self.bound:.3g}); {self.n_over} of {self.size} over")
+        return (
+            f"error/bound = {self.worst_ratio:.3g} at {self.worst_index} "
+            f"(error {self.error:.3g}, bound {self.bound:.3g}); {self.n_over} of {self.size} over"
+        )
 
 
 def compare_to_bound(actual: npt.ArrayLike, expected: npt.ArrayLike, bound: npt.ArrayLike) -> BoundReport:
@@ -277,5 +282,11 @@ def compare_to_bound(actual: npt.ArrayLike, expected: npt.ArrayLike, bound: npt.
         return BoundReport(0.0, (), 0.0, 0.0, 0, 0)
     flat = int(np.argmax(ratio))
     idx = tuple(int(i) for i in np.unravel_index(flat, ratio.shape))
-    return BoundReport(float(ratio.flat[flat]), idx, float(err.flat[flat]), float(bnd.flat[flat]),
-                       int((ratio > 1).sum()), int(ratio.size))
+    return BoundReport(
+        float(ratio.flat[flat]),
+        idx,
+        float(err.flat[flat]),
+        float(bnd.flat[flat]),
+        int((ratio > 1).sum()),
+        int(ratio.size),
+    )

@@ -20,8 +20,9 @@ from refimpl import _checks, bounds, lora, precision
 from refimpl.quant import QuantState, dequantize_4bit
 
 
-def dequantized_weight(packed: npt.ArrayLike, state: QuantState, *,
-                       profile: str | None = None) -> npt.NDArray[np.float64]:
+def dequantized_weight(
+    packed: npt.ArrayLike, state: QuantState, *, profile: str | None = None
+) -> npt.NDArray[np.float64]:
     """The base weight W = dequantize_4bit(packed, state) as float64, shape (out, in)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")

@@ -61,7 +61,8 @@ def lora_invariants() -> list[tuple[str, bool, str]]:
         for W, A, B, x, s in _layers(1):
             merged = lora.merge(W, A, B, s)
             bound = precision.gamma(W.shape[1] + A.shape[0] + 3, "float64") * (
-                np.abs(x) @ (np.abs(W) + abs(s) * np.abs(B) @ np.abs(A)).T)
+                np.abs(x) @ (np.abs(W) + abs(s) * np.abs(B) @ np.abs(A)).T
+            )
             rep = precision.compare_to_bound(lora.forward(x, W, A, B, s), x @ merged.T, 2 * bound)
             worst = max(worst, rep.worst_ratio)
         return worst <= 1.0, f"worst error/bound = {worst:.3g}"

@@ -59,7 +59,13 @@ class PathTally:
     def line(self) -> str:
         from refimpl.conformance.peers import bnb_paths
 
-        parts = [f"{bnb_paths.LABELS[p]} {n}" + (f" ({self.divergent[p]} differ from the profile, reproduced "
-                                                  f"by the divergence model)" if self.divergent[p] else "")
-                 for p, n in self.cases.items()]
+        parts = [
+            f"{bnb_paths.LABELS[p]} {n}"
+            + (
+                f" ({self.divergent[p]} differ from the profile, reproduced by the divergence model)"
+                if self.divergent[p]
+                else ""
+            )
+            for p, n in self.cases.items()
+        ]
         return "bitsandbytes dequantize paths: " + ", ".join(parts) + "; " + "; ".join(bnb_paths.host_lines())

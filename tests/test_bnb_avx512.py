@@ -28,8 +28,11 @@ pytestmark = pytest.mark.peers
 _NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 # 72 cases: 4 shapes × 3 dtypes × 3 blocksizes × 2 quant types. (3, 16) and (96, 80) have rows that are not
 # whole blocks; (64, 128) is aligned for every blocksize below 2048; (130, 200) has 200 % 16 != 0.
-GRID = list(itertools.product([(3, 16), (96, 80), (64, 128), (130, 200)], ["float32", "float16", "bfloat16"],
-                              [32, 64, 4096], ["nf4", "fp4"]))
+GRID = list(
+    itertools.product(
+        [(3, 16), (96, 80), (64, 128), (130, 200)], ["float32", "float16", "bfloat16"], [32, 64, 4096], ["nf4", "fp4"]
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +64,10 @@ def _n_differ(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def _peer(torch, F, packed: np.ndarray, state: quant.QuantState) -> np.ndarray:
-    qs = F.QuantState.from_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.to_bnb_dict().items()},
-                                device=torch.device("cpu"))
+    qs = F.QuantState.from_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.to_bnb_dict().items()},
+        device=torch.device("cpu"),
+    )
     out = F.dequantize_4bit(torch.from_numpy(packed), qs)
     if out.dtype == torch.bfloat16:
         return out.view(torch.int16).numpy().view(ml_dtypes.bfloat16).reshape(state.shape)
@@ -98,8 +103,12 @@ def test_path_rule_on_every_kind_of_host(bnb):
         ((130, 200), 2048, P.TORCH_BS, P.SCALAR, P.SCALAR),
     ]
     for shape, bs, on_avx512, on_avx2, on_mixed in table:
-        got = (P.dequantize_path(shape, bs, avx512), P.dequantize_path(shape, bs, avx2),
-               P.dequantize_path(shape, bs, mixed), P.dequantize_path(shape, bs, nolib))
+        got = (
+            P.dequantize_path(shape, bs, avx512),
+            P.dequantize_path(shape, bs, avx2),
+            P.dequantize_path(shape, bs, mixed),
+            P.dequantize_path(shape, bs, nolib),
+        )
         assert got == (on_avx512, on_avx2, on_mixed, P.TORCH_NOLIB), (shape, bs, got)
 
 
@@ -140,8 +149,12 @@ def test_models_reproduce_bitsandbytes_bit_for_bit_on_a_grid(bnb):
         per_path[path][1] += vs_profile > 0
         if n:
             bad.append((key, path, n))
-    print("\n" + "; ".join(f"{P.LABELS[p]}: {c} cases, {d} differ from the bitsandbytes-cpu profile"
-                           for p, (c, d) in per_path.items()))
+    print(
+        "\n"
+        + "; ".join(
+            f"{P.LABELS[p]}: {c} cases, {d} differ from the bitsandbytes-cpu profile" for p, (c, d) in per_path.items()
+        )
+    )
     print(f"{sum(d for _c, d in per_path.values())} of {len(GRID)} cases differ from the profile")
     assert not bad, f"bitsandbytes differs from the model of its path (case, path, elements): {bad[:5]}"
     for p in P.PROFILE_PATHS:  # on the profile's own paths the model is the profile
@@ -153,8 +166,12 @@ def test_models_reproduce_bitsandbytes_bit_for_bit_on_a_grid(bnb):
 
 
 # a wrong model for each path: the path whose model is used instead (another index rule or sign of zero)
-WRONG = {"avx512": ["torch-bs2048", "scalar"],  # the correct (flat) block index; and the scalar sign too
-         "torch-bs2048": ["scalar"], "scalar": ["torch-odd"], "torch-odd": ["scalar"]}
+WRONG = {
+    "avx512": ["torch-bs2048", "scalar"],  # the correct (flat) block index; and the scalar sign too
+    "torch-bs2048": ["scalar"],
+    "scalar": ["torch-odd"],
+    "torch-odd": ["scalar"],
+}
 
 
 def test_a_wrong_model_is_caught(bnb):
@@ -187,9 +204,11 @@ def test_the_runner_accepts_a_divergence_only_where_its_model_reproduces_it(bnb,
     assert modelled, "the boundary tier must reach the AVX-512 kernel's misaligned rows on this host"
     # now the model is wrong: the correct block index (what the scalar loop computes), +0.0 kept
     real = P.peer_dequantize
-    monkeypatch.setattr(P, "peer_dequantize",
-                        lambda packed, state, path, h=None: real(packed, state, P.TORCH_BS if path == P.AVX512
-                                                                 else path, h))
+    monkeypatch.setattr(
+        P,
+        "peer_dequantize",
+        lambda packed, state, path, h=None: real(packed, state, P.TORCH_BS if path == P.AVX512 else path, h),
+    )
     bad = run("bitsandbytes", "quant.dequantize_4bit", tiers=["boundary"])
     assert not bad.ok and bad.failures, "a wrong model must leave the AVX-512 cases failing"
     # the failures are the misaligned-row cases; aligned FP4 cases (only the +0.0) are still explained
@@ -199,14 +218,16 @@ def test_the_runner_accepts_a_divergence_only_where_its_model_reproduces_it(bnb,
 
 def test_divergence_entries_carry_an_importable_model(tmp_path):
     f = tmp_path / "d.toml"
-    f.write_text(textwrap.dedent("""\
+    f.write_text(
+        textwrap.dedent("""\
         [[divergence]]
         op = "quant.dequantize_4bit"
         target = "mine"
         reason = "r"
         upstream = "u"
         model = "refimpl.conformance.peers.bnb_paths:avx512_kernel_model"
-        """))
+        """)
+    )
     (d,) = divergences.load(f)
     assert d.model_fn().__name__ == "avx512_kernel_model"
     assert d.model_fn()("lora.forward", {}, {}) is None  # another op: the model makes no claim
@@ -233,8 +254,13 @@ def test_reproducer_runs_without_refimpl_and_prints_the_differences(bnb, tmp_pat
     script = tmp_path / "repro.py"
     script.write_text(src)
     blocker = "import sys; sys.modules['refimpl'] = None; sys.argv = [sys.argv[1]]; "
-    proc = subprocess.run([sys.executable, "-c", blocker + "exec(open(sys.argv[0]).read())", str(script)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker + "exec(open(sys.argv[0]).read())", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     print("\n" + proc.stdout + proc.stderr[-2000:])
     if P.host().kernel == P.AVX512:
         assert proc.returncode == 1 and "16 of 48 elements differ in value" in proc.stdout

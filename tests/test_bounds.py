@@ -76,8 +76,12 @@ def _dora_backward32(x, W, A, B, m, g, s) -> dict[str, np.ndarray]:
     P = _matmul32(x, V.T)
     dm = np.array([_dot32(g[:, o], P[:, o]) for o in range(W.shape[0])], dtype=F32) / n
     dV = _matmul32(gf.T, x)
-    return {"dx": _matmul32(gf, V), "dA": (_matmul32(B.T, dV) * s).astype(F32),
-            "dB": (_matmul32(dV, A.T) * s).astype(F32), "dm": dm.astype(F32)}
+    return {
+        "dx": _matmul32(gf, V),
+        "dA": (_matmul32(B.T, dV) * s).astype(F32),
+        "dB": (_matmul32(dV, A.T) * s).astype(F32),
+        "dm": dm.astype(F32),
+    }
 
 
 def _ratio(actual, expected, bound) -> float:
@@ -126,15 +130,21 @@ def test_qlora_forward_bound_holds_on_random_layers_and_is_tight_on_a_climbing_b
     x, A, B = rng.standard_normal((3, 64)), rng.standard_normal((2, 64)), rng.standard_normal((4, 2))
     x, A, B = (v.astype(F32).astype(np.float64) for v in (x, A, B))
     bias = rng.standard_normal(4).astype(F32).astype(np.float64)
-    _ratio(_peft_qlora32(x, Wd, A, B, -0.5, bias), qlora.forward(x, packed, state, A, B, -0.5, bias),
-           qlora.forward_error_bound(x, packed, state, A, B, -0.5, bias))
+    _ratio(
+        _peft_qlora32(x, Wd, A, B, -0.5, bias),
+        qlora.forward(x, packed, state, A, B, -0.5, bias),
+        qlora.forward_error_bound(x, packed, state, A, B, -0.5, bias),
+    )
     # all-ones weight: NF4 stores 1.0 exactly (code 15, absmax 1); B = 0 leaves the base sum alone
     k = 256
     packed, state = quant.quantize_4bit(np.ones((2, k), dtype=F32), 64, "nf4", False)
     x, A, B, bias = _climbing(k)[None, :], np.ones((1, k)), np.zeros((2, 1)), np.zeros(2)
     got = _peft_qlora32(x, qlora.dequantized_weight(packed, state), A, B, 1.0, bias)
-    worst = _ratio(got, qlora.forward(x, packed, state, A, B, 1.0, bias),
-                   qlora.forward_error_bound(x, packed, state, A, B, 1.0, bias))
+    worst = _ratio(
+        got,
+        qlora.forward(x, packed, state, A, B, 1.0, bias),
+        qlora.forward_error_bound(x, packed, state, A, B, 1.0, bias),
+    )
     print(f"qlora forward K={k}: worst error/bound {worst:.3f}")
     assert worst >= 0.9
 
@@ -152,8 +162,11 @@ def test_dora_forward_bound_is_tight_on_a_climbing_base_sum():
     x, W = _climbing(k)[None, :], np.ones((2, k))
     A, B, b = np.ones((r, k)), np.zeros((2, r)), np.zeros(2)
     m = np.linalg.norm(W, axis=1)  # f = 1: the bound's P coefficient is 1 + c|f| = 2
-    worst = _ratio(_dora_forward32(x, W, A, B, m, 1.0, b, order="peft"), dora.forward(x, W, A, B, m, 1.0, bias=b),
-                   dora.forward_error_bound(x, W, A, B, m, 1.0, "float32", bias=b))
+    worst = _ratio(
+        _dora_forward32(x, W, A, B, m, 1.0, b, order="peft"),
+        dora.forward(x, W, A, B, m, 1.0, bias=b),
+        dora.forward_error_bound(x, W, A, B, m, 1.0, "float32", bias=b),
+    )
     print(f"dora forward in={k}, r={r}: worst error/bound {worst:.3f}")
     assert worst >= 0.45  # (in − 1) / (2 (in + r + 5))
 

@@ -22,8 +22,11 @@ BS = 64
 
 def _data(nblocks: int = 200, seed: int = 0, dtype=np.float32) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal(nblocks * BS) * np.exp(rng.standard_normal(nblocks * BS) / 4)).astype(
-        np.float32).astype(dtype)
+    return (
+        (rng.standard_normal(nblocks * BS) * np.exp(rng.standard_normal(nblocks * BS) / 4))
+        .astype(np.float32)
+        .astype(dtype)
+    )
 
 
 def _absmax(x32: np.ndarray) -> np.ndarray:
@@ -75,8 +78,14 @@ def test_lower_precision_arithmetic_is_named(dtype_name):
     report = _check(nib, state, x)
     print(f"\nplanted {dtype_name} arithmetic: {report}")
     assert report.n_equal < x.size
-    assert set(report.causes) <= {f"precision:{dtype_name}", "scaling", "ties", f"precision:{dtype_name}+scaling",
-                                  f"precision:{dtype_name}+ties", f"precision:{dtype_name}+scaling+ties"}
+    assert set(report.causes) <= {
+        f"precision:{dtype_name}",
+        "scaling",
+        "ties",
+        f"precision:{dtype_name}+scaling",
+        f"precision:{dtype_name}+ties",
+        f"precision:{dtype_name}+scaling+ties",
+    }
     assert report.causes.get(f"precision:{dtype_name}", 0) > 0 and "wrong" not in report.causes
     assert not report.passed
 

@@ -17,8 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_conform_numpy_subset_exits_0_and_prints_the_table(capsys, tmp_path):
-    rc = cli.main(["conform", "--target", "numpy", "--ops", "lora.delta,lora.scaling", "--examples", "5",
-                   "--report", "json", str(tmp_path / "r.json"), "--report", "junit", str(tmp_path / "r.xml")])
+    rc = cli.main(
+        [
+            "conform",
+            "--target",
+            "numpy",
+            "--ops",
+            "lora.delta,lora.scaling",
+            "--examples",
+            "5",
+            "--report",
+            "json",
+            str(tmp_path / "r.json"),
+            "--report",
+            "junit",
+            str(tmp_path / "r.xml"),
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0
     assert "lora.delta" in out and "CONFORMS" in out
@@ -28,8 +43,9 @@ def test_conform_numpy_subset_exits_0_and_prints_the_table(capsys, tmp_path):
 
 
 def test_conform_exits_1_on_a_failing_user_target_and_prints_the_snippet(capsys):
-    rc = cli.main(["conform", "--target", "tests.test_conformance:PLANTED", "--ops", "lora.scaling",
-                   "--examples", "10", "-q"])
+    rc = cli.main(
+        ["conform", "--target", "tests.test_conformance:PLANTED", "--ops", "lora.scaling", "--examples", "10", "-q"]
+    )
     out, err = capsys.readouterr()
     assert rc == 1
     assert "DOES NOT CONFORM" in out and re.search(r"^reproduce \[\w+: .+\] with:$", out, re.M)
@@ -37,11 +53,14 @@ def test_conform_exits_1_on_a_failing_user_target_and_prints_the_snippet(capsys)
     assert err == ""  # -q: no progress
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["conform", "--target", "bogus"], "target"),
-    (["conform", "--ops", "nothing.*"], "ops"),
-    (["conform", "--tiers", "names,bogus"], "tiers"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["conform", "--target", "bogus"], "target"),
+        (["conform", "--ops", "nothing.*"], "ops"),
+        (["conform", "--tiers", "names,bogus"], "tiers"),
+    ],
+)
 def test_conform_bad_arguments_exit_2_with_a_message(capsys, argv, message):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err

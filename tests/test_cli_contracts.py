@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "refimpl.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "refimpl.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_version_prints_the_package_and_spec_versions():
@@ -64,8 +65,16 @@ def test_conform_help_documents_every_verdict_code():
 
 
 def test_a_report_path_in_a_missing_folder_fails_before_the_run(tmp_path):
-    p = _cli("conform", "--target", "numpy", "--ops", "lora.delta", "--report", "json",
-             str(tmp_path / "no" / "dir" / "r.json"))
+    p = _cli(
+        "conform",
+        "--target",
+        "numpy",
+        "--ops",
+        "lora.delta",
+        "--report",
+        "json",
+        str(tmp_path / "no" / "dir" / "r.json"),
+    )
     assert p.returncode == 2
     assert "does not exist" in p.stderr and "Traceback" not in p.stderr
     assert "refimpl conform: target" not in p.stderr  # nothing ran

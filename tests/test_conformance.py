@@ -82,9 +82,18 @@ def test_wrong_output_shape_fails_the_shapes_tier_and_stops_there():
 
 
 def test_integer_output_where_float_is_expected_fails_shapes():
-    res = run(NamespaceTarget("t", {"lora.delta": lambda A, B, scaling, fan_in_fan_out=False:
-                                    lora.delta(A, B, scaling, fan_in_fan_out=fan_in_fan_out).astype(np.int64)}),
-              "lora.delta", examples=3)
+    res = run(
+        NamespaceTarget(
+            "t",
+            {
+                "lora.delta": lambda A, B, scaling, fan_in_fan_out=False: lora.delta(
+                    A, B, scaling, fan_in_fan_out=fan_in_fan_out
+                ).astype(np.int64)
+            },
+        ),
+        "lora.delta",
+        examples=3,
+    )
     assert res.cell("lora.delta", "shapes")[0] == FAIL
     assert "dtype" in res.failures[0].message
 
@@ -96,14 +105,22 @@ def test_float32_target_passes_under_float32_bounds_and_fails_under_float64():
         y = lora.forward(c(x), c(W), c(A), c(B), float(np.float32(scaling)), **kw)
         return y.astype(np.float32)
 
-    ok = run(NamespaceTarget("f32", {"lora.forward": f32_forward}, compute_dtype="float32"), "lora.forward",
-             examples=8, tiers=("names", "shapes", "properties"))
+    ok = run(
+        NamespaceTarget("f32", {"lora.forward": f32_forward}, compute_dtype="float32"),
+        "lora.forward",
+        examples=8,
+        tiers=("names", "shapes", "properties"),
+    )
     assert ok.ok, report.failures_text(ok)
     worst = ok.cell("lora.forward", "properties")[1]
     print(f"\nfloat32 target under float32 bounds: worst error/bound {worst:.3g}")
     assert 0 < worst <= 1
-    strict = run(NamespaceTarget("f32", {"lora.forward": f32_forward}), "lora.forward", examples=8,
-                 tiers=("names", "shapes", "properties"))
+    strict = run(
+        NamespaceTarget("f32", {"lora.forward": f32_forward}),
+        "lora.forward",
+        examples=8,
+        tiers=("names", "shapes", "properties"),
+    )
     assert not strict.ok
 
 
@@ -159,39 +176,48 @@ def _write(tmp_path, text):
 
 
 def test_known_divergence_marks_matching_failures_xfail_and_exits_ok(tmp_path):
-    p = _write(tmp_path, """
+    p = _write(
+        tmp_path,
+        """
         [[divergence]]
         op = "lora.scaling"
         target = "tests.test_conformance:PLANTED"
         reason = "planted: returns alpha"
         upstream = "test"
-    """)
+    """,
+    )
     res = run("tests.test_conformance:PLANTED", "lora.scaling", examples=5, divergences=[p])
     assert res.ok
     assert any(r.status == XFAIL and "planted" in r.divergence for r in res.results)
 
 
 def test_divergence_that_matches_nothing_warns(tmp_path):
-    p = _write(tmp_path, """
+    p = _write(
+        tmp_path,
+        """
         [[divergence]]
         op = "lora.forward"
         target = "numpy"
         tier = "special"
         reason = "stale entry"
         upstream = "none#0"
-    """)
+    """,
+    )
     res = run("numpy", "lora.forward", examples=3, divergences=[p])
     assert res.ok
     assert any("matched nothing" in w and "stale entry" in w for w in res.warnings)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("[[divergence]]\nop = 'x'\ntarget = 'y'\nreason = 'r'\n", "upstream"),
-    ("[[divergence]]\nop = 'x'\ntarget = 'y'\nreason = 'r'\nupstream = 'u'\ntier = 'bogus'\n", "tier"),
-    ("divergence = 3\n", "divergence"),
-    ("divergence = [1, 2]\n", "entry 0 must be a"),
-    ("not toml [[[", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[[divergence]]\nop = 'x'\ntarget = 'y'\nreason = 'r'\n", "upstream"),
+        ("[[divergence]]\nop = 'x'\ntarget = 'y'\nreason = 'r'\nupstream = 'u'\ntier = 'bogus'\n", "tier"),
+        ("divergence = 3\n", "divergence"),
+        ("divergence = [1, 2]\n", "entry 0 must be a"),
+        ("not toml [[[", "cannot read"),
+    ],
+)
 def test_bad_divergence_files_are_rejected_with_the_reason(tmp_path, text, match):
     p = tmp_path / "bad.toml"
     p.write_text(text)
@@ -203,8 +229,9 @@ def test_builtin_divergences_each_name_reason_and_upstream():
     entries = div.load(div.BUILTIN_FILE)
     assert entries
     for d in entries:
-        assert d.reason and d.upstream and d.target in ("peft", "bitsandbytes", "mergekit", "cupy", "torchao",
-                                                        "torchtune")
+        assert (
+            d.reason and d.upstream and d.target in ("peft", "bitsandbytes", "mergekit", "cupy", "torchao", "torchtune")
+        )
 
 
 def test_reference_target_finds_every_row():
@@ -228,12 +255,26 @@ def test_pytest_plugin_turns_each_op_and_tier_into_a_test_item(tmp_path):
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "planted_target.py").write_text(
         "import refimpl.lora as L\n"
-        "TARGET = {'lora.scaling': lambda alpha, r, use_rslora=False: float(alpha), 'lora.delta': L.delta}\n")
-    registered = any(ep.value.startswith("refimpl.conformance.pytest_plugin")
-                     for ep in importlib.metadata.entry_points(group="pytest11"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-           "--refimpl-target=planted_target:TARGET", "--refimpl-ops=lora.scaling,lora.delta",
-           "--refimpl-examples=5", str(tmp_path)]
+        "TARGET = {'lora.scaling': lambda alpha, r, use_rslora=False: float(alpha), 'lora.delta': L.delta}\n"
+    )
+    registered = any(
+        ep.value.startswith("refimpl.conformance.pytest_plugin")
+        for ep in importlib.metadata.entry_points(group="pytest11")
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(tmp_path),
+        "--refimpl-target=planted_target:TARGET",
+        "--refimpl-ops=lora.scaling,lora.delta",
+        "--refimpl-examples=5",
+        str(tmp_path),
+    ]
     if not registered:
         cmd[3:3] = ["-p", "refimpl.conformance.pytest_plugin"]
     env = {**__import__("os").environ, "PYTHONPATH": f"{root}{__import__('os').pathsep}{tmp_path}"}
@@ -249,13 +290,15 @@ def test_pytest_plugin_turns_each_op_and_tier_into_a_test_item(tmp_path):
     assert "passed" in out
     # collection runs nothing: --collect-only lists one item per op and tier at once
     t0 = time.perf_counter()
-    listed = subprocess.run([*cmd, "--collect-only"], cwd=tmp_path, capture_output=True, text=True, env=env,
-                            timeout=300)
+    listed = subprocess.run(
+        [*cmd, "--collect-only"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert time.perf_counter() - t0 < 30 and "12 tests collected" in listed.stdout, listed.stdout[-800:]
     assert listed.stdout.count("::refimpl::planted_target:TARGET::") == 12
     # -k selects items by op and tier; only the selected op runs
-    sel = subprocess.run([*cmd, "-k", "lora and delta and golden"], cwd=tmp_path, capture_output=True, text=True,
-                         env=env, timeout=300)
+    sel = subprocess.run(
+        [*cmd, "-k", "lora and delta and golden"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert sel.returncode == 0 and "1 passed, 11 deselected" in sel.stdout, sel.stdout[-800:]
 
 
@@ -270,8 +313,12 @@ def test_target_returning_torch_tensors_is_converted_through_dlpack():
         d = scaling * (torch.from_numpy(B) @ torch.from_numpy(A))
         return d.T if fan_in_fan_out else d
 
-    res = run(NamespaceTarget("torch-delta", {"lora.delta": torch_delta}), "lora.delta", examples=10,
-              tiers=("names", "shapes", "golden", "properties"))  # torch does not reject NaN: no special tier
+    res = run(
+        NamespaceTarget("torch-delta", {"lora.delta": torch_delta}),
+        "lora.delta",
+        examples=10,
+        tiers=("names", "shapes", "golden", "properties"),
+    )  # torch does not reject NaN: no special tier
     assert res.ok, report.failures_text(res)
     assert res.cell("lora.delta", "golden")[0] == PASS
 

@@ -92,8 +92,18 @@ F32_FORWARD = """
 
 def test_compute_dtype_option_makes_a_correct_float32_target_conform(tmp_path, monkeypatch, capsys):
     _module(tmp_path, "f32_lora", F32_FORWARD, monkeypatch)
-    args = ["conform", "--target", "f32_lora:TARGET", "--ops", "lora.forward", "--examples", "10",
-            "--tiers", "names,shapes,golden,boundary,properties", "-q"]
+    args = [
+        "conform",
+        "--target",
+        "f32_lora:TARGET",
+        "--ops",
+        "lora.forward",
+        "--examples",
+        "10",
+        "--tiers",
+        "names,shapes,golden,boundary,properties",
+        "-q",
+    ]
     assert cli.main(args) == 1  # judged against float64's bounds
     assert "error/bound" in capsys.readouterr().out
     assert cli.main([*args, "--compute-dtype", "float32"]) == 0
@@ -103,7 +113,10 @@ def test_compute_dtype_option_makes_a_correct_float32_target_conform(tmp_path, m
 
 
 def test_profile_option_reaches_reference_and_target_alike(tmp_path, monkeypatch, capsys):
-    _module(tmp_path, "cpu_quant", """
+    _module(
+        tmp_path,
+        "cpu_quant",
+        """
         import refimpl.quant as Q
 
         def quantize_4bit(x, blocksize=64, quant_type="nf4", double_quant=False, *, profile="reference", **kw):
@@ -111,7 +124,9 @@ def test_profile_option_reaches_reference_and_target_alike(tmp_path, monkeypatch
             return Q.quantize_4bit(x, blocksize, quant_type, double_quant, profile=profile, **kw)
 
         TARGET = {"quant.quantize_4bit": quantize_4bit}
-    """, monkeypatch)
+    """,
+        monkeypatch,
+    )
     args = ["conform", "--target", "cpu_quant:TARGET", "--ops", "quant.quantize_4bit", "--examples", "5", "-q"]
     assert cli.main([*args, "--profile", "bitsandbytes-cpu"]) == 0, capsys.readouterr().out[-3000:]
     capsys.readouterr()
@@ -125,8 +140,11 @@ def test_profile_option_reaches_reference_and_target_alike(tmp_path, monkeypatch
 
 
 def test_golden_vectors_run_where_the_options_match_them_and_labels_name_what_ran():
-    t = NamespaceTarget("opts", {"quant.quantize_4bit": Q.quantize_4bit, "lora.forward": L.forward},
-                        options={"quant.*": {"quant_type": "nf4"}, "lora.*": {"fan_in_fan_out": False}})
+    t = NamespaceTarget(
+        "opts",
+        {"quant.quantize_4bit": Q.quantize_4bit, "lora.forward": L.forward},
+        options={"quant.*": {"quant_type": "nf4"}, "lora.*": {"fan_in_fan_out": False}},
+    )
     res = run(t, "quant.quantize_4bit,lora.forward", examples=5, isolate=False)
     assert res.ok, report.failures_text(res)
     for op in ("quant.quantize_4bit", "lora.forward"):
@@ -191,8 +209,9 @@ def test_shape_shrinking_cuts_a_large_failing_case_that_hypothesis_left_large():
     from refimpl.conformance.table import op_table
 
     target = FlipsLargeBlocks()
-    chk = _Checker(op_table()["quant.quantize_4bit"], target, target.lookup("quant.quantize_4bit"), [],
-                   lambda tier, label: None)
+    chk = _Checker(
+        op_table()["quant.quantize_4bit"], target, target.lookup("quant.quantize_4bit"), [], lambda tier, label: None
+    )
     x = np.random.default_rng(0).uniform(-1, 1, (3, 300)).astype(np.float32)
     x[2, 277] = 3.5  # the one value the bug needs, deep inside a large case
     case = {"x": x, "blocksize": 64, "quant_type": "nf4", "double_quant": True}
@@ -218,9 +237,11 @@ class WrongScaling:
 WRONG = {"lora.scaling": lambda alpha, r, use_rslora=False: float(alpha)}
 
 
-@pytest.mark.parametrize("target", ["tests.test_conformance_contract:WrongScaling",
-                                    "tests.test_conformance_contract:WRONG", WrongScaling()],
-                         ids=["class by name", "mapping by name", "instance"])
+@pytest.mark.parametrize(
+    "target",
+    ["tests.test_conformance_contract:WrongScaling", "tests.test_conformance_contract:WRONG", WrongScaling()],
+    ids=["class by name", "mapping by name", "instance"],
+)
 def test_a_snippet_runs_as_printed_for_every_kind_of_target(target):
     res = run(target, "lora.scaling", examples=10, tiers=("names", "properties"))
     fail = res.failures[0]
@@ -237,17 +258,25 @@ def test_a_quant_state_prints_as_its_constructor_call():
     assert src.startswith("refimpl.quant.QuantState(shape=(300,), dtype='float32', blocksize=64, quant_type='nf4'")
     assert "codebook('nf4')" in src and "codebook('dynamic8')" in src and "from_bnb_dict" not in src
     ns: dict = {}
-    exec(compile(f"import numpy as np\nimport refimpl.quant\nimport refimpl.quant.codebooks\nv = {src}", "<lit>",
-                 "exec"), ns)
+    exec(
+        compile(
+            f"import numpy as np\nimport refimpl.quant\nimport refimpl.quant.codebooks\nv = {src}", "<lit>", "exec"
+        ),
+        ns,
+    )
     got = ns["v"]
     for f in dataclasses.fields(state):
         a, b = getattr(got, f.name), getattr(state, f.name)
-        assert (np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b), f.name
+        assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b, f.name
 
 
 def test_a_special_case_snippet_runs_where_the_reference_raises():
-    res = run(NamespaceTarget("tests.test_conformance_contract:WRONG", WRONG), "lora.scaling", examples=3,
-              tiers=("names", "special"))
+    res = run(
+        NamespaceTarget("tests.test_conformance_contract:WRONG", WRONG),
+        "lora.scaling",
+        examples=3,
+        tiers=("names", "special"),
+    )
     fail = next(r for r in res.failures if r.tier == "special")
     ns: dict = {}
     exec(compile(fail.snippet, "<snippet>", "exec"), ns)
@@ -266,8 +295,14 @@ def test_torch_target_converts_arrays_bf16_grad_and_quant_state_both_ways():
     def forward(x, W, state):
         seen.update(x=x, W=W, state=state)
         y = x.float() @ W.T
-        return y, DeviceQuantState(shape=tuple(state.shape), dtype=torch.float32, blocksize=state.blocksize,
-                                   quant_type=state.quant_type, absmax=state.absmax, code=state.code)
+        return y, DeviceQuantState(
+            shape=tuple(state.shape),
+            dtype=torch.float32,
+            blocksize=state.blocksize,
+            quant_type=state.quant_type,
+            absmax=state.absmax,
+            code=state.code,
+        )
 
     t = torch_target({"lora.forward": forward}, compute_dtype="float32", requires_grad=["W"])
     x = np.ones((2, 3)).astype(ml_dtypes.bfloat16)
@@ -289,7 +324,8 @@ def test_torch_target_converts_arrays_bf16_grad_and_quant_state_both_ways():
 
 
 def test_pytest_item_that_mixes_pass_and_xfail_is_reported_xfail(tmp_path):
-    (tmp_path / "lax_target.py").write_text(textwrap.dedent("""
+    (tmp_path / "lax_target.py").write_text(
+        textwrap.dedent("""
         import numpy as np
         import refimpl.lora as L
 
@@ -298,8 +334,11 @@ def test_pytest_item_that_mixes_pass_and_xfail_is_reported_xfail(tmp_path):
             return L.delta(A, B, scaling, fan_in_fan_out=fan_in_fan_out)
 
         TARGET = {"lora.delta": delta}
-    """), encoding="utf-8")
-    (tmp_path / "lax.toml").write_text(textwrap.dedent("""
+    """),
+        encoding="utf-8",
+    )
+    (tmp_path / "lax.toml").write_text(
+        textwrap.dedent("""
         [[divergence]]
         op = "lora.delta"
         target = "lax_target:TARGET"
@@ -307,15 +346,35 @@ def test_pytest_item_that_mixes_pass_and_xfail_is_reported_xfail(tmp_path):
         case = "A has nan"
         reason = "NaN in A is read as 0"
         upstream = "by design"
-    """), encoding="utf-8")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir",
-           str(tmp_path), "--refimpl-target=lax_target:TARGET", "--refimpl-ops=lora.delta",
-           "--refimpl-examples=3", f"--refimpl-divergences={tmp_path / 'lax.toml'}", "-rxX", "-k", "special",
-           str(tmp_path)]
+    """),
+        encoding="utf-8",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:xdist",
+        "--rootdir",
+        str(tmp_path),
+        "--refimpl-target=lax_target:TARGET",
+        "--refimpl-ops=lora.delta",
+        "--refimpl-examples=3",
+        f"--refimpl-divergences={tmp_path / 'lax.toml'}",
+        "-rxX",
+        "-k",
+        "special",
+        str(tmp_path),
+    ]
     import importlib.metadata
 
-    if not any(ep.value.startswith("refimpl.conformance.pytest_plugin")
-               for ep in importlib.metadata.entry_points(group="pytest11")):
+    if not any(
+        ep.value.startswith("refimpl.conformance.pytest_plugin")
+        for ep in importlib.metadata.entry_points(group="pytest11")
+    ):
         cmd[3:3] = ["-p", "refimpl.conformance.pytest_plugin"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300).stdout
@@ -345,12 +404,17 @@ def test_array_target_runs_any_dlpack_library_and_conforms():
 
     def delta(A, B, scaling, *, fan_in_fan_out=False):
         assert isinstance(A, _Boxed) and isinstance(B, _Boxed)
-        return _Boxed(np.ascontiguousarray(L.delta(np.from_dlpack(A), np.from_dlpack(B), scaling,
-                                                   fan_in_fan_out=fan_in_fan_out)))
+        return _Boxed(
+            np.ascontiguousarray(L.delta(np.from_dlpack(A), np.from_dlpack(B), scaling, fan_in_fan_out=fan_in_fan_out))
+        )
 
     # NumPy's DLPack has no bfloat16 (ml_dtypes): the target declares the float dtypes it takes
-    t = ArrayTarget({"lora.delta": delta}, lambda a, op: _Boxed(a), name="boxed",
-                    supports={"lora.*": {"dtypes": {"float16", "float32", "float64"}}})
+    t = ArrayTarget(
+        {"lora.delta": delta},
+        lambda a, op: _Boxed(a),
+        name="boxed",
+        supports={"lora.*": {"dtypes": {"float16", "float32", "float64"}}},
+    )
     res = run(t, "lora.delta", examples=10, tiers=("names", "shapes", "golden", "boundary", "properties"))
     assert res.ok, report.failures_text(res)
     assert res.verdict_scope == "declared domain" and "bfloat16" in str(res.out_of_scope)

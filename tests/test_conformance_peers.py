@@ -17,17 +17,20 @@ def _show(capsys, res) -> None:
 
 
 def _summary(res) -> str:
-    worst = max((r.worst_ratio for r in res.results if r.status == "pass" and r.worst_ratio is not None),
-                default=0.0)
+    worst = max((r.worst_ratio for r in res.results if r.status == "pass" and r.worst_ratio is not None), default=0.0)
     n = sum(r.n_cases for r in res.results if r.status == "pass")
-    return f"{res.target}: {len(res.ops())} ops, {n} passing cases, worst error/bound {worst:.3g}, " \
-           f"{sum(r.status == 'xfail' for r in res.results)} known divergences, {res.seconds:.1f} s"
+    return (
+        f"{res.target}: {len(res.ops())} ops, {n} passing cases, worst error/bound {worst:.3g}, "
+        f"{sum(r.status == 'xfail' for r in res.results)} known divergences, {res.seconds:.1f} s"
+    )
 
 
 def test_peft_target_conforms_on_lora_dora_and_merging_rows(capsys):
     require("peft")
-    ops = ("lora.scaling,lora.delta,lora.forward,lora.backward,lora.merge,lora.unmerge,lora.embedding_forward,"
-           "dora.forward,dora.merge,merging.task_arithmetic,merging.ties,merging.magnitude_prune,merging.dare")
+    ops = (
+        "lora.scaling,lora.delta,lora.forward,lora.backward,lora.merge,lora.unmerge,lora.embedding_forward,"
+        "dora.forward,dora.merge,merging.task_arithmetic,merging.ties,merging.magnitude_prune,merging.dare"
+    )
     res = run("peft", ops, examples=8)
     _show(capsys, res)
     assert res.ok, report.failures_text(res)

@@ -76,8 +76,7 @@ def test_planted_ties_k_off_by_one_is_caught():
 
 def test_planted_dora_norm_over_the_wrong_axis_is_caught():
 
-    def dora_column_norm(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0,
-                         fan_in_fan_out=False):
+    def dora_column_norm(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False):
         w = np.asarray(W).T if fan_in_fan_out else np.asarray(W)
         v = w + scaling * (np.asarray(B) @ np.asarray(A))
         col = np.linalg.norm(v, axis=0, keepdims=True)  # wrong: per input column, not per output row

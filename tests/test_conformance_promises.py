@@ -46,8 +46,7 @@ HARD_EXIT_TARGET = {"lora.forward": _hard_exit, "lora.delta": lora.delta}
 HANG_TARGET = {"lora.forward": _hangs, "lora.delta": lora.delta}
 
 
-def _forward_without_checks(x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0,
-                            fan_in_fan_out=False):
+def _forward_without_checks(x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False):
     """lora.forward as PEFT computes it: no input validation, so NaN flows through."""
     x, W, A, B = (np.asarray(v, np.float64) for v in (x, W, A, B))
     if fan_in_fan_out:
@@ -67,8 +66,13 @@ class NamedPeft:
 
 
 def _conform(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "refimpl.cli", "conform", "-q", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "refimpl.cli", "conform", "-q", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_a_target_that_calls_sys_exit_0_fails_with_a_nonzero_exit():
@@ -159,8 +163,9 @@ def test_budget_spends_extra_seeded_rounds():
 
 
 def test_coverage_is_printed_and_in_the_json(tmp_path):
-    p = _conform("--target", "numpy", "--ops", "lora.forward", "--coverage", "--report", "json",
-                 str(tmp_path / "r.json"))
+    p = _conform(
+        "--target", "numpy", "--ops", "lora.forward", "--coverage", "--report", "json", str(tmp_path / "r.json")
+    )
     assert "coverage: equivalence classes" in p.stdout
     import json
 
@@ -234,12 +239,14 @@ def _raising_delta(exc_type):
 
 def test_a_modelled_raise_is_known_only_for_the_exception_the_model_predicts(tmp_path):
     p = tmp_path / "div.toml"
-    p.write_text('[[divergence]]\nop = "lora.delta"\ntarget = "peer-*"\nreason = "rank 1 refused"\n'
-                 'upstream = "test"\nmodel = "tests.test_conformance_promises:model_raises_runtime_error"\n')
-    ok = run(NamespaceTarget("peer-runtime", {"lora.delta": _raising_delta(RuntimeError)}), "lora.delta",
-             divergences=[p])
+    p.write_text(
+        '[[divergence]]\nop = "lora.delta"\ntarget = "peer-*"\nreason = "rank 1 refused"\n'
+        'upstream = "test"\nmodel = "tests.test_conformance_promises:model_raises_runtime_error"\n'
+    )
+    ok = run(
+        NamespaceTarget("peer-runtime", {"lora.delta": _raising_delta(RuntimeError)}), "lora.delta", divergences=[p]
+    )
     assert ok.verdict == CONFORMS, ok.gaps + [f.message for f in ok.failures]
     assert any(r.status == XFAIL for r in ok.results)
-    wrong = run(NamespaceTarget("peer-type", {"lora.delta": _raising_delta(TypeError)}), "lora.delta",
-                divergences=[p])
+    wrong = run(NamespaceTarget("peer-type", {"lora.delta": _raising_delta(TypeError)}), "lora.delta", divergences=[p])
     assert wrong.verdict == FAILS

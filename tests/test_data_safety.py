@@ -29,20 +29,27 @@ from refimpl.conformance import vectors
 from refimpl.merging import streaming
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"emb": ((12, 8), np.float32), "l0.w": ((8, 8), np.float32), "l0.b": ((8,), ml_dtypes.bfloat16),
-          "l1.w": ((5, 8), np.float16), "pos_ids": ((6,), np.int64)}
+SHAPES = {
+    "emb": ((12, 8), np.float32),
+    "l0.w": ((8, 8), np.float32),
+    "l0.b": ((8,), ml_dtypes.bfloat16),
+    "l1.w": ((5, 8), np.float16),
+    "pos_ids": ((6,), np.int64),
+}
 
 
 def _model(path: Path, seed: int, files: int = 2) -> Path:
     """A small model in ``files`` safetensors files under the folder ``path``."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True, exist_ok=True)
-    t = {k: (np.arange(np.prod(s)).reshape(s) if dt == np.int64 else rng.standard_normal(s)).astype(dt)
-         for k, (s, dt) in SHAPES.items()}
+    t = {
+        k: (np.arange(np.prod(s)).reshape(s) if dt == np.int64 else rng.standard_normal(s)).astype(dt)
+        for k, (s, dt) in SHAPES.items()
+    }
     names = list(t)
     cut = len(names) // files if files > 1 else len(names)
     for i in range(files):
-        part = names[i * cut:] if i == files - 1 else names[i * cut:(i + 1) * cut]
+        part = names[i * cut :] if i == files - 1 else names[i * cut : (i + 1) * cut]
         save_file({k: t[k] for k in part}, str(path / f"part-{i + 1}.safetensors"))
     return path
 
@@ -270,8 +277,9 @@ def test_a_file_added_to_out_dir_during_the_merge_is_never_deleted(tmp_path, mod
 def test_temporary_files_of_a_dead_process_are_removed_by_the_next_write(tmp_path):
     from refimpl import io
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     pid = int(dead.stdout)
     dest = tmp_path / "x.safetensors"
     stale = io._temp_path(dest)
@@ -287,9 +295,13 @@ def test_temporary_files_of_a_dead_process_are_removed_by_the_next_write(tmp_pat
 
 def test_merge_files_argument_errors_name_the_argument(tmp_path, models):
     base, ms = models
-    for kwargs, exc, match in [({"prefix": "/abs/path"}, ValueError, "prefix"), ({"prefix": ""}, ValueError, "prefix"),
-                               ({"prefix": 7}, TypeError, "prefix"), ({"prefix": "../up"}, ValueError, "prefix"),
-                               ({"progress": "no"}, TypeError, "progress")]:
+    for kwargs, exc, match in [
+        ({"prefix": "/abs/path"}, ValueError, "prefix"),
+        ({"prefix": ""}, ValueError, "prefix"),
+        ({"prefix": 7}, TypeError, "prefix"),
+        ({"prefix": "../up"}, ValueError, "prefix"),
+        ({"progress": "no"}, TypeError, "progress"),
+    ]:
         with pytest.raises(exc, match=match):
             merging.merge_files(base, ms, tmp_path / "out", **kwargs)
     with pytest.raises(TypeError, match="out_dir"):
@@ -418,9 +430,16 @@ _KILLER = textwrap.dedent("""
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_merge_files_killed_at_any_point_leaves_the_earlier_merge_or_the_new_one(tmp_path, models):
     base, ms = models
-    arg = json.dumps({"base": str(base), "models": [str(m) for m in ms], "out": str(tmp_path / "work" / "out"),
-                      "ref_old": str(tmp_path / "ref_old"), "ref_new": str(tmp_path / "ref_new"),
-                      "random_kills": 12})
+    arg = json.dumps(
+        {
+            "base": str(base),
+            "models": [str(m) for m in ms],
+            "out": str(tmp_path / "work" / "out"),
+            "ref_old": str(tmp_path / "ref_old"),
+            "ref_new": str(tmp_path / "ref_new"),
+            "random_kills": 12,
+        }
+    )
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _KILLER, arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -431,11 +450,14 @@ def test_merge_files_killed_at_any_point_leaves_the_earlier_merge_or_the_new_one
         how = "step" if r["kill"].startswith("step") else "none" if r["kill"] == "none" else "random"
         key = f"{how} {r['start']}->{r['outcome']}"
         tally[key] = tally.get(key, 0) + 1
-    print(f"\nkill test: {len(runs)} runs in {time.perf_counter() - t0:.1f} s (a whole merge "
-          f"{res['whole_ms']:.0f} ms); outcomes {tally}; temp folders left by kills {res['stale_before']}, "
-          f"after the next run {res['left_after']}")
-    assert all(r["outcome"] in ("old", "new") if r["start"] == "old" else r["outcome"] in ("absent", "new")
-               for r in runs), runs
+    print(
+        f"\nkill test: {len(runs)} runs in {time.perf_counter() - t0:.1f} s (a whole merge "
+        f"{res['whole_ms']:.0f} ms); outcomes {tally}; temp folders left by kills {res['stale_before']}, "
+        f"after the next run {res['left_after']}"
+    )
+    assert all(
+        r["outcome"] in ("old", "new") if r["start"] == "old" else r["outcome"] in ("absent", "new") for r in runs
+    ), runs
     step_kills = [r for r in runs if r["kill"].startswith("step")]
     assert len(step_kills) > 20  # every file-system step of a 3-shard merge was a kill point
     assert {"step old->old", "step old->new", "step absent->absent", "step absent->new"} <= set(tally)

@@ -41,17 +41,29 @@ shapes = st.tuples(
     st.integers(1, 9),  # out
     st.integers(1, 9),  # in
     st.integers(1, 4),  # n rows of x
-).flatmap(lambda t: st.tuples(st.just(t[0]), st.just(t[1]), st.just(t[2]), st.integers(1, min(t[1], t[2])),
-                              st.just(t[3])))
+).flatmap(
+    lambda t: st.tuples(st.just(t[0]), st.just(t[1]), st.just(t[2]), st.integers(1, min(t[1], t[2])), st.just(t[3]))
+)
 
 
 # ---------------------------------------------------------------------------- tier 1: names and shapes
 
 
 def test_public_api_names_exist():
-    for name in ("weight_norm", "init_magnitude", "forward", "backward", "merge", "unmerge", "param_count",
-                 "direction", "embedding_forward", "forward_sequential", "forward_error_bound",
-                 "backward_error_bound"):
+    for name in (
+        "weight_norm",
+        "init_magnitude",
+        "forward",
+        "backward",
+        "merge",
+        "unmerge",
+        "param_count",
+        "direction",
+        "embedding_forward",
+        "forward_sequential",
+        "forward_error_bound",
+        "backward_error_bound",
+    ):
         assert callable(getattr(dora, name)), name
 
 
@@ -215,18 +227,23 @@ def test_sequential_adapters_equal_the_sequential_merge_and_not_the_summed_delta
     # with each f carrying its norm's condition number (see forward_error_bound), k covering both adapters.
     fa = np.abs(a.m) / dora.weight_norm(W, a.A, a.B, a.scaling)
     fb = np.abs(b.m) / dora.weight_norm(W, b.A, b.B, b.scaling)
+
     def cond(ad):
         v_abs = np.abs(W) + abs(ad.scaling) * np.abs(ad.B) @ np.abs(ad.A)
         return np.linalg.norm(v_abs, axis=1) / dora.weight_norm(W, ad.A, ad.B, ad.scaling)
+
     da = np.abs(a.scaling) * np.abs(a.B) @ np.abs(a.A)
     db = np.abs(b.scaling) * np.abs(b.B) @ np.abs(b.A)
     w_abs = (fb * cond(b))[:, None] * ((fa * cond(a))[:, None] * (np.abs(W) + da) + db)
     k = 2 * (7 + 3 + 10)
     bound = 2 * precision.gamma(k, F64) * (np.abs(x) @ w_abs.T + np.abs(L["bias"]))
-    _report("two adapters: sequential forward vs sequential merge",
-            precision.compare_to_bound(y, x @ W2.T + L["bias"], bound))
-    summed = dora.forward(x, W, np.vstack([a.A, b.A]), np.hstack([a.B, b.B * (b.scaling / a.scaling)]),
-                          b.m, a.scaling, bias=L["bias"])
+    _report(
+        "two adapters: sequential forward vs sequential merge",
+        precision.compare_to_bound(y, x @ W2.T + L["bias"], bound),
+    )
+    summed = dora.forward(
+        x, W, np.vstack([a.A, b.A]), np.hstack([a.B, b.B * (b.scaling / a.scaling)]), b.m, a.scaling, bias=L["bias"]
+    )
     assert np.abs(y - summed).max() > 1e-3  # composition is not a DoRA layer of the summed delta
 
 
@@ -239,8 +256,12 @@ def test_conv_norm_is_the_linear_rule_on_the_flattened_kernel():
     V_abs = np.abs(W) + 0.5 * np.einsum("or,rikl->oikl", np.abs(B[:, :, 0, 0]), np.abs(A))
     # Both sides: V to γ_{r+2}·|V|_abs, a 27-term sum of squares and a square root: γ_{r+27+4} on ‖V_abs‖.
     n_abs = np.sqrt((V_abs**2).sum(axis=(1, 2, 3)))
-    _report("conv norm", precision.compare_to_bound(n, np.sqrt((V**2).sum(axis=(1, 2, 3))),
-                                                    2 * precision.gamma(2 + 27 + 4, F64) * n_abs))
+    _report(
+        "conv norm",
+        precision.compare_to_bound(
+            n, np.sqrt((V**2).sum(axis=(1, 2, 3))), 2 * precision.gamma(2 + 27 + 4, F64) * n_abs
+        ),
+    )
     mg = dora.merge(W, A, B, n * 2.0, 0.5)
     assert mg.W.shape == W.shape
     # f = 2n/n = 2 exactly, so W_merged = 2·(W + ΔW) up to the two evaluations of ΔW (γ_{r+2} each).
@@ -251,8 +272,16 @@ def test_conv_norm_is_the_linear_rule_on_the_flattened_kernel():
 
 
 def _loss(L, *, mode_args, A=None, B=None, m=None, x=None):
-    y = dora.forward(L["x"] if x is None else x, L["W"], L["A"] if A is None else A, L["B"] if B is None else B,
-                     L["m"] if m is None else m, L["s"], bias=L["bias"], **mode_args)
+    y = dora.forward(
+        L["x"] if x is None else x,
+        L["W"],
+        L["A"] if A is None else A,
+        L["B"] if B is None else B,
+        L["m"] if m is None else m,
+        L["s"],
+        bias=L["bias"],
+        **mode_args,
+    )
     return float(np.sum(L["grad_y"] * y))
 
 
@@ -266,7 +295,8 @@ def _central_differences(L, mode_args):
         xd = L["x"] * mode_args["dropout_mask"] / (1 - mode_args["dropout_p"])
         y_bound = y_bound + dora.forward_error_bound(xd, L["W"], L["A"], L["B"], L["m"], L["s"], F64)
     E = float(np.sum(np.abs(L["grad_y"]) * y_bound)) + precision.gamma(y.size, F64) * float(
-        np.sum(np.abs(L["grad_y"] * y)))
+        np.sum(np.abs(L["grad_y"] * y))
+    )
     out = {}
     for name in ("A", "B", "m", "x"):
         theta = L[name]
@@ -335,8 +365,9 @@ def test_backward_equals_torch_autograd_in_float64(mode, form):
         mode_args = dict(dropout_mask=mask, dropout_p=0.3)
         mask_t = torch.tensor(mask)
     T = {k: torch.tensor(L[k], requires_grad=k in ("x", "A", "B", "m")) for k in ("x", "W", "A", "B", "m", "bias")}
-    y = _torch_dora(torch, T["x"], T["W"], T["A"], T["B"], T["m"], L["s"], T["bias"], detach=mode == "detached",
-                    mask=mask_t, p=0.3)
+    y = _torch_dora(
+        torch, T["x"], T["W"], T["A"], T["B"], T["m"], L["s"], T["bias"], detach=mode == "detached", mask=mask_t, p=0.3
+    )
     y.backward(torch.tensor(L["grad_y"]))
     args = (L["x"], L["W"], L["A"], L["B"], L["m"], L["grad_y"], L["s"])
     g = dora.backward(*args, mode=mode, **mode_args)
@@ -498,8 +529,7 @@ def test_wrong_types_and_options_raise():
     with pytest.raises(TypeError, match=r"adapters\[0\]: expected a DoraAdapter"):
         dora.forward_sequential(x, W, [(A, B, m, s)])
     with pytest.raises(ValueError, match="fan_in_fan_out: a convolution weight has no transposed layout"):
-        dora.weight_norm(np.ones((4, 3, 3, 3)), np.ones((2, 3, 3, 3)), np.ones((4, 2, 1, 1)), s,
-                         fan_in_fan_out=True)
+        dora.weight_norm(np.ones((4, 3, 3, 3)), np.ones((2, 3, 3, 3)), np.ones((4, 2, 1, 1)), s, fan_in_fan_out=True)
     with pytest.raises(ValueError, match="dtype: expected one of"):
         dora.merge(W, A, B, m, s, dtype="int8")
 
@@ -534,6 +564,7 @@ def test_rank_above_min_out_in_computes_the_dora_formula():
     m, x, s = rng.uniform(0.5, 2.0, 4), rng.standard_normal((3, 5)), 0.25
     V = W + s * B @ A
     np.testing.assert_allclose(dora.weight_norm(W, A, B, s), np.linalg.norm(V, axis=1), rtol=1e-13)
-    np.testing.assert_allclose(dora.forward(x, W, A, B, m, s), (m / np.linalg.norm(V, axis=1)) * (x @ V.T),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        dora.forward(x, W, A, B, m, s), (m / np.linalg.norm(V, axis=1)) * (x @ V.T), rtol=1e-12, atol=1e-12
+    )
     assert dora.param_count(5, 4, 7) == 7 * 9 + 4

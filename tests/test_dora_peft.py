@@ -43,8 +43,9 @@ def _wrap(torch, base, target, *, dropout=0.0, names=("default",), init=True, se
     """get_peft_model with DoRA on ``target``; B and m are then randomised so that nothing is trivial."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=ALPHA, target_modules=[target], use_dora=True, lora_dropout=dropout,
-                     init_lora_weights=init)
+    cfg = LoraConfig(
+        r=r, lora_alpha=ALPHA, target_modules=[target], use_dora=True, lora_dropout=dropout, init_lora_weights=init
+    )
     model = get_peft_model(base, cfg, adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, cfg)
@@ -71,8 +72,14 @@ def _params(layer, name="default"):
     B = layer.lora_embedding_B[name] if emb else layer.lora_B[name].weight
     base = layer.get_base_layer()
     bias = getattr(base, "bias", None)
-    return dict(W=_np(base.weight), A=_np(A), B=_np(B), m=_np(layer.lora_magnitude_vector[name].weight),
-                s=layer.scaling[name], bias=None if bias is None else _np(bias))
+    return dict(
+        W=_np(base.weight),
+        A=_np(A),
+        B=_np(B),
+        m=_np(layer.lora_magnitude_vector[name].weight),
+        s=layer.scaling[name],
+        bias=None if bias is None else _np(bias),
+    )
 
 
 def _model(torch, module, name="lin"):
@@ -144,8 +151,9 @@ def test_train_forward_with_dropout_matches_peft_float32(torch):
     # PEFT evaluates x Wᵀ + b + (f − 1)(x_d Wᵀ) + f·s·(x_d Aᵀ)Bᵀ: the bound for x plus the bound for x_d covers
     # every term (each bound's P, Q and |b| terms dominate the matching terms of this formula).
     xd = _np(x) * _np(mask) / 0.7
-    bound = (dora.forward_error_bound(*args, F32, bias=P["bias"])
-             + dora.forward_error_bound(xd, *args[1:], F32, bias=P["bias"]))
+    bound = dora.forward_error_bound(*args, F32, bias=P["bias"]) + dora.forward_error_bound(
+        xd, *args[1:], F32, bias=P["bias"]
+    )
     _report("linear train-mode dropout forward (fp32)", precision.compare_to_bound(y, ref, bound))
     eval_ref = dora.forward(*args, bias=P["bias"])
     assert np.abs(y - eval_ref).max() > 1e-2  # the mask mattered
@@ -155,8 +163,9 @@ def test_train_forward_with_dropout_matches_peft_float32(torch):
 def test_backward_matches_peft_autograd_float64(torch, form):
     """PEFT detaches the norm (paper §4.3): its float64 autograd is refimpl's mode="detached"."""
     torch.manual_seed(4)
-    model, layer = _wrap(torch, _model(torch, torch.nn.Linear(IN, OUT, dtype=torch.float64)), "lin",
-                         dropout=0.25, seed=4)
+    model, layer = _wrap(
+        torch, _model(torch, torch.nn.Linear(IN, OUT, dtype=torch.float64)), "lin", dropout=0.25, seed=4
+    )
     x = torch.randn(N, IN, dtype=torch.float64, requires_grad=True)
     mask = (torch.rand(N, IN, generator=torch.Generator().manual_seed(5)) > 0.25).double()
     kw = {}
@@ -172,8 +181,12 @@ def test_backward_matches_peft_autograd_float64(torch, form):
     args = (_np(x), P["W"], P["A"], P["B"], P["m"], _np(G), P["s"])
     g = dora.backward(*args, mode="detached", **kw)
     gb = dora.backward_error_bound(*args, "float64", mode="detached", **kw)
-    peft_grads = dict(x=x.grad, A=layer.lora_A["default"].weight.grad, B=layer.lora_B["default"].weight.grad,
-                      m=layer.lora_magnitude_vector["default"].weight.grad)
+    peft_grads = dict(
+        x=x.grad,
+        A=layer.lora_A["default"].weight.grad,
+        B=layer.lora_B["default"].weight.grad,
+        m=layer.lora_magnitude_vector["default"].weight.grad,
+    )
     for name, grad in peft_grads.items():
         rep = precision.compare_to_bound(getattr(g, "d" + name), _np(grad), 2 * getattr(gb, "d" + name))
         _report(f"detached d{name} vs PEFT autograd ({form}, float64)", rep)
@@ -202,7 +215,8 @@ def test_merge_and_unmerge_match_peft_float32(torch):
     mg = dora.merge(P["W"], P["A"], P["B"], P["m"], P["s"])
     _report("merged weight (fp32)", precision.compare_to_bound(merged, mg.W, _merge_bound(P, F32)))
     n_bound = precision.gamma(IN + R + 6, F32) * np.linalg.norm(
-        np.abs(P["W"]) + abs(P["s"]) * np.abs(P["B"]) @ np.abs(P["A"]), axis=1)
+        np.abs(P["W"]) + abs(P["s"]) * np.abs(P["B"]) @ np.abs(P["A"]), axis=1
+    )
     _report("cached weight norm (fp32)", precision.compare_to_bound(cached, mg.weight_norm, n_bound))
     layer.unmerge()
     unmerged = _np(layer.get_base_layer().weight)
@@ -224,12 +238,17 @@ def test_rank_above_min_in_out_matches_peft_magnitude_forward_and_merge(torch, n
     torch.manual_seed(17)
     lin = torch.nn.Linear(n_in, n_out)
     W0 = _np(lin.weight).copy()
-    fresh = get_peft_model(_model(torch, copy.deepcopy(lin)),
-                           LoraConfig(r=r, lora_alpha=ALPHA, target_modules=["lin"], use_dora=True))
+    fresh = get_peft_model(
+        _model(torch, copy.deepcopy(lin)), LoraConfig(r=r, lora_alpha=ALPHA, target_modules=["lin"], use_dora=True)
+    )
     m0 = _np(fresh.base_model.model.lin.lora_magnitude_vector["default"].weight)
     n_bound = precision.gamma(n_in + 2, F32) * np.linalg.norm(W0, axis=1)  # B = 0 at init: m₀ = ‖W‖
-    _report(f"r={r} > min: initial magnitude (fp32)", precision.compare_to_bound(
-        m0, dora.init_magnitude(W0, np.zeros((r, n_in)), np.zeros((n_out, r)), ALPHA / r), n_bound))
+    _report(
+        f"r={r} > min: initial magnitude (fp32)",
+        precision.compare_to_bound(
+            m0, dora.init_magnitude(W0, np.zeros((r, n_in)), np.zeros((n_out, r)), ALPHA / r), n_bound
+        ),
+    )
     model, layer = _wrap(torch, _model(torch, lin), "lin", seed=17, r=r)
     model.eval()
     P = _params(layer)
@@ -238,12 +257,18 @@ def test_rank_above_min_in_out_matches_peft_magnitude_forward_and_merge(torch, n
     with torch.no_grad():
         y = _np(model(x))
     args = (_np(x), P["W"], P["A"], P["B"], P["m"], P["s"])
-    _report(f"r={r} > min({n_in}, {n_out}): eval forward (fp32)", precision.compare_to_bound(
-        y, dora.forward(*args, bias=P["bias"]), dora.forward_error_bound(*args, F32, bias=P["bias"])))
+    _report(
+        f"r={r} > min({n_in}, {n_out}): eval forward (fp32)",
+        precision.compare_to_bound(
+            y, dora.forward(*args, bias=P["bias"]), dora.forward_error_bound(*args, F32, bias=P["bias"])
+        ),
+    )
     layer.merge()
     mg = dora.merge(P["W"], P["A"], P["B"], P["m"], P["s"])
-    _report(f"r={r} > min({n_in}, {n_out}): merged weight (fp32)",
-            precision.compare_to_bound(_np(layer.get_base_layer().weight), mg.W, _merge_bound(P, F32)))
+    _report(
+        f"r={r} > min({n_in}, {n_out}): merged weight (fp32)",
+        precision.compare_to_bound(_np(layer.get_base_layer().weight), mg.W, _merge_bound(P, F32)),
+    )
 
 
 def test_two_adapters_compose_sequentially_in_forward_and_merge(torch):
@@ -295,8 +320,7 @@ def test_embedding_forward_and_merge_match_peft_float32(torch):
     layer.merge()
     merged = _np(layer.get_base_layer().weight)
     mg = dora.merge(P["W"], P["A"], P["B"], P["m"], P["s"], embedding=True)
-    _report("embedding merge (fp32)",
-            precision.compare_to_bound(merged, mg.W, _merge_bound(P, F32, embedding=True)))
+    _report("embedding merge (fp32)", precision.compare_to_bound(merged, mg.W, _merge_bound(P, F32, embedding=True)))
 
 
 # ---------------------------------------------------------------------------- bf16 base, fp32 adapters
@@ -322,13 +346,16 @@ def test_bf16_base_magnitude_is_computed_in_bf16_so_init_is_not_the_identity(tor
     with torch.no_grad():
         y = _np(model(x))
         y0 = _np(reference_base(x))
-    print(f"[dora-peft] bf16 base at init: max |f − 1| = {f_minus_1.max():.3g} (u_bf16 = {u:.3g}); "
-          f"max |y_dora − y_base| = {np.abs(y - y0).max():.3g}, "
-          f"{int((y != y0).sum())} of {y.size} outputs differ, max |y_base| = {np.abs(y0).max():.3g}")
+    print(
+        f"[dora-peft] bf16 base at init: max |f − 1| = {f_minus_1.max():.3g} (u_bf16 = {u:.3g}); "
+        f"max |y_dora − y_base| = {np.abs(y - y0).max():.3g}, "
+        f"{int((y != y0).sum())} of {y.size} outputs differ, max |y_base| = {np.abs(y0).max():.3g}"
+    )
     assert f_minus_1.max() <= u  # one rounding of the norm
     assert (y != y0).any()  # not the identity: this changes if PEFT computes m in fp32
-    np.testing.assert_array_equal(dora.forward(_np(x), P["W"], P["A"], P["B"], exact, P["s"], bias=P["bias"]),
-                                  _np(x) @ P["W"].T + P["bias"])  # refimpl (float64 m) is exact
+    np.testing.assert_array_equal(
+        dora.forward(_np(x), P["W"], P["A"], P["B"], exact, P["s"], bias=P["bias"]), _np(x) @ P["W"].T + P["bias"]
+    )  # refimpl (float64 m) is exact
 
 
 def test_bf16_base_forward_matches_peft_within_the_bf16_bound(torch):
@@ -346,8 +373,9 @@ def test_bf16_base_forward_matches_peft_within_the_bf16_bound(torch):
     # also multiplied by |f − 1| in (f − 1)·base, and u_bf16 on the output.
     f = P["m"] / dora.weight_norm(P["W"], P["A"], P["B"], P["s"])
     p_abs = np.abs(_np(x)) @ np.abs(P["W"]).T
-    bound = (dora.forward_error_bound(*args, F32, bias=P["bias"])
-             + precision.gamma(2, BF16) * ((1 + np.abs(f - 1)) * (p_abs + 2 * np.abs(P["bias"])) + np.abs(ref)))
+    bound = dora.forward_error_bound(*args, F32, bias=P["bias"]) + precision.gamma(2, BF16) * (
+        (1 + np.abs(f - 1)) * (p_abs + 2 * np.abs(P["bias"])) + np.abs(ref)
+    )
     _report("bf16 base + fp32 adapters, eval forward", precision.compare_to_bound(y, ref, bound))
 
 
@@ -355,11 +383,14 @@ def test_bf16_embedding_magnitude_is_computed_in_bf16(torch):
     torch.manual_seed(11)
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_model(torch, torch.nn.Embedding(40, 8, dtype=torch.bfloat16), "emb"),
-                           LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["emb"], use_dora=True))
+    model = get_peft_model(
+        _model(torch, torch.nn.Embedding(40, 8, dtype=torch.bfloat16), "emb"),
+        LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["emb"], use_dora=True),
+    )
     P = _params(model.base_model.model.emb)
     np.testing.assert_array_equal(
-        P["m"], dora.init_magnitude(P["W"], P["A"], P["B"], P["s"], embedding=True, dtype=BF16))
+        P["m"], dora.init_magnitude(P["W"], P["A"], P["B"], P["s"], embedding=True, dtype=BF16)
+    )
 
 
 # ---------------------------------------------------------------------------- Conv2d, counts, zero rows
@@ -384,8 +415,10 @@ def test_init_magnitude_of_conv2d_matches_peft_at_init(torch):
     torch.manual_seed(13)
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_model(torch, torch.nn.Conv2d(3, 8, 3), "conv"),
-                           LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["conv"], use_dora=True))
+    model = get_peft_model(
+        _model(torch, torch.nn.Conv2d(3, 8, 3), "conv"),
+        LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["conv"], use_dora=True),
+    )
     layer = model.base_model.model.conv
     W = _np(layer.get_base_layer().weight)
     A, B = _np(layer.lora_A["default"].weight), _np(layer.lora_B["default"].weight)
@@ -398,14 +431,16 @@ def test_init_magnitude_of_conv2d_matches_peft_at_init(torch):
 def test_param_count_matches_peft_trainable_parameters(torch):
     from peft import LoraConfig, get_peft_model
 
-    cases = [(torch.nn.Linear(10, 6), dict(in_features=10, out_features=6)),
-             (torch.nn.Embedding(20, 6), dict(in_features=20, out_features=6)),
-             (torch.nn.Conv2d(3, 4, 3), dict(in_features=3, out_features=4, kernel_size=(3, 3))),
-             (torch.nn.Conv2d(8, 12, 3, groups=2), dict(in_features=8, out_features=12, kernel_size=(3, 3),
-                                                        groups=2))]
+    cases = [
+        (torch.nn.Linear(10, 6), dict(in_features=10, out_features=6)),
+        (torch.nn.Embedding(20, 6), dict(in_features=20, out_features=6)),
+        (torch.nn.Conv2d(3, 4, 3), dict(in_features=3, out_features=4, kernel_size=(3, 3))),
+        (torch.nn.Conv2d(8, 12, 3, groups=2), dict(in_features=8, out_features=12, kernel_size=(3, 3), groups=2)),
+    ]
     for module, kw in cases:
-        model = get_peft_model(_model(torch, module, "t"),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["t"], use_dora=True))
+        model = get_peft_model(
+            _model(torch, module, "t"), LoraConfig(r=4, lora_alpha=8, target_modules=["t"], use_dora=True)
+        )
         trainable, _ = model.get_nb_trainable_parameters()
         assert dora.param_count(r=4, **kw) == trainable, (module, trainable)
 
@@ -417,8 +452,7 @@ def test_zero_norm_row_gives_nan_in_peft_and_raises_in_refimpl(torch):
         lin.weight[3] = 0.0  # B = 0 at init, so row 3 of W + s·B·A is exactly zero
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_model(torch, lin), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"],
-                                                          use_dora=True))
+    model = get_peft_model(_model(torch, lin), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], use_dora=True))
     model.eval()
     P = _params(model.base_model.model.lin)
     assert P["m"][3] == 0.0
@@ -457,10 +491,14 @@ def test_bf16_merge_rounds_once_and_safe_equals_unsafe(torch):
     np.testing.assert_array_equal(merged[False], merged[True])
     mg = dora.merge(P["W"], P["A"], P["B"], P["m"], P["s"], dtype=BF16)
     one_ulp = precision.ulp(np.maximum(np.abs(merged[False]), np.abs(mg.W)), BF16)
-    _report("bf16 merge vs refimpl merge(dtype=bf16)",
-            precision.compare_to_bound(merged[False], mg.W, _merge_bound(P, F32) + one_ulp))
-    print(f"[dora-peft] bf16 merge: {int((merged[False] != mg.W).sum())} of {mg.W.size} elements differ from "
-          "refimpl's single rounding")
+    _report(
+        "bf16 merge vs refimpl merge(dtype=bf16)",
+        precision.compare_to_bound(merged[False], mg.W, _merge_bound(P, F32) + one_ulp),
+    )
+    print(
+        f"[dora-peft] bf16 merge: {int((merged[False] != mg.W).sum())} of {mg.W.size} elements differ from "
+        "refimpl's single rounding"
+    )
     layer.unmerge()
     back = _np(layer.get_base_layer().weight)
     ref_back = dora.unmerge(merged[False], P["A"], P["B"], P["m"], P["s"], mg.weight_norm, dtype=BF16)
@@ -471,7 +509,10 @@ def test_bf16_merge_rounds_once_and_safe_equals_unsafe(torch):
     w_over_f = np.abs(merged[False] / f[:, None])
     fp32_part = precision.gamma(IN + R + 10, F32) * (2 * w_over_f + 2 * delta_abs)
     one_ulp = precision.ulp(np.maximum(np.abs(back), np.abs(ref_back)), BF16)
-    _report("bf16 unmerge vs refimpl unmerge(dtype=bf16)",
-            precision.compare_to_bound(back, ref_back, fp32_part + one_ulp))
-    print(f"[dora-peft] bf16 merge→unmerge round trip (not the identity): max |W' − W| = "
-          f"{np.abs(back - P['W']).max():.3g}")
+    _report(
+        "bf16 unmerge vs refimpl unmerge(dtype=bf16)", precision.compare_to_bound(back, ref_back, fp32_part + one_ulp)
+    )
+    print(
+        f"[dora-peft] bf16 merge→unmerge round trip (not the identity): max |W' − W| = "
+        f"{np.abs(back - P['W']).max():.3g}"
+    )

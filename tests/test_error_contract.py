@@ -42,8 +42,12 @@ MALFORMED = {
     "header not JSON": _raw(None, F32x2, text=b"{not json}"),
     "header a JSON array": _raw([1, 2], F32x2),
     "header nested 100000 deep": _raw(None, b"", text=b"[" * 100_000 + b"]" * 100_000),
-    "duplicate tensor name": _raw(None, F32x2 * 2, text=b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-                                                       b'"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}'),
+    "duplicate tensor name": _raw(
+        None,
+        F32x2 * 2,
+        text=b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+        b'"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}',
+    ),
     "__metadata__ not an object": _raw(_good(__metadata__=[1]), F32x2),
     "__metadata__ value not a string": _raw(_good(__metadata__={"k": 1}), F32x2),
     "tensor entry not an object": _raw({"a": 5}, F32x2),
@@ -55,10 +59,20 @@ MALFORMED = {
     "data_offsets of length 3": _raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]}}, F32x2),
     "data beyond the file (truncated)": _raw(_good(), F32x2[:5]),
     "extent differs from shape": _raw({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, F32x2),
-    "gap between tensors": _raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-                                 "b": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}, F32x2),
-    "overlapping tensors": _raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                 "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, F32x2),
+    "gap between tensors": _raw(
+        {
+            "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+        },
+        F32x2,
+    ),
+    "overlapping tensors": _raw(
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+        },
+        F32x2,
+    ),
     "bytes after the last tensor": _raw(_good(), F32x2 + b"\0" * 8),
     "shape overflowing int64": _raw({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, F32x2),
 }
@@ -79,10 +93,12 @@ def test_malformed_safetensors_raise_a_value_error_naming_the_file(tmp_path, lab
                 fh.get_tensor(k)
     good = tmp_path / "good.safetensors"
     save_file({"a": np.ones(2, np.float32)}, str(good))
-    calls = {"io.load_tensors": lambda: io.load_tensors(p),
-             "merging.read_index": lambda: merging.read_index(p),
-             "merge_files(base=bad)": lambda: merging.merge_files(p, [good], tmp_path / "o1", progress=False),
-             "merge_files(models=[bad])": lambda: merging.merge_files(good, [p], tmp_path / "o2", progress=False)}
+    calls = {
+        "io.load_tensors": lambda: io.load_tensors(p),
+        "merging.read_index": lambda: merging.read_index(p),
+        "merge_files(base=bad)": lambda: merging.merge_files(p, [good], tmp_path / "o1", progress=False),
+        "merge_files(models=[bad])": lambda: merging.merge_files(good, [p], tmp_path / "o2", progress=False),
+    }
     for name, call in calls.items():
         with pytest.raises(ValueError) as info:
             call()
@@ -103,11 +119,14 @@ def test_refimpl_metadata_that_is_not_a_json_object_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("code", ["F8_E4M3", "F8_E5M2", "BF16"])
 def test_listed_low_precision_dtypes_load_and_merge(tmp_path, code):
-    dt = np.dtype({"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-                   "BF16": ml_dtypes.bfloat16}[code])
+    dt = np.dtype(
+        {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "BF16": ml_dtypes.bfloat16}[code]
+    )
     x = np.array([-2.0, -0.5, 0.0, 0.25, 1.5, 3.0], np.float32).astype(dt)
-    header = {"w": {"dtype": code, "shape": [2, 3], "data_offsets": [0, x.nbytes]},
-              "v": {"dtype": "F32", "shape": [2], "data_offsets": [x.nbytes, x.nbytes + 8]}}
+    header = {
+        "w": {"dtype": code, "shape": [2, 3], "data_offsets": [0, x.nbytes]},
+        "v": {"dtype": "F32", "shape": [2], "data_offsets": [x.nbytes, x.nbytes + 8]},
+    }
     p = tmp_path / "lp.safetensors"
     p.write_bytes(_raw(header, x.tobytes() + np.array([1.0, 2.0], np.float32).tobytes()))
     tensors, _ = io.load_tensors(p)
@@ -127,8 +146,10 @@ def test_listed_low_precision_dtypes_load_and_merge(tmp_path, code):
 
 def test_zero_dimensional_tensors_keep_their_shape_and_merge_like_one_element(tmp_path):
     def model(name: str, shape: list[int], values: list[float]) -> Path:
-        header = {"scale": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]},
-                  "w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+        header = {
+            "scale": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]},
+            "w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        }
         p = tmp_path / f"{name}.safetensors"
         p.write_bytes(_raw(header, np.array(values, np.float32).tobytes()))
         return p
@@ -137,9 +158,13 @@ def test_zero_dimensional_tensors_keep_their_shape_and_merge_like_one_element(tm
     a1, b1 = model("a1", [1], [2.0, 1.0, 1.0]), model("b1", [1], [4.0, 3.0, 1.0])
     tensors, _ = io.load_tensors(a0)
     assert tensors["scale"].shape == () and tensors["scale"] == 2.0
-    for method, kw in [("task_arithmetic", {"weights": [0.5]}), ("ties", {"options": {"density": 1.0}}),
-                       ("dare", {"options": {"density": 0.5}}), ("linear", {"weights": [0.5]}),
-                       ("slerp", {"options": {"t": 0.25}})]:
+    for method, kw in [
+        ("task_arithmetic", {"weights": [0.5]}),
+        ("ties", {"options": {"density": 1.0}}),
+        ("dare", {"options": {"density": 0.5}}),
+        ("linear", {"weights": [0.5]}),
+        ("slerp", {"options": {"t": 0.25}}),
+    ]:
         merging.merge_files(a0, [b0], tmp_path / method / "0d", method=method, progress=False, **kw)
         merging.merge_files(a1, [b1], tmp_path / method / "1", method=method, progress=False, **kw)
         got, _ = io.load_tensors(tmp_path / method / "0d" / "model.safetensors")
@@ -156,11 +181,16 @@ def test_save_tensors_refuses_what_it_could_not_read_back(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(("text", "match"), [("[1, 2]", "expected a JSON object, got a JSON list"),
-                                             ("{bad", "not valid JSON"),
-                                             ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON"),
-                                             (b"\xff\xfe", "not valid JSON")],
-                         ids=["list", "bad JSON", "nested 100000 deep", "not UTF-8"])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[1, 2]", "expected a JSON object, got a JSON list"),
+        ("{bad", "not valid JSON"),
+        ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+    ids=["list", "bad JSON", "nested 100000 deep", "not UTF-8"],
+)
 def test_load_peft_adapter_refuses_a_config_that_is_not_a_json_object(tmp_path, text, match):
     cfg = tmp_path / "adapter_config.json"
     cfg.write_bytes(text if isinstance(text, bytes) else text.encode())

@@ -72,8 +72,9 @@ def test_an_exception_message_with_a_newline_stays_in_the_snippets_comments():
     def bad_delta(**kw):
         raise ValueError(PAYLOAD)
 
-    res = run(NamespaceTarget("evil", {"lora.delta": bad_delta}), "lora.delta", tiers=("names", "properties"),
-              examples=2)
+    res = run(
+        NamespaceTarget("evil", {"lora.delta": bad_delta}), "lora.delta", tiers=("names", "properties"), examples=2
+    )
     fails = [r for r in res.results if r.status == FAIL and r.snippet]
     assert fails, res.results
     for r in fails:
@@ -113,8 +114,12 @@ def test_a_golden_case_label_with_a_newline_stays_in_the_snippets_comments(tmp_p
     def off_by_one(**kw):
         return lora.delta(**kw) + 1.0
 
-    res = run(NamespaceTarget("off", {"lora.delta": off_by_one}), "lora.delta", tiers=("names", "golden"),
-              vectors_dir=tmp_path)
+    res = run(
+        NamespaceTarget("off", {"lora.delta": off_by_one}),
+        "lora.delta",
+        tiers=("names", "golden"),
+        vectors_dir=tmp_path,
+    )
     fail = [r for r in res.results if r.tier == "golden" and r.status == FAIL]
     assert fail and "os.system" in fail[0].snippet
     assert _injected(fail[0].snippet) == [], fail[0].snippet
@@ -157,9 +162,11 @@ BAD_FILES = {
     "not safetensors (SafetensorError)": lambda root, rel: b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage",
     "output tensor missing": lambda root, rel: io.tensors_to_bytes(
         {k: v for k, v in io.load_tensors(root / rel)[0].items() if not k.startswith("output.")},
-        io.load_tensors(root / rel)[1]),
+        io.load_tensors(root / rel)[1],
+    ),
     "case of another op": lambda root, rel: io.tensors_to_bytes(
-        io.load_tensors(root / rel)[0], {**io.load_tensors(root / rel)[1], "op": "lora.merge"}),
+        io.load_tensors(root / rel)[0], {**io.load_tensors(root / rel)[1], "op": "lora.merge"}
+    ),
 }
 
 
@@ -198,8 +205,9 @@ def test_conform_checks_the_manifest_sha256_of_each_file_it_reads(vec_dir):
     assert [r.status for r in golden] == [FAIL] and str(p) in golden[0].message
 
 
-@pytest.mark.parametrize("change", ["unlisted file", "listed file missing", "manifest missing", "manifest not JSON",
-                                    "size differs"])
+@pytest.mark.parametrize(
+    "change", ["unlisted file", "listed file missing", "manifest missing", "manifest not JSON", "size differs"]
+)
 def test_the_manifest_must_describe_the_op_folder(vec_dir, change):
     rels = sorted(vectors.build(OP))
     if change == "unlisted file":
@@ -361,15 +369,18 @@ def test_parameter_counts_use_python_integers():
 # ---------------------------------------------------------------------------- 5. refimpl memory
 
 
-@pytest.mark.parametrize(("argv", "flag", "allowed"), [
-    (["--rank", "-5"], "--rank", "[1, 8192]"),
-    (["--rank", str(10**20)], "--rank", "[1, 8192]"),
-    (["lora", "--rank", "9000"], "--rank", "[1, 8192]"),
-    (["--seq-len", "0"], "--seq-len", "[1, 16777216]"),
-    (["qlora", "--batch", str(10**20)], "--batch", "[1, 1048576]"),
-    (["full", "--params", "1e20"], "--params", "1e+15"),
-    (["full", "--params", "nan"], "--params", "finite"),
-])
+@pytest.mark.parametrize(
+    ("argv", "flag", "allowed"),
+    [
+        (["--rank", "-5"], "--rank", "[1, 8192]"),
+        (["--rank", str(10**20)], "--rank", "[1, 8192]"),
+        (["lora", "--rank", "9000"], "--rank", "[1, 8192]"),
+        (["--seq-len", "0"], "--seq-len", "[1, 16777216]"),
+        (["qlora", "--batch", str(10**20)], "--batch", "[1, 1048576]"),
+        (["full", "--params", "1e20"], "--params", "1e+15"),
+        (["full", "--params", "nan"], "--params", "finite"),
+    ],
+)
 def test_memory_options_out_of_range_exit_2_with_one_line_naming_the_option(capsys, argv, flag, allowed):
     assert memory.main(argv) == 2
     out = capsys.readouterr()
@@ -378,13 +389,24 @@ def test_memory_options_out_of_range_exit_2_with_one_line_naming_the_option(caps
 
 
 def test_memory_usage_errors_are_one_line_and_exit_2():
-    p = subprocess.run([sys.executable, "-m", "refimpl.memory", "--rank", "abc"], capture_output=True, text=True,
-                       cwd=str(ROOT), timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "refimpl.memory", "--rank", "abc"],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=60,
+    )
     assert p.returncode == 2 and "--rank" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    p = subprocess.run([sys.executable, "-m", "refimpl.memory", "--rank", "-5"], capture_output=True, text=True,
-                       cwd=str(ROOT), timeout=60)
-    assert p.returncode == 2 and p.stderr.strip() == "refimpl memory: --rank: expected an integer in [1, 8192], " \
-                                                      "got -5", p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "refimpl.memory", "--rank", "-5"],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=60,
+    )
+    assert (
+        p.returncode == 2 and p.stderr.strip() == "refimpl memory: --rank: expected an integer in [1, 8192], got -5"
+    ), p.stderr
 
 
 def test_estimate_refuses_a_rank_above_the_model_width():
@@ -417,8 +439,9 @@ NUMBA_SCRIPT = textwrap.dedent("""
 
 def _numba_run(cache_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([sys.executable, "-c", NUMBA_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=str(ROOT), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", NUMBA_SCRIPT], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300
+    )
 
 
 def test_a_damaged_numba_cache_is_recompiled_never_a_kernel_failure(tmp_path):

@@ -32,7 +32,8 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 def _type_checking_only(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(body: list[ast.stmt], in_function: bool) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
@@ -83,7 +84,7 @@ def _graphs() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                 load[module] |= targets
                 full[module] |= targets
                 continue
-            near = " ".join(lines[max(node.lineno - 2, 0): node.end_lineno or node.lineno]).lower()
+            near = " ".join(lines[max(node.lineno - 2, 0) : node.end_lineno or node.lineno]).lower()
             if "cycle" not in near:
                 full[module] |= targets
     return load, full

@@ -24,6 +24,7 @@ needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"GPU kernels unavaila
 
 # ----------------------------------------------------------------------------------------- helpers
 
+
 def dev(a: np.ndarray):
     """NumPy → CuPy; bfloat16 travels as its uint16 bits."""
     import cupy as cp
@@ -53,6 +54,7 @@ def report(name: str, rep: precision.BoundReport, cases: int) -> None:
 
 # ----------------------------------------------------------------------- runs everywhere (no GPU)
 
+
 def test_float_literals_are_exact_float32():
     from refimpl.kernels.cupy_gpu import _device as D
 
@@ -63,18 +65,21 @@ def test_float_literals_are_exact_float32():
         D.f32_literal(float("nan"))
 
 
-@pytest.mark.parametrize("call, exc, words", [
-    (lambda: G.quantize_4bit(np.zeros(64, np.float32)), TypeError, ["x:", "CuPy array", "ndarray"]),
-    (lambda: G.quantize_4bit(None, blocksize=48), ValueError, ["blocksize:", "48"]),
-    (lambda: G.quantize_4bit(None, quant_type="int4"), ValueError, ["quant_type:", "int4"]),
-    (lambda: G.dequantize_4bit([1, 2], None), TypeError, ["packed:", "list"]),
-    (lambda: G.gemv_4bit(np.zeros((1, 16)), None, None), TypeError, ["x:", "ndarray"]),
-    (lambda: G.lora_forward(np.zeros((2, 2)), None, None, None, 1.0), TypeError, ["x:", "ndarray"]),
-    (lambda: G.pack(np.zeros((2, 2)), None, None, 1.0), TypeError, ["W:", "ndarray"]),
-    (lambda: G.ties("abc", density=0.2), TypeError, ["task_vectors:", "str"]),
-    (lambda: G.ties([], density=0.2), TypeError, ["task_vectors:"]),
-    (lambda: G.ties([np.zeros(3, np.float32)], density=0.2), TypeError, ["task_vectors[0]:", "ndarray"]),
-])
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: G.quantize_4bit(np.zeros(64, np.float32)), TypeError, ["x:", "CuPy array", "ndarray"]),
+        (lambda: G.quantize_4bit(None, blocksize=48), ValueError, ["blocksize:", "48"]),
+        (lambda: G.quantize_4bit(None, quant_type="int4"), ValueError, ["quant_type:", "int4"]),
+        (lambda: G.dequantize_4bit([1, 2], None), TypeError, ["packed:", "list"]),
+        (lambda: G.gemv_4bit(np.zeros((1, 16)), None, None), TypeError, ["x:", "ndarray"]),
+        (lambda: G.lora_forward(np.zeros((2, 2)), None, None, None, 1.0), TypeError, ["x:", "ndarray"]),
+        (lambda: G.pack(np.zeros((2, 2)), None, None, 1.0), TypeError, ["W:", "ndarray"]),
+        (lambda: G.ties("abc", density=0.2), TypeError, ["task_vectors:", "str"]),
+        (lambda: G.ties([], density=0.2), TypeError, ["task_vectors:"]),
+        (lambda: G.ties([np.zeros(3, np.float32)], density=0.2), TypeError, ["task_vectors[0]:", "ndarray"]),
+    ],
+)
 def test_bad_input_names_the_argument(call, exc, words):
     with pytest.raises(exc) as info:
         call()
@@ -114,15 +119,24 @@ def test_quantize_matches_reference_cuda_profile_and_dequantize_is_bit_exact(qua
                     n_neq += int((pk != ref_p).sum())
                     # dequantize our bytes both ways: the bits must agree
                     ours = host(G.dequantize_4bit(packed, st), dtype)
-                    ref_st = Q.QuantState(shape=tuple(shape), dtype=dtype, blocksize=bs, quant_type=quant_type,
-                                          absmax=absmax, code=ref_s.code, profile="bitsandbytes-cuda")
+                    ref_st = Q.QuantState(
+                        shape=tuple(shape),
+                        dtype=dtype,
+                        blocksize=bs,
+                        quant_type=quant_type,
+                        absmax=absmax,
+                        code=ref_s.code,
+                        profile="bitsandbytes-cuda",
+                    )
                     theirs = Q.dequantize_4bit(pk, ref_st)
                     n_deq_bad += int((ours.view(np.uint8) != np.ascontiguousarray(theirs).view(np.uint8)).sum())
                     n_el += x.size
                     n_case += 1
-    print(f"\n[{quant_type} quantize vs reference bitsandbytes-cuda] cases={n_case} elements={n_el} "
-          f"bytes differing={n_neq} admissible nibbles={n_adm} wrong={n_wrong} absmax mismatches={n_abs_bad} "
-          f"dequantized bytes differing={n_deq_bad}")
+    print(
+        f"\n[{quant_type} quantize vs reference bitsandbytes-cuda] cases={n_case} elements={n_el} "
+        f"bytes differing={n_neq} admissible nibbles={n_adm} wrong={n_wrong} absmax mismatches={n_abs_bad} "
+        f"dequantized bytes differing={n_deq_bad}"
+    )
     assert n_wrong == 0
     assert n_abs_bad == 0
     assert n_deq_bad == 0
@@ -162,24 +176,36 @@ def test_double_quant_state_dequantizes_as_the_reference_rule():
     for n in (64 * 300, 64 * 256 * 3 + 64 * 17, 4096 * 1024 + 33):
         x = data(rng, "heavy", (n,), "float32")
         _, ref_s = Q.quantize_4bit(x, 64, "nf4", True, profile="bitsandbytes-cuda")
-        packed, st = G.quantize_4bit(dev(x), 64, "nf4", double_quant=True,
-                                     offset=cp.asarray(np.array([ref_s.offset], np.float32)))
+        packed, st = G.quantize_4bit(
+            dev(x), 64, "nf4", double_quant=True, offset=cp.asarray(np.array([ref_s.offset], np.float32))
+        )
         codes = st.absmax.get()
         diff = np.abs(codes.astype(np.int64) - ref_s.absmax.astype(np.int64))
         n_code_diff += int((diff != 0).sum())
         n_far += int((diff > 1).sum())
         n_a2_bad += int((st.absmax2.get().view(np.uint32) != ref_s.nested_absmax.view(np.uint32)).sum())
-        ours_state = Q.QuantState(shape=(n,), dtype="float32", blocksize=64, quant_type="nf4", absmax=codes,
-                                  code=ref_s.code, offset=ref_s.offset, nested_absmax=st.absmax2.get(),
-                                  nested_code=ref_s.nested_code, profile="bitsandbytes-cuda")
+        ours_state = Q.QuantState(
+            shape=(n,),
+            dtype="float32",
+            blocksize=64,
+            quant_type="nf4",
+            absmax=codes,
+            code=ref_s.code,
+            offset=ref_s.offset,
+            nested_absmax=st.absmax2.get(),
+            nested_code=ref_s.nested_code,
+            profile="bitsandbytes-cuda",
+        )
         ours = G.dequantize_4bit(packed, st).get()
         theirs = Q.dequantize_4bit(packed.get(), ours_state)
         n_deq_bad += int((ours.view(np.uint32) != theirs.view(np.uint32)).sum())
         n_codes += codes.size
         cases += 1
-    print(f"\n[double quant vs reference bitsandbytes-cuda] cases={cases} nested codes={n_codes} "
-          f"absmax2 mismatches={n_a2_bad} codes differing from the reference profile={n_code_diff} "
-          f"(by more than one: {n_far}) dequantized mismatches={n_deq_bad}")
+    print(
+        f"\n[double quant vs reference bitsandbytes-cuda] cases={cases} nested codes={n_codes} "
+        f"absmax2 mismatches={n_a2_bad} codes differing from the reference profile={n_code_diff} "
+        f"(by more than one: {n_far}) dequantized mismatches={n_deq_bad}"
+    )
     assert n_a2_bad == 0
     assert n_far == 0
     assert n_deq_bad == 0
@@ -220,12 +246,15 @@ def test_bytes_identical_to_bitsandbytes_cuda(quant_type):
                     n_deq_bad += int((gd.reshape(-1).view(torch.uint8) != bd.reshape(-1).view(torch.uint8)).sum())
                     n_el += x.size
                     cases += 1
-    print(f"\n[{quant_type} vs bitsandbytes CUDA] cases={cases} elements={n_el} byte mismatches={n_bad} "
-          f"absmax mismatches={n_abs_bad} nested mismatches={n_nested_bad} dequantized byte mismatches={n_deq_bad}")
+    print(
+        f"\n[{quant_type} vs bitsandbytes CUDA] cases={cases} elements={n_el} byte mismatches={n_bad} "
+        f"absmax mismatches={n_abs_bad} nested mismatches={n_nested_bad} dequantized byte mismatches={n_deq_bad}"
+    )
     assert n_bad == 0 and n_abs_bad == 0 and n_nested_bad == 0 and n_deq_bad == 0
 
 
 # ------------------------------------------------------------------------- GPU: GEMV / QLoRA
+
 
 def _dequant64(packed: np.ndarray, absmax: np.ndarray, n: int, bs: int, quant_type: str) -> np.ndarray:
     nib = np.empty(2 * packed.size, np.uint8)
@@ -245,7 +274,7 @@ def test_fused_gemv_and_qlora_forward_within_derived_bound(dtype):
     u_out = precision.unit_roundoff(dtype)
     worst = 0.0
     cases = 0
-    for (N, K, bs, qt) in [(256, 1024, 64, "nf4"), (300, 4096, 128, "nf4"), (129, 544, 32, "fp4")]:
+    for N, K, bs, qt in [(256, 1024, 64, "nf4"), (300, 4096, 128, "nf4"), (129, 544, 32, "fp4")]:
         W = data(rng, "normal", (N, K), dtype)
         packed, st = G.quantize_4bit(dev(W), bs, qt, dtype=dtype)
         Wq = _dequant64(packed.get(), st.absmax.get(), N * K, bs, qt).reshape(N, K)
@@ -309,6 +338,7 @@ def test_qlora_forward_large_m_uses_dequantize_then_gemm():
 
 # --------------------------------------------------------------------------- GPU: LoRA / DoRA
 
+
 def _lora_bound(x64, W64, A64, B64, b64, s, ref, dtype, w_round=0.0):
     """u = dtype(s·x Aᵀ) (float32 sums), then one float32-accumulated GEMM over K = d + r + 1, output
     rounded to dtype; ``w_round`` is the relative rounding of the packed weight (DoRA's f⊙W)."""
@@ -330,7 +360,7 @@ def test_lora_forward_one_gemm_within_derived_bound(dtype):
 
     rng = np.random.default_rng(6)
     worst, cases = 0.0, 0
-    for (m, d, out, r) in [(64, 256, 128, 8), (300, 1024, 512, 16), (37, 264, 72, 3)]:
+    for m, d, out, r in [(64, 256, 128, 8), (300, 1024, 512, 16), (37, 264, 72, 3)]:
         x, W, A, B, b = (data(rng, "normal", sh, dtype) for sh in ((m, d), (out, d), (r, d), (out, r), (out,)))
         s = L.scaling(16, r)
         x64, W64, A64, B64, b64 = (a.astype(np.float64) for a in (x, W, A, B, b))
@@ -339,8 +369,9 @@ def test_lora_forward_one_gemm_within_derived_bound(dtype):
             bb = b64 if bias else np.zeros_like(b64)
             bound = _lora_bound(x64, W64, A64, B64, bb, s, ref, dtype)
             for chunks in (1, 3):
-                y = G.lora_forward(dev(x), dev(W), dev(A), dev(B), s, bias=dev(b) if bias else None,
-                                   dtype=dtype, chunks=chunks)
+                y = G.lora_forward(
+                    dev(x), dev(W), dev(A), dev(B), s, bias=dev(b) if bias else None, dtype=dtype, chunks=chunks
+                )
                 rep = precision.compare_to_bound(host(y, dtype).astype(np.float64), ref, bound)
                 worst = max(worst, rep.worst_ratio)
                 cases += 1
@@ -358,7 +389,7 @@ def test_dora_forward_folded_factor_within_derived_bound():
     dtype = "bfloat16"
     worst, cases = 0.0, 0
     wr = precision.unit_roundoff(dtype) + precision.unit_roundoff("float32") * 2
-    for (m, d, out, r) in [(64, 256, 128, 8), (200, 1024, 384, 16)]:
+    for m, d, out, r in [(64, 256, 128, 8), (200, 1024, 384, 16)]:
         x, W, A, B, b = (data(rng, "normal", sh, dtype) for sh in ((m, d), (out, d), (r, d), (out, r), (out,)))
         s = L.scaling(8, r)
         x64, W64, A64, B64, b64 = (a.astype(np.float64) for a in (x, W, A, B, b))
@@ -391,6 +422,7 @@ def test_dora_zero_norm_row_raises():
 
 # ---------------------------------------------------------------------------------- GPU: TIES
 
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("profile", ["paper", "peft", "mergekit"])
@@ -403,9 +435,12 @@ def test_ties_equals_reference_rounded_once(profile):
     opts = dict(TIES_PROFILES[profile])
     opts.pop("rescale")
     cases = n_el = n_bad = 0
-    for n, T, dens, w, tied in [(10_000, 3, 0.2, None, False),
-                                (100_003, 4, [0.1, 0.3, 0.5, 1.0], [1.0, 0.5, 2.0, 0.7], False),
-                                (999, 2, 0.5, [1.0, -1.0], False), (20_001, 3, 0.3, None, True)]:
+    for n, T, dens, w, tied in [
+        (10_000, 3, 0.2, None, False),
+        (100_003, 4, [0.1, 0.3, 0.5, 1.0], [1.0, 0.5, 2.0, 0.7], False),
+        (999, 2, 0.5, [1.0, -1.0], False),
+        (20_001, 3, 0.3, None, True),
+    ]:
         taus = [rng.standard_normal(n).astype(np.float32) for _ in range(T)]
         if tied:  # magnitudes on a grid of 1/4: many ties at every trim threshold
             taus = [np.round(t * 4).astype(np.float32) / 4 for t in taus]
@@ -421,6 +456,7 @@ def test_ties_equals_reference_rounded_once(profile):
 
 
 # ------------------------------------------- the reference-named API, the registry and `conform --target cupy`
+
 
 def _reference_function(op: str):
     import importlib
@@ -444,14 +480,21 @@ def test_ops_table_names_registry_ops_with_the_reference_signatures():
 
     from refimpl import kernels
 
-    assert set(G.OPS) == {"lora.forward", "dora.forward", "qlora.forward", "quant.quantize_4bit",
-                          "quant.dequantize_4bit", "merging.ties"}
+    assert set(G.OPS) == {
+        "lora.forward",
+        "dora.forward",
+        "qlora.forward",
+        "quant.quantize_4bit",
+        "quant.dequantize_4bit",
+        "merging.ties",
+    }
     for op in G.OPS:
         assert op in kernels.OPS
         ref = inspect.signature(_reference_function(op)).parameters
         ours = inspect.signature(_adapter(op)).parameters
-        assert [(p.name, p.kind, p.default) for p in ours.values()] == \
-            [(p.name, p.kind, p.default) for p in ref.values()], op
+        assert [(p.name, p.kind, p.default) for p in ours.values()] == [
+            (p.name, p.kind, p.default) for p in ref.values()
+        ], op
 
 
 def test_cupy_target_declares_float32_and_the_cuda_profile():
@@ -528,15 +571,19 @@ def _linear_case(rng):
     return x, W, rng.standard_normal((2, 8)), rng.standard_normal((6, 2))
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda c: G.reference_api.lora_forward(*c, 0.5, dropout_mask=np.ones((3, 8)), dropout_p=0.5),
-     ["dropout_mask", "eval form"]),
-    (lambda c: G.reference_api.dora_forward(*c, np.ones(6), 0.5, dropout_mask=np.ones((3, 8))),
-     ["dropout_mask"]),
-    (lambda c: G.reference_api.quantize_4bit(np.ones(64, np.float32)), ["profile", "bitsandbytes-cuda"]),
-    (lambda c: G.reference_api.ties([c[0], c[0]], density=0.5, rescale="l1"), ["rescale", "l1"]),
-    (lambda c: G.reference_api.ties([c[0]] * 17, density=0.5), ["task_vectors", "16"]),
-])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (
+            lambda c: G.reference_api.lora_forward(*c, 0.5, dropout_mask=np.ones((3, 8)), dropout_p=0.5),
+            ["dropout_mask", "eval form"],
+        ),
+        (lambda c: G.reference_api.dora_forward(*c, np.ones(6), 0.5, dropout_mask=np.ones((3, 8))), ["dropout_mask"]),
+        (lambda c: G.reference_api.quantize_4bit(np.ones(64, np.float32)), ["profile", "bitsandbytes-cuda"]),
+        (lambda c: G.reference_api.ties([c[0], c[0]], density=0.5, rescale="l1"), ["rescale", "l1"]),
+        (lambda c: G.reference_api.ties([c[0]] * 17, density=0.5), ["task_vectors", "16"]),
+    ],
+)
 def test_unsupported_arguments_raise_not_implemented_naming_them(call, words):
     with pytest.raises(NotImplementedError) as info:
         call(_linear_case(np.random.default_rng(0)))
@@ -550,8 +597,9 @@ def test_qlora_adapter_refuses_a_half_precision_state_and_the_reference_profile_
     rng = np.random.default_rng(0)
     packed, st = Q.quantize_4bit(rng.standard_normal((4, 32)).astype(np.float16), 32)
     with pytest.raises(NotImplementedError, match=r"state\.dtype"):
-        G.reference_api.qlora_forward(rng.standard_normal((1, 32)), packed, st, rng.standard_normal((2, 32)),
-                                      rng.standard_normal((4, 2)), 1.0)
+        G.reference_api.qlora_forward(
+            rng.standard_normal((1, 32)), packed, st, rng.standard_normal((2, 32)), rng.standard_normal((4, 2)), 1.0
+        )
     with pytest.raises(NotImplementedError, match="profile"):
         G.reference_api.dequantize_4bit(packed, st)  # the state's own profile is "reference"
 

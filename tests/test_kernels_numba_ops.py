@@ -57,8 +57,12 @@ def test_fused_qlora_forward_matches_reference_within_float64_bound(shape, bs, d
                 x = rng.standard_normal((m, k_in))
                 want = qlora.forward(x, packed, state, A, B, 0.5, bias)
                 got = nqlora.forward(x, packed, state, A, B, 0.5, bias)
-                _check(got, want, _bound(x, Wd, A, B, 0.5), f"qlora {shape} {np.dtype(dtype).name} {qt} "
-                       f"nested={nested} m={m}")
+                _check(
+                    got,
+                    want,
+                    _bound(x, Wd, A, B, 0.5),
+                    f"qlora {shape} {np.dtype(dtype).name} {qt} nested={nested} m={m}",
+                )
                 # without the LoRA branch the fused product is x·W_dqᵀ
                 base = nqlora.dequant_matmul(x, packed, state)
                 _check(base, x @ Wd.T, 2 * precision.matmul_error_bound(x, Wd.T, "float64"), "dequant_matmul")
@@ -130,8 +134,7 @@ def test_fused_qlora_forward_with_dropout_mask_matches_reference():
     want = qlora.forward(x, packed, state, A, B, 2.0, dropout_mask=mask, dropout_p=0.25)
     got = nqlora.forward(x, packed, state, A, B, 2.0, dropout_mask=mask, dropout_p=0.25)
     assert got.shape == want.shape == (2, 5, 40)
-    _check(got.reshape(-1, 40), want.reshape(-1, 40),
-           _bound(x.reshape(-1, 64), Wd, A, B, 2.0 / 0.75), "qlora dropout")
+    _check(got.reshape(-1, 40), want.reshape(-1, 40), _bound(x.reshape(-1, 64), Wd, A, B, 2.0 / 0.75), "qlora dropout")
 
 
 def test_fused_qlora_bad_arguments_raise():
@@ -156,8 +159,13 @@ def test_fused_qlora_bad_arguments_raise():
 
 def _layer(rng, shape=(3, 5, 24), out=20, r=4):
     x = rng.standard_normal(shape)
-    return x, rng.standard_normal((out, shape[-1])), rng.standard_normal((r, shape[-1])), \
-        rng.standard_normal((out, r)), rng.standard_normal(out)
+    return (
+        x,
+        rng.standard_normal((out, shape[-1])),
+        rng.standard_normal((r, shape[-1])),
+        rng.standard_normal((out, r)),
+        rng.standard_normal(out),
+    )
 
 
 @pytest.mark.parametrize("fifo", [False, True])
@@ -171,8 +179,12 @@ def test_lora_forward_and_backward_match_reference(fifo, dropout):
     s_eff = 1.5 / 0.7 if dropout else 1.5
     want = lora.forward(x, Wc, A, B, 1.5, bias=b, fan_in_fan_out=fifo, **kw)
     got = nlora.forward(x, Wc, A, B, 1.5, bias=b, fan_in_fan_out=fifo, **kw)
-    _check(got.reshape(-1, 20), want.reshape(-1, 20), _bound(x2, W, A, B, s_eff) + 2 * np.abs(b) *
-           precision.gamma(4, "float64"), "lora forward")
+    _check(
+        got.reshape(-1, 20),
+        want.reshape(-1, 20),
+        _bound(x2, W, A, B, s_eff) + 2 * np.abs(b) * precision.gamma(4, "float64"),
+        "lora forward",
+    )
     g = rng.standard_normal(want.shape)
     rg = lora.backward(x, Wc, A, B, g, 1.5, fan_in_fan_out=fifo, need_dW=True, need_dbias=True, **kw)
     ng = nlora.backward(x, Wc, A, B, g, 1.5, fan_in_fan_out=fifo, need_dW=True, need_dbias=True, **kw)
@@ -201,8 +213,12 @@ def test_dora_forward_and_weight_norm_match_reference(dropout):
     _check(got.reshape(-1, 300), want.reshape(-1, 300), bound, f"dora forward dropout={dropout}")
     got_norm = ndora.weight_norm(W, A, B, 0.8)
     v = W + 0.8 * B @ A
-    _check(got_norm, norm, 2 * precision.gamma(24 + 8, "float64") * np.sqrt((v * v).sum(axis=1)) + 1e-300,
-           "dora weight_norm")
+    _check(
+        got_norm,
+        norm,
+        2 * precision.gamma(24 + 8, "float64") * np.sqrt((v * v).sum(axis=1)) + 1e-300,
+        "dora weight_norm",
+    )
 
 
 def test_lora_and_dora_bad_arguments_raise():
@@ -260,9 +276,12 @@ def test_ties_equals_reference_bit_for_bit_for_every_profile(profile, dtype):
 def test_ties_l1_rescale_and_options_match_reference_within_a_few_ulps():
     rng = np.random.default_rng(7)
     taus = _task_vectors(rng, 5000, np.float64, False)
-    for opts in ({"rescale": "l1"}, {"elect": "count", "divisor": "weight_sum"},
-                 {"weight_stage": "before_election", "divisor": "none", "lam": 0.7},
-                 {"k_rule": "floor_min1", "zero_sign": "global_majority"}):
+    for opts in (
+        {"rescale": "l1"},
+        {"elect": "count", "divisor": "weight_sum"},
+        {"weight_stage": "before_election", "divisor": "none", "lam": 0.7},
+        {"k_rule": "floor_min1", "zero_sign": "global_majority"},
+    ):
         want = merging.ties(taus, [1.0, -0.5, 2.0], density=0.3, profile="mergekit", **opts)
         got = nties.ties(taus, [1.0, -0.5, 2.0], density=0.3, profile="mergekit", out_dtype=np.float64, **opts)
         # only the L1 factor ‖τ‖₁/‖τ̂‖₁ is summed in another order: each norm is within γ_n of exact on
@@ -281,8 +300,7 @@ def test_ties_float32_output_is_the_reference_rounded_once():
     assert np.array_equal(got, want.astype(np.float32))
 
 
-@given(st.integers(1, 400), st.floats(0.01, 1.0), st.sampled_from(["paper", "peft", "mergekit"]),
-       st.integers(0, 2**31))
+@given(st.integers(1, 400), st.floats(0.01, 1.0), st.sampled_from(["paper", "peft", "mergekit"]), st.integers(0, 2**31))
 def test_ties_kernel_equals_reference_for_any_size_and_density(n, density, profile, seed):
     rng = np.random.default_rng(seed)
     taus = [np.round(rng.standard_normal(n) * 3) / 2 for _ in range(2)]
@@ -339,6 +357,7 @@ def test_registry_lists_numba_ops_under_the_reference_names():
     assert kernels.get("quant.quantize_4bit", "numpy") is R.quantize_4bit
     for op in kernels.OPS:  # the kernel's parameters are the reference's (plus options)
         import inspect
+
         ref_params = list(inspect.signature(kernels.get(op, "numpy")).parameters)
         ker_params = list(inspect.signature(kernels.get(op, "numba")).parameters)
         assert ker_params[: len(ref_params)] == ref_params, op  # same names in the same order, options after

@@ -28,8 +28,13 @@ def _data(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray
 
 
 def _same_state(a: R.QuantState, b: R.QuantState) -> bool:
-    same = np.asarray(a.absmax).tobytes() == np.asarray(b.absmax).tobytes() and a.shape == b.shape \
-        and a.dtype == b.dtype and a.blocksize == b.blocksize and a.quant_type == b.quant_type
+    same = (
+        np.asarray(a.absmax).tobytes() == np.asarray(b.absmax).tobytes()
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.blocksize == b.blocksize
+        and a.quant_type == b.quant_type
+    )
     if a.nested or b.nested:
         same &= a.nested == b.nested and np.float32(a.offset).tobytes() == np.float32(b.offset).tobytes()
         same &= np.asarray(a.nested_absmax).tobytes() == np.asarray(b.nested_absmax).tobytes()
@@ -80,8 +85,10 @@ def test_special_value_blocks_follow_the_bitsandbytes_cpu_table(name, qt):
         assert np.array_equal(rp, kp)
         assert _same_state(rs, ks) or (nested and np.isnan(rs.offset) and np.isnan(ks.offset))
         with np.errstate(invalid="ignore"):
-            assert np.array_equal(R.dequantize_4bit(rp, rs).view(np.uint32),
-                                  Q.dequantize_4bit(kp, ks).view(np.uint32)) or nested
+            assert (
+                np.array_equal(R.dequantize_4bit(rp, rs).view(np.uint32), Q.dequantize_4bit(kp, ks).view(np.uint32))
+                or nested
+            )
 
 
 def test_reference_profile_raises_on_nonfinite_and_rounds_float64_once():
@@ -103,10 +110,17 @@ def test_bad_input_gets_the_references_exact_error_message():
     x = np.ones(100, dtype=np.float32)
     x64 = np.ones(100)
     x64[41] = 1e39
-    cases = [((x, 48), {}), ((x, 64, "int4"), {}), ((x, 64), {"nonfinite": "ignore"}),
-             ((x, 64, "nf4", 1), {}), ((x, 64), {"threads": 0}), ((np.ones(8, np.int32),), {}),
-             ((x64, 64), {}), ((np.where(np.arange(100) == 7, np.nan, x),), {}),
-             ((x64,), {"profile": "bitsandbytes-cpu"})]
+    cases = [
+        ((x, 48), {}),
+        ((x, 64, "int4"), {}),
+        ((x, 64), {"nonfinite": "ignore"}),
+        ((x, 64, "nf4", 1), {}),
+        ((x, 64), {"threads": 0}),
+        ((np.ones(8, np.int32),), {}),
+        ((x64, 64), {}),
+        ((np.where(np.arange(100) == 7, np.nan, x),), {}),
+        ((x64,), {"profile": "bitsandbytes-cpu"}),
+    ]
     for args, kw in cases:
         with pytest.raises((TypeError, ValueError)) as ref:
             R.quantize_4bit(*args, **kw)
@@ -115,9 +129,11 @@ def test_bad_input_gets_the_references_exact_error_message():
         assert str(got.value) == str(ref.value), (args[1:], kw)
 
 
-@given(hnp.arrays(np.float32, st.integers(1, 300),
-                  elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
-       st.sampled_from([32, 64, 128]), st.sampled_from(["nf4", "fp4"]))
+@given(
+    hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+    st.sampled_from([32, 64, 128]),
+    st.sampled_from(["nf4", "fp4"]),
+)
 def test_numba_codes_equal_reference_codes_for_any_float32_input(x, bs, qt):
     rp, rs = R.quantize_4bit(x, bs, qt, profile="bitsandbytes-cpu")
     kp, ks = Q.quantize_4bit(x, bs, qt, profile="bitsandbytes-cpu")
@@ -152,10 +168,12 @@ def test_bytes_equal_bitsandbytes_cpu_quantize_and_dequantize():
             for bs in (32, 64, 4096):
                 for qt in ("nf4", "fp4"):
                     for nested in (False, True):
-                        bp, bstate = F.quantize_4bit(_to_torch(torch, x), blocksize=bs, quant_type=qt,
-                                                     compress_statistics=nested)
-                        kp, ks = Q.quantize_4bit(x, bs, qt, nested, profile="bitsandbytes-cpu",
-                                                 threads=torch.get_num_threads())
+                        bp, bstate = F.quantize_4bit(
+                            _to_torch(torch, x), blocksize=bs, quant_type=qt, compress_statistics=nested
+                        )
+                        kp, ks = Q.quantize_4bit(
+                            x, bs, qt, nested, profile="bitsandbytes-cpu", threads=torch.get_num_threads()
+                        )
                         assert np.array_equal(bp.numpy(), kp)
                         assert np.asarray(ks.absmax).tobytes() == bstate.absmax.numpy().tobytes()
                         if nested:
@@ -220,8 +238,9 @@ def test_half_and_bfloat16_bit_conversions_equal_numpy_and_ml_dtypes():
             ob[i] = bf16_to_f32(h[i])
 
     bits = np.random.default_rng(0).integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
-    x = np.concatenate([bits.view(np.float32),
-                        np.float32([0, -0.0, np.inf, -np.inf, 65504, 65520, 2**-24, 2**-25, 3 * 2**-26])])
+    x = np.concatenate(
+        [bits.view(np.float32), np.float32([0, -0.0, np.inf, -np.inf, 65504, 65520, 2**-24, 2**-25, 3 * 2**-26])]
+    )
     o16, ob = np.empty(x.size, np.uint16), np.empty(x.size, np.uint16)
     narrow(x, o16, ob)
     finite = ~np.isnan(x)

@@ -108,8 +108,9 @@ def test_lab_lora_layer_agrees_with_refimpl_lora():
     y, cache = M._lin_fwd(x, W, None, {"A": A, "B": B}, 1.5, mask, 0.25)
     y_ref = lora.forward(x, W, A, B, 1.5, dropout_mask=mask, dropout_p=0.25)
     xd = x * mask / 0.75
-    bound = precision.gamma(8 + 2 + 2, "float64") * (np.abs(x) @ np.abs(W).T + 1.5 * (np.abs(xd) @ np.abs(A).T)
-                                                      @ np.abs(B).T)
+    bound = precision.gamma(8 + 2 + 2, "float64") * (
+        np.abs(x) @ np.abs(W).T + 1.5 * (np.abs(xd) @ np.abs(A).T) @ np.abs(B).T
+    )
     rep = precision.compare_to_bound(y, y_ref, 2 * bound)
     print(f"lab vs refimpl.lora forward: worst error/bound {rep.worst_ratio:.3g}")
     assert rep.worst_ratio <= 1.0
@@ -122,8 +123,7 @@ def test_lab_lora_layer_agrees_with_refimpl_lora():
 
 
 @settings(max_examples=15)
-@given(seed=st.integers(0, 2**16), layers=st.sampled_from(["qv", "ffn", "all", "attn"]),
-       rank=st.integers(1, 4))
+@given(seed=st.integers(0, 2**16), layers=st.sampled_from(["qv", "ffn", "all", "attn"]), rank=st.integers(1, 4))
 def test_zero_B_leaves_forward_equal_to_base(seed, layers, rank):
     rng = np.random.default_rng(seed)
     base = M.init_base(SMALL, rng)
@@ -151,14 +151,18 @@ def test_merged_weights_give_the_adapter_forward(seed, dora):
 def test_adamw_step_matches_torch_adamw_with_loraplus_groups():
     torch = require("torch")
     rng = np.random.default_rng(4)
-    params = {"l.lora_A": rng.normal(size=(2, 5)), "l.lora_B": rng.normal(size=(4, 2)),
-              "l.lora_magnitude": rng.normal(size=4)}
+    params = {
+        "l.lora_A": rng.normal(size=(2, 5)),
+        "l.lora_B": rng.normal(size=(4, 2)),
+        "l.lora_magnitude": rng.normal(size=4),
+    }
     cfg = optim.AdamWConfig(lr=1e-2, weight_decay=0.1, loraplus_ratio=16.0)
     lrs = optim.learning_rates(params, cfg)
     assert lrs == {"l.lora_A": 1e-2, "l.lora_B": 0.16, "l.lora_magnitude": 0.16}  # PEFT §7: 1-D gets the ratio
     tparams = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
-    topt = torch.optim.AdamW([{"params": [tparams[k]], "lr": lrs[k]} for k in params], betas=(0.9, 0.999),
-                             eps=1e-8, weight_decay=0.1)
+    topt = torch.optim.AdamW(
+        [{"params": [tparams[k]], "lr": lrs[k]} for k in params], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1
+    )
     state = optim.init_state(params)
     for _ in range(3):
         grads = {k: rng.normal(size=v.shape) for k, v in params.items()}
@@ -261,9 +265,28 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_cli_train_writes_curves_and_plot(tmp_path, capsys):
-    rc = cli.main(["train", "--rank", "2", "--alpha", "4", "--layers", "qv", "--dropout", "0.05",
-                   "--weight-decay", "0.01", "--examples", "64", "--steps", "20", "--no-progress",
-                   "--out", str(tmp_path)])
+    rc = cli.main(
+        [
+            "train",
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+            "--layers",
+            "qv",
+            "--dropout",
+            "0.05",
+            "--weight-decay",
+            "0.01",
+            "--examples",
+            "64",
+            "--steps",
+            "20",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "diagnosis:" in out
@@ -276,8 +299,12 @@ def test_cli_train_writes_curves_and_plot(tmp_path, capsys):
 
 
 def test_cli_train_with_dora_and_nf4_base(tmp_path):
-    assert cli.main(["train", "--dora", "--nf4", "--examples", "64", "--steps", "10", "--no-progress",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            ["train", "--dora", "--nf4", "--examples", "64", "--steps", "10", "--no-progress", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "summary.json").read_text())["base"] == "nf4"
 
 

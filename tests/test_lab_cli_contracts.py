@@ -30,8 +30,13 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_lab_and_memory_parser_is_covered():
-    assert set(_parsers()) == {"refimpl lab", "refimpl lab train", "refimpl lab experiment", "refimpl lab serve",
-                               "refimpl memory"}
+    assert set(_parsers()) == {
+        "refimpl lab",
+        "refimpl lab train",
+        "refimpl lab experiment",
+        "refimpl lab serve",
+        "refimpl memory",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(_parsers()))
@@ -44,13 +49,24 @@ def test_parser_has_a_description_and_the_exit_codes(name):
 @pytest.mark.parametrize("name", sorted(_parsers()))
 def test_every_option_has_help(name):
     p = _parsers()[name]
-    missing = [a.option_strings or a.dest for a in p._actions
-               if not isinstance(a, argparse._HelpAction) and (not a.help or a.help == argparse.SUPPRESS)]
+    missing = [
+        a.option_strings or a.dest
+        for a in p._actions
+        if not isinstance(a, argparse._HelpAction) and (not a.help or a.help == argparse.SUPPRESS)
+    ]
     assert missing == [], f"{name}: no help for {missing}"
 
 
-@pytest.mark.parametrize("argv", [["lab", "--help"], ["lab", "train", "--help"], ["lab", "experiment", "--help"],
-                                  ["lab", "serve", "--help"], ["memory", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lab", "--help"],
+        ["lab", "train", "--help"],
+        ["lab", "experiment", "--help"],
+        ["lab", "serve", "--help"],
+        ["memory", "--help"],
+    ],
+)
 def test_help_through_the_refimpl_command_shows_the_exit_codes(argv, capsys):
     from refimpl.cli import main
 
@@ -65,8 +81,15 @@ def test_help_through_the_refimpl_command_shows_the_exit_codes(argv, capsys):
 def _run(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("REFIMPL_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 _REFIMPL = "import sys; from refimpl.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -97,8 +120,7 @@ def test_progress_is_off_when_stderr_is_not_a_terminal(monkeypatch):
 def test_train_into_a_pipe_writes_no_carriage_returns(tmp_path):
     pytest.importorskip("tqdm")
     pytest.importorskip("matplotlib")
-    r = _run(_REFIMPL, "lab", "train", "--steps", "5", "--examples", "100", "--out", str(tmp_path / "o"),
-             cwd=tmp_path)
+    r = _run(_REFIMPL, "lab", "train", "--steps", "5", "--examples", "100", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "\r" not in r.stdout
     assert (tmp_path / "o" / "curves.png").is_file()

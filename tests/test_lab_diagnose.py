@@ -33,8 +33,7 @@ def test_planted_configurations_are_labelled_correctly_over_seeds(planted):
     labels = []
     t0 = time.perf_counter()
     for seed in SEEDS:
-        res, _, _ = run_config(task, n, layers, rank, dropout=p, weight_decay=wd, steps=steps, seed=seed,
-                               eval_every=20)
+        res, _, _ = run_config(task, n, layers, rank, dropout=p, weight_decay=wd, steps=steps, seed=seed, eval_every=20)
         d = diagnose(res.curve.train_loss, res.curve.val_loss, chance_loss=chance_loss(cfg))
         print(f"{planted} seed {seed}: {d}")
         labels.append(d.label)
@@ -149,13 +148,18 @@ def test_planted_curve_families_are_labelled_by_shape(family, seed, capsys):
     results = list(_family_runs(family, seed))
     # the ambiguity flag counts too: a mediocre validation that rises must be flagged, a flat one must not
     flag = {"mediocre_then_rise": "overfitting", "val_plateau_no_rise": None}
-    wrong = [(k, d.label, d.ambiguous_with) for k, d, want in results
-             if d.label != want or (family in flag and d.ambiguous_with != flag[family])]
+    wrong = [
+        (k, d.label, d.ambiguous_with)
+        for k, d, want in results
+        if d.label != want or (family in flag and d.ambiguous_with != flag[family])
+    ]
     acc = 1 - len(wrong) / len(results)
     _TABLE[(family, seed)] = acc
     with capsys.disabled():
-        print(f"\n{family:22s} seed {seed}: {len(results) - len(wrong)}/{len(results)} = {acc:.0%}"
-              + (f"  wrong: {wrong}" if wrong else ""))
+        print(
+            f"\n{family:22s} seed {seed}: {len(results) - len(wrong)}/{len(results)} = {acc:.0%}"
+            + (f"  wrong: {wrong}" if wrong else "")
+        )
     assert acc >= 0.9, wrong
 
 

@@ -101,17 +101,21 @@ def test_stream_train_records_the_curve_of_train_adapter_and_stops_when_asked():
     assert [p["step"] for p in seen] == list(ref.curve.step)
     assert all(np.array_equal(adapter[k], ref.adapter[k]) for k in ref.adapter)
     calls = []
-    _, short, stopped = S.stream_train(base, cfg, acfg, train, val, tcfg, lambda p: None,
-                                       should_stop=lambda: calls.append(1) or len(calls) > 15)
+    _, short, stopped = S.stream_train(
+        base, cfg, acfg, train, val, tcfg, lambda p: None, should_stop=lambda: calls.append(1) or len(calls) > 15
+    )
     assert stopped and short.step == (0, 10)  # asked before each step: stopped before step 16
 
 
 def test_tree_path_follows_diagnose_on_every_label():
     t = np.linspace(0, 1, 15)
     train_of = lambda end: 2.0 * (1 - t) ** 3 + end * (1 - (1 - t) ** 3)  # noqa: E731
-    cases = {"rank_too_low": (train_of(1.6), 2.0 - 0.3 * t), "wrong_layers": (train_of(0.2), 2.0 - 0.2 * t),
-             "overfitting": (train_of(0.05), 2.0 - 3.0 * t + 3.0 * t**2),
-             "healthy": (train_of(0.1), 2.0 - 1.85 * (1 - (1 - t) ** 3))}
+    cases = {
+        "rank_too_low": (train_of(1.6), 2.0 - 0.3 * t),
+        "wrong_layers": (train_of(0.2), 2.0 - 0.2 * t),
+        "overfitting": (train_of(0.05), 2.0 - 3.0 * t + 3.0 * t**2),
+        "healthy": (train_of(0.1), 2.0 - 1.85 * (1 - (1 - t) ** 3)),
+    }
     for label, (tr, va) in cases.items():
         d = diagnose(tr, va, chance_loss=2.0)
         assert d.label == label
@@ -120,12 +124,24 @@ def test_tree_path_follows_diagnose_on_every_label():
         assert [p["yes"] for p in path[:-1]] == [False] * (len(path) - 2) + [label != "healthy"]
 
 
-@pytest.mark.parametrize(("params", "field"), [
-    ({"rank": 0}, "rank"), ({"rank": 65}, "rank"), ({"rank": 2.5}, "rank"), ({"dropout": "lots"}, "dropout"),
-    ({"dropout": 0.9}, "dropout"), ({"layers": "kv"}, "layers"), ({"task": "pretrain"}, "task"),
-    ({"examples": 1}, "examples"), ({"dora": "yes"}, "dora"), ({"seed": -1}, "seed"), ({"lr": 0}, "lr"),
-    ({"colour": "red"}, "colour"), ({"weight_decay": None}, "weight_decay"),
-])
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"rank": 0}, "rank"),
+        ({"rank": 65}, "rank"),
+        ({"rank": 2.5}, "rank"),
+        ({"dropout": "lots"}, "dropout"),
+        ({"dropout": 0.9}, "dropout"),
+        ({"layers": "kv"}, "layers"),
+        ({"task": "pretrain"}, "task"),
+        ({"examples": 1}, "examples"),
+        ({"dora": "yes"}, "dora"),
+        ({"seed": -1}, "seed"),
+        ({"lr": 0}, "lr"),
+        ({"colour": "red"}, "colour"),
+        ({"weight_decay": None}, "weight_decay"),
+    ],
+)
 def test_bad_parameters_get_a_400_that_names_the_field(server, params, field):
     status, body, _ = call(server, "POST", "/api/runs", {"session": new_session(server), "params": params})
     assert status == 400 and body["field"] == field and body["error"].startswith(f"{field}: "), body
@@ -250,8 +266,13 @@ def test_temporary_folder_is_the_only_place_written_and_is_removed():
 
 
 def test_cli_serve_prints_its_url_on_loopback_and_serves_the_page():
-    proc = subprocess.Popen([sys.executable, "-m", "refimpl.lab.cli", "serve", "--port", "0", "--no-warm"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refimpl.lab.cli", "serve", "--port", "0", "--no-warm"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         print("\n" + line.strip())
@@ -265,8 +286,13 @@ def test_cli_serve_prints_its_url_on_loopback_and_serves_the_page():
         proc.wait(10)
     tmp = Path(line.split("temporary folder ", 1)[1].rstrip(")\n"))
     assert tmp.name.startswith("refimpl-lab-serve-") and not tmp.exists()  # SIGTERM cleans up as Ctrl-C does
-    bad = subprocess.run([sys.executable, "-m", "refimpl.lab.cli", "serve", "--port", "70000"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "refimpl.lab.cli", "serve", "--port", "70000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "--port" in bad.stderr
 
 
@@ -284,14 +310,26 @@ def _browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not chromium or not driver:
-        pytest.skip("no browser: Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install -y chromium chromium-driver; .ci/run does this)")
+        pytest.skip(
+            "no browser: Debian's chromium and chromium-driver are not installed "
+            "(apt-get install -y chromium chromium-driver; .ci/run does this)"
+        )
     opts = Options()
     opts.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="lab-serve-chromium-")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1500,1080"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1500,1080",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=opts), profile
 
@@ -307,13 +345,17 @@ def browser():
 def _points(drv, rid: str, kind: str) -> int:
     return drv.execute_script(
         "const p = document.querySelector(`#plot polyline[data-run='${arguments[0]}'][data-kind='${arguments[1]}']`);"
-        "return p ? p.getAttribute('points').trim().split(' ').length : 0;", rid, kind)
+        "return p ? p.getAttribute('points').trim().split(' ').length : 0;",
+        rid,
+        kind,
+    )
 
 
 def _attr(drv, css: str, attr: str):
     """An attribute read in one script call (the page redraws often; a held element would go stale)."""
-    return drv.execute_script("const e = document.querySelector(arguments[0]); "
-                              "return e ? e.getAttribute(arguments[1]) : null;", css, attr)
+    return drv.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;", css, attr
+    )
 
 
 def _text(drv, css: str) -> str:
@@ -342,16 +384,25 @@ def _train(drv, server, timeout: float = 90, shot: Path | None = None) -> tuple[
 
     known = set(drv.execute_script("return Object.keys(window.labTimings)"))
     drv.find_element(By.ID, "train").click()
-    rid = wait_for(lambda: (set(drv.execute_script("return Object.keys(window.labTimings)")) - known or {None}).pop(),
-                   10, "the run to be accepted")
+    rid = wait_for(
+        lambda: (set(drv.execute_script("return Object.keys(window.labTimings)")) - known or {None}).pop(),
+        10,
+        "the run to be accepted",
+    )
     wait_for(lambda: _points(drv, rid, "train") >= 1 and _points(drv, rid, "val") >= 1, 30, "the first points")
     first = (_points(drv, rid, "train"), _points(drv, rid, "val"))
-    wait_for(lambda: _points(drv, rid, "train") > first[0] + 2 and _points(drv, rid, "val") > first[1] + 2, timeout,
-             "both curves to grow")
+    wait_for(
+        lambda: _points(drv, rid, "train") > first[0] + 2 and _points(drv, rid, "val") > first[1] + 2,
+        timeout,
+        "both curves to grow",
+    )
     if shot is not None:
         drv.save_screenshot(str(shot))
-    wait_for(lambda: drv.execute_script("return window.labTimings[arguments[0]].end !== undefined", rid), timeout,
-             "the run to end")
+    wait_for(
+        lambda: drv.execute_script("return window.labTimings[arguments[0]].end !== undefined", rid),
+        timeout,
+        "the run to end",
+    )
     return rid, drv.execute_script("return window.labTimings[arguments[0]]", rid)
 
 
@@ -366,6 +417,7 @@ def test_the_sandbox_in_chromium(server, browser, tmp_path, capsys):
     def log(text: str) -> None:
         with capsys.disabled():
             print(text)
+
     from selenium.webdriver.common.by import By
 
     drv = browser
@@ -380,13 +432,25 @@ def test_the_sandbox_in_chromium(server, browser, tmp_path, capsys):
     assert "bad" in drv.find_element(By.ID, "row-rank").get_attribute("class")
 
     # the lesson's experiment 1 in two runs: rank 16, then rank 1; both stay on the plot
-    for name, value in (("task", "facts"), ("rank", 16), ("layers", "all"), ("dropout", 0.05), ("weight_decay", 0.01),
-                        ("examples", 2000), ("steps", 300), ("dora", False), ("nf4", False), ("seed", 0)):
+    for name, value in (
+        ("task", "facts"),
+        ("rank", 16),
+        ("layers", "all"),
+        ("dropout", 0.05),
+        ("weight_decay", 0.01),
+        ("examples", 2000),
+        ("steps", 300),
+        ("dora", False),
+        ("nf4", False),
+        ("seed", 0),
+    ):
         _set(drv, name, value)
     rid, t = _train(drv, server, shot=shots / "lab-serve-streaming.png")
     label = _attr(drv, "#diagnosis-label", "data-label")
-    log(f"\nrank 16, default run: first point {t['first']:.0f} ms after Train, end {t['end'] / 1000:.1f} s, "
-          f"diagnosis {label}")
+    log(
+        f"\nrank 16, default run: first point {t['first']:.0f} ms after Train, end {t['end'] / 1000:.1f} s, "
+        f"diagnosis {label}"
+    )
     assert label == "healthy" and t["first"] < 2000 and t["end"] < 60_000
     assert "The lesson's fix" in _text(drv, "#diagnosis")
     assert drv.find_elements(By.CSS_SELECTOR, "#tree g.on[data-node='healthy']")
@@ -410,8 +474,10 @@ def test_the_sandbox_in_chromium(server, browser, tmp_path, capsys):
         assert got == mode
         if mode == "wrong_layers":
             drv.save_screenshot(str(shots / "lab-serve-wrong-layers.png"))
-    assert wait_for(lambda: _attr(drv, ".fm-diagnosis[data-mode='healthy'] .chip", "data-label"), 60,
-                    "the healthy run") == "healthy"
+    assert (
+        wait_for(lambda: _attr(drv, ".fm-diagnosis[data-mode='healthy'] .chip", "data-label"), 60, "the healthy run")
+        == "healthy"
+    )
     log(f"failure modes: 4 runs in {time.monotonic() - t0:.1f} s")
     drv.save_screenshot(str(shots / "lab-serve-failure-modes.png"))
 
@@ -422,8 +488,9 @@ def test_the_sandbox_in_chromium(server, browser, tmp_path, capsys):
     drv.find_element(By.CSS_SELECTOR, "#tabs button[data-view='merge']").click()
     drv.find_element(By.ID, "merge-pair").click()
     has = "return [...document.querySelectorAll('#merge-b option')].map(o => o.textContent).join(' ')"
-    wait_for(lambda: "facts_high" in drv.execute_script(has) and "facts_low" in drv.execute_script(has), 90,
-             "both adapters")
+    wait_for(
+        lambda: "facts_high" in drv.execute_script(has) and "facts_low" in drv.execute_script(has), 90, "both adapters"
+    )
     drv.find_element(By.ID, "merge-go").click()
     wait_for(lambda: drv.execute_script("return document.getElementById('bars').dataset.done === '1'"), 30, "bars")
     assert len(drv.find_elements(By.CSS_SELECTOR, "#bars rect.bar")) == 7 * 3

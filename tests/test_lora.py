@@ -130,8 +130,18 @@ def _loss_grad_bound(layer, mask, p):
     """Rounding bound on each gradient entry: the gradient of the magnitudes, times γ."""
     x, W, A, B, s = (layer[k] for k in ("x", "W", "A", "B", "s"))
     g = np.ones((*x.shape[:-1], W.shape[0]))
-    mags = lora.backward(np.abs(x), np.abs(W), np.abs(A), np.abs(B), g, abs(s), dropout_mask=mask,
-                         dropout_p=p, need_dW=True, need_dbias=True)
+    mags = lora.backward(
+        np.abs(x),
+        np.abs(W),
+        np.abs(A),
+        np.abs(B),
+        g,
+        abs(s),
+        dropout_mask=mask,
+        dropout_p=p,
+        need_dW=True,
+        need_dbias=True,
+    )
     return mags, precision.gamma(_depth(W, A) + W.shape[0] + int(np.prod(x.shape[:-1])) + 4, "float64")
 
 
@@ -151,9 +161,13 @@ def test_backward_equals_central_finite_differences(layer, p):
     mags, gam = _loss_grad_bound(layer, mask, p)
     absg = np.abs(g)
     magnitude = float(np.sum(absg * _abs_forward(np.abs(x) / (1 - p), W, A, B, s, b)))
-    for name, arr, analytic, mag in (("x", x, grads.dx, mags.dx), ("A", A, grads.dA, mags.dA),
-                                     ("B", B, grads.dB, mags.dB), ("W", W, grads.dW, mags.dW),
-                                     ("b", b, grads.dbias, mags.dbias)):
+    for name, arr, analytic, mag in (
+        ("x", x, grads.dx, mags.dx),
+        ("A", A, grads.dA, mags.dA),
+        ("B", B, grads.dB, mags.dB),
+        ("W", W, grads.dW, mags.dW),
+        ("b", b, grads.dbias, mags.dbias),
+    ):
         fd = np.empty_like(arr)
         for i in np.ndindex(arr.shape):
             plus, minus = arr.copy(), arr.copy()
@@ -221,8 +235,9 @@ def test_low_precision_merge_rounds_once_unsafe_and_twice_safe():
     unsafe = lora.merge(W, A, B, 0.5, dtype="bfloat16")
     safe = lora.merge(W, A, B, 0.5, dtype="bfloat16", safe=True)
     assert np.array_equal(unsafe, precision.round_to(exact, "bfloat16"))
-    assert np.array_equal(safe, precision.round_to(W + precision.round_to(lora.delta(A, B, 0.5), "bfloat16"),
-                                                   "bfloat16"))
+    assert np.array_equal(
+        safe, precision.round_to(W + precision.round_to(lora.delta(A, B, 0.5), "bfloat16"), "bfloat16")
+    )
     assert np.all(precision.ulp_distance(unsafe, exact, "bfloat16") <= 1)
     back = lora.unmerge(unsafe, A, B, 0.5, dtype="bfloat16")
     assert not np.array_equal(back, W)  # not exact in bf16, as PEFT documents (peft.md §4.3)
@@ -231,8 +246,13 @@ def test_low_precision_merge_rounds_once_unsafe_and_twice_safe():
 
 def test_model_param_count_matches_peft_suffix_rule():
     layers = {f"layers.{i}.attn.{p}": (4096, 4096) for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    layers.update({f"layers.{i}.mlp.{p}": shape for i in range(2)
-                   for p, shape in (("up_proj", (11008, 4096)), ("down_proj", (4096, 11008)))})
+    layers.update(
+        {
+            f"layers.{i}.mlp.{p}": shape
+            for i in range(2)
+            for p, shape in (("up_proj", (11008, 4096)), ("down_proj", (4096, 11008)))
+        }
+    )
     qv = lora.model_param_count(layers, 8, ["q_proj", "v_proj"])
     assert qv.trainable == 2 * 2 * 65_536 and len(qv.adapted_layers) == 4
     every = lora.model_param_count(layers, 8, "all-linear")

@@ -89,8 +89,10 @@ def test_forward_matches_peft_for_default_and_gaussian_init(init, use_rslora):
     with torch.no_grad():
         y = _np(model(x))
     xn = _np(x)
-    _record(f"forward init={init} rslora={use_rslora}",
-            precision.compare_to_bound(y, lora.forward(xn, W, A, B, s, bias=b), _fp32_bound(xn, W, A, B, s, b)))
+    _record(
+        f"forward init={init} rslora={use_rslora}",
+        precision.compare_to_bound(y, lora.forward(xn, W, A, B, s, bias=b), _fp32_bound(xn, W, A, B, s, b)),
+    )
 
 
 def test_gaussian_init_std_is_one_over_r_like_peft():
@@ -111,8 +113,10 @@ def test_residual_inits_match_peft_through_products(method):
     model = _peft_model(base, r, alpha, init_lora_weights=method)
     layer = model.base_model.model.lin
     s = layer.scaling["default"]
-    peft_res, peft_delta = _np(layer.base_layer.weight), s * _np(layer.lora_B["default"].weight) @ _np(
-        layer.lora_A["default"].weight)
+    peft_res, peft_delta = (
+        _np(layer.base_layer.weight),
+        s * _np(layer.lora_B["default"].weight) @ _np(layer.lora_A["default"].weight),
+    )
     ours = lora.init(W0, r, alpha=alpha, method=method)
     our_delta = lora.delta(ours.A, ours.B, s)
     # PEFT factorises in fp32 (backward stable: γ_{mn}·‖W‖ in fp32); the split into the top-r part and
@@ -146,12 +150,16 @@ def test_rank_above_min_in_out_matches_peft_forward_merge_and_counts(in_f, out_f
     with torch.no_grad():
         y = _np(model(x))
     xn = _np(x)
-    _record(f"forward r={r} > min({in_f}, {out_f})",
-            precision.compare_to_bound(y, lora.forward(xn, W, A, B, s, bias=b), _fp32_bound(xn, W, A, B, s, b)))
+    _record(
+        f"forward r={r} > min({in_f}, {out_f})",
+        precision.compare_to_bound(y, lora.forward(xn, W, A, B, s, bias=b), _fp32_bound(xn, W, A, B, s, b)),
+    )
     layer.merge(safe_merge=False)
     bound = precision.gamma(r + 3, "float32") * (np.abs(W) + abs(s) * np.abs(B) @ np.abs(A))
-    _record(f"merge r={r} > min({in_f}, {out_f})",
-            precision.compare_to_bound(_np(layer.base_layer.weight), lora.merge(W, A, B, s), bound))
+    _record(
+        f"merge r={r} > min({in_f}, {out_f})",
+        precision.compare_to_bound(_np(layer.base_layer.weight), lora.merge(W, A, B, s), bound),
+    )
 
 
 @pytest.mark.parametrize("method", ["pissa", "olora"])
@@ -174,10 +182,14 @@ def test_residual_inits_with_rank_above_min_keep_min_in_out_components_like_peft
     # and product: γ_{mn}(fp32)·‖W‖ times the conditioning of W (a backward-stable factorisation of W + E)
     sv = np.linalg.svd(W0, compute_uv=False)
     bound = precision.gamma(W0.size, "float32") * sv[0] * (1 + sv[0] / sv[-1]) * max(1.0, abs(s))
-    _record(f"init={method} r > min ΔW", precision.compare_to_bound(s * B @ A, lora.delta(ours.A, ours.B, s),
-                                                                      np.full(W0.shape, bound)))
-    _record(f"init={method} r > min W_res", precision.compare_to_bound(_np(layer.base_layer.weight), ours.W,
-                                                                         np.full(W0.shape, bound)))
+    _record(
+        f"init={method} r > min ΔW",
+        precision.compare_to_bound(s * B @ A, lora.delta(ours.A, ours.B, s), np.full(W0.shape, bound)),
+    )
+    _record(
+        f"init={method} r > min W_res",
+        precision.compare_to_bound(_np(layer.base_layer.weight), ours.W, np.full(W0.shape, bound)),
+    )
 
 
 def test_fan_in_fan_out_conv1d_matches_peft():
@@ -292,8 +304,12 @@ def test_bf16_base_with_fp32_adapters_follows_peft_casting():
     m_lora = abs(s) * (np.abs(xn) @ np.abs(A).T) @ np.abs(B).T
     # PEFT's fp32 sums may land on the other side of a bf16 rounding boundary than the exact value:
     # each of the two bf16 roundings may then differ by one bf16 ulp (2u relative).
-    bound = (precision.gamma(W.shape[1] + 2, "float32") * m_base + precision.gamma(A.shape[0] + 2, "float32") * m_lora
-             + 2 * u16 * m_base + 2 * u16 * (m_base + m_lora))
+    bound = (
+        precision.gamma(W.shape[1] + 2, "float32") * m_base
+        + precision.gamma(A.shape[0] + 2, "float32") * m_lora
+        + 2 * u16 * m_base
+        + 2 * u16 * (m_base + m_lora)
+    )
     _record("bf16 base forward", precision.compare_to_bound(y, emulated, bound))
     equal = float(np.mean(y == emulated))
     print(f"[peft] bf16 base forward: {equal:.1%} of outputs bit-identical to the emulation")
@@ -326,12 +342,26 @@ def test_torch_autograd_agrees_with_backward():
     xd = tx * torch.tensor(mask) / (1 - p)
     y = tx @ tW.T + tb + s * (xd @ tA.T) @ tB.T
     (y * torch.tensor(g)).sum().backward()
-    mags = lora.backward(np.abs(x), np.abs(W), np.abs(A), np.abs(B), np.abs(g), s, dropout_mask=mask,
-                         dropout_p=p, need_dW=True, need_dbias=True)
+    mags = lora.backward(
+        np.abs(x),
+        np.abs(W),
+        np.abs(A),
+        np.abs(B),
+        np.abs(g),
+        s,
+        dropout_mask=mask,
+        dropout_p=p,
+        need_dW=True,
+        need_dbias=True,
+    )
     gam = precision.gamma(9 + 3 + 7 + 6 + 4, "float64")
-    for name, ours, theirs, mag in (("dx", grads.dx, tx, mags.dx), ("dW", grads.dW, tW, mags.dW),
-                                    ("dA", grads.dA, tA, mags.dA), ("dB", grads.dB, tB, mags.dB),
-                                    ("dbias", grads.dbias, tb, mags.dbias)):
+    for name, ours, theirs, mag in (
+        ("dx", grads.dx, tx, mags.dx),
+        ("dW", grads.dW, tW, mags.dW),
+        ("dA", grads.dA, tA, mags.dA),
+        ("dB", grads.dB, tB, mags.dB),
+        ("dbias", grads.dbias, tb, mags.dbias),
+    ):
         _record(f"autograd {name}", precision.compare_to_bound(ours, _np(theirs.grad), 2 * gam * mag))
 
 

@@ -14,10 +14,10 @@ N = 65e9  # the lesson's nominal 65B
 P = 799_539_200
 # Korthikanti eq. 2, s=512, b=1, h=8192, a=64: one layer 512·8192·(34 + 5·64·512/8192) = 512·8192·54 bytes
 ONE_LAYER = 226_492_416
-ACT_FULL = 80 * ONE_LAYER                       # 18,119,393,280 B
-ACT_CKPT = 80 * 2 * 512 * 8192 + ONE_LAYER      # 671,088,640 + 226,492,416 = 897,581,056 B
-NF4 = N * 0.5                                   # 32.5 GB
-DQ = N * (8 / 64 + 32 / (64 * 256)) / 8         # 0.126953125 bits/weight → 1.031494140625 GB
+ACT_FULL = 80 * ONE_LAYER  # 18,119,393,280 B
+ACT_CKPT = 80 * 2 * 512 * 8192 + ONE_LAYER  # 671,088,640 + 226,492,416 = 897,581,056 B
+NF4 = N * 0.5  # 32.5 GB
+DQ = N * (8 / 64 + 32 / (64 * 256)) / 8  # 0.126953125 bits/weight → 1.031494140625 GB
 
 
 def gb(x: float) -> float:
@@ -37,8 +37,8 @@ def test_parameter_and_activation_arithmetic_by_hand():
 
 def test_full_fine_tuning_components():
     c = estimate("full", n_params=N, activations="checkpointed").components_gb
-    assert c["weights"] == pytest.approx(130.0, rel=1e-12)          # 65e9 × 2 B
-    assert c["gradients"] == pytest.approx(130.0, rel=1e-12)        # 65e9 × 2 B
+    assert c["weights"] == pytest.approx(130.0, rel=1e-12)  # 65e9 × 2 B
+    assert c["gradients"] == pytest.approx(130.0, rel=1e-12)  # 65e9 × 2 B
     assert c["optimizer states"] == pytest.approx(520.0, rel=1e-12)  # 65e9 × 8 B (AdamW m, v in fp32)
     assert c["activations"] == pytest.approx(0.897581056, rel=1e-12)
     assert c["adapters"] == c["quantization constants"] == 0.0
@@ -50,7 +50,7 @@ def test_adapter_components_per_precision(dtype, a):
     for method, weights in (("lora", 130.0), ("qlora", 32.5)):
         c = estimate(method, n_params=N, adapter_dtype=dtype).components_gb
         assert c["weights"] == pytest.approx(weights, rel=1e-12)
-        assert c["adapters"] == pytest.approx(gb(P * a), rel=1e-12)   # 1.5990784 (16-bit) / 3.1981568 (fp32)
+        assert c["adapters"] == pytest.approx(gb(P * a), rel=1e-12)  # 1.5990784 (16-bit) / 3.1981568 (fp32)
         assert c["gradients"] == pytest.approx(gb(P * a), rel=1e-12)
         assert c["optimizer states"] == pytest.approx(6.3963136, rel=1e-12)  # P × 8 B whatever the dtype
     assert estimate("qlora", n_params=N).components_gb["quantization constants"] == pytest.approx(1.031494140625)
@@ -76,12 +76,13 @@ def test_paged_optimizer_moves_the_states_off_the_gpu_total():
 
 def test_the_issues_figures_under_one_assumption_per_row():
     # one activation assumption for every row (issue 18): LoRA checkpointed, QLoRA without checkpointing
-    lora_ckpt = 130 + 2 * 3.1981568 + 6.3963136 + gb(ACT_CKPT)       # fp32 adapters: 143.690208256
-    qlora_full = 32.5 + 1.031494140625 + 2 * 3.1981568 + 6.3963136 + gb(ACT_FULL)   # 64.443514620625
-    qlora_16 = 32.5 + 1.031494140625 + 2 * 1.5990784 + 6.3963136 + gb(ACT_CKPT)     # 44.023545596625
+    lora_ckpt = 130 + 2 * 3.1981568 + 6.3963136 + gb(ACT_CKPT)  # fp32 adapters: 143.690208256
+    qlora_full = 32.5 + 1.031494140625 + 2 * 3.1981568 + 6.3963136 + gb(ACT_FULL)  # 64.443514620625
+    qlora_16 = 32.5 + 1.031494140625 + 2 * 1.5990784 + 6.3963136 + gb(ACT_CKPT)  # 44.023545596625
     assert estimate("lora", n_params=N, adapter_dtype="fp32").total_gb == pytest.approx(lora_ckpt, rel=1e-12)
-    assert estimate("qlora", n_params=N, adapter_dtype="fp32", activations="full").total_gb == \
-        pytest.approx(qlora_full, rel=1e-12)
+    assert estimate("qlora", n_params=N, adapter_dtype="fp32", activations="full").total_gb == pytest.approx(
+        qlora_full, rel=1e-12
+    )
     assert estimate("qlora", n_params=N, adapter_dtype="bf16").total_gb == pytest.approx(qlora_16, rel=1e-12)
     assert (round(lora_ckpt, 1), round(qlora_full, 1), round(qlora_16, 1)) == (143.7, 64.4, 44.0)
 
@@ -90,16 +91,17 @@ def test_the_row_by_row_fit_reproduces_the_lessons_numbers():
     rows = {m: (gb_, e.total_gb) for m, gb_, e in memory.lesson_table()}
     assert rows["full"] == (780.0, pytest.approx(780.0, rel=1e-12))
     assert rows["lora"] == (160.0, pytest.approx(130 + 2 * 3.1981568 + 6.3963136 + gb(ACT_FULL), rel=1e-12))  # 160.9
-    assert rows["qlora"] == (48.0, pytest.approx(32.5 + 1.031494140625 + 2 * 3.1981568 + 6.3963136 + gb(ACT_CKPT),
-                                                 rel=1e-12))  # 47.2
+    assert rows["qlora"] == (
+        48.0,
+        pytest.approx(32.5 + 1.031494140625 + 2 * 3.1981568 + 6.3963136 + gb(ACT_CKPT), rel=1e-12),
+    )  # 47.2
     for lesson_gb, total in rows.values():
         assert abs(total / lesson_gb - 1) <= 0.02
 
 
 def test_which_assumption_sets_reproduce_each_lesson_figure():
     fits = memory.lesson_fits()
-    got = {m: {(kw["adapter_dtype"], kw["activations"], kw["paged_optimizer"]) for kw, _ in v}
-           for m, v in fits.items()}
+    got = {m: {(kw["adapter_dtype"], kw["activations"], kw["paged_optimizer"]) for kw, _ in v} for m, v in fits.items()}
     # 780: 12 B/param, resident AdamW, activations none (780.0) or checkpointed (780.9); full gives 798.1 (+2.3 %)
     assert got["full"] == {(d, a, False) for d in ("fp32", "bf16") for a in ("none", "checkpointed")}
     # 160: only without checkpointing: fp32 adapters 160.9, 16-bit adapters 157.7
@@ -113,7 +115,7 @@ def test_which_assumption_sets_reproduce_each_lesson_figure():
 
 def test_consistent_table_uses_one_set_and_the_same_activations_in_every_row():
     rows = {m: e for m, _, e in memory.consistent_table()}
-    assert rows["full"].total_gb == pytest.approx(780 + gb(ACT_CKPT), rel=1e-12)                       # 780.9
+    assert rows["full"].total_gb == pytest.approx(780 + gb(ACT_CKPT), rel=1e-12)  # 780.9
     assert rows["lora"].total_gb == pytest.approx(130 + 2 * 1.5990784 + 6.3963136 + gb(ACT_CKPT), rel=1e-12)  # 140.5
     assert rows["qlora"].total_gb == pytest.approx(44.023545596625, rel=1e-12)
     acts = {e.components_gb["activations"] for e in rows.values()}
@@ -129,8 +131,9 @@ def test_more_memory_for_more_rank_more_activations_and_dora():
     assert estimate("lora", rank=64).total_gb > estimate("lora", rank=8).total_gb
     assert estimate("lora", activations="full").total_gb > estimate("lora", activations="checkpointed").total_gb
     assert estimate("lora", activations="checkpointed").total_gb > estimate("lora", activations="none").total_gb
-    assert estimate("qlora", dora=True).trainable_params - estimate("qlora").trainable_params == \
-        80 * (5 * 8192 + 2 * 22016)  # 6,799,360 magnitudes
+    assert estimate("qlora", dora=True).trainable_params - estimate("qlora").trainable_params == 80 * (
+        5 * 8192 + 2 * 22016
+    )  # 6,799,360 magnitudes
     assert estimate("full").trainable_params == estimate("full").n_params
 
 

@@ -132,8 +132,12 @@ def test_ties_is_invariant_under_task_permutation(profile, taus, d):
     ref = merging.ties(taus, w, density=d, profile=profile)
     perm = list(reversed(range(len(taus))))
     out = merging.ties([taus[i] for i in perm], [w[i] for i in perm], density=d, profile=profile)
-    terms = np.stack([merging.trim_mask(t, d, k_rule=merging.sparsify.TRIM_K_RULE[profile]) * t * wi
-                      for t, wi in zip(taus, w, strict=True)])
+    terms = np.stack(
+        [
+            merging.trim_mask(t, d, k_rule=merging.sparsify.TRIM_K_RULE[profile]) * t * wi
+            for t, wi in zip(taus, w, strict=True)
+        ]
+    )
     rep = precision.compare_to_bound(out, ref, _sum_bound(terms, 2 * len(taus) + 2))
     assert rep.passed, str(rep)
 
@@ -172,11 +176,23 @@ def test_ties_election_and_divisors_on_a_worked_example():
 def test_ties_global_majority_zero_that_is_zero_selects_negatives():
     t1 = np.array([1.0, -1.0])
     t2 = np.array([-1.0, 1.0])
-    out = merging.elect_and_merge(np.stack([t1, t2]), np.ones(2), elect="sum", zero_sign="global_majority",
-                                  weight_stage="after_election", divisor="count")
+    out = merging.elect_and_merge(
+        np.stack([t1, t2]),
+        np.ones(2),
+        elect="sum",
+        zero_sign="global_majority",
+        weight_stage="after_election",
+        divisor="count",
+    )
     np.testing.assert_array_equal(out, [-1.0, -1.0])  # merging.md §3.1 step 3
-    out = merging.elect_and_merge(np.stack([t1, t2]), np.ones(2), elect="sum", zero_sign="positive",
-                                  weight_stage="after_election", divisor="count")
+    out = merging.elect_and_merge(
+        np.stack([t1, t2]),
+        np.ones(2),
+        elect="sum",
+        zero_sign="positive",
+        weight_stage="after_election",
+        divisor="count",
+    )
     np.testing.assert_array_equal(out, [1.0, 1.0])
 
 
@@ -236,8 +252,9 @@ def test_dare_paper_ties_trims_after_the_drop_but_peft_does_not():
     paper = merging.dare(taus, masks=masks, density=0.5, merge="ties", profile="paper")
     peft = merging.dare(taus, masks=masks, density=0.5, merge="ties", profile="peft")
     assert (paper != 0).sum() < (peft != 0).sum()
-    same = merging.dare(taus, masks=masks, density=0.5, merge="ties", profile="paper", ties_density=1.0,
-                        zero_sign="positive")
+    same = merging.dare(
+        taus, masks=masks, density=0.5, merge="ties", profile="paper", ties_density=1.0, zero_sign="positive"
+    )
     np.testing.assert_array_equal(same, peft)
 
 
@@ -335,10 +352,14 @@ def test_peft_factor_linear_has_cross_terms_worked_number():
         (lambda: merging.slerp(0.5, np.ones(2), np.ones(3)), ValueError, "shape"),
         (lambda: merging.lora_svd([np.ones((2, 3))], [np.ones((4, 2))], 1.0, rank=4), ValueError, "rank"),
         (lambda: merging.lora_cat([np.ones((2, 3))], [np.ones((4, 3))], 1.0), ValueError, "Bs"),
-        (lambda: merging.lora_factor_linear([np.ones((2, 3)), np.ones((1, 3))],
-                                            [np.ones((4, 2)), np.ones((4, 1))], 1.0), ValueError, "ranks"),
-        (lambda: merging.task_vector({"w": np.ones(2)}, {"w": np.ones(2), "v": np.ones(2)}), ValueError,
-         "missing"),
+        (
+            lambda: merging.lora_factor_linear(
+                [np.ones((2, 3)), np.ones((1, 3))], [np.ones((4, 2)), np.ones((4, 1))], 1.0
+            ),
+            ValueError,
+            "ranks",
+        ),
+        (lambda: merging.task_vector({"w": np.ones(2)}, {"w": np.ones(2), "v": np.ones(2)}), ValueError, "missing"),
         (lambda: merging.task_vector(np.ones(2, np.float32), np.ones(2)), ValueError, "dtype"),
     ],
 )
@@ -366,9 +387,10 @@ def test_ties_and_dare_of_scalars_equal_their_one_element_vectors(profile):
     """0-d task vectors (a scalar parameter such as a logit scale) merge as 1-element vectors do."""
     scalars = [np.array(1.5), np.array(-2.0), np.array(0.25)]
     vectors = [s.reshape(1) for s in scalars]
-    assert float(merging.ties(scalars, density=1.0, profile=profile)) == \
-        float(merging.ties(vectors, density=1.0, profile=profile)[0])
+    assert float(merging.ties(scalars, density=1.0, profile=profile)) == float(
+        merging.ties(vectors, density=1.0, profile=profile)[0]
+    )
     masks = [np.array(True), np.array(False), np.array(True)]
-    assert float(merging.dare(scalars, density=0.5, masks=masks, merge="ties", profile=profile)) == \
-        float(merging.dare(vectors, density=0.5, masks=[m.reshape(1) for m in masks], merge="ties",
-                           profile=profile)[0])
+    assert float(merging.dare(scalars, density=0.5, masks=masks, merge="ties", profile=profile)) == float(
+        merging.dare(vectors, density=0.5, masks=[m.reshape(1) for m in masks], merge="ties", profile=profile)[0]
+    )

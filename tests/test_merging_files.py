@@ -22,8 +22,13 @@ _spec = importlib.util.spec_from_file_location("merge_files_memory", ROOT / "ben
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-SHAPES = {"emb": ((12, 8), np.float32), "l0.w": ((8, 8), np.float32), "l0.b": ((8,), ml_dtypes.bfloat16),
-          "l1.w": ((5, 8), np.float16), "pos_ids": ((6,), np.int64)}
+SHAPES = {
+    "emb": ((12, 8), np.float32),
+    "l0.w": ((8, 8), np.float32),
+    "l0.b": ((8,), ml_dtypes.bfloat16),
+    "l1.w": ((5, 8), np.float16),
+    "pos_ids": ((6,), np.int64),
+}
 
 
 def _write(path: Path, seed: int, *, bad: str | None = None) -> Path:
@@ -102,8 +107,9 @@ def _expected(base_dir, model_dirs, method, weights, options):
 def test_merge_files_equals_the_per_tensor_reference(tmp_path, models, method, weights, options, n_models):
     base, ms = models
     ms = ms[:n_models]
-    res = merging.merge_files(base, ms, tmp_path / "out", method=method, weights=weights, options=options,
-                              progress=False)
+    res = merging.merge_files(
+        base, ms, tmp_path / "out", method=method, weights=weights, options=options, progress=False
+    )
     got = _read(tmp_path / "out")
     exp = _expected(base, ms, method, weights, options)
     assert set(got) == set(exp) == set(SHAPES)
@@ -115,8 +121,7 @@ def test_merge_files_equals_the_per_tensor_reference(tmp_path, models, method, w
 
 def test_merge_files_shards_and_index(tmp_path, models):
     base, ms = models
-    res = merging.merge_files(base, ms, tmp_path / "out", options={}, shard_size=300, progress=False,
-                              prefix="merged")
+    res = merging.merge_files(base, ms, tmp_path / "out", options={}, shard_size=300, progress=False, prefix="merged")
     index = json.loads((tmp_path / "out" / "merged.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(SHAPES)
     shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
@@ -177,8 +182,9 @@ def test_merge_files_on_an_executor_writes_the_same_bytes(tmp_path, models):
     opts = {"density": 0.5, "merge": "ties", "profile": "mergekit"}
     merging.merge_files(base, ms, tmp_path / "a", method="dare", options=opts, progress=False)
     with ThreadPoolExecutor(max_workers=2) as ex:
-        merging.merge_files(base, ms, tmp_path / "b", method="dare", options=opts, executor=ex, max_in_flight=3,
-                            progress=False)
+        merging.merge_files(
+            base, ms, tmp_path / "b", method="dare", options=opts, executor=ex, max_in_flight=3, progress=False
+        )
     for name in os.listdir(tmp_path / "a"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -187,10 +193,21 @@ def test_merge_files_on_a_dask_local_cluster(tmp_path, models):
     distributed = pytest.importorskip("distributed", reason="dask.distributed not installed (optional)")
     base, ms = models
     merging.merge_files(base, ms, tmp_path / "a", method="ties", options={"density": 0.5}, progress=False)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        merging.merge_files(base, ms, tmp_path / "b", method="ties", options={"density": 0.5},
-                            executor=client.get_executor(), progress=False)
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        merging.merge_files(
+            base,
+            ms,
+            tmp_path / "b",
+            method="ties",
+            options={"density": 0.5},
+            executor=client.get_executor(),
+            progress=False,
+        )
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
@@ -201,19 +218,30 @@ def test_merge_files_peak_memory_is_a_few_tensors(tmp_path):
     model = bench.build(tmp_path, 0.07, tasks=2, files=3, hidden=256)
     tracemalloc.start()
     try:
-        res = merging.merge_files(model["base"], model["models"], tmp_path / "out", method="ties",
-                                  options={"density": 0.2}, shard_size=50_000_000, progress=False)
+        res = merging.merge_files(
+            model["base"],
+            model["models"],
+            tmp_path / "out",
+            method="ties",
+            options={"density": 0.2},
+            shard_size=50_000_000,
+            progress=False,
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     largest64 = res.largest_tensor_bytes * 2
-    print(f"merge_files memory: {res.n_tensors} tensors, {3 * res.total_bytes / 1e6:.0f} MB read, largest "
-          f"{res.largest_tensor} {res.largest_tensor_bytes / 1e6:.1f} MB; traced peak {peak / 1e6:.1f} MB = "
-          f"{peak / res.largest_tensor_bytes:.2f} × largest tensor = {peak / largest64:.2f} × its float64 size")
+    print(
+        f"merge_files memory: {res.n_tensors} tensors, {3 * res.total_bytes / 1e6:.0f} MB read, largest "
+        f"{res.largest_tensor} {res.largest_tensor_bytes / 1e6:.1f} MB; traced peak {peak / 1e6:.1f} MB = "
+        f"{peak / res.largest_tensor_bytes:.2f} × largest tensor = {peak / largest64:.2f} × its float64 size"
+    )
     assert peak <= (2 + 4) * largest64
     rss = bench.measure(model, tmp_path / "out2", "ties", {"density": 0.2}, 50_000_000)
-    print(f"merge_files child peak RSS above pre-merge: {rss['peak_extra_bytes'] / 1e6:.1f} MB = "
-          f"{rss['peak_extra_over_largest_tensor']:.2f} × largest tensor")
+    print(
+        f"merge_files child peak RSS above pre-merge: {rss['peak_extra_bytes'] / 1e6:.1f} MB = "
+        f"{rss['peak_extra_over_largest_tensor']:.2f} × largest tensor"
+    )
     # the traced working set plus the file pages of the T + 1 tensors being read
     assert rss["peak_extra_bytes"] <= (2 + 4) * largest64 + 3 * res.largest_tensor_bytes
     assert rss["peak_extra_bytes"] < 3 * res.total_bytes  # below the size of the models read

@@ -56,10 +56,12 @@ def mergelm_ties(taus: list[list[float]], mask_rate: float, lam: float = 1.0) ->
     return out
 
 
-def mergelm_dare_ties(taus: list[list[float]], keep: list[list[bool]], d: float, mask_rate: float,
-                      lam: float = 1.0) -> list[float]:
-    dropped = [[v * (1.0 if k else 0.0) / d for v, k in zip(t, m, strict=True)] for t, m in zip(taus, keep,
-                                                                                              strict=True)]
+def mergelm_dare_ties(
+    taus: list[list[float]], keep: list[list[bool]], d: float, mask_rate: float, lam: float = 1.0
+) -> list[float]:
+    dropped = [
+        [v * (1.0 if k else 0.0) / d for v, k in zip(t, m, strict=True)] for t, m in zip(taus, keep, strict=True)
+    ]
     return mergelm_ties(dropped, mask_rate, lam)
 
 
@@ -71,7 +73,8 @@ def test_worked_example_elected_sign_zero_gives_zero():
     np.testing.assert_array_equal(merging.ties(taus, density=1.0, profile="paper"), [-1.0, -2.0])
     masks = [np.ones(2, bool)] * 2
     np.testing.assert_array_equal(
-        merging.dare(taus, density=1.0, masks=masks, merge="ties", profile="mergelm", ties_density=1.0), [0.0, 0.0])
+        merging.dare(taus, density=1.0, masks=masks, merge="ties", profile="mergelm", ties_density=1.0), [0.0, 0.0]
+    )
 
 
 def test_worked_example_n10_d025_keeps_4():

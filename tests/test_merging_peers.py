@@ -135,8 +135,9 @@ def _peft_lora_model(torch, peft, ranks, alphas, seed, use_rslora=False):
     names = [f"a{i}" for i in range(len(ranks))]
     pm = None
     for name, r, alpha in zip(names, ranks, alphas, strict=True):
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], init_lora_weights=False,
-                              use_rslora=use_rslora)
+        cfg = peft.LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=["0"], init_lora_weights=False, use_rslora=use_rslora
+        )
         if pm is None:
             pm = peft.get_peft_model(model, cfg, adapter_name=name)
         else:
@@ -158,8 +159,10 @@ def test_peft_add_weighted_adapter(combination):
     kwargs = {"svd_rank": sum(ranks)} if combination == "svd" else {}
     pm.add_weighted_adapter(names, w, "merged", combination_type=combination, **kwargs)
     assert layer.scaling["merged"] == 1.0  # α = r for the merged adapter
-    got = layer.lora_B["merged"].weight.detach().double().numpy() @ layer.lora_A["merged"].weight.detach(
-    ).double().numpy()
+    got = (
+        layer.lora_B["merged"].weight.detach().double().numpy()
+        @ layer.lora_A["merged"].weight.detach().double().numpy()
+    )
     c = np.multiply(w, scal)
     absB = [np.abs(b) for b in Bs]
     absA = [np.abs(a) for a in As]
@@ -167,8 +170,7 @@ def test_peft_add_weighted_adapter(combination):
         A, B = merging.lora_cat(As, Bs, scal, w)
         ref = B @ A
         # PEFT rounds c_i·A_i to float32 (two products): γ_2 relative per term
-        bound = precision.gamma(2, "float32") * sum(abs(ci) * (b @ a) for ci, a, b in zip(c, absA, absB,
-                                                                                            strict=True))
+        bound = precision.gamma(2, "float32") * sum(abs(ci) * (b @ a) for ci, a, b in zip(c, absA, absB, strict=True))
     elif combination == "linear":
         A, B = merging.lora_factor_linear(As, Bs, scal, w)
         ref = B @ A
@@ -211,20 +213,32 @@ def _mergekit_gta(gta, taus, w, density, consensus, sparsify, normalize, rescale
     method = mod.GeneralizedTaskArithmeticMerge(
         consensus_method=consensus and mod.ConsensusMethod(consensus),
         sparsification_method=sparsify and sp.SparsificationMethod(sparsify),
-        default_normalize=normalize, default_rescale=rescale, method_name="test", method_pretty_name=None,
-        method_reference_url=None)
+        default_normalize=normalize,
+        default_rescale=rescale,
+        method_name="test",
+        method_pretty_name=None,
+        method_reference_url=None,
+    )
     # base = 0 so the deltas are exactly the float32 task vectors
     tensors = [torch.zeros(SHAPE)] + [torch.from_numpy(t) for t in taus]
     group = base.TensorGroup.from_tensors(tensors, base_index=0)
     ids = range(1, len(taus) + 1)
-    params = {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": lam,
-              "weight": dict(zip(ids, w, strict=True)), "density": dict.fromkeys(ids, density)}
+    params = {
+        "int8_mask": False,
+        "normalize": normalize,
+        "rescale": rescale,
+        "lambda": lam,
+        "weight": dict(zip(ids, w, strict=True)),
+        "density": dict.fromkeys(ids, density),
+    }
     return method.merge_group(group, **params).numpy()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize(("consensus", "normalize", "lam"), [("sum", True, 1.0), ("sum", True, 0.8),
-                                                             ("count", True, 1.0), ("sum", False, 1.0)])
+@pytest.mark.parametrize(
+    ("consensus", "normalize", "lam"),
+    [("sum", True, 1.0), ("sum", True, 0.8), ("count", True, 1.0), ("sum", False, 1.0)],
+)
 def test_mergekit_ties(gta, seed, consensus, normalize, lam):
     taus = _tasks(seed)
     w = [0.7, 1.3, 0.4]
@@ -260,8 +274,9 @@ def test_mergekit_dare_with_injected_masks(gta, monkeypatch, merge, seed):
     masks = merging.dare_masks(SHAPE, T, density, np.random.default_rng(200 + seed))
     fake = _InjectedBernoulli(torch, masks)
     monkeypatch.setattr(torch, "bernoulli", fake)
-    got = _mergekit_gta(gta, taus, w, density, "sum" if merge == "ties" else None, "random",
-                        normalize=False, rescale=True)
+    got = _mergekit_gta(
+        gta, taus, w, density, "sum" if merge == "ties" else None, "random", normalize=False, rescale=True
+    )
     assert fake.calls == T
     ref = merging.dare(taus, w, masks=masks, density=density, merge=merge, profile="mergekit")
     dropped = np.stack([merging.l1_rescaled(t.astype(np.float64), m) for t, m in zip(taus, masks, strict=True)])
@@ -269,8 +284,7 @@ def test_mergekit_dare_with_injected_masks(gta, monkeypatch, merge, seed):
     sel = np.sign(dropped * wb) == np.where((dropped * wb).sum(0) >= 0, 1.0, -1.0) if merge == "ties" else 1.0
     n = SHAPE[0] * SHAPE[1]
     # the L1 ratio: two float32 sums of n terms and a division, 2γ_n + γ_1; then the weighted sum γ_{T+2}
-    bound = (2 * precision.gamma(n, "float32") + precision.gamma(T + 4, "float32")) * np.abs(
-        dropped * wb * sel).sum(0)
+    bound = (2 * precision.gamma(n, "float32") + precision.gamma(T + 4, "float32")) * np.abs(dropped * wb * sel).sum(0)
     _record(f"mergekit/dare_{merge}", precision.compare_to_bound(got, ref, bound), got, ref)
 
 
@@ -280,8 +294,9 @@ def test_mergekit_linear():
     base = require("mergekit.merge_methods.base")
     thetas = _tasks(7)
     w = [0.7, 1.3, 0.4]
-    got = lin.linear_merge.merge_batch(base.TensorBatch(tuple(torch.from_numpy(t)[None] for t in thetas)),
-                                       weight=torch.tensor([w]), normalize=True)[0].numpy()
+    got = lin.linear_merge.merge_batch(
+        base.TensorBatch(tuple(torch.from_numpy(t)[None] for t in thetas)), weight=torch.tensor([w]), normalize=True
+    )[0].numpy()
     ref = merging.linear(thetas, w)
     # addcmul per task (≤ 2 roundings each), Σ w in float32 (γ_T, positive weights), one division
     bound = _bound(np.stack(thetas) * np.reshape(w, (-1, 1, 1)), sum(w), 3 * T + 1)
@@ -332,6 +347,8 @@ def test_zz_print_worst_error_over_bound_per_profile():
         vals = [v for k, v in WORST.items() if k.startswith(profile + "/")]
         diffs = [v for k, v in WORST_ABS.items() if k.startswith(profile + "/")]
         if vals:
-            print(f"WORST profile={profile}: error/bound = {max(vals):.3g}, max |difference| = {max(diffs):.3g} "
-                  f"over {len(vals)} methods")
+            print(
+                f"WORST profile={profile}: error/bound = {max(vals):.3g}, max |difference| = {max(diffs):.3g} "
+                f"over {len(vals)} methods"
+            )
     assert max(WORST.values()) <= 1.0

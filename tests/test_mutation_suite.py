@@ -54,9 +54,11 @@ def test_default_conform_kills_every_mutant(capsys):
     lines = [f"{'op':<30} {'mutant':<{w}} {'cause':<15} {'caught by':<11} seconds"]
     lines += [f"{op:<30} {name:<{w}} {cause:<15} {tier:<11} {dt:6.2f}" for op, name, cause, tier, dt in rows]
     by_tier = {t: sum(r[3] == t for r in rows) for t in (*TIERS, "SURVIVED")}
-    lines.append(f"mutation suite: {len(rows) - len(survivors)} of {len(rows)} killed by the default run in "
-                 f"{time.perf_counter() - t_all:.1f} s; first failing tier: "
-                 + ", ".join(f"{t} {n}" for t, n in by_tier.items() if n))
+    lines.append(
+        f"mutation suite: {len(rows) - len(survivors)} of {len(rows)} killed by the default run in "
+        f"{time.perf_counter() - t_all:.1f} s; first failing tier: "
+        + ", ".join(f"{t} {n}" for t, n in by_tier.items() if n)
+    )
     with capsys.disabled():  # the kill table belongs in the CI log
         print("\n" + "\n".join(lines))
     assert not survivors, "mutants the default run did not kill:\n" + "\n".join(survivors)

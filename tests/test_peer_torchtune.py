@@ -62,16 +62,23 @@ def test_the_dropout_model_reproduces_torchtune_bit_for_bit_without_a_bias():
     target = _target()
     rng = np.random.default_rng(0)
     n_in, n_out, r = 12, 7, 3
-    case = {"x": rng.standard_normal((4, n_in)), "W": rng.standard_normal((n_out, n_in)),
-            "A": rng.standard_normal((r, n_in)), "B": rng.standard_normal((n_out, r)),
-            "m": rng.uniform(0.5, 2, n_out), "scaling": 1.5,
-            "dropout_mask": (rng.random((4, n_in)) < 0.7).astype(float), "dropout_p": 0.3}
+    case = {
+        "x": rng.standard_normal((4, n_in)),
+        "W": rng.standard_normal((n_out, n_in)),
+        "A": rng.standard_normal((r, n_in)),
+        "B": rng.standard_normal((n_out, r)),
+        "m": rng.uniform(0.5, 2, n_out),
+        "scaling": 1.5,
+        "dropout_mask": (rng.random((4, n_in)) < 0.7).astype(float),
+        "dropout_p": 0.3,
+    }
     got = target.dora_forward(**case)
     assert np.array_equal(got, dora_dropout_model("dora.forward", case, {})["out"])
     assert not np.allclose(got, dora.forward(**case), atol=1e-6)  # a real design difference
     with_bias = {**case, "bias": rng.standard_normal(n_out)}
-    assert not np.allclose(target.dora_forward(**with_bias), dora_dropout_model("dora.forward", with_bias, {})["out"],
-                           atol=1e-6)  # the bias bug is not modelled
+    assert not np.allclose(
+        target.dora_forward(**with_bias), dora_dropout_model("dora.forward", with_bias, {})["out"], atol=1e-6
+    )  # the bias bug is not modelled
 
 
 def test_conform_torchtune_fails_on_exactly_the_dora_bias_bug():
@@ -92,8 +99,12 @@ def test_conform_torchtune_fails_on_exactly_the_dora_bias_bug():
 
 def test_upstream_reproducer_shows_the_bias_bug():
     require("torchtune.modules.peft")
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "reproducers" / "torchtune_dora_bias.py")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "reproducers" / "torchtune_dora_bias.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     print(done.stdout)
     assert done.returncode == 1
     assert "DoRALinear returned                  [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]" in done.stdout

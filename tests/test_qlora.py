@@ -70,8 +70,13 @@ def test_forward_rejects_bad_input():
 # differential: bitsandbytes Linear4bit (matmul_4bit) + peft.tuners.lora.bnb.Linear4bit on CPU
 
 
-CASES = [("float32", "nf4", True), ("float32", "fp4", False), ("bfloat16", "nf4", True),
-         ("bfloat16", "fp4", True), ("float16", "nf4", False)]
+CASES = [
+    ("float32", "nf4", True),
+    ("float32", "fp4", False),
+    ("bfloat16", "nf4", True),
+    ("bfloat16", "fp4", True),
+    ("float16", "nf4", False),
+]
 
 
 @pytest.mark.peers
@@ -85,13 +90,19 @@ def test_forward_agrees_with_bitsandbytes_and_peft_within_the_derived_bound(dtyp
     torch.manual_seed(0)
     tdt = getattr(torch, dtype)
     K, N, r, M = 256, 80, 8, 7
-    base = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=tdt, compress_statistics=nested,
-                             quant_type=quant_type)
-    base.weight = bnb.nn.Params4bit((torch.randn(N, K) * 0.05).to(tdt), requires_grad=False,
-                                    compress_statistics=nested, quant_type=quant_type)._quantize("cpu")
+    base = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=tdt, compress_statistics=nested, quant_type=quant_type)
+    base.weight = bnb.nn.Params4bit(
+        (torch.randn(N, K) * 0.05).to(tdt), requires_grad=False, compress_statistics=nested, quant_type=quant_type
+    )._quantize("cpu")
     base.bias = torch.nn.Parameter(torch.randn(N).to(tdt), requires_grad=False)
-    layer = peft_bnb.Linear4bit(base, "default", LoraConfig(r=r, lora_alpha=16, init_lora_weights=False),
-                                r=r, lora_alpha=16, init_lora_weights=False)
+    layer = peft_bnb.Linear4bit(
+        base,
+        "default",
+        LoraConfig(r=r, lora_alpha=16, init_lora_weights=False),
+        r=r,
+        lora_alpha=16,
+        init_lora_weights=False,
+    )
     layer.lora_A["default"].to(tdt)
     layer.lora_B["default"].to(tdt)
     assert type(layer).__module__ == "peft.tuners.lora.bnb"
@@ -102,15 +113,16 @@ def test_forward_agrees_with_bitsandbytes_and_peft_within_the_derived_bound(dtyp
     def f64(t):
         return t.detach().float().numpy().astype(np.float64)
 
-    qs = {k: (v.numpy() if isinstance(v, torch.Tensor) else v)
-          for k, v in layer.base_layer.weight.quant_state.as_dict(packed=True).items()}
+    qs = {
+        k: (v.numpy() if isinstance(v, torch.Tensor) else v)
+        for k, v in layer.base_layer.weight.quant_state.as_dict(packed=True).items()
+    }
     state = quant.QuantState.from_bnb_dict(qs)
     packed = layer.base_layer.weight.data.numpy()
     A, B = f64(layer.lora_A["default"].weight), f64(layer.lora_B["default"].weight)
     s = layer.scaling["default"]
     ref = qlora.forward(f64(x), packed, state, A, B, s, f64(base.bias))
-    bound = qlora.forward_error_bound(f64(x), packed, state, A, B, s, f64(base.bias), dtype=dtype,
-                                      accumulate="float32")
+    bound = qlora.forward_error_bound(f64(x), packed, state, A, B, s, f64(base.bias), dtype=dtype, accumulate="float32")
     report = precision.compare_to_bound(f64(y), ref, bound)
     print(f"\nqlora forward {dtype} {quant_type} nested={nested} vs bitsandbytes+PEFT: {report}")
     assert report.passed, str(report)

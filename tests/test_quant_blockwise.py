@@ -19,7 +19,8 @@ def float32_data(max_size: int = 400):
     """Finite float32 arrays; magnitudes below 1e-30 become 0 so no block has a subnormal absmax."""
     elems = st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_infinity=False)
     return hnp.arrays(np.float32, st.integers(1, max_size), elements=elems).map(
-        lambda a: np.where(np.abs(a) < 1e-30, np.float32(0), a).astype(np.float32))
+        lambda a: np.where(np.abs(a) < 1e-30, np.float32(0), a).astype(np.float32)
+    )
 
 
 quant_types = st.sampled_from(["nf4", "fp4"])
@@ -69,11 +70,10 @@ def test_without_double_quant_a_blocks_bytes_depend_only_on_that_block(x, quant_
     k = data.draw(st.integers(0, state.n_blocks - 1), label="block")
     lo, hi = k * bs, min(x.size, (k + 1) * bs)
     y = x.copy()
-    y[lo:hi] = data.draw(hnp.arrays(np.float32, hi - lo,
-                                    elements=st.floats(-10, 10, width=32)), label="new block")
+    y[lo:hi] = data.draw(hnp.arrays(np.float32, hi - lo, elements=st.floats(-10, 10, width=32)), label="new block")
     packed2, state2 = quant.quantize_4bit(y, bs, quant_type)
     outside = np.ones(packed.size, bool)
-    outside[lo // 2: (hi + 1) // 2] = False
+    outside[lo // 2 : (hi + 1) // 2] = False
     assert np.array_equal(packed.ravel()[outside], packed2.ravel()[outside])
     others = np.arange(state.n_blocks) != k
     assert np.array_equal(state.absmax[others], state2.absmax[others])
@@ -142,21 +142,27 @@ def test_reference_raises_on_nan_and_inf_unless_propagate():
     assert nib[5] == 15 and np.isinf(state.absmax[0])
 
 
-@pytest.mark.parametrize("profile,full_nib,full_absmax,tail_absmax", [
-    ("reference", 7, 0.0, np.float32(1e-38)),
-    ("bitsandbytes-cpu", 7, 0.0, np.float32(1e-38)),
-    ("bitsandbytes-cuda", 0, 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "profile,full_nib,full_absmax,tail_absmax",
+    [
+        ("reference", 7, 0.0, np.float32(1e-38)),
+        ("bitsandbytes-cpu", 7, 0.0, np.float32(1e-38)),
+        ("bitsandbytes-cuda", 0, 0.0, 0.0),
+    ],
+)
 def test_all_zero_blocks(profile, full_nib, full_absmax, tail_absmax):
     nib, state = _nibbles(np.zeros(40), profile=profile)
     assert set(nib.tolist()) == {full_nib}
     assert state.absmax.tolist() == [full_absmax, tail_absmax]
 
 
-@pytest.mark.parametrize("profile,nan_nib,other_nib,absmax_is_nan", [
-    ("bitsandbytes-cpu", 15, 15, True),
-    ("bitsandbytes-cuda", 0, 12, False),
-])
+@pytest.mark.parametrize(
+    "profile,nan_nib,other_nib,absmax_is_nan",
+    [
+        ("bitsandbytes-cpu", 15, 15, True),
+        ("bitsandbytes-cuda", 0, 12, False),
+    ],
+)
 def test_nan_element(profile, nan_nib, other_nib, absmax_is_nan):
     x = np.full(32, 0.5, np.float32)
     x[0], x[1] = np.nan, 1.0
@@ -186,8 +192,9 @@ def test_subnormal_block(profile, nib):
     assert set(nibs.tolist()) == {nib}
 
 
-@pytest.mark.parametrize("profile,tiny_pos,tiny_neg", [
-    ("reference", 8, 0), ("bitsandbytes-cpu", 8, 0), ("bitsandbytes-cuda", 0, 8)])
+@pytest.mark.parametrize(
+    "profile,tiny_pos,tiny_neg", [("reference", 8, 0), ("bitsandbytes-cpu", 8, 0), ("bitsandbytes-cuda", 0, 8)]
+)
 def test_fp4_tiny_values_get_the_zero_nibble_of_the_profile(profile, tiny_pos, tiny_neg):
     x = np.zeros(32, np.float32)
     x[0], x[1], x[2] = 1.0, 1e-3, -1e-3
@@ -195,13 +202,27 @@ def test_fp4_tiny_values_get_the_zero_nibble_of_the_profile(profile, tiny_pos, t
     assert (nib[1], nib[2]) == (tiny_pos, tiny_neg)
 
 
-@pytest.mark.parametrize("profile,shape,negative", [
-    ("reference", (4, 8), False), ("bitsandbytes-cpu", (4, 8), True), ("bitsandbytes-cpu", (32,), True),
-    ("bitsandbytes-cpu", (4, 9), False), ("bitsandbytes-cuda", (4, 9), True)])
+@pytest.mark.parametrize(
+    "profile,shape,negative",
+    [
+        ("reference", (4, 8), False),
+        ("bitsandbytes-cpu", (4, 8), True),
+        ("bitsandbytes-cpu", (32,), True),
+        ("bitsandbytes-cpu", (4, 9), False),
+        ("bitsandbytes-cuda", (4, 9), True),
+    ],
+)
 def test_fp4_nibble_8_dequantizes_to_the_profiles_signed_zero(profile, shape, negative):
     n = int(np.prod(shape))
-    state = QuantState(shape=shape, dtype="float32", blocksize=64, quant_type="fp4",
-                       absmax=np.ones(1, np.float32), code=quant.codebook("fp4"), profile=profile)
+    state = QuantState(
+        shape=shape,
+        dtype="float32",
+        blocksize=64,
+        quant_type="fp4",
+        absmax=np.ones(1, np.float32),
+        code=quant.codebook("fp4"),
+        profile=profile,
+    )
     out = quant.dequantize_4bit(quant.pack_nibbles(np.full(n, 8)), state)
     assert np.all(out == 0) and bool(np.signbit(out).all()) == negative
 
@@ -239,22 +260,24 @@ def test_cuda_8bit_binary_search_equals_nearest_away_from_ties():
 # bad input
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    ({"blocksize": 100}, ValueError, "blocksize"),
-    ({"blocksize": 16}, ValueError, "blocksize"),
-    ({"blocksize": True}, TypeError, "blocksize"),
-    ({"quant_type": "int4"}, ValueError, "quant_type"),
-    ({"profile": "cuda"}, ValueError, "profile"),
-    ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
-    ({"double_quant": 1}, TypeError, "double_quant"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"blocksize": 100}, ValueError, "blocksize"),
+        ({"blocksize": 16}, ValueError, "blocksize"),
+        ({"blocksize": True}, TypeError, "blocksize"),
+        ({"quant_type": "int4"}, ValueError, "quant_type"),
+        ({"profile": "cuda"}, ValueError, "profile"),
+        ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ({"double_quant": 1}, TypeError, "double_quant"),
+    ],
+)
 def test_quantize_rejects_bad_options(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         quant.quantize_4bit(np.ones(64, np.float32), **kwargs)
 
 
-@pytest.mark.parametrize("x", [np.ones(8, np.int32), np.ones(8, np.complex64), np.ones(8, bool),
-                               np.array(["a"])])
+@pytest.mark.parametrize("x", [np.ones(8, np.int32), np.ones(8, np.complex64), np.ones(8, bool), np.array(["a"])])
 def test_quantize_rejects_non_float_dtypes(x):
     with pytest.raises(TypeError, match="x: expected a float32, float16 or bfloat16"):
         quant.quantize_4bit(x)

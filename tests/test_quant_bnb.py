@@ -32,8 +32,7 @@ SHAPES = ((7,), (12345,), (33, 129), (1000, 77), (385, 1024))
 # (200 % 16 != 0); (96, 80) the AVX-512 kernel where the host has it (rows of 80 are not whole blocks)
 PATH_SHAPES = ((130, 200), (96, 80))
 KINDS = ("normal", "uniform", "heavy", "near_threshold")
-_NP = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-       "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_NP = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _UINT = {2: np.uint16, 4: np.uint32}
 
 
@@ -107,8 +106,9 @@ def bnb():
     import bitsandbytes
 
     if tuple(int(p) for p in bitsandbytes.__version__.split(".")[:2]) < (0, 50):
-        pytest.fail(f"bitsandbytes >= 0.50 required (PR #1960 changed the CPU quantizer), got "
-                    f"{bitsandbytes.__version__}")
+        pytest.fail(
+            f"bitsandbytes >= 0.50 required (PR #1960 changed the CPU quantizer), got {bitsandbytes.__version__}"
+        )
     # bitsandbytes' torch dequantization path is wrapped in torch.compile; eager runs the same float32
     # products and avoids recompiling for every shape.
     previous = torch._dynamo.config.disable
@@ -117,13 +117,14 @@ def bnb():
     torch._dynamo.config.disable = previous
 
 
-def compare_one(torch, F, x: np.ndarray, quant_type: str, blocksize: int, nested: bool,
-                tally: PathTally | None = None) -> dict[str, int]:
+def compare_one(
+    torch, F, x: np.ndarray, quant_type: str, blocksize: int, nested: bool, tally: PathTally | None = None
+) -> dict[str, int]:
     xt = to_torch(torch, x)
-    packed_t, state_t = F.quantize_4bit(xt, blocksize=blocksize, compress_statistics=nested,
-                                        quant_type=quant_type)
-    packed, state = quant.quantize_4bit(x, blocksize, quant_type, nested, profile="bitsandbytes-cpu",
-                                        threads=torch.get_num_threads())
+    packed_t, state_t = F.quantize_4bit(xt, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    packed, state = quant.quantize_4bit(
+        x, blocksize, quant_type, nested, profile="bitsandbytes-cpu", threads=torch.get_num_threads()
+    )
     theirs = {k: to_numpy(v) for k, v in state_t.as_dict(packed=True).items()}
     ours = state.to_bnb_dict()
     assert theirs.keys() == ours.keys()
@@ -164,8 +165,10 @@ def test_byte_exact_matrix_against_bitsandbytes_cpu(bnb, quant_type):
                         if count and len(failures) < 5:
                             failures.append((dtype, blocksize, nested, kind, shape, key, count))
                 combo += 1
-    print(f"\n[{quant_type}] bitsandbytes-cpu byte-exact matrix: {elements} elements in {tensors} "
-          f"tensors; mismatches: " + ", ".join(f"{k}={v}" for k, v in sorted(mismatches.items())))
+    print(
+        f"\n[{quant_type}] bitsandbytes-cpu byte-exact matrix: {elements} elements in {tensors} "
+        f"tensors; mismatches: " + ", ".join(f"{k}={v}" for k, v in sorted(mismatches.items()))
+    )
     print(tally.line())
     assert elements >= 10_000_000
     assert bnb_paths.SCALAR in tally.cases  # the profile's own rules are checked on every host
@@ -203,16 +206,19 @@ def test_blockwise_8bit_cpu_lookup_rule_matches_bitsandbytes(bnb):
     torch, F = bnb
     rng = np.random.default_rng(8)
     grid = np.linspace(-1, 1, 1 << 20, dtype=np.float32)
-    data = np.concatenate([grid, rng.standard_normal(1 << 18).astype(np.float32) * 1e-3,
-                           rng.uniform(-1, 1, 1 << 18).astype(np.float32)])
+    data = np.concatenate(
+        [grid, rng.standard_normal(1 << 18).astype(np.float32) * 1e-3, rng.uniform(-1, 1, 1 << 18).astype(np.float32)]
+    )
     data[::256] = 1.0  # absmax 1 per block: v equals the grid value
     codes_t, state_t = F.quantize_blockwise(torch.from_numpy(data), blocksize=256)
     codes, absmax = quant.quantize_blockwise_8bit(data, 256, profile="bitsandbytes-cpu")
     ref_codes, _ = quant.quantize_blockwise_8bit(data, 256, profile="reference")
     n_code = int((codes_t.numpy() != codes).sum())
     n_nearest = int((ref_codes != codes).sum())
-    print(f"\n8-bit CPU LUT rule: {data.size} codes, {n_code} mismatches vs bitsandbytes; the nearest-code "
-          f"reference differs from bitsandbytes in {n_nearest} ({n_nearest / data.size:.3%})")
+    print(
+        f"\n8-bit CPU LUT rule: {data.size} codes, {n_code} mismatches vs bitsandbytes; the nearest-code "
+        f"reference differs from bitsandbytes in {n_nearest} ({n_nearest / data.size:.3%})"
+    )
     assert n_code == 0
     assert _bits_equal(state_t.absmax.numpy(), absmax) == 0
     deq = quant.dequantize_blockwise_8bit(codes, absmax, 256)
@@ -239,6 +245,7 @@ def test_quant_state_dict_round_trips_through_bitsandbytes(bnb):
         expected, path = bnb_dequantize_expected(packed, state)  # (96, 80): rows are not whole blocks
         print(f"\nnested={nested}: bitsandbytes took the {bnb_paths.LABELS[path]} path")
         assert _bits_equal(deq_t.reshape(x.shape), expected) == 0
-        back = quant.QuantState.from_bnb_dict({"weight." + k: to_numpy(v)
-                                               for k, v in state_t.as_dict(packed=True).items()})
+        back = quant.QuantState.from_bnb_dict(
+            {"weight." + k: to_numpy(v) for k, v in state_t.as_dict(packed=True).items()}
+        )
         assert _bits_equal(quant.dequantize_4bit(packed, back), quant.dequantize_4bit(packed, state)) == 0

@@ -38,8 +38,9 @@ def test_a_wrong_absmax_is_reported():
     packed, state = quant.quantize_4bit(x, 64)
     absmax = state.absmax.copy()
     absmax[2] = np.nextafter(absmax[2], np.float32(np.inf))
-    bad = quant.QuantState(shape=state.shape, dtype=state.dtype, blocksize=64, quant_type="nf4",
-                           absmax=absmax, code=state.code)
+    bad = quant.QuantState(
+        shape=state.shape, dtype=state.dtype, blocksize=64, quant_type="nf4", absmax=absmax, code=state.code
+    )
     report = quant.check_4bit(packed, bad, x)
     assert report.n_absmax_mismatch == 1 and report.first_absmax_mismatch == 2 and not report.passed
 

@@ -37,8 +37,7 @@ def test_midpoint_tables_are_float32_midpoints_of_sorted_codes(quant_type):
 
 
 def test_fp4_values_are_the_stated_rationals_rounded_to_float32():
-    exact = [0, Fraction(1, 192), Fraction(2, 3), 1, Fraction(1, 3), Fraction(1, 2), Fraction(1, 6),
-             Fraction(1, 4)]
+    exact = [0, Fraction(1, 192), Fraction(2, 3), 1, Fraction(1, 3), Fraction(1, 2), Fraction(1, 6), Fraction(1, 4)]
     values = quant.codebook("fp4")
     for nib, v in enumerate(exact):
         assert values[nib] == np.float32(float(v))

@@ -22,8 +22,16 @@ from refimpl.quant import blockwise, codebooks, cuda_rcp
 # The literals exactly as they are written in dQuantizeFP4 (csrc/kernels.cu, bitsandbytes 0.50.2),
 # in the order of the magnitudes they separate: 0 | 1/192 | 1/6 | 1/4 | 1/3 | 1/2 | 2/3 | 1 (× 1/12 · 12).
 SOURCE_LITERALS = ("0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333")
-FP4_MAGNITUDES = (Fraction(0), Fraction(1, 192), Fraction(1, 6), Fraction(1, 4), Fraction(1, 3), Fraction(1, 2),
-                  Fraction(2, 3), Fraction(1))
+FP4_MAGNITUDES = (
+    Fraction(0),
+    Fraction(1, 192),
+    Fraction(1, 6),
+    Fraction(1, 4),
+    Fraction(1, 3),
+    Fraction(1, 2),
+    Fraction(2, 3),
+    Fraction(1),
+)
 
 # Measured on an NVIDIA H200 with bitsandbytes 0.50.2 CUDA (bench/results/bnb-cuda-compare-h200.json, the
 # first nibble of each case that the profile with a correctly rounded reciprocal got "wrong"):
@@ -95,10 +103,21 @@ def test_fp4_cuda_sign_rules_for_zero_tiny_and_nan():
 
 # The 15 literals of dQuantizeNF4 as written in the source (ascending).
 NF4_SOURCE_LITERALS = (
-    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
-    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
-    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
-    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
+    "-0.8480964004993439",
+    "-0.6106329262256622",
+    "-0.4599952697753906",
+    "-0.33967943489551544",
+    "-0.23460740596055984",
+    "-0.13791173323988914",
+    "-0.045525018125772476",
+    "0.03979014977812767",
+    "0.1202552504837513",
+    "0.2035212516784668",
+    "0.2920137718319893",
+    "0.3893125355243683",
+    "0.5016634166240692",
+    "0.6427869200706482",
+    "0.8614784181118011",
 )
 
 
@@ -133,8 +152,10 @@ def test_measured_reciprocal_table_is_present_and_within_one_ulp():
     assert d.shape == (1 << 23,) and set(np.unique(d).tolist()) <= {-1, 0, 1}
     assert d[0] == 0  # 1/1.0 is exact
     share = (d != 0).mean()
-    print(f"[rcp.approx.ftz.f32 sm_90] +1 ulp: {info['plus_one_ulp']}, −1 ulp: {info['minus_one_ulp']}, "
-          f"share differing from RN(1/a): {share:.4f}")
+    print(
+        f"[rcp.approx.ftz.f32 sm_90] +1 ulp: {info['plus_one_ulp']}, −1 ulp: {info['minus_one_ulp']}, "
+        f"share differing from RN(1/a): {share:.4f}"
+    )
     assert 0 < share < 0.5
 
 
@@ -147,7 +168,7 @@ def _exact_bracket(a: np.float32) -> tuple[np.float32, np.float32]:
     return lo, hi
 
 
-@given(st.floats(min_value=float(np.finfo(np.float32).tiny), max_value=2.0 ** 126, width=32))
+@given(st.floats(min_value=float(np.finfo(np.float32).tiny), max_value=2.0**126, width=32))
 def test_rcp_approx_is_one_of_the_two_float32_neighbours_of_the_exact_reciprocal(a):
     a = np.float32(a)
     r = cuda_rcp.rcp_approx_ftz(np.array([a, -a], dtype=np.float32))
@@ -159,12 +180,12 @@ def test_rcp_approx_is_one_of_the_two_float32_neighbours_of_the_exact_reciprocal
 @given(st.integers(min_value=0, max_value=(1 << 23) - 1), st.integers(min_value=-60, max_value=60))
 def test_rcp_approx_depends_on_the_significand_only(m, k):
     a = np.array(m | (127 << 23), dtype=np.uint32).view(np.float32)
-    scaled = np.float32(a * np.float32(2.0 ** k))
-    assert cuda_rcp.rcp_approx_ftz(scaled) == np.float32(cuda_rcp.rcp_approx_ftz(a) * np.float32(2.0 ** -k))
+    scaled = np.float32(a * np.float32(2.0**k))
+    assert cuda_rcp.rcp_approx_ftz(scaled) == np.float32(cuda_rcp.rcp_approx_ftz(a) * np.float32(2.0**-k))
 
 
 def test_rcp_approx_special_values_flush_to_zero():
-    a = np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, -_F32_MAX, 2.0 ** 127], dtype=np.float32)
+    a = np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, -_F32_MAX, 2.0**127], dtype=np.float32)
     r = cuda_rcp.rcp_approx_ftz(a)
     assert r[:5].tolist() == [np.inf, -np.inf, 0.0, -0.0, np.inf]
     assert np.signbit(r[3]) and np.signbit(r[5]) and r[5] == 0  # 1/−FLT_MAX is subnormal → −0
@@ -189,8 +210,9 @@ def test_profile_reproduces_nibbles_measured_on_h200(a_hex, x_hex, nibble):
     packed, state = quant.quantize_4bit(block, 32, "fp4", profile="bitsandbytes-cuda")
     got = blockwise.unpack_nibbles(packed, 32)[1]
     # With the correctly rounded reciprocal the same x lands on the other side of a literal.
-    ieee = blockwise.nibbles_of_scaled(np.array([block[1] * (np.float32(1) / block[0])], np.float32), "fp4",
-                                       "bitsandbytes-cuda")[0]
+    ieee = blockwise.nibbles_of_scaled(
+        np.array([block[1] * (np.float32(1) / block[0])], np.float32), "fp4", "bitsandbytes-cuda"
+    )[0]
     print(f"[h200 fp4] a={block[0]!r} x={block[1]!r}: measured {nibble}, profile {got}, with RN(1/a) {ieee}")
     assert got == nibble
     assert ieee != nibble
@@ -263,8 +285,10 @@ def test_nf4_literals_account_for_every_nf4_difference_measured_on_h200():
     spec.loader.exec_module(bench)
     measured = json.loads((root / "bench" / "results" / "bnb-cuda-compare-h200-midpoints.json").read_text())
     assert measured["size_per_case"] == 16421 and measured["seed"] == 0
-    by_case = {(r["quant_type"], r["dtype"], r["blocksize"], r["nested"], r["kind"]): r["bitsandbytes-cuda"]
-               for r in measured["cases_4bit"]}
+    by_case = {
+        (r["quant_type"], r["dtype"], r["blocksize"], r["nested"], r["kind"]): r["bitsandbytes-cuda"]
+        for r in measured["cases_4bit"]
+    }
     rng = np.random.default_rng(0)
     total = cases = 0
     for quant_type in ("nf4", "fp4"):
@@ -287,6 +311,8 @@ def test_nf4_literals_account_for_every_nf4_difference_measured_on_h200():
                         assert n == entry["nibbles_differ"] == entry["admissible"], (dtype, bs, nested, kind)
                         total += n
                         cases += 1
-    print(f"[h200 nf4 replay] cases={cases} nibbles where literals and midpoints disagree={total} "
-          f"(= measured differences)")
+    print(
+        f"[h200 nf4 replay] cases={cases} nibbles where literals and midpoints disagree={total} "
+        f"(= measured differences)"
+    )
     assert total > 0

@@ -130,10 +130,16 @@ JUNK = {"None": None, "str": "bogus", "nan": np.array([np.nan]), "empty": np.zer
 @pytest.mark.parametrize("mod_name, func", list(_public_functions()))
 def test_public_function_rejects_junk_with_value_or_type_error(mod_name, func):
     f = getattr(importlib.import_module(f"refimpl.{mod_name}"), func)
-    params = [p for p in inspect.signature(f).parameters.values()
-              if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    kwonly = {p.name: None for p in inspect.signature(f).parameters.values()
-              if p.default is inspect.Parameter.empty and p.kind == p.KEYWORD_ONLY}
+    params = [
+        p
+        for p in inspect.signature(f).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    kwonly = {
+        p.name: None
+        for p in inspect.signature(f).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind == p.KEYWORD_ONLY
+    }
     if not params and not kwonly:
         pytest.skip("no required arguments")
     for label, junk in JUNK.items():

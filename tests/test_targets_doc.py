@@ -35,15 +35,26 @@ def examples(tmp_path, monkeypatch):
 
 
 def test_the_doc_holds_every_worked_example():
-    assert {"torch_lora.py", "torch_lora.toml", "cupy_delta.py", "lora_delta.c", "lora_delta_target.py",
-            "positive_zero.py", "positive_zero.toml"} <= set(_files())
+    assert {
+        "torch_lora.py",
+        "torch_lora.toml",
+        "cupy_delta.py",
+        "lora_delta.c",
+        "lora_delta_target.py",
+        "positive_zero.py",
+        "positive_zero.toml",
+    } <= set(_files())
     assert "docs/targets.md" in (DOC.parents[1] / "README.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 def test_the_c_function_through_ctypes_conforms_on_every_tier(examples):
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "lora_delta.c", "-o", "liblora_delta.so"], cwd=examples,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["cc", "-O2", "-shared", "-fPIC", "lora_delta.c", "-o", "liblora_delta.so"],
+        cwd=examples,
+        check=True,
+        capture_output=True,
+    )
     res = run("lora_delta_target:TARGET", "lora.delta", examples=25)
     assert res.ok and res.verdict_scope == "full", report.terminal(res)
 
@@ -57,19 +68,23 @@ def test_the_torch_cpu_example_conforms_in_float32_with_its_declared_divergence(
     from refimpl.conformance.adapters import torch_target
 
     mod = importlib.import_module("torch_lora")
-    strict = run(torch_target({"lora.forward": mod.forward}), "lora.forward", examples=10,
-                 tiers=("names", "shapes", "boundary"))
+    strict = run(
+        torch_target({"lora.forward": mod.forward}), "lora.forward", examples=10, tiers=("names", "shapes", "boundary")
+    )
     assert not strict.ok and max(r.worst_ratio or 0 for r in strict.failures) > 1e3
 
 
 def test_the_divergence_model_example_accepts_only_what_it_reproduces(examples):
     plain = run("positive_zero:TARGET", "quant.dequantize_4bit", examples=10)
     assert not plain.ok  # +0.0 where the reference writes -0.0
-    declared = run("positive_zero:TARGET", "quant.dequantize_4bit", examples=10,
-                   divergences=[examples / "positive_zero.toml"])
+    declared = run(
+        "positive_zero:TARGET", "quant.dequantize_4bit", examples=10, divergences=[examples / "positive_zero.toml"]
+    )
     assert declared.ok, report.terminal(declared)
-    assert any(r.status == XFAIL and "positive_zero:model" not in r.divergence and "+0.0" in r.divergence
-               for r in declared.results)
+    assert any(
+        r.status == XFAIL and "positive_zero:model" not in r.divergence and "+0.0" in r.divergence
+        for r in declared.results
+    )
 
 
 def test_the_cupy_example_conforms_on_a_gpu(examples):

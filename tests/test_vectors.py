@@ -24,8 +24,9 @@ DIR = vectors.default_dir()
 
 def test_committed_vectors_equal_the_regenerated_ones():
     problems = vectors.verify()
-    assert problems == [], ("\n".join(problems)
-                            + "\n(run `refimpl vectors generate --dir refimpl/golden/v1` and commit it)")
+    assert problems == [], (
+        "\n".join(problems) + "\n(run `refimpl vectors generate --dir refimpl/golden/v1` and commit it)"
+    )
 
 
 def test_total_size_is_within_budget_and_manifest_lists_every_file_with_sha256():
@@ -42,13 +43,16 @@ def test_total_size_is_within_budget_and_manifest_lists_every_file_with_sha256()
 
 
 def test_generation_is_byte_identical_across_processes_with_different_hash_seeds():
-    code = ("import hashlib; from refimpl.conformance import vectors; "
-            "b = vectors.build(); print(hashlib.sha256(b''.join(b[k] for k in sorted(b))).hexdigest())")
+    code = (
+        "import hashlib; from refimpl.conformance import vectors; "
+        "b = vectors.build(); print(hashlib.sha256(b''.join(b[k] for k in sorted(b))).hexdigest())"
+    )
     digests = set()
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                             cwd=str(DIR.parents[2]))
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=str(DIR.parents[2])
+        )
         digests.add(out.stdout.strip())
     assert len(digests) == 1
 
@@ -88,8 +92,10 @@ def test_vectors_are_plain_safetensors_whose_inputs_load_exactly():
 
 
 #: bounded-tolerance inputs that are not dyadic by design, and why
-NOT_DYADIC = {("dora.unmerge", "W_merged"): "dora.merge's output, the state unmerge receives",
-              ("dora.unmerge", "weight_norm"): "the cached norm ‖V‖ of that merge"}
+NOT_DYADIC = {
+    ("dora.unmerge", "W_merged"): "dora.merge's output, the state unmerge receives",
+    ("dora.unmerge", "weight_norm"): "the cached norm ‖V‖ of that merge",
+}
 
 
 def _dyadic(a: np.ndarray) -> bool:
@@ -147,8 +153,9 @@ def test_dyadic_golden_inputs_make_lora_forward_exact_in_float32():
     import refimpl.lora as lora
 
     for label, case, expected in vectors.load_op("lora.forward"):
-        c32 = {k: (v.astype(np.float32).astype(np.float64) if isinstance(v, np.ndarray) else v)
-               for k, v in case.items()}
+        c32 = {
+            k: (v.astype(np.float32).astype(np.float64) if isinstance(v, np.ndarray) else v) for k, v in case.items()
+        }
         x32, W32 = case["x"].astype(np.float32), case["W"].astype(np.float32)
         base32 = (x32 @ (W32 if case["fan_in_fan_out"] else W32.T)).astype(np.float64)
         base64 = case["x"] @ (case["W"] if case["fan_in_fan_out"] else case["W"].T)

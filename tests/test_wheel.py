@@ -28,12 +28,21 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     dist = tmp_path_factory.mktemp("dist")
-    p = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)],
-             ROOT, dict(os.environ))
+    p = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)],
+        ROOT,
+        dict(os.environ),
+    )
     assert p.returncode == 0
     if _has("build"):
-        assert _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(dist), str(ROOT)], ROOT,
-                    dict(os.environ)).returncode == 0
+        assert (
+            _run(
+                [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(dist), str(ROOT)],
+                ROOT,
+                dict(os.environ),
+            ).returncode
+            == 0
+        )
     return dist
 
 
@@ -74,8 +83,10 @@ def test_the_installed_wheel_conforms_verifies_and_runs_the_tour_outside_the_tre
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     wheel = next(built.glob("refimpl-*.whl"))
     # the editable install of the checkout is shadowed by the wheel installed into the venv
-    assert _run([str(py), "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)], tmp_path,
-                env).returncode == 0
+    assert (
+        _run([str(py), "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)], tmp_path, env).returncode
+        == 0
+    )
     home = tmp_path / "user"
     home.mkdir()
     where = _run([str(py), "-c", "import refimpl, sys; print(refimpl.__file__)"], home, env)
@@ -94,17 +105,33 @@ def test_the_installed_wheel_conforms_verifies_and_runs_the_tour_outside_the_tre
 
     project = tmp_path / "empty_project"
     project.mkdir()
-    (project / "test_nothing.py").write_text(textwrap.dedent("""
+    (project / "test_nothing.py").write_text(
+        textwrap.dedent("""
         def test_the_project_own_code_still_runs():
             import numpy
             assert numpy.add(2, 3) == 5
-    """))
-    plugin = _run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--refimpl-target=numba",
-                   "--refimpl-ops=lora.forward,quant.quantize_4bit"], project, env)
+    """)
+    )
+    plugin = _run(
+        [
+            str(py),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--refimpl-target=numba",
+            "--refimpl-ops=lora.forward,quant.quantize_4bit",
+        ],
+        project,
+        env,
+    )
     assert plugin.returncode == 0, plugin.stdout[-3000:]
     assert "refimpl conformance: numba" in plugin.stdout
     with capsys.disabled():  # the wheel job's evidence belongs in the CI log
         verdict = next(line for line in conform.stdout.splitlines() if line.startswith("target numba:"))
-        print(f"\nwheel {wheel.name} in a clean venv, run from {home}:\n  refimpl conform -> {verdict}\n"
-              f"  refimpl vectors verify -> {verify.stdout.strip()}\n  README tour -> exit 0\n"
-              f"  pytest --refimpl-target=numba (empty project) -> {plugin.stdout.strip().splitlines()[-1]}")
+        print(
+            f"\nwheel {wheel.name} in a clean venv, run from {home}:\n  refimpl conform -> {verdict}\n"
+            f"  refimpl vectors verify -> {verify.stdout.strip()}\n  README tour -> exit 0\n"
+            f"  pytest --refimpl-target=numba (empty project) -> {plugin.stdout.strip().splitlines()[-1]}"
+        )

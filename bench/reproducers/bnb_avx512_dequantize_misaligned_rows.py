@@ -30,18 +30,26 @@ def tensor(hexdigits, dtype):
 
 shape = (3, 16)
 blocksize = 32
-quant_type = 'nf4'
+quant_type = "nf4"
 dtype = torch.float32
 n = 48
 packed = tensor("ffffffffffffffffffffffffffffffffffffffffffffffff", torch.uint8).reshape(-1, 1)
 # the 16 code values, index = nibble (bitsandbytes' quant_map)
-code = tensor((
-    "000080bfb13932bf306b06bfa032cabe4da291be3f353dbe7178babd00000000fffaa23de3ca243edd047c3e3a03ad3e"
-    "b8a4e13eab07103fb313393f0000803f"
-), torch.float32)
+code = tensor(
+    (
+        "000080bfb13932bf306b06bfa032cabe4da291be3f353dbe7178babd00000000fffaa23de3ca243edd047c3e3a03ad3e"
+        "b8a4e13eab07103fb313393f0000803f"
+    ),
+    torch.float32,
+)
 absmax = tensor("0000803f00000040", torch.float32)
 state = F.QuantState(
-    absmax=absmax, shape=torch.Size([3, 16]), code=code, blocksize=blocksize, quant_type=quant_type, dtype=dtype,
+    absmax=absmax,
+    shape=torch.Size([3, 16]),
+    code=code,
+    blocksize=blocksize,
+    quant_type=quant_type,
+    dtype=dtype,
 )
 scale = absmax
 
@@ -72,8 +80,10 @@ both_nan = torch.isnan(e) & torch.isnan(a)
 differ_bits = (bits(expected) != bits(actual)) & ~both_nan
 differ_value = differ_bits & ~((e == 0) & (a == 0))
 sign_only = differ_bits & ~differ_value
-print(f"bitsandbytes {bitsandbytes.__version__}, torch {torch.__version__}, {platform.machine()}, "
-      f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+print(
+    f"bitsandbytes {bitsandbytes.__version__}, torch {torch.__version__}, {platform.machine()}, "
+    f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+)
 try:
     flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     print("avx512 flags in /proc/cpuinfo:", " ".join(f for f in flags if f.startswith("avx512")) or "none")
@@ -81,28 +91,41 @@ except (OSError, StopIteration):
     pass
 odd = cols % 2 == 1
 fallback = torch.backends.cpu.get_cpu_capability() == "AVX512" and blocksize >= 2048
-print(f"case: shape {tuple(shape)}, blocksize {blocksize}, {quant_type}, {dtype}, "
-      f"nested {state.nested}; backends/cpu/ops.py takes "
-      + ("the torch path (odd last dimension)" if odd else "the torch path (AVX-512 host, blocksize >= 2048)"
-         if fallback else "the C++ kernel (AVX-512 where the CPU has avx512f and shape[-1] % 16 == 0)"))
+print(
+    f"case: shape {tuple(shape)}, blocksize {blocksize}, {quant_type}, {dtype}, "
+    f"nested {state.nested}; backends/cpu/ops.py takes "
+    + (
+        "the torch path (odd last dimension)"
+        if odd
+        else "the torch path (AVX-512 host, blocksize >= 2048)"
+        if fallback
+        else "the C++ kernel (AVX-512 where the CPU has avx512f and shape[-1] % 16 == 0)"
+    )
+)
 k = int(differ_value.sum())
 print(f"{k} of {n} elements differ in value; {int(sign_only.sum())} differ only in the sign of zero")
 if k:
     wrong = differ_value.nonzero().reshape(-1)
     alt = (code[nibbles] * scale[rows_index]).to(dtype).reshape(-1).float()
     same_alt = int(((alt[wrong] == a[wrong]) | (torch.isnan(alt[wrong]) & torch.isnan(a[wrong]))).sum())
-    print(f"{same_alt} of the {k} equal code[nibble] * absmax[row * (cols // blocksize) + col // blocksize] "
-          "(the block index of a row-major layout, wrong when a row is not a whole number of blocks)")
+    print(
+        f"{same_alt} of the {k} equal code[nibble] * absmax[row * (cols // blocksize) + col // blocksize] "
+        "(the block index of a row-major layout, wrong when a row is not a whole number of blocks)"
+    )
     print("first differing elements (index: nibble, true block, expected, actual):")
     for i in wrong[:12].tolist():
         idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), tuple(shape)))
         b, r = i // blocksize, int(rows_index[i])
-        print(f"  {idx}: nibble {int(nibbles[i])}, block {b} (absmax {float(scale[b])!r}), "
-              f"expected {float(e[i])!r}, actual {float(a[i])!r} (row-major block {r}, absmax "
-              f"{float(scale[r])!r})")
+        print(
+            f"  {idx}: nibble {int(nibbles[i])}, block {b} (absmax {float(scale[b])!r}), "
+            f"expected {float(e[i])!r}, actual {float(a[i])!r} (row-major block {r}, absmax "
+            f"{float(scale[r])!r})"
+        )
 if int(sign_only.sum()):
-    first = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), tuple(shape)))
-             for i in sign_only.nonzero().reshape(-1)[:6].tolist()]
+    first = [
+        tuple(int(v) for v in torch.unravel_index(torch.tensor(i), tuple(shape)))
+        for i in sign_only.nonzero().reshape(-1)[:6].tolist()
+    ]
     z = sign_only.nonzero().reshape(-1)[0]
     print(f"sign of zero only (expected {float(e[z])!r}, actual {float(a[z])!r}) at {first}")
 sys.exit(1 if int(differ_bits.sum()) else 0)

@@ -11,6 +11,7 @@ Case 1 (shrunk): x = 0, m = 0, bias = e_5: the layer must return b; it returns 0
 Case 2: the layer vs nn.Linear(merged weight, same bias) on random data.
 Exit status 1 where the bug is present.
 """
+
 import torch
 import torch.nn.functional as F
 from torchtune.modules.peft import DoRALinear, get_merged_lora_ckpt
@@ -48,8 +49,12 @@ with torch.no_grad():
     y_formula = F.linear(x, f[:, None] * V, layer.bias)  # DoRA eq. 5 with the bias added once
 rel = ((y_layer - y_merged).norm() / y_merged.norm()).item()
 print(f"case 2: relative difference, layer vs its merged checkpoint: {rel:.3g}")
-print(f"        layer vs DoRA eq. 5 (bias once): {((y_layer - y_formula).norm() / y_formula.norm()).item():.3g}; "
-      f"merged checkpoint vs eq. 5: {((y_merged - y_formula).norm() / y_formula.norm()).item():.3g}")
-print(f"torch {torch.__version__}, torchtune {__import__('torchtune').__version__}: "
-      f"{'BUG: the bias is scaled by m/||V||' if bug1 else 'bias handled correctly'}")
+print(
+    f"        layer vs DoRA eq. 5 (bias once): {((y_layer - y_formula).norm() / y_formula.norm()).item():.3g}; "
+    f"merged checkpoint vs eq. 5: {((y_merged - y_formula).norm() / y_formula.norm()).item():.3g}"
+)
+print(
+    f"torch {torch.__version__}, torchtune {__import__('torchtune').__version__}: "
+    f"{'BUG: the bias is scaled by m/||V||' if bug1 else 'bias handled correctly'}"
+)
 raise SystemExit(1 if bug1 else 0)

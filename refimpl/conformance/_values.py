@@ -176,8 +176,11 @@ def _literal(v: Any, imports: set[str]) -> str:
         name = _qualified(type(v), imports)
         if name is None:
             return _placeholder(v)
-        fields = ", ".join(f"{f.name}={_literal(getattr(v, f.name), imports)}" for f in dataclasses.fields(v)
-                           if f.init and f.name.isidentifier() and not keyword.iskeyword(f.name))
+        fields = ", ".join(
+            f"{f.name}={_literal(getattr(v, f.name), imports)}"
+            for f in dataclasses.fields(v)
+            if f.init and f.name.isidentifier() and not keyword.iskeyword(f.name)
+        )
         return f"{name}({fields})"
     if isinstance(v, Mapping):
         return "{" + ", ".join(f"{_literal(k, imports)}: {_literal(x, imports)}" for k, x in v.items()) + "}"
@@ -229,10 +232,18 @@ def snippet(op: str, target: str | None, case: Mapping[str, Any], note: str = ""
     lines += [f"import {m}" for m in sorted(imports)]
     if target is not None:
         lines += ["from refimpl.conformance import get_target", "", f"target = get_target({str(target)!r})"]
-    lines += ["", "", "def outcome(f, *args, **kwargs):",
-              '    """f(...), or the exception it raises (a special case may expect one)."""',
-              "    try:", "        return f(*args, **kwargs)", "    except Exception as exc:", "        return exc",
-              "", ""]
+    lines += [
+        "",
+        "",
+        "def outcome(f, *args, **kwargs):",
+        '    """f(...), or the exception it raises (a special case may expect one)."""',
+        "    try:",
+        "        return f(*args, **kwargs)",
+        "    except Exception as exc:",
+        "        return exc",
+        "",
+        "",
+    ]
     if all(_is_name(k) for k in case):
         lines += [f"{k} = {src}" for k, src in values.items()]
         args = ", ".join(f"{k}={k}" for k in case)
@@ -243,7 +254,9 @@ def snippet(op: str, target: str | None, case: Mapping[str, Any], note: str = ""
     if target is not None:
         lines.append(f"actual = outcome(target.lookup({str(op)!r}){', ' if args else ''}{args})")
     else:  # an object given to run() directly: it has no name get_target could resolve
-        lines += [f"actual = ...  # your target's lookup({str(op)!r}) called with the same arguments (the target was "
-                  "given as an object, with no importable name)"]
+        lines += [
+            f"actual = ...  # your target's lookup({str(op)!r}) called with the same arguments (the target was "
+            "given as an object, with no importable name)"
+        ]
     lines += ["print('expected:', expected)", "print('actual:  ', actual)"]
     return "\n".join(lines)

@@ -63,7 +63,7 @@ def _is_quant_state(v: Any) -> bool:
 
 
 def _dtype_name(dt: Any) -> str:
-    """"float32" for np.float32, torch.float32 or "torch.float32"."""
+    """ "float32" for np.float32, torch.float32 or "torch.float32"."""
     return str(dt).removeprefix("torch.")
 
 
@@ -72,12 +72,16 @@ def quant_state_to_numpy(state: Any) -> Any:
     from refimpl.quant import QuantState  # refimpl.quant is not needed until a quant op runs
 
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(QuantState) if hasattr(state, f.name)}
-    arrays = {k: (None if v is None else to_numpy(v)) for k, v in fields.items()
-              if k in ("absmax", "code", "nested_absmax", "nested_code")}
+    arrays = {
+        k: (None if v is None else to_numpy(v))
+        for k, v in fields.items()
+        if k in ("absmax", "code", "nested_absmax", "nested_code")
+    }
     if fields.get("offset") is not None:
         arrays["offset"] = np.float32(np.asarray(to_numpy(fields["offset"])).reshape(()))
-    return QuantState(**{**fields, **arrays, "shape": tuple(int(s) for s in fields["shape"]),
-                         "dtype": _dtype_name(fields["dtype"])})
+    return QuantState(
+        **{**fields, **arrays, "shape": tuple(int(s) for s in fields["shape"]), "dtype": _dtype_name(fields["dtype"])}
+    )
 
 
 def results_to_numpy(result: Any) -> Any:
@@ -106,11 +110,18 @@ class ArrayTarget:
     """A mapping of op names to functions on another library's arrays (``to_device`` converts one NumPy
     array, ``mark`` may adjust a converted argument by name; everything else is this module's conversion)."""
 
-    def __init__(self, fns: Mapping[str, Callable[..., Any]], to_device: Callable[[np.ndarray, str], Any], *,
-                 name: str, compute_dtype: str | Mapping[str, str] = "float64",
-                 options: Mapping[str, Mapping[str, Any]] | None = None,
-                 supports: Mapping[str, Mapping[str, Collection[Any]]] | None = None,
-                 fork_safe: bool = True, mark: Callable[[str, Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        fns: Mapping[str, Callable[..., Any]],
+        to_device: Callable[[np.ndarray, str], Any],
+        *,
+        name: str,
+        compute_dtype: str | Mapping[str, str] = "float64",
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        supports: Mapping[str, Mapping[str, Collection[Any]]] | None = None,
+        fork_safe: bool = True,
+        mark: Callable[[str, Any], Any] | None = None,
+    ) -> None:
         if not isinstance(fns, Mapping) or not all(isinstance(k, str) and callable(f) for k, f in fns.items()):
             raise TypeError("fns: expected a mapping of op names (e.g. 'lora.forward') to callables")
         dtypes = compute_dtype.values() if isinstance(compute_dtype, Mapping) else [compute_dtype]
@@ -171,11 +182,16 @@ class ArrayTarget:
         return call
 
 
-def torch_target(fns: Mapping[str, Callable[..., Any]], *, device: str = "cpu",
-                 compute_dtype: str | Mapping[str, str] = "float64", requires_grad: bool | Collection[str] = False,
-                 options: Mapping[str, Mapping[str, Any]] | None = None,
-                 supports: Mapping[str, Mapping[str, Collection[Any]]] | None = None,
-                 name: str = "torch") -> ArrayTarget:
+def torch_target(
+    fns: Mapping[str, Callable[..., Any]],
+    *,
+    device: str = "cpu",
+    compute_dtype: str | Mapping[str, str] = "float64",
+    requires_grad: bool | Collection[str] = False,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    supports: Mapping[str, Mapping[str, Collection[Any]]] | None = None,
+    name: str = "torch",
+) -> ArrayTarget:
     """A target of torch functions: NumPy arguments become tensors on ``device``, results come back.
 
     ``compute_dtype`` (one dtype, or op glob -> dtype) is the precision the functions compute in: float64
@@ -195,19 +211,34 @@ def torch_target(fns: Mapping[str, Callable[..., Any]], *, device: str = "cpu",
         return t.to(dev)
 
     def mark(arg: str, value: Any) -> Any:
-        if (requires_grad is True or (requires_grad and arg in requires_grad)) and isinstance(value, torch.Tensor) \
-                and value.is_floating_point():
+        if (
+            (requires_grad is True or (requires_grad and arg in requires_grad))
+            and isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+        ):
             value.requires_grad_(True)
         return value
 
-    return ArrayTarget(fns, to_tensor, name=name, compute_dtype=compute_dtype, options=options, supports=supports,
-                       fork_safe=dev.type == "cpu", mark=mark if requires_grad else None)
+    return ArrayTarget(
+        fns,
+        to_tensor,
+        name=name,
+        compute_dtype=compute_dtype,
+        options=options,
+        supports=supports,
+        fork_safe=dev.type == "cpu",
+        mark=mark if requires_grad else None,
+    )
 
 
-def cupy_target(fns: Mapping[str, Callable[..., Any]], *, compute_dtype: str | Mapping[str, str] = "float64",
-                options: Mapping[str, Mapping[str, Any]] | None = None,
-                supports: Mapping[str, Mapping[str, Collection[Any]]] | None = None,
-                name: str = "cupy-kernels") -> ArrayTarget:
+def cupy_target(
+    fns: Mapping[str, Callable[..., Any]],
+    *,
+    compute_dtype: str | Mapping[str, str] = "float64",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    supports: Mapping[str, Mapping[str, Collection[Any]]] | None = None,
+    name: str = "cupy-kernels",
+) -> ArrayTarget:
     """A target of CuPy functions (or any library that reads CuPy arrays, e.g. through ``__dlpack__``):
     NumPy arguments become CuPy arrays on the current GPU, results come back.
 
@@ -223,9 +254,9 @@ def cupy_target(fns: Mapping[str, Callable[..., Any]], *, compute_dtype: str | M
         return cupy.asarray(a)
 
     decl = dict(supports or {"*": {"dtypes": {"float16", "float32", "float64"}}})
-    return ArrayTarget(fns, to_cupy, name=name, compute_dtype=compute_dtype, options=options, supports=decl,
-                       fork_safe=False)
+    return ArrayTarget(
+        fns, to_cupy, name=name, compute_dtype=compute_dtype, options=options, supports=decl, fork_safe=False
+    )
 
 
-__all__ = ["ArrayTarget", "DeviceQuantState", "cupy_target", "quant_state_to_numpy", "results_to_numpy",
-           "torch_target"]
+__all__ = ["ArrayTarget", "DeviceQuantState", "cupy_target", "quant_state_to_numpy", "results_to_numpy", "torch_target"]

@@ -82,8 +82,9 @@ class Divergence:
         return fnmatch.fnmatchcase(op, self.op) and fnmatch.fnmatchcase(target, self.target)
 
     def matches(self, op: str, target: str, tier: str, label: str) -> bool:
-        return (self.applies(op, target) and fnmatch.fnmatchcase(tier, self.tier)
-                and fnmatch.fnmatchcase(label, self.case))
+        return (
+            self.applies(op, target) and fnmatch.fnmatchcase(tier, self.tier) and fnmatch.fnmatchcase(label, self.case)
+        )
 
     def __str__(self) -> str:
         return f"{self.op} [{self.target}, {self.tier}, {self.case!r}]: {self.reason} ({self.upstream})"
@@ -108,13 +109,24 @@ def load(path: str | Path) -> list[Divergence]:
             raise ValueError(f"divergences: {p}: entry {i} needs non-empty string(s) {', '.join(missing)}, got {e!r}")
         tier = e.get("tier", "*")
         if tier != "*" and tier not in TIERS:
-            raise ValueError(f"divergences: {p}: entry {i}: tier must be one of {', '.join(TIERS)} or '*', "
-                             f"got {tier!r}")
+            raise ValueError(
+                f"divergences: {p}: entry {i}: tier must be one of {', '.join(TIERS)} or '*', got {tier!r}"
+            )
         model = e.get("model", "")
         if not isinstance(model, str) or (model and not _MODEL_PATH.match(model)):
             raise ValueError(f"divergences: {p}: entry {i}: model must be a 'module:function' string, got {model!r}")
-        out.append(Divergence(op=e["op"], target=e["target"], reason=e["reason"], upstream=e["upstream"],
-                              tier=tier, case=e.get("case", "*"), source=f"{p.name}#{i}", model=model))
+        out.append(
+            Divergence(
+                op=e["op"],
+                target=e["target"],
+                reason=e["reason"],
+                upstream=e["upstream"],
+                tier=tier,
+                case=e.get("case", "*"),
+                source=f"{p.name}#{i}",
+                model=model,
+            )
+        )
     return out
 
 

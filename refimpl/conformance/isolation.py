@@ -91,8 +91,14 @@ class Executor:
                 msg = json.loads(w.conn.recv_bytes())
             except (EOFError, OSError):
                 w.proc.join(5)
-                return results, self._lose(where, f"ended the process (exit code {w.proc.exitcode}); a target "
-                                                  "must return or raise an Exception"), crash
+                return (
+                    results,
+                    self._lose(
+                        where,
+                        f"ended the process (exit code {w.proc.exitcode}); a target must return or raise an Exception",
+                    ),
+                    crash,
+                )
             if "beat" in msg:
                 where = msg["beat"]
             elif "result" in msg:

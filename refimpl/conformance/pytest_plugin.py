@@ -30,13 +30,17 @@ if TYPE_CHECKING:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("refimpl", "refimpl conformance harness")
-    group.addoption("--refimpl-target", default=None,
-                    help="check this target against refimpl (numpy, numba, cupy, peft, bitsandbytes, mergekit, "
-                         "auto, or module:object)")
+    group.addoption(
+        "--refimpl-target",
+        default=None,
+        help="check this target against refimpl (numpy, numba, cupy, peft, bitsandbytes, mergekit, "
+        "auto, or module:object)",
+    )
     group.addoption("--refimpl-ops", default=None, help="comma-separated globs over op names (default: all)")
     group.addoption("--refimpl-examples", type=int, default=25, help="Hypothesis examples per op")
-    group.addoption("--refimpl-divergences", action="append", default=None,
-                    help="extra known-divergences TOML file (repeatable)")
+    group.addoption(
+        "--refimpl-divergences", action="append", default=None, help="extra known-divergences TOML file (repeatable)"
+    )
 
 
 class _OpRuns:
@@ -51,9 +55,12 @@ class _OpRuns:
             from refimpl.conformance import runner
 
             c = self.config
-            self.cache[op] = runner.run(c.getoption("--refimpl-target"), op,
-                                        examples=c.getoption("--refimpl-examples"),
-                                        divergences=c.getoption("--refimpl-divergences"))
+            self.cache[op] = runner.run(
+                c.getoption("--refimpl-target"),
+                op,
+                examples=c.getoption("--refimpl-examples"),
+                divergences=c.getoption("--refimpl-divergences"),
+            )
         return self.cache[op]
 
 
@@ -69,10 +76,15 @@ class ConformanceItem(pytest.Item):
 
         res = self.runs.results(self.op)
         results = [r for r in res.results if r.op == self.op and r.tier == self.tier]
-        self.user_properties.append(("refimpl", json.dumps({"target": res.target, "op": self.op,
-                                                            "tier": self.tier,
-                                                            "results": [asdict(r) for r in results]},
-                                                           default=str)))
+        self.user_properties.append(
+            (
+                "refimpl",
+                json.dumps(
+                    {"target": res.target, "op": self.op, "tier": self.tier, "results": [asdict(r) for r in results]},
+                    default=str,
+                ),
+            )
+        )
         if not results:  # an absent op has no later tiers
             pytest.skip(next((r.message for r in res.results if r.op == self.op), "not run"))
         # a tier that should have run and did not is a failure: the run cannot vouch for the op
@@ -87,8 +99,9 @@ class ConformanceItem(pytest.Item):
         if xfails:  # an item with any known divergence is xfail, never a plain pass (its passing cases are named)
             why = "; ".join(dict.fromkeys(r.divergence for r in xfails))
             n_pass = sum(r.status == PASS for r in results)
-            pytest.xfail(why if not n_pass else f"{len(xfails)} known divergence(s): {why}; {n_pass} other case(s) "
-                                                "passed")
+            pytest.xfail(
+                why if not n_pass else f"{len(xfails)} known divergence(s): {why}; {n_pass} other case(s) passed"
+            )
         if all(r.status in (NA, ABSENT) for r in results):
             pytest.skip(results[0].message)
 
@@ -127,8 +140,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     before = len(items)
     for spec in specs:
         for tier in TIERS:
-            item = ConformanceItem.from_parent(session, name=f"refimpl::{target}::{spec.name}::{tier}", op=spec.name,
-                                               tier=tier, runs=runs)
+            item = ConformanceItem.from_parent(
+                session, name=f"refimpl::{target}::{spec.name}::{tier}", op=spec.name, tier=tier, runs=runs
+            )
             item.add_marker(pytest.mark.xdist_group(spec.name))
             items.append(item)
     # the items are made here rather than by a collector: count them in "collected N items"
@@ -160,7 +174,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
     target = _REPORTS[0]["target"]
     results = [CaseResult(**r) for rep in _REPORTS for r in rep["results"]]
-    res = RunResult(target, results, settings={"tiers": sorted({rep["tier"] for rep in _REPORTS},
-                                                                key=[*report.TIERS].index)})
+    res = RunResult(
+        target, results, settings={"tiers": sorted({rep["tier"] for rep in _REPORTS}, key=[*report.TIERS].index)}
+    )
     terminalreporter.section(f"refimpl conformance: {target}")
     terminalreporter.write_line(report.table(res))

@@ -26,11 +26,22 @@ from refimpl.conformance.results import (
 )
 from refimpl.conformance.table import TIERS
 
-_MARK = {"pass": "ok", "fail": "FAIL", "xfail": "xfail", "skip": "SKIP", "absent": "absent", "n/a": "n/a",
-         "unsupported": "unsup", "-": "-"}
-_VERDICT_NOTE = {CONFORMS: "", FAILS: "", INCOMPLETE: " (a selected tier did not run or a class was never hit; see "
-                                                       "the gaps above)",
-                 "NOTHING CHECKED": " (the target provides none of the selected ops)"}
+_MARK = {
+    "pass": "ok",
+    "fail": "FAIL",
+    "xfail": "xfail",
+    "skip": "SKIP",
+    "absent": "absent",
+    "n/a": "n/a",
+    "unsupported": "unsup",
+    "-": "-",
+}
+_VERDICT_NOTE = {
+    CONFORMS: "",
+    FAILS: "",
+    INCOMPLETE: " (a selected tier did not run or a class was never hit; see the gaps above)",
+    "NOTHING CHECKED": " (the target provides none of the selected ops)",
+}
 
 
 def table(res: RunResult) -> str:
@@ -75,24 +86,30 @@ def table(res: RunResult) -> str:
         if r.status == UNSUPPORTED:
             outside[r.op] = outside.get(r.op, 0) + max(1, r.n_cases)
     if outside:
-        lines.append("not run, outside the target's declared domain: "
-                     + ", ".join(f"{op} ({n} case{'s' if n != 1 else ''})" for op, n in outside.items())
-                     + (f"; {n_out} classes reached only there" if n_out else ""))
+        lines.append(
+            "not run, outside the target's declared domain: "
+            + ", ".join(f"{op} ({n} case{'s' if n != 1 else ''})" for op, n in outside.items())
+            + (f"; {n_out} classes reached only there" if n_out else "")
+        )
     for op, whys in res.out_of_scope.items():
-        lines += [f"  {op}: {why}" for why in whys[:6]] + ([f"  {op}: ... and {len(whys) - 6} more reasons"]
-                                                          if len(whys) > 6 else [])
+        lines += [f"  {op}: {why}" for why in whys[:6]] + (
+            [f"  {op}: ... and {len(whys) - 6} more reasons"] if len(whys) > 6 else []
+        )
     lines.append("")
     subset = [t for t in TIERS if t not in res.settings.get("tiers", TIERS)]
     limits = []
     if res.verdict_scope != "full":  # never a plain CONFORMS when part of an op's domain was not run
-        limits.append("on the target's declared domain only (not the full domain of " + ", ".join(res.out_of_scope)
-                      + ")")
+        limits.append(
+            "on the target's declared domain only (not the full domain of " + ", ".join(res.out_of_scope) + ")"
+        )
     if subset:
         limits.append(f"on tiers {', '.join(res.settings['tiers'])} only")
     scope = (" " + ", ".join(limits)) if limits else ""
-    lines.append(f"target {res.target}: {res.verdict}{scope}{_VERDICT_NOTE.get(res.verdict, '')} — {n_pass} passed, "
-                 f"{n_fail} failed, {n_xfail} known divergences; {n_hit} of {n_classes} equivalence classes hit; "
-                 f"in {res.seconds:.1f} s")
+    lines.append(
+        f"target {res.target}: {res.verdict}{scope}{_VERDICT_NOTE.get(res.verdict, '')} — {n_pass} passed, "
+        f"{n_fail} failed, {n_xfail} known divergences; {n_hit} of {n_classes} equivalence classes hit; "
+        f"in {res.seconds:.1f} s"
+    )
     return "\n".join(lines)
 
 
@@ -146,8 +163,11 @@ def coverage_text(res: RunResult) -> str:
     for op, hits in res.coverage.items():
         n_hit = sum(1 for v in hits.values() if v > 0)
         lines.append(f"{op}: {n_hit} of {len(hits)} classes hit")
-        lines += [f"  {'hit ' if v > 0 else 'out ' if v < 0 else 'MISS'} {max(v, 0):>3}  {c}"
-                  + ("  (only cases outside the target's declared domain)" if v < 0 else "") for c, v in hits.items()]
+        lines += [
+            f"  {'hit ' if v > 0 else 'out ' if v < 0 else 'MISS'} {max(v, 0):>3}  {c}"
+            + ("  (only cases outside the target's declared domain)" if v < 0 else "")
+            for c, v in hits.items()
+        ]
     return "\n".join(lines)
 
 
@@ -177,8 +197,12 @@ def versions() -> dict[str, str | None]:
 
     import refimpl
 
-    out: dict[str, str | None] = {"refimpl": refimpl.__version__, "spec": refimpl.SPEC_VERSION,
-                                  "python": platform.python_version(), "numpy": np.__version__}
+    out: dict[str, str | None] = {
+        "refimpl": refimpl.__version__,
+        "spec": refimpl.SPEC_VERSION,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
     for dist in ("numba", "torch", "peft", "bitsandbytes", "mergekit", "hypothesis", "cupy-cuda13x"):
         try:
             out[dist] = importlib.metadata.version(dist)
@@ -229,8 +253,13 @@ def write_junit(res: RunResult, path: str | Path) -> None:
             if not rs:
                 continue
             s_tests += 1
-            tc = ET.SubElement(suite, "testcase", classname=f"refimpl.{res.target}.{op}", name=f"{op} {tier}",
-                               time=_junit_time(sum(r.seconds for r in rs)))
+            tc = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"refimpl.{res.target}.{op}",
+                name=f"{op} {tier}",
+                time=_junit_time(sum(r.seconds for r in rs)),
+            )
             fails = [r for r in rs if r.status == FAIL]
             skipped = [r for r in rs if r.status == SKIP]
             for r in fails:
@@ -241,8 +270,11 @@ def write_junit(res: RunResult, path: str | Path) -> None:
             if not fails and not skipped and all(r.status in (NA, ABSENT, UNSUPPORTED) for r in rs):
                 ET.SubElement(tc, "skipped", message=rs[0].message[:500])
                 s_skip += 1
-            lines = [f"{r.status:<6} {r.label}: {r.message}" + (f" [known divergence: {r.divergence}]"
-                                                                if r.status == XFAIL else "") for r in rs]
+            lines = [
+                f"{r.status:<6} {r.label}: {r.message}"
+                + (f" [known divergence: {r.divergence}]" if r.status == XFAIL else "")
+                for r in rs
+            ]
             ET.SubElement(tc, "system-out").text = "\n".join(lines)
             s_fail += bool(fails)
             s_err += bool(skipped) and not fails
@@ -258,5 +290,16 @@ def write_junit(res: RunResult, path: str | Path) -> None:
     _atomic_write(path, lambda p: ET.ElementTree(root).write(p, encoding="utf-8", xml_declaration=True))
 
 
-__all__ = ["JSON_SCHEMA_VERSION", "SKIP", "coverage_text", "divergences_text", "failures_text", "table", "terminal",
-           "to_json", "versions", "write_json", "write_junit"]
+__all__ = [
+    "JSON_SCHEMA_VERSION",
+    "SKIP",
+    "coverage_text",
+    "divergences_text",
+    "failures_text",
+    "table",
+    "terminal",
+    "to_json",
+    "versions",
+    "write_json",
+    "write_junit",
+]

@@ -30,7 +30,7 @@ def hex_literal(a: Any, indent: int = 4, width: int = 96) -> str:
     if len(digits) <= 64:  # short enough for one line of the script
         return f'"{digits}"'
     pad = " " * (indent + 4)
-    lines = [f'{pad}"{digits[i:i + width]}"' for i in range(0, len(digits), width)]
+    lines = [f'{pad}"{digits[i : i + width]}"' for i in range(0, len(digits), width)]
     return "(\n" + "\n".join(lines) + "\n" + " " * indent + ")"
 
 
@@ -148,8 +148,7 @@ def bnb_dequantize_script(packed: Any, state: Any) -> str:
     """The reproducer of ``dequantize_4bit(packed, state)`` for a refimpl.quant.QuantState ``state``."""
     p = np.asarray(packed, dtype=np.uint8).reshape(-1)
     shape = tuple(int(s) for s in state.shape)
-    common = (f"shape=torch.Size({list(shape)}), code=code, blocksize=blocksize, quant_type=quant_type, "
-              "dtype=dtype,")
+    common = f"shape=torch.Size({list(shape)}), code=code, blocksize=blocksize, quant_type=quant_type, dtype=dtype,"
     if state.nested:
         nbs = int(state.nested_blocksize)
         lines = [
@@ -165,14 +164,22 @@ def bnb_dequantize_script(packed: Any, state: Any) -> str:
             " + offset",
         ]
     else:
-        lines = [f"absmax = tensor({hex_literal(state.absmax, 0)}, torch.float32)",
-                 f"state = F.QuantState(\n    absmax=absmax, {common}\n)",
-                 "scale = absmax"]
-    return _DEQUANTIZE_TEMPLATE.format(shape=shape, blocksize=int(state.blocksize), quant_type=state.quant_type,
-                                       dtype=state.dtype, nested=state.nested, n=int(state.n),
-                                       packed=hex_literal(p, 0),
-                                       code=hex_literal(np.asarray(state.code, np.float32), 0),
-                                       state_block="\n".join(lines))
+        lines = [
+            f"absmax = tensor({hex_literal(state.absmax, 0)}, torch.float32)",
+            f"state = F.QuantState(\n    absmax=absmax, {common}\n)",
+            "scale = absmax",
+        ]
+    return _DEQUANTIZE_TEMPLATE.format(
+        shape=shape,
+        blocksize=int(state.blocksize),
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+        nested=state.nested,
+        n=int(state.n),
+        packed=hex_literal(p, 0),
+        code=hex_literal(np.asarray(state.code, np.float32), 0),
+        state_block="\n".join(lines),
+    )
 
 
 # ------------------------------------------------------------------ writing a run's reproducers

@@ -86,7 +86,7 @@ class RunResult:
 
     @property
     def verdict_scope(self) -> str:
-        """"declared domain" when part of some op's domain was not run (the verdict holds only there), else
+        """ "declared domain" when part of some op's domain was not run (the verdict holds only there), else
         "full"."""
         return "declared domain" if self.out_of_scope else "full"
 
@@ -119,13 +119,27 @@ class RunResult:
         order = [FAIL, SKIP, XFAIL, PASS, UNSUPPORTED, ABSENT, NA]
         status = min((r.status for r in rs), key=order.index)
         # known divergences are excluded: the column shows how close the conforming cases are
-        ratios = [r.worst_ratio for r in rs
-                  if r.status in (PASS, FAIL) and r.worst_ratio is not None and np.isfinite(r.worst_ratio)]
+        ratios = [
+            r.worst_ratio
+            for r in rs
+            if r.status in (PASS, FAIL) and r.worst_ratio is not None and np.isfinite(r.worst_ratio)
+        ]
         return status, (max(ratios) if ratios else None), sum(r.n_cases for r in rs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "verdict": self.verdict, "verdict_scope": self.verdict_scope,
-                "out_of_scope": self.out_of_scope, "ok": self.ok, "exit_code": self.exit_code,
-                "seconds": round(self.seconds, 3), "settings": self.settings, "warnings": self.warnings,
-                "gaps": self.gaps, "unchecked": self.unchecked, "notes": self.notes, "coverage": self.coverage,
-                "results": [asdict(r) for r in self.results]}
+        return {
+            "target": self.target,
+            "verdict": self.verdict,
+            "verdict_scope": self.verdict_scope,
+            "out_of_scope": self.out_of_scope,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 3),
+            "settings": self.settings,
+            "warnings": self.warnings,
+            "gaps": self.gaps,
+            "unchecked": self.unchecked,
+            "notes": self.notes,
+            "coverage": self.coverage,
+            "results": [asdict(r) for r in self.results],
+        }

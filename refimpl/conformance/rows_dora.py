@@ -57,9 +57,9 @@ from refimpl.conformance.tolerance import Bounded, Exact
 #: Public functions of refimpl.dora that are not array ops.
 NOT_OPS: dict[str, str] = {
     "dora.forward_error_bound": "an error-bound helper of the harness (its value is a tolerance, not a layer "
-                                "output a kernel computes); pinned by tests/test_dora.py against measured errors",
+    "output a kernel computes); pinned by tests/test_dora.py against measured errors",
     "dora.backward_error_bound": "an error-bound helper (the dora.backward row's tolerance is built from it); "
-                                 "pinned by tests/test_dora.py against measured errors",
+    "pinned by tests/test_dora.py against measured errors",
 }
 
 _STORE_DTYPES = (None, "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
@@ -170,11 +170,20 @@ def _unmerge_strategy():
 
     def to_unmerge(c: Case) -> Case:
         m = np.where(np.abs(c["m"].astype(np.float64)) < 0.25, 1.0, c["m"].astype(np.float64))
-        merged = dora.merge(c["W"], c["A"], c["B"], m, c["scaling"], fan_in_fan_out=c["fan_in_fan_out"],
-                            embedding=c["embedding"])
-        return {"W_merged": merged.W, "A": c["A"], "B": c["B"], "m": m, "scaling": c["scaling"],
-                "weight_norm": merged.weight_norm, "fan_in_fan_out": c["fan_in_fan_out"],
-                "embedding": c["embedding"], "dtype": c["dtype"]}
+        merged = dora.merge(
+            c["W"], c["A"], c["B"], m, c["scaling"], fan_in_fan_out=c["fan_in_fan_out"], embedding=c["embedding"]
+        )
+        return {
+            "W_merged": merged.W,
+            "A": c["A"],
+            "B": c["B"],
+            "m": m,
+            "scaling": c["scaling"],
+            "weight_norm": merged.weight_norm,
+            "fan_in_fan_out": c["fan_in_fan_out"],
+            "embedding": c["embedding"],
+            "dtype": c["dtype"],
+        }
 
     return _strategy(with_x=False, options="magnitude").map(to_unmerge)
 
@@ -209,13 +218,19 @@ def _sequential_strategy():
         adapters = []
         for _ in range(draw(st.integers(1, 3))):
             r = draw(rank_strategy(n_in, n_out))
-            adapters.append(DoraAdapter(A=_cast(draw(rs.float_arrays((r, n_in))), dt),
-                                        B=_cast(draw(rs.float_arrays((n_out, r))), dt),
-                                        m=_cast(draw(rs.float_arrays((n_out,))), dt),
-                                        scaling=draw(rs.reals(-4.0, 4.0))))
-        c: Case = {"x": _cast(draw(rs.float_arrays((*lead, n_in))), dt),
-                   "W": _cast(draw(rs.float_arrays((n_in, n_out) if fifo else (n_out, n_in))), dt),
-                   "adapters": adapters}
+            adapters.append(
+                DoraAdapter(
+                    A=_cast(draw(rs.float_arrays((r, n_in))), dt),
+                    B=_cast(draw(rs.float_arrays((n_out, r))), dt),
+                    m=_cast(draw(rs.float_arrays((n_out,))), dt),
+                    scaling=draw(rs.reals(-4.0, 4.0)),
+                )
+            )
+        c: Case = {
+            "x": _cast(draw(rs.float_arrays((*lead, n_in))), dt),
+            "W": _cast(draw(rs.float_arrays((n_in, n_out) if fifo else (n_out, n_in))), dt),
+            "adapters": adapters,
+        }
         if draw(st.booleans()):
             c["bias"] = _cast(draw(rs.float_arrays((n_out,))), dt)
         c["fan_in_fan_out"] = fifo
@@ -236,8 +251,13 @@ def _param_count_strategy():
         ks = tuple(draw(st.lists(st.integers(1, 7), min_size=0, max_size=3)))
         groups = draw(st.sampled_from([1, 2, 4])) if ks else 1
         r = groups * draw(st.integers(1, 64))
-        return {"in_features": draw(st.integers(1, 8192)), "out_features": draw(st.integers(1, 8192)), "r": r,
-                "kernel_size": ks, "groups": groups}
+        return {
+            "in_features": draw(st.integers(1, 8192)),
+            "out_features": draw(st.integers(1, 8192)),
+            "r": r,
+            "kernel_size": ks,
+            "groups": groups,
+        }
 
     return build()
 
@@ -246,9 +266,9 @@ def _golden(rng: np.random.Generator, *, with_x: bool = True, with_m: bool = Tru
     from refimpl.conformance.strategies import dyadic
 
     out = []
-    for i, (lead, n_in, n_out, r, fifo, drop) in enumerate([((2, 4), 6, 5, 2, False, False),
-                                                            ((3,), 8, 8, 4, True, True),
-                                                            ((4,), 16, 12, 8, False, True)]):
+    for i, (lead, n_in, n_out, r, fifo, drop) in enumerate(
+        [((2, 4), 6, 5, 2, False, False), ((3,), 8, 8, 4, True, True), ((4,), 16, 12, 8, False, True)]
+    ):
         c: Case = {}
         if with_x:
             c["x"] = dyadic(rng, (*lead, n_in))
@@ -297,8 +317,7 @@ def _forward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c = _f64(case)
     _, _, W, s = _layer(c)
     xd = None if c.get("dropout_mask") is None else c["x"] * c["dropout_mask"] / (1.0 - c.get("dropout_p", 0.0))
-    return {"out": bounds.dora_forward_magnitude(c["x"], W, c["A"], c["B"], np.asarray(c["m"]), s, c.get("bias"),
-                                                 xd)}
+    return {"out": bounds.dora_forward_magnitude(c["x"], W, c["A"], c["B"], np.asarray(c["m"]), s, c.get("bias"), xd)}
 
 
 def _merge_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -345,9 +364,17 @@ def _backward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     n_in, out_f = W.shape[1], W.shape[0]
     keep = None if c.get("dropout_mask") is None else c["dropout_mask"] / (1.0 - c.get("dropout_p", 0.0))
     x_in = x if keep is None else x * keep
-    t = bounds.dora_backward_terms(x_in.reshape(-1, n_in), W, c["A"], c["B"], np.asarray(c["m"]),
-                                   c["grad_y"].reshape(-1, out_f), s, c.get("mode", "detached"),
-                                   None if keep is None else keep.reshape(-1, n_in))
+    t = bounds.dora_backward_terms(
+        x_in.reshape(-1, n_in),
+        W,
+        c["A"],
+        c["B"],
+        np.asarray(c["m"]),
+        c["grad_y"].reshape(-1, out_f),
+        s,
+        c.get("mode", "detached"),
+        None if keep is None else keep.reshape(-1, n_in),
+    )
     return {"out.dx": t.dx.reshape(x.shape), "out.dA": t.dA, "out.dB": t.dB, "out.dm": t.dm}
 
 
@@ -402,8 +429,9 @@ def _dora_classes(c: Case) -> tuple[str, ...]:
     if np.ndim(w) > 2:
         out.append(_CONV_CLASSES[np.ndim(w) - 3])
         s = c["scaling"]
-        out += [cls for cls, hit in zip(_S_CLASSES, (s == 0, s < 0, s > 0 and s != 1, abs(s) >= 64), strict=True)
-                if hit]
+        out += [
+            cls for cls, hit in zip(_S_CLASSES, (s == 0, s < 0, s > 0 and s != 1, abs(s) >= 64), strict=True) if hit
+        ]
         out.append(f"dtype: {_dtype_name(w)} inputs")
         if "dtype" in c:
             out.append(f"option: dtype={c['dtype']}")
@@ -468,8 +496,7 @@ def _dora_linear_boundary(kind: str):
             if i % 3 == 1:
                 _shrink_row(c, c["B"].shape[0] - 1)
             rng = np.random.default_rng(500 + i)
-            c["m"] = _cast(_magnitudes(c, rng, negative=i % 2 == 0, zero=i % 4 == 0 and kind == "forward"),
-                           cfg.dtype)
+            c["m"] = _cast(_magnitudes(c, rng, negative=i % 2 == 0, zero=i % 4 == 0 and kind == "forward"), cfg.dtype)
             if kind == "backward":
                 c["mode"] = ("detached", "full")[i % 2]
             cases.append((_label(i, cfg), c))
@@ -504,8 +531,14 @@ def _weight_case(i: int, cfg: tuple, *, key: str = "W") -> Case:
     else:
         w = _normal(rng, (n, o) if layout in ("fifo", "embedding") else (o, n))
         a, b = _normal(rng, (r, n), 0.5), _normal(rng, (o, r), 0.5)
-    c: Case = {key: _cast(w, dt), "A": _cast(a, dt), "B": _cast(b, dt), "scaling": s,
-               "fan_in_fan_out": layout == "fifo", "embedding": layout == "embedding"}
+    c: Case = {
+        key: _cast(w, dt),
+        "A": _cast(a, dt),
+        "B": _cast(b, dt),
+        "scaling": s,
+        "fan_in_fan_out": layout == "fifo",
+        "embedding": layout == "embedding",
+    }
     return c
 
 
@@ -534,13 +567,33 @@ def _weight_boundary(kind: str):
                         c["unmerged_base"] = c["W"]
                         c["W"] = _cast(np.asarray(c["W"], dtype=np.float64) * 1.25 + 0.125, cfg[5])
                 else:
-                    merged = dora.merge(c["W"], c["A"], c["B"], c["m"], c["scaling"],
-                                        fan_in_fan_out=c["fan_in_fan_out"], embedding=c["embedding"])
-                    c = {"W_merged": merged.W, "A": c["A"], "B": c["B"], "m": c["m"], "scaling": c["scaling"],
-                         "weight_norm": merged.weight_norm, "fan_in_fan_out": c["fan_in_fan_out"],
-                         "embedding": c["embedding"], "dtype": None}
-            cases.append((f"{cfg[0]}_{cfg[4]}_out{cfg[1]}_in{cfg[2]}_r{cfg[3]}_s{cfg[6]:g}_{cfg[5]}"
-                          + ("_base" if "unmerged_base" in c else ""), c))
+                    merged = dora.merge(
+                        c["W"],
+                        c["A"],
+                        c["B"],
+                        c["m"],
+                        c["scaling"],
+                        fan_in_fan_out=c["fan_in_fan_out"],
+                        embedding=c["embedding"],
+                    )
+                    c = {
+                        "W_merged": merged.W,
+                        "A": c["A"],
+                        "B": c["B"],
+                        "m": c["m"],
+                        "scaling": c["scaling"],
+                        "weight_norm": merged.weight_norm,
+                        "fan_in_fan_out": c["fan_in_fan_out"],
+                        "embedding": c["embedding"],
+                        "dtype": None,
+                    }
+            cases.append(
+                (
+                    f"{cfg[0]}_{cfg[4]}_out{cfg[1]}_in{cfg[2]}_r{cfg[3]}_s{cfg[6]:g}_{cfg[5]}"
+                    + ("_base" if "unmerged_base" in c else ""),
+                    c,
+                )
+            )
         if kind in ("merge", "unmerge", "init_magnitude"):
             base = cases[2][1]
             for dt in _STORE_DTYPES[1:]:
@@ -564,8 +617,16 @@ def _weight_classes(kind: str) -> tuple[str, ...]:
 
 
 def _linear_dora_classes(kind: str) -> tuple[str, ...]:
-    out = [*_X_CLASSES, *_W_CLASSES, *_FIFO_CLASSES, *_DROP_CLASSES, *_S_CLASSES, *_DTYPE_CLASSES, *_NORM_CLASSES,
-           _M_CLASSES[0]]
+    out = [
+        *_X_CLASSES,
+        *_W_CLASSES,
+        *_FIFO_CLASSES,
+        *_DROP_CLASSES,
+        *_S_CLASSES,
+        *_DTYPE_CLASSES,
+        *_NORM_CLASSES,
+        _M_CLASSES[0],
+    ]
     if kind == "forward":
         out += ["option: bias given", "option: no bias", _M_CLASSES[1]]
     else:
@@ -581,9 +642,14 @@ def _embedding_classes(c: Case) -> tuple[str, ...]:
 
 
 def _embedding_boundary() -> list[Boundary]:
-    configs = [((), 7, 5, 1, 0.75, "float64"), ((9,), 40, 19, 19, -1.5, "float64"), ((3, 7), 33, 48, 4, 2.0, "float32"),
-               ((20,), 6, 35, 6, 0.0, "float16"), ((2, 2), 12, 12, 3, 96.0, "bfloat16"),
-               ((5,), 6, 4, 9, 0.5, "float64")]
+    configs = [
+        ((), 7, 5, 1, 0.75, "float64"),
+        ((9,), 40, 19, 19, -1.5, "float64"),
+        ((3, 7), 33, 48, 4, 2.0, "float32"),
+        ((20,), 6, 35, 6, 0.0, "float16"),
+        ((2, 2), 12, 12, 3, 96.0, "bfloat16"),
+        ((5,), 6, 4, 9, 0.5, "float64"),
+    ]
     out = []
     for i, (shape, vocab, dim, r, s, dt) in enumerate(configs):
         rng = np.random.default_rng(900 + i)
@@ -593,8 +659,13 @@ def _embedding_boundary() -> list[Boundary]:
             flat[0], flat[-1] = 0, vocab - 1
             if flat.size > 2:
                 flat[1] = flat[-1]
-        c = {"ids": ids.astype(np.int64), "E": _normal(rng, (vocab, dim)), "A": _normal(rng, (r, vocab), 0.5),
-             "B": _normal(rng, (dim, r), 0.5), "scaling": s}
+        c = {
+            "ids": ids.astype(np.int64),
+            "E": _normal(rng, (vocab, dim)),
+            "A": _normal(rng, (r, vocab), 0.5),
+            "B": _normal(rng, (dim, r), 0.5),
+            "scaling": s,
+        }
         if i % 2:
             _shrink_row({**c, "embedding": True}, 0)
         c["m"] = _magnitudes(c, rng, negative=True, zero=i % 2 == 0)
@@ -603,12 +674,22 @@ def _embedding_boundary() -> list[Boundary]:
     return _bounds_of(out, _embedding_classes)
 
 
-_SEQ_CLASSES = ("shape: one adapter", "shape: two adapters", "shape: three adapters", *_X_CLASSES,
-                "shape: in > 16 and in % 16 != 0 (a remainder after vector width 16)",
-                "shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)", *_FIFO_CLASSES,
-                "option: bias given", "option: no bias", "value: adapters of different ranks",
-                "value: a negative scaling", _M_CLASSES[0], *_DTYPE_CLASSES,
-                "shape: an adapter with r > min(in, out)")
+_SEQ_CLASSES = (
+    "shape: one adapter",
+    "shape: two adapters",
+    "shape: three adapters",
+    *_X_CLASSES,
+    "shape: in > 16 and in % 16 != 0 (a remainder after vector width 16)",
+    "shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)",
+    *_FIFO_CLASSES,
+    "option: bias given",
+    "option: no bias",
+    "value: adapters of different ranks",
+    "value: a negative scaling",
+    _M_CLASSES[0],
+    *_DTYPE_CLASSES,
+    "shape: an adapter with r > min(in, out)",
+)
 
 
 def _sequential_classes(c: Case) -> tuple[str, ...]:
@@ -617,10 +698,13 @@ def _sequential_classes(c: Case) -> tuple[str, ...]:
     rows = int(np.prod(x.shape[:-1]))
     n_in = x.shape[-1]
     n_out = np.shape(ads[0].B)[0]
-    out = [("shape: one adapter", "shape: two adapters", "shape: three adapters")[min(len(ads), 3) - 1],
-           {1: _X_CLASSES[0], 2: _X_CLASSES[1]}.get(x.ndim, _X_CLASSES[2]),
-           _FIFO_CLASSES[int(bool(c.get("fan_in_fan_out")))],
-           "option: bias given" if c.get("bias") is not None else "option: no bias", f"dtype: {_dtype_name(x)} inputs"]
+    out = [
+        ("shape: one adapter", "shape: two adapters", "shape: three adapters")[min(len(ads), 3) - 1],
+        {1: _X_CLASSES[0], 2: _X_CLASSES[1]}.get(x.ndim, _X_CLASSES[2]),
+        _FIFO_CLASSES[int(bool(c.get("fan_in_fan_out")))],
+        "option: bias given" if c.get("bias") is not None else "option: no bias",
+        f"dtype: {_dtype_name(x)} inputs",
+    ]
     if rows == 1:
         out.append(_X_CLASSES[3])
     if rows > 16:
@@ -643,9 +727,14 @@ def _sequential_classes(c: Case) -> tuple[str, ...]:
 def _sequential_boundary() -> list[Boundary]:
     from refimpl.dora import DoraAdapter
 
-    configs = [((), 6, 5, (1,), False, True, "float64"), ((1,), 19, 21, (2, 5), True, False, "float64"),
-               ((2, 3), 40, 33, (4, 4, 1), False, True, "float32"), ((33,), 24, 17, (3, 3), True, True, "float16"),
-               ((4,), 12, 12, (2,), False, False, "bfloat16"), ((3,), 3, 4, (2, 6), True, True, "float64")]
+    configs = [
+        ((), 6, 5, (1,), False, True, "float64"),
+        ((1,), 19, 21, (2, 5), True, False, "float64"),
+        ((2, 3), 40, 33, (4, 4, 1), False, True, "float32"),
+        ((33,), 24, 17, (3, 3), True, True, "float16"),
+        ((4,), 12, 12, (2,), False, False, "bfloat16"),
+        ((3,), 3, 4, (2, 6), True, True, "float64"),
+    ]
     out = []
     for i, (lead, n_in, n_out, ranks, fifo, bias, dt) in enumerate(configs):
         rng = np.random.default_rng(1100 + i)
@@ -653,8 +742,11 @@ def _sequential_boundary() -> list[Boundary]:
         c: Case = {"x": _cast(_normal(rng, (*lead, n_in)), dt), "W": _cast(w, dt)}
         ads = []
         for j, r in enumerate(ranks):
-            ad: dict[str, Any] = {"A": _normal(rng, (r, n_in), 0.5), "B": _normal(rng, (n_out, r), 0.5),
-                                  "scaling": (0.75, -1.5, 2.0)[j]}
+            ad: dict[str, Any] = {
+                "A": _normal(rng, (r, n_in), 0.5),
+                "B": _normal(rng, (n_out, r), 0.5),
+                "scaling": (0.75, -1.5, 2.0)[j],
+            }
             ad["m"] = _magnitudes({**ad, "W": w, "fan_in_fan_out": fifo}, rng, negative=j == 0, zero=False)
             fields: dict[str, Any] = {k: (_cast(v, dt) if isinstance(v, np.ndarray) else v) for k, v in ad.items()}
             ads.append(DoraAdapter(**fields))
@@ -662,8 +754,13 @@ def _sequential_boundary() -> list[Boundary]:
         if bias:
             c["bias"] = _cast(_normal(rng, (n_out,)), dt)
         c["fan_in_fan_out"] = fifo
-        out.append((f"b{i}_x{'x'.join(map(str, (*lead, n_in)))}_out{n_out}_ranks{'-'.join(map(str, ranks))}"
-                    f"{'_fifo' if fifo else ''}{'_bias' if bias else ''}_{dt}", c))
+        out.append(
+            (
+                f"b{i}_x{'x'.join(map(str, (*lead, n_in)))}_out{n_out}_ranks{'-'.join(map(str, ranks))}"
+                f"{'_fifo' if fifo else ''}{'_bias' if bias else ''}_{dt}",
+                c,
+            )
+        )
     return _bounds_of(out, _sequential_classes)
 
 
@@ -682,9 +779,16 @@ def _sequential_zero_row() -> Case:
     return {**c, "W": w2, "adapters": [*c["adapters"], DoraAdapter(A=a, B=b, m=ad.m, scaling=ad.scaling)]}
 
 
-_COUNT_CLASSES = ("option: kernel_size=() (Linear, Embedding)", "option: kernel_size 1-D (Conv1d)",
-                  "option: kernel_size 2-D (Conv2d)", "option: kernel_size 3-D (Conv3d)", "option: groups=1",
-                  "option: groups > 1", "shape: r = 1", "shape: in != out")
+_COUNT_CLASSES = (
+    "option: kernel_size=() (Linear, Embedding)",
+    "option: kernel_size 1-D (Conv1d)",
+    "option: kernel_size 2-D (Conv2d)",
+    "option: kernel_size 3-D (Conv3d)",
+    "option: groups=1",
+    "option: groups > 1",
+    "shape: r = 1",
+    "shape: in != out",
+)
 
 
 def _count_classes(c: Case) -> tuple[str, ...]:
@@ -699,9 +803,16 @@ def _count_classes(c: Case) -> tuple[str, ...]:
 
 def _count_boundary() -> list[Boundary]:
     cases = [(10, 6, 4, (), 1), (20, 6, 1, (), 1), (3, 4, 2, (3,), 1), (8, 12, 4, (3, 3), 2), (4, 4, 8, (3, 3, 3), 4)]
-    return _bounds_of([(f"in{i}_out{o}_r{r}_k{'x'.join(map(str, ks)) or 'none'}_g{g}",
-                        {"in_features": i, "out_features": o, "r": r, "kernel_size": ks, "groups": g})
-                       for i, o, r, ks, g in cases], _count_classes)
+    return _bounds_of(
+        [
+            (
+                f"in{i}_out{o}_r{r}_k{'x'.join(map(str, ks)) or 'none'}_g{g}",
+                {"in_features": i, "out_features": o, "r": r, "kernel_size": ks, "groups": g},
+            )
+            for i, o, r, ks, g in cases
+        ],
+        _count_classes,
+    )
 
 
 def _with_first(a: np.ndarray, value: float) -> np.ndarray:
@@ -732,8 +843,20 @@ def rows() -> list[OpSpec]:
         for label, c in _golden(rng, with_x=False):
             m = np.where(c["m"] == 0, 1.0, c["m"])
             merged = dora.merge(c["W"], c["A"], c["B"], m, c["scaling"], fan_in_fan_out=c["fan_in_fan_out"])
-            out.append((label, {"W_merged": merged.W, "A": c["A"], "B": c["B"], "m": m, "scaling": c["scaling"],
-                                "weight_norm": merged.weight_norm, "fan_in_fan_out": c["fan_in_fan_out"]}))
+            out.append(
+                (
+                    label,
+                    {
+                        "W_merged": merged.W,
+                        "A": c["A"],
+                        "B": c["B"],
+                        "m": m,
+                        "scaling": c["scaling"],
+                        "weight_norm": merged.weight_norm,
+                        "fan_in_fan_out": c["fan_in_fan_out"],
+                    },
+                )
+            )
         return out
 
     def embedding_golden(rng: np.random.Generator) -> list[tuple[str, Case]]:
@@ -743,96 +866,172 @@ def rows() -> list[OpSpec]:
         for i, (vocab, dim, r, ids_shape) in enumerate([(10, 6, 2, (4,)), (32, 16, 8, (2, 5))]):
             E = dyadic(rng, (vocab, dim))
             E[0] = 1.0  # every column non-zero: the norm across the vocabulary is defined
-            out.append((f"case{i}_V{vocab}_d{dim}_r{r}", {
-                "ids": rng.integers(0, vocab, size=ids_shape).astype(np.int64), "E": E,
-                "A": dyadic(rng, (r, vocab)), "B": dyadic(rng, (dim, r)), "m": dyadic(rng, (dim,)),
-                "scaling": (0.5, 0.25)[i]}))
+            out.append(
+                (
+                    f"case{i}_V{vocab}_d{dim}_r{r}",
+                    {
+                        "ids": rng.integers(0, vocab, size=ids_shape).astype(np.int64),
+                        "E": E,
+                        "A": dyadic(rng, (r, vocab)),
+                        "B": dyadic(rng, (dim, r)),
+                        "m": dyadic(rng, (dim,)),
+                        "scaling": (0.5, 0.25)[i],
+                    },
+                )
+            )
         return out
 
     def weight_only():
-        return lambda rng: [(label, {k: c[k] for k in ("W", "A", "B", "scaling", "fan_in_fan_out")})
-                            for label, c in _golden(rng, with_x=False, with_m=False)]
+        return lambda rng: [
+            (label, {k: c[k] for k in ("W", "A", "B", "scaling", "fan_in_fan_out")})
+            for label, c in _golden(rng, with_x=False, with_m=False)
+        ]
 
     unmerge_ex = lambda: dict(unmerge_golden(np.random.default_rng(0))[0][1])  # noqa: E731
     grad_ex = lambda: dict(grad_golden(np.random.default_rng(0))[0][1])  # noqa: E731
     emb_ex = lambda: dict(embedding_golden(np.random.default_rng(0))[0][1])  # noqa: E731
     count_ex = {"in_features": 10, "out_features": 6, "r": 4}
     return [
-        OpSpec("dora.weight_norm", lambda: _strategy(with_x=False, with_m=False, options="norm"),
-               "W (out, in) (or (in, out) with fan_in_fan_out, E (V, d) with embedding, (out, in, *k) for ConvNd), "
-               "A (r, in), B (out, r), scaling finite; a zero row is allowed (norm 0)",
-               Bounded(lambda c: _reduction_len(c)[0] + _reduction_len(c)[1] + 4, _norm_magnitude),
-               golden=lambda rng: _golden(rng, with_x=False, with_m=False),
-               specials=lambda: _specials(norm_ex, ("W", "A")),
-               classes=_weight_classes("weight_norm"), boundary=_weight_boundary("weight_norm")),
-        OpSpec("dora.forward", _strategy,
-               "as lora.forward plus m (out,); every row of W + s·B A non-zero",
-               Bounded(_forward_depth, _forward_magnitude), golden=_golden,
-               specials=lambda: _specials(fwd_ex, ("x", "W", "m")),
-               classes=_linear_dora_classes("forward"), boundary=_dora_linear_boundary("forward")),
-        OpSpec("dora.merge", lambda: _strategy(with_x=False, options="merge"),
-               "W, A, B, m (out,), scaling in any layout of weight_norm; optional unmerged_base (W's shape) that the "
-               "norm is taken against; dtype None or a storage format; every row of W_base + s·B A non-zero",
-               Bounded(_weight_depth, _merge_magnitude), golden=lambda rng: _golden(rng, with_x=False),
-               specials=lambda: _specials(merge_ex, ("W", "m")),
-               classes=_weight_classes("merge"), boundary=_weight_boundary("merge")),
-        OpSpec("dora.unmerge", _unmerge_strategy,
-               "W_merged, A, B, m (no zero entry), scaling and the weight_norm merge returned (positive), any layout "
-               "of weight_norm; dtype None or a storage format",
-               Bounded(lambda c: _reduction_len(c)[1] + 4, _unmerge_magnitude), golden=unmerge_golden,
-               specials=lambda: [*(Special(f"{a} has {lbl}", {**unmerge_ex(), a: _with_first(unmerge_ex()[a], v)})
-                                   for a in ("W_merged", "m") for lbl, v in (("nan", np.nan), ("inf", np.inf))),
-                                 Special("m has a zero", {**unmerge_ex(), "m": np.zeros_like(unmerge_ex()["m"])}),
-                                 Special("weight_norm has a zero", {**unmerge_ex(), "weight_norm":
-                                                                    np.zeros_like(unmerge_ex()["weight_norm"])})],
-               classes=_weight_classes("unmerge"), boundary=_weight_boundary("unmerge")),
-        OpSpec("dora.direction", lambda: _strategy(with_x=False, with_m=False, options="norm"),
-               "as weight_norm; every row of W + s·B A non-zero",
-               Bounded(_weight_depth, _direction_magnitude), golden=weight_only(),
-               specials=lambda: _specials(norm_ex, ("W", "A")),
-               classes=_weight_classes("direction"), boundary=_weight_boundary("direction")),
-        OpSpec("dora.init_magnitude", lambda: _strategy(with_x=False, with_m=False, options="magnitude"),
-               "as weight_norm; dtype None (float64) or the base storage format PEFT computes m in",
-               Bounded(lambda c: _reduction_len(c)[0] + _reduction_len(c)[1] + 4, _norm_magnitude),
-               golden=weight_only(),
-               specials=lambda: _specials(norm_ex, ("W", "A")),
-               classes=_weight_classes("init_magnitude"), boundary=_weight_boundary("init_magnitude")),
-        OpSpec("dora.backward", lambda: _strategy(grad=True),
-               "as forward (no bias) plus grad_y (..., out) and mode detached / full",
-               Bounded(_backward_depth, _backward_magnitude), golden=grad_golden,
-               specials=lambda: [*_specials(grad_ex, ("x", "W", "m", "grad_y")),
-                                 Special("unknown mode", {**grad_ex(), "mode": "exact"})],
-               classes=_linear_dora_classes("backward"), boundary=_dora_linear_boundary("backward")),
-        OpSpec("dora.embedding_forward", _embedding_strategy,
-               "ids integer array (any shape) in [0, V), E (V, d), A (r, V), B (d, r), m (d,), every column of "
-               "E + s·(B A)ᵀ non-zero",
-               Bounded(_embedding_depth, _embedding_magnitude), golden=embedding_golden,
-               specials=lambda: [*(Special(f"{a} has {lbl}", {**emb_ex(), a: _with_first(emb_ex()[a], v)})
-                                   for a in ("E", "m") for lbl, v in (("nan", np.nan), ("inf", np.inf))),
-                   Special("ids out of range", {**emb_ex(), "ids": np.array([10], dtype=np.int64)}),
-                   Special("float ids", {**emb_ex(), "ids": np.array([1.0])}),
-                   Special("a column of E + ΔE is zero", {**emb_ex(), "E": np.zeros_like(emb_ex()["E"]),
-                                                          "B": np.zeros_like(emb_ex()["B"])})],
-               classes=_EMB_CLASSES, boundary=_embedding_boundary),
+        OpSpec(
+            "dora.weight_norm",
+            lambda: _strategy(with_x=False, with_m=False, options="norm"),
+            "W (out, in) (or (in, out) with fan_in_fan_out, E (V, d) with embedding, (out, in, *k) for ConvNd), "
+            "A (r, in), B (out, r), scaling finite; a zero row is allowed (norm 0)",
+            Bounded(lambda c: _reduction_len(c)[0] + _reduction_len(c)[1] + 4, _norm_magnitude),
+            golden=lambda rng: _golden(rng, with_x=False, with_m=False),
+            specials=lambda: _specials(norm_ex, ("W", "A")),
+            classes=_weight_classes("weight_norm"),
+            boundary=_weight_boundary("weight_norm"),
+        ),
+        OpSpec(
+            "dora.forward",
+            _strategy,
+            "as lora.forward plus m (out,); every row of W + s·B A non-zero",
+            Bounded(_forward_depth, _forward_magnitude),
+            golden=_golden,
+            specials=lambda: _specials(fwd_ex, ("x", "W", "m")),
+            classes=_linear_dora_classes("forward"),
+            boundary=_dora_linear_boundary("forward"),
+        ),
+        OpSpec(
+            "dora.merge",
+            lambda: _strategy(with_x=False, options="merge"),
+            "W, A, B, m (out,), scaling in any layout of weight_norm; optional unmerged_base (W's shape) that the "
+            "norm is taken against; dtype None or a storage format; every row of W_base + s·B A non-zero",
+            Bounded(_weight_depth, _merge_magnitude),
+            golden=lambda rng: _golden(rng, with_x=False),
+            specials=lambda: _specials(merge_ex, ("W", "m")),
+            classes=_weight_classes("merge"),
+            boundary=_weight_boundary("merge"),
+        ),
+        OpSpec(
+            "dora.unmerge",
+            _unmerge_strategy,
+            "W_merged, A, B, m (no zero entry), scaling and the weight_norm merge returned (positive), any layout "
+            "of weight_norm; dtype None or a storage format",
+            Bounded(lambda c: _reduction_len(c)[1] + 4, _unmerge_magnitude),
+            golden=unmerge_golden,
+            specials=lambda: [
+                *(
+                    Special(f"{a} has {lbl}", {**unmerge_ex(), a: _with_first(unmerge_ex()[a], v)})
+                    for a in ("W_merged", "m")
+                    for lbl, v in (("nan", np.nan), ("inf", np.inf))
+                ),
+                Special("m has a zero", {**unmerge_ex(), "m": np.zeros_like(unmerge_ex()["m"])}),
+                Special(
+                    "weight_norm has a zero",
+                    {**unmerge_ex(), "weight_norm": np.zeros_like(unmerge_ex()["weight_norm"])},
+                ),
+            ],
+            classes=_weight_classes("unmerge"),
+            boundary=_weight_boundary("unmerge"),
+        ),
+        OpSpec(
+            "dora.direction",
+            lambda: _strategy(with_x=False, with_m=False, options="norm"),
+            "as weight_norm; every row of W + s·B A non-zero",
+            Bounded(_weight_depth, _direction_magnitude),
+            golden=weight_only(),
+            specials=lambda: _specials(norm_ex, ("W", "A")),
+            classes=_weight_classes("direction"),
+            boundary=_weight_boundary("direction"),
+        ),
+        OpSpec(
+            "dora.init_magnitude",
+            lambda: _strategy(with_x=False, with_m=False, options="magnitude"),
+            "as weight_norm; dtype None (float64) or the base storage format PEFT computes m in",
+            Bounded(lambda c: _reduction_len(c)[0] + _reduction_len(c)[1] + 4, _norm_magnitude),
+            golden=weight_only(),
+            specials=lambda: _specials(norm_ex, ("W", "A")),
+            classes=_weight_classes("init_magnitude"),
+            boundary=_weight_boundary("init_magnitude"),
+        ),
+        OpSpec(
+            "dora.backward",
+            lambda: _strategy(grad=True),
+            "as forward (no bias) plus grad_y (..., out) and mode detached / full",
+            Bounded(_backward_depth, _backward_magnitude),
+            golden=grad_golden,
+            specials=lambda: [
+                *_specials(grad_ex, ("x", "W", "m", "grad_y")),
+                Special("unknown mode", {**grad_ex(), "mode": "exact"}),
+            ],
+            classes=_linear_dora_classes("backward"),
+            boundary=_dora_linear_boundary("backward"),
+        ),
+        OpSpec(
+            "dora.embedding_forward",
+            _embedding_strategy,
+            "ids integer array (any shape) in [0, V), E (V, d), A (r, V), B (d, r), m (d,), every column of "
+            "E + s·(B A)ᵀ non-zero",
+            Bounded(_embedding_depth, _embedding_magnitude),
+            golden=embedding_golden,
+            specials=lambda: [
+                *(
+                    Special(f"{a} has {lbl}", {**emb_ex(), a: _with_first(emb_ex()[a], v)})
+                    for a in ("E", "m")
+                    for lbl, v in (("nan", np.nan), ("inf", np.inf))
+                ),
+                Special("ids out of range", {**emb_ex(), "ids": np.array([10], dtype=np.int64)}),
+                Special("float ids", {**emb_ex(), "ids": np.array([1.0])}),
+                Special(
+                    "a column of E + ΔE is zero",
+                    {**emb_ex(), "E": np.zeros_like(emb_ex()["E"]), "B": np.zeros_like(emb_ex()["B"])},
+                ),
+            ],
+            classes=_EMB_CLASSES,
+            boundary=_embedding_boundary,
+        ),
         _RowWithoutVectors(
-            "dora.forward_sequential", _sequential_strategy,
+            "dora.forward_sequential",
+            _sequential_strategy,
             "x (..., in), W, adapters a non-empty list of DoraAdapter(A, B, m, scaling) of W's shape, optional bias; "
             "every row of W + s_i·B_i A_i non-zero",
-            Bounded(_sequential_depth, _sequential_magnitude), tiers=_NO_GOLDEN,
+            Bounded(_sequential_depth, _sequential_magnitude),
+            tiers=_NO_GOLDEN,
             specials=lambda: [
                 Special("no adapters", {**_sequential_boundary()[0].case, "adapters": []}),
-                Special("an adapter as a tuple", {**_sequential_boundary()[0].case,
-                                                  "adapters": [(1.0, 2.0)]}),
-                Special("a row of W + s·B A is zero", _sequential_zero_row())],
-            classes=_SEQ_CLASSES, boundary=_sequential_boundary),
-        OpSpec("dora.param_count", _param_count_strategy,
-               "in, out, r ≥ 1; kernel_size () or ConvNd sizes ≥ 1; groups ≥ 1 dividing r (groups only with a kernel)",
-               Exact(),
-               golden=lambda rng: [("linear_10_6_r4", {**count_ex, "kernel_size": (), "groups": 1}),
-                                   ("conv2d_g2", {"in_features": 8, "out_features": 12, "r": 4, "kernel_size": (3, 3),
-                                                  "groups": 2})],
-               specials=lambda: [Special("groups without a kernel", {**count_ex, "kernel_size": (), "groups": 2}),
-                                 Special("r not a multiple of groups", {**count_ex, "kernel_size": (3,), "groups": 3}),
-                                 Special("r is 0", {**count_ex, "r": 0, "kernel_size": (), "groups": 1})],
-               classes=_COUNT_CLASSES, boundary=_count_boundary),
+                Special("an adapter as a tuple", {**_sequential_boundary()[0].case, "adapters": [(1.0, 2.0)]}),
+                Special("a row of W + s·B A is zero", _sequential_zero_row()),
+            ],
+            classes=_SEQ_CLASSES,
+            boundary=_sequential_boundary,
+        ),
+        OpSpec(
+            "dora.param_count",
+            _param_count_strategy,
+            "in, out, r ≥ 1; kernel_size () or ConvNd sizes ≥ 1; groups ≥ 1 dividing r (groups only with a kernel)",
+            Exact(),
+            golden=lambda rng: [
+                ("linear_10_6_r4", {**count_ex, "kernel_size": (), "groups": 1}),
+                ("conv2d_g2", {"in_features": 8, "out_features": 12, "r": 4, "kernel_size": (3, 3), "groups": 2}),
+            ],
+            specials=lambda: [
+                Special("groups without a kernel", {**count_ex, "kernel_size": (), "groups": 2}),
+                Special("r not a multiple of groups", {**count_ex, "kernel_size": (3,), "groups": 3}),
+                Special("r is 0", {**count_ex, "r": 0, "kernel_size": (), "groups": 1}),
+            ],
+            classes=_COUNT_CLASSES,
+            boundary=_count_boundary,
+        ),
     ]

@@ -136,9 +136,13 @@ def _scaling_strategy():
 
     from refimpl.conformance import strategies as rs
 
-    return st.fixed_dictionaries({"alpha": st.one_of(rs.reals(-64.0, 64.0), st.sampled_from([0.0, -16.0, 512.0])),
-                                  "r": st.one_of(st.integers(1, 256), st.sampled_from([1, 4, 16, 64])),
-                                  "use_rslora": st.booleans()})
+    return st.fixed_dictionaries(
+        {
+            "alpha": st.one_of(rs.reals(-64.0, 64.0), st.sampled_from([0.0, -16.0, 512.0])),
+            "r": st.one_of(st.integers(1, 256), st.sampled_from([1, 4, 16, 64])),
+            "use_rslora": st.booleans(),
+        }
+    )
 
 
 def _embedding_strategy():
@@ -152,12 +156,20 @@ def _embedding_strategy():
         r = draw(rank_strategy(vocab, dim))
         dt = draw(st.sampled_from(_DTYPES))
         ids_shape = tuple(draw(st.lists(rs.dims(1, 4), min_size=0, max_size=2)))
-        ids = np.asarray(draw(st.lists(st.integers(0, vocab - 1), min_size=int(np.prod(ids_shape)),
-                                       max_size=int(np.prod(ids_shape)))), dtype=np.int64).reshape(ids_shape)
+        ids = np.asarray(
+            draw(
+                st.lists(st.integers(0, vocab - 1), min_size=int(np.prod(ids_shape)), max_size=int(np.prod(ids_shape)))
+            ),
+            dtype=np.int64,
+        ).reshape(ids_shape)
         ids = ids.astype(draw(st.sampled_from([np.int64, np.int32, np.uint16])))
-        return {"ids": ids, "E": _cast(draw(rs.float_arrays((vocab, dim))), dt),
-                "A": _cast(draw(rs.float_arrays((r, vocab))), dt), "B": _cast(draw(rs.float_arrays((dim, r))), dt),
-                "scaling": draw(st.one_of(rs.reals(-4.0, 4.0), st.sampled_from([0.0, -2.0, 64.0])))}
+        return {
+            "ids": ids,
+            "E": _cast(draw(rs.float_arrays((vocab, dim))), dt),
+            "A": _cast(draw(rs.float_arrays((r, vocab))), dt),
+            "B": _cast(draw(rs.float_arrays((dim, r))), dt),
+            "scaling": draw(st.one_of(rs.reals(-4.0, 4.0), st.sampled_from([0.0, -2.0, 64.0]))),
+        }
 
     return build()
 
@@ -168,8 +180,13 @@ def _param_count_strategy():
     @st.composite
     def build(draw) -> Case:
         n_in, n_out = draw(st.integers(1, 8192)), draw(st.integers(1, 8192))
-        return {"in_features": n_in, "out_features": n_out, "r": draw(st.integers(1, 512)),
-                "lora_bias": draw(st.booleans()), "dora": draw(st.booleans())}
+        return {
+            "in_features": n_in,
+            "out_features": n_out,
+            "r": draw(st.integers(1, 512)),
+            "lora_bias": draw(st.booleans()),
+            "dora": draw(st.booleans()),
+        }
 
     return build()
 
@@ -189,9 +206,16 @@ def _init_strategy():
         w = _cast(draw(rs.float_arrays((n_in, n_out) if fifo else (n_out, n_in))), dt)
         # PiSSA takes √(S/s): the reference needs α > 0 there (a negative α gives NaN factors)
         alpha = draw(rs.reals(0.25, 64.0) if method == "pissa" else rs.reals(-64.0, 64.0))
-        return {"W": w, "r": draw(rank_strategy(n_in, n_out)), "alpha": alpha, "method": method,
-                "rng": SeededRng(draw(st.integers(0, 2**32 - 1))), "use_rslora": draw(st.booleans()),
-                "fan_in_fan_out": fifo, "embedding": emb}
+        return {
+            "W": w,
+            "r": draw(rank_strategy(n_in, n_out)),
+            "alpha": alpha,
+            "method": method,
+            "rng": SeededRng(draw(st.integers(0, 2**32 - 1))),
+            "use_rslora": draw(st.booleans()),
+            "fan_in_fan_out": fifo,
+            "embedding": emb,
+        }
 
     return build()
 
@@ -208,9 +232,16 @@ def _dropout_mask_strategy():
     return build()
 
 
-_LAYER_NAMES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-                "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
-                "lm_head", "q_proj", "model.layers.1.xq_proj")
+_LAYER_NAMES = (
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.k_proj",
+    "model.layers.0.self_attn.v_proj",
+    "model.layers.0.mlp.up_proj",
+    "model.layers.0.mlp.down_proj",
+    "lm_head",
+    "q_proj",
+    "model.layers.1.xq_proj",
+)
 _TARGET_KEYS = ("q_proj", "v_proj", "self_attn.k_proj", "up_proj", "lm_head", "proj", "layers.0.mlp.down_proj")
 
 
@@ -221,15 +252,23 @@ def _model_count_strategy():
     def build(draw) -> Case:
         names = draw(st.lists(st.sampled_from(_LAYER_NAMES), min_size=1, max_size=6, unique=True))
         layers = {n: (draw(st.integers(1, 4096)), draw(st.integers(1, 4096))) for n in names}
-        targets: Any = draw(st.one_of(st.just("all-linear"),
-                                      st.lists(st.sampled_from(_TARGET_KEYS), min_size=1, max_size=4, unique=True)))
+        targets: Any = draw(
+            st.one_of(
+                st.just("all-linear"), st.lists(st.sampled_from(_TARGET_KEYS), min_size=1, max_size=4, unique=True)
+            )
+        )
         hit = [n for n in names if targets == "all-linear" or any(n == k or n.endswith("." + k) for k in targets)]
         if not hit:  # the reference rejects a target list that matches nothing: add an exact name
             targets = [*targets, names[0]]
             hit = [names[0]]
         r = draw(st.integers(1, 2 * min(min(layers[n]) for n in hit) + 2))
-        return {"layers": layers, "r": r, "target_modules": targets, "lora_bias": draw(st.booleans()),
-                "dora": draw(st.booleans())}
+        return {
+            "layers": layers,
+            "r": r,
+            "target_modules": targets,
+            "lora_bias": draw(st.booleans()),
+            "dora": draw(st.booleans()),
+        }
 
     return build()
 
@@ -237,13 +276,18 @@ def _model_count_strategy():
 # ---------------------------------------------------------------------------- golden cases (exact inputs)
 
 
-def _golden_linear(rng: np.random.Generator, *, grad: bool = False, with_x: bool = True,
-                   merged: bool = False) -> list[tuple[str, Case]]:
+def _golden_linear(
+    rng: np.random.Generator, *, grad: bool = False, with_x: bool = True, merged: bool = False
+) -> list[tuple[str, Case]]:
     from refimpl.conformance.strategies import dyadic
 
     cases = []
-    shapes = [((2, 4), 6, 5, 2, False, False), ((3,), 8, 8, 4, True, False), ((2, 3, 8), 8, 16, 8, False, True),
-              ((5,), 32, 24, 16, True, True)]
+    shapes = [
+        ((2, 4), 6, 5, 2, False, False),
+        ((3,), 8, 8, 4, True, False),
+        ((2, 3, 8), 8, 16, 8, False, True),
+        ((5,), 32, 24, 16, True, True),
+    ]
     for i, (lead, n_in, n_out, r, fifo, drop) in enumerate(shapes):
         c: Case = {}
         if with_x:
@@ -271,9 +315,18 @@ def _golden_embedding(rng: np.random.Generator) -> list[tuple[str, Case]]:
 
     out = []
     for i, (vocab, dim, r, ids_shape) in enumerate([(10, 6, 2, (4,)), (32, 16, 8, (2, 5))]):
-        out.append((f"case{i}_V{vocab}_d{dim}_r{r}", {
-            "ids": rng.integers(0, vocab, size=ids_shape).astype(np.int64), "E": dyadic(rng, (vocab, dim)),
-            "A": dyadic(rng, (r, vocab)), "B": dyadic(rng, (dim, r)), "scaling": _SCALINGS_EXACT[i]}))
+        out.append(
+            (
+                f"case{i}_V{vocab}_d{dim}_r{r}",
+                {
+                    "ids": rng.integers(0, vocab, size=ids_shape).astype(np.int64),
+                    "E": dyadic(rng, (vocab, dim)),
+                    "A": dyadic(rng, (r, vocab)),
+                    "B": dyadic(rng, (dim, r)),
+                    "scaling": _SCALINGS_EXACT[i],
+                },
+            )
+        )
     return out
 
 
@@ -333,24 +386,40 @@ def _specials(name: str, array_args: tuple[str, ...], example) -> list[Special]:
 
 # ---------------------------------------------------------------------------- equivalence classes
 
-_X_CLASSES = ("shape: x 1-D (one row)", "shape: x 2-D", "shape: x 3-D (batch and sequence axes)",
-              "shape: one row", "shape: more than 16 rows (a large-batch kernel path)")
-_W_CLASSES = ("shape: in % 8 != 0 (a remainder after vector width 8)",
-              "shape: in > 16 and in % 16 != 0 (a remainder after vector width 16)",
-              "shape: out % 8 != 0 (a remainder after vector width 8)",
-              "shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)",
-              "shape: in == out (a transposition keeps the shape)", "shape: in != out",
-              "shape: r = 1", "shape: r = min(in, out)",
-              "shape: r > min(in, out) (more rank than B A can use; loralib and PEFT accept it)")
+_X_CLASSES = (
+    "shape: x 1-D (one row)",
+    "shape: x 2-D",
+    "shape: x 3-D (batch and sequence axes)",
+    "shape: one row",
+    "shape: more than 16 rows (a large-batch kernel path)",
+)
+_W_CLASSES = (
+    "shape: in % 8 != 0 (a remainder after vector width 8)",
+    "shape: in > 16 and in % 16 != 0 (a remainder after vector width 16)",
+    "shape: out % 8 != 0 (a remainder after vector width 8)",
+    "shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)",
+    "shape: in == out (a transposition keeps the shape)",
+    "shape: in != out",
+    "shape: r = 1",
+    "shape: r = min(in, out)",
+    "shape: r > min(in, out) (more rank than B A can use; loralib and PEFT accept it)",
+)
 _FIFO_CLASSES = ("option: fan_in_fan_out=False", "option: fan_in_fan_out=True")
 _BIAS_CLASSES = ("option: bias given", "option: no bias")
-_DROP_CLASSES = ("option: dropout_mask given (train form)", "option: no dropout_mask (eval form)",
-                 "value: dropout_p = 0 with a mask", "value: dropout_p > 0 (keep factor 1/(1 − p) ≠ 1)")
-_S_CLASSES = ("value: scaling 0", "value: scaling negative", "value: scaling positive, not 1",
-              "value: |scaling| ≥ 64 (large)")
+_DROP_CLASSES = (
+    "option: dropout_mask given (train form)",
+    "option: no dropout_mask (eval form)",
+    "value: dropout_p = 0 with a mask",
+    "value: dropout_p > 0 (keep factor 1/(1 − p) ≠ 1)",
+)
+_S_CLASSES = (
+    "value: scaling 0",
+    "value: scaling negative",
+    "value: scaling positive, not 1",
+    "value: |scaling| ≥ 64 (large)",
+)
 _DTYPE_CLASSES = tuple(f"dtype: {d} inputs" for d in _DTYPES)
-_GRAD_CLASSES = ("option: need_dW=True", "option: need_dW=False", "option: need_dbias=True",
-                 "option: need_dbias=False")
+_GRAD_CLASSES = ("option: need_dW=True", "option: need_dW=False", "option: need_dbias=True", "option: need_dbias=False")
 _MERGE_CLASSES = tuple(f"option: dtype={d}" for d in _MERGE_DTYPES)
 _SAFE_CLASSES = ("option: safe=True with a storage dtype", "option: safe=False with a storage dtype")
 
@@ -465,8 +534,9 @@ def _lin_case(i: int, cfg: _Lin, *, grad: bool = False, with_x: bool = True, mer
     c: Case = {}
     if with_x:
         c["x"] = _cast(_normal(rng, (*cfg.lead, cfg.n_in)), dt)
-    c["W_merged" if merged else "W"] = _cast(_normal(rng, (cfg.n_in, cfg.n_out) if cfg.fifo
-                                                     else (cfg.n_out, cfg.n_in)), dt)
+    c["W_merged" if merged else "W"] = _cast(
+        _normal(rng, (cfg.n_in, cfg.n_out) if cfg.fifo else (cfg.n_out, cfg.n_in)), dt
+    )
     c["A"] = _cast(_normal(rng, (cfg.r, cfg.n_in), 0.5), dt)
     c["B"] = _cast(_normal(rng, (cfg.n_out, cfg.r), 0.5), dt)
     if grad:
@@ -485,8 +555,13 @@ def _label(i: int, cfg: _Lin) -> str:
     """A readable label; an unbatched (1-D) x says so, a peer may shape that case differently."""
     x = "x" + "x".join(map(str, (*cfg.lead, cfg.n_in))) + ("_unbatched" if not cfg.lead else "")
     drop = "" if cfg.p is None else f"_p{cfg.p:g}"
-    return (f"b{i}_{x}_out{cfg.n_out}_r{cfg.r}_s{cfg.s:g}" + ("_fifo" if cfg.fifo else "")
-            + ("_bias" if cfg.bias else "") + drop + (f"_{cfg.dtype}" if cfg.dtype != "float64" else ""))
+    return (
+        f"b{i}_{x}_out{cfg.n_out}_r{cfg.r}_s{cfg.s:g}"
+        + ("_fifo" if cfg.fifo else "")
+        + ("_bias" if cfg.bias else "")
+        + drop
+        + (f"_{cfg.dtype}" if cfg.dtype != "float64" else "")
+    )
 
 
 def _bounds_of(cases: list[tuple[str, Case]], classify: Callable[[Case], tuple[str, ...]]) -> list[Boundary]:
@@ -516,7 +591,7 @@ def _linear_boundary(kind: str) -> Callable[[], list[Boundary]]:
             # roundings differ somewhere
             base = _lin_case(99, _Lin((1,), 40, 24, 4, s=0.625), with_x=False, merged=kind == "unmerge")
             for dt in _MERGE_DTYPES[1:]:
-                for safe in ((False, True) if kind == "merge" else (None,)):
+                for safe in (False, True) if kind == "merge" else (None,):
                     c = {**base, "dtype": dt}
                     if safe is not None:
                         c["safe"] = safe
@@ -538,9 +613,17 @@ def _linear_op_classes(kind: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------- scaling, embedding, counts
 
-_SCALING_CLASSES = ("value: r = 1", "value: r a perfect square > 1 (√r exact)", "value: r not a perfect square",
-                    "value: r > 64", "option: use_rslora=False", "option: use_rslora=True", "value: alpha 0",
-                    "value: alpha negative", "value: alpha not a multiple of r")
+_SCALING_CLASSES = (
+    "value: r = 1",
+    "value: r a perfect square > 1 (√r exact)",
+    "value: r not a perfect square",
+    "value: r > 64",
+    "option: use_rslora=False",
+    "option: use_rslora=True",
+    "value: alpha 0",
+    "value: alpha negative",
+    "value: alpha not a multiple of r",
+)
 
 
 def _scaling_classes(c: Case) -> tuple[str, ...]:
@@ -565,17 +648,40 @@ def _scaling_classes(c: Case) -> tuple[str, ...]:
 
 def _scaling_boundary() -> list[Boundary]:
     cases = [(16.0, 1), (16.0, 4), (24.0, 16), (-16.0, 8), (0.0, 3), (7.0, 3), (64.0, 128), (1.0, 255)]
-    return _bounds_of([(f"alpha{a:g}_r{r}_rs{int(rs)}", {"alpha": a, "r": r, "use_rslora": rs})
-                       for a, r in cases for rs in (False, True)], _scaling_classes)
+    return _bounds_of(
+        [
+            (f"alpha{a:g}_r{r}_rs{int(rs)}", {"alpha": a, "r": r, "use_rslora": rs})
+            for a, r in cases
+            for rs in (False, True)
+        ],
+        _scaling_classes,
+    )
 
 
 #: the classes of an embedding case's shapes, scaling and table dtype (shared with DoRA's embedding row)
-EMB_SHAPE_CLASSES = ("shape: ids 0-D (one token)", "shape: ids 1-D", "shape: ids 2-D", "shape: more than 16 ids",
-                     "value: repeated ids", "shape: V > d", "shape: V < d", "shape: V == d",
-                     "shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)", "shape: r = 1",
-                     "shape: r = min(V, d)", "shape: r > min(V, d)", *_S_CLASSES, *_DTYPE_CLASSES)
-_EMB_CLASSES = (*EMB_SHAPE_CLASSES, "value: ids 0 and V − 1 (the table's ends)", "dtype: int64 ids",
-                "dtype: int32 ids", "dtype: unsigned ids")
+EMB_SHAPE_CLASSES = (
+    "shape: ids 0-D (one token)",
+    "shape: ids 1-D",
+    "shape: ids 2-D",
+    "shape: more than 16 ids",
+    "value: repeated ids",
+    "shape: V > d",
+    "shape: V < d",
+    "shape: V == d",
+    "shape: d > 16 and d % 16 != 0 (a remainder after vector width 16)",
+    "shape: r = 1",
+    "shape: r = min(V, d)",
+    "shape: r > min(V, d)",
+    *_S_CLASSES,
+    *_DTYPE_CLASSES,
+)
+_EMB_CLASSES = (
+    *EMB_SHAPE_CLASSES,
+    "value: ids 0 and V − 1 (the table's ends)",
+    "dtype: int64 ids",
+    "dtype: int32 ids",
+    "dtype: unsigned ids",
+)
 
 
 def embedding_shape_classes(c: Case) -> list[str]:
@@ -608,8 +714,16 @@ def _embedding_classes(c: Case) -> tuple[str, ...]:
     out = embedding_shape_classes(c)
     if 0 in ids and vocab - 1 in ids:
         out.append("value: ids 0 and V − 1 (the table's ends)")
-    out.append({"i": "dtype: int64 ids" if ids.dtype == np.int64 else "dtype: int32 ids" if ids.dtype == np.int32
-                else "dtype: other signed ids", "u": "dtype: unsigned ids"}[ids.dtype.kind])
+    out.append(
+        {
+            "i": "dtype: int64 ids"
+            if ids.dtype == np.int64
+            else "dtype: int32 ids"
+            if ids.dtype == np.int32
+            else "dtype: other signed ids",
+            "u": "dtype: unsigned ids",
+        }[ids.dtype.kind]
+    )
     return tuple(out)
 
 
@@ -631,21 +745,37 @@ def _embedding_boundary() -> list[Boundary]:
             flat[0], flat[-1] = 0, vocab - 1
             if flat.size > 2:
                 flat[1] = flat[-1]  # a repeated id
-        c = {"ids": ids.astype(idt), "E": _cast(_normal(rng, (vocab, dim)), dt),
-             "A": _cast(_normal(rng, (r, vocab), 0.5), dt), "B": _cast(_normal(rng, (dim, r), 0.5), dt), "scaling": s}
+        c = {
+            "ids": ids.astype(idt),
+            "E": _cast(_normal(rng, (vocab, dim)), dt),
+            "A": _cast(_normal(rng, (r, vocab), 0.5), dt),
+            "B": _cast(_normal(rng, (dim, r), 0.5), dt),
+            "scaling": s,
+        }
         out.append((f"b{i}_ids{'x'.join(map(str, shape)) or '0d'}_V{vocab}_d{dim}_r{r}_s{s:g}_{dt}", c))
     return _bounds_of(out, _embedding_classes)
 
 
-_COUNT_CLASSES = ("option: lora_bias=False", "option: lora_bias=True", "option: dora=False", "option: dora=True",
-                  "shape: r = 1", "shape: r = min(in, out)", "shape: in != out", "shape: in == out",
-                  "shape: r > min(in, out)")
+_COUNT_CLASSES = (
+    "option: lora_bias=False",
+    "option: lora_bias=True",
+    "option: dora=False",
+    "option: dora=True",
+    "shape: r = 1",
+    "shape: r = min(in, out)",
+    "shape: in != out",
+    "shape: in == out",
+    "shape: r > min(in, out)",
+)
 
 
 def _count_classes(c: Case) -> tuple[str, ...]:
     i, o, r = c["in_features"], c["out_features"], c["r"]
-    out = [f"option: lora_bias={c['lora_bias']}", f"option: dora={c['dora']}",
-           "shape: in != out" if i != o else "shape: in == out"]
+    out = [
+        f"option: lora_bias={c['lora_bias']}",
+        f"option: dora={c['dora']}",
+        "shape: in != out" if i != o else "shape: in == out",
+    ]
     if r == 1:
         out.append("shape: r = 1")
     if r == min(i, o):
@@ -656,18 +786,37 @@ def _count_classes(c: Case) -> tuple[str, ...]:
 
 
 def _count_boundary() -> list[Boundary]:
-    cases = [(4096, 4096, 8, False, False), (10, 6, 6, True, True), (1, 7, 1, True, False), (768, 3072, 1, False, True),
-             (5, 5, 5, False, True), (4, 3, 8, True, False)]
-    return _bounds_of([(f"in{i}_out{o}_r{r}_bias{int(b)}_dora{int(d)}",
-                        {"in_features": i, "out_features": o, "r": r, "lora_bias": b, "dora": d})
-                       for i, o, r, b, d in cases], _count_classes)
+    cases = [
+        (4096, 4096, 8, False, False),
+        (10, 6, 6, True, True),
+        (1, 7, 1, True, False),
+        (768, 3072, 1, False, True),
+        (5, 5, 5, False, True),
+        (4, 3, 8, True, False),
+    ]
+    return _bounds_of(
+        [
+            (
+                f"in{i}_out{o}_r{r}_bias{int(b)}_dora{int(d)}",
+                {"in_features": i, "out_features": o, "r": r, "lora_bias": b, "dora": d},
+            )
+            for i, o, r, b, d in cases
+        ],
+        _count_classes,
+    )
 
 
-_MODEL_CLASSES = ("option: target_modules='all-linear'", "option: target_modules a list",
-                  "value: a key matching a dotted suffix", "value: a key equal to a whole name",
-                  "value: a key inside a name but not after a dot (no match)", "value: a multi-part key",
-                  *_COUNT_CLASSES[:4], "shape: r = min(in, out) of a matched layer",
-                  "shape: r > min(in, out) of a matched layer")
+_MODEL_CLASSES = (
+    "option: target_modules='all-linear'",
+    "option: target_modules a list",
+    "value: a key matching a dotted suffix",
+    "value: a key equal to a whole name",
+    "value: a key inside a name but not after a dot (no match)",
+    "value: a multi-part key",
+    *_COUNT_CLASSES[:4],
+    "shape: r = min(in, out) of a matched layer",
+    "shape: r > min(in, out) of a matched layer",
+)
 
 
 def _model_classes(c: Case) -> tuple[str, ...]:
@@ -696,34 +845,72 @@ def _model_classes(c: Case) -> tuple[str, ...]:
 
 
 def _model_boundary() -> list[Boundary]:
-    layers = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.k_proj": (16, 64),
-              "model.layers.0.self_attn.v_proj": (16, 64), "model.layers.0.mlp.up_proj": (172, 64),
-              "model.layers.0.mlp.down_proj": (64, 172), "model.layers.1.xq_proj": (8, 64), "lm_head": (100, 64)}
+    layers = {
+        "model.layers.0.self_attn.q_proj": (64, 64),
+        "model.layers.0.self_attn.k_proj": (16, 64),
+        "model.layers.0.self_attn.v_proj": (16, 64),
+        "model.layers.0.mlp.up_proj": (172, 64),
+        "model.layers.0.mlp.down_proj": (64, 172),
+        "model.layers.1.xq_proj": (8, 64),
+        "lm_head": (100, 64),
+    }
     cases = [
         ("all_linear", {"layers": layers, "r": 8, "target_modules": "all-linear", "lora_bias": False, "dora": False}),
-        ("suffix_keys", {"layers": layers, "r": 16, "target_modules": ["q_proj", "v_proj"], "lora_bias": True,
-                         "dora": False}),
-        ("whole_name_and_multipart", {"layers": layers, "r": 4, "target_modules": ["lm_head", "self_attn.k_proj",
-                                                                                  "mlp.down_proj"],
-                                      "lora_bias": False, "dora": True}),
-        ("one_layer", {"layers": {"proj": (3, 5)}, "r": 3, "target_modules": ["proj"], "lora_bias": True,
-                       "dora": True}),
-        ("rank_above_a_layer", {"layers": {"proj": (3, 5), "lm_head": (100, 64)}, "r": 7,
-                                "target_modules": "all-linear", "lora_bias": False, "dora": True}),
+        (
+            "suffix_keys",
+            {"layers": layers, "r": 16, "target_modules": ["q_proj", "v_proj"], "lora_bias": True, "dora": False},
+        ),
+        (
+            "whole_name_and_multipart",
+            {
+                "layers": layers,
+                "r": 4,
+                "target_modules": ["lm_head", "self_attn.k_proj", "mlp.down_proj"],
+                "lora_bias": False,
+                "dora": True,
+            },
+        ),
+        (
+            "one_layer",
+            {"layers": {"proj": (3, 5)}, "r": 3, "target_modules": ["proj"], "lora_bias": True, "dora": True},
+        ),
+        (
+            "rank_above_a_layer",
+            {
+                "layers": {"proj": (3, 5), "lm_head": (100, 64)},
+                "r": 7,
+                "target_modules": "all-linear",
+                "lora_bias": False,
+                "dora": True,
+            },
+        ),
     ]
     return _bounds_of(cases, _model_classes)
 
 
 # ---------------------------------------------------------------------------- init
 
-_INIT_CLASSES = ("option: method=default", "option: method=gaussian", "option: method=pissa",
-                 "option: method=olora", "option: embedding=True, method=default",
-                 "option: embedding=True, method=gaussian", "option: fan_in_fan_out=True",
-                 "option: fan_in_fan_out=False", "option: use_rslora=True", "option: use_rslora=False",
-                 "shape: r = 1", "shape: r = min(in, out)", "shape: in > out", "shape: in < out",
-                 "value: s = α/r ≠ 1", "value: alpha negative", *_DTYPE_CLASSES,
-                 "shape: r > min(in, out), method=default or gaussian (A (r, in), B (out, r))",
-                 "shape: r > min(in, out), method=pissa or olora (min(in, out) components, as PEFT)")
+_INIT_CLASSES = (
+    "option: method=default",
+    "option: method=gaussian",
+    "option: method=pissa",
+    "option: method=olora",
+    "option: embedding=True, method=default",
+    "option: embedding=True, method=gaussian",
+    "option: fan_in_fan_out=True",
+    "option: fan_in_fan_out=False",
+    "option: use_rslora=True",
+    "option: use_rslora=False",
+    "shape: r = 1",
+    "shape: r = min(in, out)",
+    "shape: in > out",
+    "shape: in < out",
+    "value: s = α/r ≠ 1",
+    "value: alpha negative",
+    *_DTYPE_CLASSES,
+    "shape: r > min(in, out), method=default or gaussian (A (r, in), B (out, r))",
+    "shape: r > min(in, out), method=pissa or olora (min(in, out) components, as PEFT)",
+)
 
 
 def _init_classes(c: Case) -> tuple[str, ...]:
@@ -731,8 +918,12 @@ def _init_classes(c: Case) -> tuple[str, ...]:
     emb, fifo = c.get("embedding", False), c.get("fan_in_fan_out", False)
     out_f, in_f = (w.shape[1], w.shape[0]) if (emb or fifo) else w.shape
     m = c.get("method", "default")
-    out = [f"option: method={m}", f"option: fan_in_fan_out={fifo}", f"option: use_rslora={c['use_rslora']}",
-           f"dtype: {_dtype_name(w)} inputs"]
+    out = [
+        f"option: method={m}",
+        f"option: fan_in_fan_out={fifo}",
+        f"option: use_rslora={c['use_rslora']}",
+        f"dtype: {_dtype_name(w)} inputs",
+    ]
     if emb:
         out.append(f"option: embedding=True, method={m}")
     if c["r"] == 1:
@@ -758,7 +949,7 @@ def _init_boundary() -> list[Boundary]:
         ("default", (33, 19), 1, -8.0, True, True, False, "float32"),
         ("gaussian", (17, 12), 12, 24.0, False, False, False, "float16"),
         ("gaussian", (8, 20), 3, 6.0, True, True, False, "bfloat16"),
-        ("default", (6, 35), 6, 12.0, False, False, True, "float64"),   # embedding: W is E (V, d) = (35, 6)
+        ("default", (6, 35), 6, 12.0, False, False, True, "float64"),  # embedding: W is E (V, d) = (35, 6)
         ("gaussian", (19, 9), 2, 4.0, False, False, True, "float32"),
         ("pissa", (20, 12), 12, 6.0, True, True, False, "float64"),
         ("pissa", (7, 7), 1, 3.0, False, False, False, "bfloat16"),
@@ -777,10 +968,23 @@ def _init_boundary() -> list[Boundary]:
         if m == "pissa":  # well-separated singular values: the factors are well conditioned (a tight bound)
             u, _, vh = np.linalg.svd(w, full_matrices=False)
             w = (u * (2.0 ** -np.arange(u.shape[1]) * 4.0)) @ vh
-        c = {"W": _cast(w, dt), "r": r, "alpha": a, "method": m, "rng": SeededRng(40 + i), "use_rslora": rs,
-             "fan_in_fan_out": fifo, "embedding": emb}
-        out.append((f"b{i}_{m}{'_emb' if emb else ''}{'_fifo' if fifo else ''}_{o}x{n}_r{r}_a{a:g}"
-                    f"{'_rs' if rs else ''}_{dt}", c))
+        c = {
+            "W": _cast(w, dt),
+            "r": r,
+            "alpha": a,
+            "method": m,
+            "rng": SeededRng(40 + i),
+            "use_rslora": rs,
+            "fan_in_fan_out": fifo,
+            "embedding": emb,
+        }
+        out.append(
+            (
+                f"b{i}_{m}{'_emb' if emb else ''}{'_fifo' if fifo else ''}_{o}x{n}_r{r}_a{a:g}"
+                f"{'_rs' if rs else ''}_{dt}",
+                c,
+            )
+        )
     return _bounds_of(out, _init_classes)
 
 
@@ -791,8 +995,20 @@ def _golden_init(rng: np.random.Generator) -> list[tuple[str, Case]]:
     out = []
     for i, (m, (o, n), r, a, fifo) in enumerate([("pissa", (6, 4), 2, 4.0, False), ("olora", (5, 8), 3, 6.0, True)]):
         w = dyadic(rng, (n, o) if fifo else (o, n))
-        out.append((f"case{i}_{m}_{o}x{n}_r{r}", {"W": w, "r": r, "alpha": a, "method": m, "use_rslora": False,
-                                                  "fan_in_fan_out": fifo, "embedding": False}))
+        out.append(
+            (
+                f"case{i}_{m}_{o}x{n}_r{r}",
+                {
+                    "W": w,
+                    "r": r,
+                    "alpha": a,
+                    "method": m,
+                    "use_rslora": False,
+                    "fan_in_fan_out": fifo,
+                    "embedding": False,
+                },
+            )
+        )
     return out
 
 
@@ -862,17 +1078,25 @@ def _init_magnitude(c: Mapping[str, Any]) -> dict[str, np.ndarray]:
             kappa = lead[0] / lead[-1]
             a_mag = np.full((k, in_f), capped(np.asarray(2.0 * kappa * norm), 2.0 * norm).item())
             b_mag = np.full((out_f, k), capped(np.asarray(2.0 * kappa), 2.0).item())
-            w_res = np.full(w.shape, capped(np.asarray(norm + abs(s) * 4.0 * kappa * norm),
-                                            norm + 2.0 * abs(s) * norm).item())
+            w_res = np.full(
+                w.shape, capped(np.asarray(norm + abs(s) * 4.0 * kappa * norm), norm + 2.0 * abs(s) * norm).item()
+            )
     fifo = c.get("fan_in_fan_out")
     return {"out.W": w_res.T if fifo else w_res, "out.A": a_mag, "out.B": b_mag}
 
 
 # ---------------------------------------------------------------------------- dropout mask
 
-_MASK_CLASSES = ("shape: 1-D", "shape: 2-D", "shape: 3-D", "shape: a zero-length axis (empty mask)",
-                 "shape: more than 16 elements", "value: p = 0 (keep everything)", "value: 0 < p < 1",
-                 "value: p close to 1 (0.99)")
+_MASK_CLASSES = (
+    "shape: 1-D",
+    "shape: 2-D",
+    "shape: 3-D",
+    "shape: a zero-length axis (empty mask)",
+    "shape: more than 16 elements",
+    "value: p = 0 (keep everything)",
+    "value: 0 < p < 1",
+    "value: p close to 1 (0.99)",
+)
 
 
 def _mask_classes(c: Case) -> tuple[str, ...]:
@@ -888,8 +1112,13 @@ def _mask_classes(c: Case) -> tuple[str, ...]:
 
 def _mask_boundary() -> list[Boundary]:
     cases = [((7,), 0.5), ((33,), 0.0), ((4, 9), 0.25), ((2, 3, 5), 0.99), ((0, 3), 0.5), ((3, 17), 0.1)]
-    return _bounds_of([(f"shape{'x'.join(map(str, sh))}_p{p:g}", {"rng": SeededRng(50 + i), "shape": sh, "p": p})
-                       for i, (sh, p) in enumerate(cases)], _mask_classes)
+    return _bounds_of(
+        [
+            (f"shape{'x'.join(map(str, sh))}_p{p:g}", {"rng": SeededRng(50 + i), "shape": sh, "p": p})
+            for i, (sh, p) in enumerate(cases)
+        ],
+        _mask_classes,
+    )
 
 
 # ---------------------------------------------------------------------------- merge bounds
@@ -924,128 +1153,189 @@ def rows() -> list[OpSpec]:
     init_ex = {"W": np.arange(12.0).reshape(3, 4) - 5.5, "r": 2, "alpha": 4.0, "use_rslora": False}
     return [
         OpSpec(
-            "lora.scaling", _scaling_strategy, "alpha finite real, r ≥ 1, use_rslora bool",
-            Bounded(lambda c: 2, lambda c: {"out": np.asarray(_ref("scaling")(abs(c["alpha"]), c["r"],
-                                                                             use_rslora=c["use_rslora"]))},
-                    note="α/r or α/√r: ≤ 2 roundings"),
-            golden=lambda rng: [(f"alpha{a}_r{r}_rs{int(rs)}", {"alpha": a, "r": r, "use_rslora": rs})
-                                for a, r, rs in ((16.0, 8, False), (16.0, 8, True), (32.0, 64, True), (8.0, 3, False))],
-            specials=lambda: [Special("alpha is nan", {"alpha": math.nan, "r": 8, "use_rslora": False}),
-                              Special("alpha is inf", {"alpha": math.inf, "r": 8, "use_rslora": False}),
-                              Special("r is 0", {"alpha": 8.0, "r": 0, "use_rslora": False}),
-                              Special("alpha is 0", {"alpha": 0.0, "r": 4, "use_rslora": True})],
-            classes=_SCALING_CLASSES, boundary=_scaling_boundary,
+            "lora.scaling",
+            _scaling_strategy,
+            "alpha finite real, r ≥ 1, use_rslora bool",
+            Bounded(
+                lambda c: 2,
+                lambda c: {"out": np.asarray(_ref("scaling")(abs(c["alpha"]), c["r"], use_rslora=c["use_rslora"]))},
+                note="α/r or α/√r: ≤ 2 roundings",
+            ),
+            golden=lambda rng: [
+                (f"alpha{a}_r{r}_rs{int(rs)}", {"alpha": a, "r": r, "use_rslora": rs})
+                for a, r, rs in ((16.0, 8, False), (16.0, 8, True), (32.0, 64, True), (8.0, 3, False))
+            ],
+            specials=lambda: [
+                Special("alpha is nan", {"alpha": math.nan, "r": 8, "use_rslora": False}),
+                Special("alpha is inf", {"alpha": math.inf, "r": 8, "use_rslora": False}),
+                Special("r is 0", {"alpha": 8.0, "r": 0, "use_rslora": False}),
+                Special("alpha is 0", {"alpha": 0.0, "r": 4, "use_rslora": True}),
+            ],
+            classes=_SCALING_CLASSES,
+            boundary=_scaling_boundary,
         ),
         OpSpec(
-            "lora.delta", lambda: _linear_strategy(with_x=False).map(
-                lambda c: {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")}),
+            "lora.delta",
+            lambda: _linear_strategy(with_x=False).map(
+                lambda c: {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")}
+            ),
             "A (r, in), B (out, r), r ≥ 1 (r > min(in, out) included), scaling finite",
             Bounded(lambda c: c["A"].shape[0] + 2, _magnitude_of("delta")),
-            golden=lambda rng: [(n, {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")})
-                                for n, c in _golden_linear(rng, with_x=False)],
-            specials=lambda: _specials("delta", ("A", "B", "scaling"),
-                                       lambda: {k: v for k, v in ex("delta", with_x=False)().items()
-                                                if k in ("A", "B", "scaling", "fan_in_fan_out")}),
-            classes=_linear_op_classes("delta"), boundary=_linear_boundary("delta"),
+            golden=lambda rng: [
+                (n, {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")})
+                for n, c in _golden_linear(rng, with_x=False)
+            ],
+            specials=lambda: _specials(
+                "delta",
+                ("A", "B", "scaling"),
+                lambda: {
+                    k: v for k, v in ex("delta", with_x=False)().items() if k in ("A", "B", "scaling", "fan_in_fan_out")
+                },
+            ),
+            classes=_linear_op_classes("delta"),
+            boundary=_linear_boundary("delta"),
         ),
         OpSpec(
-            "lora.forward", _linear_strategy,
+            "lora.forward",
+            _linear_strategy,
             "x (..., in), W (out, in) or (in, out) with fan_in_fan_out, A (r, in), B (out, r), "
             "r ≥ 1 (r > min(in, out) included); optional bias (out,), 0/1 dropout_mask of x's shape, "
             "dropout_p in [0, 1)",
             Bounded(linear_depth, _magnitude_of("forward")),
             golden=_golden_linear,
             specials=lambda: _specials("forward", fwd, ex("forward")),
-            classes=_linear_op_classes("forward"), boundary=_linear_boundary("forward"),
+            classes=_linear_op_classes("forward"),
+            boundary=_linear_boundary("forward"),
         ),
         OpSpec(
-            "lora.backward", lambda: _linear_strategy(grad=True),
+            "lora.backward",
+            lambda: _linear_strategy(grad=True),
             "as forward, plus grad_y (..., out); need_dW / need_dbias flags",
             Bounded(backward_depth, _magnitude_of("backward")),
             golden=lambda rng: _golden_linear(rng, grad=True),
             specials=lambda: _specials("backward", ("x", "W", "A", "B", "grad_y"), ex("backward", grad=True)),
-            classes=_linear_op_classes("backward"), boundary=_linear_boundary("backward"),
+            classes=_linear_op_classes("backward"),
+            boundary=_linear_boundary("backward"),
         ),
         OpSpec(
-            "lora.merge", lambda: _linear_strategy(with_x=False, options=True),
+            "lora.merge",
+            lambda: _linear_strategy(with_x=False, options=True),
             "W (out, in) or (in, out) with fan_in_fan_out, A (r, in), B (out, r); dtype None (float64 result) or a "
             "storage format (float32, float16, bfloat16, float8_*), rounded once (safe=False) or twice (safe=True)",
             Bounded(lambda c: c["A"].shape[0] + 3, _merge_magnitude()),
             golden=lambda rng: _golden_linear(rng, with_x=False),
             specials=lambda: _specials("merge", ("W", "A", "B", "scaling"), ex("merge", with_x=False)),
-            classes=_linear_op_classes("merge"), boundary=_linear_boundary("merge"),
+            classes=_linear_op_classes("merge"),
+            boundary=_linear_boundary("merge"),
         ),
         OpSpec(
-            "lora.unmerge", lambda: _linear_strategy(with_x=False, merged=True, options=True),
+            "lora.unmerge",
+            lambda: _linear_strategy(with_x=False, merged=True, options=True),
             "as merge, with W_merged in place of W; dtype None or a storage format (round(W' − round(ΔW)))",
             # |W' − ΔW| is bounded by the merge of the absolute values, |W'| + |s|·|B||A|
             Bounded(lambda c: c["A"].shape[0] + 3, _merge_magnitude(merged=True)),
             golden=lambda rng: _golden_linear(rng, with_x=False, merged=True),
             specials=lambda: _specials("unmerge", ("W_merged", "A", "B"), ex("unmerge", with_x=False, merged=True)),
-            classes=_linear_op_classes("unmerge"), boundary=_linear_boundary("unmerge"),
+            classes=_linear_op_classes("unmerge"),
+            boundary=_linear_boundary("unmerge"),
         ),
         OpSpec(
-            "lora.embedding_forward", _embedding_strategy,
+            "lora.embedding_forward",
+            _embedding_strategy,
             "ids integer array (any shape, 0-D included) in [0, V), E (V, d), A (r, V), B (d, r), r ≥ 1",
             Bounded(lambda c: c["A"].shape[0] + 3, _magnitude_of("embedding_forward")),
             golden=_golden_embedding,
             specials=lambda: [
-                *_specials("embedding_forward", ("E", "A", "B"),
-                           lambda: dict(_golden_embedding(np.random.default_rng(0))[0][1])),
-                Special("ids out of range", {**_golden_embedding(np.random.default_rng(0))[0][1],
-                                             "ids": np.array([10], dtype=np.int64)})],
-            classes=_EMB_CLASSES, boundary=_embedding_boundary,
+                *_specials(
+                    "embedding_forward",
+                    ("E", "A", "B"),
+                    lambda: dict(_golden_embedding(np.random.default_rng(0))[0][1]),
+                ),
+                Special(
+                    "ids out of range",
+                    {**_golden_embedding(np.random.default_rng(0))[0][1], "ids": np.array([10], dtype=np.int64)},
+                ),
+            ],
+            classes=_EMB_CLASSES,
+            boundary=_embedding_boundary,
         ),
         OpSpec(
-            "lora.param_count", _param_count_strategy, "in, out, r ≥ 1 integers (r > min(in, out) included)", Exact(),
-            golden=lambda rng: [("lesson_4096_r8", {"in_features": 4096, "out_features": 4096, "r": 8,
-                                                    "lora_bias": False, "dora": False}),
-                                ("dora_bias", {"in_features": 10, "out_features": 6, "r": 4,
-                                               "lora_bias": True, "dora": True})],
-            specials=lambda: [Special("r is 0", {"in_features": 4, "out_features": 3, "r": 0,
-                                                 "lora_bias": False, "dora": False})],
-            classes=_COUNT_CLASSES, boundary=_count_boundary,
+            "lora.param_count",
+            _param_count_strategy,
+            "in, out, r ≥ 1 integers (r > min(in, out) included)",
+            Exact(),
+            golden=lambda rng: [
+                (
+                    "lesson_4096_r8",
+                    {"in_features": 4096, "out_features": 4096, "r": 8, "lora_bias": False, "dora": False},
+                ),
+                ("dora_bias", {"in_features": 10, "out_features": 6, "r": 4, "lora_bias": True, "dora": True}),
+            ],
+            specials=lambda: [
+                Special("r is 0", {"in_features": 4, "out_features": 3, "r": 0, "lora_bias": False, "dora": False})
+            ],
+            classes=_COUNT_CLASSES,
+            boundary=_count_boundary,
         ),
         _RowWithoutVectors(  # its result names the adapted layers (text), which a safetensors vector cannot hold
-            "lora.model_param_count", _model_count_strategy,
+            "lora.model_param_count",
+            _model_count_strategy,
             "layers {name: (out, in)} non-empty, r ≥ 1, target_modules "
-            "'all-linear' or a list of names (equal, or a suffix after a dot)", Exact(), tiers=_NO_GOLDEN,
+            "'all-linear' or a list of names (equal, or a suffix after a dot)",
+            Exact(),
+            tiers=_NO_GOLDEN,
             specials=lambda: [
                 Special("no layer matches", {"layers": {"a.q_proj": (8, 8)}, "r": 2, "target_modules": ["k_proj"]}),
-                Special("target_modules a bare name", {"layers": {"a.q_proj": (8, 8)}, "r": 2,
-                                                       "target_modules": "q_proj"}),
-                Special("layers empty", {"layers": {}, "r": 2, "target_modules": "all-linear"})],
-            classes=_MODEL_CLASSES, boundary=_model_boundary,
+                Special(
+                    "target_modules a bare name", {"layers": {"a.q_proj": (8, 8)}, "r": 2, "target_modules": "q_proj"}
+                ),
+                Special("layers empty", {"layers": {}, "r": 2, "target_modules": "all-linear"}),
+            ],
+            classes=_MODEL_CLASSES,
+            boundary=_model_boundary,
         ),
         OpSpec(
-            "lora.init", _init_strategy,
+            "lora.init",
+            _init_strategy,
             "W (out, in) ((in, out) with fan_in_fan_out; the table E (V, d) with embedding), r ≥ 1 (PiSSA and "
             "OLoRA keep min(r, in, out) components, as PEFT), "
             "alpha finite (> 0 for PiSSA), method default/gaussian/pissa/olora (embedding: default/gaussian), "
             "rng a numpy Generator (the draws are the reference's)",
-            Bounded(_init_depth, _init_magnitude,
-                    note="draws exact up to their roundings; SVD/QR factors by first-order perturbation bounds with "
-                         "LAPACK's signs (numpy.linalg)"),
+            Bounded(
+                _init_depth,
+                _init_magnitude,
+                note="draws exact up to their roundings; SVD/QR factors by first-order perturbation bounds with "
+                "LAPACK's signs (numpy.linalg)",
+            ),
             golden=_golden_init,
             specials=lambda: [
                 Special("unknown method", {**init_ex, "method": "loftq"}),
                 Special("pissa with alpha 0", {**init_ex, "alpha": 0.0, "method": "pissa"}),
                 Special("embedding with pissa", {**init_ex, "method": "pissa", "embedding": True}),
-                Special("embedding with fan_in_fan_out", {**init_ex, "embedding": True, "fan_in_fan_out": True,
-                                                          "rng": SeededRng(0)}),
+                Special(
+                    "embedding with fan_in_fan_out",
+                    {**init_ex, "embedding": True, "fan_in_fan_out": True, "rng": SeededRng(0)},
+                ),
                 Special("r is 0", {**init_ex, "r": 0, "rng": SeededRng(0)}),
                 Special("rng is not a Generator", {**init_ex, "rng": 0}),
-                Special("W has nan", {**init_ex, "W": np.full((3, 4), np.nan), "method": "olora"})],
-            classes=_INIT_CLASSES, boundary=_init_boundary,
+                Special("W has nan", {**init_ex, "W": np.full((3, 4), np.nan), "method": "olora"}),
+            ],
+            classes=_INIT_CLASSES,
+            boundary=_init_boundary,
         ),
         _RowWithoutVectors(
-            "lora.dropout_mask", _dropout_mask_strategy,
+            "lora.dropout_mask",
+            _dropout_mask_strategy,
             "rng a numpy Generator, shape a sequence of integers ≥ 0, p in [0, 1): (rng.random(shape) ≥ p) as 0/1",
-            Exact(), tiers=_NO_GOLDEN,
-            specials=lambda: [Special("p is 1", {"rng": SeededRng(0), "shape": (3,), "p": 1.0}),
-                              Special("p negative", {"rng": SeededRng(0), "shape": (3,), "p": -0.1}),
-                              Special("negative length", {"rng": SeededRng(0), "shape": (-1,), "p": 0.5}),
-                              Special("rng is a seed", {"rng": 0, "shape": (3,), "p": 0.5})],
-            classes=_MASK_CLASSES, boundary=_mask_boundary,
+            Exact(),
+            tiers=_NO_GOLDEN,
+            specials=lambda: [
+                Special("p is 1", {"rng": SeededRng(0), "shape": (3,), "p": 1.0}),
+                Special("p negative", {"rng": SeededRng(0), "shape": (3,), "p": -0.1}),
+                Special("negative length", {"rng": SeededRng(0), "shape": (-1,), "p": 0.5}),
+                Special("rng is a seed", {"rng": 0, "shape": (3,), "p": 0.5}),
+            ],
+            classes=_MASK_CLASSES,
+            boundary=_mask_boundary,
         ),
     ]

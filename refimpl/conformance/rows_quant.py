@@ -39,7 +39,7 @@ _F32 = np.float32
 #: Public functions of refimpl.quant / refimpl.qlora that are not array ops (no row).
 NOT_OPS: dict[str, str] = {
     "quant.QuantState": "a record type (its constructor validates fields); states are checked through the "
-                        "quantize/dequantize rows",
+    "quantize/dequantize rows",
     "quant.Check4bitReport": "the record type check_4bit returns, not an op",
     "qlora.QuantState": "re-export of the record type quant.QuantState, not an op",
 }
@@ -165,7 +165,7 @@ def _threshold_case(quant_type: str, blocksize: int, tail_len: int, seed: int) -
         found = _threshold_block([t for m in picks[:k] for t in _around(m)], tail=True)
         if found is not None:
             a, xs = found
-            vals = np.array(xs, dtype=np.float32)[:tail_len - 1]
+            vals = np.array(xs, dtype=np.float32)[: tail_len - 1]
             # the absmax element last: a reduction that drops the lanes' remainder misses it
             blocks.append(np.concatenate([vals, _filler(rng, tail_len - 1 - vals.size, float(a)), [a]]))
             break
@@ -193,7 +193,7 @@ def _straddle_case(quant_type: str, blocksize: int, tail_len: int, seed: int) ->
             if again is not None:
                 tail_xs.append(again[1])
     assert tail_a is not None, f"no {quant_type} midpoint has a straddling absmax"
-    vals = np.array(tail_xs, dtype=np.float32)[:tail_len - 1]
+    vals = np.array(tail_xs, dtype=np.float32)[: tail_len - 1]
     blocks.append(np.concatenate([vals, _filler(rng, tail_len - 1 - vals.size, tail_a), [tail_a]]))
     return np.concatenate(blocks).astype(np.float32)
 
@@ -326,7 +326,7 @@ def _second_group_case(nblocks: int, bs: int, tail: int, seed: int) -> np.ndarra
     group has its own scale."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(nblocks * bs + tail).astype(np.float32)
-    x[256 * bs:] *= _F32(4) * rng.uniform(0.2, 1.0, x.size - 256 * bs).astype(np.float32)
+    x[256 * bs :] *= _F32(4) * rng.uniform(0.2, 1.0, x.size - 256 * bs).astype(np.float32)
     return x
 
 
@@ -340,12 +340,22 @@ def _quantize_boundary_cases() -> tuple[Boundary, ...]:
         x = case["x"]
         dt = {f32: "float32", f16: "float16", bf16: "bfloat16"}[np.dtype(x.dtype)]
         n, bs = x.size, case["blocksize"]
-        cls = {f"dtype: {dt}", f"option: blocksize={bs}", f"option: quant_type={case['quant_type']}",
-               _dq_cls(case["double_quant"]), *classes}
+        cls = {
+            f"dtype: {dt}",
+            f"option: blocksize={bs}",
+            f"option: quant_type={case['quant_type']}",
+            _dq_cls(case["double_quant"]),
+            *classes,
+        }
         if n % bs:
             cls.add("shape: tail block (n % blocksize != 0)")
-            cls.add("shape: tail length % 8 != 0 (remainder after 8 and 16 lanes)" if (n % bs) % 8 else
-                    "shape: tail length % 16 == 8 (remainder after 16 lanes)" if (n % bs) % 16 == 8 else "")
+            cls.add(
+                "shape: tail length % 8 != 0 (remainder after 8 and 16 lanes)"
+                if (n % bs) % 8
+                else "shape: tail length % 16 == 8 (remainder after 16 lanes)"
+                if (n % bs) % 16 == 8
+                else ""
+            )
         if n % 2:
             cls.add("shape: odd n (pad nibble)")
         if x.ndim == 1:
@@ -353,9 +363,13 @@ def _quantize_boundary_cases() -> tuple[Boundary, ...]:
         elif x.ndim == 3:
             cls.add("shape: 3-D")
         elif x.ndim == 2:
-            cls.add("shape: 2-D, rows a whole number of blocks" if x.shape[-1] % bs == 0 else
-                    "shape: 2-D, row shorter than a block" if x.shape[-1] < bs else
-                    "shape: 2-D, row not a whole number of blocks")
+            cls.add(
+                "shape: 2-D, rows a whole number of blocks"
+                if x.shape[-1] % bs == 0
+                else "shape: 2-D, row shorter than a block"
+                if x.shape[-1] < bs
+                else "shape: 2-D, row not a whole number of blocks"
+            )
         if case.get("profile") == "bitsandbytes-cpu":
             cls.add("option: profile=bitsandbytes-cpu")
         if case.get("nonfinite") == "propagate":
@@ -364,68 +378,115 @@ def _quantize_boundary_cases() -> tuple[Boundary, ...]:
         out.append(Boundary(label, case, tuple(sorted(cls))))
 
     # thresholds ±1 ulp, full blocks by reciprocal-multiply and a tail by division (tail 13: %8 and %16 != 0)
-    add("nf4 midpoints ±1 ulp, bs 32 + tail 13", _q(_threshold_case("nf4", 32, 13, 1), 32, "nf4", False),
+    add(
+        "nf4 midpoints ±1 ulp, bs 32 + tail 13",
+        _q(_threshold_case("nf4", 32, 13, 1), 32, "nf4", False),
         "value: scaled value at each NF4 threshold and ±1 ulp (full block, reciprocal)",
-        "value: scaled value at thresholds ±1 ulp in a tail block (true division)")
-    add("fp4 midpoints ±1 ulp, bs 32 + tail 24", _q(_threshold_case("fp4", 32, 24, 2), 32, "fp4", True),
+        "value: scaled value at thresholds ±1 ulp in a tail block (true division)",
+    )
+    add(
+        "fp4 midpoints ±1 ulp, bs 32 + tail 24",
+        _q(_threshold_case("fp4", 32, 24, 2), 32, "fp4", True),
         "value: scaled value at each FP4 threshold and ±1 ulp (full block, reciprocal)",
-        "value: scaled value at thresholds ±1 ulp in a tail block (true division)")
+        "value: scaled value at thresholds ±1 ulp in a tail block (true division)",
+    )
     # the scaling rule decides the code
     for qt, bs, tail, seed in (("nf4", 64, 21, 3), ("fp4", 128, 40, 4)):
         x = _straddle_case(qt, bs, tail, seed)
-        add(f"{qt} reciprocal vs division straddles, bs {bs} + tail {tail}", _q(x, bs, qt, False),
+        add(
+            f"{qt} reciprocal vs division straddles, bs {bs} + tail {tail}",
+            _q(x, bs, qt, False),
             "value: x·(1/absmax) and x/absmax on opposite sides of a threshold (full block)",
-            "value: x/absmax and x·(1/absmax) on opposite sides of a threshold (tail block)")
+            "value: x/absmax and x·(1/absmax) on opposite sides of a threshold (tail block)",
+        )
     # half-precision data tying FP4 midpoints exactly
-    add("fp4 exact midpoint ties, float16 (14, 32)", _q(_half_tie_case("float16", 5), 32, "fp4", False),
-        "value: exact FP4 midpoint tie from float16/bfloat16 input")
-    add("fp4 exact midpoint ties, bfloat16 (14, 32)", _q(_half_tie_case("bfloat16", 6), 32, "fp4", True),
-        "value: exact FP4 midpoint tie from float16/bfloat16 input")
+    add(
+        "fp4 exact midpoint ties, float16 (14, 32)",
+        _q(_half_tie_case("float16", 5), 32, "fp4", False),
+        "value: exact FP4 midpoint tie from float16/bfloat16 input",
+    )
+    add(
+        "fp4 exact midpoint ties, bfloat16 (14, 32)",
+        _q(_half_tie_case("bfloat16", 6), 32, "fp4", True),
+        "value: exact FP4 midpoint tie from float16/bfloat16 input",
+    )
     # exact code values (s = c_j exactly with a = 1) and ±absmax
     for qt in ("nf4", "fp4"):
         from refimpl.quant import codebooks
 
         codes = codebooks.codebook(qt)
         x = np.concatenate([codes, -codes, [1.0, -1.0], codes * _F32(0.5)]).astype(np.float32)
-        add(f"{qt} exact code values and ±absmax, 2-D (2, 25)", _q(x[:50].reshape(2, 25), 64, qt, False),
-            "value: exact code values and ±absmax (s = ±1)")
+        add(
+            f"{qt} exact code values and ±absmax, 2-D (2, 25)",
+            _q(x[:50].reshape(2, 25), 64, qt, False),
+            "value: exact code values and ±absmax (s = ±1)",
+        )
     # FP4 tiny values, zeros and -0.0 in a 2-D input whose rows straddle blocks
-    tiny = np.array([1.0, 1e-4, 1 / 400, 1 / 384, 2.6e-3, -1e-4, -1 / 400, -1 / 384, 0.0, -0.0, 1e-30, -1e-30],
-                    dtype=np.float32)
+    tiny = np.array(
+        [1.0, 1e-4, 1 / 400, 1 / 384, 2.6e-3, -1e-4, -1 / 400, -1 / 384, 0.0, -0.0, 1e-30, -1e-30], dtype=np.float32
+    )
     x = np.concatenate([np.tile(tiny, 10)]).reshape(3, 40)
     x[:, 0] = x[:, 0] * np.array([1.0, 0.75, 3.0], dtype=np.float32)
-    add("fp4 tiny values, zeros, -0.0, (3, 40) bs 32", _q(x, 32, "fp4", True),
-        "value: FP4 tiny values in (0, 1/384] and (-1/384, 0)", "value: zeros and -0.0")
+    add(
+        "fp4 tiny values, zeros, -0.0, (3, 40) bs 32",
+        _q(x, 32, "fp4", True),
+        "value: FP4 tiny values in (0, 1/384] and (-1/384, 0)",
+        "value: zeros and -0.0",
+    )
     add("nf4 tiny values, zeros, -0.0, (3, 40) bs 32", _q(x.copy(), 32, "nf4", False), "value: zeros and -0.0")
     # all-zero blocks: a full block (absmax 0 stored) and a tail (absmax clamped to 1e-38)
     for qt in ("nf4", "fp4"):
         z = np.concatenate([np.zeros(32), rng.standard_normal(32), np.zeros(26)]).astype(np.float32)
-        add(f"{qt} all-zero full and tail blocks, (2, 45) bs 32", _q(z.reshape(2, 45), 32, qt, qt == "fp4"),
-            "value: all-zero full block (absmax 0)", "value: all-zero tail block (absmax clamped to 1e-38)",
-            "value: zeros and -0.0")
+        add(
+            f"{qt} all-zero full and tail blocks, (2, 45) bs 32",
+            _q(z.reshape(2, 45), 32, qt, qt == "fp4"),
+            "value: all-zero full block (absmax 0)",
+            "value: all-zero tail block (absmax clamped to 1e-38)",
+            "value: zeros and -0.0",
+        )
     # subnormal blocks around the 1e-38 clamp
     for qt, dq in (("nf4", False), ("fp4", True)):
-        add(f"{qt} subnormal blocks around the 1e-38 clamp, bs 64 + tail 7", _q(_subnormal_case(7), 64, qt, dq),
+        add(
+            f"{qt} subnormal blocks around the 1e-38 clamp, bs 64 + tail 7",
+            _q(_subnormal_case(7), 64, qt, dq),
             "value: subnormal block with absmax below 1e-38 (clamped scale)",
-            "value: block absmax between 1e-38 and the smallest normal float32", "value: subnormal tail block")
+            "value: block absmax between 1e-38 and the smallest normal float32",
+            "value: subnormal tail block",
+        )
     # a huge absmax makes f32(1/a) subnormal (a flush-to-zero build loses it); half-precision subnormals
     big = np.concatenate([[3.0e38], rng.uniform(-1, 1, 63) * 3.0e38, [2.5e38], rng.uniform(-1, 1, 20) * 2.5e38])
-    add("nf4 absmax 3e38 (subnormal reciprocal), bs 64 + tail 21", _q(big.astype(np.float32), 64, "nf4", True),
-        "value: block absmax above 2^126 (subnormal reciprocal)")
+    add(
+        "nf4 absmax 3e38 (subnormal reciprocal), bs 64 + tail 21",
+        _q(big.astype(np.float32), 64, "nf4", True),
+        "value: block absmax above 2^126 (subnormal reciprocal)",
+    )
     sub16 = np.concatenate([rng.uniform(-1, 1, 32) * 5e-5, rng.uniform(-1, 1, 31) * 4e-6, [6e-8]]).astype(f16)
-    add("fp4 float16 subnormal blocks, bs 32", _q(sub16, 32, "fp4", False),
-        "value: float16 subnormal inputs (absmax subnormal in float16)")
+    add(
+        "fp4 float16 subnormal blocks, bs 32",
+        _q(sub16, 32, "fp4", False),
+        "value: float16 subnormal inputs (absmax subnormal in float16)",
+    )
     sub16b = np.concatenate([rng.uniform(-1, 1, 64) * 5e-5, [1.0], rng.uniform(-1, 1, 63) * 5e-5]).astype(f16)
-    add("nf4 float16 subnormals beside a normal absmax, (2, 64) bs 64", _q(sub16b.reshape(2, 64), 64, "nf4", False),
-        "value: float16 subnormal inputs (absmax subnormal in float16)")
-    sub_bf = (np.concatenate([rng.uniform(-1, 1, 32) * 1e-39, rng.uniform(-1, 1, 32) * 3e-38])
-              .astype(np.float32).astype(bf16))
+    add(
+        "nf4 float16 subnormals beside a normal absmax, (2, 64) bs 64",
+        _q(sub16b.reshape(2, 64), 64, "nf4", False),
+        "value: float16 subnormal inputs (absmax subnormal in float16)",
+    )
+    sub_bf = (
+        np.concatenate([rng.uniform(-1, 1, 32) * 1e-39, rng.uniform(-1, 1, 32) * 3e-38]).astype(np.float32).astype(bf16)
+    )
     add("fp4 bfloat16 subnormal blocks, bs 32, nested", _q(sub_bf, 32, "fp4", True), "value: bfloat16 subnormal inputs")
     # every blocksize, with dtypes, quant types, double quant and shapes rotating
-    shapes = {32: ((5, 16), bf16, "nf4", True), 64: ((3, 100), f16, "fp4", False),
-              128: ((2, 3, 50), f32, "nf4", True), 256: ((600,), bf16, "fp4", True),
-              512: ((3, 700), f16, "nf4", False), 1024: ((1500,), f32, "fp4", True),
-              2048: ((3, 1000), bf16, "nf4", True), 4096: ((5000,), f16, "fp4", True)}
+    shapes = {
+        32: ((5, 16), bf16, "nf4", True),
+        64: ((3, 100), f16, "fp4", False),
+        128: ((2, 3, 50), f32, "nf4", True),
+        256: ((600,), bf16, "fp4", True),
+        512: ((3, 700), f16, "nf4", False),
+        1024: ((1500,), f32, "fp4", True),
+        2048: ((3, 1000), bf16, "nf4", True),
+        4096: ((5000,), f16, "fp4", True),
+    }
     for bs, (shape, dt, qt, dq) in shapes.items():
         x = (rng.standard_normal(shape) * rng.choice([0.02, 1.0, 25.0])).astype(np.float32).astype(dt)
         add(f"{qt} bs {bs} {dt.name} {'x'.join(map(str, shape))}", _q(x, bs, qt, dq))
@@ -434,42 +495,71 @@ def _quantize_boundary_cases() -> tuple[Boundary, ...]:
     x = rng.standard_normal((4, 2048)).astype(np.float32).astype(f16)
     add("fp4 bs 2048 float16 4x2048 (rows aligned)", _q(x, 2048, "fp4", False))
     # double quantization: one block; exactly 256; more than 256 with a partial last group and a tail
-    add("nf4 one block, nested", _q(rng.standard_normal(64).astype(np.float32), 64, "nf4", True),
-        "shape: one block (double quant of a single absmax)")
-    add("fp4 256 blocks exactly, nested", _q(rng.standard_normal((256, 32)).astype(np.float32), 32, "fp4", True),
-        "shape: exactly 256 blocks (one full double-quant group)")
-    add("nf4 300 blocks + tail 13, nested (second, partial group)", _q(_second_group_case(300, 32, 13, 8), 32,
-                                                                        "nf4", True),
-        "shape: more than 256 blocks (second double-quant group)", "shape: partial last double-quant group",
-        "value: second double-quant group with another scale than the first")
-    add("fp4 257 blocks of 64, bfloat16, nested", _q(_second_group_case(257, 64, 0, 9).astype(bf16), 64, "fp4",
-                                                     True),
-        "shape: more than 256 blocks (second double-quant group)", "shape: partial last double-quant group",
-        "value: second double-quant group with another scale than the first")
+    add(
+        "nf4 one block, nested",
+        _q(rng.standard_normal(64).astype(np.float32), 64, "nf4", True),
+        "shape: one block (double quant of a single absmax)",
+    )
+    add(
+        "fp4 256 blocks exactly, nested",
+        _q(rng.standard_normal((256, 32)).astype(np.float32), 32, "fp4", True),
+        "shape: exactly 256 blocks (one full double-quant group)",
+    )
+    add(
+        "nf4 300 blocks + tail 13, nested (second, partial group)",
+        _q(_second_group_case(300, 32, 13, 8), 32, "nf4", True),
+        "shape: more than 256 blocks (second double-quant group)",
+        "shape: partial last double-quant group",
+        "value: second double-quant group with another scale than the first",
+    )
+    add(
+        "fp4 257 blocks of 64, bfloat16, nested",
+        _q(_second_group_case(257, 64, 0, 9).astype(bf16), 64, "fp4", True),
+        "shape: more than 256 blocks (second double-quant group)",
+        "shape: partial last double-quant group",
+        "value: second double-quant group with another scale than the first",
+    )
     # nested offsets a float32 mean gets wrong, in both profiles
-    add("nf4 nested offset (40 blocks), float32 mean differs", _q(_offset_case("reference", False), 32, "nf4",
-                                                                   True),
-        "value: nested offset where a float32 mean differs from the correctly rounded one")
-    add("fp4 nested, profile bitsandbytes-cpu (300 blocks): cascade offset and LUT codes",
+    add(
+        "nf4 nested offset (40 blocks), float32 mean differs",
+        _q(_offset_case("reference", False), 32, "nf4", True),
+        "value: nested offset where a float32 mean differs from the correctly rounded one",
+    )
+    add(
+        "fp4 nested, profile bitsandbytes-cpu (300 blocks): cascade offset and LUT codes",
         _q(_offset_case("bitsandbytes-cpu", True), 32, "fp4", True, profile="bitsandbytes-cpu"),
         "value: nested offset where a float32 mean differs from the correctly rounded one",
         "value: bitsandbytes-cpu nested codes where the 65,536-bin LUT differs from the nearest code",
-        "shape: more than 256 blocks (second double-quant group)", "shape: partial last double-quant group")
-    add("nf4 profile bitsandbytes-cpu, (3, 40) bs 32", _q(rng.standard_normal((3, 40)).astype(np.float32), 32,
-                                                          "nf4", False, profile="bitsandbytes-cpu"))
+        "shape: more than 256 blocks (second double-quant group)",
+        "shape: partial last double-quant group",
+    )
+    add(
+        "nf4 profile bitsandbytes-cpu, (3, 40) bs 32",
+        _q(rng.standard_normal((3, 40)).astype(np.float32), 32, "nf4", False, profile="bitsandbytes-cpu"),
+    )
     # special values with nonfinite="propagate"
     for qt, dq in (("nf4", False), ("fp4", True), ("nf4", True)):
         x = rng.standard_normal(150).astype(np.float32)
         x[5], x[70], x[140] = np.nan, np.inf, -np.inf
-        add(f"{qt} NaN / +inf / -inf (tail), nonfinite=propagate", _q(x, 64, qt, dq, nonfinite="propagate"),
-            "value: NaN in a block", "value: ±inf in a block")
+        add(
+            f"{qt} NaN / +inf / -inf (tail), nonfinite=propagate",
+            _q(x, 64, qt, dq, nonfinite="propagate"),
+            "value: NaN in a block",
+            "value: ±inf in a block",
+        )
     # a transposed view: blocks follow the logical C order, not the memory order
     xt = rng.standard_normal((45, 3)).astype(np.float32).T
-    add("nf4 Fortran-order (transposed view) 3x45, bs 32", _q(xt, 32, "nf4", True),
-        "shape: Fortran-order (transposed view) input")
+    add(
+        "nf4 Fortran-order (transposed view) 3x45, bs 32",
+        _q(xt, 32, "nf4", True),
+        "shape: Fortran-order (transposed view) input",
+    )
     xt = rng.standard_normal((50, 4)).astype(np.float32).astype(bf16).T
-    add("fp4 Fortran-order (transposed view) bfloat16 4x50, bs 64", _q(xt, 64, "fp4", False),
-        "shape: Fortran-order (transposed view) input")
+    add(
+        "fp4 Fortran-order (transposed view) bfloat16 4x50, bs 64",
+        _q(xt, 64, "fp4", False),
+        "shape: Fortran-order (transposed view) input",
+    )
     # tiny sizes
     add("nf4 single element", _q(np.array([-0.3], np.float32), 32, "nf4", False), "shape: single element")
     add("fp4 three elements, float16", _q(np.array([0.5, -2.0, 1e-3], np.float16), 32, "fp4", True))
@@ -495,7 +585,7 @@ def _planted(draw, x: np.ndarray, bs: int, table: str, dtype: np.dtype, allow_no
         kind = draw(st.sampled_from(kinds))
         pos = draw(st.integers(0, n - 1))
         b0 = pos // bs * bs
-        block = x[b0:b0 + bs]
+        block = x[b0 : b0 + bs]
         with np.errstate(invalid="ignore"):
             a = float(np.max(np.abs(block)))
         if not np.isfinite(a) or abs(float(x[pos])) == a:
@@ -560,14 +650,22 @@ def _quantize_strategy():
 
 def _golden_quantize(rng: np.random.Generator) -> list[tuple[str, Case]]:
     out = []
-    for i, (shape, bs, qt, dq, dt) in enumerate([
-        ((4, 64), 64, "nf4", False, "float32"), ((130,), 32, "nf4", True, "float32"),
-        ((3, 33), 128, "fp4", False, "float32"), ((257,), 64, "fp4", True, "float16"),
-        ((2, 600), 256, "nf4", True, "float16"),
-    ]):
+    for i, (shape, bs, qt, dq, dt) in enumerate(
+        [
+            ((4, 64), 64, "nf4", False, "float32"),
+            ((130,), 32, "nf4", True, "float32"),
+            ((3, 33), 128, "fp4", False, "float32"),
+            ((257,), 64, "fp4", True, "float16"),
+            ((2, 600), 256, "nf4", True, "float16"),
+        ]
+    ):
         x = (rng.standard_normal(shape) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32).astype(_dtype(dt))
-        out.append((f"case{i}_{qt}_bs{bs}_{'dq' if dq else 'plain'}_{dt}_{'x'.join(map(str, shape))}",
-                    {"x": x, "blocksize": bs, "quant_type": qt, "double_quant": dq}))
+        out.append(
+            (
+                f"case{i}_{qt}_bs{bs}_{'dq' if dq else 'plain'}_{dt}_{'x'.join(map(str, shape))}",
+                {"x": x, "blocksize": bs, "quant_type": qt, "double_quant": dq},
+            )
+        )
     return out
 
 
@@ -585,12 +683,16 @@ def _dequantize_case(q: Case) -> Case:
 #: quantize_4bit classes that say nothing about a (packed, state) input: how the scaled values were formed
 #: and input layouts; the other shape / dtype / option classes carry over, and these value classes too:
 _DEQUANT_DROPPED = ("option: nonfinite=propagate", "shape: Fortran-order (transposed view) input")
-_DEQUANT_VALUES = ("value: exact code values and ±absmax (s = ±1)", "value: zeros and -0.0",
-                   "value: all-zero full block (absmax 0)",
-                   "value: subnormal block with absmax below 1e-38 (clamped scale)",
-                   "value: block absmax between 1e-38 and the smallest normal float32",
-                   "value: second double-quant group with another scale than the first",
-                   "value: NaN in a block", "value: ±inf in a block")
+_DEQUANT_VALUES = (
+    "value: exact code values and ±absmax (s = ±1)",
+    "value: zeros and -0.0",
+    "value: all-zero full block (absmax 0)",
+    "value: subnormal block with absmax below 1e-38 (clamped scale)",
+    "value: block absmax between 1e-38 and the smallest normal float32",
+    "value: second double-quant group with another scale than the first",
+    "value: NaN in a block",
+    "value: ±inf in a block",
+)
 
 
 def _carried(classes: tuple[str, ...]) -> set[str]:
@@ -609,8 +711,7 @@ _DEQUANT_CLASSES = (
 )
 
 
-def _byte_state(shape: tuple[int, ...], bs: int, quant_type: str, dtype: str, seed: int,
-                nested: bool = False) -> Case:
+def _byte_state(shape: tuple[int, ...], bs: int, quant_type: str, dtype: str, seed: int, nested: bool = False) -> Case:
     """Packed bytes cycling through all 256 values with random per-block scales (a state no quantizer need
     produce, so every nibble meets every block position)."""
     from refimpl.quant import QuantState, codebooks
@@ -622,14 +723,33 @@ def _byte_state(shape: tuple[int, ...], bs: int, quant_type: str, dtype: str, se
     nblocks = -(-n // bs)
     absmax = rng.uniform(0.05, 9.0, nblocks).astype(np.float32)
     if not nested:
-        return {"packed": packed, "state": QuantState(shape=shape, dtype=dtype, blocksize=bs, quant_type=quant_type,
-                                                      absmax=absmax, code=codebooks.codebook(quant_type))}
+        return {
+            "packed": packed,
+            "state": QuantState(
+                shape=shape,
+                dtype=dtype,
+                blocksize=bs,
+                quant_type=quant_type,
+                absmax=absmax,
+                code=codebooks.codebook(quant_type),
+            ),
+        }
     codes = rng.integers(0, 256, nblocks).astype(np.uint8)
     a2 = rng.uniform(0.5, 3.0, -(-nblocks // 256)).astype(np.float32)
-    return {"packed": packed, "state": QuantState(
-        shape=shape, dtype=dtype, blocksize=bs, quant_type=quant_type, absmax=codes,
-        code=codebooks.codebook(quant_type), offset=correctly_rounded_mean(absmax), nested_absmax=a2,
-        nested_code=codebooks.codebook("dynamic8"))}
+    return {
+        "packed": packed,
+        "state": QuantState(
+            shape=shape,
+            dtype=dtype,
+            blocksize=bs,
+            quant_type=quant_type,
+            absmax=codes,
+            code=codebooks.codebook(quant_type),
+            offset=correctly_rounded_mean(absmax),
+            nested_absmax=a2,
+            nested_code=codebooks.codebook("dynamic8"),
+        ),
+    }
 
 
 @functools.cache
@@ -643,17 +763,26 @@ def _dequantize_boundary_cases() -> tuple[Boundary, ...]:
             cls.add("value: FP4 nibble 8 (zero) and nibble 0")
         out.append(Boundary(b.label, _dequantize_case(b.case), tuple(sorted(cls))))
     every = "value: every byte value 0..255 with arbitrary block scales"
-    for shape, bs, qt, dt, nested in (((9, 57), 64, "nf4", "float32", False), ((9, 57), 32, "fp4", "bfloat16", True),
-                                      ((3, 7, 25), 128, "nf4", "float16", False),
-                                      ((600,), 256, "fp4", "float16", False)):
+    for shape, bs, qt, dt, nested in (
+        ((9, 57), 64, "nf4", "float32", False),
+        ((9, 57), 32, "fp4", "bfloat16", True),
+        ((3, 7, 25), 128, "nf4", "float16", False),
+        ((600,), 256, "fp4", "float16", False),
+    ):
         case = _byte_state(shape, bs, qt, dt, seed=bs, nested=nested)
         cls = {every, f"dtype: {dt}", f"option: blocksize={bs}", f"option: quant_type={qt}", _dq_cls(nested)}
-        cls.add("shape: 3-D" if len(shape) == 3 else "shape: 1-D" if len(shape) == 1 else
-                "shape: 2-D, row not a whole number of blocks")
+        cls.add(
+            "shape: 3-D"
+            if len(shape) == 3
+            else "shape: 1-D"
+            if len(shape) == 1
+            else "shape: 2-D, row not a whole number of blocks"
+        )
         if qt == "fp4":
             cls.add("value: FP4 nibble 8 (zero) and nibble 0")
-        out.append(Boundary(f"all byte values, {qt} {dt} bs {bs} {'x'.join(map(str, shape))}", case,
-                            tuple(sorted(cls))))
+        out.append(
+            Boundary(f"all byte values, {qt} {dt} bs {bs} {'x'.join(map(str, shape))}", case, tuple(sorted(cls)))
+        )
     # the FP4 zero sign and bf16 rounding of the bitsandbytes-cpu profile, and profile given to dequantize
     even = "option: profile=bitsandbytes-cpu, FP4 with an even last dimension (C++ path: -0.0, C++ bf16 rounding)"
     odd = "option: profile=bitsandbytes-cpu, FP4 with an odd last dimension (torch path: +0.0)"
@@ -663,21 +792,44 @@ def _dequantize_boundary_cases() -> tuple[Boundary, ...]:
         from dataclasses import replace
 
         case = {"packed": case["packed"], "state": replace(state, profile="bitsandbytes-cpu")}
-        out.append(Boundary(f"fp4 {dt} {'x'.join(map(str, shape))} state profile bitsandbytes-cpu", case,
-                            (tag, "option: profile=bitsandbytes-cpu", "value: FP4 nibble 8 (zero) and nibble 0",
-                             f"dtype: {dt}", "option: quant_type=fp4")))
+        out.append(
+            Boundary(
+                f"fp4 {dt} {'x'.join(map(str, shape))} state profile bitsandbytes-cpu",
+                case,
+                (
+                    tag,
+                    "option: profile=bitsandbytes-cpu",
+                    "value: FP4 nibble 8 (zero) and nibble 0",
+                    f"dtype: {dt}",
+                    "option: quant_type=fp4",
+                ),
+            )
+        )
     # a packed (1, 1) array looks like the transposed [1, m] layout that bitsandbytes' dequantize_4bit still
     # accepts (it transposes its result back): a kernel must not mistake a tiny N-D tensor for that layout
     tiny = "shape: 2-D or 3-D with at most 2 elements (packed is a single (1, 1) byte row)"
     for shape, qt, dt in (((1, 1, 1), "nf4", "float32"), ((1, 2), "fp4", "float16"), ((2, 1, 1), "nf4", "bfloat16")):
         case = _byte_state(shape, 32, qt, dt, seed=5)
-        out.append(Boundary(f"tiny {qt} {dt} {'x'.join(map(str, shape))}", case,
-                            (tiny, f"dtype: {dt}", f"option: quant_type={qt}", "option: blocksize=32")))
+        out.append(
+            Boundary(
+                f"tiny {qt} {dt} {'x'.join(map(str, shape))}",
+                case,
+                (tiny, f"dtype: {dt}", f"option: quant_type={qt}", "option: blocksize=32"),
+            )
+        )
     case = _byte_state((4, 48), 64, "fp4", "bfloat16", seed=11)
-    out.append(Boundary("fp4 bfloat16 4x48 reference state, profile=bitsandbytes-cpu given",
-                        {**case, "profile": "bitsandbytes-cpu"},
-                        ("option: profile given to dequantize_4bit for a reference-profile state", even,
-                         "value: FP4 nibble 8 (zero) and nibble 0", "dtype: bfloat16")))
+    out.append(
+        Boundary(
+            "fp4 bfloat16 4x48 reference state, profile=bitsandbytes-cpu given",
+            {**case, "profile": "bitsandbytes-cpu"},
+            (
+                "option: profile given to dequantize_4bit for a reference-profile state",
+                even,
+                "value: FP4 nibble 8 (zero) and nibble 0",
+                "dtype: bfloat16",
+            ),
+        )
+    )
     return tuple(out)
 
 
@@ -724,9 +876,12 @@ def _quant_specials() -> list[Special]:
 def _pack_strategy():
     from hypothesis import strategies as st
 
-    return st.fixed_dictionaries({
-        "nibbles": st.lists(st.integers(0, 15), min_size=1, max_size=64).map(lambda v: np.asarray(v, np.uint8)),
-        "pad": st.integers(0, 15)})
+    return st.fixed_dictionaries(
+        {
+            "nibbles": st.lists(st.integers(0, 15), min_size=1, max_size=64).map(lambda v: np.asarray(v, np.uint8)),
+            "pad": st.integers(0, 15),
+        }
+    )
 
 
 def _unpack_strategy():
@@ -735,49 +890,92 @@ def _unpack_strategy():
     @st.composite
     def build(draw) -> Case:
         n = draw(st.integers(1, 64))
-        packed = np.asarray(draw(st.lists(st.integers(0, 255), min_size=(n + 1) // 2, max_size=(n + 1) // 2)),
-                            np.uint8).reshape(-1, 1)
+        packed = np.asarray(
+            draw(st.lists(st.integers(0, 255), min_size=(n + 1) // 2, max_size=(n + 1) // 2)), np.uint8
+        ).reshape(-1, 1)
         return {"packed": packed, "n": n}
 
     return build()
 
 
-_PACK_CLASSES = ("shape: even count", "shape: odd count (pad nibble)", "shape: single nibble",
-                 "shape: count % 16 != 0 and % 8 != 0", "value: every nibble 0..15 in both positions",
-                 "option: pad 0", "option: pad 15", "option: pad other", "dtype: uint8", "dtype: int64")
+_PACK_CLASSES = (
+    "shape: even count",
+    "shape: odd count (pad nibble)",
+    "shape: single nibble",
+    "shape: count % 16 != 0 and % 8 != 0",
+    "value: every nibble 0..15 in both positions",
+    "option: pad 0",
+    "option: pad 15",
+    "option: pad other",
+    "dtype: uint8",
+    "dtype: int64",
+)
 
 
 def _pack_boundary() -> list[Boundary]:
     allpairs = np.array([[hi, lo] for hi in range(16) for lo in range(16)], np.uint8).reshape(-1)
     return [
-        Boundary("all 256 nibble pairs, even", {"nibbles": allpairs, "pad": 0},
-                 ("shape: even count", "value: every nibble 0..15 in both positions", "option: pad 0",
-                  "dtype: uint8")),
-        Boundary("odd 13, pad 15", {"nibbles": np.arange(13, dtype=np.uint8), "pad": 15},
-                 ("shape: odd count (pad nibble)", "shape: count % 16 != 0 and % 8 != 0", "option: pad 15",
-                  "dtype: uint8")),
-        Boundary("odd 21 int64, pad 7", {"nibbles": (np.arange(21) * 5 % 16).astype(np.int64), "pad": 7},
-                 ("shape: odd count (pad nibble)", "shape: count % 16 != 0 and % 8 != 0", "option: pad other",
-                  "dtype: int64")),
-        Boundary("single nibble 9, pad 0", {"nibbles": np.array([9], np.uint8), "pad": 0},
-                 ("shape: single nibble", "shape: odd count (pad nibble)", "option: pad 0", "dtype: uint8")),
+        Boundary(
+            "all 256 nibble pairs, even",
+            {"nibbles": allpairs, "pad": 0},
+            ("shape: even count", "value: every nibble 0..15 in both positions", "option: pad 0", "dtype: uint8"),
+        ),
+        Boundary(
+            "odd 13, pad 15",
+            {"nibbles": np.arange(13, dtype=np.uint8), "pad": 15},
+            ("shape: odd count (pad nibble)", "shape: count % 16 != 0 and % 8 != 0", "option: pad 15", "dtype: uint8"),
+        ),
+        Boundary(
+            "odd 21 int64, pad 7",
+            {"nibbles": (np.arange(21) * 5 % 16).astype(np.int64), "pad": 7},
+            (
+                "shape: odd count (pad nibble)",
+                "shape: count % 16 != 0 and % 8 != 0",
+                "option: pad other",
+                "dtype: int64",
+            ),
+        ),
+        Boundary(
+            "single nibble 9, pad 0",
+            {"nibbles": np.array([9], np.uint8), "pad": 0},
+            ("shape: single nibble", "shape: odd count (pad nibble)", "option: pad 0", "dtype: uint8"),
+        ),
     ]
 
 
-_UNPACK_CLASSES = ("shape: even n", "shape: odd n (pad nibble dropped)", "shape: n % 16 != 0 and % 8 != 0",
-                   "shape: 2-D (n, 1) packed", "shape: 1-D packed", "value: every byte value 0..255")
+_UNPACK_CLASSES = (
+    "shape: even n",
+    "shape: odd n (pad nibble dropped)",
+    "shape: n % 16 != 0 and % 8 != 0",
+    "shape: 2-D (n, 1) packed",
+    "shape: 1-D packed",
+    "value: every byte value 0..255",
+)
 
 
 def _unpack_boundary() -> list[Boundary]:
     allbytes = np.arange(256, dtype=np.uint8)
     return [
-        Boundary("all bytes, n 512, (256, 1)", {"packed": allbytes.reshape(-1, 1), "n": 512},
-                 ("shape: even n", "shape: 2-D (n, 1) packed", "value: every byte value 0..255")),
-        Boundary("all bytes, n 511, 1-D", {"packed": allbytes.copy(), "n": 511},
-                 ("shape: odd n (pad nibble dropped)", "shape: 1-D packed", "shape: n % 16 != 0 and % 8 != 0",
-                  "value: every byte value 0..255")),
-        Boundary("n 21", {"packed": allbytes[100:111].reshape(-1, 1), "n": 21},
-                 ("shape: odd n (pad nibble dropped)", "shape: n % 16 != 0 and % 8 != 0", "shape: 2-D (n, 1) packed")),
+        Boundary(
+            "all bytes, n 512, (256, 1)",
+            {"packed": allbytes.reshape(-1, 1), "n": 512},
+            ("shape: even n", "shape: 2-D (n, 1) packed", "value: every byte value 0..255"),
+        ),
+        Boundary(
+            "all bytes, n 511, 1-D",
+            {"packed": allbytes.copy(), "n": 511},
+            (
+                "shape: odd n (pad nibble dropped)",
+                "shape: 1-D packed",
+                "shape: n % 16 != 0 and % 8 != 0",
+                "value: every byte value 0..255",
+            ),
+        ),
+        Boundary(
+            "n 21",
+            {"packed": allbytes[100:111].reshape(-1, 1), "n": 21},
+            ("shape: odd n (pad nibble dropped)", "shape: n % 16 != 0 and % 8 != 0", "shape: 2-D (n, 1) packed"),
+        ),
     ]
 
 
@@ -820,12 +1018,16 @@ def _q8_strategy():
 
 
 _Q8_CLASSES = (
-    "shape: 1-D", "shape: 2-D", "shape: tail block (n % blocksize != 0)",
+    "shape: 1-D",
+    "shape: 2-D",
+    "shape: tail block (n % blocksize != 0)",
     "shape: tail length % 8 != 0 (remainder after 8 and 16 lanes)",
     *(f"option: blocksize={bs}" for bs in _BLOCKSIZES),
     "option: profile=bitsandbytes-cpu",
     "value: scaled value at dynamic-map midpoints and ±1 ulp",
-    "value: all-zero block", "value: zeros and -0.0", "value: ±absmax",
+    "value: all-zero block",
+    "value: zeros and -0.0",
+    "value: ±absmax",
 )
 
 
@@ -833,21 +1035,45 @@ _Q8_CLASSES = (
 def _q8_boundary_cases() -> tuple[Boundary, ...]:
     rng = np.random.default_rng(8)
     out = [
-        Boundary("dynamic-map midpoints ±1 ulp, bs 64", {"x": _q8_threshold_case(1), "blocksize": 64},
-                 ("value: scaled value at dynamic-map midpoints and ±1 ulp", "shape: 1-D", "option: blocksize=64")),
-        Boundary("dynamic-map midpoints ±1 ulp, bitsandbytes-cpu LUT",
-                 {"x": _q8_threshold_case(2), "blocksize": 64, "profile": "bitsandbytes-cpu"},
-                 ("value: scaled value at dynamic-map midpoints and ±1 ulp", "option: profile=bitsandbytes-cpu",
-                  "option: blocksize=64")),
+        Boundary(
+            "dynamic-map midpoints ±1 ulp, bs 64",
+            {"x": _q8_threshold_case(1), "blocksize": 64},
+            ("value: scaled value at dynamic-map midpoints and ±1 ulp", "shape: 1-D", "option: blocksize=64"),
+        ),
+        Boundary(
+            "dynamic-map midpoints ±1 ulp, bitsandbytes-cpu LUT",
+            {"x": _q8_threshold_case(2), "blocksize": 64, "profile": "bitsandbytes-cpu"},
+            (
+                "value: scaled value at dynamic-map midpoints and ±1 ulp",
+                "option: profile=bitsandbytes-cpu",
+                "option: blocksize=64",
+            ),
+        ),
     ]
     z = np.concatenate([np.zeros(32), rng.standard_normal(32), [-0.0, 0.0, 1.0, -1.0, 0.5], np.zeros(8)])
-    out.append(Boundary("zeros, -0.0, ±absmax, tail 13, bs 32", {"x": z.astype(np.float32).reshape(-1),
-                                                                "blocksize": 32},
-                        ("value: all-zero block", "value: zeros and -0.0", "value: ±absmax", "shape: 1-D",
-                         "shape: tail block (n % blocksize != 0)", "option: blocksize=32",
-                         "shape: tail length % 8 != 0 (remainder after 8 and 16 lanes)")))
-    for bs, shape in ((128, (3, 100)), (256, (700,)), (512, (2, 600)), (1024, (1100,)), (2048, (3, 1000)),
-                      (4096, (4200,))):
+    out.append(
+        Boundary(
+            "zeros, -0.0, ±absmax, tail 13, bs 32",
+            {"x": z.astype(np.float32).reshape(-1), "blocksize": 32},
+            (
+                "value: all-zero block",
+                "value: zeros and -0.0",
+                "value: ±absmax",
+                "shape: 1-D",
+                "shape: tail block (n % blocksize != 0)",
+                "option: blocksize=32",
+                "shape: tail length % 8 != 0 (remainder after 8 and 16 lanes)",
+            ),
+        )
+    )
+    for bs, shape in (
+        (128, (3, 100)),
+        (256, (700,)),
+        (512, (2, 600)),
+        (1024, (1100,)),
+        (2048, (3, 1000)),
+        (4096, (4200,)),
+    ):
         x = (rng.standard_normal(shape) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
         n = x.size
         cls = {f"option: blocksize={bs}", "shape: 2-D" if len(shape) == 2 else "shape: 1-D"}
@@ -866,10 +1092,15 @@ def _dq8_case(c: Case) -> Case:
     return {"codes": codes, "absmax": absmax, "blocksize": c["blocksize"]}
 
 
-_DQ8_CLASSES = ("shape: 1-D", "shape: 2-D", "shape: tail block (n % blocksize != 0)",
-                "shape: tail length % 8 != 0 (remainder after 8 and 16 lanes)",
-                *(f"option: blocksize={bs}" for bs in _BLOCKSIZES), "value: every code 0..255",
-                "value: zero block scale")
+_DQ8_CLASSES = (
+    "shape: 1-D",
+    "shape: 2-D",
+    "shape: tail block (n % blocksize != 0)",
+    "shape: tail length % 8 != 0 (remainder after 8 and 16 lanes)",
+    *(f"option: blocksize={bs}" for bs in _BLOCKSIZES),
+    "value: every code 0..255",
+    "value: zero block scale",
+)
 
 
 def _dq8_boundary() -> list[Boundary]:
@@ -881,17 +1112,30 @@ def _dq8_boundary() -> list[Boundary]:
             cls.append("value: zero block scale")
         out.append(Boundary(b.label, _dq8_case(b.case), tuple(cls)))
     codes = np.arange(600, dtype=np.int64) % 256
-    out.append(Boundary("every code, bs 32, 2-D (20, 30)",
-                        {"codes": codes.astype(np.uint8).reshape(20, 30),
-                         "absmax": rng.uniform(0.1, 5, 19).astype(np.float32), "blocksize": 32},
-                        ("value: every code 0..255", "shape: 2-D", "shape: tail block (n % blocksize != 0)",
-                         "option: blocksize=32")))
+    out.append(
+        Boundary(
+            "every code, bs 32, 2-D (20, 30)",
+            {
+                "codes": codes.astype(np.uint8).reshape(20, 30),
+                "absmax": rng.uniform(0.1, 5, 19).astype(np.float32),
+                "blocksize": 32,
+            },
+            (
+                "value: every code 0..255",
+                "shape: 2-D",
+                "shape: tail block (n % blocksize != 0)",
+                "option: blocksize=32",
+            ),
+        )
+    )
     return out
 
 
 def _golden_q8(rng: np.random.Generator) -> list[tuple[str, Case]]:
-    return [(f"n{n}_bs{bs}", {"x": (rng.standard_normal(n) * 3).astype(np.float32), "blocksize": bs})
-            for n, bs in ((256, 256), (300, 64))]
+    return [
+        (f"n{n}_bs{bs}", {"x": (rng.standard_normal(n) * 3).astype(np.float32), "blocksize": bs})
+        for n, bs in ((256, 256), (300, 64))
+    ]
 
 
 # ---------------------------------------------------------------------------- codebook
@@ -916,32 +1160,56 @@ def _codebook_boundary() -> list[Boundary]:
 def _storage_strategy():
     from hypothesis import strategies as st
 
-    return st.fixed_dictionaries({"blocksize": st.sampled_from(_BLOCKSIZES), "double_quant": st.booleans(),
-                                  "nested_blocksize": st.sampled_from([1, 64, 128, 256, 1000, 4096])})
+    return st.fixed_dictionaries(
+        {
+            "blocksize": st.sampled_from(_BLOCKSIZES),
+            "double_quant": st.booleans(),
+            "nested_blocksize": st.sampled_from([1, 64, 128, 256, 1000, 4096]),
+        }
+    )
 
 
-_STORAGE_CLASSES = (*(f"option: blocksize={bs}" for bs in _BLOCKSIZES), "option: double_quant=False",
-                    "option: double_quant=True", "option: nested_blocksize other than 256")
+_STORAGE_CLASSES = (
+    *(f"option: blocksize={bs}" for bs in _BLOCKSIZES),
+    "option: double_quant=False",
+    "option: double_quant=True",
+    "option: nested_blocksize other than 256",
+)
 
 
 def _storage_boundary() -> list[Boundary]:
     out = []
     for bs in _BLOCKSIZES:
         for dq in (False, True):
-            out.append(Boundary(f"bs {bs} dq {dq}", {"blocksize": bs, "double_quant": dq},
-                                (f"option: blocksize={bs}", _dq_cls(dq))))
-    out.append(Boundary("bs 64 nested_blocksize 128", {"blocksize": 64, "double_quant": True,
-                                                        "nested_blocksize": 128},
-                        ("option: nested_blocksize other than 256", "option: double_quant=True",
-                         "option: blocksize=64")))
+            out.append(
+                Boundary(
+                    f"bs {bs} dq {dq}", {"blocksize": bs, "double_quant": dq}, (f"option: blocksize={bs}", _dq_cls(dq))
+                )
+            )
+    out.append(
+        Boundary(
+            "bs 64 nested_blocksize 128",
+            {"blocksize": 64, "double_quant": True, "nested_blocksize": 128},
+            ("option: nested_blocksize other than 256", "option: double_quant=True", "option: blocksize=64"),
+        )
+    )
     return out
 
 
 # ---------------------------------------------------------------------------- check_4bit
 
 
-def _perturbed(x: np.ndarray, bs: int, qt: str, dq: bool, rng: np.random.Generator, *, profile: str = "reference",
-               flips: int = 6, absmax_bump: bool = False) -> Case:
+def _perturbed(
+    x: np.ndarray,
+    bs: int,
+    qt: str,
+    dq: bool,
+    rng: np.random.Generator,
+    *,
+    profile: str = "reference",
+    flips: int = 6,
+    absmax_bump: bool = False,
+) -> Case:
     """A (packed, state, x) triple as an implementation might produce it: the reference's codes with a few
     nibbles moved to a neighbouring code, to FP4's other zero, or anywhere, and optionally one block scale off."""
     from dataclasses import replace
@@ -980,9 +1248,16 @@ def _check_strategy():
     def build(draw) -> Case:
         q = draw(_quantize_strategy())
         rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-        case = _perturbed(q["x"], q["blocksize"], q["quant_type"], q["double_quant"], rng,
-                          profile=q.get("profile", "reference"), flips=draw(st.integers(0, 8)),
-                          absmax_bump=draw(st.booleans()))
+        case = _perturbed(
+            q["x"],
+            q["blocksize"],
+            q["quant_type"],
+            q["double_quant"],
+            rng,
+            profile=q.get("profile", "reference"),
+            flips=draw(st.integers(0, 8)),
+            absmax_bump=draw(st.booleans()),
+        )
         if draw(st.booleans()):
             case["ulps"] = draw(st.sampled_from([0, 1, 3, 10.5]))
         return case
@@ -990,12 +1265,22 @@ def _check_strategy():
     return build()
 
 
-_CHECK_CLASSES = ("value: equal codes", "value: admissible neighbour at a threshold",
-                  "value: neighbour code far from any threshold (wrong)", "value: FP4 zero-sign difference",
-                  "value: difference in a special block (NaN, zero or subnormal absmax)", "value: block scale differs",
-                  "option: ulps=0", "option: ulps default", "option: profile=bitsandbytes-cpu",
-                  "option: quant_type=nf4", "option: quant_type=fp4", "option: double_quant=True",
-                  "shape: tail block", "dtype: bfloat16")
+_CHECK_CLASSES = (
+    "value: equal codes",
+    "value: admissible neighbour at a threshold",
+    "value: neighbour code far from any threshold (wrong)",
+    "value: FP4 zero-sign difference",
+    "value: difference in a special block (NaN, zero or subnormal absmax)",
+    "value: block scale differs",
+    "option: ulps=0",
+    "option: ulps default",
+    "option: profile=bitsandbytes-cpu",
+    "option: quant_type=nf4",
+    "option: quant_type=fp4",
+    "option: double_quant=True",
+    "shape: tail block",
+    "dtype: bfloat16",
+)
 
 
 def _check_boundary() -> list[Boundary]:
@@ -1005,15 +1290,21 @@ def _check_boundary() -> list[Boundary]:
     out = []
     x = _threshold_case("nf4", 32, 13, 21)
     packed, state = blockwise.quantize_4bit(x, 32, "nf4")
-    out.append(Boundary("equal codes", {"packed": packed, "state": state, "x": x},
-                        ("value: equal codes", "option: quant_type=nf4", "shape: tail block", "option: ulps default")))
+    out.append(
+        Boundary(
+            "equal codes",
+            {"packed": packed, "state": state, "x": x},
+            ("value: equal codes", "option: quant_type=nf4", "shape: tail block", "option: ulps default"),
+        )
+    )
     # thresholds: flip every code whose scaled value is within 1 ulp of a midpoint to its neighbour
     steps = blockwise.profile_steps("reference")
     s = steps.scaled(x, steps.block_absmax(x, 32), 32)
     nib = blockwise.unpack_nibbles(packed, x.size).astype(np.int64)
     mids = _midpoints("nf4")
-    near = np.flatnonzero(np.min(np.abs(s[:, None].astype(np.float64) - mids[None, :]), axis=1)
-                          <= np.abs(s).astype(np.float64) * 2.0**-22)
+    near = np.flatnonzero(
+        np.min(np.abs(s[:, None].astype(np.float64) - mids[None, :]), axis=1) <= np.abs(s).astype(np.float64) * 2.0**-22
+    )
     for i in near:
         j = int(np.argmin(np.abs(mids - s[i])))
         nib[i] = j + 1 if nib[i] == j else j
@@ -1022,28 +1313,57 @@ def _check_boundary() -> list[Boundary]:
         case = {"packed": flipped, "state": state, "x": x}
         if ulps != 3:
             case["ulps"] = ulps
-        out.append(Boundary(f"neighbours at NF4 thresholds, ulps {ulps}", case,
-                            ("value: admissible neighbour at a threshold", tag, "option: quant_type=nf4")))
+        out.append(
+            Boundary(
+                f"neighbours at NF4 thresholds, ulps {ulps}",
+                case,
+                ("value: admissible neighbour at a threshold", tag, "option: quant_type=nf4"),
+            )
+        )
     xf = np.array([1.0, 1e-4, -1e-4, 0.0, 0.3, -0.6, 0.01, 0.9] * 8, np.float32)
-    out.append(Boundary("fp4 zero sign, far neighbours, scale off", _perturbed(xf, 32, "fp4", False, rng, flips=20,
-                                                                               absmax_bump=True),
-                        ("value: FP4 zero-sign difference", "value: neighbour code far from any threshold (wrong)",
-                         "value: block scale differs", "option: quant_type=fp4")))
+    out.append(
+        Boundary(
+            "fp4 zero sign, far neighbours, scale off",
+            _perturbed(xf, 32, "fp4", False, rng, flips=20, absmax_bump=True),
+            (
+                "value: FP4 zero-sign difference",
+                "value: neighbour code far from any threshold (wrong)",
+                "value: block scale differs",
+                "option: quant_type=fp4",
+            ),
+        )
+    )
     xs = np.concatenate([np.full(32, 1e-40), [np.nan], np.ones(31), np.zeros(32), np.linspace(-1, 1, 40)])
-    out.append(Boundary("special blocks (subnormal, NaN, zero), nested bf16, bitsandbytes-cpu",
-                        _perturbed(xs.astype(np.float32).astype(_dtype("bfloat16")), 32, "nf4", True, rng, flips=40,
-                                   profile="bitsandbytes-cpu"),
-                        ("value: difference in a special block (NaN, zero or subnormal absmax)",
-                         "option: profile=bitsandbytes-cpu", "option: double_quant=True", "dtype: bfloat16",
-                         "shape: tail block")))
+    out.append(
+        Boundary(
+            "special blocks (subnormal, NaN, zero), nested bf16, bitsandbytes-cpu",
+            _perturbed(
+                xs.astype(np.float32).astype(_dtype("bfloat16")),
+                32,
+                "nf4",
+                True,
+                rng,
+                flips=40,
+                profile="bitsandbytes-cpu",
+            ),
+            (
+                "value: difference in a special block (NaN, zero or subnormal absmax)",
+                "option: profile=bitsandbytes-cpu",
+                "option: double_quant=True",
+                "dtype: bfloat16",
+                "shape: tail block",
+            ),
+        )
+    )
     return out
 
 
 # ---------------------------------------------------------------------------- qlora
 
 
-def _qlora_weight(n_out: int, n_in: int, bs: int, qt: str, dq: bool, dt: str, rng: np.random.Generator,
-                  profile: str | None = None) -> tuple[np.ndarray, Any]:
+def _qlora_weight(
+    n_out: int, n_in: int, bs: int, qt: str, dq: bool, dt: str, rng: np.random.Generator, profile: str | None = None
+) -> tuple[np.ndarray, Any]:
     from refimpl import quant
 
     w = (rng.standard_normal((n_out, n_in)) * rng.choice([0.05, 1.0])).astype(np.float32).astype(_dtype(dt))
@@ -1066,15 +1386,27 @@ def _qlora_strategy():
         r = draw(st.integers(1, min(n_in, n_out, 8)))
         rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
         bs = draw(st.sampled_from(_BLOCKSIZES))
-        packed, state = _qlora_weight(n_out, n_in, bs, draw(st.sampled_from(["nf4", "fp4"])), draw(st.booleans()),
-                                      draw(st.sampled_from(_FLOAT_DTYPES)), rng)
+        packed, state = _qlora_weight(
+            n_out,
+            n_in,
+            bs,
+            draw(st.sampled_from(["nf4", "fp4"])),
+            draw(st.booleans()),
+            draw(st.sampled_from(_FLOAT_DTYPES)),
+            rng,
+        )
         rows = draw(st.sampled_from([1, 2, 3, 4, 5, 16, 17, 24, 40]))
         lead = draw(st.sampled_from([(rows,), (1, rows), () if rows == 1 else (rows,)]))
         xdt = draw(st.sampled_from(["float64", "float32", "float16", "bfloat16"]))
         # seeded arrays: drawing up to 40 x 128 elements one by one dominates the run time
-        c: Case = {"x": rng.standard_normal((*lead, n_in)).astype(_dtype(xdt)), "packed": packed, "state": state,
-                   "A": rng.standard_normal((r, n_in)), "B": rng.standard_normal((n_out, r)),
-                   "scaling": draw(rs.reals(-4.0, 4.0))}
+        c: Case = {
+            "x": rng.standard_normal((*lead, n_in)).astype(_dtype(xdt)),
+            "packed": packed,
+            "state": state,
+            "A": rng.standard_normal((r, n_in)),
+            "B": rng.standard_normal((n_out, r)),
+            "scaling": draw(rs.reals(-4.0, 4.0)),
+        }
         if draw(st.booleans()):
             c["bias"] = rng.standard_normal(n_out)
         if draw(st.integers(0, 3)) == 0:
@@ -1086,40 +1418,97 @@ def _qlora_strategy():
 
 
 _QLORA_CLASSES = (
-    "shape: x 1-D", "shape: x 2-D", "shape: x 3-D", "shape: x Fortran-order (transposed view)",
-    "shape: 1 row", "shape: 2-3 rows", "shape: 4-16 rows", "shape: more than 16 rows",
-    "shape: in_features % 16 != 0 and % 8 != 0", "shape: in_features % 16 == 8",
+    "shape: x 1-D",
+    "shape: x 2-D",
+    "shape: x 3-D",
+    "shape: x Fortran-order (transposed view)",
+    "shape: 1 row",
+    "shape: 2-3 rows",
+    "shape: 4-16 rows",
+    "shape: more than 16 rows",
+    "shape: in_features % 16 != 0 and % 8 != 0",
+    "shape: in_features % 16 == 8",
     "shape: out_features % 8 != 0",
-    "shape: row of W not a whole number of blocks", "shape: row of W shorter than a block",
+    "shape: row of W not a whole number of blocks",
+    "shape: row of W shorter than a block",
     "shape: rows of W a whole number of blocks",
-    "shape: more than 256 blocks (second double-quant group)", "shape: more than 256 output features",
-    "dtype: state float32", "dtype: state float16", "dtype: state bfloat16",
-    "dtype: x float32", "dtype: x float16", "dtype: x bfloat16", "dtype: x float64",
-    "option: quant_type=nf4", "option: quant_type=fp4", "option: double_quant=False", "option: double_quant=True",
+    "shape: more than 256 blocks (second double-quant group)",
+    "shape: more than 256 output features",
+    "dtype: state float32",
+    "dtype: state float16",
+    "dtype: state bfloat16",
+    "dtype: x float32",
+    "dtype: x float16",
+    "dtype: x bfloat16",
+    "dtype: x float64",
+    "option: quant_type=nf4",
+    "option: quant_type=fp4",
+    "option: double_quant=False",
+    "option: double_quant=True",
     *(f"option: blocksize={bs}" for bs in _BLOCKSIZES),
-    "option: bias", "option: no bias", "option: dropout mask", "option: scaling 0", "option: scaling negative",
+    "option: bias",
+    "option: no bias",
+    "option: dropout mask",
+    "option: scaling 0",
+    "option: scaling negative",
 )
 
 
-def _qlora_case(lead: tuple[int, ...], n_in: int, n_out: int, r: int, bs: int, qt: str, dq: bool, sdt: str,
-                xdt: str, bias: bool, scaling: float, seed: int, mask: bool = False) -> tuple[Case, set[str]]:
+def _qlora_case(
+    lead: tuple[int, ...],
+    n_in: int,
+    n_out: int,
+    r: int,
+    bs: int,
+    qt: str,
+    dq: bool,
+    sdt: str,
+    xdt: str,
+    bias: bool,
+    scaling: float,
+    seed: int,
+    mask: bool = False,
+) -> tuple[Case, set[str]]:
     rng = np.random.default_rng(seed)
     packed, state = _qlora_weight(n_out, n_in, bs, qt, dq, sdt, rng)
-    c: Case = {"x": rng.standard_normal((*lead, n_in)).astype(_dtype(xdt)), "packed": packed, "state": state,
-               "A": rng.standard_normal((r, n_in)), "B": rng.standard_normal((n_out, r)), "scaling": scaling}
+    c: Case = {
+        "x": rng.standard_normal((*lead, n_in)).astype(_dtype(xdt)),
+        "packed": packed,
+        "state": state,
+        "A": rng.standard_normal((r, n_in)),
+        "B": rng.standard_normal((n_out, r)),
+        "scaling": scaling,
+    }
     m = int(np.prod(lead)) if lead else 1
-    cls = {f"shape: x {len(lead) + 1}-D", f"dtype: state {sdt}", f"dtype: x {xdt}", f"option: quant_type={qt}",
-           _dq_cls(dq), f"option: blocksize={bs}", "option: bias" if bias else "option: no bias",
-           "shape: 1 row" if m == 1 else "shape: 2-3 rows" if m < 4 else "shape: 4-16 rows" if m <= 16 else
-           "shape: more than 16 rows"}
+    cls = {
+        f"shape: x {len(lead) + 1}-D",
+        f"dtype: state {sdt}",
+        f"dtype: x {xdt}",
+        f"option: quant_type={qt}",
+        _dq_cls(dq),
+        f"option: blocksize={bs}",
+        "option: bias" if bias else "option: no bias",
+        "shape: 1 row"
+        if m == 1
+        else "shape: 2-3 rows"
+        if m < 4
+        else "shape: 4-16 rows"
+        if m <= 16
+        else "shape: more than 16 rows",
+    }
     if n_in % 8:
         cls.add("shape: in_features % 16 != 0 and % 8 != 0")
     elif n_in % 16 == 8:
         cls.add("shape: in_features % 16 == 8")
     if n_out % 8:
         cls.add("shape: out_features % 8 != 0")
-    cls.add("shape: rows of W a whole number of blocks" if n_in % bs == 0 else
-            "shape: row of W shorter than a block" if n_in < bs else "shape: row of W not a whole number of blocks")
+    cls.add(
+        "shape: rows of W a whole number of blocks"
+        if n_in % bs == 0
+        else "shape: row of W shorter than a block"
+        if n_in < bs
+        else "shape: row of W not a whole number of blocks"
+    )
     if -(-n_in * n_out // bs) > 256 and dq:
         cls.add("shape: more than 256 blocks (second double-quant group)")
     if n_out > 256:
@@ -1163,9 +1552,14 @@ def _qlora_boundary() -> list[Boundary]:
         if i in (5, 7):  # x as a transposed view: rows are the logical rows, not memory runs
             c["x"] = np.asfortranarray(c["x"])
             cls.add("shape: x Fortran-order (transposed view)")
-        out.append(Boundary(f"x {'x'.join(map(str, (*lead, n_in)))} W {n_out}x{n_in} {qt} bs {bs} "
-                            f"{'dq ' if dq else ''}{sdt}{' bias' if bias else ''}{' mask' if mask else ''}", c,
-                            tuple(sorted(cls))))
+        out.append(
+            Boundary(
+                f"x {'x'.join(map(str, (*lead, n_in)))} W {n_out}x{n_in} {qt} bs {bs} "
+                f"{'dq ' if dq else ''}{sdt}{' bias' if bias else ''}{' mask' if mask else ''}",
+                c,
+                tuple(sorted(cls)),
+            )
+        )
     return out
 
 
@@ -1174,11 +1568,18 @@ def _golden_qlora(rng: np.random.Generator) -> list[tuple[str, Case]]:
     from refimpl.conformance.strategies import dyadic
 
     out = []
-    for i, (lead, n_in, n_out, r, bs, qt, dq) in enumerate([((2, 3), 64, 8, 4, 64, "nf4", False),
-                                                            ((5,), 40, 6, 2, 32, "fp4", True)]):
+    for i, (lead, n_in, n_out, r, bs, qt, dq) in enumerate(
+        [((2, 3), 64, 8, 4, 64, "nf4", False), ((5,), 40, 6, 2, 32, "fp4", True)]
+    ):
         packed, state = quant.quantize_4bit(dyadic(rng, (n_out, n_in)).astype(np.float32), bs, qt, dq)
-        c: Case = {"x": dyadic(rng, (*lead, n_in)), "packed": packed, "state": state,
-                   "A": dyadic(rng, (r, n_in)), "B": dyadic(rng, (n_out, r)), "scaling": (0.5, 2.0)[i]}
+        c: Case = {
+            "x": dyadic(rng, (*lead, n_in)),
+            "packed": packed,
+            "state": state,
+            "A": dyadic(rng, (r, n_in)),
+            "B": dyadic(rng, (n_out, r)),
+            "scaling": (0.5, 2.0)[i],
+        }
         if i == 0:
             c["bias"] = dyadic(rng, (n_out,))
         out.append((f"case{i}_{qt}_bs{bs}_{'dq' if dq else 'plain'}_in{n_in}_out{n_out}_r{r}", c))
@@ -1205,8 +1606,10 @@ def _qlora_specials() -> list[Special]:
     base = _golden_qlora(np.random.default_rng(0))[0][1]
     return [
         Special("x has nan", {**base, "x": np.full((1, 64), np.nan)}),
-        Special("1-D base weight", {**base, **dict(zip(("packed", "state"),
-                                                       quant.quantize_4bit(np.ones(64, np.float32)), strict=True))}),
+        Special(
+            "1-D base weight",
+            {**base, **dict(zip(("packed", "state"), quant.quantize_4bit(np.ones(64, np.float32)), strict=True))},
+        ),
         Special("x of the wrong width", {**base, "x": np.ones((2, 63))}),
     ]
 
@@ -1217,10 +1620,16 @@ def _dq_weight_strategy():
     @st.composite
     def build(draw) -> Case:
         rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-        packed, state = _qlora_weight(draw(st.integers(1, 20)), draw(st.sampled_from([8, 13, 40, 77, 128])),
-                                      draw(st.sampled_from(_BLOCKSIZES)), draw(st.sampled_from(["nf4", "fp4"])),
-                                      draw(st.booleans()), draw(st.sampled_from(_FLOAT_DTYPES)), rng,
-                                      profile=draw(st.sampled_from(["reference", "bitsandbytes-cpu"])))
+        packed, state = _qlora_weight(
+            draw(st.integers(1, 20)),
+            draw(st.sampled_from([8, 13, 40, 77, 128])),
+            draw(st.sampled_from(_BLOCKSIZES)),
+            draw(st.sampled_from(["nf4", "fp4"])),
+            draw(st.booleans()),
+            draw(st.sampled_from(_FLOAT_DTYPES)),
+            rng,
+            profile=draw(st.sampled_from(["reference", "bitsandbytes-cpu"])),
+        )
         case: Case = {"packed": packed, "state": state}
         if draw(st.booleans()):
             case["profile"] = draw(st.sampled_from(["reference", "bitsandbytes-cpu"]))
@@ -1229,36 +1638,64 @@ def _dq_weight_strategy():
     return build()
 
 
-_DQW_CLASSES = ("shape: rows a whole number of blocks", "shape: row not a whole number of blocks",
-                "shape: row shorter than a block", "shape: more than 256 blocks (second double-quant group)",
-                "dtype: float32", "dtype: float16", "dtype: bfloat16", "option: quant_type=nf4",
-                "option: quant_type=fp4", "option: double_quant=True", "option: profile=bitsandbytes-cpu",
-                "option: profile given for a reference-profile state (FP4 zero sign)")
+_DQW_CLASSES = (
+    "shape: rows a whole number of blocks",
+    "shape: row not a whole number of blocks",
+    "shape: row shorter than a block",
+    "shape: more than 256 blocks (second double-quant group)",
+    "dtype: float32",
+    "dtype: float16",
+    "dtype: bfloat16",
+    "option: quant_type=nf4",
+    "option: quant_type=fp4",
+    "option: double_quant=True",
+    "option: profile=bitsandbytes-cpu",
+    "option: profile given for a reference-profile state (FP4 zero sign)",
+)
 
 
 def _dq_weight_boundary() -> list[Boundary]:
     out = []
-    for i, (n_out, n_in, bs, qt, dq, dt, prof) in enumerate([
-        (12, 64, 64, "nf4", False, "float32", None), (5, 48, 32, "fp4", True, "bfloat16", "bitsandbytes-cpu"),
-        (3, 16, 32, "nf4", True, "float16", None), (40, 232, 32, "fp4", True, "float32", None),
-    ]):
+    for i, (n_out, n_in, bs, qt, dq, dt, prof) in enumerate(
+        [
+            (12, 64, 64, "nf4", False, "float32", None),
+            (5, 48, 32, "fp4", True, "bfloat16", "bitsandbytes-cpu"),
+            (3, 16, 32, "nf4", True, "float16", None),
+            (40, 232, 32, "fp4", True, "float32", None),
+        ]
+    ):
         packed, state = _qlora_weight(n_out, n_in, bs, qt, dq, dt, np.random.default_rng(200 + i), profile=prof)
-        cls = {f"dtype: {dt}", f"option: quant_type={qt}",
-               "shape: rows a whole number of blocks" if n_in % bs == 0 else
-               "shape: row shorter than a block" if n_in < bs else "shape: row not a whole number of blocks"}
+        cls = {
+            f"dtype: {dt}",
+            f"option: quant_type={qt}",
+            "shape: rows a whole number of blocks"
+            if n_in % bs == 0
+            else "shape: row shorter than a block"
+            if n_in < bs
+            else "shape: row not a whole number of blocks",
+        }
         if dq:
             cls.add("option: double_quant=True")
         if prof:
             cls.add("option: profile=bitsandbytes-cpu")
         if -(-n_out * n_in // bs) > 256:
             cls.add("shape: more than 256 blocks (second double-quant group)")
-        out.append(Boundary(f"W {n_out}x{n_in} {qt} bs {bs} {dt}", {"packed": packed, "state": state},
-                            tuple(sorted(cls))))
+        out.append(
+            Boundary(f"W {n_out}x{n_in} {qt} bs {bs} {dt}", {"packed": packed, "state": state}, tuple(sorted(cls)))
+        )
     packed, state = _qlora_weight(6, 64, 64, "fp4", False, "float32", np.random.default_rng(210))
-    out.append(Boundary("W 6x64 fp4 reference state, profile=bitsandbytes-cpu given",
-                        {"packed": packed, "state": state, "profile": "bitsandbytes-cpu"},
-                        ("option: profile given for a reference-profile state (FP4 zero sign)",
-                         "option: quant_type=fp4", "dtype: float32", "shape: rows a whole number of blocks")))
+    out.append(
+        Boundary(
+            "W 6x64 fp4 reference state, profile=bitsandbytes-cpu given",
+            {"packed": packed, "state": state, "profile": "bitsandbytes-cpu"},
+            (
+                "option: profile given for a reference-profile state (FP4 zero sign)",
+                "option: quant_type=fp4",
+                "dtype: float32",
+                "shape: rows a whole number of blocks",
+            ),
+        )
+    )
     return out
 
 
@@ -1279,18 +1716,33 @@ def _feb_strategy():
     return build()
 
 
-_FEB_CLASSES = ("option: dtype=float32", "option: dtype=float16", "option: dtype=bfloat16", "option: dtype=float64",
-                "option: accumulate=float32", "option: accumulate=float64", "option: bias", "option: no bias",
-                "shape: x 1-D", "shape: x 3-D", "shape: more than 16 rows", "option: quant_type=nf4",
-                "option: quant_type=fp4")
+_FEB_CLASSES = (
+    "option: dtype=float32",
+    "option: dtype=float16",
+    "option: dtype=bfloat16",
+    "option: dtype=float64",
+    "option: accumulate=float32",
+    "option: accumulate=float64",
+    "option: bias",
+    "option: no bias",
+    "shape: x 1-D",
+    "shape: x 3-D",
+    "shape: more than 16 rows",
+    "option: quant_type=nf4",
+    "option: quant_type=fp4",
+)
 
 
 def _feb_boundary() -> list[Boundary]:
     out = []
-    for i, (dt, acc, lead, bias, qt) in enumerate([("float32", None, (3,), True, "nf4"),
-                                                   ("float16", "float32", (), False, "fp4"),
-                                                   ("bfloat16", "float32", (2, 9), True, "nf4"),
-                                                   ("float64", "float64", (17,), False, "nf4")]):
+    for i, (dt, acc, lead, bias, qt) in enumerate(
+        [
+            ("float32", None, (3,), True, "nf4"),
+            ("float16", "float32", (), False, "fp4"),
+            ("bfloat16", "float32", (2, 9), True, "nf4"),
+            ("float64", "float64", (17,), False, "nf4"),
+        ]
+    ):
         c, _ = _qlora_case(lead, 40, 6, 2, 32, qt, True, "bfloat16", "float32", bias, 1.5, 300 + i)
         c["dtype"] = dt
         cls = {f"option: dtype={dt}", "option: bias" if bias else "option: no bias", f"option: quant_type={qt}"}
@@ -1325,90 +1777,211 @@ def rows() -> list[OpSpec]:
     exact = Exact()
     q8_golden = _golden_q8
     return [
-        OpSpec("qlora.forward", _qlora_strategy,
-               "x (..., in); packed codes and QuantState of a 2-D (out, in) weight; A (r, in), B (out, r); "
-               "optional bias (out,), dropout mask",
-               Bounded(lambda c: c["A"].shape[1] + c["A"].shape[0] + 6, _qlora_magnitude,
-                       note="dequantization is exact; the matmuls are bounded like lora.forward"),
-               golden=_golden_qlora, specials=_qlora_specials, classes=_QLORA_CLASSES, boundary=_qlora_boundary),
-        OpSpec("qlora.dequantized_weight", _dq_weight_strategy,
-               "packed codes and QuantState of a 2-D (out, in) weight; optional profile", exact,
-               golden=lambda rng: [("w12x64", dict(zip(("packed", "state"), _qlora_weight(
-                   12, 64, 64, "nf4", False, "float32", rng), strict=True)))],
-               specials=lambda: [Special("1-D state", _dequantize_case(
-                   {"x": np.ones(64, np.float32), "blocksize": 64, "quant_type": "nf4", "double_quant": False}))],
-               classes=_DQW_CLASSES, boundary=_dq_weight_boundary),
-        OpSpec("qlora.dequantize_4bit", _dequantize_strategy,
-               "re-export of quant.dequantize_4bit: packed codes and the QuantState quantize_4bit returned", exact,
-               golden=lambda rng: [(n, _dequantize_case(c)) for n, c in _golden_quantize(rng)],
-               classes=_DEQUANT_CLASSES, boundary=lambda: list(_dequantize_boundary_cases())),
-        OpSpec("qlora.forward_error_bound", _feb_strategy,
-               "qlora.forward's arguments (no dropout) and the implementation's dtype / accumulate dtype",
-               _feb_tolerance(),
-               golden=lambda rng: [(n, {**c, "dtype": "bfloat16"}) for n, c in _golden_qlora(rng)
-                                   if "dropout_mask" not in c],
-               specials=lambda: [Special("unknown dtype", {**_golden_qlora(np.random.default_rng(0))[0][1],
-                                                           "dtype": "int8"})],
-               classes=_FEB_CLASSES, boundary=_feb_boundary),
-        OpSpec("quant.codebook", _codebook_strategy,
-               "name in nf4, fp4, dynamic8", exact,
-               golden=lambda rng: [(n, {"name": n}) for n in ("nf4", "fp4", "dynamic8")],
-               specials=lambda: [Special("unknown name", {"name": "nf3"})],
-               classes=_CODEBOOK_CLASSES, boundary=_codebook_boundary),
-        OpSpec("quant.quantize_4bit", _quantize_strategy,
-               "x float32/float16/bfloat16, any shape, finite (or nonfinite='propagate'); blocksize in 32..4096 "
-               "(powers of 2); nf4/fp4; double_quant; profile reference or bitsandbytes-cpu", exact,
-               golden=_golden_quantize, specials=_quant_specials, classes=_QUANT_CLASSES,
-               boundary=_quantize_boundary),
-        OpSpec("quant.dequantize_4bit", _dequantize_strategy,
-               "packed codes and the QuantState quantize_4bit returned (or any bytes and scales); optional profile",
-               exact,
-               golden=lambda rng: [(n, _dequantize_case(c)) for n, c in _golden_quantize(rng)],
-               specials=lambda: [Special("packed too short", {**_dequantize_case(
-                   {"x": np.ones(64, np.float32), "blocksize": 64, "quant_type": "nf4", "double_quant": False}),
-                   "packed": np.zeros((31, 1), np.uint8)})],
-               classes=_DEQUANT_CLASSES, boundary=lambda: list(_dequantize_boundary_cases())),
-        OpSpec("quant.pack_nibbles", _pack_strategy, "integer codes in [0, 15], pad in [0, 15]", exact,
-               golden=lambda rng: [("odd7", {"nibbles": rng.integers(0, 16, 7).astype(np.uint8), "pad": 0}),
-                                   ("even16", {"nibbles": rng.integers(0, 16, 16).astype(np.uint8), "pad": 0})],
-               specials=lambda: [Special("nibble 16", {"nibbles": np.array([16], np.uint8), "pad": 0}),
-                                 Special("float nibbles", {"nibbles": np.array([1.0]), "pad": 0})],
-               classes=_PACK_CLASSES, boundary=_pack_boundary),
-        OpSpec("quant.unpack_nibbles", _unpack_strategy, "uint8 packed bytes, n with (n+1)//2 bytes", exact,
-               golden=lambda rng: [("n7", {"packed": rng.integers(0, 256, (4, 1)).astype(np.uint8), "n": 7})],
-               specials=lambda: [Special("wrong byte count", {"packed": np.zeros((3, 1), np.uint8), "n": 7})],
-               classes=_UNPACK_CLASSES, boundary=_unpack_boundary),
-        OpSpec("quant.quantize_blockwise_8bit", _q8_strategy,
-               "x float32 (any shape), blocksize 32..4096; profile reference or bitsandbytes-cpu", exact,
-               golden=q8_golden,
-               specials=lambda: [Special("all-zero block", {"x": np.zeros(64, np.float32), "blocksize": 64}),
-                                 Special("x has nan", {"x": np.array([1, np.nan], np.float32), "blocksize": 64})],
-               classes=_Q8_CLASSES, boundary=lambda: list(_q8_boundary_cases())),
-        OpSpec("quant.dequantize_blockwise_8bit", lambda: _q8_strategy().map(_dq8_case),
-               "uint8 codes and float32 absmax per block", exact,
-               golden=lambda rng: [(n, dict(zip(("codes", "absmax"), _quant()
-                                               .quantize_blockwise_8bit(c["x"], c["blocksize"]), strict=True),
-                                        blocksize=c["blocksize"])) for n, c in q8_golden(rng)],
-               specials=lambda: [Special("absmax of the wrong length", {"codes": np.zeros(128, np.uint8),
-                                                                       "absmax": np.ones(1, np.float32),
-                                                                       "blocksize": 64})],
-               classes=_DQ8_CLASSES, boundary=_dq8_boundary),
-        OpSpec("quant.storage_bits_per_parameter", _storage_strategy,
-               "blocksize 32..4096, double_quant, nested_blocksize ≥ 1", exact,
-               golden=lambda rng: [("bs64_dq", {"blocksize": 64, "double_quant": True})],
-               specials=lambda: [Special("blocksize 48", {"blocksize": 48}),
-                                 Special("nested_blocksize 0", {"blocksize": 64, "double_quant": True,
-                                                                "nested_blocksize": 0})],
-               classes=_STORAGE_CLASSES, boundary=_storage_boundary),
-        OpSpec("quant.check_4bit", _check_strategy,
-               "packed codes + QuantState produced by an implementation for x (nibbles may differ), x; profile; "
-               "ulps ≥ 0", exact,
-               golden=lambda rng: [("nf4_equal", {**_dequantize_case(c), "x": c["x"]})
-                                   for c in [_golden_quantize(rng)[0][1]]],
-               specials=lambda: [Special("x of another shape", {**_dequantize_case(_golden_quantize(
-                   np.random.default_rng(0))[0][1]), "x": np.ones((3, 3), np.float32)}),
-                                 Special("ulps negative", {**_dequantize_case(_golden_quantize(
-                                     np.random.default_rng(0))[0][1]), "x": _golden_quantize(
-                                     np.random.default_rng(0))[0][1]["x"], "ulps": -1})],
-               classes=_CHECK_CLASSES, boundary=_check_boundary),
+        OpSpec(
+            "qlora.forward",
+            _qlora_strategy,
+            "x (..., in); packed codes and QuantState of a 2-D (out, in) weight; A (r, in), B (out, r); "
+            "optional bias (out,), dropout mask",
+            Bounded(
+                lambda c: c["A"].shape[1] + c["A"].shape[0] + 6,
+                _qlora_magnitude,
+                note="dequantization is exact; the matmuls are bounded like lora.forward",
+            ),
+            golden=_golden_qlora,
+            specials=_qlora_specials,
+            classes=_QLORA_CLASSES,
+            boundary=_qlora_boundary,
+        ),
+        OpSpec(
+            "qlora.dequantized_weight",
+            _dq_weight_strategy,
+            "packed codes and QuantState of a 2-D (out, in) weight; optional profile",
+            exact,
+            golden=lambda rng: [
+                (
+                    "w12x64",
+                    dict(
+                        zip(("packed", "state"), _qlora_weight(12, 64, 64, "nf4", False, "float32", rng), strict=True)
+                    ),
+                )
+            ],
+            specials=lambda: [
+                Special(
+                    "1-D state",
+                    _dequantize_case(
+                        {"x": np.ones(64, np.float32), "blocksize": 64, "quant_type": "nf4", "double_quant": False}
+                    ),
+                )
+            ],
+            classes=_DQW_CLASSES,
+            boundary=_dq_weight_boundary,
+        ),
+        OpSpec(
+            "qlora.dequantize_4bit",
+            _dequantize_strategy,
+            "re-export of quant.dequantize_4bit: packed codes and the QuantState quantize_4bit returned",
+            exact,
+            golden=lambda rng: [(n, _dequantize_case(c)) for n, c in _golden_quantize(rng)],
+            classes=_DEQUANT_CLASSES,
+            boundary=lambda: list(_dequantize_boundary_cases()),
+        ),
+        OpSpec(
+            "qlora.forward_error_bound",
+            _feb_strategy,
+            "qlora.forward's arguments (no dropout) and the implementation's dtype / accumulate dtype",
+            _feb_tolerance(),
+            golden=lambda rng: [
+                (n, {**c, "dtype": "bfloat16"}) for n, c in _golden_qlora(rng) if "dropout_mask" not in c
+            ],
+            specials=lambda: [
+                Special("unknown dtype", {**_golden_qlora(np.random.default_rng(0))[0][1], "dtype": "int8"})
+            ],
+            classes=_FEB_CLASSES,
+            boundary=_feb_boundary,
+        ),
+        OpSpec(
+            "quant.codebook",
+            _codebook_strategy,
+            "name in nf4, fp4, dynamic8",
+            exact,
+            golden=lambda rng: [(n, {"name": n}) for n in ("nf4", "fp4", "dynamic8")],
+            specials=lambda: [Special("unknown name", {"name": "nf3"})],
+            classes=_CODEBOOK_CLASSES,
+            boundary=_codebook_boundary,
+        ),
+        OpSpec(
+            "quant.quantize_4bit",
+            _quantize_strategy,
+            "x float32/float16/bfloat16, any shape, finite (or nonfinite='propagate'); blocksize in 32..4096 "
+            "(powers of 2); nf4/fp4; double_quant; profile reference or bitsandbytes-cpu",
+            exact,
+            golden=_golden_quantize,
+            specials=_quant_specials,
+            classes=_QUANT_CLASSES,
+            boundary=_quantize_boundary,
+        ),
+        OpSpec(
+            "quant.dequantize_4bit",
+            _dequantize_strategy,
+            "packed codes and the QuantState quantize_4bit returned (or any bytes and scales); optional profile",
+            exact,
+            golden=lambda rng: [(n, _dequantize_case(c)) for n, c in _golden_quantize(rng)],
+            specials=lambda: [
+                Special(
+                    "packed too short",
+                    {
+                        **_dequantize_case(
+                            {"x": np.ones(64, np.float32), "blocksize": 64, "quant_type": "nf4", "double_quant": False}
+                        ),
+                        "packed": np.zeros((31, 1), np.uint8),
+                    },
+                )
+            ],
+            classes=_DEQUANT_CLASSES,
+            boundary=lambda: list(_dequantize_boundary_cases()),
+        ),
+        OpSpec(
+            "quant.pack_nibbles",
+            _pack_strategy,
+            "integer codes in [0, 15], pad in [0, 15]",
+            exact,
+            golden=lambda rng: [
+                ("odd7", {"nibbles": rng.integers(0, 16, 7).astype(np.uint8), "pad": 0}),
+                ("even16", {"nibbles": rng.integers(0, 16, 16).astype(np.uint8), "pad": 0}),
+            ],
+            specials=lambda: [
+                Special("nibble 16", {"nibbles": np.array([16], np.uint8), "pad": 0}),
+                Special("float nibbles", {"nibbles": np.array([1.0]), "pad": 0}),
+            ],
+            classes=_PACK_CLASSES,
+            boundary=_pack_boundary,
+        ),
+        OpSpec(
+            "quant.unpack_nibbles",
+            _unpack_strategy,
+            "uint8 packed bytes, n with (n+1)//2 bytes",
+            exact,
+            golden=lambda rng: [("n7", {"packed": rng.integers(0, 256, (4, 1)).astype(np.uint8), "n": 7})],
+            specials=lambda: [Special("wrong byte count", {"packed": np.zeros((3, 1), np.uint8), "n": 7})],
+            classes=_UNPACK_CLASSES,
+            boundary=_unpack_boundary,
+        ),
+        OpSpec(
+            "quant.quantize_blockwise_8bit",
+            _q8_strategy,
+            "x float32 (any shape), blocksize 32..4096; profile reference or bitsandbytes-cpu",
+            exact,
+            golden=q8_golden,
+            specials=lambda: [
+                Special("all-zero block", {"x": np.zeros(64, np.float32), "blocksize": 64}),
+                Special("x has nan", {"x": np.array([1, np.nan], np.float32), "blocksize": 64}),
+            ],
+            classes=_Q8_CLASSES,
+            boundary=lambda: list(_q8_boundary_cases()),
+        ),
+        OpSpec(
+            "quant.dequantize_blockwise_8bit",
+            lambda: _q8_strategy().map(_dq8_case),
+            "uint8 codes and float32 absmax per block",
+            exact,
+            golden=lambda rng: [
+                (
+                    n,
+                    dict(
+                        zip(("codes", "absmax"), _quant().quantize_blockwise_8bit(c["x"], c["blocksize"]), strict=True),
+                        blocksize=c["blocksize"],
+                    ),
+                )
+                for n, c in q8_golden(rng)
+            ],
+            specials=lambda: [
+                Special(
+                    "absmax of the wrong length",
+                    {"codes": np.zeros(128, np.uint8), "absmax": np.ones(1, np.float32), "blocksize": 64},
+                )
+            ],
+            classes=_DQ8_CLASSES,
+            boundary=_dq8_boundary,
+        ),
+        OpSpec(
+            "quant.storage_bits_per_parameter",
+            _storage_strategy,
+            "blocksize 32..4096, double_quant, nested_blocksize ≥ 1",
+            exact,
+            golden=lambda rng: [("bs64_dq", {"blocksize": 64, "double_quant": True})],
+            specials=lambda: [
+                Special("blocksize 48", {"blocksize": 48}),
+                Special("nested_blocksize 0", {"blocksize": 64, "double_quant": True, "nested_blocksize": 0}),
+            ],
+            classes=_STORAGE_CLASSES,
+            boundary=_storage_boundary,
+        ),
+        OpSpec(
+            "quant.check_4bit",
+            _check_strategy,
+            "packed codes + QuantState produced by an implementation for x (nibbles may differ), x; profile; ulps ≥ 0",
+            exact,
+            golden=lambda rng: [
+                ("nf4_equal", {**_dequantize_case(c), "x": c["x"]}) for c in [_golden_quantize(rng)[0][1]]
+            ],
+            specials=lambda: [
+                Special(
+                    "x of another shape",
+                    {
+                        **_dequantize_case(_golden_quantize(np.random.default_rng(0))[0][1]),
+                        "x": np.ones((3, 3), np.float32),
+                    },
+                ),
+                Special(
+                    "ulps negative",
+                    {
+                        **_dequantize_case(_golden_quantize(np.random.default_rng(0))[0][1]),
+                        "x": _golden_quantize(np.random.default_rng(0))[0][1]["x"],
+                        "ulps": -1,
+                    },
+                ),
+            ],
+            classes=_CHECK_CLASSES,
+            boundary=_check_boundary,
+        ),
     ]

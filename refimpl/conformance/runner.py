@@ -66,9 +66,29 @@ from refimpl.conformance.targets import Target, declare, get_target, is_builtin,
 from refimpl.conformance.tolerance import Verdict, compare, compare_exact
 
 # the result records and verdict names live in results.py (report.py reads them too); they are re-exported here
-__all__ = ["ABSENT", "CONFORMS", "DEFAULT_EXAMPLES", "DEFAULT_TIMEOUT", "EXIT_CODES", "FAIL", "FAILS", "INCOMPLETE",
-           "NA", "NOTHING", "PASS", "SKIP", "THOROUGH_EXAMPLES", "UNSUPPORTED", "XFAIL", "CaseResult",
-           "InputMutated", "RunResult", "assert_conforms", "run", "stderr_progress"]
+__all__ = [
+    "ABSENT",
+    "CONFORMS",
+    "DEFAULT_EXAMPLES",
+    "DEFAULT_TIMEOUT",
+    "EXIT_CODES",
+    "FAIL",
+    "FAILS",
+    "INCOMPLETE",
+    "NA",
+    "NOTHING",
+    "PASS",
+    "SKIP",
+    "THOROUGH_EXAMPLES",
+    "UNSUPPORTED",
+    "XFAIL",
+    "CaseResult",
+    "InputMutated",
+    "RunResult",
+    "assert_conforms",
+    "run",
+    "stderr_progress",
+]
 
 DEFAULT_EXAMPLES = 25
 DEFAULT_TIMEOUT = 60.0
@@ -95,8 +115,7 @@ def _same(a: Any, b: Any) -> bool:
             return False
         return a.tobytes() == b.tobytes()
     if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b,
-                                                                                                     strict=True))
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return True  # scalars and objects are immutable here or compared by their own tiers
 
 
@@ -213,8 +232,14 @@ def _kind(dt: np.dtype) -> str:
 class _Checker:
     """Runs the tiers of one op against one target callable (inside the worker)."""
 
-    def __init__(self, spec: OpSpec, target: Target, f: Callable[..., Any], divs: list[_div.Divergence],
-                 beat: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        spec: OpSpec,
+        target: Target,
+        f: Callable[..., Any],
+        divs: list[_div.Divergence],
+        beat: Callable[[str, str], None],
+    ) -> None:
         self.spec, self.target, self.f = spec, target, f
         self.ref = spec.reference()
         self.opts = _options(target, spec.name)
@@ -265,8 +290,9 @@ class _Checker:
     def label(self, label: str, case: dict[str, Any]) -> str:
         return relabel(label, case, self.opts)
 
-    def known(self, case: dict[str, Any], act: dict[str, np.ndarray], exp: dict[str, np.ndarray], tier: str,
-              label: str) -> str:
+    def known(
+        self, case: dict[str, Any], act: dict[str, np.ndarray], exp: dict[str, np.ndarray], tier: str, label: str
+    ) -> str:
         """The modelled divergence that reproduces ``act`` bit for bit, or ''. A model that raises explains
         nothing: the case stays a failure."""
         for d in self.modelled:
@@ -294,30 +320,57 @@ class _Checker:
                 return str(d)
         return ""
 
-    def one(self, tier: str, label: str, case: dict[str, Any], exp: dict[str, np.ndarray],
-            classes: Iterable[str] = ()) -> CaseResult:
+    def one(
+        self, tier: str, label: str, case: dict[str, Any], exp: dict[str, np.ndarray], classes: Iterable[str] = ()
+    ) -> CaseResult:
         """Call the target on one prepared case and compare with ``exp``."""
         name = self.spec.name
         why = self.outside(case)
         if why:
-            return CaseResult(name, tier, label, UNSUPPORTED, f"outside the target's declared domain: {why}",
-                              n_cases=1, classes=list(classes))
+            return CaseResult(
+                name,
+                tier,
+                label,
+                UNSUPPORTED,
+                f"outside the target's declared domain: {why}",
+                n_cases=1,
+                classes=list(classes),
+            )
         try:
             act = self.actual(case, tier, label)
         except Exception as exc:
             div = self.known_raise(case, exc, tier, label)
-            return CaseResult(name, tier, label, XFAIL if div else FAIL, f"target raised {type(exc).__name__}: {exc}",
-                              n_cases=1, classes=list(classes), divergence=div,
-                              snippet=self.snip(case, f"{tier} case {label}"), reproducer=self.reproducer(case))
+            return CaseResult(
+                name,
+                tier,
+                label,
+                XFAIL if div else FAIL,
+                f"target raised {type(exc).__name__}: {exc}",
+                n_cases=1,
+                classes=list(classes),
+                divergence=div,
+                snippet=self.snip(case, f"{tier} case {label}"),
+                reproducer=self.reproducer(case),
+            )
         v = compare(self.spec.tolerance, act, exp, case, self.dtype)
         if v.passed:
-            return CaseResult(name, tier, label, PASS, v.message, worst_ratio=v.worst_ratio, n_cases=1,
-                              classes=list(classes))
+            return CaseResult(
+                name, tier, label, PASS, v.message, worst_ratio=v.worst_ratio, n_cases=1, classes=list(classes)
+            )
         div = self.known(case, act, exp, tier, label)
-        return CaseResult(name, tier, label, XFAIL if div else FAIL, v.message, worst_ratio=v.worst_ratio,
-                          n_cases=1, classes=list(classes), divergence=div,
-                          snippet=self.snip(case, f"{tier} case {label}: {v.message}"),
-                          reproducer=self.reproducer(case))
+        return CaseResult(
+            name,
+            tier,
+            label,
+            XFAIL if div else FAIL,
+            v.message,
+            worst_ratio=v.worst_ratio,
+            n_cases=1,
+            classes=list(classes),
+            divergence=div,
+            snippet=self.snip(case, f"{tier} case {label}: {v.message}"),
+            reproducer=self.reproducer(case),
+        )
 
     # -------------------------------------------------------------- tiers
 
@@ -335,13 +388,26 @@ class _Checker:
         exp = self.expected(case)
         why = self.outside(case)
         if why:
-            return CaseResult(self.spec.name, "shapes", "example", UNSUPPORTED,
-                              f"outside the target's declared domain: {why}", n_cases=1)
+            return CaseResult(
+                self.spec.name,
+                "shapes",
+                "example",
+                UNSUPPORTED,
+                f"outside the target's declared domain: {why}",
+                n_cases=1,
+            )
         try:
             act = self.actual(case, "shapes", "example")
         except Exception as exc:
-            return CaseResult(self.spec.name, "shapes", "example", FAIL, f"target raised {type(exc).__name__}: {exc}",
-                              n_cases=1, snippet=self.snip(case, "the target raised on a valid input"))
+            return CaseResult(
+                self.spec.name,
+                "shapes",
+                "example",
+                FAIL,
+                f"target raised {type(exc).__name__}: {exc}",
+                n_cases=1,
+                snippet=self.snip(case, "the target raised on a valid input"),
+            )
         problems = []
         for name, e in exp.items():
             a = act.get(name)
@@ -352,8 +418,15 @@ class _Checker:
             elif _kind(a.dtype) != _kind(e.dtype):
                 problems.append(f"{name}: dtype {a.dtype} ({_kind(a.dtype)}), expected {_kind(e.dtype)} like {e.dtype}")
         if problems:
-            return CaseResult(self.spec.name, "shapes", "example", FAIL, "; ".join(problems), n_cases=1,
-                              snippet=self.snip(case, "; ".join(problems)))
+            return CaseResult(
+                self.spec.name,
+                "shapes",
+                "example",
+                FAIL,
+                "; ".join(problems),
+                n_cases=1,
+                snippet=self.snip(case, "; ".join(problems)),
+            )
         return CaseResult(self.spec.name, "shapes", "example", PASS, f"outputs {sorted(exp)}", n_cases=1)
 
     def golden(self, vectors_dir: Path | None) -> list[CaseResult]:
@@ -372,9 +445,17 @@ class _Checker:
             changed = _overridden(case, self.opts)
             if changed:  # the vector holds other values than the target's options: it did not run, and says so
                 held = ", ".join(f"{k}={case[k]!r}" for k in changed)
-                out.append(CaseResult(self.spec.name, "golden", label, UNSUPPORTED,
-                                      f"not run: the vector holds {held}, the target's options set "
-                                      + ", ".join(f"{k}={v!r}" for k, v in changed.items()), n_cases=1))
+                out.append(
+                    CaseResult(
+                        self.spec.name,
+                        "golden",
+                        label,
+                        UNSUPPORTED,
+                        f"not run: the vector holds {held}, the target's options set "
+                        + ", ".join(f"{k}={v!r}" for k, v in changed.items()),
+                        n_cases=1,
+                    )
+                )
                 continue
             if any(k not in case for k in self.opts):
                 # options the vector does not hold (a profile): the expected values are the reference's under them
@@ -382,9 +463,17 @@ class _Checker:
                 try:
                     expected = self.expected(case)
                 except (ValueError, TypeError) as exc:
-                    out.append(CaseResult(self.spec.name, "golden", label, UNSUPPORTED,
-                                          f"not run: the reference rejects the vector under the target's options "
-                                          f"({type(exc).__name__}: {exc})", n_cases=1))
+                    out.append(
+                        CaseResult(
+                            self.spec.name,
+                            "golden",
+                            label,
+                            UNSUPPORTED,
+                            f"not run: the reference rejects the vector under the target's options "
+                            f"({type(exc).__name__}: {exc})",
+                            n_cases=1,
+                        )
+                    )
                     continue
             out.append(self.one("golden", label, case, expected))
         return out
@@ -401,13 +490,30 @@ class _Checker:
                 exp = self.expected(case)
             except Exception as exc:
                 if _overridden(b.case, self.opts):  # the target's options made the case invalid: not this op's bug
-                    out.append(CaseResult(self.spec.name, "boundary", label, UNSUPPORTED,
-                                          f"not run: the reference rejects the case under the target's options "
-                                          f"({type(exc).__name__}: {exc})", n_cases=1, classes=list(b.classes)))
+                    out.append(
+                        CaseResult(
+                            self.spec.name,
+                            "boundary",
+                            label,
+                            UNSUPPORTED,
+                            f"not run: the reference rejects the case under the target's options "
+                            f"({type(exc).__name__}: {exc})",
+                            n_cases=1,
+                            classes=list(b.classes),
+                        )
+                    )
                     continue
-                out.append(CaseResult(self.spec.name, "boundary", label, FAIL,
-                                      f"the reference rejected a boundary case (a table bug): "
-                                      f"{type(exc).__name__}: {exc}", n_cases=1, classes=list(b.classes)))
+                out.append(
+                    CaseResult(
+                        self.spec.name,
+                        "boundary",
+                        label,
+                        FAIL,
+                        f"the reference rejected a boundary case (a table bug): {type(exc).__name__}: {exc}",
+                        n_cases=1,
+                        classes=list(b.classes),
+                    )
+                )
                 continue
             out.append(self.one("boundary", label, case, exp, b.classes))
         return out
@@ -424,19 +530,24 @@ class _Checker:
         try:
             act = self.actual(case, "properties", "shrinking shapes")
         except Exception as exc:
-            return None if self.known_raise(case, exc, "properties", "") else (
-                f"target raised {type(exc).__name__}: {exc}", None)
+            return (
+                None
+                if self.known_raise(case, exc, "properties", "")
+                else (f"target raised {type(exc).__name__}: {exc}", None)
+            )
         v = compare(self.spec.tolerance, act, exp, case, self.dtype)
         if v.passed or self.known(case, act, exp, "properties", ""):
             return None
         return v.message, v.worst_ratio
 
-    def smaller(self, case: dict[str, Any], found: tuple[str, float | None],
-                tries: int = SHRINK_TRIES) -> tuple[dict[str, Any], tuple[str, float | None]]:
+    def smaller(
+        self, case: dict[str, Any], found: tuple[str, float | None], tries: int = SHRINK_TRIES
+    ) -> tuple[dict[str, Any], tuple[str, float | None]]:
         """Shrink the shapes of a failing case (Hypothesis shrinks the values it drew; a case's shapes are often
         drawn through sizes it cannot shorten without losing the failure): greedily cut array axes to 1, half or
         one less (every array that shares the axis length at once, then one array alone, from the front or the
         back) while the target still fails and the reference still accepts the case."""
+
         def cut(a: np.ndarray, axis: int, m: int, tail: bool) -> np.ndarray:
             n = a.shape[axis]
             idx = [slice(None)] * a.ndim
@@ -489,9 +600,16 @@ class _Checker:
         if self.support:  # draw only what the target declares it supports (the report names the rest)
             strategy = strategy.filter(lambda d: not beyond_support(self.support, self.prepare(d), self.defaults))
 
-        @settings(max_examples=examples, derandomize=seed is None, database=None, deadline=None,
-                  verbosity=Verbosity.quiet, suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
-                  print_blob=False)
+        @settings(
+            max_examples=examples,
+            derandomize=seed is None,
+            database=None,
+            deadline=None,
+            verbosity=Verbosity.quiet,
+            suppress_health_check=list(HealthCheck),
+            report_multiple_bugs=False,
+            print_blob=False,
+        )
         @given(strategy)
         def prop(drawn: dict[str, Any]) -> None:
             case = self.prepare(drawn)
@@ -506,8 +624,11 @@ class _Checker:
                     why = "the reference rejects the drawn case under the target's options"
                     outside[why] = outside.get(why, 0) + 1
                     return
-                failing.update(case=case, msg=f"the reference rejected a generated case (a strategy bug): "
-                                              f"{type(exc).__name__}: {exc}", ratio=None)
+                failing.update(
+                    case=case,
+                    msg=f"the reference rejected a generated case (a strategy bug): {type(exc).__name__}: {exc}",
+                    ratio=None,
+                )
                 raise
             try:
                 act = self.actual(case, "properties", label)
@@ -532,44 +653,97 @@ class _Checker:
         if seed is not None:
             prop = hseed(seed)(prop)
         out = []
-        declared = "; ".join(f"{k} in {{{', '.join(repr(a) for a in sorted(v, key=repr))}}}"
-                             for k, v in self.support.items())
+        declared = "; ".join(
+            f"{k} in {{{', '.join(repr(a) for a in sorted(v, key=repr))}}}" for k, v in self.support.items()
+        )
         try:
             prop()
         except Unsatisfiable:
-            out.append(CaseResult(self.spec.name, "properties", f"{label}: outside the declared domain", UNSUPPORTED,
-                                  f"no drawn input lies in the declared domain ({declared})", n_cases=0))
+            out.append(
+                CaseResult(
+                    self.spec.name,
+                    "properties",
+                    f"{label}: outside the declared domain",
+                    UNSUPPORTED,
+                    f"no drawn input lies in the declared domain ({declared})",
+                    n_cases=0,
+                )
+            )
             return out
         except Exception as exc:
             if not failing:
-                out.append(CaseResult(self.spec.name, "properties", label, FAIL, f"{type(exc).__name__}: {exc}",
-                                      n_cases=stats["n"]))
+                out.append(
+                    CaseResult(
+                        self.spec.name, "properties", label, FAIL, f"{type(exc).__name__}: {exc}", n_cases=stats["n"]
+                    )
+                )
             else:
                 case, (msg, ratio) = failing["case"], (failing["msg"], failing.get("ratio"))
                 if "strategy bug" not in msg:
                     case, (msg, ratio) = self.smaller(case, (msg, ratio))
                 failing.update(msg=msg)
-                out.append(CaseResult(self.spec.name, "properties", label, FAIL, msg,
-                                      worst_ratio=ratio, n_cases=stats["n"],
-                                      snippet=self.snip(case, "smallest failing input (shrunk): " + failing["msg"]),
-                                      reproducer=self.reproducer(case)))
+                out.append(
+                    CaseResult(
+                        self.spec.name,
+                        "properties",
+                        label,
+                        FAIL,
+                        msg,
+                        worst_ratio=ratio,
+                        n_cases=stats["n"],
+                        snippet=self.snip(case, "smallest failing input (shrunk): " + failing["msg"]),
+                        reproducer=self.reproducer(case),
+                    )
+                )
         else:
             n_known = sum(known.values())
-            out.append(CaseResult(self.spec.name, "properties", label, PASS,
-                                  f"{stats['n'] - n_known} examples, worst error/bound {stats['worst']:.3g}"
-                                  if self.spec.tolerance.kind == "bounded"
-                                  else f"{stats['n'] - n_known} examples, bit-exact",
-                                  worst_ratio=stats["worst"], n_cases=stats["n"] - n_known))
+            out.append(
+                CaseResult(
+                    self.spec.name,
+                    "properties",
+                    label,
+                    PASS,
+                    f"{stats['n'] - n_known} examples, worst error/bound {stats['worst']:.3g}"
+                    if self.spec.tolerance.kind == "bounded"
+                    else f"{stats['n'] - n_known} examples, bit-exact",
+                    worst_ratio=stats["worst"],
+                    n_cases=stats["n"] - n_known,
+                )
+            )
         if self.support:
-            out.append(CaseResult(self.spec.name, "properties", f"{label}: drawn within the declared domain",
-                                  UNSUPPORTED, f"inputs were drawn only where {declared} (the target's supports)",
-                                  n_cases=0))
+            out.append(
+                CaseResult(
+                    self.spec.name,
+                    "properties",
+                    f"{label}: drawn within the declared domain",
+                    UNSUPPORTED,
+                    f"inputs were drawn only where {declared} (the target's supports)",
+                    n_cases=0,
+                )
+            )
         for why, n in outside.items():
-            out.append(CaseResult(self.spec.name, "properties", f"{label}: outside the declared domain", UNSUPPORTED,
-                                  f"{n} drawn cases not run: {why}", n_cases=n))
+            out.append(
+                CaseResult(
+                    self.spec.name,
+                    "properties",
+                    f"{label}: outside the declared domain",
+                    UNSUPPORTED,
+                    f"{n} drawn cases not run: {why}",
+                    n_cases=n,
+                )
+            )
         for div, n in known.items():
-            out.append(CaseResult(self.spec.name, "properties", f"{label}: known divergence", XFAIL,
-                                  f"{n} drawn cases reproduced by the divergence's model", n_cases=n, divergence=div))
+            out.append(
+                CaseResult(
+                    self.spec.name,
+                    "properties",
+                    f"{label}: known divergence",
+                    XFAIL,
+                    f"{n} drawn cases reproduced by the divergence's model",
+                    n_cases=n,
+                    divergence=div,
+                )
+            )
         return out
 
     def special(self) -> list[CaseResult]:
@@ -590,13 +764,23 @@ class _Checker:
                 tgt_exc = exc
             name = self.spec.name
             if isinstance(tgt_exc, (ValueError, TypeError)) or (tgt_exc is not None and self.outside(case)):
-                out.append(CaseResult(name, "special", sp_label, PASS, f"rejected: {type(tgt_exc).__name__}",
-                                      n_cases=1))
+                out.append(
+                    CaseResult(name, "special", sp_label, PASS, f"rejected: {type(tgt_exc).__name__}", n_cases=1)
+                )
             else:
                 got = "returned a result" if tgt_exc is None else f"raised {type(tgt_exc).__name__}: {tgt_exc}"
                 msg = f"the reference raises {type(ref_exc).__name__} ({ref_exc}); the target {got}"
-                out.append(CaseResult(name, "special", sp_label, FAIL, msg, n_cases=1,
-                                      snippet=self.snip(case, f"special value '{sp_label}': {msg}")))
+                out.append(
+                    CaseResult(
+                        name,
+                        "special",
+                        sp_label,
+                        FAIL,
+                        msg,
+                        n_cases=1,
+                        snippet=self.snip(case, f"special value '{sp_label}': {msg}"),
+                    )
+                )
         if not out:
             out.append(CaseResult(self.spec.name, "special", "*", NA, "no special values for this op"))
         return out
@@ -628,8 +812,9 @@ class _Task:
     fail_fast: bool = False
 
 
-def _run_task(task: _Task, spec: OpSpec, chk: _Checker, vectors_dir: Path | None, emit: Callable[[CaseResult],
-              None]) -> None:
+def _run_task(
+    task: _Task, spec: OpSpec, chk: _Checker, vectors_dir: Path | None, emit: Callable[[CaseResult], None]
+) -> None:
     """The tiers of one op, in order; a failed shapes tier stops the op."""
     for tier in task.tiers:
         t1 = time.perf_counter()
@@ -651,7 +836,7 @@ def _run_task(task: _Task, spec: OpSpec, chk: _Checker, vectors_dir: Path | None
             emit(r)
         if any(r.status == FAIL for r in new) and (tier == "shapes" or task.fail_fast):
             why = "the shapes tier failed" if tier == "shapes" else f"the {tier} tier failed (fail-fast)"
-            for later in task.tiers[task.tiers.index(tier) + 1:]:
+            for later in task.tiers[task.tiers.index(tier) + 1 :]:
                 emit(CaseResult(spec.name, later, "*", NA, f"not run: {why}"))
             return
 
@@ -661,12 +846,28 @@ def _execute(executor: Executor, task: _Task) -> list[CaseResult]:
     raw, lost, crash = executor.run(asdict(task))
     out = [CaseResult(**r) for r in raw]
     if crash is not None:
-        out.append(CaseResult(task.op, crash.tier, crash.label, FAIL,
-                              f"the target {crash.what} during {crash.tier} case {crash.label!r} (a BaseException: "
-                              "it would end the caller's process)", n_cases=1))
+        out.append(
+            CaseResult(
+                task.op,
+                crash.tier,
+                crash.label,
+                FAIL,
+                f"the target {crash.what} during {crash.tier} case {crash.label!r} (a BaseException: "
+                "it would end the caller's process)",
+                n_cases=1,
+            )
+        )
     if lost is not None:
-        out.append(CaseResult(task.op, lost.tier, lost.label, FAIL,
-                              f"the target {lost.what} during {lost.tier} case {lost.label!r}", n_cases=1))
+        out.append(
+            CaseResult(
+                task.op,
+                lost.tier,
+                lost.label,
+                FAIL,
+                f"the target {lost.what} during {lost.tier} case {lost.label!r}",
+                n_cases=1,
+            )
+        )
     return out
 
 
@@ -698,12 +899,22 @@ def _unchecked(target: Target, patterns: str | Iterable[str] | None) -> list[str
     return sorted(op for op in provided if op not in table)
 
 
-def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *,
-        examples: int = DEFAULT_EXAMPLES, tiers: Iterable[str] = TIERS,
-        divergences: list[str | Path] | None = None, vectors_dir: str | Path | None = None,
-        progress: Callable[[str], None] | None = None, timeout: float = DEFAULT_TIMEOUT, isolate: bool = True,
-        budget: float = 0.0, fail_fast: bool = False, compute_dtype: str | None = None,
-        profile: str | None = None) -> RunResult:
+def run(
+    target: str | Target = "auto",
+    ops: str | Iterable[str] | None = None,
+    *,
+    examples: int = DEFAULT_EXAMPLES,
+    tiers: Iterable[str] = TIERS,
+    divergences: list[str | Path] | None = None,
+    vectors_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    isolate: bool = True,
+    budget: float = 0.0,
+    fail_fast: bool = False,
+    compute_dtype: str | None = None,
+    profile: str | None = None,
+) -> RunResult:
     """Check ``target`` against the reference on the selected ops (globs, e.g. "quant.*").
 
     ``timeout`` bounds each call of the target (seconds); ``isolate`` runs the target in a forked
@@ -724,8 +935,10 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
     tgt = get_target(target)
     if compute_dtype is not None or profile is not None:
         if is_builtin(tgt):
-            raise ValueError(f"compute_dtype, profile: the built-in target {tgt.name} declares its own; these are "
-                             "for a user target (module:object)")
+            raise ValueError(
+                f"compute_dtype, profile: the built-in target {tgt.name} declares its own; these are "
+                "for a user target (module:object)"
+            )
         tgt = declare(tgt, compute_dtype=compute_dtype, profile=profile)
     tiers = [t for t in TIERS if t in set(tiers)]
     specs = select(ops)
@@ -740,8 +953,9 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
     for spec in specs:
         f = tgt.lookup(spec.name)
         if f is None:
-            results.append(CaseResult(spec.name, "names", "*", ABSENT, f"target {tgt.name} does not provide "
-                                                                        f"{spec.name}"))
+            results.append(
+                CaseResult(spec.name, "names", "*", ABSENT, f"target {tgt.name} does not provide {spec.name}")
+            )
             continue
         if "names" in tiers:
             results.append(CaseResult(spec.name, "names", "*", PASS, "present", n_cases=1))
@@ -787,8 +1001,10 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
     for d in divs:
         applicable = [op for op in checkers if d.applies(op, tgt.name)]
         if applicable and not any(r.divergence == str(d) for r in results):
-            warnings.append(f"known divergence matched nothing (fixed upstream, not exercised on this host, or a "
-                            f"stale entry): {d} [{d.source}]")
+            warnings.append(
+                f"known divergence matched nothing (fixed upstream, not exercised on this host, or a "
+                f"stale entry): {d} [{d.source}]"
+            )
     notes_fn = getattr(tgt, "notes", None)
     notes = list(notes_fn()) if notes_fn else []
     if target == "auto":
@@ -796,14 +1012,31 @@ def run(target: str | Target = "auto", ops: str | Iterable[str] | None = None, *
 
         notes.insert(0, auto_reason())
     if isolate and not fork_safe:
-        notes.append(f"target {tgt.name} cannot run in a forked worker (fork_safe is False): it ran in this process, "
-                     "so an exit or a hang of the target would end the run instead of failing one op")
+        notes.append(
+            f"target {tgt.name} cannot run in a forked worker (fork_safe is False): it ran in this process, "
+            "so an exit or a hang of the target would end the run instead of failing one op"
+        )
     coverage = _coverage(specs, results, set(checkers)) if "boundary" in tiers else {}
-    return RunResult(tgt.name, results, warnings, time.perf_counter() - start,
-                     {"examples": examples, "tiers": tiers, "ops": [s.name for s in specs], "timeout": timeout,
-                      "compute_dtype": compute_dtype, "profile": profile,
-                      "isolate": executor.isolate, "budget": budget, "fail_fast": fail_fast},
-                     coverage=coverage, unchecked=_unchecked(tgt, ops), notes=notes)
+    return RunResult(
+        tgt.name,
+        results,
+        warnings,
+        time.perf_counter() - start,
+        {
+            "examples": examples,
+            "tiers": tiers,
+            "ops": [s.name for s in specs],
+            "timeout": timeout,
+            "compute_dtype": compute_dtype,
+            "profile": profile,
+            "isolate": executor.isolate,
+            "budget": budget,
+            "fail_fast": fail_fast,
+        },
+        coverage=coverage,
+        unchecked=_unchecked(tgt, ops),
+        notes=notes,
+    )
 
 
 def assert_conforms(target: str | Target, ops: str | Iterable[str] | None = None, **kwargs: Any) -> RunResult:

@@ -34,14 +34,16 @@ _WIDTHS: dict[int, Literal[16, 32, 64]] = {2: 16, 4: 32, 8: 64}
 
 @cache
 def _elements(low: float, high: float, width: Literal[16, 32, 64]) -> st.SearchStrategy[float]:
-    return st.floats(low, high, allow_nan=False, allow_infinity=False, allow_subnormal=False,
-                     width=width).map(_flush_tiny)
+    return st.floats(low, high, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=width).map(
+        _flush_tiny
+    )
 
 
 # strategies are built once per shape and cached: building one inside every draw dominates the run time
 @lru_cache(maxsize=4096)
-def float_arrays(shape: tuple[int, ...], low: float = -4.0, high: float = 4.0,
-                 dtype: Any = np.float64) -> st.SearchStrategy[np.ndarray]:
+def float_arrays(
+    shape: tuple[int, ...], low: float = -4.0, high: float = 4.0, dtype: Any = np.float64
+) -> st.SearchStrategy[np.ndarray]:
     """Arrays of ``shape`` with elements from ``reals(low, high)``."""
     return hnp.arrays(dtype, shape, elements=_elements(low, high, _WIDTHS[np.dtype(dtype).itemsize]))
 

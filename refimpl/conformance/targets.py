@@ -62,8 +62,14 @@ class ReferenceTarget:
 class NamespaceTarget:
     """A user target given as a mapping ``{"lora.forward": f}`` or a namespace/module."""
 
-    def __init__(self, name: str, obj: Any, *, options: Mapping[str, Mapping[str, Any]] | None = None,
-                 compute_dtype: str = "float64") -> None:
+    def __init__(
+        self,
+        name: str,
+        obj: Any,
+        *,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        compute_dtype: str = "float64",
+    ) -> None:
         self.name = name
         self._obj = obj
         self._options = dict(options or {})
@@ -97,8 +103,11 @@ class NamespaceTarget:
             if sub is None:
                 continue
             names = getattr(sub, "__all__", None) or [n for n in dir(sub) if not n.startswith("_")]
-            out += [f"{module}.{n}" for n in names if callable(getattr(sub, n, None))
-                    and not isinstance(getattr(sub, n, None), type)]
+            out += [
+                f"{module}.{n}"
+                for n in names
+                if callable(getattr(sub, n, None)) and not isinstance(getattr(sub, n, None), type)
+            ]
         return sorted(out)
 
     def options(self, op: str) -> dict[str, Any]:
@@ -283,15 +292,24 @@ def provided_ops(target: Target) -> list[str]:
     return sorted(ops) if isinstance(ops, Mapping) else []
 
 
-_EXTRA = {"numba": "fast", "cupy": "gpu", "peft": "peers", "bitsandbytes": "peers", "mergekit": "peers",
-          "torchao": "torchpeers", "torchtune": "torchpeers"}
+_EXTRA = {
+    "numba": "fast",
+    "cupy": "gpu",
+    "peft": "peers",
+    "bitsandbytes": "peers",
+    "mergekit": "peers",
+    "torchao": "torchpeers",
+    "torchtune": "torchpeers",
+}
 
 
-_PEERS = {"peft": ("refimpl.conformance.peers.peft", "PeftTarget"),
-          "bitsandbytes": ("refimpl.conformance.peers.bnb", "BitsandbytesTarget"),
-          "mergekit": ("refimpl.conformance.peers.mergekit", "MergekitTarget"),
-          "torchao": ("refimpl.conformance.peers.torchao", "TorchaoTarget"),
-          "torchtune": ("refimpl.conformance.peers.torchtune", "TorchtuneTarget")}
+_PEERS = {
+    "peft": ("refimpl.conformance.peers.peft", "PeftTarget"),
+    "bitsandbytes": ("refimpl.conformance.peers.bnb", "BitsandbytesTarget"),
+    "mergekit": ("refimpl.conformance.peers.mergekit", "MergekitTarget"),
+    "torchao": ("refimpl.conformance.peers.torchao", "TorchaoTarget"),
+    "torchtune": ("refimpl.conformance.peers.torchtune", "TorchtuneTarget"),
+}
 
 
 def auto_reason() -> str:
@@ -301,10 +319,13 @@ def auto_reason() -> str:
     chosen = kernel_backends()
     skipped = [f"{b}: {why[b]}" for b in ("cupy", "numba") if why.get(b) is not None]
     if chosen:
-        return (f"auto chose {chosen[0]}, the fastest kernels usable here"
-                + (f" ({'; '.join(skipped)})" if skipped else ""))
-    return ("auto fell back to numpy, the reference checked against itself (a sanity check of the harness, not "
-            f"of a kernel): {'; '.join(skipped)}; pip install 'refimpl[fast]' for the numba kernels")
+        return f"auto chose {chosen[0]}, the fastest kernels usable here" + (
+            f" ({'; '.join(skipped)})" if skipped else ""
+        )
+    return (
+        "auto fell back to numpy, the reference checked against itself (a sanity check of the harness, not "
+        f"of a kernel): {'; '.join(skipped)}; pip install 'refimpl[fast]' for the numba kernels"
+    )
 
 
 def target_source(spec: str | Target, target: Target) -> str | None:
@@ -340,16 +361,19 @@ def get_target(spec: str | Target) -> Target:
         # not usable here: say so and how to fix it (exit 2 from the CLI) rather than report nothing checked
         why = importlib.import_module("refimpl.kernels").available()[spec]
         if why is not None:
-            raise ValueError(f"target: {spec} is unavailable here: {why}; install it with "
-                             f"pip install 'refimpl[{_EXTRA[spec]}]'")
+            raise ValueError(
+                f"target: {spec} is unavailable here: {why}; install it with pip install 'refimpl[{_EXTRA[spec]}]'"
+            )
         return KernelTarget(spec)
     if spec in _PEERS:
         module, cls = _PEERS[spec]
         try:
             return getattr(importlib.import_module(module), cls)()
         except ImportError as exc:
-            raise ValueError(f"target: {spec} is unavailable here ({type(exc).__name__}: {exc}); install the "
-                             f"peers with pip install 'refimpl[{_EXTRA[spec]}]'") from exc
+            raise ValueError(
+                f"target: {spec} is unavailable here ({type(exc).__name__}: {exc}); install the "
+                f"peers with pip install 'refimpl[{_EXTRA[spec]}]'"
+            ) from exc
     if ":" in spec:
         modname, _, attr = spec.partition(":")
         try:
@@ -357,8 +381,9 @@ def get_target(spec: str | Target) -> Target:
         except ImportError as exc:
             raise ValueError(f"target: cannot import module {modname!r} of {spec!r} ({exc})") from exc
         except Exception as exc:  # the user's module failed while importing: their error, named, not a traceback
-            raise ValueError(f"target: importing module {modname!r} of {spec!r} raised "
-                             f"{type(exc).__name__}: {exc}") from exc
+            raise ValueError(
+                f"target: importing module {modname!r} of {spec!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
         obj: Any = mod
         for part in attr.split("."):
             if not hasattr(obj, part):

@@ -100,9 +100,12 @@ def compare_exact(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.nd
         n = int(np.count_nonzero(differ))
         if n:
             first = tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(differ.ravel())[0]), exp.shape))
-            return Verdict(False, float("inf"),
-                           f"{name}: {n} of {exp.size} elements differ; first at {first}: "
-                           f"got {act[first]!r}, expected {exp[first]!r}")
+            return Verdict(
+                False,
+                float("inf"),
+                f"{name}: {n} of {exp.size} elements differ; first at {first}: "
+                f"got {act[first]!r}, expected {exp[first]!r}",
+            )
     return Verdict(True, 0.0)
 
 
@@ -111,12 +114,15 @@ def over_bound_note(ratio: float) -> str:
     longest path in both precisions, so any ratio above 1 is more than rounding can explain."""
     if not np.isfinite(ratio):
         return "the error is unbounded where the bound admits only an exact match (or a NaN/inf differs)"
-    return (f"{ratio:.3g}x the derived bound: rounding in the declared precision cannot explain it "
-            "(a different formula, a lower precision than declared, or an added epsilon)")
+    return (
+        f"{ratio:.3g}x the derived bound: rounding in the declared precision cannot explain it "
+        "(a different formula, a lower precision than declared, or an added epsilon)"
+    )
 
 
-def compare_bounded(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
-                    bounds: Mapping[str, np.ndarray]) -> Verdict:
+def compare_bounded(
+    actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], bounds: Mapping[str, np.ndarray]
+) -> Verdict:
     """Elementwise error / bound over every named output; the worst ratio is reported."""
     worst = 0.0
     detail = ""
@@ -133,8 +139,9 @@ def compare_bounded(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
                 return v
             continue
         bound = bounds.get(name, np.zeros(exp.shape))
-        rep = precision.compare_to_bound(act.astype(np.float64), exp.astype(np.float64),
-                                         np.broadcast_to(bound, exp.shape))
+        rep = precision.compare_to_bound(
+            act.astype(np.float64), exp.astype(np.float64), np.broadcast_to(bound, exp.shape)
+        )
         if rep.worst_ratio > worst or not detail:
             worst = max(worst, rep.worst_ratio)
             detail = f"{name}: {rep}"
@@ -143,8 +150,13 @@ def compare_bounded(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
     return Verdict(True, worst, detail)
 
 
-def compare(tol: Tolerance, actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
-            case: Mapping[str, Any], dtype: str = "float64") -> Verdict:
+def compare(
+    tol: Tolerance,
+    actual: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    case: Mapping[str, Any],
+    dtype: str = "float64",
+) -> Verdict:
     """Compare named outputs under a tolerance model; extra outputs of the target are ignored."""
     if isinstance(tol, Exact):
         return compare_exact(actual, expected)

@@ -78,10 +78,19 @@ def _encode(spec: OpSpec, label: str, case: dict[str, Any]) -> bytes:
             text[name] = str(arr)
         else:
             tensors[f"output.{name}"] = np.array(arr, order="C", copy=True)
-    meta = {"op": spec.name, "case": label, "args": list(case), "scalars": scalars, "kinds": kinds,
-            "outputs": list(result), "shapes": {k: list(v.shape) for k, v in tensors.items()},
-            "tolerance": spec.tolerance.kind,
-            "spec_version": refimpl.SPEC_VERSION, "generator": f"refimpl {refimpl.__version__}", "format": FORMAT}
+    meta = {
+        "op": spec.name,
+        "case": label,
+        "args": list(case),
+        "scalars": scalars,
+        "kinds": kinds,
+        "outputs": list(result),
+        "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "tolerance": spec.tolerance.kind,
+        "spec_version": refimpl.SPEC_VERSION,
+        "generator": f"refimpl {refimpl.__version__}",
+        "format": FORMAT,
+    }
     if text:
         meta["text_outputs"] = text
     return io.tensors_to_bytes(tensors, meta)
@@ -99,10 +108,17 @@ def build(ops: str | Iterable[str] | None = None) -> dict[str, bytes]:
 
 
 def _manifest(files: dict[str, bytes]) -> bytes:
-    entries = {path: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-               for path, data in sorted(files.items())}
-    doc = {"format": FORMAT, "spec_version": refimpl.SPEC_VERSION, "generator": f"refimpl {refimpl.__version__}",
-           "seed": SEED, "total_bytes": sum(len(d) for d in files.values()), "files": entries}
+    entries = {
+        path: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for path, data in sorted(files.items())
+    }
+    doc = {
+        "format": FORMAT,
+        "spec_version": refimpl.SPEC_VERSION,
+        "generator": f"refimpl {refimpl.__version__}",
+        "seed": SEED,
+        "total_bytes": sum(len(d) for d in files.values()),
+        "files": entries,
+    }
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -137,8 +153,10 @@ def _owned(d: Path) -> list[str]:
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         why = "no MANIFEST.json of golden vectors" if listed is None else "files its MANIFEST.json does not list"
-        raise ValueError(f"directory: {str(d)!r} holds {why} ({shown}); `vectors generate` replaces the whole "
-                         "folder, so give it a new or empty folder or one it generated earlier")
+        raise ValueError(
+            f"directory: {str(d)!r} holds {why} ({shown}); `vectors generate` replaces the whole "
+            "folder, so give it a new or empty folder or one it generated earlier"
+        )
     return present
 
 
@@ -165,8 +183,10 @@ def generate(directory: str | Path) -> dict[str, Any]:
     so a failure (full disk, Ctrl-C, SIGTERM) leaves the old set whole and no partial file.
     """
     if directory is None or not isinstance(directory, (str, Path)) or not str(directory):
-        raise ValueError("directory: name the folder to write the golden vectors into (refimpl/golden/v1 in a "
-                         f"source checkout), got {directory!r}")
+        raise ValueError(
+            "directory: name the folder to write the golden vectors into (refimpl/golden/v1 in a "
+            f"source checkout), got {directory!r}"
+        )
     given = Path(directory)
     d = given.resolve()
     files = build()
@@ -198,8 +218,12 @@ def generate(directory: str | Path) -> dict[str, Any]:
         finally:
             if old is not None:
                 _remove_owned(old, owned)
-    return {"directory": str(given), "files": len(files), "total_bytes": total,
-            "ops": len({rel.split("/")[0] for rel in files})}
+    return {
+        "directory": str(given),
+        "files": len(files),
+        "total_bytes": total,
+        "ops": len({rel.split("/")[0] for rel in files}),
+    }
 
 
 def _read_expected(p: Path, size: int) -> bytes | None:
@@ -244,8 +268,15 @@ def verify(directory: str | Path | None = None) -> list[str]:
     return problems
 
 
-_META_TYPES: dict[str, type] = {"op": str, "case": str, "args": list, "scalars": dict,
-                                "kinds": dict, "outputs": list, "shapes": dict}
+_META_TYPES: dict[str, type] = {
+    "op": str,
+    "case": str,
+    "args": list,
+    "scalars": dict,
+    "kinds": dict,
+    "outputs": list,
+    "shapes": dict,
+}
 
 
 def _manifest_entries(d: Path) -> dict[str, Any]:
@@ -256,15 +287,17 @@ def _manifest_entries(d: Path) -> dict[str, Any]:
             raise ValueError(f"{m}: larger than {MAX_MANIFEST_BYTES} bytes: not a manifest of golden vectors")
         doc = json.loads(m.read_bytes())
     except FileNotFoundError:
-        raise ValueError(f"{m}: missing; golden vectors are only read with their manifest (run "
-                         "`refimpl vectors generate`)") from None
+        raise ValueError(
+            f"{m}: missing; golden vectors are only read with their manifest (run `refimpl vectors generate`)"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{m}: not a readable JSON manifest ({type(exc).__name__}: {exc})") from None
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
-            for e in files.values()):
-        raise ValueError(f"{m}: expected an object with \"files\": {{path: {{\"sha256\", \"bytes\"}}}}")
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+        for e in files.values()
+    ):
+        raise ValueError(f'{m}: expected an object with "files": {{path: {{"sha256", "bytes"}}}}')
     return files
 
 
@@ -273,26 +306,34 @@ def _check_file(p: Path, entry: dict[str, Any]) -> None:
     size is never read, so a huge file costs one ``stat``)."""
     size = p.stat().st_size
     if size != entry["bytes"]:
-        raise ValueError(f"{p}: {size} bytes, MANIFEST.json lists {entry['bytes']}: the file was changed "
-                         "after `refimpl vectors generate` (regenerate it, or restore it)")
+        raise ValueError(
+            f"{p}: {size} bytes, MANIFEST.json lists {entry['bytes']}: the file was changed "
+            "after `refimpl vectors generate` (regenerate it, or restore it)"
+        )
     with open(p, "rb") as fh:
         data = fh.read(size + 1)
     if len(data) != size or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{p}: sha256 does not match MANIFEST.json: the file was changed after "
-                         "`refimpl vectors generate` (regenerate it, or restore it)")
+        raise ValueError(
+            f"{p}: sha256 does not match MANIFEST.json: the file was changed after "
+            "`refimpl vectors generate` (regenerate it, or restore it)"
+        )
 
 
-def _decode_case(p: Path, op: str, tensors: dict[str, np.ndarray], meta: dict[str, Any],
-                 ) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+def _decode_case(
+    p: Path,
+    op: str,
+    tensors: dict[str, np.ndarray],
+    meta: dict[str, Any],
+) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
     """(label, keyword arguments, expected outputs) of one vector file; ValueError naming ``p`` when its
     metadata is incomplete or does not fit its tensors."""
     for key, typ in _META_TYPES.items():
         if key not in meta:
-            raise ValueError(f"{p}: metadata has no {key!r} (keys: {sorted(meta)}); not a golden vector of "
-                             f"format {FORMAT}")
+            raise ValueError(
+                f"{p}: metadata has no {key!r} (keys: {sorted(meta)}); not a golden vector of format {FORMAT}"
+            )
         if not isinstance(meta[key], typ):
-            raise ValueError(f"{p}: metadata {key!r}: expected a JSON {typ.__name__}, got "
-                             f"{type(meta[key]).__name__}")
+            raise ValueError(f"{p}: metadata {key!r}: expected a JSON {typ.__name__}, got {type(meta[key]).__name__}")
     if meta["op"] != op:
         raise ValueError(f"{p}: holds a case of {meta['op']!r}, not of {op!r}")
     names = [*meta["args"], *meta["outputs"]]
@@ -314,14 +355,15 @@ def _decode_case(p: Path, op: str, tensors: dict[str, np.ndarray], meta: dict[st
                 from refimpl.quant import QuantState
 
                 prefix = f"input.{name}."
-                parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 # the stored state is the reference's own output (NaN offsets included), checked by its sha256
                 case[name] = QuantState.from_bnb_dict(parts, profile=kind.split(":", 1)[1], nonfinite="propagate")
             else:
                 raise ValueError(f"unknown kind {kind!r} of argument {name!r}")
         text = meta.get("text_outputs", {})
-        expected = {name: np.asarray(text[name]) if name in text else tensors[f"output.{name}"]
-                    for name in meta["outputs"]}
+        expected = {
+            name: np.asarray(text[name]) if name in text else tensors[f"output.{name}"] for name in meta["outputs"]
+        }
     except KeyError as exc:
         raise ValueError(f"{p}: no {exc.args[0]!r} in the file's tensors or metadata") from None
     except (TypeError, ValueError) as exc:
@@ -341,20 +383,26 @@ def load_op(op: str, directory: str | Path | None = None) -> list[tuple[str, dic
     d = root / op
     paths = sorted(d.glob("*.safetensors")) if d.is_dir() else []
     if not paths:
-        raise FileNotFoundError(f"no golden vectors for {op} in {root} (in a source checkout: "
-                                "`refimpl vectors generate --dir refimpl/golden/v1`)")
+        raise FileNotFoundError(
+            f"no golden vectors for {op} in {root} (in a source checkout: "
+            "`refimpl vectors generate --dir refimpl/golden/v1`)"
+        )
     entries = _manifest_entries(root)
     listed = {rel for rel in entries if rel.startswith(f"{op}/") and rel.count("/") == 1}
     missing = sorted(listed - {f"{op}/{p.name}" for p in paths})
     if missing:
-        raise ValueError(f"{root / missing[0]}: listed in MANIFEST.json but missing"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ValueError(
+            f"{root / missing[0]}: listed in MANIFEST.json but missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     out = []
     for p in paths:
         entry = entries.get(f"{op}/{p.name}")
         if entry is None:
-            raise ValueError(f"{p}: not listed in {root / 'MANIFEST.json'} (a stray or renamed file; run "
-                             "`refimpl vectors generate` or remove it)")
+            raise ValueError(
+                f"{p}: not listed in {root / 'MANIFEST.json'} (a stray or renamed file; run "
+                "`refimpl vectors generate` or remove it)"
+            )
         try:
             _check_file(p, entry)
         except OSError as exc:

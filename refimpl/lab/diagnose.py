@@ -68,9 +68,11 @@ class Diagnosis:
         return f"{self.label}: {self.reason} [{figures}] -> {self.fix}"
 
 
-DECIDING_EXPERIMENT = ("rerun the same configuration with LoRA on all linear layers (Q, K, V, O, up, down): "
-                       "if validation gets well below its old minimum the layers were wrong; if it rises the "
-                       "same way, it is overfitting (add data, dropout, weight decay)")
+DECIDING_EXPERIMENT = (
+    "rerun the same configuration with LoRA on all linear layers (Q, K, V, O, up, down): "
+    "if validation gets well below its old minimum the layers were wrong; if it rises the "
+    "same way, it is overfitting (add data, dropout, weight decay)"
+)
 
 
 def _smooth(x: np.ndarray) -> np.ndarray:
@@ -85,7 +87,7 @@ def _smooth(x: np.ndarray) -> np.ndarray:
 
 def _noise(x: np.ndarray) -> float:
     """Point-to-point noise of the curve's second half (robust: MAD of the first differences about their median)."""
-    d = np.diff(x[x.shape[0] // 2:])
+    d = np.diff(x[x.shape[0] // 2 :])
     if d.shape[0] < 2:
         return 0.0
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
@@ -126,14 +128,20 @@ def diagnose(
     tr = _curve(train_curve, "train_curve")
     va = _curve(val_curve, "val_curve")
     _checks.same_shape(tr, "train_curve", va, "val_curve")
-    ref = float(tr[0]) if chance_loss is None else _checks.real(chance_loss, "chance_loss", low=0.0,
-                                                                  low_inclusive=False)
+    ref = (
+        float(tr[0]) if chance_loss is None else _checks.real(chance_loss, "chance_loss", low=0.0, low_inclusive=False)
+    )
     if ref <= 0:
         raise ValueError(f"train_curve: expected a positive first loss as the reference, got {ref}")
-    for name, v in (("flat_fraction", flat_fraction), ("mediocre_fraction", mediocre_fraction),
-                    ("gap_fraction", gap_fraction), ("rise_fraction", rise_fraction),
-                    ("plateau_fraction", plateau_fraction), ("early_fraction", early_fraction),
-                    ("plateau_tolerance", plateau_tolerance)):
+    for name, v in (
+        ("flat_fraction", flat_fraction),
+        ("mediocre_fraction", mediocre_fraction),
+        ("gap_fraction", gap_fraction),
+        ("rise_fraction", rise_fraction),
+        ("plateau_fraction", plateau_fraction),
+        ("early_fraction", early_fraction),
+        ("plateau_tolerance", plateau_tolerance),
+    ):
         _checks.real(v, name, low=0.0, low_inclusive=False)
     k = min(_checks.integer(tail, "tail", low=1), tr.shape[0])
     train_end = float(tr[-k:].mean())
@@ -170,9 +178,11 @@ def diagnose(
     ambiguous_with = experiment = None
     if early_plateau:  # the shape decides first: the lesson's "stops decreasing after a few hundred steps"
         label = "rank_too_low"
-        reason = (f"training loss goes flat early: its slope reaches ~0 {plateau_at:.0%} into the run "
-                  f"(<= {early_fraction:.0%}) at {train_end / ref:.2f} x the reference (> {plateau_fraction}): "
-                  "the adapter lacks capacity")
+        reason = (
+            f"training loss goes flat early: its slope reaches ~0 {plateau_at:.0%} into the run "
+            f"(<= {early_fraction:.0%}) at {train_end / ref:.2f} x the reference (> {plateau_fraction}): "
+            "the adapter lacks capacity"
+        )
     elif train_end > flat_fraction * ref:
         label = "rank_too_low"
         reason = f"training loss stays high: it ends at {train_end / ref:.2f} x the reference (> {flat_fraction})"
@@ -181,21 +191,28 @@ def diagnose(
         if val_rise > rise_fraction * ref:
             ambiguous_with, experiment = "overfitting", DECIDING_EXPERIMENT
             ev["ambiguous"] = 1.0
-            reason = (f"training falls to {train_end / ref:.2f} x the reference but validation never gets below "
-                      f"{val_min / ref:.2f} x (> {mediocre_fraction}) and then rises {val_rise / ref:.2f} x from "
-                      "its minimum: from the curves alone this is wrong layers or overfitting; to decide, "
-                      + DECIDING_EXPERIMENT)
+            reason = (
+                f"training falls to {train_end / ref:.2f} x the reference but validation never gets below "
+                f"{val_min / ref:.2f} x (> {mediocre_fraction}) and then rises {val_rise / ref:.2f} x from "
+                "its minimum: from the curves alone this is wrong layers or overfitting; to decide, "
+                + DECIDING_EXPERIMENT
+            )
         else:
-            reason = (f"training falls to {train_end / ref:.2f} x the reference but validation stays flat at a "
-                      f"mediocre level: never below {val_min / ref:.2f} x (> {mediocre_fraction}), no rise from "
-                      "its minimum")
+            reason = (
+                f"training falls to {train_end / ref:.2f} x the reference but validation stays flat at a "
+                f"mediocre level: never below {val_min / ref:.2f} x (> {mediocre_fraction}), no rise from "
+                "its minimum"
+            )
     elif gap_end - gap_start > gap_fraction * ref or val_rise > rise_fraction * ref:
         label = "overfitting"
-        reason = (f"validation improved (best {val_min / ref:.2f} x the reference) but the gap widened from "
-                  f"{gap_start / ref:.2f} x to {gap_end / ref:.2f} x (by > {gap_fraction}) or validation rose "
-                  f"{val_rise / ref:.2f} x (> {rise_fraction}) from its best")
+        reason = (
+            f"validation improved (best {val_min / ref:.2f} x the reference) but the gap widened from "
+            f"{gap_start / ref:.2f} x to {gap_end / ref:.2f} x (by > {gap_fraction}) or validation rose "
+            f"{val_rise / ref:.2f} x (> {rise_fraction}) from its best"
+        )
     else:
         label = "healthy"
         reason = "training and validation both fall and stay close"
-    return Diagnosis(label=label, evidence=ev, reason=reason, fix=_FIXES[label], ambiguous_with=ambiguous_with,
-                     experiment=experiment)
+    return Diagnosis(
+        label=label, evidence=ev, reason=reason, fix=_FIXES[label], ambiguous_with=ambiguous_with, experiment=experiment
+    )

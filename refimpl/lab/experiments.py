@@ -57,28 +57,49 @@ def datasets(task: str, n: int, cfg: M.ModelConfig, seed: int) -> tuple[Dataset,
     return train, val
 
 
-def run_config(task: str, n: int, layers: str, rank: int, *, dropout: float = 0.05, weight_decay: float = 0.01,
-               steps: int = STEPS, lr: float = 3e-3, loraplus_ratio: float = 1.0, seed: int = 0,
-               eval_every: int = 20, dora: bool = False, progress: bool = False):
+def run_config(
+    task: str,
+    n: int,
+    layers: str,
+    rank: int,
+    *,
+    dropout: float = 0.05,
+    weight_decay: float = 0.01,
+    steps: int = STEPS,
+    lr: float = 3e-3,
+    loraplus_ratio: float = 1.0,
+    seed: int = 0,
+    eval_every: int = 20,
+    dora: bool = False,
+    progress: bool = False,
+):
     """Train one adapter configuration on the lab model; returns (TrainResult, AdapterConfig, val set)."""
     cfg, base = lab_model()
     train, val = datasets(task, n, cfg, seed)
-    acfg = M.AdapterConfig(targets=M.resolve_targets(layers, cfg), rank=rank, alpha=2.0 * rank, dropout=dropout,
-                           dora=dora)
-    tcfg = TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, loraplus_ratio=loraplus_ratio, seed=seed,
-                       eval_every=eval_every)
-    res = train_adapter(base, cfg, acfg, train, val, tcfg, progress=progress,
-                        desc=f"{task} {layers} r={rank}")
+    acfg = M.AdapterConfig(
+        targets=M.resolve_targets(layers, cfg), rank=rank, alpha=2.0 * rank, dropout=dropout, dora=dora
+    )
+    tcfg = TrainConfig(
+        steps=steps, lr=lr, weight_decay=weight_decay, loraplus_ratio=loraplus_ratio, seed=seed, eval_every=eval_every
+    )
+    res = train_adapter(base, cfg, acfg, train, val, tcfg, progress=progress, desc=f"{task} {layers} r={rank}")
     return res, acfg, val
 
 
 def _summary(label: str, res, cfg: M.ModelConfig, **extra) -> dict:
     c = res.curve
     d = diagnose(c.train_loss, c.val_loss, chance_loss=chance_loss(cfg))
-    return {"config": label, **extra, "trainable": int(sum(v.size for v in res.adapter.values())),
-            "train_loss": round(c.train_loss[-1], 4), "val_loss": round(c.val_loss[-1], 4),
-            "best_val": round(min(c.val_loss), 4), "val_acc": round(c.val_acc[-1], 4),
-            "diagnosis": d.label, "seconds": round(res.seconds, 1)}
+    return {
+        "config": label,
+        **extra,
+        "trainable": int(sum(v.size for v in res.adapter.values())),
+        "train_loss": round(c.train_loss[-1], 4),
+        "val_loss": round(c.val_loss[-1], 4),
+        "best_val": round(min(c.val_loss), 4),
+        "val_acc": round(c.val_acc[-1], 4),
+        "diagnosis": d.label,
+        "seconds": round(res.seconds, 1),
+    }
 
 
 def format_table(rows: list[dict]) -> str:
@@ -91,8 +112,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(keys), line(["-" * w for w in widths]), *(line(c) for c in cells)])
 
 
-def _write(out: Path, name: str, rows: list[dict], curves: dict[str, Curve] | None, extra: dict | None = None
-           ) -> list[Path]:
+def _write(
+    out: Path, name: str, rows: list[dict], curves: dict[str, Curve] | None, extra: dict | None = None
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "table.csv", out / "results.json"]
     with files[0].open("w", newline="") as fh:
@@ -147,9 +169,14 @@ def run_rank(out: Path, seed: int = 0, quick: bool = False) -> ExperimentResult:
         rows.append(_summary(f"r={r}", res, cfg, rank=r))
         curves[f"r={r}"] = res.curve
     files = _write(out, "rank", rows, curves)
-    files.append(plots.plot_curves(curves, out / "rank.png", chance_loss=chance_loss(cfg),
-                                   title="Experiment 1: rank sensitivity (relabel task, FFN down projection, "
-                                         "lr 1e-2)"))
+    files.append(
+        plots.plot_curves(
+            curves,
+            out / "rank.png",
+            chance_loss=chance_loss(cfg),
+            title="Experiment 1: rank sensitivity (relabel task, FFN down projection, lr 1e-2)",
+        )
+    )
     return ExperimentResult("rank", rows, format_table(rows), files)
 
 
@@ -165,8 +192,14 @@ def run_layers(out: Path, seed: int = 0, quick: bool = False) -> ExperimentResul
             rows.append(_summary(f"{task}/{layers}", res, cfg, task=task, layers=layers))
             curves[layers] = res.curve
             all_curves[f"{task}/{layers}"] = res.curve
-        files.append(plots.plot_curves(curves, out / f"layers_{task}.png", chance_loss=chance_loss(cfg),
-                                       title=f"Experiment 2: layer targeting, rank 8, task '{task}'"))
+        files.append(
+            plots.plot_curves(
+                curves,
+                out / f"layers_{task}.png",
+                chance_loss=chance_loss(cfg),
+                title=f"Experiment 2: layer targeting, rank 8, task '{task}'",
+            )
+        )
     files = _write(out, "layers", rows, all_curves) + files
     return ExperimentResult("layers", rows, format_table(rows), files)
 
@@ -180,15 +213,25 @@ def run_overfit(out: Path, seed: int = 0, quick: bool = False) -> ExperimentResu
     rows, curves = [], {}
     for n, p, wd in configs:
         label = f"n={n} dropout={p} wd={wd}"
-        res, _, _ = run_config("facts", n, "all", 32, dropout=p, weight_decay=wd, seed=seed,
-                               steps=120 if quick else STEPS)
+        res, _, _ = run_config(
+            "facts", n, "all", 32, dropout=p, weight_decay=wd, seed=seed, steps=120 if quick else STEPS
+        )
         c = res.curve
-        rows.append(_summary(label, res, cfg, examples=n, dropout=p, weight_decay=wd,
-                             gap=round(c.val_loss[-1] - c.train_loss[-1], 4)))
+        rows.append(
+            _summary(
+                label, res, cfg, examples=n, dropout=p, weight_decay=wd, gap=round(c.val_loss[-1] - c.train_loss[-1], 4)
+            )
+        )
         curves[label] = c
     files = _write(out, "overfit", rows, curves)
-    files.append(plots.plot_curves(curves, out / "overfit.png", chance_loss=chance_loss(cfg),
-                                   title="Experiment 3: overfitting, rank 32, facts task"))
+    files.append(
+        plots.plot_curves(
+            curves,
+            out / "overfit.png",
+            chance_loss=chance_loss(cfg),
+            title="Experiment 3: overfitting, rank 32, facts task",
+        )
+    )
     return ExperimentResult("overfit", rows, format_table(rows), files)
 
 
@@ -235,9 +278,15 @@ def run_merge(out: Path, seed: int = 0, quick: bool = False) -> ExperimentResult
     curves = {"A: facts_low": res_a.curve, "B: facts_high": res_b.curve}
     files = _write(out, "merge", rows, curves)
     groups = [r["method"].replace(" (", "\n(").replace(" only", "\nonly") for r in rows]
-    files.append(plots.plot_bars(groups, {f"{t} accuracy": [r[f"{t}_acc"] for r in rows] for t in evals},
-                                 out / "merge.png", ylabel="accuracy",
-                                 title="Experiment 4: merging two adapters (A: facts_low, B: facts_high)"))
+    files.append(
+        plots.plot_bars(
+            groups,
+            {f"{t} accuracy": [r[f"{t}_acc"] for r in rows] for t in evals},
+            out / "merge.png",
+            ylabel="accuracy",
+            title="Experiment 4: merging two adapters (A: facts_low, B: facts_high)",
+        )
+    )
     return ExperimentResult("merge", rows, format_table(rows), files)
 
 
@@ -256,14 +305,30 @@ def run_loraplus(out: Path, seed: int = 0, quick: bool = False) -> ExperimentRes
     threshold = 0.5
     rows, curves = [], {}
     for ratio in ratios:
-        res, _, _ = run_config("facts", 2000, "all", 8, lr=1e-3, loraplus_ratio=ratio, seed=seed,
-                               steps=120 if quick else STEPS, eval_every=10)
-        rows.append(_summary(f"ratio={ratio:g}", res, cfg, ratio=ratio,
-                             steps_to_val_0_5=steps_to(res.curve, threshold)))
+        res, _, _ = run_config(
+            "facts",
+            2000,
+            "all",
+            8,
+            lr=1e-3,
+            loraplus_ratio=ratio,
+            seed=seed,
+            steps=120 if quick else STEPS,
+            eval_every=10,
+        )
+        rows.append(
+            _summary(f"ratio={ratio:g}", res, cfg, ratio=ratio, steps_to_val_0_5=steps_to(res.curve, threshold))
+        )
         curves[f"ratio={ratio:g}"] = res.curve
     files = _write(out, "loraplus", rows, curves, {"threshold": threshold})
-    files.append(plots.plot_curves(curves, out / "loraplus.png", chance_loss=chance_loss(cfg),
-                                   title="LoRA+: lr(B) = ratio x lr(A), lr 1e-3, rank 8, facts task"))
+    files.append(
+        plots.plot_curves(
+            curves,
+            out / "loraplus.png",
+            chance_loss=chance_loss(cfg),
+            title="LoRA+: lr(B) = ratio x lr(A), lr 1e-3, rank 8, facts task",
+        )
+    )
     return ExperimentResult("loraplus", rows, format_table(rows), files)
 
 
@@ -277,24 +342,46 @@ def run_memory(out: Path, seed: int = 0, quick: bool = False) -> ExperimentResul
     fits = {m: e for m, _, e in memory.lesson_table()}
     rows = []
     for method, lesson_gb, est in table:
-        rows.append({"method": method, "lesson_gb": lesson_gb, "estimate_gb": round(est.total_gb, 2),
-                     "relative_difference": round(est.total_gb / lesson_gb - 1.0, 4),
-                     **{k: round(v, 3) for k, v in est.components_gb.items()},
-                     "paged_optimizer_gpu_gb": round(paged[method].total_gb, 2),
-                     "lesson_fit_gb": round(fits[method].total_gb, 2),
-                     "lesson_fit_settings": memory._describe(memory.LESSON_65B[method][1])})
-    files = _write(out, "memory", rows, None,
-                   {"assumption_set": memory.CONSISTENT,
-                    "assumptions": {m: list(e.assumptions) for m, _, e in table},
-                    "lesson_fit_settings": {m: kw for m, (_, kw) in memory.LESSON_65B.items()}})
+        rows.append(
+            {
+                "method": method,
+                "lesson_gb": lesson_gb,
+                "estimate_gb": round(est.total_gb, 2),
+                "relative_difference": round(est.total_gb / lesson_gb - 1.0, 4),
+                **{k: round(v, 3) for k, v in est.components_gb.items()},
+                "paged_optimizer_gpu_gb": round(paged[method].total_gb, 2),
+                "lesson_fit_gb": round(fits[method].total_gb, 2),
+                "lesson_fit_settings": memory._describe(memory.LESSON_65B[method][1]),
+            }
+        )
+    files = _write(
+        out,
+        "memory",
+        rows,
+        None,
+        {
+            "assumption_set": memory.CONSISTENT,
+            "assumptions": {m: list(e.assumptions) for m, _, e in table},
+            "lesson_fit_settings": {m: kw for m, (_, kw) in memory.LESSON_65B.items()},
+        },
+    )
     methods = [m for m, _, _ in table]
     components = {k: [e.components_gb[k] for _, _, e in table] for k in memory.COMPONENTS}
-    title = ("Peak GPU memory to fine-tune a 65B model, ONE assumption set for every bar: weights/adapters/grads "
-             "16-bit (bf16), AdamW 2 fp32 states resident,\nactivations checkpointed (seq 512 x batch 1, the same "
-             "0.9 GB in every bar), LoRA r=64 on all linear layers (refimpl.memory, spec/memory.md)")
-    files.append(plots.plot_memory(methods, components, out / "memory.png", title=title,
-                                   lesson=[gb for _, gb, _ in table],
-                                   paged=[paged[m].cpu_gb["paged optimizer states"] for m in methods]))
+    title = (
+        "Peak GPU memory to fine-tune a 65B model, ONE assumption set for every bar: weights/adapters/grads "
+        "16-bit (bf16), AdamW 2 fp32 states resident,\nactivations checkpointed (seq 512 x batch 1, the same "
+        "0.9 GB in every bar), LoRA r=64 on all linear layers (refimpl.memory, spec/memory.md)"
+    )
+    files.append(
+        plots.plot_memory(
+            methods,
+            components,
+            out / "memory.png",
+            title=title,
+            lesson=[gb for _, gb, _ in table],
+            paged=[paged[m].cpu_gb["paged optimizer states"] for m in methods],
+        )
+    )
     return ExperimentResult("memory", rows, memory.format_lesson_table(), files)
 
 
@@ -308,8 +395,7 @@ RUNNERS: dict[str, Callable[..., ExperimentResult]] = {
 }
 
 
-def run_experiment(name: str, out: str | Path = "lab-out", *, seed: int = 0, quick: bool = False
-                   ) -> ExperimentResult:
+def run_experiment(name: str, out: str | Path = "lab-out", *, seed: int = 0, quick: bool = False) -> ExperimentResult:
     """Run one of ``EXPERIMENTS``, writing its files under ``out/<name>/``."""
     _checks.choice(name, "name", EXPERIMENTS)
     _checks.integer(seed, "seed", low=0)

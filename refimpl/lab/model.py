@@ -264,10 +264,7 @@ def draw_dropout(
     if p == 0.0:
         return None
     names = sorted({k.rsplit(".", 1)[0] for k in adapter if k.endswith(".lora_A")})
-    return {
-        n: (rng.random((batch, config.seq_len, config.linear_shape(n)[1])) >= p).astype(np.float64)
-        for n in names
-    }
+    return {n: (rng.random((batch, config.seq_len, config.linear_shape(n)[1])) >= p).astype(np.float64) for n in names}
 
 
 def _check_ids(ids: Any, config: ModelConfig) -> np.ndarray:
@@ -409,9 +406,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, label_smoothing: float
     return loss, (np.exp(logp) - target) / n
 
 
-def merged_base(
-    base: dict[str, np.ndarray], adapter: dict[str, np.ndarray], scaling: float
-) -> dict[str, np.ndarray]:
+def merged_base(base: dict[str, np.ndarray], adapter: dict[str, np.ndarray], scaling: float) -> dict[str, np.ndarray]:
     """Fold an adapter into the base weights: W' = W + s B A (LoRA) or m ⊙ (W + sBA)/‖W + sBA‖ (DoRA)."""
     out = dict(base)
     for key in adapter:

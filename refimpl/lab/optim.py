@@ -43,15 +43,16 @@ class AdamWConfig:
 
 def learning_rates(params: dict[str, np.ndarray], cfg: AdamWConfig) -> dict[str, float]:
     """Per-parameter learning rate under LoRA+'s group rule (ratio 1 = plain AdamW)."""
-    return {
-        k: cfg.lr * cfg.loraplus_ratio if ("lora_B" in k or v.ndim == 1) else cfg.lr for k, v in params.items()
-    }
+    return {k: cfg.lr * cfg.loraplus_ratio if ("lora_B" in k or v.ndim == 1) else cfg.lr for k, v in params.items()}
 
 
 def init_state(params: dict[str, np.ndarray]) -> dict[str, object]:
     """Zero first and second moments and step counter 0."""
-    return {"t": 0, "m": {k: np.zeros_like(v) for k, v in params.items()},
-            "v": {k: np.zeros_like(v) for k, v in params.items()}}
+    return {
+        "t": 0,
+        "m": {k: np.zeros_like(v) for k, v in params.items()},
+        "v": {k: np.zeros_like(v) for k, v in params.items()},
+    }
 
 
 def adamw_step(

@@ -17,8 +17,14 @@ def _pyplot():
     return plt
 
 
-def plot_curves(curves: Mapping[str, Curve], path: str | Path, *, title: str, chance_loss: float | None = None,
-                ylim: tuple[float, float] | None = None) -> Path:
+def plot_curves(
+    curves: Mapping[str, Curve],
+    path: str | Path,
+    *,
+    title: str,
+    chance_loss: float | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> Path:
     """Train (dashed) and validation (solid) loss against step, one colour per configuration."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
@@ -44,8 +50,15 @@ def plot_curves(curves: Mapping[str, Curve], path: str | Path, *, title: str, ch
     return p
 
 
-def plot_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], path: str | Path, *, title: str,
-              ylabel: str, reference: Mapping[str, float] | None = None) -> Path:
+def plot_bars(
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    title: str,
+    ylabel: str,
+    reference: Mapping[str, float] | None = None,
+) -> Path:
     """Grouped bars: one group per entry of ``groups``, one bar per series."""
     plt = _pyplot()
     import numpy as np
@@ -74,9 +87,15 @@ def plot_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], path
     return p
 
 
-def plot_memory(methods: Sequence[str], components: Mapping[str, Sequence[float]], path: str | Path, *,
-                title: str, lesson: Sequence[float] | None = None,
-                paged: Sequence[float] | None = None) -> Path:
+def plot_memory(
+    methods: Sequence[str],
+    components: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    title: str,
+    lesson: Sequence[float] | None = None,
+    paged: Sequence[float] | None = None,
+) -> Path:
     """Stacked bars, one per method, one segment per memory component (GB), all bars under the assumption set
     named in ``title``. Two panels with the same bars: the full scale, and the adapter methods zoomed in so
     their small components are visible. ``lesson``: the lesson's figures, a black tick on each bar.
@@ -97,11 +116,25 @@ def plot_memory(methods: Sequence[str], components: Mapping[str, Sequence[float]
             bottom += v
         top = max(list(bottom) + ([lesson[i] for i in idx] if lesson is not None else []))
         for k, i in enumerate(idx):
-            ax.text(x[k], max(bottom[k], lesson[i] if lesson is not None else 0.0) + 0.02 * top,
-                    f"{bottom[k]:.1f} GB", ha="center", va="bottom", fontsize=8, fontweight="bold")
+            ax.text(
+                x[k],
+                max(bottom[k], lesson[i] if lesson is not None else 0.0) + 0.02 * top,
+                f"{bottom[k]:.1f} GB",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                fontweight="bold",
+            )
         if lesson is not None:
-            ax.scatter(x, [lesson[i] for i in idx], marker="_", s=900, color="black", zorder=3,
-                       label="lesson's figure (its rows fitted with different assumptions)")
+            ax.scatter(
+                x,
+                [lesson[i] for i in idx],
+                marker="_",
+                s=900,
+                color="black",
+                zorder=3,
+                label="lesson's figure (its rows fitted with different assumptions)",
+            )
             for k, i in enumerate(idx):
                 ax.text(x[k] - 0.3, lesson[i], f"lesson {lesson[i]:g} ", ha="right", va="center", fontsize=7)
         ax.set_xticks(x, [methods[i] for i in idx])
@@ -112,8 +145,13 @@ def plot_memory(methods: Sequence[str], components: Mapping[str, Sequence[float]
         ax.set_title("all methods" if panel == 0 else "LoRA and QLoRA, zoomed", fontsize=9)
         if paged is not None and panel == 1:
             for k, i in enumerate(idx):
-                ax.text(x[k] + 0.3, bottom[k] / 2, f"paged optimizer:\n-{paged[i]:.1f} GB\n(to CPU)", fontsize=7,
-                        va="center")
+                ax.text(
+                    x[k] + 0.3,
+                    bottom[k] / 2,
+                    f"paged optimizer:\n-{paged[i]:.1f} GB\n(to CPU)",
+                    fontsize=7,
+                    va="center",
+                )
     axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

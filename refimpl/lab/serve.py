@@ -84,62 +84,209 @@ class Control:
     step: float | None = None
 
 
-TASK_CHOICES = (("facts", "facts (new knowledge)"), ("position", "position (new attention pattern)"),
-                ("facts_low", "facts_low (merge task A)"), ("facts_high", "facts_high (merge task B)"),
-                ("bag", "bag (majority, base map)"), ("bag_facts", "bag_facts (majority, new map)"))
+TASK_CHOICES = (
+    ("facts", "facts (new knowledge)"),
+    ("position", "position (new attention pattern)"),
+    ("facts_low", "facts_low (merge task A)"),
+    ("facts_high", "facts_high (merge task B)"),
+    ("bag", "bag (majority, base map)"),
+    ("bag_facts", "bag_facts (majority, new map)"),
+)
 
 CONTROLS: tuple[Control, ...] = (
-    Control("task", "task", "choice", "facts", choices=TASK_CHOICES,
-            help="the synthetic task the adapter learns",
-            links=(("tasks", "/ref/refimpl.lab.tasks.make_dataset"),)),
-    Control("rank", "rank r", "int", 8, 1, 64, step=1, help="capacity of the update ΔW = s·BA",
-            links=(("spec §1–2", "/spec/lora.md#1-shapes-and-the-delta"),
-                   ("init", "/ref/refimpl.lab.model.init_adapter"))),
-    Control("layers", "layers", "choice", "all", choices=(("qv", "QV only"), ("all", "All"), ("ffn", "FFN only")),
-            help="which linear layers carry an adapter",
-            links=(("targets", "/ref/refimpl.lab.model.resolve_targets"),)),
-    Control("alpha", "alpha α (0 = 2r)", "float", 0.0, 0.0, 1024.0, step=1,
-            help="scaling s = α/r; 0 uses the lab's α = 2r",
-            links=(("spec §2", "/spec/lora.md#2-scaling"), ("scaling", "/ref/refimpl.lab.model.AdapterConfig"))),
-    Control("dropout", "dropout", "float", 0.05, 0.0, 0.5, step=0.01, help="on the LoRA branch input (PEFT)",
-            links=(("spec §3", "/spec/lora.md#3-forward"), ("forward", "/ref/refimpl.lab.model._lin_fwd"))),
-    Control("weight_decay", "weight decay λ", "float", 0.01, 0.0, 1.0, step=0.01,
-            help="AdamW's decoupled decay", links=(("AdamW", "/ref/refimpl.lab.optim.adamw_step"),)),
-    Control("lr", "learning rate", "float", 3e-3, 1e-5, 0.1, step=0.0005, help="AdamW, 20-step linear warmup",
-            links=(("AdamW", "/ref/refimpl.lab.optim.adamw_step"),)),
-    Control("loraplus_ratio", "LoRA+ ratio", "float", 1.0, 1.0, 64.0, step=1, help="lr of B = ratio × lr",
-            links=(("groups", "/ref/refimpl.lab.optim.learning_rates"),)),
-    Control("examples", "dataset size", "int", 2000, 20, 20000, step=10, help="training examples",
-            links=(("data", "/ref/refimpl.lab.experiments.datasets"),)),
-    Control("steps", "steps", "int", 300, 20, 2000, step=10, help="optimizer steps (batch 64)",
-            links=(("loop", "/ref/refimpl.lab.serve.stream_train"),)),
-    Control("dora", "DoRA", "bool", False, help="magnitude + direction (refimpl.dora)",
-            links=(("spec", "/spec/dora.md#3-forward-forward"), ("dora.forward", "/ref/refimpl.dora.forward"))),
-    Control("nf4", "QLoRA (NF4 base)", "bool", False, help="frozen base stored as NF4",
-            links=(("spec", "/spec/nf4.md#1-nf4-codebook"), ("base", "/ref/refimpl.lab.train.quantize_base_nf4"))),
-    Control("seed", "seed", "int", 0, 0, 2**31 - 1, step=1, help="data, init, batches and dropout",
-            links=(("streams", "/ref/refimpl.lab.train.train_adapter"),)),
+    Control(
+        "task",
+        "task",
+        "choice",
+        "facts",
+        choices=TASK_CHOICES,
+        help="the synthetic task the adapter learns",
+        links=(("tasks", "/ref/refimpl.lab.tasks.make_dataset"),),
+    ),
+    Control(
+        "rank",
+        "rank r",
+        "int",
+        8,
+        1,
+        64,
+        step=1,
+        help="capacity of the update ΔW = s·BA",
+        links=(("spec §1–2", "/spec/lora.md#1-shapes-and-the-delta"), ("init", "/ref/refimpl.lab.model.init_adapter")),
+    ),
+    Control(
+        "layers",
+        "layers",
+        "choice",
+        "all",
+        choices=(("qv", "QV only"), ("all", "All"), ("ffn", "FFN only")),
+        help="which linear layers carry an adapter",
+        links=(("targets", "/ref/refimpl.lab.model.resolve_targets"),),
+    ),
+    Control(
+        "alpha",
+        "alpha α (0 = 2r)",
+        "float",
+        0.0,
+        0.0,
+        1024.0,
+        step=1,
+        help="scaling s = α/r; 0 uses the lab's α = 2r",
+        links=(("spec §2", "/spec/lora.md#2-scaling"), ("scaling", "/ref/refimpl.lab.model.AdapterConfig")),
+    ),
+    Control(
+        "dropout",
+        "dropout",
+        "float",
+        0.05,
+        0.0,
+        0.5,
+        step=0.01,
+        help="on the LoRA branch input (PEFT)",
+        links=(("spec §3", "/spec/lora.md#3-forward"), ("forward", "/ref/refimpl.lab.model._lin_fwd")),
+    ),
+    Control(
+        "weight_decay",
+        "weight decay λ",
+        "float",
+        0.01,
+        0.0,
+        1.0,
+        step=0.01,
+        help="AdamW's decoupled decay",
+        links=(("AdamW", "/ref/refimpl.lab.optim.adamw_step"),),
+    ),
+    Control(
+        "lr",
+        "learning rate",
+        "float",
+        3e-3,
+        1e-5,
+        0.1,
+        step=0.0005,
+        help="AdamW, 20-step linear warmup",
+        links=(("AdamW", "/ref/refimpl.lab.optim.adamw_step"),),
+    ),
+    Control(
+        "loraplus_ratio",
+        "LoRA+ ratio",
+        "float",
+        1.0,
+        1.0,
+        64.0,
+        step=1,
+        help="lr of B = ratio × lr",
+        links=(("groups", "/ref/refimpl.lab.optim.learning_rates"),),
+    ),
+    Control(
+        "examples",
+        "dataset size",
+        "int",
+        2000,
+        20,
+        20000,
+        step=10,
+        help="training examples",
+        links=(("data", "/ref/refimpl.lab.experiments.datasets"),),
+    ),
+    Control(
+        "steps",
+        "steps",
+        "int",
+        300,
+        20,
+        2000,
+        step=10,
+        help="optimizer steps (batch 64)",
+        links=(("loop", "/ref/refimpl.lab.serve.stream_train"),),
+    ),
+    Control(
+        "dora",
+        "DoRA",
+        "bool",
+        False,
+        help="magnitude + direction (refimpl.dora)",
+        links=(("spec", "/spec/dora.md#3-forward-forward"), ("dora.forward", "/ref/refimpl.dora.forward")),
+    ),
+    Control(
+        "nf4",
+        "QLoRA (NF4 base)",
+        "bool",
+        False,
+        help="frozen base stored as NF4",
+        links=(("spec", "/spec/nf4.md#1-nf4-codebook"), ("base", "/ref/refimpl.lab.train.quantize_base_nf4")),
+    ),
+    Control(
+        "seed",
+        "seed",
+        "int",
+        0,
+        0,
+        2**31 - 1,
+        step=1,
+        help="data, init, batches and dropout",
+        links=(("streams", "/ref/refimpl.lab.train.train_adapter"),),
+    ),
 )
 CONTROL_BY_NAME = {c.name: c for c in CONTROLS}
 
 #: the lesson's failure modes, planted as in tests/test_lab_diagnose.py (seed 0)
 FAILURE_MODES: dict[str, dict[str, Any]] = {
-    "healthy": {"task": "facts", "examples": 2000, "layers": "all", "rank": 16, "dropout": 0.05,
-                "weight_decay": 0.01, "steps": 200},
-    "rank_too_low": {"task": "facts", "examples": 2000, "layers": "all", "rank": 1, "dropout": 0.05,
-                     "weight_decay": 0.01, "steps": 200},
-    "wrong_layers": {"task": "position", "examples": 100, "layers": "ffn", "rank": 16, "dropout": 0.05,
-                     "weight_decay": 0.01, "steps": 300},
-    "overfitting": {"task": "facts", "examples": 200, "layers": "all", "rank": 32, "dropout": 0.0,
-                    "weight_decay": 0.0, "steps": 200},
+    "healthy": {
+        "task": "facts",
+        "examples": 2000,
+        "layers": "all",
+        "rank": 16,
+        "dropout": 0.05,
+        "weight_decay": 0.01,
+        "steps": 200,
+    },
+    "rank_too_low": {
+        "task": "facts",
+        "examples": 2000,
+        "layers": "all",
+        "rank": 1,
+        "dropout": 0.05,
+        "weight_decay": 0.01,
+        "steps": 200,
+    },
+    "wrong_layers": {
+        "task": "position",
+        "examples": 100,
+        "layers": "ffn",
+        "rank": 16,
+        "dropout": 0.05,
+        "weight_decay": 0.01,
+        "steps": 300,
+    },
+    "overfitting": {
+        "task": "facts",
+        "examples": 200,
+        "layers": "all",
+        "rank": 32,
+        "dropout": 0.0,
+        "weight_decay": 0.0,
+        "steps": 200,
+    },
 }
 
 #: functions and classes the page links to (``/ref/<name>`` serves only these)
-REF_NAMES = sorted({href[len("/ref/"):] for c in CONTROLS for _, href in c.links if href.startswith("/ref/")} | {
-    "refimpl.lab.diagnose.diagnose", "refimpl.lab.train.evaluate", "refimpl.lab.serve.merge_adapters",
-    "refimpl.lab.serve.tree_path", "refimpl.merging.linear", "refimpl.merging.task_arithmetic",
-    "refimpl.merging.ties", "refimpl.merging.dare", "refimpl.lab.model.merged_base",
-    "refimpl.lab.serve.peft_adapter_files", "refimpl.lab.train.train_adapter"})
+REF_NAMES = sorted(
+    {href[len("/ref/") :] for c in CONTROLS for _, href in c.links if href.startswith("/ref/")}
+    | {
+        "refimpl.lab.diagnose.diagnose",
+        "refimpl.lab.train.evaluate",
+        "refimpl.lab.serve.merge_adapters",
+        "refimpl.lab.serve.tree_path",
+        "refimpl.merging.linear",
+        "refimpl.merging.task_arithmetic",
+        "refimpl.merging.ties",
+        "refimpl.merging.dare",
+        "refimpl.lab.model.merged_base",
+        "refimpl.lab.serve.peft_adapter_files",
+        "refimpl.lab.train.train_adapter",
+    }
+)
 
 
 class ParamError(ValueError):
@@ -222,8 +369,11 @@ def eval_every(steps: int) -> int:
 def tree_path(evidence: dict[str, float], label: str) -> list[dict[str, Any]]:
     """The run's path through the lesson's decision tree (``diagnose``'s tests, in order, with its
     default thresholds): one entry per question asked, with the figure, the threshold and the answer."""
-    defaults = {k: p.default for k, p in inspect.signature(diagnose).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(diagnose).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     gap_growth = evidence["gap_end/ref"] - evidence["gap_start/ref"]
     questions = [
         ("flat", "train_end/ref", evidence["train_end/ref"], defaults["flat_fraction"], "rank_too_low"),
@@ -237,14 +387,35 @@ def tree_path(evidence: dict[str, float], label: str) -> list[dict[str, Any]]:
             start = evidence.get("plateau_start", 1.0)
             early = start <= defaults["early_fraction"] and value > defaults["plateau_fraction"]
             yes = yes or early
-            path.append({"node": node, "figure": figure, "value": value, "threshold": threshold, "yes": yes,
-                         "plateau": {"figure": "plateau_start", "value": start, "early": defaults["early_fraction"],
-                                     "level": defaults["plateau_fraction"], "yes": early}})
+            path.append(
+                {
+                    "node": node,
+                    "figure": figure,
+                    "value": value,
+                    "threshold": threshold,
+                    "yes": yes,
+                    "plateau": {
+                        "figure": "plateau_start",
+                        "value": start,
+                        "early": defaults["early_fraction"],
+                        "level": defaults["plateau_fraction"],
+                        "yes": early,
+                    },
+                }
+            )
         elif node == "gap":
             rise = evidence["val_rise/ref"]
             yes = yes or rise > defaults["rise_fraction"]
-            path.append({"node": node, "figure": figure, "value": value, "threshold": threshold, "yes": yes,
-                         "also": {"figure": "val_rise/ref", "value": rise, "threshold": defaults["rise_fraction"]}})
+            path.append(
+                {
+                    "node": node,
+                    "figure": figure,
+                    "value": value,
+                    "threshold": threshold,
+                    "yes": yes,
+                    "also": {"figure": "val_rise/ref", "value": rise, "threshold": defaults["rise_fraction"]},
+                }
+            )
         else:
             path.append({"node": node, "figure": figure, "value": value, "threshold": threshold, "yes": yes})
         if yes:
@@ -304,9 +475,17 @@ class Run:
 
     def summary(self) -> dict[str, Any]:
         """What the page shows of the run (points travel separately)."""
-        return {"id": self.id, "group": self.group, "status": self.status, "params": self.params,
-                "diagnosis": self.diagnosis, "error": self.error, "seconds": round(self.seconds, 2),
-                "trainable": self.trainable, "points": len(self.points)}
+        return {
+            "id": self.id,
+            "group": self.group,
+            "status": self.status,
+            "params": self.params,
+            "diagnosis": self.diagnosis,
+            "error": self.error,
+            "seconds": round(self.seconds, 2),
+            "trainable": self.trainable,
+            "points": len(self.points),
+        }
 
     def curve(self) -> dict[str, list]:
         keys = ("step", "train_loss", "val_loss", "train_acc", "val_acc")
@@ -399,8 +578,10 @@ class Lab:
     def start_run(self, s: Session, params: dict[str, Any], group: str = "sandbox") -> Run:
         with self.lock:
             if self.active >= self.max_runs + MAX_QUEUED:
-                raise OverflowError(f"runs: {self.active} runs are queued or running (the limit is "
-                                    f"{self.max_runs} running + {MAX_QUEUED} queued); stop one or wait")
+                raise OverflowError(
+                    f"runs: {self.active} runs are queued or running (the limit is "
+                    f"{self.max_runs} running + {MAX_QUEUED} queued); stop one or wait"
+                )
             self.active += 1
         run = Run(id=secrets.token_hex(4), session=s, params=params, group=group)
         s.runs[run.id] = run
@@ -422,10 +603,21 @@ class Lab:
             from refimpl.lab.experiments import datasets
 
             train, val = datasets(p["task"], p["examples"], cfg, p["seed"])
-            acfg = M.AdapterConfig(targets=M.resolve_targets(p["layers"], cfg), rank=p["rank"], alpha=p["alpha"],
-                                   dropout=p["dropout"], dora=p["dora"])
-            tcfg = TrainConfig(steps=p["steps"], lr=p["lr"], weight_decay=p["weight_decay"],
-                               loraplus_ratio=p["loraplus_ratio"], seed=p["seed"], eval_every=eval_every(p["steps"]))
+            acfg = M.AdapterConfig(
+                targets=M.resolve_targets(p["layers"], cfg),
+                rank=p["rank"],
+                alpha=p["alpha"],
+                dropout=p["dropout"],
+                dora=p["dora"],
+            )
+            tcfg = TrainConfig(
+                steps=p["steps"],
+                lr=p["lr"],
+                weight_decay=p["weight_decay"],
+                loraplus_ratio=p["loraplus_ratio"],
+                seed=p["seed"],
+                eval_every=eval_every(p["steps"]),
+            )
             run.scaling = acfg.scaling
 
             def on_point(point: dict[str, float]) -> None:
@@ -440,8 +632,14 @@ class Lab:
             run.trainable = int(sum(v.size for v in adapter.values()))
             if len(curve.step) >= 3:
                 d = diagnose(curve.train_loss, curve.val_loss, chance_loss=float(np.log(cfg.n_classes)))
-                run.diagnosis = {"label": d.label, "reason": d.reason, "fix": d.fix, "evidence": d.evidence,
-                                 "path": tree_path(d.evidence, d.label), "partial": stopped}
+                run.diagnosis = {
+                    "label": d.label,
+                    "reason": d.reason,
+                    "fix": d.fix,
+                    "evidence": d.evidence,
+                    "path": tree_path(d.evidence, d.label),
+                    "partial": stopped,
+                }
             run.status = "stopped" if stopped else "done"
         except Exception as exc:  # reported to the page; the server goes on
             run.status = "error"
@@ -459,8 +657,13 @@ class Lab:
         return r
 
     def status(self) -> dict[str, Any]:
-        return {"base_ready": self.bases.ready(), "active": self.active, "max_runs": self.max_runs,
-                "max_queued": MAX_QUEUED, "sessions": len(self.sessions)}
+        return {
+            "base_ready": self.bases.ready(),
+            "active": self.active,
+            "max_runs": self.max_runs,
+            "max_queued": MAX_QUEUED,
+            "sessions": len(self.sessions),
+        }
 
     def close(self) -> None:
         """Stop every run, wait for the workers, remove the temporary folder."""
@@ -483,8 +686,9 @@ def task_vector(base: dict[str, np.ndarray], run: Run) -> dict[str, np.ndarray]:
     return {k: merged[k] - base[k] for k in merged if merged[k] is not base[k]}
 
 
-def merge_adapters(lab: Lab, a: Run, b: Run, *, lam: float = 1.0, ties_density: float = 0.2,
-                   dare_density: float = 0.5, seed: int = 0) -> dict[str, Any]:
+def merge_adapters(
+    lab: Lab, a: Run, b: Run, *, lam: float = 1.0, ties_density: float = 0.2, dare_density: float = 0.5, seed: int = 0
+) -> dict[str, Any]:
     """Merge two adapters' task vectors (whole-model scope, as in the TIES paper) with ``refimpl.merging``
     and evaluate each merged model on both tasks and on the base task (accuracy and loss, 1000 examples)."""
     from refimpl import merging
@@ -495,8 +699,12 @@ def merge_adapters(lab: Lab, a: Run, b: Run, *, lam: float = 1.0, ties_density: 
             raise ParamError(name, f"run {r.id} has no trained adapter (status {r.status})")
     if a.params["nf4"] != b.params["nf4"]:
         raise ParamError("b", "both adapters need the same base (both NF4 or both float64)")
-    for name, v, low, high in (("lam", lam, -4.0, 4.0), ("ties_density", ties_density, 0.01, 1.0),
-                               ("dare_density", dare_density, 0.01, 1.0), ("seed", seed, 0, 2**31 - 1)):
+    for name, v, low, high in (
+        ("lam", lam, -4.0, 4.0),
+        ("ties_density", ties_density, 0.01, 1.0),
+        ("dare_density", dare_density, 0.01, 1.0),
+        ("seed", seed, 0, 2**31 - 1),
+    ):
         if isinstance(v, bool) or not isinstance(v, int | float) or not (low <= v <= high):
             raise ParamError(name, f"expected a number in [{low:g}, {high:g}], got {v!r}")
     cfg, base = lab.bases.get(a.params["nf4"])
@@ -513,11 +721,15 @@ def merge_adapters(lab: Lab, a: Run, b: Run, *, lam: float = 1.0, ties_density: 
         "average": merging.linear([va, vb]),
         f"task arithmetic λ={lam:g}": merging.task_arithmetic([va, vb], lam=lam),
         f"TIES d={ties_density:g}": merging.ties([va, vb], density=ties_density, lam=lam),
-        f"DARE d={dare_density:g}": merging.dare([va, vb], density=dare_density, lam=lam,
-                                                 rng=np.random.default_rng(int(seed))),
+        f"DARE d={dare_density:g}": merging.dare(
+            [va, vb], density=dare_density, lam=lam, rng=np.random.default_rng(int(seed))
+        ),
     }
-    tasks = {f"A: {a.params['task']}": a.params["task"], f"B: {b.params['task']}": b.params["task"],
-             "base task (pretrain)": "pretrain"}
+    tasks = {
+        f"A: {a.params['task']}": a.params["task"],
+        f"B: {b.params['task']}": b.params["task"],
+        "base task (pretrain)": "pretrain",
+    }
     evals = {label: datasets(t, 10, cfg, 0)[1] for label, t in tasks.items()}
     rows = []
     for method, vec in methods.items():
@@ -528,8 +740,13 @@ def merge_adapters(lab: Lab, a: Run, b: Run, *, lam: float = 1.0, ties_density: 
             loss, acc = evaluate(model, {}, cfg, data)
             row[label] = {"acc": round(acc, 4), "loss": round(loss, 4)}
         rows.append(row)
-    return {"a": a.id, "b": b.id, "series": list(tasks), "rows": rows,
-            "options": {"lam": lam, "ties_density": ties_density, "dare_density": dare_density, "seed": seed}}
+    return {
+        "a": a.id,
+        "b": b.id,
+        "series": list(tasks),
+        "rows": rows,
+        "options": {"lam": lam, "ties_density": ties_density, "dare_density": dare_density, "seed": seed},
+    }
 
 
 def peft_adapter_files(run: Run, folder: Path) -> list[Path]:
@@ -547,10 +764,22 @@ def peft_adapter_files(run: Run, folder: Path) -> list[Path]:
         name = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}[kind]
         tensors[f"base_model.model.{layer}.{name}"] = np.ascontiguousarray(arr, dtype=np.float32)
     targets = sorted({k.rsplit(".", 1)[0] for k in run.adapter})
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": "refimpl-lab-tiny-transformer",
-              "r": p["rank"], "lora_alpha": p["alpha"], "lora_dropout": p["dropout"], "target_modules": targets,
-              "use_dora": p["dora"], "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": "refimpl-lab-tiny-transformer",
+        "r": p["rank"],
+        "lora_alpha": p["alpha"],
+        "lora_dropout": p["dropout"],
+        "target_modules": targets,
+        "use_dora": p["dora"],
+        "use_rslora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     cfg_path = folder / "adapter_config.json"
     cfg_path.write_text(json.dumps(config, indent=1))
@@ -563,8 +792,13 @@ def export_run(lab: Lab, run: Run, fmt: str) -> tuple[bytes, str, str]:
     """(body, content type, file name) of an export: ``json`` or ``csv`` curves, ``peft`` adapter (a zip)."""
     stem = f"lab-run-{run.id}"
     if fmt == "json":
-        body = {"run": run.id, "params": run.params, "status": run.status, "curve": run.curve(),
-                "diagnosis": run.diagnosis}
+        body = {
+            "run": run.id,
+            "params": run.params,
+            "status": run.status,
+            "curve": run.curve(),
+            "diagnosis": run.diagnosis,
+        }
         return json.dumps(body, indent=1).encode(), "application/json", f"{stem}.json"
     if fmt == "csv":
         buf = io.StringIO()
@@ -597,9 +831,11 @@ def _slug(heading: str) -> str:
 
 
 def _page(title: str, body: str) -> bytes:
-    return (f"<!doctype html><html lang=en><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<link rel=stylesheet href=/static/style.css><body class=ref><p><a href=/>← the lab</a></p>"
-            f"<h1>{html.escape(title)}</h1>{body}</body></html>").encode()
+    return (
+        f"<!doctype html><html lang=en><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<link rel=stylesheet href=/static/style.css><body class=ref><p><a href=/>← the lab</a></p>"
+        f"<h1>{html.escape(title)}</h1>{body}</body></html>"
+    ).encode()
 
 
 def spec_page(name: str) -> bytes | None:
@@ -609,7 +845,7 @@ def spec_page(name: str) -> bytes | None:
     lines = []
     for line in (SPEC / name).read_text(encoding="utf-8").splitlines():
         if line.startswith("#"):
-            lines.append(f"<b id=\"{_slug(line)}\" class=h>{html.escape(line)}</b>")
+            lines.append(f'<b id="{_slug(line)}" class=h>{html.escape(line)}</b>')
         else:
             lines.append(html.escape(line))
     return _page(f"spec/{name}", "<pre class=src>" + "\n".join(lines) + "</pre>")
@@ -633,11 +869,19 @@ def ref_page(name: str) -> bytes | None:
 
 def config_payload(lab: Lab) -> dict[str, Any]:
     """Everything the page needs to build itself: controls, failure modes, the tree's thresholds."""
-    defaults = {k: p.default for k, p in inspect.signature(diagnose).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    return {"controls": [asdict(c) for c in CONTROLS], "failure_modes": FAILURE_MODES,
-            "thresholds": defaults, "chance_loss": float(np.log(M.ModelConfig().n_classes)),
-            "status": lab.status(), "spec_available": SPEC.is_dir()}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(diagnose).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {
+        "controls": [asdict(c) for c in CONTROLS],
+        "failure_modes": FAILURE_MODES,
+        "thresholds": defaults,
+        "chance_loss": float(np.log(M.ModelConfig().n_classes)),
+        "status": lab.status(),
+        "spec_available": SPEC.is_dir(),
+    }
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -655,8 +899,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("Content-Security-Policy",
-                         "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:")
+        self.send_header(
+            "Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+        )
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
@@ -707,8 +952,15 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET" and parts[0] == "spec" and len(parts) == 2:
             page = spec_page(parts[1])
             if page is None:
-                return self._send(404, _page("not here", f"<p>spec/{html.escape(parts[1])} is in the source "
-                                             "repository (spec/), not in this installation.</p>"), "text/html")
+                return self._send(
+                    404,
+                    _page(
+                        "not here",
+                        f"<p>spec/{html.escape(parts[1])} is in the source "
+                        "repository (spec/), not in this installation.</p>",
+                    ),
+                    "text/html",
+                )
             return self._send(200, page, "text/html; charset=utf-8")
         if method == "GET" and parts[0] == "ref" and len(parts) == 2:
             page = ref_page(parts[1])
@@ -761,8 +1013,12 @@ class Handler(BaseHTTPRequestHandler):
         return self._error(404, f"no such endpoint {method} {self.path}")
 
     def _static(self, name: str) -> None:
-        types = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+        types = {
+            ".html": "text/html; charset=utf-8",
+            ".js": "text/javascript; charset=utf-8",
+            ".css": "text/css; charset=utf-8",
+            ".svg": "image/svg+xml",
+        }
         path = STATIC / name
         if not re.fullmatch(r"[a-z_-]+\.(html|js|css|svg)", name) or not path.is_file():
             return self._error(404, f"no such asset {name}")
@@ -834,11 +1090,16 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_runs: int = 2, warm: bo
         return 2
     if warm:
         srv.warm()
-    print(f"refimpl lab serve: {srv.url}  (Ctrl-C stops; {max_runs} concurrent runs; temporary folder {srv.lab.tmp})",
-          flush=True)
+    print(
+        f"refimpl lab serve: {srv.url}  (Ctrl-C stops; {max_runs} concurrent runs; temporary folder {srv.lab.tmp})",
+        flush=True,
+    )
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"refimpl lab serve: listening on {host}, reachable beyond this machine; no authentication",
-              file=sys.stderr, flush=True)
+        print(
+            f"refimpl lab serve: listening on {host}, reachable beyond this machine; no authentication",
+            file=sys.stderr,
+            flush=True,
+        )
     thread = threading.Thread(target=srv.serve_forever, name="lab-http", daemon=True)
     thread.start()
 

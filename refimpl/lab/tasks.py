@@ -46,9 +46,7 @@ def world_maps(config: ModelConfig, world_seed: int = 0) -> np.ndarray:
     return maps
 
 
-def make_dataset(
-    task: str, n: int, config: ModelConfig, rng: np.random.Generator, *, world_seed: int = 0
-) -> Dataset:
+def make_dataset(task: str, n: int, config: ModelConfig, rng: np.random.Generator, *, world_seed: int = 0) -> Dataset:
     """Draw ``n`` labelled sequences of ``task`` with ``rng``."""
     _checks.choice(task, "task", TASKS)
     n = _checks.integer(n, "n", low=1)
@@ -63,6 +61,7 @@ def make_dataset(
         ids[:, 1] = rng.integers(1, half, n)
     elif task == "facts_high":
         ids[:, 1] = rng.integers(half, config.vocab, n)
+
     def majority(gmap: np.ndarray) -> np.ndarray:
         counts = np.zeros((n, config.n_classes), dtype=np.int64)
         np.add.at(counts, (np.arange(n)[:, None], gmap[ids[:, 1:]]), 1)

@@ -244,5 +244,10 @@ def _train_loop(base, config, acfg, train, val, tcfg, progress, desc, on_point, 
     if bar is not None:
         bar.close()
     curve = Curve(**{k: tuple(v) for k, v in rec.items()})
-    return TrainResult(adapter=adapter, curve=curve, seconds=time.perf_counter() - t0,
-                       config={"adapter": asdict(acfg), "train": asdict(tcfg)}, stopped=stopped)
+    return TrainResult(
+        adapter=adapter,
+        curve=curve,
+        seconds=time.perf_counter() - t0,
+        config={"adapter": asdict(acfg), "train": asdict(tcfg)},
+        stopped=stopped,
+    )

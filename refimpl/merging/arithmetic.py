@@ -24,8 +24,9 @@ def _is_float_array(x: Any) -> bool:
 
 
 @precision._overflow_checked
-def task_vector(finetuned: npt.ArrayLike | Mapping[str, npt.ArrayLike],
-                base: npt.ArrayLike | Mapping[str, npt.ArrayLike]) -> Any:
+def task_vector(
+    finetuned: npt.ArrayLike | Mapping[str, npt.ArrayLike], base: npt.ArrayLike | Mapping[str, npt.ArrayLike]
+) -> Any:
     """τ = θ_t − θ₀ (Ilharco et al. 2023, §2), in float64.
 
     Arrays: both must be floating point, of one shape and one dtype.
@@ -93,8 +94,9 @@ def _task_arithmetic(taus: list[np.ndarray], weights: np.ndarray, lam: float, no
 
 
 @precision._overflow_checked
-def linear(tensors: Sequence[npt.ArrayLike], weights: npt.ArrayLike | None = None, *,
-           normalize: bool = True) -> npt.NDArray[np.float64]:
+def linear(
+    tensors: Sequence[npt.ArrayLike], weights: npt.ArrayLike | None = None, *, normalize: bool = True
+) -> npt.NDArray[np.float64]:
     """Weighted average of full weights, Σ_t w_t θ_t / Σ_t w_t (``normalize``), else Σ_t w_t θ_t.
 
     mergekit ``linear`` (Wortsman et al., "Model soups", arXiv 2203.05482).
@@ -126,8 +128,9 @@ class ModelLayout:
         return tuple(math.prod(int(n) for n in s) for s in self.shapes)  # Python ints: no int64 overflow
 
 
-def flatten_model(state: Mapping[str, npt.ArrayLike], *,
-                  remove_keys: Sequence[str] = ()) -> tuple[npt.NDArray[np.float64], ModelLayout]:
+def flatten_model(
+    state: Mapping[str, npt.ArrayLike], *, remove_keys: Sequence[str] = ()
+) -> tuple[npt.NDArray[np.float64], ModelLayout]:
     """Concatenate a model's floating tensors, keys sorted by name, into one float64 vector.
 
     This is the official TIES / MergeLM "whole model" scope (``state_dict_to_vector``):

@@ -39,16 +39,24 @@ def _adapters(As: Any, Bs: Any, scalings: Any, weights: Any) -> tuple[list, list
 
 
 @precision._overflow_checked
-def lora_delta(As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings: npt.ArrayLike,
-               weights: npt.ArrayLike | None = None) -> npt.NDArray[np.float64]:
+def lora_delta(
+    As: Sequence[npt.ArrayLike],
+    Bs: Sequence[npt.ArrayLike],
+    scalings: npt.ArrayLike,
+    weights: npt.ArrayLike | None = None,
+) -> npt.NDArray[np.float64]:
     """ΔW = Σ_i w_i s_i B_i A_i, shape (out, in), float64: the target of every LoRA-space merge."""
     A, B, c = _adapters(As, Bs, scalings, weights)
     return sum(ci * (b @ a) for ci, a, b in zip(c, A, B, strict=True))
 
 
 @precision._overflow_checked
-def lora_cat(As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings: npt.ArrayLike,
-             weights: npt.ArrayLike | None = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def lora_cat(
+    As: Sequence[npt.ArrayLike],
+    Bs: Sequence[npt.ArrayLike],
+    scalings: npt.ArrayLike,
+    weights: npt.ArrayLike | None = None,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Concatenation: A = [c_1 A_1; …; c_T A_T] (rows), B = [B_1 … B_T] (columns), rank Σ r_i.
 
     B A = Σ_i B_i (c_i A_i) = Σ_i c_i B_i A_i exactly (PEFT ``combination_type="cat"``; merged scaling 1).
@@ -60,7 +68,9 @@ def lora_cat(As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings:
 
 @precision._overflow_checked
 def lora_factor_linear(
-    As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings: npt.ArrayLike,
+    As: Sequence[npt.ArrayLike],
+    Bs: Sequence[npt.ArrayLike],
+    scalings: npt.ArrayLike,
     weights: npt.ArrayLike | None = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """PEFT's factor-space ``combination_type="linear"`` (an emulation, NOT Σ c_i ΔW_i).
@@ -80,8 +90,9 @@ def lora_factor_linear(
 
 
 @precision._overflow_checked
-def lowrank_factors(delta: npt.ArrayLike, rank: int, *, split: str = "B",
-                    clamp: float | None = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def lowrank_factors(
+    delta: npt.ArrayLike, rank: int, *, split: str = "B", clamp: float | None = None
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Best rank-r factors of ΔW (Eckart–Young): U, S, Vᵀ = svd(ΔW), truncated to r.
 
     ``split="B"`` (PEFT): B = U_r diag(S_r), A = V_rᵀ. ``split="sqrt"`` (mergekit extract-lora):
@@ -108,9 +119,16 @@ def lowrank_factors(delta: npt.ArrayLike, rank: int, *, split: str = "B",
 
 
 @precision._overflow_checked
-def lora_svd(As: Sequence[npt.ArrayLike], Bs: Sequence[npt.ArrayLike], scalings: npt.ArrayLike,
-             weights: npt.ArrayLike | None = None, *, rank: int | None = None, split: str = "B",
-             clamp: float | None = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def lora_svd(
+    As: Sequence[npt.ArrayLike],
+    Bs: Sequence[npt.ArrayLike],
+    scalings: npt.ArrayLike,
+    weights: npt.ArrayLike | None = None,
+    *,
+    rank: int | None = None,
+    split: str = "B",
+    clamp: float | None = None,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """ΔW-space merge then SVD projection (PEFT ``combination_type="svd"``): factors of
     ``lowrank_factors(Σ_i w_i s_i B_i A_i, rank)``. ``rank`` defaults to max r_i (PEFT) and must be
     ≤ min(out, in) (PEFT crashes there). Exact iff rank(ΔW) ≤ rank. PEFT 0.21.2 scales once

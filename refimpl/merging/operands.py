@@ -60,8 +60,14 @@ def task_sequence(tensors: Any, name: str = "task_vectors", *, min_count: int = 
     return tensors
 
 
-def same_as_first(i: int, shape: tuple[int, ...], dtype: np.dtype, first_shape: tuple[int, ...],
-                  first_dtype: np.dtype, name: str = "task_vectors") -> None:
+def same_as_first(
+    i: int,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    first_shape: tuple[int, ...],
+    first_dtype: np.dtype,
+    name: str = "task_vectors",
+) -> None:
     """Tensor i must have the dtype and the shape of tensor 0 (dtype checked first)."""
     if dtype != first_dtype:
         raise ValueError(f"{name}[{i}]: expected dtype {first_dtype} (the dtype of {name}[0]), got dtype {dtype}")

@@ -26,6 +26,7 @@ DIVISOR = ("count", "weight_sum", "none")
 RESCALES = ("inverse", "l1", "none")
 MERGES = ("linear", "ties")
 
+
 @dataclass(frozen=True)
 class TiesRules:
     """The rule each step of TIES follows (spec/merging.md §4)."""
@@ -37,6 +38,7 @@ class TiesRules:
     zero_sign: str  # step 2: γ where the score is 0 (ZERO_SIGN)
     divisor: str  # step 3: |A_p| ("count"), Σ_{t∈A_p} w_t ("weight_sum") or 1 ("none")
 
+
 @dataclass(frozen=True)
 class DareRules:
     """The rules of DARE (spec/merging.md §5): the drop's rescale, then a linear or a TIES merge."""
@@ -47,6 +49,7 @@ class DareRules:
     ties: TiesRules  # merge="ties": the TIES that merges the τ̂_t (its trim is never L1-rescaled)
     merge: str = "linear"  # "linear" (task arithmetic of the τ̂_t) or "ties"
 
+
 @dataclass(frozen=True)
 class Profile:
     """One implementation's rules for every merge that has a profile."""
@@ -55,28 +58,37 @@ class Profile:
     ties: TiesRules
     dare: DareRules
 
+
 # prateeky2806/ties-merging: topk_values_mask (k + 1 entries plus ties), resolve_sign("mass") with
 # resolve_zero_signs("majority"), disjoint_merge("dis-mean"). It has no per-task weights; given weights are
 # applied after the election, as PEFT does. DARE (MergeLM#38): drop, rescale by 1/d, then the full TIES
 # with its own trim at density 0.2 (MergeLM's mask rate 0.8).
-_PAPER_TIES = TiesRules(k_rule="threshold", rescale="none", weight_stage="after_election", elect="sum",
-                        zero_sign="global_majority", divisor="count")
-PAPER = Profile("paper", ties=_PAPER_TIES,
-                dare=DareRules(rescale="inverse", normalize=False, ties_density=0.2, ties=_PAPER_TIES))
+_PAPER_TIES = TiesRules(
+    k_rule="threshold",
+    rescale="none",
+    weight_stage="after_election",
+    elect="sum",
+    zero_sign="global_majority",
+    divisor="count",
+)
+PAPER = Profile(
+    "paper", ties=_PAPER_TIES, dare=DareRules(rescale="inverse", normalize=False, ties_density=0.2, ties=_PAPER_TIES)
+)
 
 # PEFT 0.21.2 merge_utils.ties: topk prune of exactly k, elect on the unweighted tensors with a tie → +1,
 # count mean. dare_ties: no trim.
 _PEFT_TIES = replace(PAPER.ties, k_rule="floor", zero_sign="positive")
-PEFT = Profile("peft", ties=_PEFT_TIES,
-               dare=replace(PAPER.dare, ties_density=1.0, ties=_PEFT_TIES))
+PEFT = Profile("peft", ties=_PEFT_TIES, dare=replace(PAPER.dare, ties_density=1.0, ties=_PEFT_TIES))
 
 # mergekit 0.1.5 ties (normalize=True, rescale=False): sparsify.magnitude keeps max(1, k), weights before
 # the election (mergekit#474), divisor Σ w over the agreeing entries. dare_ties: L1 rescale (PR #505), no
 # trim, and with its default normalize=False the agreeing entries are summed (divisor "none").
 _MERGEKIT_TIES = replace(_PEFT_TIES, k_rule="floor_min1", weight_stage="before_election", divisor="weight_sum")
-MERGEKIT = Profile("mergekit", ties=_MERGEKIT_TIES,
-                   dare=replace(PAPER.dare, rescale="l1", ties_density=1.0,
-                                ties=replace(_MERGEKIT_TIES, divisor="none")))
+MERGEKIT = Profile(
+    "mergekit",
+    ties=_MERGEKIT_TIES,
+    dare=replace(PAPER.dare, rescale="l1", ties_density=1.0, ties=replace(_MERGEKIT_TIES, divisor="none")),
+)
 
 # yule-BUAA/MergeLM merging_methods.py ties_merging: kthvalue at int(n · mask_rate), mask_rate = 1 − d
 # (one more entry than the official code when d·n is not whole); where the global majority is 0 too,
@@ -86,9 +98,11 @@ MERGELM = Profile("mergelm", ties=_MERGELM_TIES, dare=replace(PAPER.dare, ties=_
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, PEFT, MERGEKIT, MERGELM)}
 
+
 def profile(name: Any) -> Profile:
     """The profile called ``name`` (ValueError naming the choices otherwise)."""
     return PROFILES[_checks.choice(name, "profile", tuple(PROFILES))]
+
 
 def ties_rules(name: Any, **given: Any) -> TiesRules:
     """The TIES rules of profile ``name`` with the explicitly given (non-None) options substituted, checked."""
@@ -98,8 +112,10 @@ def ties_rules(name: Any, **given: Any) -> TiesRules:
     _checks.choice(rules.rescale, "rescale", TRIM_RESCALES)
     return rules
 
-def dare_rules(name: Any, merge: Any, *, rescale: Any = None, normalize: Any = None, ties_density: Any = None,
-               **election: Any) -> DareRules:
+
+def dare_rules(
+    name: Any, merge: Any, *, rescale: Any = None, normalize: Any = None, ties_density: Any = None, **election: Any
+) -> DareRules:
     """The DARE rules of profile ``name`` for ``merge`` with the given (non-None) options substituted, checked.
 
     ``election`` holds TIES's ``elect``, ``zero_sign``, ``weight_stage`` and ``divisor`` (merge="ties").
@@ -108,37 +124,67 @@ def dare_rules(name: Any, merge: Any, *, rescale: Any = None, normalize: Any = N
     base = profile(name).dare
     ties = replace(base.ties, **{k: v for k, v in election.items() if v is not None})
     _check_election(ties)
-    rules = replace(base, ties=ties, merge=merge,
-                    **{k: v for k, v in (("rescale", rescale), ("normalize", normalize),
-                                         ("ties_density", ties_density)) if v is not None})
+    rules = replace(
+        base,
+        ties=ties,
+        merge=merge,
+        **{
+            k: v
+            for k, v in (("rescale", rescale), ("normalize", normalize), ("ties_density", ties_density))
+            if v is not None
+        },
+    )
     _checks.choice(rules.rescale, "rescale", RESCALES)
-    return replace(rules, normalize=_checks.boolean(rules.normalize, "normalize"),
-                   ties_density=operands.density(rules.ties_density, "ties_density"))
+    return replace(
+        rules,
+        normalize=_checks.boolean(rules.normalize, "normalize"),
+        ties_density=operands.density(rules.ties_density, "ties_density"),
+    )
+
 
 def _check_election(rules: TiesRules) -> None:
-    for key, allowed in (("elect", ELECT), ("zero_sign", ZERO_SIGN), ("weight_stage", WEIGHT_STAGE),
-                         ("divisor", DIVISOR)):
+    for key, allowed in (
+        ("elect", ELECT),
+        ("zero_sign", ZERO_SIGN),
+        ("weight_stage", WEIGHT_STAGE),
+        ("divisor", DIVISOR),
+    ):
         _checks.choice(getattr(rules, key), key, allowed)
+
 
 def ties_options(name: Any, **given: Any) -> dict[str, Any]:
     """``ties_rules`` as a plain dict (k_rule, rescale, weight_stage, elect, zero_sign, divisor)."""
     return asdict(ties_rules(name, **given))
+
 
 def dare_options(name: Any, merge: Any, **given: Any) -> dict[str, Any]:
     """``dare_rules`` as one flat dict: the election options, ``dare_rescale``, ``normalize``,
     ``ties_density``, ``merge``, ``profile`` and the trim's ``k_rule`` (the conformance rows read it)."""
     rules = dare_rules(name, merge, **given)
     election = {k: v for k, v in asdict(rules.ties).items() if k != "rescale"}
-    return {**election, "dare_rescale": rules.rescale, "normalize": rules.normalize,
-            "ties_density": rules.ties_density, "merge": rules.merge, "profile": name}
+    return {
+        **election,
+        "dare_rescale": rules.rescale,
+        "normalize": rules.normalize,
+        "ties_density": rules.ties_density,
+        "merge": rules.merge,
+        "profile": name,
+    }
+
 
 def _as_table(pick: Any) -> dict[str, dict[str, Any]]:
     return {name: pick(p) for name, p in PROFILES.items()}
 
+
 #: The tables of spec/merging.md §8 as plain dicts (the public ``TIES_PROFILES``/``DARE_PROFILES``).
 TIES_PROFILES: dict[str, dict[str, Any]] = _as_table(lambda p: asdict(p.ties))
 DARE_PROFILES: dict[str, dict[str, Any]] = _as_table(
-    lambda p: {**{k: v for k, v in asdict(p.dare.ties).items() if k not in ("k_rule", "rescale")},
-               "dare_rescale": p.dare.rescale, "normalize": p.dare.normalize, "ties_density": p.dare.ties_density})
+    lambda p: {
+        **{k: v for k, v in asdict(p.dare.ties).items() if k not in ("k_rule", "rescale")},
+        "dare_rescale": p.dare.rescale,
+        "normalize": p.dare.normalize,
+        "ties_density": p.dare.ties_density,
+    }
+)
 #: The trim rule of each profile (TIES's trim, magnitude prune, DARE-TIES's trim).
 TRIM_K_RULE: dict[str, str] = {name: p.ties.k_rule for name, p in PROFILES.items()}

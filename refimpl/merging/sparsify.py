@@ -17,8 +17,19 @@ from refimpl.merging import operands, profiles
 from refimpl.merging.operands import densities
 from refimpl.merging.profiles import K_RULES, RESCALES, TRIM_K_RULE
 
-__all__ = ["K_RULES", "L1_EPS", "RESCALES", "TRIM_K_RULE", "dare_drop", "dare_masks", "densities", "keep_masks",
-           "l1_rescaled", "magnitude_prune", "trim_mask"]
+__all__ = [
+    "K_RULES",
+    "L1_EPS",
+    "RESCALES",
+    "TRIM_K_RULE",
+    "dare_drop",
+    "dare_masks",
+    "densities",
+    "keep_masks",
+    "l1_rescaled",
+    "magnitude_prune",
+    "trim_mask",
+]
 
 #: mergekit's absolute guard in the L1 rescale: below it the masked tensor is returned unscaled.
 L1_EPS = 1e-7
@@ -91,8 +102,12 @@ def _keep_top(a: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-_KEEP = {"threshold": _keep_threshold, "mask_rate": _keep_mask_rate, "floor": _keep_floor,
-         "floor_min1": _keep_floor_min1}
+_KEEP = {
+    "threshold": _keep_threshold,
+    "mask_rate": _keep_mask_rate,
+    "floor": _keep_floor,
+    "floor_min1": _keep_floor_min1,
+}
 
 
 @precision._overflow_checked
@@ -142,8 +157,9 @@ def magnitude_prune(
     return _magnitude_prune(ops.taus, ops.weights, ops.densities, k_rule, rescale, ops.lam)
 
 
-def _magnitude_prune(taus: list[np.ndarray], weights: np.ndarray, densities: np.ndarray, k_rule: str,
-                     rescale: str, lam: float) -> np.ndarray:
+def _magnitude_prune(
+    taus: list[np.ndarray], weights: np.ndarray, densities: np.ndarray, k_rule: str, rescale: str, lam: float
+) -> np.ndarray:
     """λ·Σ_t w_t (τ_t ⊙ m_t), m_t the trim's keep-mask (L1-matched with ``rescale="l1"``)."""
     out = np.zeros_like(taus[0])
     for tau, w, d in zip(taus, weights, densities, strict=True):
@@ -152,8 +168,9 @@ def _magnitude_prune(taus: list[np.ndarray], weights: np.ndarray, densities: np.
     return lam * out
 
 
-def dare_masks(shape: Sequence[int], count: int, density: float | Sequence[float],
-               rng: np.random.Generator) -> list[npt.NDArray[np.bool_]]:
+def dare_masks(
+    shape: Sequence[int], count: int, density: float | Sequence[float], rng: np.random.Generator
+) -> list[npt.NDArray[np.bool_]]:
     """Draw DARE keep-masks: for t = 0 … count−1 in order, m_t = ``rng.random(shape) < d_t``.
 
     Each entry is kept independently with probability d_t (Bernoulli(d_t); 1 = keep, as in PEFT
@@ -181,8 +198,9 @@ def keep_masks(masks: Any, taus: list[np.ndarray], name: str = "masks") -> list[
             raise ValueError(f"{name}[{i}]: expected shape {taus[i].shape}, got shape {arr.shape}")
         if arr.dtype != bool:
             if arr.dtype.kind not in "iuf" or not np.isin(arr, (0, 1)).all():
-                raise ValueError(f"{name}[{i}]: expected a 0/1 keep mask, got {_checks.describe(arr)} "
-                                 "with values other than 0 and 1")
+                raise ValueError(
+                    f"{name}[{i}]: expected a 0/1 keep mask, got {_checks.describe(arr)} with values other than 0 and 1"
+                )
             arr = arr != 0
         out.append(arr)
     return out

@@ -60,23 +60,27 @@ def _coefficients(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float, 
 
 
 @precision._overflow_checked
-def slerp_coefficients(t: float, v0: npt.ArrayLike, v1: npt.ArrayLike, *, dot_threshold: float = DOT_THRESHOLD,
-                       eps: float = EPS) -> SlerpCoefficients:
+def slerp_coefficients(
+    t: float, v0: npt.ArrayLike, v1: npt.ArrayLike, *, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS
+) -> SlerpCoefficients:
     """The two scalars c0, c1 of ``slerp`` (and cos Ω), computed in float64."""
     t, a, b = _operands(t, v0, v1)
-    return _coefficients(t, a, b, _checks.real(dot_threshold, "dot_threshold", low=0.0, high=1.0),
-                         _checks.real(eps, "eps", low=0.0))
+    return _coefficients(
+        t, a, b, _checks.real(dot_threshold, "dot_threshold", low=0.0, high=1.0), _checks.real(eps, "eps", low=0.0)
+    )
 
 
 @precision._overflow_checked
-def slerp(t: float, v0: npt.ArrayLike, v1: npt.ArrayLike, *, dot_threshold: float = DOT_THRESHOLD,
-          eps: float = EPS) -> npt.NDArray[np.float64]:
+def slerp(
+    t: float, v0: npt.ArrayLike, v1: npt.ArrayLike, *, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS
+) -> npt.NDArray[np.float64]:
     """SLERP between base v0 (t = 0) and v1 (t = 1) over the whole flattened tensor, in float64.
 
     mergekit computes the same formula in float32 (float64 only for float64 inputs) and returns
     the input dtype; compare with a bound (tests/test_merging_peers.py derives it).
     """
     t, a, b = _operands(t, v0, v1)
-    c = _coefficients(t, a, b, _checks.real(dot_threshold, "dot_threshold", low=0.0, high=1.0),
-                      _checks.real(eps, "eps", low=0.0))
+    c = _coefficients(
+        t, a, b, _checks.real(dot_threshold, "dot_threshold", low=0.0, high=1.0), _checks.real(eps, "eps", low=0.0)
+    )
     return c.c0 * a + c.c1 * b

@@ -148,9 +148,13 @@ def _merge_tensor(task: _Task) -> np.ndarray:
     if dt not in _checks.FLOAT_DTYPES:
         return np.ascontiguousarray(base)  # integer/bool/FP8 buffers are copied from the base
     if base.ndim == 0:  # a scalar (e.g. a logit scale): merged as a 1-element vector
-        return _merge_tensor(dataclasses.replace(
-            task, base=dataclasses.replace(task.base, shape=(1,)),
-            models=tuple(dataclasses.replace(m, shape=(1,)) for m in task.models))).reshape(())
+        return _merge_tensor(
+            dataclasses.replace(
+                task,
+                base=dataclasses.replace(task.base, shape=(1,)),
+                models=tuple(dataclasses.replace(m, shape=(1,)) for m in task.models),
+            )
+        ).reshape(())
     opts = dict(task.options)
     w = operands.weight_vector(task.weights, len(task.models))
     if task.method == "linear":
@@ -169,8 +173,9 @@ def _merge_tensor(task: _Task) -> np.ndarray:
 def _finite(tau: np.ndarray, key: str, file: str) -> None:
     if not np.isfinite(tau).all():
         bad = int(np.flatnonzero(~np.isfinite(tau.ravel()))[0])
-        raise ValueError(f"{file}: tensor {key!r}: expected finite values, got a non-finite task-vector "
-                         f"entry at flat index {bad}")
+        raise ValueError(
+            f"{file}: tensor {key!r}: expected finite values, got a non-finite task-vector entry at flat index {bad}"
+        )
 
 
 def _task_vector(model: TensorInfo, key: str, base: np.ndarray) -> np.ndarray:
@@ -179,8 +184,9 @@ def _task_vector(model: TensorInfo, key: str, base: np.ndarray) -> np.ndarray:
     return tau
 
 
-def _merge_task_vectors(task: _Task, taus: Iterator[np.ndarray], shape: tuple[int, ...], w: np.ndarray,
-                        opts: dict) -> np.ndarray:
+def _merge_task_vectors(
+    task: _Task, taus: Iterator[np.ndarray], shape: tuple[int, ...], w: np.ndarray, opts: dict
+) -> np.ndarray:
     lam = float(opts.pop("lam", 1.0))
     if task.method == "task_arithmetic":
         return arithmetic._task_arithmetic(list(taus), w, lam, bool(opts.get("normalize", False)))
@@ -201,8 +207,11 @@ def _header(entries: list[tuple[str, TensorInfo]], metadata: Mapping[str, str]) 
     head: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for key, info in entries:
-        head[key] = {"dtype": _CODES[info.dtype], "shape": list(info.shape),
-                     "data_offsets": [offset, offset + info.nbytes]}
+        head[key] = {
+            "dtype": _CODES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
         offset += info.nbytes
     text = json.dumps(head, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -293,7 +302,8 @@ def merge_files(
     out = _output_dir(out_dir)
     if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix) or prefix in (".", ".."):
         raise (ValueError if isinstance(prefix, str) else TypeError)(
-            f"prefix: expected a plain file-name stem (letters, digits, '.', '_', '-'; no path), got {prefix!r}")
+            f"prefix: expected a plain file-name stem (letters, digits, '.', '_', '-'; no path), got {prefix!r}"
+        )
     progress = _checks.boolean(progress, "progress")
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, Sequence) or not models:
         raise TypeError(f"models: expected a non-empty list of models (paths), got {_checks.describe(models)}")
@@ -322,26 +332,32 @@ def merge_files(
                 raise ValueError(f"models[{i}]: expected tensor {key!r} (present in base), it is missing")
             other = idx[key]
             if other.shape != info.shape or other.dtype != info.dtype:
-                raise ValueError(f"models[{i}]: tensor {key!r}: expected shape {info.shape} and dtype "
-                                 f"{info.dtype} (as in base), got shape {other.shape} and dtype {other.dtype}")
+                raise ValueError(
+                    f"models[{i}]: tensor {key!r}: expected shape {info.shape} and dtype "
+                    f"{info.dtype} (as in base), got shape {other.shape} and dtype {other.dtype}"
+                )
         extra = sorted(set(idx) - set(base_index))
         if extra:
             raise ValueError(f"models[{i}]: tensors not in base: {extra[:5]}{' …' if len(extra) > 5 else ''}")
 
     keys = list(base_index)
     frozen_opts = tuple(sorted(opts.items()))
-    tasks = [_Task(k, base_index[k], tuple(idx[k] for idx in model_indexes), method, weights, frozen_opts, seed)
-             for k in keys]
+    tasks = [
+        _Task(k, base_index[k], tuple(idx[k] for idx in model_indexes), method, weights, frozen_opts, seed)
+        for k in keys
+    ]
     # Fail early on bad options: run the first floating tensor's merge on a tiny slice of the data.
     _validate_options(method, weights, opts, len(models))
 
-    inputs = {Path(f).resolve() for i, spec in enumerate([base, *models])
-              for f in _files_of(spec, "base" if i == 0 else f"models[{i - 1}]")}
+    inputs = {
+        Path(f).resolve()
+        for i, spec in enumerate([base, *models])
+        for f in _files_of(spec, "base" if i == 0 else f"models[{i - 1}]")
+    }
     _own_entries(out, inputs)  # refuse before writing anything
     shards = _plan_shards(keys, base_index, shard_size)
     n = len(shards)
-    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
-                                                      for i in range(n)]
+    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     metadata = {"format": "pt", "merged_by": MARKER, "method": method}
     shard_of = {k: names[i] for i, sk in enumerate(shards) for k in sk}
     total = sum(base_index[k].nbytes for k in keys)
@@ -428,8 +444,10 @@ def _own_entries(out: Path, inputs: set[Path]) -> list[str]:
     anything merge_files did not write (it would be replaced with the folder)."""
     for f in sorted(inputs):
         if out == f or out in f.parents:
-            raise ValueError(f"out_dir: {str(out)!r} holds the input {str(f)!r}; merge_files replaces the whole "
-                             "folder, so write the merge to another folder")
+            raise ValueError(
+                f"out_dir: {str(out)!r} holds the input {str(f)!r}; merge_files replaces the whole "
+                "folder, so write the merge to another folder"
+            )
     if not out.is_dir():
         return []
     own, foreign, shards, indexes = [], [], set(), []
@@ -447,8 +465,10 @@ def _own_entries(out: Path, inputs: set[Path]) -> list[str]:
         (own if _is_own_index(e.path, shards) else foreign).append(e.name)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ValueError(f"out_dir: {str(out)!r} holds files merge_files did not write ({shown}); merge_files "
-                         "replaces the whole folder, so merge into a new or empty folder (or move them away)")
+        raise ValueError(
+            f"out_dir: {str(out)!r} holds files merge_files did not write ({shown}); merge_files "
+            "replaces the whole folder, so merge into a new or empty folder (or move them away)"
+        )
     return own
 
 
@@ -482,8 +502,11 @@ def _remove_replaced(old: Path, own: list[str], out: Path) -> None:
     try:
         old.rmdir()
     except OSError:
-        warnings.warn(f"merge_files: {old} kept: files appeared in {out} while merging, and only merge_files' own "
-                      "earlier output is ever deleted", stacklevel=3)
+        warnings.warn(
+            f"merge_files: {old} kept: files appeared in {out} while merging, and only merge_files' own "
+            "earlier output is ever deleted",
+            stacklevel=3,
+        )
 
 
 def _validate_options(method: str, weights: Any, opts: dict, count: int) -> None:

@@ -36,14 +36,23 @@ from refimpl.merging.profiles import (
 )
 from refimpl.merging.sparsify import _l1_rescaled, _trim_mask, dare_drop, dare_masks, densities, keep_masks
 
-__all__ = ["DARE_PROFILES", "TIES_PROFILES", "dare", "dare_options", "densities", "elect_and_merge", "ties",
-           "ties_options"]
+__all__ = [
+    "DARE_PROFILES",
+    "TIES_PROFILES",
+    "dare",
+    "dare_options",
+    "densities",
+    "elect_and_merge",
+    "ties",
+    "ties_options",
+]
 
 # core: the formulas (spec/merging.md §4, §5)
 
 
-def _ties(taus: Iterable[np.ndarray], weights: np.ndarray, densities: Iterable[float], rules: TiesRules,
-          lam: float) -> np.ndarray:
+def _ties(
+    taus: Iterable[np.ndarray], weights: np.ndarray, densities: Iterable[float], rules: TiesRules, lam: float
+) -> np.ndarray:
     """Algorithm 1 of Yadav et al. 2023: the merged task vector λ τ_m (θ_m = θ_init + λ τ_m)."""
     trimmed = [_trim(tau, d, rules) for tau, d in zip(taus, densities, strict=True)]  # step 1: τ̂_t = top-k% of τ_t
     return lam * _elect_and_merge(trimmed, weights, rules)  # steps 2 and 3
@@ -63,8 +72,14 @@ def _agreement(votes: list[np.ndarray], rules: TiesRules) -> list[np.ndarray]:
     return [_agrees(vote, gamma, rules) for vote in votes]
 
 
-def _dare(taus: Iterable[np.ndarray], weights: np.ndarray, densities: np.ndarray, masks: Sequence[np.ndarray],
-          rules: DareRules, lam: float) -> np.ndarray:
+def _dare(
+    taus: Iterable[np.ndarray],
+    weights: np.ndarray,
+    densities: np.ndarray,
+    masks: Sequence[np.ndarray],
+    rules: DareRules,
+    lam: float,
+) -> np.ndarray:
     """DARE, eq. (1): τ̂_t = τ_t ⊙ m_t / d_t, then task arithmetic or TIES of the τ̂_t, times λ."""
     dropped = [dare_drop(tau, m, d, rules.rescale) for tau, m, d in zip(taus, masks, densities, strict=True)]
     if rules.merge == "ties":  # TIES with its own trim at ties_density (1: none)
@@ -136,14 +151,20 @@ def elect_and_merge(
     τ_m = Σ_t w_t τ̂_t m_t / D with D = max(Σ_t m_t, 1) (``"count"``), Σ_t w_t m_t with 0 → 1
     (``"weight_sum"``) or 1 (``"none"``).
     """
-    taus = operands.task_list(list(trimmed) if isinstance(trimmed, np.ndarray) and trimmed.ndim > 1 else trimmed,
-                              "trimmed")
+    taus = operands.task_list(
+        list(trimmed) if isinstance(trimmed, np.ndarray) and trimmed.ndim > 1 else trimmed, "trimmed"
+    )
     w = operands.weight_vector(weights, len(taus))
-    for key, value, allowed in (("elect", elect, ELECT), ("zero_sign", zero_sign, ZERO_SIGN),
-                                ("weight_stage", weight_stage, WEIGHT_STAGE), ("divisor", divisor, DIVISOR)):
+    for key, value, allowed in (
+        ("elect", elect, ELECT),
+        ("zero_sign", zero_sign, ZERO_SIGN),
+        ("weight_stage", weight_stage, WEIGHT_STAGE),
+        ("divisor", divisor, DIVISOR),
+    ):
         _checks.choice(value, key, allowed)
-    rules = TiesRules(k_rule="threshold", rescale="none", weight_stage=weight_stage, elect=elect,
-                      zero_sign=zero_sign, divisor=divisor)
+    rules = TiesRules(
+        k_rule="threshold", rescale="none", weight_stage=weight_stage, elect=elect, zero_sign=zero_sign, divisor=divisor
+    )
     return _elect_and_merge(taus, w, rules)
 
 
@@ -172,8 +193,15 @@ def ties(
     election, as PEFT does. mergekit's ``normalize=False`` is ``divisor="none"``.
     """
     ops = operands.task_operands(task_vectors, weights, density=density, lam=lam)
-    rules = ties_rules(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
-                       divisor=divisor, rescale=rescale)
+    rules = ties_rules(
+        profile,
+        k_rule=k_rule,
+        elect=elect,
+        zero_sign=zero_sign,
+        weight_stage=weight_stage,
+        divisor=divisor,
+        rescale=rescale,
+    )
     return _ties(ops.taus, ops.weights, ops.densities, rules, ops.lam)
 
 
@@ -208,8 +236,17 @@ def dare(
     trim (``ties_density=1``) and differ in election and divisor as in ``ties``.
     """
     ops = operands.task_operands(task_vectors, weights, density=density, lam=lam)
-    rules = dare_rules(profile, merge, rescale=rescale, normalize=normalize, ties_density=ties_density,
-                       elect=elect, zero_sign=zero_sign, weight_stage=weight_stage, divisor=divisor)
+    rules = dare_rules(
+        profile,
+        merge,
+        rescale=rescale,
+        normalize=normalize,
+        ties_density=ties_density,
+        elect=elect,
+        zero_sign=zero_sign,
+        weight_stage=weight_stage,
+        divisor=divisor,
+    )
     if rules.merge == "linear" and rules.normalize:
         operands.normalizable(ops.weights)
     return _dare(ops.taus, ops.weights, ops.densities, _keep_masks(masks, rng, ops), rules, ops.lam)
@@ -221,5 +258,7 @@ def _keep_masks(masks: Any, rng: Any, ops: operands.TaskOperands) -> list[np.nda
         return dare_masks(ops.taus[0].shape, len(ops.taus), ops.densities.tolist(), rng)
     if masks is not None and rng is None:
         return keep_masks(masks, ops.taus)
-    raise ValueError("masks, rng: expected exactly one of them (the DARE keep-masks or a Generator to "
-                     f"draw them), got masks={_checks.describe(masks)} and rng={_checks.describe(rng)}")
+    raise ValueError(
+        "masks, rng: expected exactly one of them (the DARE keep-masks or a Generator to "
+        f"draw them), got masks={_checks.describe(masks)} and rng={_checks.describe(rng)}"
+    )

@@ -81,8 +81,9 @@ def _quantize_8bit_core(x: F32, bs: int, steps: Steps) -> tuple[U8, F32]:
     return codes.reshape(-1)[: x.size], absmax
 
 
-def _dequantize_4bit_core(nibbles: U8, code: F32, absmax: F32, bs: int, dtype: str,
-                          shape: tuple[int, ...], steps: Steps) -> npt.NDArray[Any]:
+def _dequantize_4bit_core(
+    nibbles: U8, code: F32, absmax: F32, bs: int, dtype: str, shape: tuple[int, ...], steps: Steps
+) -> npt.NDArray[Any]:
     """x̂_i = RNE_dtype(f32(code[nib_i] · a_{i // bs})) (spec §5), with the input's shape."""
     values = (code[nibbles] * np.repeat(absmax, bs)[: nibbles.size]).astype(np.float32)
     return steps.cast_output(values, dtype, shape).reshape(shape)
@@ -107,7 +108,7 @@ def _scaled(x: F32, absmax: F32, bs: int) -> F32:
     n_full = x.size - x.size % bs
     inv = np.float32(1) / np.maximum(absmax[: n_full // bs], ABSMAX_MIN)
     full = x[:n_full].reshape(-1, bs) * inv[:, None]
-    tail = x[n_full:] / absmax[n_full // bs:]
+    tail = x[n_full:] / absmax[n_full // bs :]
     return np.clip(np.concatenate([full.reshape(-1), tail]), np.float32(-1), np.float32(1)).astype(np.float32)
 
 
@@ -244,19 +245,24 @@ def quantize_4bit(
     than 32,768 blocks (torch.get_num_threads() where bitsandbytes ran).
     Returns (packed uint8 of shape ((n+1)//2, 1), QuantState).
     """
-    ops = quant_operands(x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite,
-                         threads=threads)
+    ops = quant_operands(x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite, threads=threads)
     steps = _STEPS[ops.profile]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         packed, absmax = _quantize_4bit_core(ops.x32(), ops.blocksize, ops.quant_type, steps)
-        fields: dict[str, Any] = dict(shape=ops.shape, dtype=ops.dtype, blocksize=ops.blocksize,
-                                      quant_type=ops.quant_type, code=codebooks.codebook(ops.quant_type),
-                                      profile=ops.profile)
+        fields: dict[str, Any] = dict(
+            shape=ops.shape,
+            dtype=ops.dtype,
+            blocksize=ops.blocksize,
+            quant_type=ops.quant_type,
+            code=codebooks.codebook(ops.quant_type),
+            profile=ops.profile,
+        )
         if not ops.double_quant:
             return packed, QuantState(absmax=absmax, **fields)
         offset, codes, a2 = _double_quantize_core(absmax, ops.threads, steps)
-    return packed, QuantState(absmax=codes, offset=offset, nested_absmax=a2,
-                              nested_code=codebooks.codebook("dynamic8"), **fields)
+    return packed, QuantState(
+        absmax=codes, offset=offset, nested_absmax=a2, nested_code=codebooks.codebook("dynamic8"), **fields
+    )
 
 
 def dequantize_4bit(packed: npt.ArrayLike, state: QuantState, *, profile: str | None = None) -> npt.NDArray[Any]:
@@ -271,11 +277,19 @@ def dequantize_4bit(packed: npt.ArrayLike, state: QuantState, *, profile: str | 
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
     if p.size != (n + 1) // 2:
-        raise ValueError(f"packed: state describes shape {state.shape} ({n} elements, {(n + 1) // 2} bytes), "
-                         f"got {p.size} bytes")
+        raise ValueError(
+            f"packed: state describes shape {state.shape} ({n} elements, {(n + 1) // 2} bytes), got {p.size} bytes"
+        )
     with np.errstate(invalid="ignore", over="ignore"):
-        return _dequantize_4bit_core(unpack_nibbles(p, n), dequantization_code(state, prof), state.block_absmax(),
-                                     state.blocksize, state.dtype, state.shape, _STEPS[prof])
+        return _dequantize_4bit_core(
+            unpack_nibbles(p, n),
+            dequantization_code(state, prof),
+            state.block_absmax(),
+            state.blocksize,
+            state.dtype,
+            state.shape,
+            _STEPS[prof],
+        )
 
 
 def quantize_blockwise_8bit(
@@ -297,8 +311,9 @@ def quantize_blockwise_8bit(
     return codes.reshape(ops.shape), absmax
 
 
-def dequantize_blockwise_8bit(codes: npt.ArrayLike, absmax: npt.ArrayLike,
-                              blocksize: int = 256) -> npt.NDArray[np.float32]:
+def dequantize_blockwise_8bit(
+    codes: npt.ArrayLike, absmax: npt.ArrayLike, blocksize: int = 256
+) -> npt.NDArray[np.float32]:
     """x̂_i = f32(d[q_i] · a_{i // blocksize}) with the dynamic map d; float32 with the codes' shape."""
     q = _checks._to_numpy(codes, "codes")
     if q.dtype != np.uint8:
@@ -315,9 +330,9 @@ def dequantize_blockwise_8bit(codes: npt.ArrayLike, absmax: npt.ArrayLike,
         return (codebooks.codebook("dynamic8")[q.reshape(-1)] * scale).astype(np.float32).reshape(q.shape)
 
 
-
-def storage_bits_per_parameter(blocksize: int = 64, double_quant: bool = False,
-                               nested_blocksize: int = NESTED_BLOCKSIZE) -> float:
+def storage_bits_per_parameter(
+    blocksize: int = 64, double_quant: bool = False, nested_blocksize: int = NESTED_BLOCKSIZE
+) -> float:
     """Bits stored per weight: 4 + 32/blocksize, or with double quantization
     4 + 8/blocksize + 32/(blocksize · nested_blocksize) (QLoRA §3: 0.5 vs 0.127 bits of overhead
     at blocksize 64); the one float32 offset per tensor is not counted."""

@@ -83,11 +83,15 @@ class Check4bitReport:
         return self.n_admissible + self.n_zero_sign == n_diff and self.n_special == 0 and self.n_absmax_mismatch == 0
 
     def __str__(self) -> str:
-        s = (f"{self.n_elements} nibbles: {self.n_equal} equal, {self.n_admissible} admissible, "
-             f"{self.n_zero_sign} zero-sign, {self.n_special} special, {self.n_wrong} wrong")
+        s = (
+            f"{self.n_elements} nibbles: {self.n_equal} equal, {self.n_admissible} admissible, "
+            f"{self.n_zero_sign} zero-sign, {self.n_special} special, {self.n_wrong} wrong"
+        )
         if self.first_wrong_index is not None and self.first_wrong is not None:  # set together
-            s += f" (first at flat index {self.first_wrong_index}: got {self.first_wrong[0]}, " \
-                 f"expected {self.first_wrong[1]})"
+            s += (
+                f" (first at flat index {self.first_wrong_index}: got {self.first_wrong[0]}, "
+                f"expected {self.first_wrong[1]})"
+            )
         s += f"; {self.n_absmax_mismatch} block scales differ"
         if self.causes:
             s += "; causes: " + ", ".join(f"{c} {n}" for c, n in self.causes.items())
@@ -136,9 +140,12 @@ class _Rules:
     ties_high: bool = False  #: exact ties go to the higher code
 
     def name(self) -> str:
-        parts = (["codebook"] if self.codebook is not None else []) + \
-            ([f"precision:{self.precision}"] if self.precision else []) + \
-            (["scaling"] if self.other_scaling else []) + (["ties"] if self.ties_high else [])
+        parts = (
+            (["codebook"] if self.codebook is not None else [])
+            + ([f"precision:{self.precision}"] if self.precision else [])
+            + (["scaling"] if self.other_scaling else [])
+            + (["ties"] if self.ties_high else [])
+        )
         return "+".join(parts)
 
 
@@ -177,18 +184,29 @@ def _hypotheses(state_code: np.ndarray, quant_type: str, dtype: str) -> list[_Ru
     codes: list[np.ndarray | None] = [None]
     if not np.array_equal(state_code.view(np.uint32), codebooks.codebook(quant_type).view(np.uint32)):
         codes.append(state_code)
-    out = [_Rules(c, p, sc, t) for c, p, sc, t in itertools.product(codes, (None, *precisions), (False, True),
-                                                                   (False, True))]
+    out = [
+        _Rules(c, p, sc, t)
+        for c, p, sc, t in itertools.product(codes, (None, *precisions), (False, True), (False, True))
+    ]
     out = [r for r in out if r.name()]
     # fewest changes first; within a size the smallest change first: the state's codebook (a fact the state
     # states), the scaling rule (one rounding), the tie rule (a reference s exactly on a threshold, which the
     # scaling rule also moves), then a lower precision (many roundings)
-    return sorted(out, key=lambda r: (r.name().count("+"), r.codebook is None, not r.other_scaling,
-                                      not r.ties_high, r.precision is None))
+    return sorted(
+        out,
+        key=lambda r: (
+            r.name().count("+"),
+            r.codebook is None,
+            not r.other_scaling,
+            not r.ties_high,
+            r.precision is None,
+        ),
+    )
 
 
-def _nibble_causes(hyps: list[_Rules], g: np.ndarray, xs: np.ndarray, a: np.ndarray, tail: np.ndarray,
-                   quant_type: str) -> np.ndarray:
+def _nibble_causes(
+    hyps: list[_Rules], g: np.ndarray, xs: np.ndarray, a: np.ndarray, tail: np.ndarray, quant_type: str
+) -> np.ndarray:
     """For each differing element, the name of the first (smallest) rule set reproducing the nibble g, or ''.
     Single rules are tried before the admissible window, combinations after it (``check_4bit``)."""
     names = np.full(g.size, "", dtype=object)
@@ -206,8 +224,12 @@ def _scale_causes(state: QuantState, raw_absmax: np.ndarray, blocks: np.ndarray)
     """Differing block scales by cause: torchao's int8 linear double quantization, or wrong."""
     explained = np.zeros(blocks.size, dtype=bool)
     dtype = torchao_profile.DTYPES.get(state.dtype)
-    if state.nested and dtype is not None and state.n % state.blocksize == 0 \
-            and state.n_blocks % state.nested_blocksize == 0:
+    if (
+        state.nested
+        and dtype is not None
+        and state.n % state.blocksize == 0
+        and state.n_blocks % state.nested_blocksize == 0
+    ):
         sc = torchao_profile.quantize_scales(raw_absmax, dtype, state.nested_blocksize)
         with np.errstate(invalid="ignore"):
             explained = sc.codes.view(np.uint8)[blocks] == state.absmax[blocks]
@@ -215,8 +237,15 @@ def _scale_causes(state: QuantState, raw_absmax: np.ndarray, blocks: np.ndarray)
     return {k: v for k, v in out.items() if v}
 
 
-def check_4bit(packed: npt.ArrayLike, state: QuantState, x: npt.ArrayLike, *, profile: str = "reference",
-               ulps: float = 3, threads: int = 1) -> Check4bitReport:
+def check_4bit(
+    packed: npt.ArrayLike,
+    state: QuantState,
+    x: npt.ArrayLike,
+    *,
+    profile: str = "reference",
+    ulps: float = 3,
+    threads: int = 1,
+) -> Check4bitReport:
     """Compare packed codes + state produced by an implementation for input ``x`` with what
     ``profile`` gives (quantize_4bit with nonfinite="propagate"), and classify each difference
     and name its cause (module docstring).
@@ -232,11 +261,13 @@ def check_4bit(packed: npt.ArrayLike, state: QuantState, x: npt.ArrayLike, *, pr
         raise ValueError(f"x: expected the state's shape {state.shape}, got shape {arr.shape}")
     p = np.asarray(packed)
     if p.dtype != np.uint8 or p.size != (state.n + 1) // 2:
-        raise ValueError(f"packed: expected {(state.n + 1) // 2} uint8 bytes for the state's {state.n} "
-                         f"elements, got {_checks.describe(p)}")
+        raise ValueError(
+            f"packed: expected {(state.n + 1) // 2} uint8 bytes for the state's {state.n} "
+            f"elements, got {_checks.describe(p)}"
+        )
     ref_packed, ref_state = blockwise.quantize_4bit(
-        arr, state.blocksize, state.quant_type, state.nested, profile=profile, nonfinite="propagate",
-        threads=threads)
+        arr, state.blocksize, state.quant_type, state.nested, profile=profile, nonfinite="propagate", threads=threads
+    )
     if ref_state.dtype != state.dtype:
         raise ValueError(f"state: dtype {state.dtype!r} does not match x's dtype {ref_state.dtype!r}")
 
@@ -270,8 +301,11 @@ def check_4bit(packed: npt.ArrayLike, state: QuantState, x: npt.ArrayLike, *, pr
         rg, re = rank[g], rank[e]
         t = (values[g] + values[e]) / 2.0
         if profile == "bitsandbytes-cuda":  # the kernels' literals, not the midpoints
-            bounds = _fp4_cuda_boundaries() if state.quant_type == "fp4" else \
-                codebooks.nf4_cuda_thresholds().astype(np.float64)
+            bounds = (
+                _fp4_cuda_boundaries()
+                if state.quant_type == "fp4"
+                else codebooks.nf4_cuda_thresholds().astype(np.float64)
+            )
             t = bounds[np.minimum(rg, re)]
         with np.errstate(invalid="ignore", divide="ignore"):
             s = np.clip(xs.astype(np.float64) / a, -1.0, 1.0)
@@ -297,10 +331,16 @@ def check_4bit(packed: npt.ArrayLike, state: QuantState, x: npt.ArrayLike, *, pr
         wrong = diff[names == "wrong"]
     first = int(wrong[0]) if wrong.size else None
     return Check4bitReport(
-        n_elements=n, n_equal=n - int(diff.size), n_admissible=n_adm, n_zero_sign=n_zero,
-        n_special=n_special, n_wrong=int(wrong.size), first_wrong_index=first,
+        n_elements=n,
+        n_equal=n - int(diff.size),
+        n_admissible=n_adm,
+        n_zero_sign=n_zero,
+        n_special=n_special,
+        n_wrong=int(wrong.size),
+        first_wrong_index=first,
         first_wrong=(int(got[first]), int(exp[first])) if first is not None else None,
         n_absmax_mismatch=int(scale_diff.size),
         first_absmax_mismatch=int(scale_diff[0]) if scale_diff.size else None,
         causes=dict(sorted(causes.items())),
-        scale_causes=_scale_causes(state, raw_absmax, scale_diff) if scale_diff.size else {})
+        scale_causes=_scale_causes(state, raw_absmax, scale_diff) if scale_diff.size else {},
+    )

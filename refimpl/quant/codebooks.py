@@ -24,25 +24,79 @@ QUANT_TYPES = ("nf4", "fp4")
 
 #: NF4 levels, index = nibble (already sorted ascending).
 NF4_HEX = (
-    "bf800000", "bf3239b1", "bf066b30", "beca32a0", "be91a24d", "be3d353f", "bdba7871", "00000000",
-    "3da2faff", "3e24cae3", "3e7c04dd", "3ead033a", "3ee1a4b8", "3f1007ab", "3f3913b3", "3f800000",
+    "bf800000",
+    "bf3239b1",
+    "bf066b30",
+    "beca32a0",
+    "be91a24d",
+    "be3d353f",
+    "bdba7871",
+    "00000000",
+    "3da2faff",
+    "3e24cae3",
+    "3e7c04dd",
+    "3ead033a",
+    "3ee1a4b8",
+    "3f1007ab",
+    "3f3913b3",
+    "3f800000",
 )
 
 #: FP4 levels, index = nibble (sign bit 3, magnitude bits 2..0). Nibble 8 is +0.0 here, as in
 #: bitsandbytes' torch table; its C++ scalar and CUDA tables hold −0.0 (spec/nf4.md §9).
 FP4_HEX = (
-    "00000000", "3baaaaab", "3f2aaaab", "3f800000", "3eaaaaab", "3f000000", "3e2aaaab", "3e800000",
-    "00000000", "bbaaaaab", "bf2aaaab", "bf800000", "beaaaaab", "bf000000", "be2aaaab", "be800000",
+    "00000000",
+    "3baaaaab",
+    "3f2aaaab",
+    "3f800000",
+    "3eaaaaab",
+    "3f000000",
+    "3e2aaaab",
+    "3e800000",
+    "00000000",
+    "bbaaaaab",
+    "bf2aaaab",
+    "bf800000",
+    "beaaaaab",
+    "bf000000",
+    "be2aaaab",
+    "be800000",
 )
 
 #: float32 midpoints f32((c_j + c_{j+1}) / 2) of the sorted codebooks: the 15 decision thresholds.
 NF4_MIDPOINT_HEX = (
-    "bf591cd8", "bf1c5270", "beeb8480", "beadea76", "be703cec", "be0d38bc", "bd3a7871",
-    "3d22faff", "3df64862", "3e5067e0", "3e9582d4", "3ec753f9", "3f006d04", "3f248daf", "3f5c89da",
+    "bf591cd8",
+    "bf1c5270",
+    "beeb8480",
+    "beadea76",
+    "be703cec",
+    "be0d38bc",
+    "bd3a7871",
+    "3d22faff",
+    "3df64862",
+    "3e5067e0",
+    "3e9582d4",
+    "3ec753f9",
+    "3f006d04",
+    "3f248daf",
+    "3f5c89da",
 )
 FP4_MIDPOINT_HEX = (
-    "bf555556", "bf155556", "bed55556", "be955556", "be555556", "bdb00000", "bb2aaaab",
-    "00000000", "3b2aaaab", "3db00000", "3e555556", "3e955556", "3ed55556", "3f155556", "3f555556",
+    "bf555556",
+    "bf155556",
+    "bed55556",
+    "be955556",
+    "be555556",
+    "bdb00000",
+    "bb2aaaab",
+    "00000000",
+    "3b2aaaab",
+    "3db00000",
+    "3e555556",
+    "3e955556",
+    "3ed55556",
+    "3f155556",
+    "3f555556",
 )
 
 #: FP4 nibble of each sorted position: nibble = FP4_ORDER[number of midpoints strictly below s].
@@ -60,18 +114,43 @@ FP4_CUDA_MAGNITUDE_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b0
 #: its last digit picks the neighbour: four of the 15 (j = 0, 8, 12, 14) are one ulp away from the float32
 #: midpoints ``NF4_MIDPOINT_HEX`` of the CPU rule (spec/nf4.md §15).
 NF4_CUDA_THRESHOLD_LITERALS = (
-    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
-    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
-    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
-    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
+    "-0.8480964004993439",
+    "-0.6106329262256622",
+    "-0.4599952697753906",
+    "-0.33967943489551544",
+    "-0.23460740596055984",
+    "-0.13791173323988914",
+    "-0.045525018125772476",
+    "0.03979014977812767",
+    "0.1202552504837513",
+    "0.2035212516784668",
+    "0.2920137718319893",
+    "0.3893125355243683",
+    "0.5016634166240692",
+    "0.6427869200706482",
+    "0.8614784181118011",
 )
 NF4_CUDA_THRESHOLD_HEX = (
-    "bf591cd9", "bf1c5270", "beeb8480", "beadea76", "be703cec", "be0d38bc", "bd3a7871",
-    "3d22faff", "3df64863", "3e5067e0", "3e9582d4", "3ec753f9", "3f006d03", "3f248daf", "3f5c89d9",
+    "bf591cd9",
+    "bf1c5270",
+    "beeb8480",
+    "beadea76",
+    "be703cec",
+    "be0d38bc",
+    "bd3a7871",
+    "3d22faff",
+    "3df64863",
+    "3e5067e0",
+    "3e9582d4",
+    "3ec753f9",
+    "3f006d03",
+    "3f248daf",
+    "3f5c89d9",
 )
 
 #: The 256-entry signed dynamic map (create_dynamic_map(signed=True, max_exponent_bits=7)).
-DYNAMIC8_HEX = tuple("""
+DYNAMIC8_HEX = tuple(
+    """
 bf7e3333 bf7a999a bf770000 bf736666 bf6fcccd bf6c3333 bf68999a bf650000 bf616666 bf5dcccd bf5a3333 bf56999a
 bf530000 bf4f6666 bf4bcccd bf483333 bf44999a bf410000 bf3d6666 bf39cccd bf363334 bf32999a bf2f0000 bf2b6666
 bf27cccd bf243334 bf20999a bf1d0000 bf196666 bf15cccd bf123334 bf0e999a bf0b0000 bf076666 bf03cccc bf003333
@@ -94,7 +173,8 @@ b8ba1f4b b88aefb3 b8378034 b7b24206 b70205ff b65a1a94 b513a3b7 00000000 3513a3b7
 3f20999a 3f243334 3f27cccd 3f2b6666 3f2f0000 3f32999a 3f363334 3f39cccd 3f3d6666 3f410000 3f44999a 3f483333
 3f4bcccd 3f4f6666 3f530000 3f56999a 3f5a3333 3f5dcccd 3f616666 3f650000 3f68999a 3f6c3333 3f6fcccd 3f736666
 3f770000 3f7a999a 3f7e3333 3f800000
-""".split())
+""".split()
+)
 
 #: The offset of QLoRA's NF4 construction: 0.9677083 ≈ 1 − (1/30 + 1/32)/2 (an observation, not stated upstream).
 NF4_OFFSET = 0.9677083

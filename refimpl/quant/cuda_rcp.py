@@ -47,8 +47,12 @@ def _delta_table() -> np.ndarray:
 def table_info() -> dict[str, Any]:
     """Which reciprocal the bitsandbytes-cuda profile uses, with the table's counts of +1 and −1 ulp offsets."""
     d = _delta_table()
-    return {"table": TABLE_PATH.name, "rule": "RN(1/a) + d(significand) ulp, flush-to-zero",
-            "plus_one_ulp": int((d == 1).sum()), "minus_one_ulp": int((d == -1).sum())}
+    return {
+        "table": TABLE_PATH.name,
+        "rule": "RN(1/a) + d(significand) ulp, flush-to-zero",
+        "plus_one_ulp": int((d == 1).sum()),
+        "minus_one_ulp": int((d == -1).sum()),
+    }
 
 
 def rcp_approx_ftz(a: Any) -> np.ndarray:

@@ -56,7 +56,7 @@ def _multi_row_sum(rows: np.ndarray) -> np.ndarray:
                 acc[j - 1] = 0
                 if i & (mask << (j * level_power)):
                     break
-    for r in rows[n_groups * step:]:
+    for r in rows[n_groups * step :]:
         acc[0] = acc[0] + r
     for j in range(1, _LEVELS):
         acc[0] = acc[0] + acc[j]
@@ -73,7 +73,7 @@ def _row_sum(values: np.ndarray) -> np.ndarray:
         partial = partial.reshape(_ILP, lanes).copy()
     else:
         partial = np.zeros((_ILP, lanes), dtype=np.float32)
-    for r in values[size_ilp * _ILP:]:
+    for r in values[size_ilp * _ILP :]:
         partial[0] = partial[0] + r
     for k in range(1, _ILP):
         partial[0] = partial[0] + partial[k]
@@ -87,7 +87,7 @@ def _cascade_sum_serial(x: np.ndarray) -> np.float32:
         vec_size = n // _LANES
         lanes = _row_sum(x[: vec_size * _LANES].reshape(vec_size, _LANES))
         total = np.float32(0)
-        for v in x[vec_size * _LANES:]:
+        for v in x[vec_size * _LANES :]:
             total = np.float32(total + v)
         for v in lanes:
             total = np.float32(total + v)
@@ -111,7 +111,7 @@ def torch_cpu_sum_float32(x: np.ndarray, threads: int = 1) -> np.float32:
     chunk = -(-n // tasks)
     buffer = np.zeros(threads, dtype=np.float32)
     for t in range(tasks):
-        part = x[t * chunk: min(n, (t + 1) * chunk)]
+        part = x[t * chunk : min(n, (t + 1) * chunk)]
         if part.size:
             buffer[t] = np.float32(0) + _cascade_sum_serial(part)
     return np.float32(np.float32(0) + _cascade_sum_serial(buffer))
@@ -127,8 +127,13 @@ def correctly_rounded_mean(absmax: np.ndarray) -> np.float32:
     return np.float32(math.fsum(a.astype(np.float64).tolist()) / a.size)
 
 
-def dequantize_nested_absmax(codes: np.ndarray, nested_absmax: np.ndarray, nested_code: np.ndarray,
-                             offset: np.float32, nested_blocksize: int = 256) -> np.ndarray:
+def dequantize_nested_absmax(
+    codes: np.ndarray,
+    nested_absmax: np.ndarray,
+    nested_code: np.ndarray,
+    offset: np.float32,
+    nested_blocksize: int = 256,
+) -> np.ndarray:
     """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset): the per-block float32 scales of a nested state."""
     q = np.asarray(codes, dtype=np.uint8).ravel()
     a2 = np.repeat(np.asarray(nested_absmax, dtype=np.float32), nested_blocksize)[: q.size]

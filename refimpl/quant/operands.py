@@ -43,7 +43,7 @@ def profile_name(profile: Any, profiles: tuple[str, ...] = PROFILES) -> str:
 
 
 def nonfinite_mode(nonfinite: Any, profile: str) -> str:
-    """"raise" or "propagate"; None is the profile's default: the reference raises on NaN/±inf, a peer
+    """ "raise" or "propagate"; None is the profile's default: the reference raises on NaN/±inf, a peer
     profile propagates them by its peer's special-value rules (spec/nf4.md §9)."""
     if nonfinite is None:
         return "raise" if profile == "reference" else "propagate"
@@ -63,8 +63,10 @@ def float_input_array(x: Any, name: str) -> np.ndarray:
     NaN/inf are left to the profile's special-value rules, which ``_checks.float_array`` would reject)."""
     arr = _checks._to_numpy(x, name)  # refuses masked arrays and np.matrix
     if np.dtype(arr.dtype) not in INPUT_DTYPES:
-        raise TypeError(f"{name}: expected a float32, float16 or bfloat16 array (float64: reference profile "
-                        f"only), got {_checks.describe(arr)}")
+        raise TypeError(
+            f"{name}: expected a float32, float16 or bfloat16 array (float64: reference profile "
+            f"only), got {_checks.describe(arr)}"
+        )
     if arr.size == 0:
         raise ValueError(f"{name}: expected a non-empty array, got {_checks.describe(arr)}")
     return arr
@@ -76,8 +78,9 @@ def raise_nonfinite(flat: np.ndarray, name: str) -> None:
     bad = np.flatnonzero(~np.isfinite(flat32))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{name}: expected finite values (or nonfinite='propagate'), got {flat32[i]} at "
-                         f"flat index {i}")
+        raise ValueError(
+            f"{name}: expected finite values (or nonfinite='propagate'), got {flat32[i]} at flat index {i}"
+        )
 
 
 @dataclass(frozen=True)
@@ -135,11 +138,22 @@ def quant_operands(
     flat = arr.reshape(-1)
     if dtype_name == "float64":
         if prof != "reference":
-            raise TypeError(f"x: profile {prof!r} accepts float32, float16 or bfloat16 (bitsandbytes "
-                            f"refuses float64), got {_checks.describe(arr)}; use profile='reference', which "
-                            f"rounds float64 to float32 once")
+            raise TypeError(
+                f"x: profile {prof!r} accepts float32, float16 or bfloat16 (bitsandbytes "
+                f"refuses float64), got {_checks.describe(arr)}; use profile='reference', which "
+                f"rounds float64 to float32 once"
+            )
         flat = flat.astype(np.float32)
     if mode == "raise" and check_finite:
         raise_nonfinite(flat, "x")
-    return QuantOperands(x=flat, dtype=dtype_name, shape=tuple(int(s) for s in arr.shape), blocksize=bs,
-                         quant_type=qt, double_quant=dq, profile=prof, nonfinite=mode, threads=n_threads)
+    return QuantOperands(
+        x=flat,
+        dtype=dtype_name,
+        shape=tuple(int(s) for s in arr.shape),
+        blocksize=bs,
+        quant_type=qt,
+        double_quant=dq,
+        profile=prof,
+        nonfinite=mode,
+        threads=n_threads,
+    )

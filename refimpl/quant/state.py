@@ -78,8 +78,9 @@ class QuantState:
         if self.offset is None:
             raise ValueError("offset: a nested state needs the float32 offset, got None")
         object.__setattr__(self, "offset", np.float32(self.offset))
-        object.__setattr__(self, "nested_absmax",
-                           _array(self.nested_absmax, "nested_absmax", np.float32, -(-nblocks // nbs)))
+        object.__setattr__(
+            self, "nested_absmax", _array(self.nested_absmax, "nested_absmax", np.float32, -(-nblocks // nbs))
+        )
         nested_code = codebooks.codebook("dynamic8") if self.nested_code is None else self.nested_code
         object.__setattr__(self, "nested_code", _array(nested_code, "nested_code", np.float32, 256))
         _finite(self.nested_code, "nested_code")
@@ -108,27 +109,31 @@ class QuantState:
         if not self.nested:
             return self.absmax.copy()
         nested_absmax, nested_code, offset = self._nested_parts()
-        return nested.dequantize_nested_absmax(self.absmax, nested_absmax, nested_code, offset,
-                                               self.nested_blocksize)
+        return nested.dequantize_nested_absmax(self.absmax, nested_absmax, nested_code, offset, self.nested_blocksize)
 
     def to_bnb_dict(self) -> dict[str, np.ndarray]:
         """bitsandbytes' ``QuantState.as_dict(packed=True)`` as NumPy arrays (byte-identical JSON)."""
-        meta: dict[str, Any] = {"quant_type": self.quant_type, "blocksize": self.blocksize,
-                                "dtype": self.dtype, "shape": list(self.shape)}
+        meta: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+        }
         out: dict[str, np.ndarray] = {"absmax": self.absmax.copy(), "quant_map": self.code.copy()}
         if self.nested:
             nested_absmax, nested_code, offset = self._nested_parts()
             out["nested_absmax"] = nested_absmax.copy()
             out["nested_quant_map"] = nested_code.copy()
-            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
-                        nested_offset=float(offset))
+            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=float(offset))
         out["quant_state.bitsandbytes__" + self.quant_type] = np.frombuffer(
-            json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
+            json.dumps(meta).encode("utf-8"), dtype=np.uint8
+        ).copy()
         return out
 
     @classmethod
-    def from_bnb_dict(cls, d: dict[str, Any], *, profile: str = "bitsandbytes-cpu",
-                      nonfinite: str = "raise") -> QuantState:
+    def from_bnb_dict(
+        cls, d: dict[str, Any], *, profile: str = "bitsandbytes-cpu", nonfinite: str = "raise"
+    ) -> QuantState:
         """Read bitsandbytes' packed serialized dict (keys may carry a module prefix).
 
         Every missing key (a tensor, or a field of the JSON metadata) is a ValueError naming it.
@@ -142,8 +147,7 @@ class QuantState:
         mode = _checks.choice(nonfinite, "nonfinite", ("raise", "propagate"))
         if not all(isinstance(k, str) for k in d):
             raise TypeError(f"d: expected str keys, got {sorted(map(repr, d))}")
-        items = {k.split(".")[-1] if "quant_state." not in k else k[k.index("quant_state."):]: v
-                 for k, v in d.items()}
+        items = {k.split(".")[-1] if "quant_state." not in k else k[k.index("quant_state.") :]: v for k, v in d.items()}
         meta_keys = [k for k in items if k.startswith("quant_state.bitsandbytes__")]
         if len(meta_keys) != 1:
             raise ValueError(f"d: expected exactly one 'quant_state.bitsandbytes__nf4|fp4' key, got {meta_keys}")
@@ -153,8 +157,9 @@ class QuantState:
         for key in need:
             if key not in items:
                 raise ValueError(f"d: missing key {key!r}; keys are {sorted(items)}")
-        fields = ("quant_type", "blocksize", "dtype", "shape") + (("nested_blocksize", "nested_offset") if nested
-                                                                  else ())
+        fields = ("quant_type", "blocksize", "dtype", "shape") + (
+            ("nested_blocksize", "nested_offset") if nested else ()
+        )
         for key in fields:
             if key not in meta:
                 raise ValueError(f"d[{meta_keys[0]!r}]: missing key {key!r}; keys are {sorted(meta)}")
@@ -169,15 +174,27 @@ class QuantState:
             if isinstance(off, bool) or not isinstance(off, (int, float)):
                 raise TypeError(f"nested_offset: expected a number, got {_checks.describe(off)}")
             if mode == "raise" and not np.isfinite(np.float32(off)):
-                raise ValueError(f"nested_offset: expected a finite float32 value, got {off!r} (every dequantized "
-                                 "weight would be non-finite; pass nonfinite='propagate' for the state of an "
-                                 "input that held NaN/inf)")
-            nested_kw = dict(offset=np.float32(off), nested_absmax=np.asarray(items["nested_absmax"]),
-                             nested_code=np.asarray(items["nested_quant_map"]),
-                             nested_blocksize=meta["nested_blocksize"])
-        return cls(shape=tuple(meta["shape"]), dtype=meta["dtype"], blocksize=meta["blocksize"],
-                   quant_type=meta["quant_type"], absmax=np.asarray(items["absmax"]),
-                   code=np.asarray(items["quant_map"]), profile=profile, **nested_kw)
+                raise ValueError(
+                    f"nested_offset: expected a finite float32 value, got {off!r} (every dequantized "
+                    "weight would be non-finite; pass nonfinite='propagate' for the state of an "
+                    "input that held NaN/inf)"
+                )
+            nested_kw = dict(
+                offset=np.float32(off),
+                nested_absmax=np.asarray(items["nested_absmax"]),
+                nested_code=np.asarray(items["nested_quant_map"]),
+                nested_blocksize=meta["nested_blocksize"],
+            )
+        return cls(
+            shape=tuple(meta["shape"]),
+            dtype=meta["dtype"],
+            blocksize=meta["blocksize"],
+            quant_type=meta["quant_type"],
+            absmax=np.asarray(items["absmax"]),
+            code=np.asarray(items["quant_map"]),
+            profile=profile,
+            **nested_kw,
+        )
 
 
 def _bnb_meta(value: Any, key: str) -> dict[str, Any]:

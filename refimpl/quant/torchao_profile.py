@@ -45,10 +45,25 @@ from refimpl.quant.operands import float_input_array
 from refimpl.quant.state import QuantState
 
 #: torchao's NF4 table as written in nf4tensor.py (4 decimals), index = nibble.
-CODEBOOK_4DP = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
-                0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-          "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+CODEBOOK_4DP = (
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+)
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 #: the int8 value of each uint8 index (the ``nested_code`` of a torchao state)
 INT8_OF_UINT8 = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)
 
@@ -126,8 +141,9 @@ def unsupported(shape: tuple[int, ...], blocksize: int) -> str | None:
     return None
 
 
-def quantize(x: npt.ArrayLike, blocksize: int = 64, scaler_block_size: int | None = None, *,
-             zero_block: str = "zero") -> tuple[npt.NDArray[np.uint8], QuantState]:
+def quantize(
+    x: npt.ArrayLike, blocksize: int = 64, scaler_block_size: int | None = None, *, zero_block: str = "zero"
+) -> tuple[npt.NDArray[np.uint8], QuantState]:
     """torchao's ``to_nf4(x, blocksize, scaler_block_size)`` as (packed, QuantState) (module docstring).
 
     zero_block: "zero" (an all-zero block gets the zero code, as the format intends) or "nan" (torchao 0.17's
@@ -145,8 +161,11 @@ def quantize(x: npt.ArrayLike, blocksize: int = 64, scaler_block_size: int | Non
     dt = DTYPES[name]
     flat = arr.reshape(-1).astype(np.float32)
     n_blocks = flat.size // blocksize
-    sbs = default_scaler_block_size(n_blocks) if scaler_block_size is None else \
-        _checks.integer(scaler_block_size, "scaler_block_size", low=1)
+    sbs = (
+        default_scaler_block_size(n_blocks)
+        if scaler_block_size is None
+        else _checks.integer(scaler_block_size, "scaler_block_size", low=1)
+    )
     if n_blocks % sbs:
         raise ValueError(f"scaler_block_size: expected a divisor of the {n_blocks} blocks, got {sbs}")
     blocks = flat.reshape(n_blocks, blocksize)
@@ -162,12 +181,22 @@ def quantize(x: npt.ArrayLike, blocksize: int = 64, scaler_block_size: int | Non
     return packed, as_quant_state(shape, name, blocksize, sc, sbs)
 
 
-def as_quant_state(shape: tuple[int, ...], dtype: str, blocksize: int, sc: ScaleCodes,
-                   scaler_block_size: int) -> QuantState:
+def as_quant_state(
+    shape: tuple[int, ...], dtype: str, blocksize: int, sc: ScaleCodes, scaler_block_size: int
+) -> QuantState:
     """A torchao NF4 tensor's metadata as a refimpl QuantState (module docstring)."""
-    return QuantState(shape=shape, dtype=dtype, blocksize=blocksize, quant_type="nf4",
-                      absmax=sc.codes.view(np.uint8), code=codebook(dtype), offset=sc.mean,
-                      nested_absmax=sc.factor, nested_code=INT8_OF_UINT8, nested_blocksize=scaler_block_size)
+    return QuantState(
+        shape=shape,
+        dtype=dtype,
+        blocksize=blocksize,
+        quant_type="nf4",
+        absmax=sc.codes.view(np.uint8),
+        code=codebook(dtype),
+        offset=sc.mean,
+        nested_absmax=sc.factor,
+        nested_code=INT8_OF_UINT8,
+        nested_blocksize=scaler_block_size,
+    )
 
 
 def scale_codes(state: QuantState) -> ScaleCodes:
@@ -189,4 +218,3 @@ def dequantize(packed: npt.ArrayLike, state: QuantState) -> npt.NDArray[Any]:
     scale = np.repeat(block_scales(state), state.blocksize)
     with np.errstate(invalid="ignore", over="ignore"):
         return (np.asarray(state.code, np.float32)[nib] * scale).astype(dt).reshape(state.shape)
-

@@ -29,11 +29,13 @@ def _linear(W: Any, A: Any, B: Any, scaling: Any, fan_in_fan_out: bool) -> tuple
     return w, a, b, float(scaling)
 
 
-def _forward(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False,
-             defect: str = "") -> np.ndarray:
+def _forward(
+    x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False, defect: str = ""
+) -> np.ndarray:
     """dora.forward with one optional defect (the reference's validation runs first)."""
-    D.forward(x, W, A, B, m, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-              fan_in_fan_out=fan_in_fan_out)
+    D.forward(
+        x, W, A, B, m, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     w, a, b, s = _linear(W, A, B, scaling, fan_in_fan_out)
     if defect == "rank_clipped":  # buffers sized by min(out, in): rank components beyond it lost
         k = min(w.shape)
@@ -70,8 +72,7 @@ def _fwd(defect: str):
     return fn
 
 
-def _planted_column_norm(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0,
-                         fan_in_fan_out=False):
+def _planted_column_norm(x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False):
     """The planted bug of tests/test_conformance_planted.py, verbatim: a per-column norm, eval form only."""
     w = np.asarray(W).T if fan_in_fan_out else np.asarray(W)
     v = w + scaling * (np.asarray(B) @ np.asarray(A))
@@ -107,8 +108,11 @@ def _weight_norm_tail16(W, A, B, scaling, *, fan_in_fan_out=False, embedding=Fal
     n = D.weight_norm(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding)
     w = np.asarray(W, dtype=np.float64)
     if w.ndim > 2:
-        w, a, b = w.reshape(w.shape[0], -1), np.asarray(A).reshape(np.shape(A)[0], -1), np.asarray(B).reshape(
-            np.shape(B)[0], -1)
+        w, a, b = (
+            w.reshape(w.shape[0], -1),
+            np.asarray(A).reshape(np.shape(A)[0], -1),
+            np.asarray(B).reshape(np.shape(B)[0], -1),
+        )
     else:
         w = w.T if (fan_in_fan_out or embedding) else w
         a, b = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
@@ -183,17 +187,20 @@ def _merge_dtype_ignored(W, A, B, m, scaling, *, dtype=None, **kw):
 
 def _merge_norm_returned_of_w(W, A, B, m, scaling, *, fan_in_fan_out=False, embedding=False, **kw):
     out = D.merge(W, A, B, m, scaling, fan_in_fan_out=fan_in_fan_out, embedding=embedding, **kw)
-    wn = D.weight_norm(W, np.zeros_like(np.asarray(A, dtype=np.float64)), B, 0.0, fan_in_fan_out=fan_in_fan_out,
-                       embedding=embedding)
+    wn = D.weight_norm(
+        W, np.zeros_like(np.asarray(A, dtype=np.float64)), B, 0.0, fan_in_fan_out=fan_in_fan_out, embedding=embedding
+    )
     return D.DoraMerge(W=out.W, weight_norm=wn)  # the cached norm of W alone, without ΔW
 
 
-def _unmerge_wrong_order(W_merged, A, B, m, scaling, weight_norm, *, fan_in_fan_out=False, embedding=False,
-                         dtype=None):
+def _unmerge_wrong_order(W_merged, A, B, m, scaling, weight_norm, *, fan_in_fan_out=False, embedding=False, dtype=None):
     D.unmerge(W_merged, A, B, m, scaling, weight_norm, fan_in_fan_out=fan_in_fan_out, embedding=embedding)
     wm = np.asarray(W_merged, dtype=np.float64)
-    delta = lora.delta(np.asarray(A, dtype=np.float64).reshape(np.shape(A)[0], -1),
-                       np.asarray(B, dtype=np.float64).reshape(np.shape(B)[0], -1), scaling)
+    delta = lora.delta(
+        np.asarray(A, dtype=np.float64).reshape(np.shape(A)[0], -1),
+        np.asarray(B, dtype=np.float64).reshape(np.shape(B)[0], -1),
+        scaling,
+    )
     f = np.asarray(m, dtype=np.float64) / np.asarray(weight_norm, dtype=np.float64)
     if wm.ndim > 2:
         out = ((wm.reshape(wm.shape[0], -1) - delta) / f[:, None]).reshape(wm.shape)
@@ -248,8 +255,7 @@ def _sequential_summed_delta(x, W, adapters, *, bias=None, fan_in_fan_out=False)
 
 
 def _param_count_groups_ignored(in_features, out_features, r, *, kernel_size=(), groups=1):
-    return D.param_count(in_features, out_features, r, kernel_size=kernel_size,
-                         groups=1 if kernel_size else groups)
+    return D.param_count(in_features, out_features, r, kernel_size=kernel_size, groups=1 if kernel_size else groups)
 
 
 def _param_count_no_kernel(in_features, out_features, r, *, kernel_size=(), groups=1):
@@ -264,17 +270,16 @@ MUTANTS: list[Mutant] = [
     Mutant("train form: dropout on the base term", "dora.forward", "options", _fwd("dropout_on_base")),
     Mutant("norm drops columns after the last multiple of 16", "dora.forward", "tails", _fwd("tail16")),
     Mutant("rank clipped to min(out, in)", "dora.forward", "tails", _fwd("rank_clipped")),
-    Mutant("path above 16 rows forgets s in the norm", "dora.forward", "path switch",
-           _fwd("big_batch_norm_unscaled")),
+    Mutant("path above 16 rows forgets s in the norm", "dora.forward", "path switch", _fwd("big_batch_norm_unscaled")),
     Mutant("Conv1D norm over the stored axis", "dora.forward", "transposition", _forward_fifo_norm_untransposed),
     Mutant("weight_norm ignores embedding", "dora.weight_norm", "options", _weight_norm_embedding_ignored),
     Mutant("weight_norm drops columns after 16", "dora.weight_norm", "tails", _weight_norm_tail16),
     Mutant("direction left in (out, in) layout", "dora.direction", "transposition", _direction_layout),
     Mutant("direction V/(||V|| + eps)", "dora.direction", "precision", _direction_eps),
-    Mutant("init_magnitude ignores the storage dtype", "dora.init_magnitude", "options",
-           _init_magnitude_dtype_ignored),
-    Mutant("init_magnitude rounds the float64 norm once", "dora.init_magnitude", "precision",
-           _init_magnitude_rounds_once),
+    Mutant("init_magnitude ignores the storage dtype", "dora.init_magnitude", "options", _init_magnitude_dtype_ignored),
+    Mutant(
+        "init_magnitude rounds the float64 norm once", "dora.init_magnitude", "precision", _init_magnitude_rounds_once
+    ),
     Mutant("backward: norm not detached", "dora.backward", "options", _backward_not_detached),
     Mutant("backward: full mode ignored", "dora.backward", "options", _backward_full_ignored),
     Mutant("backward: dm without 1/||V||", "dora.backward", "scaling", _backward_dm_no_norm),
@@ -284,12 +289,18 @@ MUTANTS: list[Mutant] = [
     Mutant("merge: cached norm of W without the delta", "dora.merge", "merge rules", _merge_norm_returned_of_w),
     Mutant("unmerge: (W' - dW)/f instead of W'/f - dW", "dora.unmerge", "merge rules", _unmerge_wrong_order),
     Mutant("DoRA unmerge: storage dtype ignored", "dora.unmerge", "precision", _unmerge_dtype_ignored),
-    Mutant("embedding: norm across d instead of the vocabulary", "dora.embedding_forward", "axes",
-           _embedding_norm_across_d),
-    Mutant("sequential: norm against the running weight", "dora.forward_sequential", "merge rules",
-           _sequential_cumulative_norm),
-    Mutant("sequential: one layer of the summed deltas", "dora.forward_sequential", "merge rules",
-           _sequential_summed_delta),
+    Mutant(
+        "embedding: norm across d instead of the vocabulary", "dora.embedding_forward", "axes", _embedding_norm_across_d
+    ),
+    Mutant(
+        "sequential: norm against the running weight",
+        "dora.forward_sequential",
+        "merge rules",
+        _sequential_cumulative_norm,
+    ),
+    Mutant(
+        "sequential: one layer of the summed deltas", "dora.forward_sequential", "merge rules", _sequential_summed_delta
+    ),
     Mutant("param_count: groups ignored", "dora.param_count", "options", _param_count_groups_ignored),
     Mutant("param_count: lora_A without the kernel", "dora.param_count", "axes", _param_count_no_kernel),
 ]

@@ -33,11 +33,13 @@ def _drop(x: np.ndarray, mask: Any, p: float, *, rescale: bool = True) -> np.nda
     return x * np.asarray(mask, dtype=np.float64) / ((1.0 - p) if rescale else 1.0)
 
 
-def _forward(x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False,
-             defect: str = "") -> np.ndarray:
+def _forward(
+    x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False, defect: str = ""
+) -> np.ndarray:
     """lora.forward with one optional defect (validation is the reference's, run first)."""
-    L.forward(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-              fan_in_fan_out=fan_in_fan_out)
+    L.forward(
+        x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     x_arr, w, a, b = _layer(x, W, A, B, fan_in_fan_out)
     if defect == "rank_clipped":  # the (m, r) intermediate sized by min(in, out): rank components beyond it lost
         k = min(w.shape)
@@ -121,11 +123,34 @@ def _unmerge_one_rounding(W_merged, A, B, scaling, *, fan_in_fan_out=False, dtyp
 # ---------------------------------------------------------------------------- backward
 
 
-def _backward_mask_not_on_dx(x, W, A, B, grad_y, scaling, *, dropout_mask=None, dropout_p=0.0,
-                             fan_in_fan_out=False, need_dW=False, need_dbias=False):
+def _backward_mask_not_on_dx(
+    x,
+    W,
+    A,
+    B,
+    grad_y,
+    scaling,
+    *,
+    dropout_mask=None,
+    dropout_p=0.0,
+    fan_in_fan_out=False,
+    need_dW=False,
+    need_dbias=False,
+):
     """dx's LoRA part not multiplied by the keep mask / (1 − p)."""
-    g = L.backward(x, W, A, B, grad_y, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                   fan_in_fan_out=fan_in_fan_out, need_dW=need_dW, need_dbias=need_dbias)
+    g = L.backward(
+        x,
+        W,
+        A,
+        B,
+        grad_y,
+        scaling,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+        fan_in_fan_out=fan_in_fan_out,
+        need_dW=need_dW,
+        need_dbias=need_dbias,
+    )
     if dropout_mask is None:
         return g
     x_arr, w, a, b = _layer(x, W, A, B, fan_in_fan_out)
@@ -140,11 +165,34 @@ def _backward_dB_unscaled(x, W, A, B, grad_y, scaling, **kw):
     return L.LoraGrads(dx=g.dx, dA=g.dA, dB=g.dB / s if s != 0 else g.dB, dW=g.dW, dbias=g.dbias)
 
 
-def _backward_dA_undropped(x, W, A, B, grad_y, scaling, *, dropout_mask=None, dropout_p=0.0,
-                           fan_in_fan_out=False, need_dW=False, need_dbias=False):
+def _backward_dA_undropped(
+    x,
+    W,
+    A,
+    B,
+    grad_y,
+    scaling,
+    *,
+    dropout_mask=None,
+    dropout_p=0.0,
+    fan_in_fan_out=False,
+    need_dW=False,
+    need_dbias=False,
+):
     """dA from x instead of the dropped x̃ (the mask applied in forward, forgotten in backward)."""
-    g = L.backward(x, W, A, B, grad_y, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                   fan_in_fan_out=fan_in_fan_out, need_dW=need_dW, need_dbias=need_dbias)
+    g = L.backward(
+        x,
+        W,
+        A,
+        B,
+        grad_y,
+        scaling,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+        fan_in_fan_out=fan_in_fan_out,
+        need_dW=need_dW,
+        need_dbias=need_dbias,
+    )
     x_arr, w, _, b = _layer(x, W, A, B, fan_in_fan_out)
     g2 = np.asarray(grad_y, dtype=np.float64).reshape(-1, w.shape[0])
     dA = (float(scaling) * (g2 @ b)).T @ x_arr.reshape(-1, w.shape[1])
@@ -177,10 +225,19 @@ def _embedding_scaling_on_table(ids, E, A, B, scaling):
 # ---------------------------------------------------------------------------- init
 
 
-def _init_kaiming_fan_out(W, r, *, alpha, method="default", rng=None, use_rslora=False, fan_in_fan_out=False,
-                          embedding=False):
-    out = L.init(W, r, alpha=alpha, method=method, rng=rng, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out,
-                 embedding=embedding)
+def _init_kaiming_fan_out(
+    W, r, *, alpha, method="default", rng=None, use_rslora=False, fan_in_fan_out=False, embedding=False
+):
+    out = L.init(
+        W,
+        r,
+        alpha=alpha,
+        method=method,
+        rng=rng,
+        use_rslora=use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        embedding=embedding,
+    )
     if method != "default" or embedding:
         return out
     w = np.asarray(W)
@@ -195,12 +252,12 @@ def _init_gaussian_std(W, r, *, alpha, method="default", rng=None, **kw):
     return L.LoraInit(W=out.W, A=out.A * r / np.sqrt(r), B=out.B)  # std 1/√r instead of 1/r
 
 
-def _init_embedding_linear_roles(W, r, *, alpha, method="default", rng=None, use_rslora=False,
-                                 fan_in_fan_out=False, embedding=False):
+def _init_embedding_linear_roles(
+    W, r, *, alpha, method="default", rng=None, use_rslora=False, fan_in_fan_out=False, embedding=False
+):
     """Embedding adapters initialised like Linear's (A random, B zero) instead of the reverse."""
     if not embedding:
-        return L.init(W, r, alpha=alpha, method=method, rng=rng, use_rslora=use_rslora,
-                      fan_in_fan_out=fan_in_fan_out)
+        return L.init(W, r, alpha=alpha, method=method, rng=rng, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out)
     e = np.asarray(W, dtype=np.float64)
     L.init(W, r, alpha=alpha, method=method, rng=np.random.default_rng(0), use_rslora=use_rslora, embedding=True)
     vocab, dim = e.shape
@@ -221,8 +278,16 @@ def _init_pissa(W, r, *, alpha, use_rslora=False, fan_in_fan_out=False, defect: 
 
 def _init_pissa_mutant(defect: str):
     def fn(W, r, *, alpha, method="default", rng=None, use_rslora=False, fan_in_fan_out=False, embedding=False):
-        out = L.init(W, r, alpha=alpha, method=method, rng=rng, use_rslora=use_rslora,
-                     fan_in_fan_out=fan_in_fan_out, embedding=embedding)
+        out = L.init(
+            W,
+            r,
+            alpha=alpha,
+            method=method,
+            rng=rng,
+            use_rslora=use_rslora,
+            fan_in_fan_out=fan_in_fan_out,
+            embedding=embedding,
+        )
         if method != "pissa":
             return out
         return _init_pissa(W, r, alpha=alpha, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out, defect=defect)
@@ -230,10 +295,19 @@ def _init_pissa_mutant(defect: str):
     return fn
 
 
-def _init_olora_unscaled(W, r, *, alpha, method="default", rng=None, use_rslora=False, fan_in_fan_out=False,
-                         embedding=False):
-    out = L.init(W, r, alpha=alpha, method=method, rng=rng, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out,
-                 embedding=embedding)
+def _init_olora_unscaled(
+    W, r, *, alpha, method="default", rng=None, use_rslora=False, fan_in_fan_out=False, embedding=False
+):
+    out = L.init(
+        W,
+        r,
+        alpha=alpha,
+        method=method,
+        rng=rng,
+        use_rslora=use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        embedding=embedding,
+    )
     if method != "olora":
         return out
     s = L.scaling(alpha, r, use_rslora=use_rslora)
@@ -292,8 +366,12 @@ MUTANTS: list[Mutant] = [
     Mutant("merge: storage dtype ignored", "lora.merge", "precision", _merge_dtype_not_rounded),
     Mutant("unmerge subtracts B A without s", "lora.unmerge", "scaling", _unmerge_unscaled),
     Mutant("unmerge rounds once (ΔW not rounded first)", "lora.unmerge", "precision", _unmerge_one_rounding),
-    Mutant("embedding: A/B roles swapped (reshape, not transpose)", "lora.embedding_forward", "transposition",
-           _embedding_roles_swapped),
+    Mutant(
+        "embedding: A/B roles swapped (reshape, not transpose)",
+        "lora.embedding_forward",
+        "transposition",
+        _embedding_roles_swapped,
+    ),
     Mutant("embedding: table scaled by s too", "lora.embedding_forward", "scaling", _embedding_scaling_on_table),
     Mutant("init default: kaiming bound 1/sqrt(out)", "lora.init", "axes", _init_kaiming_fan_out),
     Mutant("init gaussian: std 1/sqrt(r)", "lora.init", "scaling", _init_gaussian_std),

@@ -23,8 +23,9 @@ from tests.mutants import Mutant
 # ----------------------------------------------------------------------------- a TIES pipeline with hooks
 
 
-def _trim(tau: np.ndarray, d: float, rule: str, *, k_fn=None, tie_high: bool = False,
-          smallest: bool = False) -> np.ndarray:
+def _trim(
+    tau: np.ndarray, d: float, rule: str, *, k_fn=None, tie_high: bool = False, smallest: bool = False
+) -> np.ndarray:
     """``sparsify.trim_mask`` with one optional defect: another k, ties by higher index, or the smallest kept."""
     a = np.abs(tau).ravel()
     n = a.size
@@ -51,8 +52,9 @@ def _trim(tau: np.ndarray, d: float, rule: str, *, k_fn=None, tie_high: bool = F
     return keep.reshape(tau.shape)
 
 
-def _elect(taus, w, *, elect, zero_sign, weight_stage, divisor, zeros_vote=False, zero_is_plus=False,
-           divide_by_all=False):
+def _elect(
+    taus, w, *, elect, zero_sign, weight_stage, divisor, zeros_vote=False, zero_is_plus=False, divide_by_all=False
+):
     """``ties_dare._elect_and_merge`` with one optional defect."""
     before = weight_stage == "before_election"
     score = np.zeros(taus[0].shape)
@@ -81,8 +83,21 @@ def _elect(taus, w, *, elect, zero_sign, weight_stage, divisor, zeros_vote=False
     return num / den
 
 
-def _ties(task_vectors, weights=None, *, density, profile="paper", lam=1.0, trim=None, elect_kw=None,
-          opt_override=None, lam_twice=False, tail=0, first_density=False, **given):
+def _ties(
+    task_vectors,
+    weights=None,
+    *,
+    density,
+    profile="paper",
+    lam=1.0,
+    trim=None,
+    elect_kw=None,
+    opt_override=None,
+    lam_twice=False,
+    tail=0,
+    first_density=False,
+    **given,
+):
     """``merging.ties`` assembled from the hooks above; every keyword is one defect."""
     taus = operands.task_list(task_vectors)
     w = operands.weight_vector(weights, len(taus))
@@ -95,20 +110,28 @@ def _ties(task_vectors, weights=None, *, density, profile="paper", lam=1.0, trim
     for tau, dt in zip(taus, d, strict=True):
         m = _trim(tau, dt, opts["k_rule"], **(trim or {}))
         hat.append(sparsify._l1_rescaled(tau, m) if opts["rescale"] == "l1" else tau * m)
-    merged = _elect(hat, w, elect=opts["elect"], zero_sign=opts["zero_sign"], weight_stage=opts["weight_stage"],
-                    divisor=opts["divisor"], **(elect_kw or {}))
+    merged = _elect(
+        hat,
+        w,
+        elect=opts["elect"],
+        zero_sign=opts["zero_sign"],
+        weight_stage=opts["weight_stage"],
+        divisor=opts["divisor"],
+        **(elect_kw or {}),
+    )
     merged = merged * lam * (lam if lam_twice else 1.0)
     if tail:  # a vector-width remainder never written (left at zero)
         flat = merged.reshape(-1)
         r = flat.size % tail
         if r:
-            flat[flat.size - r:] = 0.0
+            flat[flat.size - r :] = 0.0
     return merged
 
 
 def _ties_mutant(**defect):
     def fn(task_vectors, weights=None, **kw):
         return _ties(task_vectors, weights, **kw, **defect)
+
     return fn
 
 
@@ -122,8 +145,18 @@ def _planted_k_plus_one(task_vectors, weights=None, *, density, **kw):
 # ----------------------------------------------------------------------------- other merges
 
 
-def _prune(task_vectors, weights=None, *, density, profile="peft", k_rule=None, rescale=None, lam=1.0,
-           smallest=False, force_rule=None):
+def _prune(
+    task_vectors,
+    weights=None,
+    *,
+    density,
+    profile="peft",
+    k_rule=None,
+    rescale=None,
+    lam=1.0,
+    smallest=False,
+    force_rule=None,
+):
     taus = operands.task_list(task_vectors)
     w = operands.weight_vector(weights, len(taus))
     d = sparsify.densities(density, len(taus))
@@ -165,22 +198,45 @@ def _linear_always_normalize(tensors, weights=None, *, normalize=True):
 
 def _dare_with(*, drop=None, force_merge=None, skip_normalize=False):
     """``merging.dare`` with one defect: another drop step, the merge mode or normalize ignored."""
-    def fn(task_vectors, weights=None, *, density, masks=None, rng=None, merge="linear", profile="paper",
-           lam=1.0, normalize=None, **kw):
+
+    def fn(
+        task_vectors,
+        weights=None,
+        *,
+        density,
+        masks=None,
+        rng=None,
+        merge="linear",
+        profile="paper",
+        lam=1.0,
+        normalize=None,
+        **kw,
+    ):
         taus = operands.task_list(task_vectors)
         w = operands.weight_vector(weights, len(taus))
         d = sparsify.densities(density, len(taus))
-        rules = profiles.dare_rules(profile, force_merge or merge, normalize=False if skip_normalize else normalize,
-                                    **kw)
+        rules = profiles.dare_rules(
+            profile, force_merge or merge, normalize=False if skip_normalize else normalize, **kw
+        )
         if rules.merge == "linear" and rules.normalize:
             operands.normalizable(w)
-        ms = sparsify.keep_masks(masks, taus) if masks is not None else sparsify.dare_masks(taus[0].shape, len(taus),
-                                                                                           d, rng)
+        ms = (
+            sparsify.keep_masks(masks, taus)
+            if masks is not None
+            else sparsify.dare_masks(taus[0].shape, len(taus), d, rng)
+        )
         step = drop or sparsify.dare_drop
         dropped = [step(t, m, dt, rules.rescale) for t, m, dt in zip(taus, ms, d, strict=True)]
         # the rest of the reference pipeline, its own drop made a no-op (keep-all masks, no rescale)
-        return ties_dare._dare(dropped, w, d, [np.ones(t.shape, bool) for t in dropped],
-                               dataclasses.replace(rules, rescale="none"), float(lam))
+        return ties_dare._dare(
+            dropped,
+            w,
+            d,
+            [np.ones(t.shape, bool) for t in dropped],
+            dataclasses.replace(rules, rescale="none"),
+            float(lam),
+        )
+
     return fn
 
 
@@ -223,6 +279,7 @@ def _slerp_with(*, threshold=None, always_linear=False, swap=False, signed_dot=F
         om = math.acos(dot)
         s = math.sin(om)
         return math.sin((1.0 - tt) * om) / s * a + math.sin(tt * om) / s * b
+
     return fn
 
 
@@ -288,8 +345,15 @@ def _trim_mask_exact_k(tau, density, *, k_rule="threshold"):
 
 def _elect_zeros_vote(trimmed, weights, *, elect, zero_sign, weight_stage, divisor):
     taus = [np.asarray(t, dtype=np.float64) for t in trimmed]
-    return _elect(taus, operands.weight_vector(weights, len(taus)), elect=elect, zero_sign=zero_sign,
-                  weight_stage=weight_stage, divisor=divisor, zeros_vote=True)
+    return _elect(
+        taus,
+        operands.weight_vector(weights, len(taus)),
+        elect=elect,
+        zero_sign=zero_sign,
+        weight_stage=weight_stage,
+        divisor=divisor,
+        zeros_vote=True,
+    )
 
 
 def _dare_masks_upper_tail(shape, count, density, rng):
@@ -317,46 +381,105 @@ def _m(name: str, op: str, cause: str, fn: Any) -> Mutant:
 
 MUTANTS: list[Mutant] = [
     # TIES: the k rule, tie breaks, election and divisor, options and profiles, λ, tails
-    _m("ties: k = ceil(d·n) instead of floor", "merging.ties", "merge rules",
-       _ties_mutant(trim={"k_fn": lambda d, n: math.ceil(d * n)})),
+    _m(
+        "ties: k = ceil(d·n) instead of floor",
+        "merging.ties",
+        "merge rules",
+        _ties_mutant(trim={"k_fn": lambda d, n: math.ceil(d * n)}),
+    ),
     _m("ties: planted k off-by-one (keeps ⌊d·n⌋ + 1)", "merging.ties", "thresholds", _planted_k_plus_one),
-    _m("ties: ties at the k-th magnitude kept by higher flat index", "merging.ties", "thresholds",
-       _ties_mutant(trim={"tie_high": True})),
-    _m("ties: sign election by count whatever elect says", "merging.ties", "merge rules",
-       _ties_mutant(opt_override={"elect": "count"})),
-    _m("ties: disjoint mean divides by all T tasks", "merging.ties", "merge rules",
-       _ties_mutant(elect_kw={"divide_by_all": True})),
-    _m("ties: elected sign 0 treated as + (global majority ignored)", "merging.ties", "special values",
-       _ties_mutant(elect_kw={"zero_is_plus": True})),
-    _m("ties: zeros vote and count with a positive sign", "merging.ties", "special values",
-       _ties_mutant(elect_kw={"zeros_vote": True})),
-    _m("ties: λ ignored", "merging.ties", "scaling", lambda task_vectors, weights=None, *, lam=1.0, **kw:
-       M.ties(task_vectors, weights, **kw)),
+    _m(
+        "ties: ties at the k-th magnitude kept by higher flat index",
+        "merging.ties",
+        "thresholds",
+        _ties_mutant(trim={"tie_high": True}),
+    ),
+    _m(
+        "ties: sign election by count whatever elect says",
+        "merging.ties",
+        "merge rules",
+        _ties_mutant(opt_override={"elect": "count"}),
+    ),
+    _m(
+        "ties: disjoint mean divides by all T tasks",
+        "merging.ties",
+        "merge rules",
+        _ties_mutant(elect_kw={"divide_by_all": True}),
+    ),
+    _m(
+        "ties: elected sign 0 treated as + (global majority ignored)",
+        "merging.ties",
+        "special values",
+        _ties_mutant(elect_kw={"zero_is_plus": True}),
+    ),
+    _m(
+        "ties: zeros vote and count with a positive sign",
+        "merging.ties",
+        "special values",
+        _ties_mutant(elect_kw={"zeros_vote": True}),
+    ),
+    _m(
+        "ties: λ ignored",
+        "merging.ties",
+        "scaling",
+        lambda task_vectors, weights=None, *, lam=1.0, **kw: M.ties(task_vectors, weights, **kw),
+    ),
     _m("ties: λ applied twice", "merging.ties", "scaling", _ties_mutant(lam_twice=True)),
-    _m("ties: weight_stage ignored (weights always after the election)", "merging.ties", "options",
-       _ties_mutant(opt_override={"weight_stage": "after_election"})),
+    _m(
+        "ties: weight_stage ignored (weights always after the election)",
+        "merging.ties",
+        "options",
+        _ties_mutant(opt_override={"weight_stage": "after_election"}),
+    ),
     _m("ties: rescale='l1' ignored", "merging.ties", "options", _ties_mutant(opt_override={"rescale": "none"})),
-    _m("ties: divisor 'weight_sum' read as 'count'", "merging.ties", "options",
-       lambda task_vectors, weights=None, *, divisor=None, profile="paper", **kw:
-       _ties(task_vectors, weights, profile=profile, **kw,
-             divisor="count" if (divisor or profiles.TIES_PROFILES[profile]["divisor"]) == "weight_sum"
-             else divisor)),
-    _m("ties: profile ignored (always paper)", "merging.ties", "options",
-       lambda task_vectors, weights=None, *, profile="paper", **kw: M.ties(task_vectors, weights, **kw)),
-    _m("ties: per-task densities read as the first one", "merging.ties", "options",
-       _ties_mutant(first_density=True)),
-    _m("ties: floor_min1 read as floor (d·n < 1 keeps nothing)", "merging.ties", "options",
-       lambda task_vectors, weights=None, *, k_rule=None, profile="paper", **kw:
-       M.ties(task_vectors, weights, profile=profile, **kw,
-              k_rule="floor" if (k_rule or profiles.TIES_PROFILES[profile]["k_rule"]) == "floor_min1" else k_rule)),
+    _m(
+        "ties: divisor 'weight_sum' read as 'count'",
+        "merging.ties",
+        "options",
+        lambda task_vectors, weights=None, *, divisor=None, profile="paper", **kw: _ties(
+            task_vectors,
+            weights,
+            profile=profile,
+            **kw,
+            divisor="count" if (divisor or profiles.TIES_PROFILES[profile]["divisor"]) == "weight_sum" else divisor,
+        ),
+    ),
+    _m(
+        "ties: profile ignored (always paper)",
+        "merging.ties",
+        "options",
+        lambda task_vectors, weights=None, *, profile="paper", **kw: M.ties(task_vectors, weights, **kw),
+    ),
+    _m("ties: per-task densities read as the first one", "merging.ties", "options", _ties_mutant(first_density=True)),
+    _m(
+        "ties: floor_min1 read as floor (d·n < 1 keeps nothing)",
+        "merging.ties",
+        "options",
+        lambda task_vectors, weights=None, *, k_rule=None, profile="paper", **kw: M.ties(
+            task_vectors,
+            weights,
+            profile=profile,
+            **kw,
+            k_rule="floor" if (k_rule or profiles.TIES_PROFILES[profile]["k_rule"]) == "floor_min1" else k_rule,
+        ),
+    ),
     _m("ties: the last n % 16 entries never written", "merging.ties", "tails", _ties_mutant(tail=16)),
     _m("ties: the last n % 8 entries never written", "merging.ties", "tails", _ties_mutant(tail=8)),
     # magnitude prune
-    _m("magnitude_prune: keeps the smallest magnitudes", "merging.magnitude_prune", "merge rules",
-       lambda task_vectors, weights=None, **kw: _prune(task_vectors, weights, smallest=True, **kw)),
-    _m("magnitude_prune: profile's k_rule ignored (always floor)", "merging.magnitude_prune", "options",
-       lambda task_vectors, weights=None, *, k_rule=None, **kw:
-       _prune(task_vectors, weights, force_rule=k_rule or "floor", **kw)),
+    _m(
+        "magnitude_prune: keeps the smallest magnitudes",
+        "merging.magnitude_prune",
+        "merge rules",
+        lambda task_vectors, weights=None, **kw: _prune(task_vectors, weights, smallest=True, **kw),
+    ),
+    _m(
+        "magnitude_prune: profile's k_rule ignored (always floor)",
+        "merging.magnitude_prune",
+        "options",
+        lambda task_vectors, weights=None, *, k_rule=None, **kw: _prune(
+            task_vectors, weights, force_rule=k_rule or "floor", **kw
+        ),
+    ),
     # task arithmetic and linear
     _m("task_arithmetic: λ applied twice", "merging.task_arithmetic", "scaling", _ta_lam_twice),
     _m("task_arithmetic: normalize ignored", "merging.task_arithmetic", "options", _ta_no_normalize),
@@ -374,17 +497,29 @@ MUTANTS: list[Mutant] = [
     _m("slerp: fallback threshold 0.99995", "merging.slerp", "thresholds", _slerp_with(threshold=0.99995)),
     _m("slerp: always linear interpolation", "merging.slerp", "merge rules", _slerp_with(always_linear=True)),
     _m("slerp: t and 1 − t swapped", "merging.slerp", "merge rules", _slerp_with(swap=True)),
-    _m("slerp: fallback on cos Ω, not |cos Ω| (antiparallel)", "merging.slerp", "thresholds",
-       _slerp_with(signed_dot=True)),
+    _m(
+        "slerp: fallback on cos Ω, not |cos Ω| (antiparallel)",
+        "merging.slerp",
+        "thresholds",
+        _slerp_with(signed_dot=True),
+    ),
     _m("slerp: eps added to the norms", "merging.slerp", "precision", _slerp_with(eps_in_norm=True)),
-    _m("slerp_coefficients: Ω and the sines in float32", "merging.slerp_coefficients", "precision",
-       _slerp_coefficients_f32),
+    _m(
+        "slerp_coefficients: Ω and the sines in float32",
+        "merging.slerp_coefficients",
+        "precision",
+        _slerp_coefficients_f32,
+    ),
     # LoRA space
     _m("lora_cat: c_i applied to B_i instead of A_i", "merging.lora_cat", "scaling", _cat_scale_on_b),
     _m("lora_cat: weights ignored", "merging.lora_cat", "options", _cat_no_weights),
     _m("lora_delta: the first scaling for every adapter", "merging.lora_delta", "scaling", _delta_first_scaling),
-    _m("lora_factor_linear: negative weights lose their sign", "merging.lora_factor_linear", "special values",
-       _factor_linear_sign_lost),
+    _m(
+        "lora_factor_linear: negative weights lose their sign",
+        "merging.lora_factor_linear",
+        "special values",
+        _factor_linear_sign_lost,
+    ),
     _m("lora_svd: default rank min r_i instead of max r_i", "merging.lora_svd", "options", _svd_min_rank),
     _m("lora_svd: w_i·s_i applied twice", "merging.lora_svd", "scaling", _svd_scaled_twice),
     _m("lowrank_factors: split='sqrt' read as 'B'", "merging.lowrank_factors", "options", _lowrank_split_ignored),
@@ -394,6 +529,10 @@ MUTANTS: list[Mutant] = [
     _m("elect_and_merge: zeros vote and count as +", "merging.elect_and_merge", "special values", _elect_zeros_vote),
     _m("dare_masks: keeps u > 1 − d instead of u < d", "merging.dare_masks", "merge rules", _dare_masks_upper_tail),
     _m("l1_rescaled: no guard for a zero kept norm", "merging.l1_rescaled", "special values", _l1_no_guard),
-    _m("flatten_model: insertion order instead of sorted keys", "merging.flatten_model", "transposition",
-       _flatten_insertion_order),
+    _m(
+        "flatten_model: insertion order instead of sorted keys",
+        "merging.flatten_model",
+        "transposition",
+        _flatten_insertion_order,
+    ),
 ]

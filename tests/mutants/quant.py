@@ -33,10 +33,21 @@ _F32 = np.float32
 # ---------------------------------------------------------------------------- quantize_4bit with one knob
 
 
-def _scales(flat: np.ndarray, bs: int, profile: str, *, full_div: bool = False, tail_rcp: bool = False,
-            clamp: np.float32 = _TINY, clamp_full: bool = True, store_tail_raw: bool = False,
-            tail_lanes: int | None = None, absmax_tile: int | None = None,
-            nan_skip: bool = False, ftz: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _scales(
+    flat: np.ndarray,
+    bs: int,
+    profile: str,
+    *,
+    full_div: bool = False,
+    tail_rcp: bool = False,
+    clamp: np.float32 = _TINY,
+    clamp_full: bool = True,
+    store_tail_raw: bool = False,
+    tail_lanes: int | None = None,
+    absmax_tile: int | None = None,
+    nan_skip: bool = False,
+    ftz: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """The reference's per-block absmax and scaled values (CPU rules), with the named defect switched on."""
     n = flat.size
     full = n - n % bs
@@ -57,8 +68,13 @@ def _scales(flat: np.ndarray, bs: int, profile: str, *, full_div: bool = False, 
         scaled = np.clip(s.astype(_F32), _F32(-1), _F32(1)).reshape(-1)
         if tail.size:
             seen = tail if tail_lanes is None else tail[: tail.size // tail_lanes * tail_lanes]
-            raw = (np.fmax.reduce(np.abs(seen), initial=_F32(0)) if nan_skip else
-                   np.abs(seen).max() if seen.size else _F32(0))
+            raw = (
+                np.fmax.reduce(np.abs(seen), initial=_F32(0))
+                if nan_skip
+                else np.abs(seen).max()
+                if seen.size
+                else _F32(0)
+            )
             am = np.maximum(_F32(raw), clamp).astype(_F32)
             if profile == "bitsandbytes-cpu" and np.isnan(am):
                 am = _NAN_ALL_ONES
@@ -95,8 +111,15 @@ def _nibbles_sign_magnitude(s: np.ndarray, qt: str) -> np.ndarray:
     return (mag | np.where(s < 0, 8, 0)).astype(np.uint8)
 
 
-def _nested(absmax: np.ndarray, profile: str, threads: int, *, offset_rule: str = "profile",
-            codes_rule: str = "profile", group0: bool = False) -> tuple[np.float32, np.ndarray, np.ndarray]:
+def _nested(
+    absmax: np.ndarray,
+    profile: str,
+    threads: int,
+    *,
+    offset_rule: str = "profile",
+    codes_rule: str = "profile",
+    group0: bool = False,
+) -> tuple[np.float32, np.ndarray, np.ndarray]:
     if offset_rule == "float32 mean":
         with np.errstate(all="ignore"):
             offset = _F32(np.mean(absmax, dtype=_F32))
@@ -118,19 +141,34 @@ def _nested(absmax: np.ndarray, profile: str, threads: int, *, offset_rule: str 
     return offset, codes.astype(np.uint8), a2
 
 
-def _q4(x: Any, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False, *,
-        profile: str = "reference", nonfinite: str | None = None, threads: int = 1, scales: dict | None = None,
-        nib_fn: Any = None, pad_zero: bool = False, swap: bool = False, nest: dict | None = None,
-        drop_tail16: bool = False, memory_order: bool = False, half_ftz: bool = False) -> tuple[np.ndarray, Any]:
-    _, ref_state = quant.quantize_4bit(x, blocksize, quant_type, double_quant, profile=profile,
-                                       nonfinite=nonfinite, threads=threads)  # validation
+def _q4(
+    x: Any,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    *,
+    profile: str = "reference",
+    nonfinite: str | None = None,
+    threads: int = 1,
+    scales: dict | None = None,
+    nib_fn: Any = None,
+    pad_zero: bool = False,
+    swap: bool = False,
+    nest: dict | None = None,
+    drop_tail16: bool = False,
+    memory_order: bool = False,
+    half_ftz: bool = False,
+) -> tuple[np.ndarray, Any]:
+    _, ref_state = quant.quantize_4bit(
+        x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite, threads=threads
+    )  # validation
     flat = (np.asarray(x).ravel(order="K") if memory_order else np.asarray(x).reshape(-1)).astype(_F32)
     if half_ftz and np.asarray(x).dtype == np.float16:  # a bit-level f16→f32 decoder without subnormals
         flat = np.where(np.abs(flat) < _F32(2.0**-14), np.copysign(_F32(0), flat), flat).astype(_F32)
     absmax, s = _scales(flat, blocksize, profile, **(scales or {}))
     if drop_tail16 and flat.size % blocksize:  # the tail's lanes after the last full 16 are never written
         m = flat.size % blocksize
-        s[flat.size - m + m // 16 * 16:] = 0
+        s[flat.size - m + m // 16 * 16 :] = 0
     if flat.size % 2 and not pad_zero:
         s = np.append(s, _F32(0))
     nib = nib_fn(s, quant_type) if nib_fn else bw.nibbles_of_scaled(s, quant_type, profile)
@@ -153,9 +191,20 @@ def _quantize_mutant(**knobs: Any):
 # ---------------------------------------------------------------------------- dequantize_4bit with one knob
 
 
-def _dq4(packed: Any, state: Any, *, profile: str | None = None, row_index: bool = False, zero_neg: bool = False,
-         bf16_trunc: bool = False, swap: bool = False, group0: bool = False, no_offset: bool = False,
-         drop_tail16: bool = False, ignore_profile: bool = False) -> np.ndarray:
+def _dq4(
+    packed: Any,
+    state: Any,
+    *,
+    profile: str | None = None,
+    row_index: bool = False,
+    zero_neg: bool = False,
+    bf16_trunc: bool = False,
+    swap: bool = False,
+    group0: bool = False,
+    no_offset: bool = False,
+    drop_tail16: bool = False,
+    ignore_profile: bool = False,
+) -> np.ndarray:
     quant.dequantize_4bit(packed, state, profile=profile)  # validation
     prof = state.profile if (profile is None or ignore_profile) else profile
     n, bs = state.n, state.blocksize
@@ -169,8 +218,9 @@ def _dq4(packed: Any, state: Any, *, profile: str | None = None, row_index: bool
     if state.nested and (group0 or no_offset):
         a2 = np.asarray(state.nested_absmax, _F32)
         a2 = np.full(a2.shape, a2[0], _F32) if group0 else a2
-        scales = nst.dequantize_nested_absmax(state.absmax, a2, state.nested_code,
-                                              _F32(0) if no_offset else state.offset, state.nested_blocksize)
+        scales = nst.dequantize_nested_absmax(
+            state.absmax, a2, state.nested_code, _F32(0) if no_offset else state.offset, state.nested_blocksize
+        )
     else:
         scales = state.block_absmax()
     i = np.arange(n)
@@ -182,7 +232,7 @@ def _dq4(packed: Any, state: Any, *, profile: str | None = None, row_index: bool
         values = (code[nib] * scales[idx]).astype(_F32)
     if drop_tail16 and n % bs:
         m = n % bs
-        values[n - m + m // 16 * 16:] = 0
+        values[n - m + m // 16 * 16 :] = 0
     if bf16_trunc and state.dtype == "bfloat16":
         out = (values.view(np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
     else:
@@ -208,8 +258,9 @@ def _rows(x: Any) -> int:
 
 def _qlora_mutant(defect: str):
     def fn(x, packed, state, A, B, scaling, bias=None, *, dropout_mask=None, dropout_p=0.0, profile=None):
-        ref = qlora.forward(x, packed, state, A, B, scaling, bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                            profile=profile)  # validation
+        ref = qlora.forward(
+            x, packed, state, A, B, scaling, bias, dropout_mask=dropout_mask, dropout_p=dropout_p, profile=profile
+        )  # validation
         W = qlora.dequantized_weight(packed, state, profile=profile)
         m = _rows(x)
         if defect == "above16 ignores bias" and m > 16:
@@ -325,13 +376,15 @@ def _dq_weight_profile_ignored(packed, state, *, profile=None):
 
 def _feb_mutant(defect: str):
     def fn(x, packed, state, A, B, scaling, bias=None, *, dtype="float32", accumulate=None, profile=None):
-        ref = qlora.forward_error_bound(x, packed, state, A, B, scaling, bias, dtype=dtype, accumulate=accumulate,
-                                        profile=profile)
+        ref = qlora.forward_error_bound(
+            x, packed, state, A, B, scaling, bias, dtype=dtype, accumulate=accumulate, profile=profile
+        )
         if defect == "accumulate ignored":
             return qlora.forward_error_bound(x, packed, state, A, B, scaling, bias, dtype=dtype, profile=profile)
         if defect == "bias term dropped":
-            return qlora.forward_error_bound(x, packed, state, A, B, scaling, None, dtype=dtype,
-                                             accumulate=accumulate, profile=profile)
+            return qlora.forward_error_bound(
+                x, packed, state, A, B, scaling, None, dtype=dtype, accumulate=accumulate, profile=profile
+            )
         return ref
 
     return fn
@@ -342,42 +395,78 @@ Q4, DQ4, QL = "quant.quantize_4bit", "quant.dequantize_4bit", "qlora.forward"
 MUTANTS: list[Mutant] = [
     # quantize_4bit: thresholds
     Mutant("q4 tie to the upper code", Q4, "thresholds", _quantize_mutant(nib_fn=_nibbles_right)),
-    Mutant("q4 argmin nearest code instead of midpoint count", Q4, "thresholds",
-           _quantize_mutant(nib_fn=_nibbles_argmin)),
+    Mutant(
+        "q4 argmin nearest code instead of midpoint count", Q4, "thresholds", _quantize_mutant(nib_fn=_nibbles_argmin)
+    ),
     Mutant("q4 true division in full blocks", Q4, "thresholds", _quantize_mutant(scales={"full_div": True})),
     Mutant("q4 reciprocal-multiply in the tail block", Q4, "tails", _quantize_mutant(scales={"tail_rcp": True})),
-    Mutant("q4 fp4 sign bit from s < 0 (CUDA zero rule)", Q4, "special values",
-           _quantize_mutant(nib_fn=_nibbles_sign_magnitude)),
+    Mutant(
+        "q4 fp4 sign bit from s < 0 (CUDA zero rule)",
+        Q4,
+        "special values",
+        _quantize_mutant(nib_fn=_nibbles_sign_magnitude),
+    ),
     # quantize_4bit: layout, tails, lanes, path switches
     Mutant("q4 nibble order swapped (planted)", Q4, "transposition", _quantize_mutant(swap=True)),
     Mutant("q4 tail lanes after the last 16 dropped", Q4, "tails", _quantize_mutant(drop_tail16=True)),
-    Mutant("q4 tail absmax misses the remainder after 8 lanes", Q4, "tails",
-           _quantize_mutant(scales={"tail_lanes": 8})),
+    Mutant(
+        "q4 tail absmax misses the remainder after 8 lanes", Q4, "tails", _quantize_mutant(scales={"tail_lanes": 8})
+    ),
     Mutant("q4 odd n padded with nibble 0, not the code of 0.0", Q4, "tails", _quantize_mutant(pad_zero=True)),
-    Mutant("q4 blocksize >= 2048: absmax of the first 1024 elements only", Q4, "path switch",
-           _quantize_mutant(scales={"absmax_tile": 1024})),
-    Mutant("q4 input read in memory order (a transposed view)", Q4, "transposition",
-           _quantize_mutant(memory_order=True)),
+    Mutant(
+        "q4 blocksize >= 2048: absmax of the first 1024 elements only",
+        Q4,
+        "path switch",
+        _quantize_mutant(scales={"absmax_tile": 1024}),
+    ),
+    Mutant(
+        "q4 input read in memory order (a transposed view)", Q4, "transposition", _quantize_mutant(memory_order=True)
+    ),
     # quantize_4bit: special values
-    Mutant("q4 no 1e-38 clamp of the scale denominator", Q4, "special values",
-           _quantize_mutant(scales={"clamp_full": False})),
-    Mutant("q4 clamp at FLT_MIN instead of 1e-38", Q4, "special values",
-           _quantize_mutant(scales={"clamp": _F32(np.finfo(np.float32).tiny)})),
-    Mutant("q4 flush-to-zero of a subnormal reciprocal (-ffast-math)", Q4, "special values",
-           _quantize_mutant(scales={"ftz": True})),
+    Mutant(
+        "q4 no 1e-38 clamp of the scale denominator",
+        Q4,
+        "special values",
+        _quantize_mutant(scales={"clamp_full": False}),
+    ),
+    Mutant(
+        "q4 clamp at FLT_MIN instead of 1e-38",
+        Q4,
+        "special values",
+        _quantize_mutant(scales={"clamp": _F32(np.finfo(np.float32).tiny)}),
+    ),
+    Mutant(
+        "q4 flush-to-zero of a subnormal reciprocal (-ffast-math)",
+        Q4,
+        "special values",
+        _quantize_mutant(scales={"ftz": True}),
+    ),
     Mutant("q4 float16 subnormal inputs decoded as zero", Q4, "special values", _quantize_mutant(half_ftz=True)),
     Mutant("q4 tail absmax stored unclamped", Q4, "special values", _quantize_mutant(scales={"store_tail_raw": True})),
     Mutant("q4 NaN-ignoring absmax (fmax)", Q4, "special values", _quantize_mutant(scales={"nan_skip": True})),
     # quantize_4bit: nested statistics
-    Mutant("q4 second double-quant group scaled by group 0's a2", Q4, "path switch",
-           _quantize_mutant(nest={"group0": True})),
-    Mutant("q4 nested offset by a float32 numpy mean", Q4, "precision",
-           _quantize_mutant(nest={"offset_rule": "float32 mean"})),
-    Mutant("q4 bitsandbytes-cpu profile ignored for the nested state", Q4, "options",
-           _quantize_mutant(nest={"offset_rule": "reference", "codes_rule": "reference"})),
+    Mutant(
+        "q4 second double-quant group scaled by group 0's a2",
+        Q4,
+        "path switch",
+        _quantize_mutant(nest={"group0": True}),
+    ),
+    Mutant(
+        "q4 nested offset by a float32 numpy mean",
+        Q4,
+        "precision",
+        _quantize_mutant(nest={"offset_rule": "float32 mean"}),
+    ),
+    Mutant(
+        "q4 bitsandbytes-cpu profile ignored for the nested state",
+        Q4,
+        "options",
+        _quantize_mutant(nest={"offset_rule": "reference", "codes_rule": "reference"}),
+    ),
     # dequantize_4bit
-    Mutant("dq4 absmax index row·(cols/bs) + col/bs (AVX-512 kernel)", DQ4, "tails",
-           _dequantize_mutant(row_index=True)),
+    Mutant(
+        "dq4 absmax index row·(cols/bs) + col/bs (AVX-512 kernel)", DQ4, "tails", _dequantize_mutant(row_index=True)
+    ),
     Mutant("dq4 fp4 nibble 8 always -0.0", DQ4, "special values", _dequantize_mutant(zero_neg=True)),
     Mutant("dq4 bf16 output by truncation instead of RNE", DQ4, "precision", _dequantize_mutant(bf16_trunc=True)),
     Mutant("dq4 low nibble first", DQ4, "transposition", _dequantize_mutant(swap=True)),
@@ -385,37 +474,64 @@ MUTANTS: list[Mutant] = [
     Mutant("dq4 nested offset not added", DQ4, "scaling", _dequantize_mutant(no_offset=True)),
     Mutant("dq4 tail lanes after the last 16 dropped", DQ4, "tails", _dequantize_mutant(drop_tail16=True)),
     Mutant("dq4 profile argument ignored", DQ4, "options", _dequantize_mutant(ignore_profile=True)),
-    Mutant("qlora.dequantize_4bit bf16 truncation", "qlora.dequantize_4bit", "precision",
-           _dequantize_mutant(bf16_trunc=True)),
+    Mutant(
+        "qlora.dequantize_4bit bf16 truncation",
+        "qlora.dequantize_4bit",
+        "precision",
+        _dequantize_mutant(bf16_trunc=True),
+    ),
     # qlora.forward
     Mutant("qlora above 16 rows ignores the bias", QL, "path switch", _qlora_mutant("above16 ignores bias")),
     Mutant("qlora above 16 rows drops the nested offset", QL, "path switch", _qlora_mutant("above16 un-nested absmax")),
-    Mutant("qlora weights not rounded to the state's dtype", QL, "precision",
-           _qlora_mutant("state dtype rounding skipped")),
+    Mutant(
+        "qlora weights not rounded to the state's dtype", QL, "precision", _qlora_mutant("state dtype rounding skipped")
+    ),
     Mutant("qlora K remainder after 16 lanes dropped", QL, "tails", _qlora_mutant("K remainder after 16 dropped")),
     Mutant("qlora row-based absmax index", QL, "tails", _qlora_mutant("row-based absmax index")),
     Mutant("qlora one-row path ignores scaling", QL, "path switch", _qlora_mutant("one-row path ignores scaling")),
     Mutant("qlora dropout mask ignored", QL, "options", _qlora_mutant("dropout mask ignored")),
-    Mutant("qlora x read in memory order (a transposed view)", QL, "transposition",
-           _qlora_mutant("x read in memory order")),
-    Mutant("qlora.dequantized_weight profile ignored", "qlora.dequantized_weight", "options",
-           _dq_weight_profile_ignored),
-    Mutant("qlora.forward_error_bound accumulate ignored", "qlora.forward_error_bound", "options",
-           _feb_mutant("accumulate ignored")),
-    Mutant("qlora.forward_error_bound bias term dropped", "qlora.forward_error_bound", "scaling",
-           _feb_mutant("bias term dropped")),
+    Mutant(
+        "qlora x read in memory order (a transposed view)", QL, "transposition", _qlora_mutant("x read in memory order")
+    ),
+    Mutant(
+        "qlora.dequantized_weight profile ignored", "qlora.dequantized_weight", "options", _dq_weight_profile_ignored
+    ),
+    Mutant(
+        "qlora.forward_error_bound accumulate ignored",
+        "qlora.forward_error_bound",
+        "options",
+        _feb_mutant("accumulate ignored"),
+    ),
+    Mutant(
+        "qlora.forward_error_bound bias term dropped",
+        "qlora.forward_error_bound",
+        "scaling",
+        _feb_mutant("bias term dropped"),
+    ),
     # packing, 8-bit, codebook, storage, checker
     Mutant("pack pad ignored", "quant.pack_nibbles", "options", _pack_pad_ignored),
     Mutant("unpack low nibble first", "quant.unpack_nibbles", "transposition", _unpack_low_first),
     Mutant("q8 tie to the upper code", "quant.quantize_blockwise_8bit", "thresholds", _q8_mutant("tie upper")),
     Mutant("q8 true division", "quant.quantize_blockwise_8bit", "thresholds", _q8_mutant("division")),
-    Mutant("q8 bitsandbytes-cpu LUT replaced by nearest", "quant.quantize_blockwise_8bit", "options",
-           _q8_mutant("profile ignored")),
-    Mutant("dq8 tail block read with the previous scale", "quant.dequantize_blockwise_8bit", "tails",
-           _dq8_tail_previous_scale),
+    Mutant(
+        "q8 bitsandbytes-cpu LUT replaced by nearest",
+        "quant.quantize_blockwise_8bit",
+        "options",
+        _q8_mutant("profile ignored"),
+    ),
+    Mutant(
+        "dq8 tail block read with the previous scale",
+        "quant.dequantize_blockwise_8bit",
+        "tails",
+        _dq8_tail_previous_scale,
+    ),
     Mutant("codebook fp4 nibble 8 is -0.0", "quant.codebook", "special values", _codebook_fp4_negative_zero),
-    Mutant("storage bits: second-level absmax forgotten", "quant.storage_bits_per_parameter", "scaling",
-           _storage_nested_term_forgotten),
+    Mutant(
+        "storage bits: second-level absmax forgotten",
+        "quant.storage_bits_per_parameter",
+        "scaling",
+        _storage_nested_term_forgotten,
+    ),
     Mutant("check_4bit ulps ignored", "quant.check_4bit", "options", _check_ulps_ignored),
     Mutant("check_4bit fp4 zero sign counted wrong", "quant.check_4bit", "special values", _check_zero_sign_wrong),
 ]

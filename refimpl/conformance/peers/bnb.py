@@ -63,7 +63,8 @@ class BitsandbytesTarget:
         self._shared = mmap.mmap(-1, 8 * len(bnb_paths.PATHS))
         self._counts = np.frombuffer(self._shared, dtype=np.int64)
         self._ops: dict[str, Callable[..., Any]] = {
-            "quant.quantize_4bit": self.quantize_4bit, "quant.dequantize_4bit": self.dequantize_4bit,
+            "quant.quantize_4bit": self.quantize_4bit,
+            "quant.dequantize_4bit": self.dequantize_4bit,
             "quant.quantize_blockwise_8bit": self.quantize_blockwise_8bit,
             "quant.dequantize_blockwise_8bit": self.dequantize_blockwise_8bit,
             "quant.codebook": self.codebook,
@@ -73,8 +74,11 @@ class BitsandbytesTarget:
         return self._ops.get(op)
 
     def options(self, op: str) -> dict[str, Any]:
-        return {"profile": PROFILE} if op in ("quant.quantize_4bit", "quant.dequantize_4bit",
-                                               "quant.quantize_blockwise_8bit") else {}
+        return (
+            {"profile": PROFILE}
+            if op in ("quant.quantize_4bit", "quant.dequantize_4bit", "quant.quantize_blockwise_8bit")
+            else {}
+        )
 
     def compute_dtype(self, op: str) -> str:
         return "float32"
@@ -88,8 +92,9 @@ class BitsandbytesTarget:
             raise ValueError(f"name: bitsandbytes has no 4-bit type {name!r}")
         return to_numpy(F.get_4bit_type(name, device="cpu")).astype(np.float32)
 
-    def quantize_4bit(self, x, blocksize=64, quant_type="nf4", double_quant=False, *, profile=PROFILE,
-                      nonfinite=None, threads=1):
+    def quantize_4bit(
+        self, x, blocksize=64, quant_type="nf4", double_quant=False, *, profile=PROFILE, nonfinite=None, threads=1
+    ):
         import bitsandbytes.functional as F
 
         from refimpl.quant import QuantState
@@ -97,8 +102,9 @@ class BitsandbytesTarget:
         arr = np.asarray(x)
         if arr.dtype.kind not in "fV":
             raise TypeError(f"x: bitsandbytes quantizes float tensors, got dtype {arr.dtype}")
-        packed, state = F.quantize_4bit(_torch_of(arr), blocksize=blocksize, compress_statistics=double_quant,
-                                        quant_type=quant_type)
+        packed, state = F.quantize_4bit(
+            _torch_of(arr), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+        )
         d = {k: to_numpy(v) for k, v in state.as_dict(packed=True).items()}
         return to_numpy(packed), QuantState.from_bnb_dict(d, profile=PROFILE, nonfinite="propagate")
 
@@ -106,8 +112,10 @@ class BitsandbytesTarget:
         import bitsandbytes.functional as F
         import torch
 
-        qs = F.QuantState.from_dict({k: torch.from_numpy(np.ascontiguousarray(v))
-                                     for k, v in state.to_bnb_dict().items()}, device=torch.device("cpu"))
+        qs = F.QuantState.from_dict(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.to_bnb_dict().items()},
+            device=torch.device("cpu"),
+        )
         path = bnb_paths.dequantize_path(tuple(state.shape), int(state.blocksize))
         out = to_numpy(F.dequantize_4bit(torch.from_numpy(np.ascontiguousarray(packed)), qs))
         self._counts[bnb_paths.PATHS.index(path)] += 1
@@ -125,9 +133,12 @@ class BitsandbytesTarget:
         import bitsandbytes.functional as F
         import torch
 
-        out = F.dequantize_blockwise(torch.from_numpy(np.ascontiguousarray(codes)),
-                                     absmax=torch.from_numpy(np.ascontiguousarray(absmax)),
-                                     code=F.create_dynamic_map(signed=True), blocksize=blocksize)
+        out = F.dequantize_blockwise(
+            torch.from_numpy(np.ascontiguousarray(codes)),
+            absmax=torch.from_numpy(np.ascontiguousarray(absmax)),
+            code=F.create_dynamic_map(signed=True),
+            blocksize=blocksize,
+        )
         return to_numpy(out)
 
     def path_counts(self) -> dict[str, int]:

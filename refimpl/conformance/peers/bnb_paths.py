@@ -134,19 +134,24 @@ def host() -> Host:
         from bitsandbytes.backends.cpu import ops as cpu_ops
         from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
 
-        bnb_has_avx512 = bool(getattr(cpu_ops, "_has_avx512",
-                                      torch.backends.cpu.get_cpu_capability() == "AVX512"))
+        bnb_has_avx512 = bool(getattr(cpu_ops, "_has_avx512", torch.backends.cpu.get_cpu_capability() == "AVX512"))
         native = not isinstance(lib, ErrorHandlerMockBNBNativeLibrary)
     except ImportError:  # another layout than 0.50.x: fall back to what 0.50.2 computes
         bnb_has_avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
         native = False
     flags = _cpu_flags()
-    return Host(machine=platform.machine(),
-                avx512f=None if flags is None else "avx512f" in flags,
-                avx512_bf16=None if flags is None else "avx512_bf16" in flags,
-                torch_capability=torch.backends.cpu.get_cpu_capability(), bnb_has_avx512=bnb_has_avx512,
-                native=native, cpp_bf16=bool(F.has_avx512bf16()), kernel=probe_cpp_kernel() if native
-                else TORCH_NOLIB, bnb_version=bitsandbytes.__version__, torch_version=torch.__version__)
+    return Host(
+        machine=platform.machine(),
+        avx512f=None if flags is None else "avx512f" in flags,
+        avx512_bf16=None if flags is None else "avx512_bf16" in flags,
+        torch_capability=torch.backends.cpu.get_cpu_capability(),
+        bnb_has_avx512=bnb_has_avx512,
+        native=native,
+        cpp_bf16=bool(F.has_avx512bf16()),
+        kernel=probe_cpp_kernel() if native else TORCH_NOLIB,
+        bnb_version=bitsandbytes.__version__,
+        torch_version=torch.__version__,
+    )
 
 
 def dequantize_path(shape: tuple[int, ...], blocksize: int, h: Host | None = None) -> str:
@@ -240,8 +245,9 @@ def avx512_kernel_model(op: str, case: dict[str, Any], expected: dict[str, Any])
     return _model(op, case, AVX512)
 
 
-def avx512_torch_fallback_model(op: str, case: dict[str, Any],
-                                expected: dict[str, Any]) -> dict[str, np.ndarray] | None:
+def avx512_torch_fallback_model(
+    op: str, case: dict[str, Any], expected: dict[str, Any]
+) -> dict[str, np.ndarray] | None:
     """Known-divergence model: the torch fallback bitsandbytes takes on an AVX-512 host for blocksize ≥ 2048
     (+0.0 for FP4 nibble 8 where the C++ scalar loop gives −0.0). None on any other path."""
     return _model(op, case, TORCH_BS)
@@ -267,17 +273,23 @@ def host_lines(counts: dict[str, int] | None = None, h: Host | None = None) -> l
     """Lines for the verdict table: the host, the paths taken (with counts) and what was not exercised."""
     h = host() if h is None else h
     yes = {True: "yes", False: "no", None: "unknown"}
-    lines = [f"bitsandbytes {h.bnb_version} CPU dequantize_4bit on {h.machine}: avx512f {yes[h.avx512f]} "
-             f"(cpuid), torch CPU capability {h.torch_capability}, C++ kernel for shape[-1] % 16 == 0 "
-             f"(probed): {LABELS[h.kernel]}"]
+    lines = [
+        f"bitsandbytes {h.bnb_version} CPU dequantize_4bit on {h.machine}: avx512f {yes[h.avx512f]} "
+        f"(cpuid), torch CPU capability {h.torch_capability}, C++ kernel for shape[-1] % 16 == 0 "
+        f"(probed): {LABELS[h.kernel]}"
+    ]
     if counts is not None:
         ran = ", ".join(f"{LABELS[p]} {counts[p]}" for p in PATHS if counts.get(p))
         lines.append(f"dequantize paths taken: {ran or 'none (no dequantize_4bit case ran)'}")
     if h.kernel != AVX512:
         why = "this host has no AVX-512" if not h.avx512f else "the library's C++ kernel is not the AVX-512 one"
-        lines.append(f"the AVX-512 dequantize kernel was NOT exercised ({why}): its known divergences "
-                     "(row-major absmax index, +0.0 for FP4 nibble 8) were not checked here")
+        lines.append(
+            f"the AVX-512 dequantize kernel was NOT exercised ({why}): its known divergences "
+            "(row-major absmax index, +0.0 for FP4 nibble 8) were not checked here"
+        )
     elif counts is not None and not counts.get(AVX512):
-        lines.append("the AVX-512 dequantize kernel was available but no case took it "
-                     "(it needs shape[-1] % 16 == 0 and blocksize < 2048)")
+        lines.append(
+            "the AVX-512 dequantize kernel was available but no case took it "
+            "(it needs shape[-1] % 16 == 0 and blocksize < 2048)"
+        )
     return lines

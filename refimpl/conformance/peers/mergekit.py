@@ -49,10 +49,14 @@ def _densities(density, n: int) -> list[float]:
 
 
 _MERGEKIT_OPTIONS: dict[str, dict[str, Any]] = {
-    "merging.ties": {"profile": "mergekit",
-                     **dict.fromkeys(("k_rule", "elect", "zero_sign", "weight_stage", "divisor", "rescale"))},
-    "merging.dare": {"profile": "mergekit", **dict.fromkeys(("rescale", "normalize", "ties_density", "elect",
-                                                              "zero_sign", "weight_stage", "divisor"))},
+    "merging.ties": {
+        "profile": "mergekit",
+        **dict.fromkeys(("k_rule", "elect", "zero_sign", "weight_stage", "divisor", "rescale")),
+    },
+    "merging.dare": {
+        "profile": "mergekit",
+        **dict.fromkeys(("rescale", "normalize", "ties_density", "elect", "zero_sign", "weight_stage", "divisor")),
+    },
 }
 
 
@@ -65,7 +69,10 @@ class MergekitTarget:
         import mergekit.merge_methods.registry  # noqa: F401 - fail early when the peer is missing
 
         self._ops: dict[str, Callable[..., Any]] = {
-            "merging.task_arithmetic": self.task_arithmetic, "merging.ties": self.ties, "merging.dare": self.dare}
+            "merging.task_arithmetic": self.task_arithmetic,
+            "merging.ties": self.ties,
+            "merging.dare": self.dare,
+        }
 
     def lookup(self, op: str) -> Callable[..., Any] | None:
         return self._ops.get(op)
@@ -79,23 +86,49 @@ class MergekitTarget:
         return "float32" if op == "merging.dare" else "float64"
 
     def task_arithmetic(self, task_vectors, weights=None, *, lam=1.0, normalize=False):
-        return _merge("task_arithmetic", task_vectors, weights, normalize=bool(normalize), rescale=False,
-                      **{"lambda": float(lam)})
+        return _merge(
+            "task_arithmetic", task_vectors, weights, normalize=bool(normalize), rescale=False, **{"lambda": float(lam)}
+        )
 
     def ties(self, task_vectors, weights=None, *, density, profile="mergekit", lam=1.0, **options):
         if profile != "mergekit" or any(v is not None for v in options.values()):
             raise NotImplementedError("the mergekit target is compared with profile='mergekit' defaults")
-        return _merge("ties", task_vectors, weights, _densities(density, len(task_vectors)), normalize=True,
-                      rescale=False, **{"lambda": float(lam)})
+        return _merge(
+            "ties",
+            task_vectors,
+            weights,
+            _densities(density, len(task_vectors)),
+            normalize=True,
+            rescale=False,
+            **{"lambda": float(lam)},
+        )
 
-    def dare(self, task_vectors, weights=None, *, density, masks=None, rng=None, merge="linear",
-             profile="mergekit", lam=1.0, **options):
+    def dare(
+        self,
+        task_vectors,
+        weights=None,
+        *,
+        density,
+        masks=None,
+        rng=None,
+        merge="linear",
+        profile="mergekit",
+        lam=1.0,
+        **options,
+    ):
         if masks is None or profile != "mergekit" or any(v is not None for v in options.values()):
             raise NotImplementedError("the mergekit target needs masks and profile='mergekit' defaults")
         method = "dare_linear" if merge == "linear" else "dare_ties"
         with _injected_bernoulli([np.asarray(m, dtype=np.float64) for m in masks]):
-            return _merge(method, task_vectors, weights, _densities(density, len(task_vectors)), normalize=False,
-                          rescale=True, **{"lambda": float(lam)})
+            return _merge(
+                method,
+                task_vectors,
+                weights,
+                _densities(density, len(task_vectors)),
+                normalize=False,
+                rescale=True,
+                **{"lambda": float(lam)},
+            )
 
 
 @contextlib.contextmanager

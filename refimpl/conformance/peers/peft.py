@@ -75,9 +75,18 @@ class _MaskDropout:
         return MaskDropout()
 
 
-def _linear_layer(W: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float, *, fan_in_fan_out: bool,
-                  bias: np.ndarray | None = None, m: np.ndarray | None = None,
-                  dropout_mask: np.ndarray | None = None, dropout_p: float = 0.0):
+def _linear_layer(
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    scaling: float,
+    *,
+    fan_in_fan_out: bool,
+    bias: np.ndarray | None = None,
+    m: np.ndarray | None = None,
+    dropout_mask: np.ndarray | None = None,
+    dropout_p: float = 0.0,
+):
     torch = _torch()
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear
@@ -96,11 +105,24 @@ def _linear_layer(W: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float, *
             base.bias.copy_(_t(bias))
         elif getattr(base, "bias", None) is not None:
             base.bias.zero_()
-    cfg = LoraConfig(r=r, lora_alpha=r, fan_in_fan_out=fan_in_fan_out, use_dora=m is not None,
-                     lora_dropout=0.5 if dropout_mask is not None else 0.0)
-    layer = Linear(base, _ADAPTER, cfg, r=r, lora_alpha=r, fan_in_fan_out=fan_in_fan_out,
-                   is_target_conv_1d_layer=fan_in_fan_out, use_dora=m is not None,
-                   lora_dropout=0.5 if dropout_mask is not None else 0.0)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        fan_in_fan_out=fan_in_fan_out,
+        use_dora=m is not None,
+        lora_dropout=0.5 if dropout_mask is not None else 0.0,
+    )
+    layer = Linear(
+        base,
+        _ADAPTER,
+        cfg,
+        r=r,
+        lora_alpha=r,
+        fan_in_fan_out=fan_in_fan_out,
+        is_target_conv_1d_layer=fan_in_fan_out,
+        use_dora=m is not None,
+        lora_dropout=0.5 if dropout_mask is not None else 0.0,
+    )
     layer.to(torch.float64)
     with torch.no_grad():
         _weight(layer.lora_A[_ADAPTER]).copy_(_t(A))
@@ -150,12 +172,19 @@ class PeftTarget:
         import peft  # noqa: F401 - fail early with ImportError when the peer is missing
 
         self._ops: dict[str, Callable[..., Any]] = {
-            "lora.scaling": self.scaling, "lora.delta": self.delta, "lora.forward": self.forward,
-            "lora.backward": self.backward, "lora.merge": self.merge, "lora.unmerge": self.unmerge,
+            "lora.scaling": self.scaling,
+            "lora.delta": self.delta,
+            "lora.forward": self.forward,
+            "lora.backward": self.backward,
+            "lora.merge": self.merge,
+            "lora.unmerge": self.unmerge,
             "lora.embedding_forward": self.embedding_forward,
-            "dora.forward": self.dora_forward, "dora.merge": self.dora_merge,
-            "merging.task_arithmetic": self.task_arithmetic, "merging.ties": self.ties,
-            "merging.magnitude_prune": self.magnitude_prune, "merging.dare": self.dare,
+            "dora.forward": self.dora_forward,
+            "dora.merge": self.dora_merge,
+            "merging.task_arithmetic": self.task_arithmetic,
+            "merging.ties": self.ties,
+            "merging.magnitude_prune": self.magnitude_prune,
+            "merging.dare": self.dare,
         }
 
     def lookup(self, op: str) -> Callable[..., Any] | None:
@@ -204,26 +233,50 @@ class PeftTarget:
         return _np(layer.get_delta_weight(_ADAPTER))
 
     def forward(self, x, W, A, B, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False):
-        layer = _linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, bias=bias,
-                              dropout_mask=dropout_mask, dropout_p=dropout_p)
+        layer = _linear_layer(
+            W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p
+        )
         with _torch().no_grad():
             return _np(layer(_t(x)))
 
-    def backward(self, x, W, A, B, grad_y, scaling, *, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False,
-                 need_dW=False, need_dbias=False):
-        layer = _linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out,
-                              bias=np.zeros(B.shape[0]) if need_dbias else None,
-                              dropout_mask=dropout_mask, dropout_p=dropout_p)
+    def backward(
+        self,
+        x,
+        W,
+        A,
+        B,
+        grad_y,
+        scaling,
+        *,
+        dropout_mask=None,
+        dropout_p=0.0,
+        fan_in_fan_out=False,
+        need_dW=False,
+        need_dbias=False,
+    ):
+        layer = _linear_layer(
+            W,
+            A,
+            B,
+            scaling,
+            fan_in_fan_out=fan_in_fan_out,
+            bias=np.zeros(B.shape[0]) if need_dbias else None,
+            dropout_mask=dropout_mask,
+            dropout_p=dropout_p,
+        )
         base = layer.get_base_layer()
         base.weight.requires_grad_(bool(need_dW))
         if need_dbias:
             base.bias.requires_grad_(True)
         xt = _t(x, requires_grad=True)
         layer(xt).backward(_t(grad_y))
-        return _Grads(dx=_np(xt.grad), dA=_np(layer.lora_A[_ADAPTER].weight.grad),
-                      dB=_np(layer.lora_B[_ADAPTER].weight.grad),
-                      dW=_np(base.weight.grad) if need_dW else None,
-                      dbias=_np(base.bias.grad) if need_dbias else None)
+        return _Grads(
+            dx=_np(xt.grad),
+            dA=_np(layer.lora_A[_ADAPTER].weight.grad),
+            dB=_np(layer.lora_B[_ADAPTER].weight.grad),
+            dW=_np(base.weight.grad) if need_dW else None,
+            dbias=_np(base.bias.grad) if need_dbias else None,
+        )
 
     def merge(self, W, A, B, scaling, *, fan_in_fan_out=False, dtype=None, safe=False):
         if dtype is not None:
@@ -261,15 +314,24 @@ class PeftTarget:
 
     # ------------------------------------------------------------------ DoRA
 
-    def dora_forward(self, x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0,
-                     fan_in_fan_out=False):
-        layer = _linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, bias=bias, m=m,
-                              dropout_mask=dropout_mask, dropout_p=dropout_p)
+    def dora_forward(
+        self, x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False
+    ):
+        layer = _linear_layer(
+            W,
+            A,
+            B,
+            scaling,
+            fan_in_fan_out=fan_in_fan_out,
+            bias=bias,
+            m=m,
+            dropout_mask=dropout_mask,
+            dropout_p=dropout_p,
+        )
         with _torch().no_grad():
             return _np(layer(_t(x)))
 
-    def dora_merge(self, W, A, B, m, scaling, *, fan_in_fan_out=False, embedding=False, unmerged_base=None,
-                   dtype=None):
+    def dora_merge(self, W, A, B, m, scaling, *, fan_in_fan_out=False, embedding=False, unmerged_base=None, dtype=None):
         if embedding or unmerged_base is not None or dtype is not None:
             raise NotImplementedError("the PEFT target merges one Linear DoRA adapter in float64")
         layer = _linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, m=m)
@@ -310,8 +372,19 @@ class PeftTarget:
         tensors, w = self._stack(task_vectors, weights)
         return _np(merge_utils.magnitude_prune(tensors, w, float(density)))
 
-    def dare(self, task_vectors, weights=None, *, density, masks=None, rng=None, merge="linear", profile="peft",
-             lam=1.0, **options):
+    def dare(
+        self,
+        task_vectors,
+        weights=None,
+        *,
+        density,
+        masks=None,
+        rng=None,
+        merge="linear",
+        profile="peft",
+        lam=1.0,
+        **options,
+    ):
         from peft.utils import merge_utils
 
         if masks is None or profile != "peft" or lam != 1.0 or any(v is not None for v in options.values()):

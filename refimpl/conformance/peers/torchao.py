@@ -60,7 +60,8 @@ class TorchaoTarget:
     def __init__(self) -> None:
         self._nf4 = _torchao_nf4()  # fail early with ImportError when the peer is missing
         self._ops: dict[str, Callable[..., Any]] = {
-            "quant.quantize_4bit": self.quantize_4bit, "quant.codebook": self.codebook,
+            "quant.quantize_4bit": self.quantize_4bit,
+            "quant.codebook": self.codebook,
         }
 
     def lookup(self, op: str) -> Callable[..., Any] | None:
@@ -101,8 +102,9 @@ class TorchaoTarget:
         t = self._nf4.to_nf4(torch.linspace(-1, 1, 64, dtype=torch.float32), 64, 1)
         return to_numpy(t.nf4).astype(np.float32)
 
-    def quantize_4bit(self, x, blocksize=64, quant_type="nf4", double_quant=False, *, profile="reference",
-                      nonfinite=None, threads=1):
+    def quantize_4bit(
+        self, x, blocksize=64, quant_type="nf4", double_quant=False, *, profile="reference", nonfinite=None, threads=1
+    ):
         """``to_nf4``; torchao always double-quantizes, so ``double_quant`` and ``profile`` do not change
         what it returns (``nonfinite``: torchao never checks its input)."""
         arr = np.asarray(x)
@@ -117,9 +119,11 @@ class TorchaoTarget:
         n_blocks = arr.size // int(blocksize)
         sbs = torchao_profile.default_scaler_block_size(n_blocks)
         t = self._nf4.to_nf4(_torch_of(arr), int(blocksize), sbs)
-        sc = torchao_profile.ScaleCodes(codes=to_numpy(t.quantized_scalers).astype(np.int8),
-                                        factor=to_numpy(t.quantization_factor).astype(np.float32),
-                                        mean=np.float32(to_numpy(t.scaler_mean).astype(np.float32)))
+        sc = torchao_profile.ScaleCodes(
+            codes=to_numpy(t.quantized_scalers).astype(np.int8),
+            factor=to_numpy(t.quantization_factor).astype(np.float32),
+            mean=np.float32(to_numpy(t.scaler_mean).astype(np.float32)),
+        )
         packed = to_numpy(t.quantized_data).astype(np.uint8).reshape(-1, 1)
         state = torchao_profile.as_quant_state(shape, str(arr.dtype), int(blocksize), sc, sbs)
         if not np.array_equal(state.code, to_numpy(t.nf4).astype(np.float32)):
@@ -131,11 +135,13 @@ class TorchaoTarget:
         import torch
         import torchao
 
-        return [f"torchao {torchao.__version__} (adapter written for {TESTED_VERSION}), torch {torch.__version__}, "
-                f"device cpu: NF4Tensor.from_tensor → quantize_tensor_nearest (torchao's pure-torch NF4 path; "
-                f"no C++/CUDA kernel), scaler_block_size = the largest divisor of the block count ≤ 256",
-                "rules compared: refimpl/quant/torchao_profile.py (the modelled known divergence); the all-zero "
-                "block stays a failure (bench/reproducers/torchao_nf4_zero_block.py)"]
+        return [
+            f"torchao {torchao.__version__} (adapter written for {TESTED_VERSION}), torch {torch.__version__}, "
+            f"device cpu: NF4Tensor.from_tensor → quantize_tensor_nearest (torchao's pure-torch NF4 path; "
+            f"no C++/CUDA kernel), scaler_block_size = the largest divisor of the block count ≤ 256",
+            "rules compared: refimpl/quant/torchao_profile.py (the modelled known divergence); the all-zero "
+            "block stays a failure (bench/reproducers/torchao_nf4_zero_block.py)",
+        ]
 
     def reproducer(self, op: str, case: dict[str, Any]) -> str | None:
         """A standalone torch + torchao script for a quantize_4bit case, or None."""
@@ -151,8 +157,11 @@ def zero_block_script(x: np.ndarray, blocksize: int) -> str:
 
     dt = "bfloat16" if x.dtype == np.dtype(ml_dtypes.bfloat16) else str(x.dtype)
     flat = np.asarray(x, dtype=np.float32).reshape(-1).tolist()
-    values = "[\n" + "".join("    " + ", ".join(repr(v) for v in flat[i:i + 4]) + ",\n"
-                              for i in range(0, len(flat), 4)) + "]"
+    values = (
+        "[\n"
+        + "".join("    " + ", ".join(repr(v) for v in flat[i : i + 4]) + ",\n" for i in range(0, len(flat), 4))
+        + "]"
+    )
     sbs = torchao_profile.default_scaler_block_size(x.size // blocksize)
     return f'''"""torchao NF4: an all-zero block is quantized to code 0 (-1.0) instead of the zero code.
 

@@ -133,8 +133,12 @@ class TorchtuneTarget:
         from torchtune.modules import peft  # noqa: F401 - fail early with ImportError when the peer is missing
 
         self._ops: dict[str, Callable[..., Any]] = {
-            "lora.scaling": self.scaling, "lora.forward": self.forward, "lora.backward": self.backward,
-            "lora.merge": self.merge, "dora.forward": self.dora_forward, "dora.merge": self.dora_merge,
+            "lora.scaling": self.scaling,
+            "lora.forward": self.forward,
+            "lora.backward": self.backward,
+            "lora.merge": self.merge,
+            "dora.forward": self.dora_forward,
+            "dora.merge": self.dora_merge,
         }
 
     def lookup(self, op: str) -> Callable[..., Any] | None:
@@ -168,9 +172,11 @@ class TorchtuneTarget:
         import torch
         import torchtune
 
-        return [f"torchtune {torchtune.__version__} (adapter written for {TESTED_VERSION}), torch {torch.__version__}, "
-                "float64 on CPU: LoRALinear / DoRALinear.forward (F.linear; no quantize_base), "
-                "get_merged_lora_ckpt for the merges"]
+        return [
+            f"torchtune {torchtune.__version__} (adapter written for {TESTED_VERSION}), torch {torch.__version__}, "
+            "float64 on CPU: LoRALinear / DoRALinear.forward (F.linear; no quantize_base), "
+            "get_merged_lora_ckpt for the merges"
+        ]
 
     # ------------------------------------------------------------------ LoRA
 
@@ -189,18 +195,42 @@ class TorchtuneTarget:
         with _torch().no_grad():
             return _np(layer(_t(x)))
 
-    def backward(self, x, W, A, B, grad_y, scaling, *, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False,
-                 need_dW=False, need_dbias=False):
+    def backward(
+        self,
+        x,
+        W,
+        A,
+        B,
+        grad_y,
+        scaling,
+        *,
+        dropout_mask=None,
+        dropout_p=0.0,
+        fan_in_fan_out=False,
+        need_dW=False,
+        need_dbias=False,
+    ):
         if fan_in_fan_out:
             raise NotImplementedError("torchtune stores W as (out, in)")
-        layer = _layer(W, A, B, scaling, bias=np.zeros(np.shape(B)[0]) if need_dbias else None,
-                       dropout_mask=dropout_mask, dropout_p=dropout_p)
+        layer = _layer(
+            W,
+            A,
+            B,
+            scaling,
+            bias=np.zeros(np.shape(B)[0]) if need_dbias else None,
+            dropout_mask=dropout_mask,
+            dropout_p=dropout_p,
+        )
         layer.weight.requires_grad_(bool(need_dW))
         xt = _t(x, requires_grad=True)
         layer(xt).backward(_t(grad_y))
-        return _Grads(dx=_np(xt.grad), dA=_np(layer.lora_a.weight.grad), dB=_np(layer.lora_b.weight.grad),
-                      dW=_np(layer.weight.grad) if need_dW else None,
-                      dbias=_np(layer.bias.grad) if need_dbias else None)
+        return _Grads(
+            dx=_np(xt.grad),
+            dA=_np(layer.lora_a.weight.grad),
+            dB=_np(layer.lora_b.weight.grad),
+            dW=_np(layer.weight.grad) if need_dW else None,
+            dbias=_np(layer.bias.grad) if need_dbias else None,
+        )
 
     def merge(self, W, A, B, scaling, *, fan_in_fan_out=False, dtype=None, safe=False):
         from torchtune.modules.peft import get_merged_lora_ckpt
@@ -215,16 +245,16 @@ class TorchtuneTarget:
 
     # ------------------------------------------------------------------ DoRA
 
-    def dora_forward(self, x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0,
-                     fan_in_fan_out=False):
+    def dora_forward(
+        self, x, W, A, B, m, scaling, *, bias=None, dropout_mask=None, dropout_p=0.0, fan_in_fan_out=False
+    ):
         if fan_in_fan_out:
             raise NotImplementedError("torchtune stores W as (out, in)")
         layer = _layer(W, A, B, scaling, bias=bias, m=m, dropout_mask=dropout_mask, dropout_p=dropout_p)
         with _torch().no_grad():
             return _np(layer(_t(x)))
 
-    def dora_merge(self, W, A, B, m, scaling, *, fan_in_fan_out=False, embedding=False, unmerged_base=None,
-                   dtype=None):
+    def dora_merge(self, W, A, B, m, scaling, *, fan_in_fan_out=False, embedding=False, unmerged_base=None, dtype=None):
         torch = _torch()
         from torchtune.modules.peft import get_merged_lora_ckpt
 
@@ -263,8 +293,11 @@ def _dora_bias_once(case: dict[str, Any]) -> np.ndarray:
 
     x, W, A, B, m = (_t(case[k]) for k in ("x", "W", "A", "B", "m"))
     s = float(case["scaling"])
-    xd = x if case.get("dropout_mask") is None else \
-        x * _t(case["dropout_mask"]) / (1.0 - float(case.get("dropout_p", 0.0)))
+    xd = (
+        x
+        if case.get("dropout_mask") is None
+        else x * _t(case["dropout_mask"]) / (1.0 - float(case.get("dropout_p", 0.0)))
+    )
     with torch.no_grad():
         base = F.linear(x, W)
         lora_out = F.linear(F.linear(xd, A), B)

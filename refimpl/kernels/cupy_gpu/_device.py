@@ -55,8 +55,14 @@ class Dev:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
 
-_TORCH_NAMES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16",
-                "torch.uint8": "uint8", "torch.int32": "int32", "torch.int64": "int64"}
+_TORCH_NAMES = {
+    "torch.float32": "float32",
+    "torch.float16": "float16",
+    "torch.bfloat16": "bfloat16",
+    "torch.uint8": "uint8",
+    "torch.int32": "int32",
+    "torch.int64": "int64",
+}
 
 
 def as_dev(x: Any, name: str, *, dtypes: tuple[str, ...], dtype: str | None = None) -> Dev:
@@ -98,13 +104,19 @@ def empty(like: Dev, shape: tuple[int, ...], dtype: str) -> Dev:
     if like.framework == "torch":
         import torch
 
-        tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-               "uint8": torch.uint8, "int32": torch.int32}[dtype]
+        tdt = {
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "uint8": torch.uint8,
+            "int32": torch.int32,
+        }[dtype]
         t = torch.empty(shape, dtype=tdt, device=like.obj.device)
         return Dev(t, int(t.data_ptr()), tuple(shape), dtype, "torch")
     cp = _cp()
-    npdt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint8": np.uint8,
-            "int32": np.int32}[dtype]
+    npdt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint8": np.uint8, "int32": np.int32}[
+        dtype
+    ]
     a = cp.empty(shape, dtype=npdt)
     return Dev(a, int(a.data.ptr), tuple(shape), dtype, "cupy")
 

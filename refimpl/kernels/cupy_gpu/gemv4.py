@@ -176,16 +176,39 @@ extern "C" __global__ void lora_down(const elem_t* __restrict__ x, const elem_t*
 
 def _gemv_kernel(dt: str, bs: int, qt: str, m: int, r_lora: int, has_bias: bool):
     rpw, steps, ks = GEMV_CONFIG[m]
-    return D.compile_kernel(_GEMV_SRC, "gemv4", (
-        ("DT", D.DT_CODE[dt]), ("BS", bs), ("M", m), ("RPW", rpw), ("U", steps), ("KS", ks),
-        ("R_LORA", r_lora),
-        ("HAS_BIAS", int(has_bias)), ("LUT_INIT", _nf4._lut_define(qt))))
+    return D.compile_kernel(
+        _GEMV_SRC,
+        "gemv4",
+        (
+            ("DT", D.DT_CODE[dt]),
+            ("BS", bs),
+            ("M", m),
+            ("RPW", rpw),
+            ("U", steps),
+            ("KS", ks),
+            ("R_LORA", r_lora),
+            ("HAS_BIAS", int(has_bias)),
+            ("LUT_INIT", _nf4._lut_define(qt)),
+        ),
+    )
 
 
 def _down_kernel(dt: str):
-    return D.compile_kernel(_GEMV_SRC, "lora_down", (
-        ("DT", D.DT_CODE[dt]), ("BS", 64), ("M", 1), ("RPW", 1), ("U", 1), ("KS", 1), ("R_LORA", 0), ("HAS_BIAS", 0),
-        ("LUT_INIT", _nf4._lut_define("nf4"))))
+    return D.compile_kernel(
+        _GEMV_SRC,
+        "lora_down",
+        (
+            ("DT", D.DT_CODE[dt]),
+            ("BS", 64),
+            ("M", 1),
+            ("RPW", 1),
+            ("U", 1),
+            ("KS", 1),
+            ("R_LORA", 0),
+            ("HAS_BIAS", 0),
+            ("LUT_INIT", _nf4._lut_define("nf4")),
+        ),
+    )
 
 
 def float_absmax(state: _nf4.GpuQuantState) -> Any:
@@ -202,8 +225,17 @@ def float_absmax(state: _nf4.GpuQuantState) -> Any:
     return (dyn[codes] * a2[blocks]).astype(cp.float32) + off
 
 
-def gemv_4bit(x: Any, packed: Any, state: _nf4.GpuQuantState, *, A: Any = None, B: Any = None,
-              scaling: float = 1.0, bias: Any = None, dtype: str | None = None) -> Any:
+def gemv_4bit(
+    x: Any,
+    packed: Any,
+    state: _nf4.GpuQuantState,
+    *,
+    A: Any = None,
+    B: Any = None,
+    scaling: float = 1.0,
+    bias: Any = None,
+    dtype: str | None = None,
+) -> Any:
     """y = x · dequant(W)ᵀ (+ s·(x Aᵀ) Bᵀ) (+ bias) for x of shape (m, K), m = 1..16; W (N, K) 4-bit.
 
     ``A`` (r, K) and ``B`` (N, r) add the LoRA branch (QLoRA forward); all of x, A, B, bias share one
@@ -242,9 +274,19 @@ def gemv_4bit(x: Any, packed: Any, state: _nf4.GpuQuantState, *, A: Any = None, 
         u = D.empty(xd, (m, r_lora), "float32")
         keep.append(u)
         with D.launch_stream(xd):
-            _down_kernel(xd.dtype)(D.grid_for(m * r_lora * 32), (256,),
-                                   (D.ptr(xd.ptr), D.ptr(ad.ptr), D.ptr(u.ptr), np.int32(m), np.int32(r_lora),
-                                    np.int32(K), np.float32(scaling)))
+            _down_kernel(xd.dtype)(
+                D.grid_for(m * r_lora * 32),
+                (256,),
+                (
+                    D.ptr(xd.ptr),
+                    D.ptr(ad.ptr),
+                    D.ptr(u.ptr),
+                    np.int32(m),
+                    np.int32(r_lora),
+                    np.int32(K),
+                    np.float32(scaling),
+                ),
+            )
         u_ptr, lb_ptr = D.ptr(u.ptr), D.ptr(bd.ptr)
     if bias is not None:
         bb = D.as_dev(bias, "bias", dtypes=(xd.dtype,), dtype=dtype)
@@ -255,13 +297,35 @@ def gemv_4bit(x: Any, packed: Any, state: _nf4.GpuQuantState, *, A: Any = None, 
     kern = _gemv_kernel(xd.dtype, state.blocksize, state.quant_type, m, r_lora, bias is not None)
     rpw, _, ks = GEMV_CONFIG[m]
     with D.launch_stream(xd):
-        kern((-(-N // rpw),), (32 * ks,), (D.ptr(xd.ptr), D.ptr(pd.ptr), D.ptr(amax.ptr), u_ptr, lb_ptr,
-                                                   b_ptr, D.ptr(out.ptr), np.int32(N), np.int32(K)))
+        kern(
+            (-(-N // rpw),),
+            (32 * ks,),
+            (
+                D.ptr(xd.ptr),
+                D.ptr(pd.ptr),
+                D.ptr(amax.ptr),
+                u_ptr,
+                lb_ptr,
+                b_ptr,
+                D.ptr(out.ptr),
+                np.int32(N),
+                np.int32(K),
+            ),
+        )
     return out.obj
 
 
-def qlora_forward(x: Any, packed: Any, state: _nf4.GpuQuantState, A: Any, B: Any, scaling: float, *,
-                  bias: Any = None, dtype: str | None = None) -> Any:
+def qlora_forward(
+    x: Any,
+    packed: Any,
+    state: _nf4.GpuQuantState,
+    A: Any,
+    B: Any,
+    scaling: float,
+    *,
+    bias: Any = None,
+    dtype: str | None = None,
+) -> Any:
     """QLoRA forward y = x · dequant(W)ᵀ + s·(x Aᵀ) Bᵀ + b: the fused GEMV for m ≤ 16, else
     dequantize once and run the LoRA GEMM path (``refimpl.kernels.cupy_gpu.lora_gemm.forward``)."""
     xd = D.as_dev(x, "x", dtypes=("float32", "float16", "bfloat16"), dtype=dtype)

@@ -129,8 +129,9 @@ def _k_pad(d: int, r: int, has_bias: bool) -> int:
     return -(-k // K_ALIGN) * K_ALIGN
 
 
-def pack(W: Any, A: Any, B: Any, scaling: float, *, bias: Any = None, magnitude: Any = None,
-         dtype: str | None = None) -> PackedLinear:
+def pack(
+    W: Any, A: Any, B: Any, scaling: float, *, bias: Any = None, magnitude: Any = None, dtype: str | None = None
+) -> PackedLinear:
     """Pack the weight side once per weight version (LoRA, or DoRA when ``magnitude`` is given)."""
     wd = D.as_dev(W, "W", dtypes=("float32", "float16", "bfloat16"), dtype=dtype)
     if len(wd.shape) != 2:
@@ -145,8 +146,11 @@ def pack(W: Any, A: Any, B: Any, scaling: float, *, bias: Any = None, magnitude:
     bd = D.as_dev(B, "B", dtypes=(wd.dtype,), dtype=dtype)
     if bd.shape != (out_f, r):
         raise ValueError(f"B: expected shape ({out_f}, {r}), got {bd.shape}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)) \
-            or not np.isfinite(scaling):
+    if (
+        isinstance(scaling, bool)
+        or not isinstance(scaling, (int, float, np.floating, np.integer))
+        or not np.isfinite(scaling)
+    ):
         raise TypeError(f"scaling: expected a finite real number, got {scaling!r}")
     has_bias = bias is not None
     b_ptr = np.uint64(0)
@@ -167,16 +171,40 @@ def pack(W: Any, A: Any, B: Any, scaling: float, *, bias: Any = None, magnitude:
             fac = D.empty(wd, (out_f,), "float32")
             cp = D._cp()
             norm = cp.empty((out_f,), dtype=np.float64)
-            _kernel("dora_factor", wd.dtype)((out_f,), (256,), (
-                D.ptr(wd.ptr), D.ptr(ad.ptr), D.ptr(bd.ptr), D.ptr(md.ptr), D.ptr(fac.ptr), D.ptr(norm.data.ptr),
-                np.int32(d), np.int32(r), np.float64(scaling)))
+            _kernel("dora_factor", wd.dtype)(
+                (out_f,),
+                (256,),
+                (
+                    D.ptr(wd.ptr),
+                    D.ptr(ad.ptr),
+                    D.ptr(bd.ptr),
+                    D.ptr(md.ptr),
+                    D.ptr(fac.ptr),
+                    D.ptr(norm.data.ptr),
+                    np.int32(d),
+                    np.int32(r),
+                    np.float64(scaling),
+                ),
+            )
             if bool((norm == 0).any()):
                 raise ValueError("W + s·B·A: a row has zero norm, so the DoRA factor m / ‖·‖ is undefined")
             f_ptr = D.ptr(fac.ptr)
             factor = fac.obj
-        _kernel("pack_weight", wd.dtype)((-(-kp // 256), out_f), (256,), (
-            D.ptr(wd.ptr), D.ptr(bd.ptr), b_ptr, f_ptr, D.ptr(packed.ptr), np.int32(d), np.int32(r),
-            np.int32(kp), np.int32(int(has_bias))))
+        _kernel("pack_weight", wd.dtype)(
+            (-(-kp // 256), out_f),
+            (256,),
+            (
+                D.ptr(wd.ptr),
+                D.ptr(bd.ptr),
+                b_ptr,
+                f_ptr,
+                D.ptr(packed.ptr),
+                np.int32(d),
+                np.int32(r),
+                np.int32(kp),
+                np.int32(int(has_bias)),
+            ),
+        )
     return PackedLinear(packed.obj, A, float(scaling), d, r, kp, out_f, has_bias, wd.dtype, factor)
 
 
@@ -193,9 +221,11 @@ def workspace(packed: PackedLinear, m: int) -> Any:
         buf.obj.fill(0)
     if packed.has_bias:
         with D.launch_stream(buf):
-            _kernel("fill_ones", packed.dtype)(D.grid_for(m), (256,), (D.ptr(buf.ptr), np.int64(m),
-                                                                      np.int32(packed.k_pad),
-                                                                      np.int32(packed.d + packed.r)))
+            _kernel("fill_ones", packed.dtype)(
+                D.grid_for(m),
+                (256,),
+                (D.ptr(buf.ptr), np.int64(m), np.int32(packed.k_pad), np.int32(packed.d + packed.r)),
+            )
     return buf.obj
 
 
@@ -213,8 +243,22 @@ def _side(device_id: int):
         return cp.cuda.Stream(non_blocking=True), cublas.create()
 
 
-def gemm_rowmajor(handle: int, m: int, n: int, k: int, alpha: float, a_ptr: int, lda: int, b_ptr: int,
-                  ldb: int, beta: float, c_ptr: int, ldc: int, dtype: str, c_dtype: str | None = None) -> None:
+def gemm_rowmajor(
+    handle: int,
+    m: int,
+    n: int,
+    k: int,
+    alpha: float,
+    a_ptr: int,
+    lda: int,
+    b_ptr: int,
+    ldb: int,
+    beta: float,
+    c_ptr: int,
+    ldc: int,
+    dtype: str,
+    c_dtype: str | None = None,
+) -> None:
     """C (m, n, row stride ldc) = alpha · A (m, k, row stride lda) · B(n, k, row stride ldb)ᵀ + beta · C.
 
     Row-major C = A Bᵀ is column-major Cᵀ = B Aᵀ: cuBLAS gets (op(B) = T over ldb, op(A) = N over lda).
@@ -223,9 +267,27 @@ def gemm_rowmajor(handle: int, m: int, n: int, k: int, alpha: float, a_ptr: int,
 
     al = np.array([alpha], dtype=np.float32)
     be = np.array([beta], dtype=np.float32)
-    cublas.gemmEx(handle, _OP_T, _OP_N, n, m, k, al.ctypes.data, b_ptr, _CUDA_DT[dtype], ldb, a_ptr,
-                  _CUDA_DT[dtype], lda, be.ctypes.data, c_ptr, _CUDA_DT[c_dtype or dtype], ldc, _COMPUTE_32F,
-                  _GEMM_DEFAULT)
+    cublas.gemmEx(
+        handle,
+        _OP_T,
+        _OP_N,
+        n,
+        m,
+        k,
+        al.ctypes.data,
+        b_ptr,
+        _CUDA_DT[dtype],
+        ldb,
+        a_ptr,
+        _CUDA_DT[dtype],
+        lda,
+        be.ctypes.data,
+        c_ptr,
+        _CUDA_DT[c_dtype or dtype],
+        ldc,
+        _COMPUTE_32F,
+        _GEMM_DEFAULT,
+    )
 
 
 def forward_packed(packed: PackedLinear, xbuf: Any, *, chunks: int = 1, out: Any = None) -> Any:
@@ -265,13 +327,27 @@ def forward_packed(packed: PackedLinear, xbuf: Any, *, chunks: int = 1, out: Any
             continue
         x_lo = xd.ptr + int(lo) * kp * it
         with side:
-            gemm_rowmajor(side_handle, rows, r, d, packed.scaling, x_lo, kp, ad.ptr, d, 0.0, x_lo + d * it, kp,
-                          packed.dtype)
+            gemm_rowmajor(
+                side_handle, rows, r, d, packed.scaling, x_lo, kp, ad.ptr, d, 0.0, x_lo + d * it, kp, packed.dtype
+            )
             ev = side.record()
         main.wait_event(ev)
         with main:
-            gemm_rowmajor(_handle(), rows, n_out, kp, 1.0, x_lo, kp, wd.ptr, kp, 0.0,
-                          yd.ptr + int(lo) * n_out * it, n_out, packed.dtype)
+            gemm_rowmajor(
+                _handle(),
+                rows,
+                n_out,
+                kp,
+                1.0,
+                x_lo,
+                kp,
+                wd.ptr,
+                kp,
+                0.0,
+                yd.ptr + int(lo) * n_out * it,
+                n_out,
+                packed.dtype,
+            )
     return yd.obj
 
 
@@ -282,8 +358,9 @@ def _fill_input(buf: Any, x: Any, d: int) -> None:
         buf[:, :d] = x
 
 
-def forward(x: Any, W: Any, A: Any, B: Any, scaling: float, *, bias: Any = None, dtype: str | None = None,
-            chunks: int = 1) -> Any:
+def forward(
+    x: Any, W: Any, A: Any, B: Any, scaling: float, *, bias: Any = None, dtype: str | None = None, chunks: int = 1
+) -> Any:
     """LoRA forward y = x Wᵀ + s·(x Aᵀ) Bᵀ + b for x (m, d): packs, copies x into a workspace, runs."""
     xd = D.as_dev(x, "x", dtypes=("float32", "float16", "bfloat16"), dtype=dtype)
     if len(xd.shape) != 2:
@@ -296,8 +373,18 @@ def forward(x: Any, W: Any, A: Any, B: Any, scaling: float, *, bias: Any = None,
     return forward_packed(p, buf, chunks=chunks)
 
 
-def dora_forward(x: Any, W: Any, A: Any, B: Any, magnitude: Any, scaling: float, *, bias: Any = None,
-                 dtype: str | None = None, chunks: int = 1) -> Any:
+def dora_forward(
+    x: Any,
+    W: Any,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    scaling: float,
+    *,
+    bias: Any = None,
+    dtype: str | None = None,
+    chunks: int = 1,
+) -> Any:
     """DoRA eval forward y = f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b, f = m / ‖W + s·B A‖_row (float32 m)."""
     xd = D.as_dev(x, "x", dtypes=("float32", "float16", "bfloat16"), dtype=dtype)
     if len(xd.shape) != 2:

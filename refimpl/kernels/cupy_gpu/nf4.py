@@ -31,8 +31,17 @@ from refimpl.kernels.cupy_gpu import _device as D
 from refimpl.quant import codebooks as cb
 from refimpl.quant.operands import BLOCKSIZES, NESTED_BLOCKSIZE
 
-__all__ = ["BLOCKSIZES", "DEQUANT_SLOTS", "NESTED_BLOCKSIZE", "QUANT_SLOTS", "QUANT_TYPES", "GpuQuantState",
-           "dequantize_4bit", "quantize_4bit", "quantize_absmax"]
+__all__ = [
+    "BLOCKSIZES",
+    "DEQUANT_SLOTS",
+    "NESTED_BLOCKSIZE",
+    "QUANT_SLOTS",
+    "QUANT_TYPES",
+    "GpuQuantState",
+    "dequantize_4bit",
+    "quantize_4bit",
+    "quantize_absmax",
+]
 
 QUANT_TYPES = cb.QUANT_TYPES
 _QT = {"nf4": 0, "fp4": 1}
@@ -57,11 +66,16 @@ def _nf4_thresholds() -> str:
 def _fp4_thresholds() -> str:
     # decimal literals exactly as in csrc/kernels.cu: the compiler rounds them to float32 as nvcc does
     names = ("F0", "F1", "F2", "F3", "F4", "F5", "F6")
-    return "\n".join(f"#define {n} {D.f32_literal(float(np.float32(v)))}"
-                     for n, v in zip(names, cb.FP4_CUDA_THRESHOLDS, strict=True))
+    return "\n".join(
+        f"#define {n} {D.f32_literal(float(np.float32(v)))}" for n, v in zip(names, cb.FP4_CUDA_THRESHOLDS, strict=True)
+    )
 
 
-_QUANT_SRC = (_nf4_thresholds() + "\n" + _fp4_thresholds() + r"""
+_QUANT_SRC = (
+    _nf4_thresholds()
+    + "\n"
+    + _fp4_thresholds()
+    + r"""
 __device__ __forceinline__ float step_gt(float s, float t) {
   // 1.0f if s > t else 0.0f (NaN gives 0): fma(s, 2^100, -t·2^100) is exact in sign, > 0 iff s > t, and at
   // least 2^100 · (the gap between two floats in [-1, 1]) ≥ 1 when positive, so saturation makes it 1
@@ -201,7 +215,8 @@ extern "C" __global__ void quantize_absmax8(const float* __restrict__ absmax, co
   float r = rcp_approx(m);
   if (i < nb) codes[i] = (u8)dyn8_code(smem_code, mul_ftz(c, r));
 }
-""")
+"""
+)
 
 _DEQUANT_SRC = r"""
 __device__ __forceinline__ float block_scale(const void* __restrict__ absmax, const float* __restrict__ absmax2,
@@ -296,19 +311,33 @@ def _check_common(blocksize: Any, quant_type: Any) -> tuple[int, str]:
 
 
 def _quant_kernel(dt: str, bs: int, qt: str):
-    return D.compile_kernel(_QUANT_SRC, "quantize4", (("DT", D.DT_CODE[dt]), ("BS", bs), ("QT", _QT[qt]),
-                                                      ("QU", QUANT_SLOTS)), ("--use_fast_math",))
+    return D.compile_kernel(
+        _QUANT_SRC,
+        "quantize4",
+        (("DT", D.DT_CODE[dt]), ("BS", bs), ("QT", _QT[qt]), ("QU", QUANT_SLOTS)),
+        ("--use_fast_math",),
+    )
 
 
 def _absmax8_kernel():
-    return D.compile_kernel(_QUANT_SRC, "quantize_absmax8", (("DT", 0), ("BS", 64), ("QT", 0), ("QU", 1)),
-                            ("--use_fast_math",))
+    return D.compile_kernel(
+        _QUANT_SRC, "quantize_absmax8", (("DT", 0), ("BS", 64), ("QT", 0), ("QU", 1)), ("--use_fast_math",)
+    )
 
 
 def _dequant_kernel(dt: str, bs: int, qt: str, nested: bool):
-    return D.compile_kernel(_DEQUANT_SRC, "dequantize4",
-                            (("DT", D.DT_CODE[dt]), ("BS", bs), ("NESTED", int(nested)), ("DU", DEQUANT_SLOTS),
-                             ("LUT_INIT", _lut_define(qt))), ("--use_fast_math",))
+    return D.compile_kernel(
+        _DEQUANT_SRC,
+        "dequantize4",
+        (
+            ("DT", D.DT_CODE[dt]),
+            ("BS", bs),
+            ("NESTED", int(nested)),
+            ("DU", DEQUANT_SLOTS),
+            ("LUT_INIT", _lut_define(qt)),
+        ),
+        ("--use_fast_math",),
+    )
 
 
 def _dynamic_map_device():
@@ -316,8 +345,15 @@ def _dynamic_map_device():
     return cp.asarray(cb.from_hex(cb.DYNAMIC8_HEX).astype(np.float32))
 
 
-def quantize_4bit(x: Any, blocksize: int = 64, quant_type: str = "nf4", *, double_quant: bool = False,
-                  offset: Any = None, dtype: str | None = None) -> tuple[Any, GpuQuantState]:
+def quantize_4bit(
+    x: Any,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    *,
+    double_quant: bool = False,
+    offset: Any = None,
+    dtype: str | None = None,
+) -> tuple[Any, GpuQuantState]:
     """Blockwise 4-bit quantization on the GPU: (packed uint8 of shape ((n+1)//2, 1), state).
 
     ``x``: CuPy array or torch CUDA tensor, float32/float16/bfloat16 (bfloat16 in CuPy: uint16 bits with
@@ -336,8 +372,11 @@ def quantize_4bit(x: Any, blocksize: int = 64, quant_type: str = "nf4", *, doubl
     slots = QUANT_SLOTS if bs <= 256 else 1
     kern = _quant_kernel(xd.dtype, bs, qt)
     with D.launch_stream(xd):
-        kern(D.grid_for(-(-nblocks // slots) * group), (256,), (D.ptr(xd.ptr), D.ptr(packed.ptr), D.ptr(absmax.ptr),
-                                                   np.int64(n), np.int64(nblocks)))
+        kern(
+            D.grid_for(-(-nblocks // slots) * group),
+            (256,),
+            (D.ptr(xd.ptr), D.ptr(packed.ptr), D.ptr(absmax.ptr), np.int64(n), np.int64(nblocks)),
+        )
     if not double_quant:
         return packed.obj, GpuQuantState(absmax.obj, xd.shape, xd.dtype, bs, qt)
     codes, absmax2, off = quantize_absmax(absmax.obj, offset=offset)
@@ -365,8 +404,11 @@ def quantize_absmax(absmax: Any, *, offset: Any = None) -> tuple[Any, Any, Any]:
     absmax2 = D.empty(ad, (-(-nb // NESTED_BLOCKSIZE),), "float32")
     dyn = _dynamic_map_device()
     with D.launch_stream(ad):
-        _absmax8_kernel()((absmax2.size,), (256,), (D.ptr(ad.ptr), D.ptr(od.ptr), D.ptr(dyn.data.ptr),
-                                                    D.ptr(codes.ptr), D.ptr(absmax2.ptr), np.int64(nb)))
+        _absmax8_kernel()(
+            (absmax2.size,),
+            (256,),
+            (D.ptr(ad.ptr), D.ptr(od.ptr), D.ptr(dyn.data.ptr), D.ptr(codes.ptr), D.ptr(absmax2.ptr), np.int64(nb)),
+        )
     return codes.obj, absmax2.obj, off
 
 
@@ -394,13 +436,14 @@ def dequantize_4bit(packed: Any, state: GpuQuantState, *, out_dtype: str | None 
         ad = D.as_dev(state.absmax, "state.absmax", dtypes=("float32",))
         args_extra = (np.uint64(0), np.uint64(0), np.uint64(0))
     if ad.size != nblocks:
-        raise ValueError(f"state.absmax: expected {nblocks} values for {n} elements at blocksize {bs}, "
-                         f"got {ad.size}")
+        raise ValueError(f"state.absmax: expected {nblocks} values for {n} elements at blocksize {bs}, got {ad.size}")
     out = D.empty(pd, tuple(state.shape), dt)
     kern = _dequant_kernel(dt, bs, qt, state.nested)
     with D.launch_stream(pd):
-        kern(D.grid_for(-(-n // (8 * DEQUANT_SLOTS))), (256,), (D.ptr(pd.ptr), D.ptr(ad.ptr), *args_extra,
-                                                               D.ptr(out.ptr),
-                                                np.int64(n)))
+        kern(
+            D.grid_for(-(-n // (8 * DEQUANT_SLOTS))),
+            (256,),
+            (D.ptr(pd.ptr), D.ptr(ad.ptr), *args_extra, D.ptr(out.ptr), np.int64(n)),
+        )
     del cp
     return out.obj

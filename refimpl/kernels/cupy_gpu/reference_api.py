@@ -76,10 +76,14 @@ def unsupported(op: str, case: dict[str, Any]) -> str | None:
             return f"the fused QLoRA kernels use the unrounded float32 weight; a {dtype} state rounds it"
     if op == "merging.ties" and case.get("rescale") is not None:
         return "the CuPy TIES kernel has no L1 rescale (rescale='l1')"
-    if op == "merging.ties" and (case.get("profile") == "mergelm" or case.get("k_rule") == "mask_rate"
-                                 or case.get("zero_sign") == "global_majority_zero"):
+    if op == "merging.ties" and (
+        case.get("profile") == "mergelm"
+        or case.get("k_rule") == "mask_rate"
+        or case.get("zero_sign") == "global_majority_zero"
+    ):
         return "the CuPy TIES kernel has no MergeLM rules (k_rule='mask_rate', zero_sign='global_majority_zero')"
     return None
+
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _KERNEL_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", _BF16: "bfloat16"}
@@ -119,7 +123,8 @@ def _no_dropout(keep: np.ndarray | None) -> None:
     if keep is not None:
         raise NotImplementedError(
             "dropout_mask: the CuPy LoRA/DoRA/QLoRA kernels implement the eval form only (no keep mask); "
-            "use refimpl.lora / refimpl.dora / refimpl.qlora or the numba backend for the train form")
+            "use refimpl.lora / refimpl.dora / refimpl.qlora or the numba backend for the train form"
+        )
 
 
 # ------------------------------------------------------------------------------------------- LoRA, DoRA
@@ -147,14 +152,21 @@ def lora_forward(
     One cuBLAS GEMM [x | s·x Aᵀ | 1] · [W | B | b]ᵀ (``lora_gemm.forward``); operands are rounded once
     to float32. ``dropout_mask`` is not implemented (NotImplementedError).
     """
-    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     _no_dropout(ops.keep)
     _gemm_rank(ops.rank)
     from refimpl.kernels.cupy_gpu import lora_gemm  # cupy is optional: imported only when a kernel runs
 
-    y = lora_gemm.forward(_upload32(ops.x.reshape(-1, ops.in_features)), _upload32(ops.W), _upload32(ops.A),
-                          _upload32(ops.B), ops.scaling, bias=None if ops.bias is None else _upload32(ops.bias))
+    y = lora_gemm.forward(
+        _upload32(ops.x.reshape(-1, ops.in_features)),
+        _upload32(ops.W),
+        _upload32(ops.A),
+        _upload32(ops.B),
+        ops.scaling,
+        bias=None if ops.bias is None else _upload32(ops.bias),
+    )
     return _host(y).reshape(*ops.x.shape[:-1], ops.out_features)
 
 
@@ -175,17 +187,24 @@ def dora_forward(
     (arXiv 2402.09353, eq. 5), as one GEMM over [f⊙W | f⊙B | b]. float32 operands (m included);
     ``dropout_mask`` (the train form) is not implemented. A zero row norm raises ValueError, as the reference.
     """
-    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     m_arr = _checks.float_array(m, "m", ndim=1)
     _checks.check_shape(m_arr, "m", (ops.out_features,))
     _no_dropout(ops.keep)
     _gemm_rank(ops.rank)
     from refimpl.kernels.cupy_gpu import lora_gemm  # cupy is optional: imported only when a kernel runs
 
-    y = lora_gemm.dora_forward(_upload32(ops.x.reshape(-1, ops.in_features)), _upload32(ops.W), _upload32(ops.A),
-                               _upload32(ops.B), _upload32(m_arr), ops.scaling,
-                               bias=None if ops.bias is None else _upload32(ops.bias))
+    y = lora_gemm.dora_forward(
+        _upload32(ops.x.reshape(-1, ops.in_features)),
+        _upload32(ops.W),
+        _upload32(ops.A),
+        _upload32(ops.B),
+        _upload32(m_arr),
+        ops.scaling,
+        bias=None if ops.bias is None else _upload32(ops.bias),
+    )
     return _host(y).reshape(*ops.x.shape[:-1], ops.out_features)
 
 
@@ -203,8 +222,10 @@ def _packed(packed: Any, state: QuantState) -> np.ndarray:
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
     if p.size != (state.n + 1) // 2:
-        raise ValueError(f"packed: state describes shape {state.shape} ({state.n} elements, "
-                         f"{(state.n + 1) // 2} bytes), got {p.size} bytes")
+        raise ValueError(
+            f"packed: state describes shape {state.shape} ({state.n} elements, "
+            f"{(state.n + 1) // 2} bytes), got {p.size} bytes"
+        )
     return np.ascontiguousarray(p).reshape(-1, 1)
 
 
@@ -217,31 +238,55 @@ def to_gpu_state(state: QuantState) -> Any:
     state = _quant_state(state)
     cp = _cp()
     if not np.array_equal(state.code, codebooks.codebook(state.quant_type)):  # −0.0 == +0.0: FP4's zero sign
-        raise NotImplementedError(f"state.code: the CuPy kernels use the standard {state.quant_type} codebook; "
-                                  "this state carries another table")
+        raise NotImplementedError(
+            f"state.code: the CuPy kernels use the standard {state.quant_type} codebook; "
+            "this state carries another table"
+        )
     dtype = state.dtype if state.dtype in ("float32", "float16", "bfloat16") else "float32"
     if not state.nested:
-        return nf4.GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize,
-                             state.quant_type)
+        return nf4.GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize, state.quant_type)
     if state.nested_blocksize != NESTED_BLOCKSIZE:
-        raise NotImplementedError(f"state.nested_blocksize: the CuPy kernels use {NESTED_BLOCKSIZE}, "
-                                  f"got {state.nested_blocksize}")
+        raise NotImplementedError(
+            f"state.nested_blocksize: the CuPy kernels use {NESTED_BLOCKSIZE}, got {state.nested_blocksize}"
+        )
     if state.nested_code is None or not np.array_equal(state.nested_code, codebooks.codebook("dynamic8")):
         raise NotImplementedError("state.nested_code: the CuPy kernels use the dynamic 8-bit map")
-    return nf4.GpuQuantState(cp.asarray(state.absmax), tuple(state.shape), dtype, state.blocksize, state.quant_type,
-                         cp.asarray(state.nested_absmax), cp.asarray(np.array([state.offset], np.float32)))
+    return nf4.GpuQuantState(
+        cp.asarray(state.absmax),
+        tuple(state.shape),
+        dtype,
+        state.blocksize,
+        state.quant_type,
+        cp.asarray(state.nested_absmax),
+        cp.asarray(np.array([state.offset], np.float32)),
+    )
 
 
 def from_gpu_state(gstate: Any, *, shape: tuple[int, ...], dtype: str, profile: str = PROFILE) -> QuantState:
     """The reference ``QuantState`` of a ``GpuQuantState`` (statistics copied to the host)."""
     code = codebooks.codebook(gstate.quant_type)
     if not gstate.nested:
-        return QuantState(shape=shape, dtype=dtype, blocksize=gstate.blocksize, quant_type=gstate.quant_type,
-                          absmax=_host(gstate.absmax), code=code, profile=profile)
-    return QuantState(shape=shape, dtype=dtype, blocksize=gstate.blocksize, quant_type=gstate.quant_type,
-                      absmax=_host(gstate.absmax), code=code, offset=np.float32(_host(gstate.offset).reshape(-1)[0]),
-                      nested_absmax=_host(gstate.absmax2), nested_code=codebooks.codebook("dynamic8"),
-                      profile=profile)
+        return QuantState(
+            shape=shape,
+            dtype=dtype,
+            blocksize=gstate.blocksize,
+            quant_type=gstate.quant_type,
+            absmax=_host(gstate.absmax),
+            code=code,
+            profile=profile,
+        )
+    return QuantState(
+        shape=shape,
+        dtype=dtype,
+        blocksize=gstate.blocksize,
+        quant_type=gstate.quant_type,
+        absmax=_host(gstate.absmax),
+        code=code,
+        offset=np.float32(_host(gstate.offset).reshape(-1)[0]),
+        nested_absmax=_host(gstate.absmax2),
+        nested_code=codebooks.codebook("dynamic8"),
+        profile=profile,
+    )
 
 
 def _profile_only(profile: Any) -> str:
@@ -271,8 +316,9 @@ def quantize_4bit(
     Any other profile raises NotImplementedError.
     """
     _profile_only(profile)
-    ops = quant_operands(x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite,
-                         threads=threads)  # the reference's checks
+    ops = quant_operands(
+        x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite, threads=threads
+    )  # the reference's checks
     xd, kdt = _upload(ops.x)
     packed, gstate = nf4.quantize_4bit(xd, ops.blocksize, ops.quant_type, dtype=kdt)
     if ops.double_quant:
@@ -324,19 +370,36 @@ def qlora_forward(
         _checks.choice(profile, "profile", PROFILES)
     p = _packed(packed, st)
     out_f, in_f = st.shape
-    ops = adapter_operands(x, A, B, scaling, in_features=in_f, out_features=out_f, bias=bias,
-                           dropout_mask=dropout_mask, dropout_p=dropout_p)
+    ops = adapter_operands(
+        x,
+        A,
+        B,
+        scaling,
+        in_features=in_f,
+        out_features=out_f,
+        bias=bias,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+    )
     _no_dropout(ops.keep)
     if st.dtype not in ("float32", "float64"):
-        raise NotImplementedError(f"state.dtype: the CuPy QLoRA kernels use the float32 weight f32(code·absmax); "
-                                  f"a {st.dtype} state's weight is rounded to {st.dtype} by the reference")
+        raise NotImplementedError(
+            f"state.dtype: the CuPy QLoRA kernels use the float32 weight f32(code·absmax); "
+            f"a {st.dtype} state's weight is rounded to {st.dtype} by the reference"
+        )
     if not (ops.x.size // in_f <= 16 and in_f % 32 == 0):  # the dequantize + GEMM path
         _gemm_rank(ops.rank)
     from refimpl.kernels.cupy_gpu import gemv4  # cupy is optional: imported only when a kernel runs
 
-    y = gemv4.qlora_forward(_upload32(ops.x.reshape(-1, in_f)), _cp().asarray(p), to_gpu_state(st),
-                            _upload32(ops.A), _upload32(ops.B), ops.scaling,
-                            bias=None if ops.bias is None else _upload32(ops.bias))
+    y = gemv4.qlora_forward(
+        _upload32(ops.x.reshape(-1, in_f)),
+        _cp().asarray(p),
+        to_gpu_state(st),
+        _upload32(ops.A),
+        _upload32(ops.B),
+        ops.scaling,
+        bias=None if ops.bias is None else _upload32(ops.bias),
+    )
     return _host(y).reshape(*ops.x.shape[:-1], out_f)
 
 
@@ -362,17 +425,33 @@ def ties(
     arithmetic, result float32. ``rescale="l1"`` and more than 16 tasks raise
     NotImplementedError."""
     ops = operands.task_operands(task_vectors, weights, density=density, lam=lam)
-    rules = ties_rules(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
-                       divisor=divisor, rescale=rescale)
+    rules = ties_rules(
+        profile,
+        k_rule=k_rule,
+        elect=elect,
+        zero_sign=zero_sign,
+        weight_stage=weight_stage,
+        divisor=divisor,
+        rescale=rescale,
+    )
     if rules.rescale != "none":
         raise NotImplementedError(f"rescale: the CuPy TIES kernel has no L1 rescale, got {rules.rescale!r}")
     if len(ops.taus) > _MAX_TASKS:
-        raise NotImplementedError(f"task_vectors: the CuPy TIES kernel merges at most {_MAX_TASKS} tasks, "
-                                  f"got {len(ops.taus)}")
+        raise NotImplementedError(
+            f"task_vectors: the CuPy TIES kernel merges at most {_MAX_TASKS} tasks, got {len(ops.taus)}"
+        )
     # the package rebinds its attribute ``ties`` to the function, so the submodule is taken by its full name
     _ties = importlib.import_module("refimpl.kernels.cupy_gpu.ties")
-    out = _ties.ties([_upload32(t) for t in ops.taus], [float(v) for v in ops.weights],
-                     density=[float(v) for v in ops.densities], k_rule=rules.k_rule, elect=rules.elect,
-                     zero_sign=rules.zero_sign, weight_stage=rules.weight_stage, divisor=rules.divisor, lam=ops.lam,
-                     out_dtype="float32")
+    out = _ties.ties(
+        [_upload32(t) for t in ops.taus],
+        [float(v) for v in ops.weights],
+        density=[float(v) for v in ops.densities],
+        k_rule=rules.k_rule,
+        elect=rules.elect,
+        zero_sign=rules.zero_sign,
+        weight_stage=rules.weight_stage,
+        divisor=rules.divisor,
+        lam=ops.lam,
+        out_dtype="float32",
+    )
     return _host(out).reshape(ops.taus[0].shape)

@@ -86,13 +86,23 @@ def _kth_largest_abs(ptrs: Any, n: int, ks: list[int]) -> list[tuple[int, int, i
         kern = D.compile_kernel(_HIST_SRC, "radix_hist", (("DT", 0), ("NBITS", nbits)))
         blocks = min(132 * 4, max(1, -(-n // (4 * 256))))
         pd, md = cp.asarray(prefix), cp.asarray(mask)
-        kern((blocks, T), (256,), (D.ptr(ptrs.data.ptr), np.int64(n), D.ptr(pd.data.ptr), D.ptr(md.data.ptr),
-                                   np.int32(shift), D.ptr(hist.data.ptr)))
+        kern(
+            (blocks, T),
+            (256,),
+            (
+                D.ptr(ptrs.data.ptr),
+                np.int64(n),
+                D.ptr(pd.data.ptr),
+                D.ptr(md.data.ptr),
+                np.int32(shift),
+                D.ptr(hist.data.ptr),
+            ),
+        )
         hh = hist.get().astype(np.int64)
         for t in range(T):
             if ks[t] <= 0:
                 continue
-            h = hh[t, ::-1]                              # descending bins
+            h = hh[t, ::-1]  # descending bins
             cum = np.cumsum(h)
             idx = int(np.searchsorted(cum, remaining[t]))  # first bin where the running count reaches k
             above = int(cum[idx - 1]) if idx > 0 else 0
@@ -152,7 +162,6 @@ extern "C" __global__ void ties_merge(const u64* __restrict__ taus, const double
 """
 
 
-
 def _thresholds(devs: list, ptrs: Any, n: int, dens: np.ndarray, k_rule: str) -> tuple[np.ndarray, np.ndarray]:
     """Per task (threshold, tie cut) such that keep = |τ| > thr or (|τ| == thr and index < cut).
 
@@ -161,7 +170,7 @@ def _thresholds(devs: list, ptrs: Any, n: int, dens: np.ndarray, k_rule: str) ->
     """
     cp = D._cp()
     T = len(devs)
-    thr = np.full(T, -1.0, dtype=np.float32)        # keep everything
+    thr = np.full(T, -1.0, dtype=np.float32)  # keep everything
     cut = np.full(T, n, dtype=np.int64)
     ranks = [0] * T
     for t in range(T):
@@ -189,18 +198,28 @@ def _thresholds(devs: list, ptrs: Any, n: int, dens: np.ndarray, k_rule: str) ->
     return thr, cut
 
 
-def ties(task_vectors: Sequence[Any], weights: Sequence[float] | None = None, *, density: float | Sequence[float],
-         k_rule: str = "threshold", elect: str = "sum", zero_sign: str = "positive",
-         weight_stage: str = "after_election", divisor: str = "count", lam: float = 1.0,
-         out_dtype: str = "float32") -> Any:
+def ties(
+    task_vectors: Sequence[Any],
+    weights: Sequence[float] | None = None,
+    *,
+    density: float | Sequence[float],
+    k_rule: str = "threshold",
+    elect: str = "sum",
+    zero_sign: str = "positive",
+    weight_stage: str = "after_election",
+    divisor: str = "count",
+    lam: float = 1.0,
+    out_dtype: str = "float32",
+) -> Any:
     """TIES-merged task vector λ·τ_m of float32 task vectors (CuPy arrays or torch CUDA tensors).
 
     Options as ``refimpl.merging.ties`` (profiles: paper = threshold/global_majority, peft = floor/positive,
     mergekit = floor_min1/positive/before_election/weight_sum); L1 rescaling is not offered here.
     """
     if isinstance(task_vectors, (str, bytes)) or not isinstance(task_vectors, Sequence) or not task_vectors:
-        raise TypeError(f"task_vectors: expected a non-empty sequence of device arrays, got "
-                        f"{type(task_vectors).__name__}")
+        raise TypeError(
+            f"task_vectors: expected a non-empty sequence of device arrays, got {type(task_vectors).__name__}"
+        )
     devs = [D.as_dev(t, f"task_vectors[{i}]", dtypes=("float32",)) for i, t in enumerate(task_vectors)]
     T = len(devs)
     if T > MAX_TASKS:
@@ -215,13 +234,21 @@ def ties(task_vectors: Sequence[Any], weights: Sequence[float] | None = None, *,
     w = np.ones(T) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (T,) or not np.all(np.isfinite(w)):
         raise ValueError(f"weights: expected {T} finite numbers, got {weights!r}")
-    dens = np.broadcast_to(np.asarray(density, dtype=np.float64), (T,)) if np.ndim(density) == 0 \
+    dens = (
+        np.broadcast_to(np.asarray(density, dtype=np.float64), (T,))
+        if np.ndim(density) == 0
         else np.asarray(density, dtype=np.float64)
+    )
     if dens.shape != (T,) or not np.all((dens > 0) & (dens <= 1)):
         raise ValueError(f"density: expected one value or {T} values in (0, 1], got {density!r}")
-    for name, val, allowed in (("k_rule", k_rule, K_RULES), ("elect", elect, tuple(_ELECT)),
-                               ("zero_sign", zero_sign, _ZERO), ("weight_stage", weight_stage, tuple(_STAGE)),
-                               ("divisor", divisor, tuple(_DIV)), ("out_dtype", out_dtype, ("float32", "float64"))):
+    for name, val, allowed in (
+        ("k_rule", k_rule, K_RULES),
+        ("elect", elect, tuple(_ELECT)),
+        ("zero_sign", zero_sign, _ZERO),
+        ("weight_stage", weight_stage, tuple(_STAGE)),
+        ("divisor", divisor, tuple(_DIV)),
+        ("out_dtype", out_dtype, ("float32", "float64")),
+    ):
         if val not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {val!r}")
     if isinstance(lam, bool) or not isinstance(lam, (int, float, np.floating)) or not np.isfinite(lam):
@@ -232,15 +259,32 @@ def ties(task_vectors: Sequence[Any], weights: Sequence[float] | None = None, *,
     wd, thd, cud = cp.asarray(w), cp.asarray(thr), cp.asarray(cut)
     gsum = cp.zeros(1, dtype=np.int64)
     out = D.empty(devs[0], shape, out_dtype)
-    defines = (("DT", 0), ("T", T), ("ELECT", _ELECT[elect]), ("STAGE", _STAGE[weight_stage]),
-               ("DIV", _DIV[divisor]), ("ZERO_GLOBAL", int(zero_sign == "global_majority")),
-               ("OUT_T", "float" if out_dtype == "float32" else "double"))
-    args = (D.ptr(ptrs.data.ptr), D.ptr(wd.data.ptr), D.ptr(thd.data.ptr), D.ptr(cud.data.ptr),
-            D.ptr(gsum.data.ptr), np.float64(lam), D.ptr(out.ptr), D.ptr(gsum.data.ptr), np.int64(n))
+    defines = (
+        ("DT", 0),
+        ("T", T),
+        ("ELECT", _ELECT[elect]),
+        ("STAGE", _STAGE[weight_stage]),
+        ("DIV", _DIV[divisor]),
+        ("ZERO_GLOBAL", int(zero_sign == "global_majority")),
+        ("OUT_T", "float" if out_dtype == "float32" else "double"),
+    )
+    args = (
+        D.ptr(ptrs.data.ptr),
+        D.ptr(wd.data.ptr),
+        D.ptr(thd.data.ptr),
+        D.ptr(cud.data.ptr),
+        D.ptr(gsum.data.ptr),
+        np.float64(lam),
+        D.ptr(out.ptr),
+        D.ptr(gsum.data.ptr),
+        np.int64(n),
+    )
     with D.launch_stream(devs[0]):
         if zero_sign == "global_majority":
             D.compile_kernel(_TIES_SRC, "ties_merge", (*defines, ("PASS", 1)), ("--fmad=false",))(
-                D.grid_for(n), (256,), args)
+                D.grid_for(n), (256,), args
+            )
         D.compile_kernel(_TIES_SRC, "ties_merge", (*defines, ("PASS", 2)), ("--fmad=false",))(
-            D.grid_for(n), (256,), args)
+            D.grid_for(n), (256,), args
+        )
     return out.obj

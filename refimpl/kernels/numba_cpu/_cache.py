@@ -36,8 +36,12 @@ def _ours(cache: Any) -> bool:
 def _warn(cache: Any, doing: str, exc: BaseException, outcome: str) -> None:
     func = getattr(getattr(cache, "_py_func", None), "__qualname__", "?")
     folder = getattr(cache, "cache_path", "?")
-    warnings.warn(f"numba cache problem: {type(exc).__name__}: {exc} while {doing} the cache of {func} in "
-                  f"{folder}; {outcome} (if this repeats, delete {folder})", NumbaCacheWarning, stacklevel=4)
+    warnings.warn(
+        f"numba cache problem: {type(exc).__name__}: {exc} while {doing} the cache of {func} in "
+        f"{folder}; {outcome} (if this repeats, delete {folder})",
+        NumbaCacheWarning,
+        stacklevel=4,
+    )
 
 
 def install() -> None:

@@ -41,8 +41,10 @@ def _pool() -> ThreadPoolExecutor:
     with _POOL_LOCK:
         if _POOL is None:
             # numba.config's options are set at import time, invisible to mypy
-            _POOL = ThreadPoolExecutor(max_workers=max(1, config.NUMBA_NUM_THREADS - 1),  # type: ignore[attr-defined]
-                                       thread_name_prefix="refimpl-numba")
+            _POOL = ThreadPoolExecutor(
+                max_workers=max(1, config.NUMBA_NUM_THREADS - 1),  # type: ignore[attr-defined]
+                thread_name_prefix="refimpl-numba",
+            )
         return _POOL
 
 

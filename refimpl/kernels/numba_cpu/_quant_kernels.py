@@ -128,12 +128,14 @@ def _quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, packed, absmax, b_
         m = min(bs, n - start)
         full = b < nfull
         if kind == KIND_F32:
-            am = _quantize_block(x, start, m, full, bounds, order, remap, zero_pos if remap else zero_nib,
-                                 nib, packed, start // 2)
+            am = _quantize_block(
+                x, start, m, full, bounds, order, remap, zero_pos if remap else zero_nib, nib, packed, start // 2
+            )
         else:
             _load_block(x, start, m, kind, buf)
-            am = _quantize_block(buf, 0, m, full, bounds, order, remap, zero_pos if remap else zero_nib,
-                                 nib, packed, start // 2)
+            am = _quantize_block(
+                buf, 0, m, full, bounds, order, remap, zero_pos if remap else zero_nib, nib, packed, start // 2
+            )
         absmax[b] = am
 
 

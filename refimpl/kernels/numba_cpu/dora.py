@@ -40,8 +40,9 @@ def _tile_row_norms(w, t, s, out):
     parallel_ranges(_row_norms_range, w.shape[0], w, t, s, out)
 
 
-def weight_norm(W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False,
-                embedding: bool = False) -> np.ndarray:
+def weight_norm(
+    W: Any, A: Any, B: Any, scaling: float, *, fan_in_fan_out: bool = False, embedding: bool = False
+) -> np.ndarray:
     """‖W + s·B A‖ per output row (shape (out,)) without forming W + s·B A.
 
     ``embedding=True`` (E of shape (V, d), A (r, V), B (d, r)): the norm of each column of E + ΔE
@@ -75,8 +76,9 @@ def forward(
     fan_in_fan_out: bool = False,
 ) -> np.ndarray:
     """``refimpl.dora.forward`` (eval form without a mask, PEFT's train form with one), float64."""
-    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     w, a, b, s = ops.W, ops.A, ops.B, ops.scaling
     out_f, in_f = w.shape
     m_arr = _checks.float_array(m, "m", ndim=1)
@@ -84,8 +86,10 @@ def forward(
     norm = _row_norms(w, a, b, s)
     zero = np.flatnonzero(norm == 0)
     if zero.size:
-        raise ValueError(f"W + s·B·A: row norm is zero at output row(s) {zero[:8].tolist()}; DoRA's direction "
-                         "V/‖V‖ is undefined there (see spec/dora.md, special values)")
+        raise ValueError(
+            f"W + s·B·A: row norm is zero at output row(s) {zero[:8].tolist()}; DoRA's direction "
+            "V/‖V‖ is undefined there (see spec/dora.md, special values)"
+        )
     f = m_arr / norm
     x2 = ops.x.reshape(-1, in_f)
     y = np.matmul(x2, w.T)

@@ -41,8 +41,9 @@ def _accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> No
     blas.dgemm(alpha, b, a, beta=1.0, c=c.T, trans_b=True, overwrite_c=True)
 
 
-def lora_branch_add(y: np.ndarray, x: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float,
-                    keep: np.ndarray | None) -> None:
+def lora_branch_add(
+    y: np.ndarray, x: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float, keep: np.ndarray | None
+) -> None:
     """y += s · (drop(x) Aᵀ) Bᵀ in place, drop(x) = x ⊙ keep (keep = mask / (1 − p), or None: no dropout);
     y (..., out) C-contiguous float64, x (..., in)."""
     in_f = A.shape[1]
@@ -69,8 +70,9 @@ def forward(
     fan_in_fan_out: bool = False,
 ) -> np.ndarray:
     """``refimpl.lora.forward``: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, float64, no (m, out) temporaries."""
-    ops = linear_operands(x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     y = np.matmul(ops.x.reshape(-1, ops.in_features), ops.W.T)
     if ops.bias is not None:
         y += ops.bias
@@ -94,10 +96,11 @@ def backward(
 ) -> LoraGrads:
     """``refimpl.lora.backward`` (same formulas), with dx accumulated in place:
 
-        h = x̃ Aᵀ,  gB = s · g B,  ∂B = s · gᵀ h,  ∂A = gBᵀ x̃,  ∂x = g W + (gB A) ⊙ mask/(1 − p)
+    h = x̃ Aᵀ,  gB = s · g B,  ∂B = s · gᵀ h,  ∂A = gBᵀ x̃,  ∂x = g W + (gB A) ⊙ mask/(1 − p)
     """
-    ops = linear_operands(x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                          fan_in_fan_out=fan_in_fan_out)
+    ops = linear_operands(
+        x, W, A, B, scaling, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
+    )
     w, a, b, s = ops.W, ops.A, ops.B, ops.scaling
     out_f, in_f = w.shape
     g = _checks.float_array(grad_y, "grad_y", ndim=ops.x.ndim)

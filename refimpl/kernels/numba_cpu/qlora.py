@@ -123,8 +123,9 @@ def _row_dot_avx2(typingctx, code, scales, packed, pbase, x, nblk, bs, kind):
         def vload(ptr, index, ty, align):
             return builder.load(builder.bitcast(builder.gep(ptr, [index]), ty.as_pointer()), align=align)
 
-        permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32x8, [f32x8, i32x8]),
-                                                "llvm.x86.avx2.permps")
+        permps = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32x8, [f32x8, i32x8]), "llvm.x86.avx2.permps"
+        )
         code_lo = vload(code_a.data, ir.Constant(i64, 0), f32x8, 4)
         code_hi = vload(code_a.data, ir.Constant(i64, 8), f32x8, 4)
         is_bf16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_BF16))
@@ -165,15 +166,16 @@ def _row_dot_avx2(typingctx, code, scales, packed, pbase, x, nblk, bs, kind):
                     builder.store(builder.fadd(builder.load(acc), prod), acc)
         total = builder.fadd(builder.load(acc0), builder.load(acc1))
         lane = [builder.extract_element(total, ir.Constant(i32, j)) for j in range(8)]
-        return builder.fadd(builder.fadd(builder.fadd(lane[0], lane[1]), builder.fadd(lane[2], lane[3])),
-                            builder.fadd(builder.fadd(lane[4], lane[5]), builder.fadd(lane[6], lane[7])))
+        return builder.fadd(
+            builder.fadd(builder.fadd(lane[0], lane[1]), builder.fadd(lane[2], lane[3])),
+            builder.fadd(builder.fadd(lane[4], lane[5]), builder.fadd(lane[6], lane[7])),
+        )
 
     return sig, codegen
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _gemv_avx2_rows(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind, y, lo,
-                    hi):
+def _gemv_avx2_rows(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind, y, lo, hi):
     """Output features [lo, hi) of ``dequant_gemv_avx2_kernel``."""
     nblk = k_in // bs
     sc = np.empty(nblk, dtype=np.float32)
@@ -190,14 +192,14 @@ def _gemv_avx2_rows(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_o
             y[i, n] = _row_dot_avx2(code, sc, packed, (n * k_in) >> 1, x[i], nblk, bs, kind)
 
 
-def dequant_gemv_avx2_kernel(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind,
-                             y):
+def dequant_gemv_avx2_kernel(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind, y):
     """y[i, n] = Σ_k x[i, k] · Ŵ[n, k] for every row i of x (few rows), k_in % bs == 0, bs % 16 == 0.
 
     nested: the block scales are f32(f32(dyn[qcodes_b] · absmax2[b // 256]) + offset) (decoded here,
     as ``quant.dequantize_absmax_8bit``), else absmax[b]."""
-    parallel_ranges(_gemv_avx2_rows, n_out, x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs,
-                    code, kind, y)
+    parallel_ranges(
+        _gemv_avx2_rows, n_out, x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind, y
+    )
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -310,8 +312,7 @@ _NO_U8 = np.zeros(1, dtype=np.uint8)
 _NO_F32 = np.zeros(1, dtype=np.float32)
 
 
-def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray, kind: int,
-               y: np.ndarray) -> None:
+def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray, kind: int, y: np.ndarray) -> None:
     """The AVX2 kernel on validated arrays; nested statistics (blocks of 256) are decoded in the kernel."""
     n_out, k_in = state.shape
     nblocks = n_out * k_in // state.blocksize
@@ -320,17 +321,21 @@ def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.nda
         q = np.ascontiguousarray(state.absmax, dtype=np.uint8).reshape(-1)
         a2 = np.ascontiguousarray(state.nested_absmax, dtype=np.float32).reshape(-1)
         if q.size != nblocks or a2.size != -(-nblocks // nquant.NESTED_BLOCKSIZE):
-            raise ValueError(f"state: expected {nblocks} 8-bit absmax codes and "
-                             f"{-(-nblocks // nquant.NESTED_BLOCKSIZE)} nested absmax values, got {q.size} and "
-                             f"{a2.size}")
-        dequant_gemv_avx2_kernel(x2, flat, _NO_F32, q, a2, np.float32(state.offset), dyn, True, n_out, k_in,
-                                 state.blocksize, code, kind, y)
+            raise ValueError(
+                f"state: expected {nblocks} 8-bit absmax codes and "
+                f"{-(-nblocks // nquant.NESTED_BLOCKSIZE)} nested absmax values, got {q.size} and "
+                f"{a2.size}"
+            )
+        dequant_gemv_avx2_kernel(
+            x2, flat, _NO_F32, q, a2, np.float32(state.offset), dyn, True, n_out, k_in, state.blocksize, code, kind, y
+        )
     else:
         scales = nquant.block_scales(state)
         if scales.size != nblocks:
             raise ValueError(f"state: expected {nblocks} absmax values, got {scales.size}")
-        dequant_gemv_avx2_kernel(x2, flat, scales, _NO_U8, _NO_F32, np.float32(0.0), dyn, False, n_out, k_in,
-                                 state.blocksize, code, kind, y)
+        dequant_gemv_avx2_kernel(
+            x2, flat, scales, _NO_U8, _NO_F32, np.float32(0.0), dyn, False, n_out, k_in, state.blocksize, code, kind, y
+        )
 
 
 def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
@@ -348,8 +353,9 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
     if p.size != (state.n + 1) // 2:
-        raise ValueError(f"packed: state describes shape {state.shape} ({(state.n + 1) // 2} bytes), "
-                         f"got {p.size} bytes")
+        raise ValueError(
+            f"packed: state describes shape {state.shape} ({(state.n + 1) // 2} bytes), got {p.size} bytes"
+        )
     x2 = np.ascontiguousarray(x_arr.reshape(-1, k_in))
     y = np.empty((x2.shape[0], n_out), dtype=np.float64)
     kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
@@ -368,7 +374,7 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
         for lo in range(0, n_out, _TILE_ROWS):
             rows = min(_TILE_ROWS, n_out - lo)
             dequant_rows_kernel(flat, scales, lo, rows, k_in, state.blocksize, code, kind, tile)
-            np.matmul(x2, tile[:rows].T, out=y[:, lo:lo + rows])
+            np.matmul(x2, tile[:rows].T, out=y[:, lo : lo + rows])
     return y.reshape(*x_arr.shape[:-1], n_out)
 
 
@@ -388,8 +394,17 @@ def forward(
     """``refimpl.qlora.forward`` with the fused dequantize-matmul: y = x·W_dqᵀ + b + s·(drop(x)Aᵀ)Bᵀ."""
     y = dequant_matmul(x, packed, state, profile=profile)
     n_out, k_in = state.shape
-    ops = adapter_operands(x, A, B, scaling, in_features=k_in, out_features=n_out, bias=bias,
-                           dropout_mask=dropout_mask, dropout_p=dropout_p)
+    ops = adapter_operands(
+        x,
+        A,
+        B,
+        scaling,
+        in_features=k_in,
+        out_features=n_out,
+        bias=bias,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+    )
     if ops.bias is not None:
         y += ops.bias
     lora_branch_add(y, ops.x, ops.A, ops.B, ops.scaling, ops.keep)

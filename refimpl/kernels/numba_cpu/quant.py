@@ -29,8 +29,19 @@ from refimpl.quant import blockwise as ref_blockwise
 from refimpl.quant.operands import BLOCKSIZES, NESTED_BLOCKSIZE, profile_name, quant_operands, raise_nonfinite
 from refimpl.quant.profiles.bitsandbytes_cpu import dynamic8_lut
 
-__all__ = ["BLOCKSIZES", "DYNAMIC8", "NESTED_BLOCKSIZE", "PROFILES", "QUANT_TYPES", "block_scales", "code_table",
-           "dequantize_4bit", "dequantize_absmax_8bit", "quantize_4bit", "quantize_absmax_8bit"]
+__all__ = [
+    "BLOCKSIZES",
+    "DYNAMIC8",
+    "NESTED_BLOCKSIZE",
+    "PROFILES",
+    "QUANT_TYPES",
+    "block_scales",
+    "code_table",
+    "dequantize_4bit",
+    "dequantize_absmax_8bit",
+    "quantize_4bit",
+    "quantize_absmax_8bit",
+]
 
 QUANT_TYPES = codebooks.QUANT_TYPES
 
@@ -74,8 +85,9 @@ def dequantize_absmax_8bit(codes: Any, nested_absmax: Any, offset: Any) -> np.nd
     q = np.ascontiguousarray(np.asarray(codes, dtype=np.uint8).reshape(-1))
     a2 = np.ascontiguousarray(np.asarray(nested_absmax, dtype=np.float32).reshape(-1))
     if a2.size != -(-q.size // NESTED_BLOCKSIZE):
-        raise ValueError(f"nested_absmax: expected {-(-q.size // NESTED_BLOCKSIZE)} values for {q.size} codes, "
-                         f"got {a2.size}")
+        raise ValueError(
+            f"nested_absmax: expected {-(-q.size // NESTED_BLOCKSIZE)} values for {q.size} codes, got {a2.size}"
+        )
     out = np.empty(q.size, dtype=np.float32)
     K.dequantize_nested_kernel(q, a2, np.float32(offset), DYNAMIC8, out)
     return out
@@ -99,21 +111,45 @@ def quantize_4bit(
     offset (torch's summation order) and LUT codes here). "bitsandbytes-cuda" is not provided.
     Returns (packed uint8 of shape ((n+1)//2, 1), QuantState).
     """
-    ops = quant_operands(x, blocksize, quant_type, double_quant, profile=profile, nonfinite=nonfinite,
-                         threads=threads, profiles=PROFILES, check_finite=False)
+    ops = quant_operands(
+        x,
+        blocksize,
+        quant_type,
+        double_quant,
+        profile=profile,
+        nonfinite=nonfinite,
+        threads=threads,
+        profiles=PROFILES,
+        check_finite=False,
+    )
     kind = _KIND.get(ops.dtype, K.KIND_F32)  # float64 arrives rounded to float32
     flat = np.ascontiguousarray(ops.x)
     code, bounds, order, zero_nib = _TABLES[ops.quant_type]
     n = flat.size
     packed: np.ndarray = np.empty((n + 1) // 2, dtype=np.uint8)  # reshaped to (-1, 1) below
     absmax = np.empty(-(-n // ops.blocksize), dtype=np.float32)
-    K.quantize_4bit_kernel(flat if kind == K.KIND_F32 else flat.view(np.uint16), kind, n, ops.blocksize, bounds,
-                           order, zero_nib, packed, absmax)
+    K.quantize_4bit_kernel(
+        flat if kind == K.KIND_F32 else flat.view(np.uint16),
+        kind,
+        n,
+        ops.blocksize,
+        bounds,
+        order,
+        zero_nib,
+        packed,
+        absmax,
+    )
     if ops.nonfinite == "raise" and not np.isfinite(absmax).all():  # NaN/inf make their block's absmax non-finite
         raise_nonfinite(flat, "x")
     packed = packed.reshape(-1, 1)
-    fields: dict[str, Any] = dict(shape=ops.shape, dtype=ops.dtype, blocksize=ops.blocksize,
-                                  quant_type=ops.quant_type, code=code.copy(), profile=ops.profile)
+    fields: dict[str, Any] = dict(
+        shape=ops.shape,
+        dtype=ops.dtype,
+        blocksize=ops.blocksize,
+        quant_type=ops.quant_type,
+        code=code.copy(),
+        profile=ops.profile,
+    )
     if not ops.double_quant:
         return packed, QuantState(absmax=absmax, **fields)
     if ops.profile == "bitsandbytes-cpu":
@@ -122,10 +158,10 @@ def quantize_4bit(
         offset = ref_blockwise.profile_steps(ops.profile).absmax_offset(absmax, ops.threads)
         with np.errstate(invalid="ignore", over="ignore"):
             centred = (absmax - offset).astype(np.float32)
-        codes, a2 = ref_blockwise.quantize_blockwise_8bit(centred, NESTED_BLOCKSIZE, profile=ops.profile,
-                                                          nonfinite="propagate")
-    return packed, QuantState(absmax=codes, offset=offset, nested_absmax=a2, nested_code=DYNAMIC8.copy(),
-                              **fields)
+        codes, a2 = ref_blockwise.quantize_blockwise_8bit(
+            centred, NESTED_BLOCKSIZE, profile=ops.profile, nonfinite="propagate"
+        )
+    return packed, QuantState(absmax=codes, offset=offset, nested_absmax=a2, nested_code=DYNAMIC8.copy(), **fields)
 
 
 def block_scales(state: QuantState) -> np.ndarray:
@@ -156,8 +192,9 @@ def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = Non
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
     n = state.n
     if p.size != (n + 1) // 2:
-        raise ValueError(f"packed: state describes shape {state.shape} ({n} elements, {(n + 1) // 2} bytes), "
-                         f"got {p.size} bytes")
+        raise ValueError(
+            f"packed: state describes shape {state.shape} ({n} elements, {(n + 1) // 2} bytes), got {p.size} bytes"
+        )
     p = np.ascontiguousarray(p).reshape(-1)
     kind = _KIND.get(state.dtype, K.KIND_F32)
     out = np.empty(n, dtype=np.uint16 if kind != K.KIND_F32 else np.float32)

@@ -61,8 +61,9 @@ def _histogram_chunks(bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks, h
     """Chunks [c_lo, c_hi) of ``_histogram``."""
     n = bits.size
     for c in range(c_lo, c_hi):
-        bad[c] = _histogram_chunk(bits, c * n // nchunks, (c + 1) * n // nchunks, abs_mask, exp_mask, shift, prefix,
-                                  pmask, hist[c])
+        bad[c] = _histogram_chunk(
+            bits, c * n // nchunks, (c + 1) * n // nchunks, abs_mask, exp_mask, shift, prefix, pmask, hist[c]
+        )
 
 
 def _histogram(bits, abs_mask, exp_mask, shift, prefix, pmask, nchunks) -> tuple[np.ndarray, int]:
@@ -82,8 +83,7 @@ def _select_desc(bits: np.ndarray, j: int, nbits: int) -> tuple[int, int, int]:
     prefix, pmask, greater = 0, 0, 0
     hist: np.ndarray  # set by the first pass of the loop (nbits > _DIGIT)
     for shift in range(nbits - _DIGIT, -1, -_DIGIT):
-        hist, bad = _histogram(bits, abs_mask, exp_mask, np.uint64(shift), np.uint64(prefix), np.uint64(pmask),
-                               nchunks)
+        hist, bad = _histogram(bits, abs_mask, exp_mask, np.uint64(shift), np.uint64(prefix), np.uint64(pmask), nchunks)
         if bad:
             raise ValueError("task_vectors: expected finite values, got NaN or inf")
         above = np.cumsum(hist[::-1])  # above[i] = count in the top i+1 bins
@@ -145,8 +145,30 @@ def _pointer_like(typingctx, address, like):
 
 
 @njit(cache=True, fastmath=False)
-def _merge_chunk(addrs, tau_like, bits_like, lo, hi, abs_mask, exp_mask, thr, strict, seen, tie_budget, all_keep,
-                 scale, w, before, by_count, zero_pos, gmaj, divisor, lam, out, want_gamma_sum):
+def _merge_chunk(
+    addrs,
+    tau_like,
+    bits_like,
+    lo,
+    hi,
+    abs_mask,
+    exp_mask,
+    thr,
+    strict,
+    seen,
+    tie_budget,
+    all_keep,
+    scale,
+    w,
+    before,
+    by_count,
+    zero_pos,
+    gmaj,
+    divisor,
+    lam,
+    out,
+    want_gamma_sum,
+):
     """The fused pass over elements [lo, hi) (one thread's share); returns (non-finite, Σ sgn).
 
     Task t is the 1-D C-order array at address addrs[t], of tau_like's dtype (values) and
@@ -233,22 +255,87 @@ def _merge_chunk(addrs, tau_like, bits_like, lo, hi, abs_mask, exp_mask, thr, st
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _merge_chunks(addrs, tau_like, bits_like, abs_mask, exp_mask, thr, strict, tie_start, tie_budget, all_keep,
-                  scale, w, before, by_count, zero_pos, gmaj, divisor, lam, nchunks, out, want_gamma_sum, gsum, bad,
-                  c_lo, c_hi):
+def _merge_chunks(
+    addrs,
+    tau_like,
+    bits_like,
+    abs_mask,
+    exp_mask,
+    thr,
+    strict,
+    tie_start,
+    tie_budget,
+    all_keep,
+    scale,
+    w,
+    before,
+    by_count,
+    zero_pos,
+    gmaj,
+    divisor,
+    lam,
+    nchunks,
+    out,
+    want_gamma_sum,
+    gsum,
+    bad,
+    c_lo,
+    c_hi,
+):
     """Chunks [c_lo, c_hi) of ``_merge_pass``."""
     n = tau_like.size
     for c in range(c_lo, c_hi):
         seen = tie_start[:, c].copy()
-        nb, ng = _merge_chunk(addrs, tau_like, bits_like, c * n // nchunks, (c + 1) * n // nchunks, abs_mask,
-                              exp_mask, thr, strict, seen, tie_budget, all_keep, scale, w, before, by_count,
-                              zero_pos, gmaj, divisor, lam, out, want_gamma_sum)
+        nb, ng = _merge_chunk(
+            addrs,
+            tau_like,
+            bits_like,
+            c * n // nchunks,
+            (c + 1) * n // nchunks,
+            abs_mask,
+            exp_mask,
+            thr,
+            strict,
+            seen,
+            tie_budget,
+            all_keep,
+            scale,
+            w,
+            before,
+            by_count,
+            zero_pos,
+            gmaj,
+            divisor,
+            lam,
+            out,
+            want_gamma_sum,
+        )
         bad[c] = nb
         gsum[c] = ng
 
 
-def _merge_pass(taus, bits, abs_mask, exp_mask, thr, strict, tie_start, tie_budget, all_keep, scale, w, before,
-                by_count, zero_pos, gmaj, divisor, lam, nchunks, out, want_gamma_sum):
+def _merge_pass(
+    taus,
+    bits,
+    abs_mask,
+    exp_mask,
+    thr,
+    strict,
+    tie_start,
+    tie_budget,
+    all_keep,
+    scale,
+    w,
+    before,
+    by_count,
+    zero_pos,
+    gmaj,
+    divisor,
+    lam,
+    nchunks,
+    out,
+    want_gamma_sum,
+):
     """One fused pass: trim, weight, elect, select, disjoint mean (see module docstring).
 
     taus/bits: the T task vectors and their bit views (1-D, C order), passed to the kernel as
@@ -260,9 +347,33 @@ def _merge_pass(taus, bits, abs_mask, exp_mask, thr, strict, tie_start, tie_budg
     gsum = np.zeros(nchunks, dtype=np.int64)
     bad = np.zeros(nchunks, dtype=np.int64)
     addrs = np.array([t.ctypes.data for t in taus], dtype=np.int64)  # taus stay referenced for the call
-    parallel_ranges(_merge_chunks, nchunks, addrs, taus[0], bits[0], abs_mask, exp_mask, thr, strict, tie_start,
-                    tie_budget, all_keep, scale, w, before, by_count, zero_pos, gmaj, divisor, lam, nchunks, out,
-                    want_gamma_sum, gsum, bad)
+    parallel_ranges(
+        _merge_chunks,
+        nchunks,
+        addrs,
+        taus[0],
+        bits[0],
+        abs_mask,
+        exp_mask,
+        thr,
+        strict,
+        tie_start,
+        tie_budget,
+        all_keep,
+        scale,
+        w,
+        before,
+        by_count,
+        zero_pos,
+        gmaj,
+        divisor,
+        lam,
+        nchunks,
+        out,
+        want_gamma_sum,
+        gsum,
+        bad,
+    )
     return int(gsum.sum()), int(bad.sum())
 
 
@@ -344,8 +455,15 @@ def ties(
     w = operands.weight_vector(weights, T)
     d = operands.densities(density, T)
     lam = _checks.real(lam, "lam")
-    rules = ties_rules(profile, k_rule=k_rule, elect=elect, zero_sign=zero_sign, weight_stage=weight_stage,
-                       divisor=divisor, rescale=rescale)
+    rules = ties_rules(
+        profile,
+        k_rule=k_rule,
+        elect=elect,
+        zero_sign=zero_sign,
+        weight_stage=weight_stage,
+        divisor=divisor,
+        rescale=rescale,
+    )
     odt = np.dtype(taus[0].dtype if out_dtype is None else out_dtype)
     if odt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"out_dtype: expected float32 or float64, got {odt}")
@@ -397,14 +515,28 @@ def ties(
     scale = np.ones(T, dtype=np.float64)
     if rules.rescale == "l1":
         for t in range(T):
-            before, after = _l1_norms(taus[t], bits[t], abs_mask, thr[t], strict[t], tie_start[t], tie_budget[t],
-                                      all_keep[t], nchunks)
+            before, after = _l1_norms(
+                taus[t], bits[t], abs_mask, thr[t], strict[t], tie_start[t], tie_budget[t], all_keep[t], nchunks
+            )
             if before >= L1_EPS and after >= L1_EPS:
                 scale[t] = before / after
     div = {"count": 0, "weight_sum": 1, "none": 2}[rules.divisor]
     exp_mask = np.uint64(0x7F800000 if nbits == 32 else 0x7FF0000000000000)
-    args = (tuple(taus), tuple(bits), abs_mask, exp_mask, thr, strict, tie_start, tie_budget, all_keep, scale, w,
-            rules.weight_stage == "before_election", rules.elect == "count")
+    args = (
+        tuple(taus),
+        tuple(bits),
+        abs_mask,
+        exp_mask,
+        thr,
+        strict,
+        tie_start,
+        tie_budget,
+        all_keep,
+        scale,
+        w,
+        rules.weight_stage == "before_election",
+        rules.elect == "count",
+    )
     out = np.empty(n, dtype=odt)
     gmaj = 0.0
     zero_pos = rules.zero_sign == "positive"
