@@ -61,6 +61,28 @@ def test_supports_draws_only_supported_inputs_and_the_verdict_says_declared_doma
     assert report.to_json(res)["verdict_scope"] == "declared domain"
 
 
+class WholeBlocks1D(Nf4Only):
+    """NF4 of 1-D tensors of whole blocks only: an attribute key (``x.ndim``) and a finer ``unsupported`` rule."""
+
+    name = "whole-blocks-1d"
+
+    def supports(self, op):
+        return {"quant_type": {"nf4"}, "x.ndim": {1}}
+
+    def unsupported(self, op, case):
+        x = case.get("x")
+        return "tail block" if isinstance(x, np.ndarray) and x.size % case.get("blocksize", 64) else None
+
+
+def test_properties_draw_inside_attribute_keys_and_unsupported_rules():
+    res = run(WholeBlocks1D(), "quant.quantize_4bit", tiers=["properties"], examples=10)
+    assert res.ok, report.failures_text(res)
+    props = [r for r in res.results if r.tier == "properties"]
+    assert [r.n_cases for r in props if r.status == PASS] == [10]  # all drawn inside: none skipped
+    scope = " ".join(res.out_of_scope["quant.quantize_4bit"])
+    assert "x.ndim in {1}" in scope and "drawn again: tail block" in scope
+
+
 def test_a_run_that_excluded_nothing_has_the_full_scope():
     res = run("numpy", "lora.delta", examples=3)
     assert res.ok and res.verdict_scope == "full" and "declared domain" not in report.table(res)

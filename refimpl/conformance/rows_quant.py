@@ -609,10 +609,16 @@ def _planted(draw, x: np.ndarray, bs: int, table: str, dtype: np.dtype, allow_no
     return x
 
 
-def _shape_of(draw, max_elems: int):
+def _shape_of(draw, max_elems: int, blocksize: int | None = None):
+    """A 1-, 2- or 3-D shape of at most ``max_elems`` elements; with ``blocksize``, also a whole number of blocks
+    (1-D, or 2-D rows of whole blocks), which lengths drawn at random almost never are."""
     from hypothesis import strategies as st
 
-    kind = draw(st.sampled_from(["1d", "2d", "3d"]))
+    kind = draw(st.sampled_from(["1d", "2d", "3d"] + (["blocks"] if blocksize else [])))
+    if kind == "blocks" and blocksize:
+        rows = draw(st.integers(0, 3))  # 0: a 1-D tensor
+        per_row = draw(st.integers(1, max(1, max_elems // (max(rows, 1) * blocksize))))
+        return (per_row * blocksize,) if rows == 0 else (rows, per_row * blocksize)
     if kind == "1d":
         return (draw(st.integers(1, max_elems)),)
     if kind == "2d":
@@ -628,7 +634,7 @@ def _quantize_strategy():
     @st.composite
     def build(draw) -> Case:
         bs = draw(st.sampled_from(_BLOCKSIZES))
-        shape = _shape_of(draw, 300 if bs <= 128 else 2 * bs + 40)  # large blocksizes: one or two blocks
+        shape = _shape_of(draw, 300 if bs <= 128 else 2 * bs + 40, bs)  # large blocksizes: one or two blocks
         dt_name = draw(st.sampled_from(_FLOAT_DTYPES))
         qt = draw(st.sampled_from(["nf4", "fp4"]))
         case: Case = {"blocksize": bs, "quant_type": qt, "double_quant": draw(st.booleans())}

@@ -151,9 +151,13 @@ def _supports(target: Target, op: str) -> dict[str, frozenset[Any]]:
 def _values_of(key: str, case: dict[str, Any], defaults: dict[str, Any]) -> list[Any]:
     """What ``key`` of a supports declaration is in ``case``: the argument's value (an array's dtype name), the
     reference's default where the case leaves it out, or an attribute of that name of an argument (a QuantState's
-    ``quant_type``); ``"dtypes"`` is the dtype of every float array argument."""
+    ``quant_type``); ``"dtypes"`` is the dtype of every float array argument; ``"arg.attr"`` is an attribute of
+    one argument, arrays included (``"x.ndim"``)."""
     if key == "dtypes":
         return [str(v.dtype) for v in case.values() if isinstance(v, np.ndarray) and _kind(v.dtype) == "float"]
+    arg, dot, attr = key.partition(".")
+    if dot:
+        return [getattr(case[arg], attr)] if arg in case and hasattr(case[arg], attr) else []
     if key in case:
         v = case[key]
         return [str(v.dtype) if isinstance(v, np.ndarray) else v]
@@ -594,11 +598,20 @@ class _Checker:
         stats: dict[str, Any] = {"n": 0, "worst": 0.0}
         known: dict[str, int] = {}
         outside: dict[str, int] = {}
+        redrawn: dict[str, int] = {}
         failing: dict[str, Any] = {}
 
         strategy = self.spec.strategy()
-        if self.support:  # draw only what the target declares it supports (the report names the rest)
-            strategy = strategy.filter(lambda d: not beyond_support(self.support, self.prepare(d), self.defaults))
+        if self.support or getattr(self.target, "unsupported", None):
+
+            def inside(drawn: dict[str, Any]) -> bool:
+                """Draw only inside the declared domain (``supports`` and ``unsupported``); count the rest."""
+                why = self.outside(self.prepare(drawn))
+                if why and not failing:  # not while shrinking a failure
+                    redrawn[why] = redrawn.get(why, 0) + 1
+                return not why
+
+            strategy = strategy.filter(inside)
 
         @settings(
             max_examples=examples,
@@ -635,16 +648,16 @@ class _Checker:
             except Exception as exc:
                 div = self.known_raise(case, exc, "properties", label)
                 if div:
-                    known[div] = known.get(div, 0) + 1
+                    known[div] = known.get(div, 0) + (not failing)  # examples of the shrink phase are not counted
                     return
                 failing.update(case=case, msg=f"target raised {type(exc).__name__}: {exc}", ratio=None)
                 raise AssertionError(failing["msg"]) from exc
             v: Verdict = compare(self.spec.tolerance, act, exp, case, self.dtype)
-            stats["n"] += 1
+            stats["n"] += not failing
             if not v.passed:
                 div = self.known(case, act, exp, "properties", label)
                 if div:
-                    known[div] = known.get(div, 0) + 1
+                    known[div] = known.get(div, 0) + (not failing)  # examples of the shrink phase are not counted
                     return
                 failing.update(case=case, msg=v.message, ratio=v.worst_ratio)
                 raise AssertionError(v.message)
@@ -730,6 +743,17 @@ class _Checker:
                     UNSUPPORTED,
                     f"{n} drawn cases not run: {why}",
                     n_cases=n,
+                )
+            )
+        for why, n in redrawn.items():
+            out.append(
+                CaseResult(
+                    self.spec.name,
+                    "properties",
+                    f"{label}: outside the declared domain",
+                    UNSUPPORTED,
+                    f"{n} drawn cases outside the declared domain, drawn again: {why}",
+                    n_cases=0,
                 )
             )
         for div, n in known.items():
