@@ -1,6 +1,6 @@
 """torchtune's LoRALinear / DoRALinear as a built-in target: the conformance run fails on exactly the DoRA bias
-bug, the dropout design difference is a modelled divergence, and the upstream reproducer shows the bug
-(issue 15 item 5)."""
+bug and DoRALinear's unbatched-shape bug, the dropout design difference is a modelled divergence, and the
+upstream reproducers show the bugs (issue 15 item 5)."""
 
 from __future__ import annotations
 
@@ -81,32 +81,85 @@ def test_the_dropout_model_reproduces_torchtune_bit_for_bit_without_a_bias():
     )  # the bias bug is not modelled
 
 
-def test_conform_torchtune_fails_on_exactly_the_dora_bias_bug():
+def _unbatched(case) -> bool:
+    return np.ndim(case["x"]) == 1
+
+
+def test_conform_torchtune_fails_on_exactly_the_dora_bias_and_unbatched_shape_bugs(capsys):
     _target()
-    from refimpl.conformance import runner
+    from refimpl.conformance import report, runner
 
     res = runner.run("torchtune")
-    failing = {(r.op, r.tier, r.label) for r in res.failures}
-    print(f"\n{res.verdict}: " + "; ".join(f"{op} [{tier}: {label}]" for op, tier, label in sorted(failing)))
+    with capsys.disabled():  # the verdict table of `refimpl conform --target torchtune` belongs in the CI log
+        print(f"\n$ refimpl conform --target torchtune\n{report.terminal(res)}")
+    failing = {(r.op, r.tier, r.label): r for r in res.failures}
     assert res.verdict == runner.FAILS and not res.warnings
-    bias_cases = {("dora.forward", tier, label) for tier, label, case in _dora_cases() if case.get("bias") is not None}
-    assert {f for f in failing if f[1] != "properties"} == bias_cases
+    cases = _dora_cases()
+    bias_cases = {
+        ("dora.forward", t, label) for t, label, c in cases if c.get("bias") is not None and not _unbatched(c)
+    }
+    unbatched = {("dora.forward", t, label) for t, label, c in cases if _unbatched(c)}
+    assert unbatched  # the row has an unbatched case
+    assert {f for f in failing if f[1] != "properties"} == bias_cases | unbatched
     assert all(op == "dora.forward" for op, _, _ in failing)
+    for key in unbatched:
+        n_out = next(c["W"].shape[0] for t, label, c in cases if ("dora.forward", t, label) == key)
+        assert failing[key].message == f"out: shape (1, {n_out}), expected ({n_out},)"
+        assert "returns (1, out_dim) for an unbatched input" in failing[key].reproducer
+    for key in bias_cases:
+        assert "the derived bound" in failing[key].message and "m / ||W + s B A||" in failing[key].reproducer
     prop = [r for r in res.failures if r.tier == "properties"]
     assert all("bias" in r.snippet for r in prop)  # the shrunk property failure carries a bias
     assert any(r.status == runner.XFAIL and "applies DoRA dropout as" in r.divergence for r in res.results)
+    for op in ("lora.scaling", "lora.forward", "lora.backward", "lora.merge", "dora.merge"):
+        # the supports declaration: every drawn example lies inside torchtune's domain, so all of them run
+        assert res.cell(op, "properties")[0] == runner.PASS
+        passed = [r for r in res.results if (r.op, r.tier, r.label) == (op, "properties", "differential")]
+        assert passed[0].n_cases == runner.DEFAULT_EXAMPLES, (op, passed[0].message)
 
 
-def test_upstream_reproducer_shows_the_bias_bug():
-    require("torchtune.modules.peft")
+def test_dora_linear_returns_1_by_out_for_an_unbatched_input():
+    """torchtune's documented (..., in) -> (..., out) holds for LoRALinear but not DoRALinear: x of shape (in,)
+    gives (1, out); the values are those of the batched call (only the shape is wrong)."""
+    target = _target()
+    rng = np.random.default_rng(4)
+    n_in, n_out, r = 6, 5, 2
+    case = {
+        "x": rng.standard_normal(n_in),
+        "W": rng.standard_normal((n_out, n_in)),
+        "A": rng.standard_normal((r, n_in)),
+        "B": rng.standard_normal((n_out, r)),
+        "scaling": 0.75,
+    }
+    assert target.forward(**case).shape == (n_out,)  # LoRALinear keeps the unbatched shape
+    m = rng.uniform(0.5, 2, n_out)
+    got = target.dora_forward(**case, m=m)
+    assert got.shape == (1, n_out)
+    assert np.array_equal(got[0], target.dora_forward(**{**case, "x": case["x"][None]}, m=m)[0])
+    assert np.allclose(got[0], dora.forward(**case, m=m), rtol=1e-12, atol=1e-12)
+
+
+def _reproduce(name: str, capsys) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "reproducers" / "torchtune_dora_bias.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, str(ROOT / "bench" / "reproducers" / name)], capture_output=True, text=True, timeout=300
     )
-    print(done.stdout)
+    with capsys.disabled():
+        print(f"\n$ python bench/reproducers/{name}  (exit {done.returncode})\n{done.stdout}")
+    return done
+
+
+def test_upstream_reproducer_shows_the_bias_bug(capsys):
+    require("torchtune.modules.peft")
+    done = _reproduce("torchtune_dora_bias.py", capsys)
     assert done.returncode == 1
     assert "DoRALinear returned                  [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]" in done.stdout
     rel = float(done.stdout.split("layer vs its merged checkpoint: ")[1].split()[0])
     assert rel > 0.01
+
+
+def test_upstream_reproducer_shows_the_unbatched_shape_bug(capsys):
+    require("torchtune.modules.peft")
+    done = _reproduce("torchtune_dora_unbatched_shape.py", capsys)
+    assert done.returncode == 1
+    assert "DoRALinear(x of shape (6,)) -> shape (1, 5)" in done.stdout
+    assert "LoRALinear(x of shape (6,)) -> shape (5,)" in done.stdout

@@ -5,7 +5,8 @@ Ops:
 * ``quant.quantize_4bit``: ``to_nf4(t, block_size=blocksize, scaler_block_size=g)`` with g =
   ``torchao_profile.default_scaler_block_size`` (torchao needs g to divide the number of blocks), read back
   as a refimpl ``QuantState`` (``torchao_profile.as_quant_state``: int8 scale codes, factors, mean). torchao
-  has NF4 only, no tail block and at most 2 dimensions: other cases are declared outside its domain.
+  has NF4 only, bfloat16/float16/float32 tensors of at most 2 dimensions (``supports``) and no tail block
+  (``unsupported``): the properties tier draws only there, and the report names the rest.
 * ``quant.codebook``: the NF4 table an ``NF4Tensor`` of float32 data carries.
 
 torchao's rules differ from QLoRA's reference by design (4-decimal codebook, distances in the input's
@@ -78,21 +79,23 @@ class TorchaoTarget:
     def compute_dtype(self, op: str) -> str:
         return "float32"
 
-    def unsupported(self, op: str, case: dict[str, Any]) -> str | None:
-        """torchao's NF4Tensor quantizes NF4 only, whole blocks only, tensors of at most 2 dimensions."""
+    def supports(self, op: str) -> dict[str, set[Any]]:
+        """torchao's NF4Tensor: the NF4 table only; ``to_nf4`` of a bfloat16, float16 or float32 tensor of at
+        most 2 dimensions (``NF4Tensor.from_tensor`` asserts dim <= 2)."""
         if op == "quant.codebook":
-            return None if case.get("name", "nf4") == "nf4" else "torchao has the NF4 table only"
+            return {"name": {"nf4"}}
+        if op == "quant.quantize_4bit":
+            return {"quant_type": {"nf4"}, "dtypes": set(torchao_profile.DTYPES), "x.ndim": {1, 2}}
+        return {}
+
+    def unsupported(self, op: str, case: dict[str, Any]) -> str | None:
+        """What ``supports`` cannot say: torchao quantizes whole blocks only (no tail block)."""
         if op != "quant.quantize_4bit":
             return None
-        if case.get("quant_type", "nf4") != "nf4":
-            return "torchao's NF4Tensor has no FP4"
-        x = case.get("x")
-        if x is None or not hasattr(x, "shape") or not isinstance(case.get("blocksize", 64), int):
-            return None
-        dtype = str(np.asarray(x).dtype)
-        if dtype not in torchao_profile.DTYPES:
-            return None  # the reference rejects it; the adapter raises too
-        return torchao_profile.unsupported(tuple(np.shape(x)), case.get("blocksize", 64))
+        x, bs = case.get("x"), case.get("blocksize", 64)
+        if not isinstance(x, np.ndarray) or isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+            return None  # an invalid case: the reference rejects it and the adapter must too
+        return torchao_profile.unsupported(tuple(x.shape), bs)
 
     def codebook(self, name: str = "nf4") -> np.ndarray:
         import torch

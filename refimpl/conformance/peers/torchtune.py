@@ -12,13 +12,17 @@ it and reads the result back:
   with the magnitude in the state dict, and the layer's own ``_get_weight_norm`` for ‖W + s·B A‖.
 
 torchtune stores W as (out, in) only: ``fan_in_fan_out`` cases are outside its domain, as are merges
-into another storage dtype (the adapter builds float64 layers).
+into another storage dtype (the adapter builds float64 layers); ``supports`` declares the domain, so the
+properties tier draws only inside it and the report names the rest.
 
 Findings (``known_divergences.toml``, bench/reproducers/):
 
 * a bug: ``DoRALinear.forward`` returns (m/‖V‖ − 1)·base_out + … + base_out with base_out = x Wᵀ + b,
   so the bias is scaled by m/‖V‖: y = f ⊙ (x Wᵀ + b) + f ⊙ s·(x Aᵀ) Bᵀ instead of … + b. These cases
   stay failures (bench/reproducers/torchtune_dora_bias.py);
+* a bug: for an unbatched x of shape (in,) ``DoRALinear.forward`` returns shape (1, out), not the (out,) its
+  docstring promises (``(m / ‖V‖).view(1, -1)`` broadcast against the output); nn.Linear and LoRALinear
+  keep (out,). These cases stay failures (bench/reproducers/torchtune_dora_unbatched_shape.py);
 * a design difference: with dropout torchtune computes f ⊙ (x Wᵀ) + b + f ⊙ s·(x_d Aᵀ) Bᵀ (the base
   term sees the magnitude scale but not the dropout) where PEFT and refimpl's train form have
   x Wᵀ + b + (f − 1) ⊙ (x_d Wᵀ) + f ⊙ s·(x_d Aᵀ) Bᵀ; ``dora_dropout_model`` reproduces it bit for bit
@@ -150,23 +154,19 @@ class TorchtuneTarget:
     def compute_dtype(self, op: str) -> str:
         return "float64"
 
-    def unsupported(self, op: str, case: dict[str, Any]) -> str | None:
-        """Cases torchtune's layers do not express."""
-        if case.get("fan_in_fan_out"):
-            return "torchtune's layers store W as (out, in) only (no fan_in_fan_out / Conv1D layout)"
-        if op == "lora.scaling" and case.get("use_rslora"):
-            return "torchtune's LoRALinear has no rsLoRA scaling"
-        if op in ("lora.merge", "dora.merge") and case.get("dtype") is not None:
-            return "the adapter builds float64 layers only"
-        if op == "lora.merge" and case.get("safe"):
-            return "get_merged_lora_ckpt has no safe (NaN-checking) merge"
-        if op == "dora.merge":
-            if case.get("embedding") or case.get("unmerged_base") is not None:
-                return "torchtune's DoRALinear is one Linear layer (no Embedding, no earlier merged adapter)"
-            W = case.get("W")
-            if W is None or np.ndim(W) != 2:
-                return "torchtune's DoRALinear is a Linear layer (no ConvNd)"
-        return None
+    def supports(self, op: str) -> dict[str, set[Any]]:
+        """What torchtune's layers express: W stored as (out, in) only (no fan_in_fan_out / Conv1D layout), no
+        rsLoRA; merges of one float64 Linear layer (the adapter builds float64 layers; get_merged_lora_ckpt has
+        no safe merge, DoRALinear no Embedding or ConvNd form and no earlier merged adapter)."""
+        layout: dict[str, set[Any]] = {"fan_in_fan_out": {False}}
+        return {
+            "lora.scaling": {"use_rslora": {False}},
+            "lora.forward": layout,
+            "lora.backward": layout,
+            "lora.merge": {**layout, "dtype": {None}, "safe": {False}},
+            "dora.forward": layout,
+            "dora.merge": {**layout, "dtype": {None}, "embedding": {False}, "unmerged_base": {None}, "W.ndim": {2}},
+        }.get(op, {})
 
     def notes(self) -> list[str]:
         import torch
@@ -269,12 +269,19 @@ class TorchtuneTarget:
         return _DoraMerge(W=_np(merged["layer.weight"]), weight_norm=_np(norm))
 
     def reproducer(self, op: str, case: dict[str, Any]) -> str | None:
-        """The upstream reproducer of the DoRA bias bug, for a dora.forward case with a bias."""
-        if op != "dora.forward" or case.get("bias") is None:
+        """The upstream reproducer of the DoRA bug a dora.forward case shows: the unbatched shape (x of one
+        dimension), else the bias scaled by m/‖V‖ (a case with a bias)."""
+        if op != "dora.forward":
+            return None
+        if "x" in case and np.ndim(case["x"]) == 1:
+            name = "torchtune_dora_unbatched_shape.py"
+        elif case.get("bias") is not None:
+            name = "torchtune_dora_bias.py"
+        else:
             return None
         from pathlib import Path
 
-        path = Path(__file__).resolve().parents[3] / "bench" / "reproducers" / "torchtune_dora_bias.py"
+        path = Path(__file__).resolve().parents[3] / "bench" / "reproducers" / name
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
@@ -308,7 +315,8 @@ def _dora_bias_once(case: dict[str, Any]) -> np.ndarray:
         y = (f - 1) * base + f * lora_out * s + base
         if case.get("bias") is not None:
             y = y + _t(case["bias"])
-    return _np(y)
+    # the shape torchtune documents, (..., out): its (1, out) for an unbatched x is a bug the model must not hide
+    return _np(y).reshape(*x.shape[:-1], W.shape[0])
 
 
 def dora_dropout_model(op: str, case: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any] | None:
