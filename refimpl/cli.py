@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``refimpl`` argument parser (lab and memory forward their own arguments)."""
     import refimpl
+    from refimpl.conformance.targets import builtin_help
 
     parser = argparse.ArgumentParser(
         prog="refimpl",
@@ -198,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         default="auto",
-        help="numpy, numba, cupy, peft, bitsandbytes, mergekit, auto (fastest built-in kernels, "
-        "else numpy) or module:object (default: auto)",
+        help=f"{builtin_help()}, or module:object (default: auto)",
     )
     p.add_argument(
         "--compute-dtype",

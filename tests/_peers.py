@@ -1,7 +1,7 @@
 """Import a peer library for a differential test, or skip with the reason.
 
-When REFIMPL_REQUIRE_PEERS=1 (set by .ci/run, which installs the `peers`
-extra) a missing peer is a failure, not a skip, so CI can never pass with the
+When REFIMPL_REQUIRE_PEERS=1 (set by .ci/run, which installs the `peers` and
+`torchpeers` extras) a missing peer is a failure, not a skip, so CI can never pass with the
 differential tests silently skipped.
 """
 
@@ -13,14 +13,20 @@ from types import ModuleType
 
 import pytest
 
-_EXTRA_HINT = "install the peers extra: pip install -e '.[peers]'"
+
+def install_hint(module: str) -> str:
+    """How to install the peer ``module`` belongs to: its extra (``torchpeers`` for torchao and torchtune)."""
+    from refimpl.conformance.targets import extra_of
+
+    extra = next((e for part in module.split(".") if (e := extra_of(part))), "peers")
+    return f"install the {extra} extra: pip install -e '.[{extra}]'"
 
 
 def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except Exception as exc:  # any import failure means the peer is unusable
-        reason = f"peer {module!r} is not importable ({type(exc).__name__}: {exc}); {_EXTRA_HINT}"
+        reason = f"peer {module!r} is not importable ({type(exc).__name__}: {exc}); {install_hint(module)}"
         if os.environ.get("REFIMPL_REQUIRE_PEERS") == "1":
             pytest.fail(reason + " [REFIMPL_REQUIRE_PEERS=1]")
         pytest.skip(reason)

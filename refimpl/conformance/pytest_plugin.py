@@ -29,12 +29,13 @@ if TYPE_CHECKING:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from refimpl.conformance.targets import builtin_help
+
     group = parser.getgroup("refimpl", "refimpl conformance harness")
     group.addoption(
         "--refimpl-target",
         default=None,
-        help="check this target against refimpl (numpy, numba, cupy, peft, bitsandbytes, mergekit, "
-        "auto, or module:object)",
+        help=f"check this target against refimpl ({builtin_help()}, or module:object)",
     )
     group.addoption("--refimpl-ops", default=None, help="comma-separated globs over op names (default: all)")
     group.addoption("--refimpl-examples", type=int, default=25, help="Hypothesis examples per op")

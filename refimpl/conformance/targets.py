@@ -20,7 +20,7 @@ have the reference's names). Optional methods:
 
 Built-in names: ``numpy`` (the reference itself), ``numba`` and ``cupy`` (refimpl's
 kernels; ``cupy`` raises ValueError with the reason where CuPy or a GPU is missing),
-``peft``, ``bitsandbytes``, ``mergekit`` (the peers, adapted), ``auto`` (the fastest
+``peft``, ``bitsandbytes``, ``mergekit``, ``torchao``, ``torchtune`` (the peers, adapted), ``auto`` (the fastest
 built-in kernels available, else numpy), and ``module:object`` for a user target: a
 Target, a mapping of op names to callables, or a namespace with ``lora.forward``
 reachable as attributes (or ``lora_forward``).
@@ -310,6 +310,25 @@ _PEERS = {
     "torchao": ("refimpl.conformance.peers.torchao", "TorchaoTarget"),
     "torchtune": ("refimpl.conformance.peers.torchtune", "TorchtuneTarget"),
 }
+
+
+def extra_of(name: str) -> str | None:
+    """The pip extra that installs built-in target ``name`` (``"torchpeers"`` for torchao), or None."""
+    return _EXTRA.get(name)
+
+
+def builtin_help() -> str:
+    """The built-in target names, from the registry, for a ``--target`` help text."""
+    peers: dict[str, list[str]] = {}
+    for name in _PEERS:
+        peers.setdefault(_EXTRA[name], []).append(name)
+    return (
+        "numpy (the reference itself), "
+        + ", ".join(b for b in BUILTIN if b in _EXTRA and b not in _PEERS)
+        + " (refimpl's kernels), "
+        + "; ".join(f"{', '.join(names)} (refimpl[{extra}])" for extra, names in peers.items())
+        + ", auto (the fastest built-in kernels, else numpy)"
+    )
 
 
 def auto_reason() -> str:
