@@ -163,3 +163,13 @@ def test_upstream_reproducer_shows_the_unbatched_shape_bug(capsys):
     assert done.returncode == 1
     assert "DoRALinear(x of shape (6,)) -> shape (1, 5)" in done.stdout
     assert "LoRALinear(x of shape (6,)) -> shape (5,)" in done.stdout
+
+
+def test_install_hint_names_the_extra_of_each_peer():
+    from tests._peers import install_hint
+
+    assert install_hint("torchtune.modules.peft").endswith("pip install -e '.[torchpeers]'")
+    assert install_hint("torchao.dtypes.nf4tensor").endswith("pip install -e '.[torchpeers]'")
+    assert install_hint("refimpl.conformance.peers.torchao").endswith("'.[torchpeers]'")
+    assert install_hint("peft").endswith("pip install -e '.[peers]'")
+    assert install_hint("bitsandbytes.functional").endswith("'.[peers]'")
