@@ -1,4 +1,4 @@
-"""QLoRA: a LoRA layer over a 4-bit quantized base weight (Dettmers et al., arXiv 2305.14314, eq. 5–6).
+"""QLoRA: a LoRA layer over a 4-bit quantized base weight (Dettmers et al., arXiv 2305.14314, eq. 5).
 
     Y = X · doubleDequant(c1, c2, W_NF4)ᵀ + b + s · (drop(X) Aᵀ) Bᵀ
 
@@ -7,8 +7,9 @@ The base weight W (out, in) is stored as packed 4-bit codes and a ``QuantState``
 dtype), after which the reference computes in float64 through ``refimpl.lora.forward``.
 ``forward_error_bound`` gives the elementwise bound for an implementation that computes
 the two matmuls in a lower precision (bitsandbytes ``matmul_4bit`` + PEFT's 4-bit LoRA layer).
-``backward`` gives ∂L/∂X, ∂L/∂A and ∂L/∂B (QLoRA eq. 6: the frozen 4-bit weight gets no gradient; ∂L/∂X
-passes through the dequantized weight). spec/nf4.md §13–§13.1.
+``backward`` gives ∂L/∂X, ∂L/∂A and ∂L/∂B (QLoRA §3: the 4-bit weight is dequantized for the forward
+and backward pass, and only the LoRA parameters get weight gradients; ∂L/∂X passes through the dequantized
+weight). spec/nf4.md §13–§13.1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _backward(
     x: np.ndarray, W_hat: np.ndarray, A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float, keep: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(∂L/∂x, ∂L/∂A, ∂L/∂B) for x (N, in), g = ∂L/∂y (N, out), keep (N, in) or None: LoRA's backward
-    (spec/lora.md §4) with the dequantized weight Ŵ as the frozen base (QLoRA eq. 6), so ∂L/∂x = g Ŵ + ….
+    (spec/lora.md §4) with the dequantized weight Ŵ as the frozen base (QLoRA §3), so ∂L/∂x = g Ŵ + ….
     The weight's own gradient gᵀ x is never formed: the 4-bit weight is frozen."""
     return lora._backward(x, W_hat, A, B, g, s, keep)  # the same formulas; W = Ŵ
 
@@ -94,7 +95,7 @@ def backward(
     need_dbias: bool = False,
     profile: str | None = None,
 ) -> QLoraGrads:
-    """Reverse mode of ``forward`` (QLoRA eq. 6). With Ŵ = dequantize_4bit(packed, state), x̃ = drop(x),
+    """Reverse mode of ``forward`` (QLoRA §3). With Ŵ = dequantize_4bit(packed, state), x̃ = drop(x),
     h = x̃ Aᵀ and g = ∂L/∂y (..., out):
 
         ∂L/∂B = s · gᵀ h            (out, r)

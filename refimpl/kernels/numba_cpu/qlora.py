@@ -1,4 +1,4 @@
-"""Fused 4-bit dequantize-GEMV/GEMM, the QLoRA forward and backward (Dettmers et al., arXiv 2305.14314, eq. 5–6).
+"""Fused 4-bit dequantize-GEMV/GEMM, the QLoRA forward and backward (Dettmers et al., arXiv 2305.14314, eq. 5).
 
     Y = X · doubleDequant(c1, c2, W_4bit)ᵀ + b + s · (drop(X) Aᵀ) Bᵀ
 
@@ -454,7 +454,7 @@ def backward(
     need_dbias: bool = False,
     profile: str | None = None,
 ) -> QLoraGrads:
-    """``refimpl.qlora.backward`` (QLoRA eq. 6) with the base term g Ŵ from decoded tiles (``dequant_matmul_t``):
+    """``refimpl.qlora.backward`` (QLoRA §3) with the base term g Ŵ from decoded tiles (``dequant_matmul_t``):
 
     x̃ = x ⊙ keep,  h = x̃ Aᵀ,  gB = s · g B,  ∂B = s · gᵀ h,  ∂A = gBᵀ x̃,  ∂x = g Ŵ + (gB A) ⊙ keep
     """
