@@ -180,6 +180,26 @@ def test_numba_kernel_agrees_with_the_reference_within_the_float64_bound(c):
     assert np.array_equal(got.dbias, want.dbias)
 
 
+@pytest.mark.parametrize("n_rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("tile_rows", [None, 1, 7, 256])
+def test_numba_g_times_w_is_g_at_the_dequantized_weight_on_every_path_and_tile_split(n_rows, tile_rows):
+    """g Ŵ from the one-pass few-row kernel (n_rows < 4, no tile_rows) or from tiles of decoded rows, with tails
+    of tiles (out = 23 is not a multiple of 7) and rows that are not whole blocks (in = 40, blocksize 32)."""
+    from refimpl.kernels.numba_cpu import quant as numba_quant
+
+    rng = np.random.default_rng(n_rows)
+    packed, state = quant.quantize_4bit(
+        (rng.standard_normal((23, 40)) * 0.1).astype(ml_dtypes.bfloat16), 32, "nf4", True
+    )
+    g = rng.standard_normal((n_rows, 23))
+    code = numba_quant.code_table(state)
+    got = numba_qlora.dequant_matmul_t(g, packed.reshape(-1), state, code, tile_rows=tile_rows)
+    W = qlora.dequantized_weight(packed, state)
+    bound = bounds.differential(23, np.abs(g) @ np.abs(W), "float64")
+    rep = precision.compare_to_bound(got, g @ W, bound)
+    assert rep.passed, str(rep)
+
+
 # ---------------------------------------------------------------------------- the bound, in float32
 
 

@@ -1804,9 +1804,9 @@ _QLORA_BACKWARD_CLASSES = (
 
 
 def _qlora_backward_boundary() -> list[Boundary]:
-    """qlora.forward's boundary cases (the same shapes, blocks, dtypes and options; more than 256 output
-    features is a second tile of decoded weight rows in the backward's g Ŵ), each with a grad_y, plus a zero
-    grad_y."""
+    """qlora.forward's boundary cases (the same shapes, blocks, dtypes and options; 1-3 rows and 4 or more take
+    different paths for g Ŵ in the numba kernel, and more than 256 output features gives a kernel that tiles Ŵ
+    by 256 rows a second tile), each with a grad_y, plus a zero grad_y."""
     out = []
     gdts = ("float64", "float32", "bfloat16")
     for i, b in enumerate(_qlora_boundary()):

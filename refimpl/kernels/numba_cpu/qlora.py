@@ -6,8 +6,10 @@ The base weight is never materialised: each output row n decodes its K weights f
 nibbles through a 16-entry table per block, tbl[j] = RNE_dtype(f32(code[j] · absmax_b)) — exactly
 the reference's dequantized values, so only the order of the float64 sum differs.
 
-The backward's base term ∂L/∂x ⊇ g Ŵ (``dequant_matmul_t``) decodes tiles of 256 weight rows (float64, the
-same exact values) and accumulates g[:, tile] · tile with BLAS: the (out, in) weight is never formed either.
+The backward's base term ∂L/∂x ⊇ g Ŵ (``dequant_matmul_t``): for fewer than 4 rows of g, one pass over the
+packed weight, columns split over threads, each weight decoded and multiplied into dx at once; from 4 rows on,
+tiles of decoded weight rows (float64, the same exact values; up to 32 MiB a tile) and g[:, tile] · tile with
+BLAS. A large (out, in) weight is never formed whole.
 
 * m < 4 rows of x, every row of W a whole number of blocks (k_in % bs == 0), AVX2 host: one
   parallel pass over the rows of W. Per block the table is formed in two 8-lane float32 vectors
@@ -423,20 +425,62 @@ def forward(
     return y
 
 
-def dequant_matmul_t(g2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray) -> np.ndarray:
-    """g · Ŵ (N, in) for g (N, out) float64 C-contiguous: tiles of decoded rows of Ŵ, dx += g[:, tile] · tile."""
+@njit(cache=True, nogil=True, fastmath=False)
+def _gemv_t_cols(g, packed, scales, n_out, k_in, bs, code, kind, dx, lo, hi):
+    """Columns [lo, hi) of ``dequant_gemv_t_kernel``: for each weight row n in order, its weights k in
+    [lo, hi) decoded (one scale per block segment) and dx[:, k] += g[:, n] · Ŵ[n, k]."""
+    m = g.shape[0]
+    for n in range(n_out):
+        e = n * k_in + lo
+        e1 = n * k_in + hi
+        while e < e1:
+            b = e // bs
+            seg = min(e1, (b + 1) * bs)
+            scale = scales[b]
+            for i in range(e, seg):
+                byte = np.int64(packed[i >> 1])
+                nib = (byte >> 4) if i % 2 == 0 else (byte & 15)
+                w = _round_kind(code[nib] * scale, kind)
+                k = i - n * k_in
+                for r in range(m):
+                    dx[r, k] += g[r, n] * w
+            e = seg
+
+
+def dequant_gemv_t_kernel(g, packed, scales, n_out, k_in, bs, code, kind, dx):
+    """dx += g · Ŵ for few rows of g without a decoded tile: columns of Ŵ split over threads, each summing the
+    rows n = 0, 1, … in order (the order does not depend on the thread count)."""
+    parallel_ranges(_gemv_t_cols, k_in, g, packed, scales, n_out, k_in, bs, code, kind, dx)
+
+
+#: The backward's tiles of decoded weight rows hold up to this many float64 values (32 MiB), at least _TILE_ROWS
+#: rows: one GEMM per tile, so larger tiles run at the speed of a single g Ŵ product (256-row tiles took 1.7x
+#: its time at N = 256, in = out = 2048), with the memory of the weight still bounded.
+BACKWARD_TILE_ELEMENTS = 1 << 22
+
+
+def dequant_matmul_t(
+    g2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray, *, tile_rows: int | None = None
+) -> np.ndarray:
+    """g · Ŵ (N, in) for g (N, out) float64. Below ``GEMM_MIN_ROWS`` rows of g (and without ``tile_rows``): one
+    pass over the packed weight (``dequant_gemv_t_kernel``); otherwise tiles of ``tile_rows`` decoded rows of Ŵ
+    (default: as many as fit in ``BACKWARD_TILE_ELEMENTS``), dx += g[:, tile] · tile in order of the tiles."""
     n_out, k_in = state.shape
     kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
     scales = nquant.block_scales(state)
+    if g2.shape[0] < GEMM_MIN_ROWS and tile_rows is None:
+        dx_few = np.zeros((g2.shape[0], k_in), dtype=np.float64)
+        dequant_gemv_t_kernel(np.ascontiguousarray(g2), flat, scales, n_out, k_in, state.blocksize, code, kind, dx_few)
+        return dx_few
+    step = tile_rows or max(_TILE_ROWS, BACKWARD_TILE_ELEMENTS // max(k_in, 1))
     dx = np.zeros((g2.shape[0], k_in), dtype=np.float64)
-    tile = np.empty((min(_TILE_ROWS, n_out), k_in), dtype=np.float64)
-    for lo in range(0, n_out, _TILE_ROWS):
-        rows = min(_TILE_ROWS, n_out - lo)
+    tile = np.empty((min(step, n_out), k_in), dtype=np.float64)
+    for lo in range(0, n_out, step):
+        rows = min(step, n_out - lo)
         dequant_rows_kernel(flat, scales, lo, rows, k_in, state.blocksize, code, kind, tile)
-        # dxᵀ += tileᵀ · g[:, tile]ᵀ  (dx C-contiguous is dxᵀ Fortran-contiguous: BLAS writes it in place)
-        blas.dgemm(
-            1.0, tile[:rows], g2[:, lo : lo + rows], beta=1.0, c=dx.T, trans_a=True, trans_b=True, overwrite_c=True
-        )
+        g_tile = np.ascontiguousarray(g2[:, lo : lo + rows])
+        # dxᵀ += tileᵀ · g_tileᵀ: every operand a Fortran-order view (no copies), dxᵀ written in place
+        blas.dgemm(1.0, tile[:rows].T, g_tile.T, beta=1.0, c=dx.T, overwrite_c=True)
     return dx
 
 
