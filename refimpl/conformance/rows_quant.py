@@ -1821,6 +1821,12 @@ def _qlora_backward_boundary() -> list[Boundary]:
     c["grad_y"] = np.zeros_like(c["grad_y"])
     cls = (cls0 - {"option: no bias"}) | {"value: grad_y zero", "dtype: grad_y float32", "option: need_dbias"}
     out.append(Boundary("x 3x64 W 10x64 nf4 bs 32 dq float32 mask grad_y zero", c, tuple(sorted(cls))))
+    # a dropout mask on each side of the numba kernel's row switch (fewer than 4 rows / more)
+    for lead in ((2,), (5,)):
+        base, cls0 = _qlora_case(lead, 48, 9, 3, 32, "fp4", False, "float16", "float32", False, -1.5, 430, mask=True)
+        c = _grad_of(base, np.random.default_rng(430 + lead[0]), "float64", False)
+        cls = (cls0 - {"option: no bias"}) | {"dtype: grad_y float64"}
+        out.append(Boundary(f"x {lead[0]}x48 W 9x48 fp4 bs 32 float16 mask grad_y float64", c, tuple(sorted(cls))))
     return out
 
 

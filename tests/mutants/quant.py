@@ -551,6 +551,7 @@ _QLORA_BACKWARD_DEFECTS = (
     "nested absmax not applied",
     "second tile of 256 rows skipped",
     "x read in memory order",
+    "below 4 rows dx's LoRA part unmasked",
 )
 
 
@@ -600,7 +601,8 @@ def _qlora_backward_mutant(defect: str):
         dB = s * (g2.T @ h) if defect != "scaling applied twice in dB" else s * s * (g2.T @ h)
         dA = gb.T @ xd
         lora_dx = gb @ A64 if defect != "scaling missing from dx's LoRA part" else (g2 @ B64) @ A64
-        if keep is not None and defect != "dropout mask not applied to dx's LoRA part":
+        few_rows_unmasked = defect == "below 4 rows dx's LoRA part unmasked" and x2.shape[0] < 4
+        if keep is not None and defect != "dropout mask not applied to dx's LoRA part" and not few_rows_unmasked:
             lora_dx = lora_dx * keep
         if defect == "gradient through the frozen weight dropped":
             dx = lora_dx
@@ -669,6 +671,12 @@ QLORA_BACKWARD_MUTANTS: list[Mutant] = [
         QLB,
         "path switch",
         _qlora_backward_mutant("second tile of 256 rows skipped"),
+    ),
+    Mutant(
+        "qlora.backward below 4 rows: dx's LoRA part not masked",
+        QLB,
+        "path switch",
+        _qlora_backward_mutant("below 4 rows dx's LoRA part unmasked"),
     ),
     Mutant(
         "qlora.backward x read in memory order (a transposed view)",
