@@ -224,3 +224,69 @@ def differential(depth: int, magnitude: Array, dtype: str) -> Array:
     """
     k_target = depth if dtype == "float64" else depth + 2
     return (gamma(k_target, dtype) + gamma(depth, "float64")) * np.abs(np.asarray(magnitude, dtype=np.float64))
+
+
+# ---------------------------------------------------------------------------- QLoRA backward (spec/nf4.md §13.1)
+
+
+@dataclass(frozen=True)
+class QloraBackwardBounds:
+    """Elementwise bounds on the gradients of ``qlora.backward`` (None for dbias unless asked)."""
+
+    dx: Array
+    dA: Array
+    dB: Array
+    dbias: Array | None = None
+
+
+def qlora_backward(
+    x: Array,
+    W: Array,
+    A: Array,
+    B: Array,
+    grad_y: Array,
+    scaling: float,
+    keep: Array | None,
+    dtype: Any,
+    accumulate: Any = None,
+) -> QloraBackwardBounds:
+    """The QLoRA backward as torch autograd evaluates it through bitsandbytes' ``Linear4bit`` and PEFT's LoRA
+    layer, W the exactly dequantized (out, in) weight (frozen), x (N, in), grad_y g (N, out), keep the dropout
+    factor mask / (1 − p) (N, in) or None. With ρ = 2 roundings when there is a keep factor (the factor itself
+    stored in ``dtype``, then the product), else 0, the evaluation is
+
+        x̃ = fl(x ⊙ keep) (ρ),  h = fl(x̃ Aᵀ) (K = in),  ĝ = fl(s·g) (1)
+        dB = fl(ĝᵀ h) (N),  dh = fl(ĝ B) (out),  dA = fl(dhᵀ x̃) (N)
+        dx = fl(fl(g W) + fl(fl(dh A) ⊙ keep))   (out; r; ρ; the sum of the two paths)
+        dbias = fl(Σ_N g)
+
+    each sum accumulated in ``accumulate`` (default ``dtype``, γ_n) and each stored result rounded to ``dtype``
+    (u), so (Higham §3.1), with x̃ = |x| ⊙ keep:
+
+        |d̂B − dB|    ≤ [(1+γ_K)(1+γ_N)(1+u)^{3+ρ} − 1] · |s| |g|ᵀ (|x̃| |A|ᵀ)
+        |d̂A − dA|    ≤ [(1+γ_out)(1+γ_N)(1+u)^{3+ρ} − 1] · |s| (|g| |B|)ᵀ |x̃|
+        |d̂x − dx|    ≤ [(1+γ_out)(1+u)² − 1] · |g| |W| + [(1+γ_out)(1+γ_r)(1+u)^{4+ρ} − 1] · |s| (|g| |B| |A|) ⊙ keep
+        |d̂bias − db| ≤ [(1+γ_N)(1+u) − 1] · Σ_N |g|
+    """
+    n_rows, K = x.shape
+    out_f, r = B.shape
+    acc = dtype if accumulate is None else accumulate
+    u = unit_roundoff(dtype)
+    rho = 0 if keep is None else 2
+    ax, aW, aA, aB, ag = np.abs(x), np.abs(W), np.abs(A), np.abs(B), np.abs(grad_y)
+    axd = ax if keep is None else ax * keep
+    s = abs(scaling)
+    gB = ag @ aB
+    lora_dx = s * (gB @ aA)
+    if keep is not None:
+        lora_dx = lora_dx * keep
+    g_dB = (1 + gamma(K, acc)) * (1 + gamma(n_rows, acc)) * (1 + u) ** (3 + rho) - 1
+    g_dA = (1 + gamma(out_f, acc)) * (1 + gamma(n_rows, acc)) * (1 + u) ** (3 + rho) - 1
+    g_base = (1 + gamma(out_f, acc)) * (1 + u) ** 2 - 1
+    g_lora = (1 + gamma(out_f, acc)) * (1 + gamma(r, acc)) * (1 + u) ** (4 + rho) - 1
+    return QloraBackwardBounds(
+        dx=g_base * (ag @ aW) + g_lora * lora_dx,
+        dA=g_dA * s * (gB.T @ axd),
+        dB=g_dB * s * (ag.T @ (axd @ aA.T)),
+        dbias=((1 + gamma(n_rows, acc)) * (1 + u) - 1) * ag.sum(axis=0),
+    )

@@ -484,6 +484,7 @@ def test_ops_table_names_registry_ops_with_the_reference_signatures():
         "lora.forward",
         "dora.forward",
         "qlora.forward",
+        "qlora.backward",
         "quant.quantize_4bit",
         "quant.dequantize_4bit",
         "merging.ties",

@@ -1776,6 +1776,153 @@ def _feb_tolerance() -> Bounded:
     return Bounded(depth, magnitude, note="the bound's own float64 evaluation, any summation order")
 
 
+# ---------------------------------------------------------------------------- qlora.backward
+
+
+def _grad_of(c: Case, rng: np.random.Generator, grad_dtype: str, need_dbias: bool) -> Case:
+    """A qlora.forward case made a qlora.backward case: no bias (it enters no gradient), grad_y of y's shape."""
+    out: Case = {k: v for k, v in c.items() if k != "bias"}
+    out["grad_y"] = rng.standard_normal((*np.shape(c["x"])[:-1], c["state"].shape[0])).astype(_dtype(grad_dtype))
+    out["need_dbias"] = need_dbias
+    return out
+
+
+def _qlora_backward_strategy():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw) -> Case:
+        c = draw(_qlora_strategy())
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        return _grad_of(c, rng, draw(st.sampled_from(["float64", "float32", "bfloat16"])), draw(st.booleans()))
+
+    return build()
+
+
+_QLORA_BACKWARD_CLASSES = (
+    *(c for c in _QLORA_CLASSES if c not in ("option: bias", "option: no bias")),
+    "dtype: grad_y float64",
+    "dtype: grad_y float32",
+    "dtype: grad_y bfloat16",
+    "option: need_dbias",
+    "value: grad_y zero",
+)
+
+
+def _qlora_backward_boundary() -> list[Boundary]:
+    """qlora.forward's boundary cases (the same shapes, blocks, dtypes and options; 1-3 rows and 4 or more take
+    different paths for g Ŵ in the numba kernel, and more than 256 output features gives a kernel that tiles Ŵ
+    by 256 rows a second tile), each with a grad_y, plus a zero grad_y."""
+    out = []
+    gdts = ("float64", "float32", "bfloat16")
+    for i, b in enumerate(_qlora_boundary()):
+        gdt, dbias = gdts[i % 3], i % 2 == 0
+        c = _grad_of(b.case, np.random.default_rng(400 + i), gdt, dbias)
+        cls = {k for k in b.classes if k not in ("option: bias", "option: no bias")} | {f"dtype: grad_y {gdt}"}
+        if dbias:
+            cls.add("option: need_dbias")
+        out.append(Boundary(f"{b.label.replace(' bias', '')} grad_y {gdt}", c, tuple(sorted(cls))))
+    base, cls0 = _qlora_case((3,), 64, 10, 2, 32, "nf4", True, "float32", "float64", False, 1.0, 420, mask=True)
+    c = _grad_of(base, np.random.default_rng(420), "float32", True)
+    c["grad_y"] = np.zeros_like(c["grad_y"])
+    cls = (cls0 - {"option: no bias"}) | {"value: grad_y zero", "dtype: grad_y float32", "option: need_dbias"}
+    out.append(Boundary("x 3x64 W 10x64 nf4 bs 32 dq float32 mask grad_y zero", c, tuple(sorted(cls))))
+    # a dropout mask on each side of the numba kernel's row switch (fewer than 4 rows / more)
+    for lead in ((2,), (5,)):
+        base, cls0 = _qlora_case(lead, 48, 9, 3, 32, "fp4", False, "float16", "float32", False, -1.5, 430, mask=True)
+        c = _grad_of(base, np.random.default_rng(430 + lead[0]), "float64", False)
+        cls = (cls0 - {"option: no bias"}) | {"dtype: grad_y float64"}
+        out.append(Boundary(f"x {lead[0]}x48 W 9x48 fp4 bs 32 float16 mask grad_y float64", c, tuple(sorted(cls))))
+    return out
+
+
+def _golden_qlora_backward(rng: np.random.Generator) -> list[tuple[str, Case]]:
+    from refimpl.conformance.strategies import dyadic
+
+    out = []
+    for i, (name, c) in enumerate(_golden_qlora(rng)):
+        g = {k: v for k, v in c.items() if k != "bias"}
+        g["grad_y"] = dyadic(rng, (*g["x"].shape[:-1], g["state"].shape[0]))
+        g["need_dbias"] = i == 0
+        if i == 1:
+            g["dropout_mask"] = rng.integers(0, 2, g["x"].shape).astype(np.float64)
+            g["dropout_p"] = 0.5
+        out.append((f"{name}{'_drop' if i == 1 else ''}", g))
+    return out
+
+
+def _qlora_backward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Each gradient's formula on absolute values (lora.backward over |x|, |Ŵ|, |A|, |B|, |g|, |s|; the keep
+    factor is non-negative), Ŵ the exactly dequantized base weight."""
+    from refimpl import lora, qlora
+
+    def a(k: str) -> np.ndarray:
+        return np.abs(np.asarray(case[k], dtype=np.float64))
+
+    w = np.abs(qlora.dequantized_weight(case["packed"], case["state"], profile=case.get("profile")))
+    grads = lora.backward(
+        a("x"),
+        w,
+        a("A"),
+        a("B"),
+        a("grad_y"),
+        abs(float(case["scaling"])),
+        dropout_mask=case.get("dropout_mask"),
+        dropout_p=case.get("dropout_p", 0.0),
+        need_dbias=bool(case.get("need_dbias", False)),
+    )
+    out = {"out.dx": grads.dx, "out.dA": grads.dA, "out.dB": grads.dB}
+    if grads.dbias is not None:
+        out["out.dbias"] = grads.dbias
+    return out
+
+
+def _qlora_backward_depth(case: Mapping[str, Any]) -> int:
+    """Every reduction on the longest path (in, out, r and the N rows of x) plus the scalings and the keep."""
+    r, n_in = case["A"].shape
+    n_out = case["B"].shape[0]
+    n_rows = int(np.prod(np.shape(case["x"])[:-1]))
+    return n_in + n_out + r + n_rows + 6
+
+
+def _qlora_backward_specials() -> list[Special]:
+    from refimpl import quant
+
+    base = _golden_qlora_backward(np.random.default_rng(0))[0][1]
+    bad_g = {**base, "grad_y": base["grad_y"].copy()}
+    bad_g["grad_y"].flat[0] = np.nan
+    inf_g = {**base, "grad_y": base["grad_y"].copy()}
+    inf_g["grad_y"].flat[-1] = -np.inf
+    return [
+        Special("x has nan", {**base, "x": np.full(base["x"].shape, np.nan)}),
+        Special("grad_y has nan", bad_g),
+        Special("grad_y has -inf", inf_g),
+        Special("grad_y of the wrong width", {**base, "grad_y": base["grad_y"][..., :-1]}),
+        Special("B is zero (adapter at init)", {**base, "B": np.zeros_like(base["B"])}),
+        Special(
+            "1-D base weight",
+            {**base, **dict(zip(("packed", "state"), quant.quantize_4bit(np.ones(64, np.float32)), strict=True))},
+        ),
+    ]
+
+
+def _qlora_backward_row() -> OpSpec:
+    return OpSpec(
+        "qlora.backward",
+        _qlora_backward_strategy,
+        "qlora.forward's x, packed/state, A, B, scaling, dropout mask (no bias); grad_y (..., out); need_dbias",
+        Bounded(
+            _qlora_backward_depth,
+            _qlora_backward_magnitude,
+            note="dequantization is exact; the gradients are bounded like lora.backward's",
+        ),
+        golden=_golden_qlora_backward,
+        specials=_qlora_backward_specials,
+        classes=_QLORA_BACKWARD_CLASSES,
+        boundary=_qlora_backward_boundary,
+    )
+
+
 # ---------------------------------------------------------------------------- the rows
 
 
@@ -1798,6 +1945,7 @@ def rows() -> list[OpSpec]:
             classes=_QLORA_CLASSES,
             boundary=_qlora_boundary,
         ),
+        _qlora_backward_row(),
         OpSpec(
             "qlora.dequantized_weight",
             _dq_weight_strategy,

@@ -38,6 +38,7 @@ OPS: tuple[str, ...] = (
     "quant.quantize_4bit",
     "quant.dequantize_4bit",
     "qlora.forward",
+    "qlora.backward",
     "lora.forward",
     "lora.backward",
     "dora.forward",

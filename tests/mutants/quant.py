@@ -535,3 +535,154 @@ MUTANTS: list[Mutant] = [
     Mutant("check_4bit ulps ignored", "quant.check_4bit", "options", _check_ulps_ignored),
     Mutant("check_4bit fp4 zero sign counted wrong", "quant.check_4bit", "special values", _check_zero_sign_wrong),
 ]
+
+
+# ---------------------------------------------------------------------------- qlora.backward with one knob
+
+
+_QLORA_BACKWARD_DEFECTS = (
+    "gradient through the frozen weight dropped",
+    "dx through the merged weight",
+    "dropout mask not applied to dx's LoRA part",
+    "activation saved undropped",
+    "scaling applied twice in dB",
+    "scaling missing from dx's LoRA part",
+    "transposed dequantized weight",
+    "nested absmax not applied",
+    "second tile of 256 rows skipped",
+    "x read in memory order",
+    "below 4 rows dx's LoRA part unmasked",
+)
+
+
+def _qlora_backward_mutant(defect: str):
+    """qlora.backward (spec/nf4.md §13.1) recomputed from its formulas (in the reference's order) with one
+    defect switched on."""
+    assert defect in _QLORA_BACKWARD_DEFECTS, defect
+
+    def fn(
+        x, packed, state, A, B, grad_y, scaling, *, dropout_mask=None, dropout_p=0.0, need_dbias=False, profile=None
+    ):
+        ref = qlora.backward(
+            x,
+            packed,
+            state,
+            A,
+            B,
+            grad_y,
+            scaling,
+            dropout_mask=dropout_mask,
+            dropout_p=dropout_p,
+            need_dbias=need_dbias,
+            profile=profile,
+        )  # validation
+        W = qlora.dequantized_weight(packed, state, profile=profile)
+        out_f, in_f = W.shape
+        if defect == "nested absmax not applied" and state.nested:  # dynamic8[code] + offset, without absmax2
+            flat_state = replace(state, nested_absmax=np.ones_like(np.asarray(state.nested_absmax, _F32)))
+            W = qlora.dequantized_weight(packed, flat_state, profile=profile)
+        elif defect == "transposed dequantized weight":  # the (out, in) values read as an (in, out) array
+            W = W.reshape(-1).reshape(in_f, out_f).T
+        elif defect == "second tile of 256 rows skipped" and out_f > 256:
+            W = W.copy()
+            W[256:] = 0
+        xa = np.asarray(x)
+        if defect == "x read in memory order":
+            xa = xa.ravel(order="K").reshape(xa.shape)
+        x2 = xa.astype(np.float64).reshape(-1, in_f)
+        g2 = np.asarray(grad_y).astype(np.float64).reshape(-1, out_f)
+        keep = (
+            None if dropout_mask is None else np.asarray(dropout_mask, np.float64).reshape(x2.shape) / (1 - dropout_p)
+        )
+        A64, B64, s = np.asarray(A, np.float64), np.asarray(B, np.float64), float(scaling)
+        xd = x2 if keep is None or defect == "activation saved undropped" else x2 * keep
+        h = xd @ A64.T
+        gb = s * (g2 @ B64)
+        dB = s * (g2.T @ h) if defect != "scaling applied twice in dB" else s * s * (g2.T @ h)
+        dA = gb.T @ xd
+        lora_dx = gb @ A64 if defect != "scaling missing from dx's LoRA part" else (g2 @ B64) @ A64
+        few_rows_unmasked = defect == "below 4 rows dx's LoRA part unmasked" and x2.shape[0] < 4
+        if keep is not None and defect != "dropout mask not applied to dx's LoRA part" and not few_rows_unmasked:
+            lora_dx = lora_dx * keep
+        if defect == "gradient through the frozen weight dropped":
+            dx = lora_dx
+        elif defect == "dx through the merged weight":  # g (Ŵ + s B A) plus the LoRA branch again
+            dx = g2 @ (W + s * (B64 @ A64)) + lora_dx
+        else:
+            dx = g2 @ W + lora_dx
+        return qlora.QLoraGrads(dx=dx.reshape(xa.shape), dA=dA, dB=dB, dbias=ref.dbias)
+
+    return fn
+
+
+QLB = "qlora.backward"
+
+QLORA_BACKWARD_MUTANTS: list[Mutant] = [
+    Mutant(
+        "qlora.backward dx misses g Ŵ (frozen weight detached)",
+        QLB,
+        "scaling",
+        _qlora_backward_mutant("gradient through the frozen weight dropped"),
+    ),
+    Mutant(
+        "qlora.backward dx through the merged weight Ŵ + s B A",
+        QLB,
+        "scaling",
+        _qlora_backward_mutant("dx through the merged weight"),
+    ),
+    Mutant(
+        "qlora.backward dropout mask not applied to dx's LoRA part",
+        QLB,
+        "options",
+        _qlora_backward_mutant("dropout mask not applied to dx's LoRA part"),
+    ),
+    Mutant(
+        "qlora.backward activation saved before dropout (dA, dB from x)",
+        QLB,
+        "options",
+        _qlora_backward_mutant("activation saved undropped"),
+    ),
+    Mutant(
+        "qlora.backward scaling applied twice in dB",
+        QLB,
+        "scaling",
+        _qlora_backward_mutant("scaling applied twice in dB"),
+    ),
+    Mutant(
+        "qlora.backward scaling missing from dx's LoRA part",
+        QLB,
+        "scaling",
+        _qlora_backward_mutant("scaling missing from dx's LoRA part"),
+    ),
+    Mutant(
+        "qlora.backward transposed dequantized weight",
+        QLB,
+        "transposition",
+        _qlora_backward_mutant("transposed dequantized weight"),
+    ),
+    Mutant(
+        "qlora.backward nested absmax not applied",
+        QLB,
+        "scaling",
+        _qlora_backward_mutant("nested absmax not applied"),
+    ),
+    Mutant(
+        "qlora.backward second tile of 256 weight rows skipped",
+        QLB,
+        "path switch",
+        _qlora_backward_mutant("second tile of 256 rows skipped"),
+    ),
+    Mutant(
+        "qlora.backward below 4 rows: dx's LoRA part not masked",
+        QLB,
+        "path switch",
+        _qlora_backward_mutant("below 4 rows dx's LoRA part unmasked"),
+    ),
+    Mutant(
+        "qlora.backward x read in memory order (a transposed view)",
+        QLB,
+        "transposition",
+        _qlora_backward_mutant("x read in memory order"),
+    ),
+]
+MUTANTS += QLORA_BACKWARD_MUTANTS

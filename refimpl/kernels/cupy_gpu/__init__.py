@@ -5,6 +5,7 @@ Same operation names as the NumPy reference; each is checked against it by tests
 
     quantize_4bit, dequantize_4bit, quantize_absmax  NF4/FP4 blockwise storage (bitsandbytes CUDA bytes)
     gemv_4bit, qlora_forward                          fused 4-bit GEMV for m ≤ 16 (+ LoRA branch)
+    qlora_backward.backward                           QLoRA backward: dequantize + cuBLAS, keep mask fused
     lora_forward, dora_forward, pack, workspace,
     forward_packed                                    LoRA/DoRA as one cuBLAS GEMM over K = d + r
     ties                                              TIES merge in one fused pass
@@ -28,6 +29,7 @@ OPS: dict[str, str] = {
     "lora.forward": "reference_api.lora_forward",
     "dora.forward": "reference_api.dora_forward",
     "qlora.forward": "reference_api.qlora_forward",
+    "qlora.backward": "qlora_backward.qlora_backward",
     "quant.quantize_4bit": "reference_api.quantize_4bit",
     "quant.dequantize_4bit": "reference_api.dequantize_4bit",
     "merging.ties": "reference_api.ties",

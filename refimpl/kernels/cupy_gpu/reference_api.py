@@ -51,6 +51,7 @@ COMPUTE_DTYPES: dict[str, str] = {
     "lora.forward": "float32",
     "dora.forward": "float32",
     "qlora.forward": "float32",
+    "qlora.backward": "float32",  # qlora_backward.py (every state dtype, dropout mask included)
     "merging.ties": "float32",
     "quant.quantize_4bit": "float32",
     "quant.dequantize_4bit": "float32",

@@ -1,10 +1,15 @@
-"""Fused 4-bit dequantize-GEMV/GEMM and the QLoRA forward (Dettmers et al., arXiv 2305.14314, eq. 5).
+"""Fused 4-bit dequantize-GEMV/GEMM, the QLoRA forward and backward (Dettmers et al., arXiv 2305.14314, eq. 5).
 
     Y = X · doubleDequant(c1, c2, W_4bit)ᵀ + b + s · (drop(X) Aᵀ) Bᵀ
 
 The base weight is never materialised: each output row n decodes its K weights from the packed
 nibbles through a 16-entry table per block, tbl[j] = RNE_dtype(f32(code[j] · absmax_b)) — exactly
 the reference's dequantized values, so only the order of the float64 sum differs.
+
+The backward's base term ∂L/∂x ⊇ g Ŵ (``dequant_matmul_t``): for fewer than 4 rows of g, one pass over the
+packed weight, columns split over threads, each weight decoded and multiplied into dx at once; from 4 rows on,
+tiles of decoded weight rows (float64, the same exact values; up to 32 MiB a tile) and g[:, tile] · tile with
+BLAS. A large (out, in) weight is never formed whole.
 
 * m < 4 rows of x, every row of W a whole number of blocks (k_in % bs == 0), AVX2 host: one
   parallel pass over the rows of W. Per block the table is formed in two 8-lane float32 vectors
@@ -41,6 +46,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from scipy.linalg import blas
 
 from refimpl import _checks
 from refimpl._linear_operands import adapter_operands, layer_input
@@ -49,6 +55,7 @@ from refimpl.kernels.numba_cpu import quant as nquant
 from refimpl.kernels.numba_cpu._bits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.kernels.numba_cpu.lora import lora_branch_add
+from refimpl.qlora import QLoraGrads
 from refimpl.quant import QuantState
 
 
@@ -338,17 +345,12 @@ def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.nda
         )
 
 
-def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
-    """x · dequantize_4bit(packed, state)ᵀ in float64 without forming the (out, in) weight.
-
-    x: (..., in) of any float dtype (used exactly); state: a 2-D (out, in) weight.
-    """
+def _weight_operands(packed: Any, state: Any) -> np.ndarray:
+    """The checks of a 2-D 4-bit weight (the reference's messages); returns the packed bytes, flat."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
     if len(state.shape) != 2:
         raise ValueError(f"state: expected a 2-D (out_features, in_features) weight, got shape {state.shape}")
-    n_out, k_in = state.shape
-    x_arr = layer_input(x, k_in)
     p = np.asarray(packed)
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
@@ -356,6 +358,18 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
         raise ValueError(
             f"packed: state describes shape {state.shape} ({(state.n + 1) // 2} bytes), got {p.size} bytes"
         )
+    return np.ascontiguousarray(p).reshape(-1)
+
+
+def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
+    """x · dequantize_4bit(packed, state)ᵀ in float64 without forming the (out, in) weight.
+
+    x: (..., in) of any float dtype (used exactly); state: a 2-D (out, in) weight.
+    """
+    _weight_operands(packed, state)
+    n_out, k_in = state.shape
+    x_arr = layer_input(x, k_in)
+    p = np.asarray(packed)
     x2 = np.ascontiguousarray(x_arr.reshape(-1, k_in))
     y = np.empty((x2.shape[0], n_out), dtype=np.float64)
     kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
@@ -409,3 +423,110 @@ def forward(
         y += ops.bias
     lora_branch_add(y, ops.x, ops.A, ops.B, ops.scaling, ops.keep)
     return y
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _gemv_t_cols(g, packed, scales, n_out, k_in, bs, code, kind, dx, lo, hi):
+    """Columns [lo, hi) of ``dequant_gemv_t_kernel``: for each weight row n in order, its weights k in
+    [lo, hi) decoded (one scale per block segment) and dx[:, k] += g[:, n] · Ŵ[n, k]."""
+    m = g.shape[0]
+    for n in range(n_out):
+        e = n * k_in + lo
+        e1 = n * k_in + hi
+        while e < e1:
+            b = e // bs
+            seg = min(e1, (b + 1) * bs)
+            scale = scales[b]
+            for i in range(e, seg):
+                byte = np.int64(packed[i >> 1])
+                nib = (byte >> 4) if i % 2 == 0 else (byte & 15)
+                w = _round_kind(code[nib] * scale, kind)
+                k = i - n * k_in
+                for r in range(m):
+                    dx[r, k] += g[r, n] * w
+            e = seg
+
+
+def dequant_gemv_t_kernel(g, packed, scales, n_out, k_in, bs, code, kind, dx):
+    """dx += g · Ŵ for few rows of g without a decoded tile: columns of Ŵ split over threads, each summing the
+    rows n = 0, 1, … in order (the order does not depend on the thread count)."""
+    parallel_ranges(_gemv_t_cols, k_in, g, packed, scales, n_out, k_in, bs, code, kind, dx)
+
+
+#: The backward's tiles of decoded weight rows hold up to this many float64 values (32 MiB), at least _TILE_ROWS
+#: rows: one GEMM per tile, so larger tiles run at the speed of a single g Ŵ product (256-row tiles took 1.7x
+#: its time at N = 256, in = out = 2048), with the memory of the weight still bounded.
+BACKWARD_TILE_ELEMENTS = 1 << 22
+
+
+def dequant_matmul_t(
+    g2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray, *, tile_rows: int | None = None
+) -> np.ndarray:
+    """g · Ŵ (N, in) for g (N, out) float64. Below ``GEMM_MIN_ROWS`` rows of g (and without ``tile_rows``): one
+    pass over the packed weight (``dequant_gemv_t_kernel``); otherwise tiles of ``tile_rows`` decoded rows of Ŵ
+    (default: as many as fit in ``BACKWARD_TILE_ELEMENTS``), dx += g[:, tile] · tile in order of the tiles."""
+    n_out, k_in = state.shape
+    kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
+    scales = nquant.block_scales(state)
+    if g2.shape[0] < GEMM_MIN_ROWS and tile_rows is None:
+        dx_few = np.zeros((g2.shape[0], k_in), dtype=np.float64)
+        dequant_gemv_t_kernel(np.ascontiguousarray(g2), flat, scales, n_out, k_in, state.blocksize, code, kind, dx_few)
+        return dx_few
+    step = tile_rows or max(_TILE_ROWS, BACKWARD_TILE_ELEMENTS // max(k_in, 1))
+    dx = np.zeros((g2.shape[0], k_in), dtype=np.float64)
+    tile = np.empty((min(step, n_out), k_in), dtype=np.float64)
+    for lo in range(0, n_out, step):
+        rows = min(step, n_out - lo)
+        dequant_rows_kernel(flat, scales, lo, rows, k_in, state.blocksize, code, kind, tile)
+        g_tile = np.ascontiguousarray(g2[:, lo : lo + rows])
+        # dxᵀ += tileᵀ · g_tileᵀ: every operand a Fortran-order view (no copies), dxᵀ written in place
+        blas.dgemm(1.0, tile[:rows].T, g_tile.T, beta=1.0, c=dx.T, overwrite_c=True)
+    return dx
+
+
+def backward(
+    x: Any,
+    packed: Any,
+    state: QuantState,
+    A: Any,
+    B: Any,
+    grad_y: Any,
+    scaling: float,
+    *,
+    dropout_mask: Any = None,
+    dropout_p: float = 0.0,
+    need_dbias: bool = False,
+    profile: str | None = None,
+) -> QLoraGrads:
+    """``refimpl.qlora.backward`` (QLoRA §3) with the base term g Ŵ from decoded tiles (``dequant_matmul_t``):
+
+    x̃ = x ⊙ keep,  h = x̃ Aᵀ,  gB = s · g B,  ∂B = s · gᵀ h,  ∂A = gBᵀ x̃,  ∂x = g Ŵ + (gB A) ⊙ keep
+    """
+    flat = _weight_operands(packed, state)
+    if profile is not None:
+        nquant.profile_name(profile)  # the reference's check of the name
+    code = nquant.code_table(state, profile)
+    n_out, k_in = state.shape
+    ops = adapter_operands(
+        x, A, B, scaling, in_features=k_in, out_features=n_out, dropout_mask=dropout_mask, dropout_p=dropout_p
+    )
+    g = _checks.float_array(grad_y, "grad_y", ndim=ops.x.ndim)
+    _checks.check_shape(g, "grad_y", (*ops.x.shape[:-1], n_out))
+    want_dbias = _checks.boolean(need_dbias, "need_dbias")
+    x2 = ops.x.reshape(-1, k_in)
+    g2 = np.ascontiguousarray(g.reshape(-1, n_out))
+    keep = None if ops.keep is None else ops.keep.reshape(-1, k_in)
+    xd = x2 if keep is None else x2 * keep  # x̃ = drop(x)
+    h = xd @ ops.A.T
+    gb = g2 @ ops.B
+    gb *= ops.scaling  # ∂L/∂h = s · g B
+    dB = g2.T @ h
+    dB *= ops.scaling
+    dA = gb.T @ xd
+    dx = dequant_matmul_t(g2, flat, state, code)
+    lora_dx = gb @ ops.A
+    if keep is not None:
+        lora_dx *= keep  # the LoRA branch's gradient passes through drop(·) again
+    dx += lora_dx
+    dbias = g2.sum(axis=0) if want_dbias else None
+    return QLoraGrads(dx=dx.reshape(ops.x.shape), dA=dA, dB=dB, dbias=dbias)
