@@ -40,6 +40,7 @@ OPS: tuple[str, ...] = (
     "qlora.forward",
     "lora.forward",
     "lora.backward",
+    "lora.forward_batched",
     "dora.forward",
     "dora.weight_norm",
     "merging.ties",
