@@ -245,3 +245,54 @@ def test_bad_input_raises_naming_the_argument_in_every_backend(label, change, ex
     with pytest.raises(exc) as info:
         fn(args.pop("x"), args.pop("W"), args.pop("adapters"), args.pop("adapter_index"), **args)
     assert message in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------------------- CuPy kernel (GPU only)
+
+CUPY_REASON = kernels.available()["cupy"]
+needs_gpu = pytest.mark.skipif(CUPY_REASON is not None, reason=f"GPU kernels unavailable: {CUPY_REASON}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@given(batches(max_tokens=40))
+def test_cupy_masked_gather_kernel_matches_the_reference_within_the_float32_bound(b):
+    from refimpl.bounds import differential
+
+    y = kernels.get("lora.forward_batched", "cupy")(b["x"], b["W"], b["adapters"], b["adapter_index"], bias=b["bias"])
+    assert y.dtype == np.float32 and y.shape == (len(b["x"]), b["W"].shape[0])
+    r_max = max((a.shape[0] for a, _, _ in b["adapters"]), default=0)
+    bound = differential(b["x"].shape[1] + r_max + 4, lora.forward_batched(**_abs_batch(b)), "float32")
+    assert np.all(np.abs(y - _call(b)) <= bound)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cupy_batched_kernel_in_half_precision_is_within_the_half_bound(dtype):
+    import ml_dtypes
+
+    from refimpl.bounds import differential
+    from refimpl.kernels.cupy_gpu import lora_batched as LB
+
+    cp = pytest.importorskip("cupy")
+    np_dt = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    rng = np.random.default_rng(3)
+    T, d, out = 70, 96, 80
+    ranks, scal = (4, 16, 8), (2.0, 0.5, -1.0)
+    x, W = (rng.standard_normal(s).astype(np_dt) for s in ((T, d), (out, d)))
+    ads = [((rng.standard_normal((r, d)) / 4).astype(np_dt), (rng.standard_normal((out, r)) / 4).astype(np_dt), s)
+           for r, s in zip(ranks, scal, strict=True)]  # fmt: skip
+    idx = rng.integers(-1, 3, T)
+
+    def dev(a):
+        return cp.asarray(a.view(np.uint16))
+
+    packed = LB.pack_batched(dev(W), [(dev(a), dev(bb), s) for a, bb, s in ads], dtype=dtype)
+    buf = LB.workspace(packed, T)
+    buf[:, :d] = dev(x)
+    y = LB.forward_batched_packed(packed, buf, cp.asarray(idx)).get().view(np_dt).astype(np.float64)
+    case = {"x": x.astype(np.float64), "W": W.astype(np.float64), "bias": None, "adapter_index": idx,
+            "adapters": [(a.astype(np.float64), bb.astype(np.float64), s) for a, bb, s in ads]}  # fmt: skip
+    bound = differential(d + 16 + 4, lora.forward_batched(**_abs_batch(case)), dtype)
+    assert np.all(np.abs(y - _call(case)) <= bound)
