@@ -41,8 +41,9 @@ from refimpl.kernels.cupy_gpu import lora_gemm
 MAX_SLOTS = 4096
 
 #: bit patterns of 1.0 for the bias column of the workspace, per element type
-_ONE_BITS = {"float32": np.float32(1.0), "float16": np.uint16(0x3C00), "bfloat16": np.uint16(0x3F80)}
-_RAW = {"float32": np.float32, "float16": np.uint16, "bfloat16": np.uint16}
+_ONE_BITS = {"float32": np.float32(1.0), "float16": np.float16(1.0), "bfloat16": np.uint16(0x3F80)}
+#: the CuPy dtype holding each element type (bfloat16 as its uint16 bits)
+_RAW = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 _MASK_SRC = r"""
 // xbuf[t, d + j] = s[a] * u[t, j] where a = j / R is the adapter of slot column j and idx[t] == a, else 0
@@ -81,12 +82,12 @@ class PackedBatch:
 
 
 def _raw(a: Any, dtype: str) -> Any:
-    """A CuPy view of a device array's bits (bfloat16 and float16 as uint16)."""
+    """A CuPy view of a device array (bfloat16 as its uint16 bits)."""
     cp = D._cp()
     if type(a).__module__.startswith("torch"):
         import torch
 
-        a = a.view(torch.int16) if dtype != "float32" else a
+        a = a.view(torch.int16) if dtype == "bfloat16" else a
     return cp.asarray(a).view(_RAW[dtype])
 
 
@@ -130,7 +131,7 @@ def pack_batched(W: Any, adapters: Sequence[tuple[Any, Any, float]], *, bias: An
 
 
 def workspace(packed: PackedBatch, T: int) -> Any:
-    """Input buffer (T, k_pad) (CuPy, raw bits of the packed dtype), zero except the ones column of the bias;
+    """Input buffer (T, k_pad) (CuPy, of the packed dtype; bfloat16 as uint16 bits), zero except the ones column of the bias;
     write x into its first d columns."""
     cp = D._cp()
     buf = cp.zeros((int(T), packed.k_pad), dtype=_RAW[packed.dtype])
