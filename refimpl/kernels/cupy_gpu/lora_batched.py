@@ -131,8 +131,8 @@ def pack_batched(W: Any, adapters: Sequence[tuple[Any, Any, float]], *, bias: An
 
 
 def workspace(packed: PackedBatch, T: int) -> Any:
-    """Input buffer (T, k_pad) (CuPy, of the packed dtype; bfloat16 as uint16 bits), zero except the ones column of the bias;
-    write x into its first d columns."""
+    """Input buffer (T, k_pad) (CuPy, of the packed dtype; bfloat16 as uint16 bits), zero except the ones column
+    of the bias; write x into its first d columns."""
     cp = D._cp()
     buf = cp.zeros((int(T), packed.k_pad), dtype=_RAW[packed.dtype])
     if packed.has_bias:
