@@ -213,7 +213,8 @@ def forward_batched(
     bias: npt.ArrayLike | None = None,
     fan_in_fan_out: bool = False,
 ) -> npt.NDArray[np.float64]:
-    """Many adapters in one batch (the serving op of S-LoRA, Punica and vLLM), eval form:
+    """Many adapters in one batch, eval form: the serving op of S-LoRA (arXiv 2311.03285), Punica (arXiv
+    2310.18547) and vLLM,
 
         y_t = x_t Wᵀ + b + s_i · (x_t A_iᵀ) B_iᵀ,     i = adapter_index[t];  i = −1: y_t = x_t Wᵀ + b
 
