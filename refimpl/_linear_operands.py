@@ -251,3 +251,99 @@ def token_ids(ids: Any, vocab: int) -> np.ndarray:
     if idx.size and (idx.min() < 0 or idx.max() >= vocab):
         raise ValueError(f"ids: expected ids in [0, {vocab}), got values in [{idx.min()}, {idx.max()}]")
     return idx
+
+
+# ---------------------------------------------------------------------------- many adapters in one batch
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter of a batch: A (r, in), B (out, r) and its scale s (α/r or α/√r)."""
+
+    A: np.ndarray
+    B: np.ndarray
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass(frozen=True)
+class BatchedOperands:
+    """A multi-adapter batch (``lora.forward_batched``): tokens x (T, in), W (out, in), the adapters, one
+    adapter index per token (int64, −1 for the base layer alone) and the bias (out,) or None."""
+
+    x: np.ndarray
+    W: np.ndarray
+    adapters: tuple[Adapter, ...]
+    adapter_index: np.ndarray
+    bias: np.ndarray | None
+    fan_in_fan_out: bool
+
+    @property
+    def out_features(self) -> int:
+        return int(self.W.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.W.shape[1])
+
+
+def batch_adapters(adapters: Any, in_features: int, out_features: int) -> tuple[Adapter, ...]:
+    """A sequence of (A, B, scaling) triples, each A (r_i, in), B (out, r_i), s_i finite; ranks may differ."""
+    if isinstance(adapters, (str, bytes, np.ndarray)) or not isinstance(adapters, (list, tuple)):
+        raise TypeError(
+            f"adapters: expected a list or tuple of (A, B, scaling) triples, got {_checks.describe(adapters)}"
+        )
+    out = []
+    for i, item in enumerate(adapters):
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            raise TypeError(f"adapters[{i}]: expected an (A, B, scaling) triple, got {_checks.describe(item)}")
+        a = _checks.float_array(item[0], f"adapters[{i}] A", ndim=2)
+        b = _checks.float_array(item[1], f"adapters[{i}] B", ndim=2)
+        _checks.check_shape(a, f"adapters[{i}] A", (None, in_features))
+        _checks.check_shape(b, f"adapters[{i}] B", (out_features, a.shape[0]))
+        out.append(Adapter(A=a, B=b, scaling=_checks.real(item[2], f"adapters[{i}] scaling")))
+    return tuple(out)
+
+
+def adapter_indices(adapter_index: Any, n_tokens: int, n_adapters: int) -> np.ndarray:
+    """One integer per token in [−1, n_adapters): −1 is the base layer alone, i ≥ 0 selects adapters[i]."""
+    idx = np.asarray(adapter_index)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(
+            f"adapter_index: expected an integer array (one adapter index per token), got {_checks.describe(idx)}"
+        )
+    if idx.shape != (n_tokens,):
+        raise ValueError(
+            f"adapter_index: expected shape ({n_tokens},) (one index per token of x), got shape {idx.shape}"
+        )
+    if idx.size and (idx.min() < -1 or idx.max() >= n_adapters):
+        raise ValueError(
+            f"adapter_index: expected values in [-1, {n_adapters}) (−1: no adapter; {n_adapters} adapters given), "
+            f"got values in [{idx.min()}, {idx.max()}]"
+        )
+    return idx.astype(np.int64)
+
+
+def batched_operands(
+    x: Any, W: Any, adapters: Any, adapter_index: Any, *, bias: Any = None, fan_in_fan_out: Any = False
+) -> BatchedOperands:
+    """Check a multi-adapter batch: x (T, in), W (out, in) or (in, out) with ``fan_in_fan_out``, adapters a
+    sequence of (A_i (r_i, in), B_i (out, r_i), s_i), adapter_index (T,) integers in [−1, n), bias (out,)."""
+    transposed = _checks.boolean(fan_in_fan_out, "fan_in_fan_out")
+    w = base_weight(W, transposed)
+    out_f, in_f = w.shape
+    x_arr = _checks.float_array(x, "x", ndim=2)
+    if x_arr.shape[1] != in_f:
+        raise ValueError(f"x: expected shape (T, {in_f}) (T tokens of in = {in_f} features), got shape {x_arr.shape}")
+    ads = batch_adapters(adapters, in_f, out_f)
+    return BatchedOperands(
+        x=x_arr,
+        W=w,
+        adapters=ads,
+        adapter_index=adapter_indices(adapter_index, x_arr.shape[0], len(ads)),
+        bias=bias_vector(bias, out_f),
+        fan_in_fan_out=transposed,
+    )

@@ -30,8 +30,10 @@ import numpy.typing as npt
 
 from refimpl import _checks, precision
 from refimpl._linear_operands import (
+    Adapter,
     adapter_factors,
     base_weight,
+    batched_operands,
     linear_layer,
     linear_operands,
     scaling_factor,
@@ -49,6 +51,7 @@ __all__ = [
     "dropout_mask",
     "embedding_forward",
     "forward",
+    "forward_batched",
     "init",
     "merge",
     "model_param_count",
@@ -60,7 +63,7 @@ __all__ = [
 INIT_METHODS = ("default", "gaussian", "pissa", "olora")
 
 
-# ------------------------------------------------------------------------- core: the formulas (spec/lora.md §1, §3–§6)
+# -------------------------------------------------------------------- core: the formulas (spec/lora.md §1, §3–§6, §11)
 
 
 def _dropped(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
@@ -83,6 +86,17 @@ def _forward(
 ) -> np.ndarray:
     y = x @ W.T if bias is None else x @ W.T + bias
     return y + s * ((_dropped(x, keep) @ A.T) @ B.T)  # y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ  (eq. 3)
+
+
+def _forward_batched(
+    x: np.ndarray, W: np.ndarray, adapters: tuple[Adapter, ...], index: np.ndarray, bias: np.ndarray | None
+) -> np.ndarray:
+    """y_t = x_t Wᵀ + b + s_i (x_t A_iᵀ) B_iᵀ with i = index[t]; index −1 adds no adapter (spec/lora.md §11)."""
+    y = x @ W.T if bias is None else x @ W.T + bias
+    for i, ad in enumerate(adapters):
+        t = index == i  # the tokens of adapter i
+        y[t] += ad.scaling * ((x[t] @ ad.A.T) @ ad.B.T)
+    return y
 
 
 def _backward(
@@ -187,6 +201,30 @@ def forward(
         x, W, A, B, scaling, bias=bias, dropout_mask=dropout_mask, dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out
     )
     return _forward(ops.x, ops.W, ops.A, ops.B, ops.scaling, ops.bias, ops.keep)
+
+
+@precision._overflow_checked
+def forward_batched(
+    x: npt.ArrayLike,
+    W: npt.ArrayLike,
+    adapters: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, float]],
+    adapter_index: npt.ArrayLike,
+    *,
+    bias: npt.ArrayLike | None = None,
+    fan_in_fan_out: bool = False,
+) -> npt.NDArray[np.float64]:
+    """Many adapters in one batch, eval form: the serving op of S-LoRA (arXiv 2311.03285), Punica (arXiv
+    2310.18547) and vLLM,
+
+        y_t = x_t Wᵀ + b + s_i · (x_t A_iᵀ) B_iᵀ,     i = adapter_index[t];  i = −1: y_t = x_t Wᵀ + b
+
+    x is (T, in), one row per token; ``adapters`` is a sequence of (A_i (r_i, in), B_i (out, r_i), s_i)
+    whose ranks and scalings may differ; ``adapter_index`` is (T,) integers in [−1, len(adapters)).
+    Each row equals ``forward(x_t, W, A_i, B_i, s_i, bias=bias)``. The segment (SGMV) and gather (BGMV)
+    forms of serving engines compute the same y (spec/lora.md §11).
+    """
+    ops = batched_operands(x, W, adapters, adapter_index, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    return _forward_batched(ops.x, ops.W, ops.adapters, ops.adapter_index, ops.bias)
 
 
 @dataclass(frozen=True)

@@ -482,6 +482,7 @@ def test_ops_table_names_registry_ops_with_the_reference_signatures():
 
     assert set(G.OPS) == {
         "lora.forward",
+        "lora.forward_batched",
         "dora.forward",
         "qlora.forward",
         "qlora.backward",

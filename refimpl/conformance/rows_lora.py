@@ -1338,4 +1338,273 @@ def rows() -> list[OpSpec]:
             classes=_MASK_CLASSES,
             boundary=_mask_boundary,
         ),
+        _batched_row(),
     ]
+
+
+# ---------------------------------------------------------------------------- forward_batched (many adapters)
+
+_BATCH_CLASSES = (
+    "shape: T = 1 (one token)",
+    "shape: more than 16 tokens (a large-batch kernel path)",
+    "shape: one adapter",
+    "shape: 8 or more adapters",
+    "shape: adapters of different ranks (padding to the largest rank)",
+    "shape: an adapter of rank 1",
+    "shape: an adapter of rank > min(in, out)",
+    "shape: in % 8 != 0 (a remainder after vector width 8)",
+    "shape: in > 16 and in % 16 != 0 (a remainder after vector width 16)",
+    "shape: out % 8 != 0 (a remainder after vector width 8)",
+    "shape: out > 16 and out % 16 != 0 (a remainder after vector width 16)",
+    "value: tokens with index -1 (base layer only)",
+    "value: every token on index -1 (no adapter applied)",
+    "value: every token on an adapter (no -1)",
+    "value: no adapters given (an empty list)",
+    "value: an adapter used by no token",
+    "value: the last adapter (index n - 1) used",
+    "value: index 0 used",
+    "value: one adapter's tokens not contiguous (interleaved with others)",
+    "value: tokens already sorted into contiguous segments",
+    "value: adapters of different scalings",
+    "value: an adapter with scaling 0",
+    "value: an adapter with negative scaling",
+    "value: an adapter with |scaling| >= 64 (large)",
+    *_FIFO_CLASSES,
+    *_BIAS_CLASSES,
+    *_DTYPE_CLASSES,
+)
+
+
+def _batched_classes(c: Case) -> tuple[str, ...]:
+    """The classes a forward_batched case belongs to (computed from the case)."""
+    out: list[str] = []
+    x, idx, ads = c["x"], np.asarray(c["adapter_index"]), c["adapters"]
+    T, n_in = x.shape
+    n_out = (c["W"].shape[1] if c.get("fan_in_fan_out") else c["W"].shape[0]) if "W" in c else 0
+    n = len(ads)
+    ranks = [a[0].shape[0] for a in ads]
+    scalings = [float(a[2]) for a in ads]
+    used = set(idx[idx >= 0].tolist())
+    if T == 1:
+        out.append(_BATCH_CLASSES[0])
+    if T > 16:
+        out.append(_BATCH_CLASSES[1])
+    if n == 1:
+        out.append(_BATCH_CLASSES[2])
+    if n >= 8:
+        out.append(_BATCH_CLASSES[3])
+    if len(set(ranks)) > 1:
+        out.append(_BATCH_CLASSES[4])
+    if 1 in ranks:
+        out.append(_BATCH_CLASSES[5])
+    if any(r > min(n_in, n_out) for r in ranks):
+        out.append(_BATCH_CLASSES[6])
+    if n_in % 8:
+        out.append(_BATCH_CLASSES[7])
+    if n_in > 16 and n_in % 16:
+        out.append(_BATCH_CLASSES[8])
+    if n_out % 8:
+        out.append(_BATCH_CLASSES[9])
+    if n_out > 16 and n_out % 16:
+        out.append(_BATCH_CLASSES[10])
+    if (idx == -1).any():
+        out.append(_BATCH_CLASSES[11])
+    if (idx == -1).all():
+        out.append(_BATCH_CLASSES[12])
+    if (idx >= 0).all():
+        out.append(_BATCH_CLASSES[13])
+    if n == 0:
+        out.append(_BATCH_CLASSES[14])
+    if len(used) < n:
+        out.append(_BATCH_CLASSES[15])
+    if n - 1 in used:
+        out.append(_BATCH_CLASSES[16])
+    if 0 in used:
+        out.append(_BATCH_CLASSES[17])
+    runs = [int(i) for k, i in enumerate(idx) if k == 0 or idx[k - 1] != i]
+    out.append(_BATCH_CLASSES[18] if len(runs) != len(set(runs)) else _BATCH_CLASSES[19])
+    if len(set(scalings)) > 1:
+        out.append(_BATCH_CLASSES[20])
+    if 0.0 in scalings:
+        out.append(_BATCH_CLASSES[21])
+    if any(s < 0 for s in scalings):
+        out.append(_BATCH_CLASSES[22])
+    if any(abs(s) >= 64 for s in scalings):
+        out.append(_BATCH_CLASSES[23])
+    out.append(_FIFO_CLASSES[int(bool(c.get("fan_in_fan_out")))])
+    out.append(_BIAS_CLASSES[0] if c.get("bias") is not None else _BIAS_CLASSES[1])
+    out.append(f"dtype: {_dtype_name(x)} inputs")
+    return tuple(out)
+
+
+def _batched_strategy():
+    """Batches of 1 to 20 tokens over 0 to 4 adapters of independently drawn ranks (r ≤ min(in, out) + 4) and
+    scalings; each token's index is drawn from −1..n − 1, so unused adapters, −1 tokens and interleaved
+    segments all occur; every option value and input dtype is drawn."""
+    from hypothesis import strategies as st
+
+    from refimpl.conformance import strategies as rs
+
+    @st.composite
+    def build(draw) -> Case:
+        n_in, n_out = draw(rs.dims(1, 6)), draw(rs.dims(1, 6))
+        T = draw(st.integers(1, 20))
+        n = draw(st.integers(0, 4))
+        fifo = draw(st.booleans())
+        dt = draw(st.sampled_from(_DTYPES))
+        scalings = st.one_of(rs.reals(-4.0, 4.0), st.sampled_from([0.0, -2.0, 64.0, 128.0]))
+        case: Case = {"x": _cast(draw(rs.float_arrays((T, n_in))), dt)}
+        case["W"] = _cast(draw(rs.float_arrays((n_in, n_out) if fifo else (n_out, n_in))), dt)
+        adapters = []
+        for _ in range(n):
+            r = draw(rank_strategy(n_in, n_out))
+            a = _cast(draw(rs.float_arrays((r, n_in))), dt)
+            b = _cast(draw(rs.float_arrays((n_out, r))), dt)
+            adapters.append((a, b, draw(scalings)))
+        case["adapters"] = adapters
+        case["adapter_index"] = np.array(draw(st.lists(st.integers(-1, n - 1), min_size=T, max_size=T)), np.int64)
+        if draw(st.booleans()):
+            case["bias"] = _cast(draw(rs.float_arrays((n_out,))), dt)
+        case["fan_in_fan_out"] = fifo
+        return case
+
+    return build()
+
+
+def _batched_case(
+    seed: int,
+    index: list[int],
+    n_in: int,
+    n_out: int,
+    ranks: tuple[int, ...],
+    scalings: tuple[float, ...],
+    *,
+    fifo: bool = False,
+    bias: bool = False,
+    dtype: str = "float64",
+    index_dtype: Any = np.int64,
+) -> Case:
+    rng = np.random.default_rng(2000 + seed)
+    c: Case = {"x": _cast(_normal(rng, (len(index), n_in)), dtype)}
+    c["W"] = _cast(_normal(rng, (n_in, n_out) if fifo else (n_out, n_in)), dtype)
+    c["adapters"] = [
+        (_cast(_normal(rng, (r, n_in), 0.5), dtype), _cast(_normal(rng, (n_out, r), 0.5), dtype), s)
+        for r, s in zip(ranks, scalings, strict=True)
+    ]
+    c["adapter_index"] = np.array(index, dtype=index_dtype)
+    if bias:
+        c["bias"] = _cast(_normal(rng, (n_out,)), dtype)
+    c["fan_in_fan_out"] = fifo
+    return c
+
+
+def _batched_boundary() -> list[Boundary]:
+    interleaved = [0, 1, -1, 0, 2, 1, -1, 2, 0]
+    eight = [(t * 5) % 9 - 1 for t in range(40)]  # −1..7, every adapter, interleaved, 40 tokens
+    cases = [
+        ("one_token_one_adapter", _batched_case(0, [0], 6, 5, (2,), (0.75,), bias=True)),
+        ("one_token_base_only", _batched_case(1, [-1], 6, 5, (2,), (0.75,))),
+        ("interleaved_mixed_ranks", _batched_case(2, interleaved, 19, 21, (1, 4, 19), (0.5, -1.5, 2.0), fifo=True)),
+        ("sorted_segments", _batched_case(3, [0, 0, 0, 1, 1, 2, 2, 2, -1], 24, 17, (3, 3, 5), (1.0, 0.25, 128.0))),
+        (
+            "unused_adapters",
+            _batched_case(4, [1, 1, -1, 1], 12, 12, (2, 6, 9), (2.0, 0.5, -80.0), fifo=True, bias=True),
+        ),
+        ("all_base_only", _batched_case(5, [-1, -1, -1], 8, 16, (4,), (1.25,), bias=True)),
+        ("no_adapters", _batched_case(6, [-1, -1], 5, 7, (), ())),
+        (
+            "eight_adapters_40_tokens",
+            _batched_case(
+                7, eight, 40, 33, (1, 2, 4, 8, 16, 3, 5, 7), tuple(0.25 * (k + 1) for k in range(8)), bias=True
+            ),
+        ),
+        ("scaling_zero", _batched_case(8, [0, 1, 0, 1], 9, 18, (2, 2), (0.0, 1.5), fifo=True)),
+        ("rank_above_min", _batched_case(9, [0, -1, 0, 1], 3, 5, (7, 2), (0.5, 0.5))),
+        ("float32", _batched_case(10, [1, 0, -1, 1, 0], 17, 35, (2, 6), (0.5, -0.625), dtype="float32", bias=True)),
+        ("float16", _batched_case(11, [0, 0, 1], 18, 9, (3, 1), (2.0, 1.0), dtype="float16", fifo=True)),
+        ("bfloat16", _batched_case(12, [1, -1, 0], 12, 12, (5, 2), (0.75, 0.5), dtype="bfloat16")),
+        (
+            "int32_index_single_adapter_17_tokens",
+            _batched_case(13, [0] * 17, 33, 24, (4,), (0.5,), index_dtype=np.int32, bias=True),
+        ),
+    ]
+    return _bounds_of(cases, _batched_classes)
+
+
+def _abs_adapters(case: Mapping[str, Any]) -> Case:
+    c = abs_case(_f64({k: v for k, v in case.items() if k != "adapters"}))
+    c["adapters"] = [
+        (np.abs(np.asarray(a, np.float64)), np.abs(np.asarray(b, np.float64)), abs(float(s)))
+        for a, b, s in case["adapters"]
+    ]
+    return c
+
+
+def _batched_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """|x| |W|ᵀ + |b| + |s_i| (|x| |A_i|ᵀ) |B_i|ᵀ per token: the formula on absolute values."""
+    return _flat(_ref("forward_batched")(**_abs_adapters(case)))
+
+
+def _batched_depth(case: Mapping[str, Any]) -> int:
+    r_max = max((a[0].shape[0] for a in case["adapters"]), default=0)
+    return case["x"].shape[1] + r_max + 4  # in-term dot, r-term dot, scaling, bias and branch adds
+
+
+def _batched_specials() -> list[Special]:
+    base = _batched_case(20, [0, -1, 1, 0], 6, 5, (2, 3), (0.5, 2.0), bias=True)
+
+    def with_(**kw: Any) -> Case:
+        return {**base, **kw}
+
+    def adapter(k: int, pos: int, value: Any) -> list[tuple[Any, Any, Any]]:
+        ads = [list(a) for a in base["adapters"]]
+        if pos == 2:
+            ads[k][2] = value
+        else:
+            arr = np.array(ads[k][pos])
+            arr.flat[0] = value
+            ads[k][pos] = arr
+        return [tuple(a) for a in ads]  # type: ignore[misc]
+
+    out = []
+    for label, val in (("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)):
+        for arg in ("x", "W", "bias"):
+            arr = np.array(base[arg])
+            arr.flat[0] = val
+            out.append(Special(f"{arg} has {label}", with_(**{arg: arr})))
+        out.append(Special(f"adapters[1] A has {label}", with_(adapters=adapter(1, 0, val))))
+        out.append(Special(f"adapters[0] B has {label}", with_(adapters=adapter(0, 1, val))))
+        out.append(Special(f"adapters[1] scaling is {label}", with_(adapters=adapter(1, 2, float(val)))))
+    zero_b = [(a, np.zeros_like(b), s) for a, b, s in base["adapters"]]
+    a0, b0, s0 = base["adapters"][0]
+    out += [
+        Special("every B is zero (adapters at init)", with_(adapters=zero_b)),
+        Special("adapters[0] A is all -0.0", with_(adapters=[(np.full_like(a0, -0.0), b0, s0), base["adapters"][1]])),
+        Special("adapter_index equal to the number of adapters", with_(adapter_index=np.array([0, 2, 1, 0]))),
+        Special("adapter_index -2", with_(adapter_index=np.array([0, -2, 1, 0]))),
+        Special("adapter_index of floats", with_(adapter_index=np.array([0.0, -1.0, 1.0, 0.0]))),
+        Special("adapter_index of booleans", with_(adapter_index=np.array([True, False, True, True]))),
+        Special("adapter_index one short", with_(adapter_index=np.array([0, -1, 1]))),
+        Special(
+            "adapters[1] B of the wrong rank",
+            with_(adapters=[base["adapters"][0], (base["adapters"][1][0], base["adapters"][0][1], 2.0)]),
+        ),
+        Special("an adapter that is not a triple", with_(adapters=[base["adapters"][0][:2], base["adapters"][1]])),
+        Special("index into an empty adapter list", with_(adapters=[], adapter_index=np.array([0, -1, -1, -1]))),
+    ]
+    return out
+
+
+def _batched_row() -> OpSpec:
+    return _RowWithoutVectors(  # adapters are a list of (A, B, s) triples, which a golden vector file cannot hold
+        "lora.forward_batched",
+        _batched_strategy,
+        "x (T, in), W (out, in) or (in, out) with fan_in_fan_out, adapters a list of (A_i (r_i, in), B_i "
+        "(out, r_i), s_i) with ranks ≥ 1 that may differ, adapter_index (T,) integers in [−1, n) (−1: no "
+        "adapter); optional bias (out,)",
+        Bounded(_batched_depth, _batched_magnitude),
+        tiers=_NO_GOLDEN,
+        specials=_batched_specials,
+        classes=_BATCH_CLASSES,
+        boundary=_batched_boundary,
+    )

@@ -41,6 +41,7 @@ OPS: tuple[str, ...] = (
     "qlora.backward",
     "lora.forward",
     "lora.backward",
+    "lora.forward_batched",
     "dora.forward",
     "dora.weight_norm",
     "merging.ties",

@@ -384,3 +384,132 @@ MUTANTS: list[Mutant] = [
     Mutant("param_count: DoRA m over in", "lora.param_count", "axes", _param_count_dora_in),
     Mutant("model_param_count: substring match", "lora.model_param_count", "options", _model_count_substring),
 ]
+
+
+# ---------------------------------------------------------------------------- forward_batched (many adapters)
+# Causes from serving kernels (S-LoRA, Punica, vLLM): an adapter id read off by one, the −1 sentinel read as an
+# adapter (Python's negative indexing wraps it to the last one; a clamp sends it to adapter 0), one scaling for
+# every adapter, ranks padded to the largest one with uninitialised values instead of zeros, segments assumed
+# contiguous (tokens never sorted), a segment table that skips unused adapters, the bias only on adapter tokens,
+# a large-batch path that forgets the indices, W's (in, out) layout ignored, float32 behind a float64 signature.
+
+
+def _batched(x, W, adapters, adapter_index, *, bias=None, fan_in_fan_out=False, defect: str = "") -> np.ndarray:
+    """lora.forward_batched with one optional defect (validation is the reference's, run first)."""
+    L.forward_batched(x, W, adapters, adapter_index, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    x_arr = np.asarray(x, dtype=np.float64)
+    w = np.asarray(W, dtype=np.float64)
+    w = w.T if fan_in_fan_out and defect != "fifo_ignored" else w
+    ads = [(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), float(s)) for a, b, s in adapters]
+    idx = np.asarray(adapter_index).astype(np.int64)
+    n = len(ads)
+    if defect == "float32":
+        x_arr, w = x_arr.astype(np.float32), w.astype(np.float32)
+        ads = [(a.astype(np.float32), b.astype(np.float32), np.float32(s)) for a, b, s in ads]
+    if defect == "fifo_ignored" and w.shape[1] != x_arr.shape[1]:
+        w = w.T  # the kernel reads W as (out, in) whatever its layout; a non-square W still has to fit
+    y = x_arr @ w.T
+    if bias is not None and defect != "bias_on_adapter_tokens_only":
+        y = y + np.asarray(bias, dtype=np.float64)
+    if defect == "padded_garbage" and ads:
+        r_max = max(a.shape[0] for a, _, _ in ads)
+        ads = [
+            (
+                np.vstack([a, np.ones((r_max - a.shape[0], a.shape[1]))]),
+                np.hstack([b, np.ones((b.shape[0], r_max - b.shape[1]))]),
+                s,
+            )
+            for a, b, s in ads
+        ]
+    if defect == "big_batch_ignores_index" and len(idx) > 16 and n:
+        idx = np.zeros_like(idx)
+    used = sorted(set(idx[idx >= 0].tolist()))
+    if defect == "unsorted_segments":  # adapter i applied to rows [first_i, first_i + count_i) as given
+        for i in used:
+            first, count = int(np.flatnonzero(idx == i)[0]), int(np.count_nonzero(idx == i))
+            a, b, s = ads[i]
+            y[first : first + count] += s * ((x_arr[first : first + count] @ a.T) @ b.T)
+        return np.asarray(y, dtype=np.float64)
+    for t in range(len(idx)):
+        i = int(idx[t])
+        if defect == "one_based":
+            i -= 1  # ids read as 1-based: index 0 gets no adapter, i gets adapter i − 1
+        elif defect == "minus_one_wraps" and i == -1 and n:
+            i = n - 1  # adapters[-1] in Python is the last adapter
+        elif defect == "minus_one_is_zero" and i == -1 and n:
+            i = 0
+        elif defect == "segment_of_used" and i >= 0:
+            i = used.index(i)  # the segment's position among used adapters taken for the adapter id
+        if i < 0:
+            continue
+        a, b, s = ads[i]
+        if defect == "one_scaling":
+            s = ads[0][2]
+        if defect == "bias_on_adapter_tokens_only" and bias is not None:
+            y[t] = y[t] + np.asarray(bias, dtype=np.float64)
+        y[t] = y[t] + s * ((x_arr[t] @ a.T) @ b.T)
+    return np.asarray(y, dtype=np.float64)
+
+
+def _fwd_batched(defect: str):
+    def fn(**kw: Any) -> np.ndarray:
+        return _batched(**kw, defect=defect)
+
+    return fn
+
+
+MUTANTS += [
+    Mutant("batched: adapter ids read one-based", "lora.forward_batched", "options", _fwd_batched("one_based")),
+    Mutant(
+        "batched: index -1 wraps to the last adapter",
+        "lora.forward_batched",
+        "special values",
+        _fwd_batched("minus_one_wraps"),
+    ),
+    Mutant(
+        "batched: index -1 treated as adapter 0",
+        "lora.forward_batched",
+        "special values",
+        _fwd_batched("minus_one_is_zero"),
+    ),
+    Mutant(
+        "batched: adapter 0's scaling for every adapter", "lora.forward_batched", "scaling", _fwd_batched("one_scaling")
+    ),
+    Mutant(
+        "batched: ranks padded to the largest with garbage, not zeros",
+        "lora.forward_batched",
+        "tails",
+        _fwd_batched("padded_garbage"),
+    ),
+    Mutant(
+        "batched: segments assumed contiguous (tokens never sorted)",
+        "lora.forward_batched",
+        "axes",
+        _fwd_batched("unsorted_segments"),
+    ),
+    Mutant(
+        "batched: segment table skips unused adapters",
+        "lora.forward_batched",
+        "path switch",
+        _fwd_batched("segment_of_used"),
+    ),
+    Mutant(
+        "batched: bias only on tokens with an adapter",
+        "lora.forward_batched",
+        "options",
+        _fwd_batched("bias_on_adapter_tokens_only"),
+    ),
+    Mutant(
+        "batched: path above 16 tokens puts every token on adapter 0",
+        "lora.forward_batched",
+        "path switch",
+        _fwd_batched("big_batch_ignores_index"),
+    ),
+    Mutant("batched: fan_in_fan_out ignored", "lora.forward_batched", "transposition", _fwd_batched("fifo_ignored")),
+    Mutant(
+        "batched: computed in float32 behind a float64 signature",
+        "lora.forward_batched",
+        "precision",
+        _fwd_batched("float32"),
+    ),
+]

@@ -9,6 +9,7 @@ Same operation names as the NumPy reference; each is checked against it by tests
     lora_forward, dora_forward, pack, workspace,
     forward_packed                                    LoRA/DoRA as one cuBLAS GEMM over K = d + r
     ties                                              TIES merge in one fused pass
+    lora_batched.pack_batched, forward_batched_packed many adapters in one batch (one GEMM, masked gather)
 
 Importing this package does not import CuPy; ``refimpl.kernels.available()["cupy"]`` says why the kernels
 cannot run here (None when they can).
@@ -27,6 +28,7 @@ from refimpl.kernels.cupy_gpu.ties import ties
 #: (``refimpl.kernels.get(op, "cupy")``) and ``refimpl conform --target cupy``; see reference_api.py.
 OPS: dict[str, str] = {
     "lora.forward": "reference_api.lora_forward",
+    "lora.forward_batched": "reference_api.lora_forward_batched",
     "dora.forward": "reference_api.dora_forward",
     "qlora.forward": "reference_api.qlora_forward",
     "qlora.backward": "qlora_backward.qlora_backward",

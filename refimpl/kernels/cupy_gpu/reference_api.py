@@ -37,6 +37,7 @@ import numpy as np
 from refimpl import _checks
 from refimpl._linear_operands import adapter_operands, linear_operands
 from refimpl.kernels.cupy_gpu import nf4
+from refimpl.kernels.cupy_gpu.lora_batched import forward_batched as lora_forward_batched  # noqa: F401 (OPS names it)
 from refimpl.merging import operands
 from refimpl.merging.profiles import ties_rules
 from refimpl.quant import QuantState, codebooks
@@ -49,6 +50,7 @@ PROFILE = "bitsandbytes-cuda"
 #: the precision each op computes in (the conformance bounds widen to it)
 COMPUTE_DTYPES: dict[str, str] = {
     "lora.forward": "float32",
+    "lora.forward_batched": "float32",
     "dora.forward": "float32",
     "qlora.forward": "float32",
     "qlora.backward": "float32",  # qlora_backward.py (every state dtype, dropout mask included)

@@ -3,6 +3,7 @@
     quant    NF4/FP4 quantize_4bit / dequantize_4bit (bitsandbytes-cpu bytes, nested statistics)
     qlora    fused 4-bit dequantize-GEMV/GEMM (dequant_matmul) and the QLoRA forward
     lora     forward, backward (rank-r update accumulated in place)
+    lora_batched  forward_batched: many adapters in one batch, tokens grouped by adapter (segment form)
     dora     forward, weight_norm (row norms in tiles, no (out, in) temporary)
     ties     TIES merge: O(n) radix-select trim, one fused elect + disjoint-merge pass
 
@@ -16,3 +17,6 @@ recompiled with a warning, never a kernel failure (``_cache``). Importing this p
 from refimpl.kernels.numba_cpu import _cache
 
 _cache.install()  # a damaged cache file recompiles the kernel with a warning instead of failing it
+
+#: ops whose kernel lives in a module not named after the reference's (the registry consults this first)
+OPS: dict[str, str] = {"lora.forward_batched": "lora_batched.forward_batched"}
