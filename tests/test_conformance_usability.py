@@ -182,3 +182,15 @@ def test_an_independent_model_still_turns_the_declared_difference_into_xfail(tmp
     )
     assert not res.failures, report.failures_text(res)
     assert any(r.status == XFAIL for r in res.results) and not res.warnings
+
+
+# ---------------------------------------------------------------------------- --profile for merging targets
+
+
+def test_profile_option_accepts_the_merging_profiles_and_reaches_the_merging_ops():
+    from refimpl.conformance.targets import declare, known_profiles
+
+    assert "merging" in known_profiles()["peft"]  # was quant-only: the merging profiles had moved
+    t = declare(NamespaceTarget("m", {}), profile="mergekit")
+    assert t.options("merging.ties") == {"profile": "mergekit"}
+    assert t.options("merging.task_arithmetic") == {}  # an op without a profile parameter gets none

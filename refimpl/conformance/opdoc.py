@@ -26,6 +26,7 @@ from refimpl.conformance.table import OpSpec, op_table
 
 _FLOAT_NAMES = '"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"'
 _ARRAY = "float array (float64, float32, float16 or `ml_dtypes.bfloat16`)"
+_ARRAYS = "float arrays (float64, float32, float16 or `ml_dtypes.bfloat16`)"
 
 #: argument name -> what it means, for every op that has it (``OVERRIDES`` where one op differs)
 ARGUMENTS: dict[str, str] = {
@@ -37,11 +38,12 @@ ARGUMENTS: dict[str, str] = {
     "E": f"the embedding table, {_ARRAY}, shape (V, d)",
     "ids": "integer token ids, any shape, each in [0, V)",
     "m": f"the DoRA magnitude vector, {_ARRAY}, shape (out,) ((d,) for an embedding)",
-    "scaling": "s, the adapter's scale (α/r, or α/√r with rsLoRA): a finite Python float",
+    "scaling": "s, the adapter's scale (α/r, or α/√r with rsLoRA): a finite real number",
     "bias": "the layer bias, shape (out,), or None",
     "dropout_mask": "the 0/1 keep mask of x's shape for the LoRA branch (training), or None for eval mode",
     "dropout_p": "the dropout probability p in [0, 1): kept entries are scaled by 1 / (1 − p); used with a mask",
-    "fan_in_fan_out": "True when W is stored (in, out) (GPT-2's Conv1D); outputs in W's layout",
+    "fan_in_fan_out": "True when W is stored (in, out), as GPT-2's Conv1D; a weight result (ΔW, W') comes back in "
+    "that layout",
     "grad_y": "∂L/∂y, the gradient of the layer output, shape (..., out)",
     "dtype": f"None (exact float64 result), or the base weight's storage format: a dtype or one of the names "
     f"{_FLOAT_NAMES}; the result is rounded to it (ties to even, one correct rounding from float64; float8_e4m3fn "
@@ -91,11 +93,11 @@ ARGUMENTS: dict[str, str] = {
     "ulps": "how many float32 ulps from a rounding threshold a difference may lie and still be admissible",
     "finetuned": "the fine-tuned weights θ_t: an array, or a mapping name -> array (a state dict)",
     "base": "the base weights θ₀, the same kind as `finetuned`",
-    "task_vectors": f"the task vectors τ_t (a list of {_ARRAY}s of one shape and dtype)",
+    "task_vectors": f"the task vectors τ_t, a list of {_ARRAYS} of one shape and dtype",
     "tensors": "the full weights θ_t to average (a list of float arrays of one shape and dtype)",
     "weights": "one finite weight w_t per task (sequence or 1-D array), or None for all ones",
     "lam": "λ, the scale of the merged task vector (a finite real; negative negates)",
-    "normalize": "divide by Σ_t w_t (ValueError when it is 0)",
+    "normalize": "divide by Σ_t w_t (ValueError where |Σ_t w_t| < 1e-8)",
     "density": "the keep fraction d in (0, 1], one for all tasks or one per task",
     "k_rule": '"threshold" (official TIES), "floor" (PEFT), "floor_min1" (mergekit) or "mask_rate" (MergeLM): how '
     "many entries a trim keeps (None: the profile's)",
@@ -115,7 +117,7 @@ ARGUMENTS: dict[str, str] = {
     "v0": f"the base tensor, {_ARRAY}",
     "v1": "the other tensor, v0's shape and dtype",
     "dot_threshold": "above this |cos Ω| SLERP falls back to linear interpolation",
-    "eps": "the norm below which a tensor counts as zero",
+    "eps": "a tensor whose norm is ≤ eps is not normalized (its norm counts as 1), as in mergekit",
     "As": "the adapters' A_i (r_i, in), a list",
     "Bs": "the adapters' B_i (out, r_i), a list of the same length",
     "scalings": "one scale s_i per adapter",
@@ -164,13 +166,13 @@ OVERRIDES: dict[str, str] = {
     "merging.elect_and_merge.divisor": '"count", "weight_sum" or "none": what the disjoint merge divides by',
     "merging.trim_mask.k_rule": '"threshold" (official TIES), "floor" (PEFT), "floor_min1" (mergekit) or '
     '"mask_rate" (MergeLM)',
-    "merging.linear.normalize": "divide by Σ_t w_t (ValueError when it is 0); on by default",
+    "merging.linear.normalize": "divide by Σ_t w_t (ValueError where Σ_t w_t = 0); on by default",
     "merging.flatten_model.state": "a state dict, name -> array; its floating tensors are concatenated",
     "merging.lowrank_factors.rank": "the rank r of the factors, ≤ min(out, in)",
     "lora.init.W": f"the base weight, {_ARRAY}, shape (out, in) ((V, d) with `embedding=True`)",
     "lora.init.embedding": "W is an embedding table (V, d): A (r, V), B (d, r), and the init is reversed",
     "lora.init.alpha": "LoRA's α; the scale is α/r (α/√r with `use_rslora`)",
-    "lora.init.rng": 'a `numpy.random.Generator` for the random draws of "default" and "gaussian"',
+    "lora.init.rng": 'a `numpy.random.Generator`, required by "default" and "gaussian" (TypeError without one)',
     "lora.dropout_mask.rng": "a `numpy.random.Generator`",
     "dora.param_count.r": "the adapter rank, an int ≥ 1",
 }
