@@ -106,6 +106,20 @@ def _by_glob(table: Mapping[str, Any] | None, op: str) -> Any:
     return None
 
 
+def _reference_signature(op: str) -> str:
+    """``refimpl.<op>(<parameters>)``, or the op name where the reference cannot be read."""
+    import importlib
+    import inspect
+
+    module, _, func = op.rpartition(".")
+    try:
+        ref = getattr(importlib.import_module(f"refimpl.{module}"), func)
+        params = inspect.signature(ref).parameters.values()
+        return f"refimpl.{op}{inspect.Signature([p.replace(annotation=p.empty) for p in params])}"
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return f"refimpl.{op}"
+
+
 class ArrayTarget:
     """A mapping of op names to functions on another library's arrays (``to_device`` converts one NumPy
     array, ``mark`` may adjust a converted argument by name; everything else is this module's conversion)."""
@@ -174,7 +188,13 @@ class ArrayTarget:
         if fn is None:
             return None
 
-        def call(**kwargs: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if args:
+                raise TypeError(
+                    f"{op} through {self.name}: targets are called with keyword arguments only, named like the "
+                    f"reference's parameters (e.g. lookup({op!r})(**case), as the harness calls them; "
+                    f"{_reference_signature(op)}, docs/ops.md); got {len(args)} positional argument(s)"
+                )
             return results_to_numpy(fn(**{k: self._mark(k, self.to_device(v, op)) for k, v in kwargs.items()}))
 
         call.__name__ = getattr(fn, "__name__", op)

@@ -123,27 +123,39 @@ def cause(message: str) -> str:
 
 
 def failure_groups(res: RunResult) -> list[tuple[str, str, list[CaseResult]]]:
-    """Every failure, grouped by (op, cause), in the order first seen."""
-    groups: dict[tuple[str, str], list[CaseResult]] = {}
+    """Every failure, grouped by (op, cause, code path), in the order first seen. The code path (``path``: the
+    options, flags and input dtypes of the case) keeps apart failures whose messages differ only in numbers but
+    whose inputs took another branch (``dtype='float8_e4m3fn', safe=True`` vs ``safe=False``)."""
+    groups: dict[tuple[str, str, str], list[CaseResult]] = {}
     for r in res.failures:
-        groups.setdefault((r.op, cause(r.message)), []).append(r)
-    return [(op, c, rs) for (op, c), rs in groups.items()]
+        groups.setdefault((r.op, cause(r.message), r.path), []).append(r)
+    return [(op, c, rs) for (op, c, _), rs in groups.items()]
+
+
+def representative(rs: list[CaseResult]) -> CaseResult:
+    """The group's smallest case (the shortest snippet; one without a snippet only where none has one): the
+    group's header message, label and snippet all come from it."""
+    return min(rs, key=lambda r: (not r.snippet, len(r.snippet)))
 
 
 def failures_text(res: RunResult, limit: int | None = None, labels: int = 12) -> str:
-    """Every distinct failure (grouped by op and cause), each with its cases and the paste-able snippet of the
-    smallest one; ``limit`` caps the number of groups shown (default: all)."""
+    """Every distinct failure (grouped by op, cause and code path), each with its cases and the message and
+    paste-able snippet of its smallest one; ``limit`` caps the number of groups shown (default: all)."""
     groups = failure_groups(res)
-    out = [f"{len(res.failures)} failing case(s) in {len(groups)} distinct failure(s), grouped by op and cause"]
+    out = [
+        f"{len(res.failures)} failing case(s) in {len(groups)} distinct failure(s), grouped by op, cause and code path"
+    ]
     for op, _, rs in groups[:limit]:
-        first = rs[0]
+        rep = representative(rs)
         names = [f"{r.tier}: {r.label}" for r in rs]
         shown = ", ".join(names[:labels]) + (f", and {len(names) - labels} more" if len(names) > labels else "")
-        out.append(f"--- FAIL {op} ({len(rs)} case{'s' if len(rs) != 1 else ''}: {shown})\n{first.message}")
-        with_snippet = [r for r in rs if r.snippet]
-        if with_snippet:
-            smallest = min(with_snippet, key=lambda r: len(r.snippet))
-            out.append(f"reproduce [{smallest.tier}: {smallest.label}] with:\n" + smallest.snippet)
+        path = f" [{rep.path}]" if rep.path else ""
+        out.append(
+            f"--- FAIL {op}{path} ({len(rs)} case{'s' if len(rs) != 1 else ''}: {shown})\n"
+            f"[{rep.tier}: {rep.label}] {rep.message}"
+        )
+        if rep.snippet:
+            out.append(f"reproduce [{rep.tier}: {rep.label}] with:\n" + rep.snippet)
     if limit is not None and len(groups) > limit:
         out.append(f"... and {len(groups) - limit} more distinct failures (see the JSON report)")
     return "\n".join(out)

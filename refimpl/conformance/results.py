@@ -36,6 +36,9 @@ class CaseResult:
     seconds: float = 0.0
     classes: list[str] = field(default_factory=list)
     reproducer: str = ""
+    #: the case's arguments that pick a code path (options, flags, input dtypes), e.g. "dtype='bfloat16', safe=True;
+    #: float32 inputs": failures are grouped by it as well as by their message
+    path: str = ""
 
 
 @dataclass

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -94,7 +96,15 @@ DEFAULT_EXAMPLES = 25
 DEFAULT_TIMEOUT = 60.0
 #: at most this many extra calls of the target while shrinking a failing case's shapes
 SHRINK_TRIES = 80
+#: a failing boundary case's shapes are shrunk with at most this many calls, and at most BOUNDARY_SHRINK_BUDGET
+#: calls per op over all its failing boundary cases (the boundary tier stays cheap for a target that fails many)
+BOUNDARY_SHRINK_TRIES = 40
+BOUNDARY_SHRINK_BUDGET = 400
 THOROUGH_EXAMPLES = 1000
+
+
+#: how a failure says that a divergence's model was not applied because it runs the target's own code
+DEPENDENT_MODEL = "the divergence {source} (model {model}) was not applied"
 
 
 def stderr_progress(msg: str) -> None:
@@ -233,6 +243,68 @@ def _kind(dt: np.dtype) -> str:
     return {"b": "bool", "c": "complex"}.get(dt.kind, dt.kind)
 
 
+def code_path(case: dict[str, Any]) -> str:
+    """The arguments of ``case`` that pick a code path: its string, bool and None options (``dtype='bfloat16',
+    safe=True``, ``bias=None``) and the dtypes of its float arrays ("float32 inputs"). Failures with the same
+    message but another path are kept apart: they are often different bugs."""
+    opts = [f"{k}={v!r}" for k, v in case.items() if v is None or isinstance(v, (bool, str, np.dtype))]
+    dtypes = sorted(
+        {
+            str(a.dtype)
+            for v in case.values()
+            for a in (v if isinstance(v, list) else [v])
+            if isinstance(a, np.ndarray) and _kind(a.dtype) == "float"
+        }
+    )
+    ins = f"{'/'.join(dtypes)} inputs" if dtypes else ""
+    return "; ".join(p for p in (", ".join(opts), ins) if p)
+
+
+def _shapes(case: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {tuple(v.shape)}" for k, v in case.items() if isinstance(v, np.ndarray) and v.ndim)
+
+
+@functools.lru_cache(maxsize=1)
+def _library_roots() -> tuple[str, ...]:
+    """Folders of code that is nobody's target: refimpl, the standard library, installed packages."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = [Path(__file__).resolve().parents[1], *(Path(paths[k]).resolve() for k in _LIBRARY_PATHS if k in paths)]
+    return tuple(str(r) + os.sep for r in roots)
+
+
+_LIBRARY_PATHS = ("stdlib", "platstdlib", "purelib", "platlib")
+
+
+@functools.lru_cache(maxsize=4096)
+def _own_file(filename: str) -> bool:
+    """Whether ``filename`` is a target author's own code: not refimpl's, not the standard library's, not an
+    installed package's (site-packages), not generated (``<string>``, a notebook cell)."""
+    if filename.startswith("<"):
+        return False
+    return not str(Path(filename).resolve()).startswith(_library_roots())
+
+
+def _executed(fn: Callable[[], Any]) -> tuple[Any, BaseException | None, set[Any]]:
+    """(result, exception, the author's own code objects ``fn()`` executed), through ``sys.setprofile``."""
+    seen: set[Any] = set()
+
+    def prof(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            seen.add(frame.f_code)
+
+    previous = sys.getprofile()
+    sys.setprofile(prof)
+    try:
+        result, exc = fn(), None
+    except Exception as e:
+        result, exc = None, e
+    finally:
+        sys.setprofile(previous)
+    return result, exc, {c for c in seen if _own_file(c.co_filename)}
+
+
 class _Checker:
     """Runs the tiers of one op against one target callable (inside the worker)."""
 
@@ -255,6 +327,15 @@ class _Checker:
         #: how a snippet gets the target back: a name for get_target, or None (an object with no importable name)
         self.source: str | None = target.name
         self.defaults = _reference_defaults(self.ref)
+        #: the author's own code objects the target executed (recorded while a divergence model applies): a model
+        #: that executes any of them is not independent of the target and explains nothing
+        self.target_code: set[Any] = set()
+        #: divergence -> the target's functions its model executed (the model was not applied)
+        self.dependent: dict[str, list[str]] = {}
+        self.shrink_budget = BOUNDARY_SHRINK_BUDGET
+        self.calls = 0  #: calls of the target so far
+        #: why the last case's modelled divergence was not applied (its model runs the target's own code), or ''
+        self.last_dependent = ""
 
     def prepare(self, case: dict[str, Any]) -> dict[str, Any]:
         return {**case, **self.opts}
@@ -264,8 +345,16 @@ class _Checker:
 
     def actual(self, case: dict[str, Any], tier: str = "", label: str = "") -> dict[str, np.ndarray]:
         self.beat(tier, label)
+        self.calls += 1
         given = _copy_case(case)
-        out = flatten(self.f(**given))
+        if self.modelled:  # record which of the author's functions the target runs (models must not run them)
+            result, exc, code = _executed(lambda: self.f(**given))
+            self.target_code |= code
+            if exc is not None:
+                raise exc
+            out = flatten(result)
+        else:
+            out = flatten(self.f(**given))
         changed = _mutated(case, given)
         if changed:
             raise InputMutated(f"the target modified its input {changed!r} in place (inputs are read-only)")
@@ -299,28 +388,43 @@ class _Checker:
     ) -> str:
         """The modelled divergence that reproduces ``act`` bit for bit, or ''. A model that raises explains
         nothing: the case stays a failure."""
+        self.last_dependent = ""
         for d in self.modelled:
             if not d.matches(self.spec.name, self.target.name, tier, label):
                 continue
-            model = d.model_fn()
-            try:
-                modelled = model(self.spec.name, case, exp) if model is not None else None
-            except Exception:
-                continue
+            modelled = self.run_model(d, case, exp)
             if modelled is not None and "raises" not in modelled and compare_exact(act, modelled).passed:
                 return str(d)
         return ""
 
+    def run_model(self, d: _div.Divergence, case: dict[str, Any], exp: dict[str, np.ndarray]) -> Any:
+        """The model's prediction for ``case``, or None where it does not apply, raises, or is not independent
+        of the target (it executed the target's own code: then it is recorded in ``self.dependent``)."""
+        model = d.model_fn()
+        if model is None:
+            return None
+        modelled, exc, code = _executed(lambda: model(self.spec.name, _copy_case(case), exp))
+        shared = code & self.target_code
+        if shared:
+            names = sorted({f"{Path(c.co_filename).name}:{c.co_name}" for c in shared})
+            self.dependent[str(d)] = names
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            self.last_dependent = (
+                f" [{DEPENDENT_MODEL.format(source=d.source, model=d.model)}: its model runs the target's own code "
+                f"({shown}); a model must be independent of the target (docs/targets.md §5)]"
+            )
+            return None
+        return None if exc is not None else modelled
+
     def known_raise(self, case: dict[str, Any], exc: BaseException, tier: str, label: str) -> str:
         """The modelled divergence that predicts the target raising ``exc`` here (a model returning
         ``{"raises": "<exception class name>"}``), or ''."""
+        self.last_dependent = ""
         for d in self.modelled:
-            model = d.model_fn() if d.matches(self.spec.name, self.target.name, tier, label) else None
-            try:
-                modelled = model(self.spec.name, case, {}) if model is not None else None
-            except Exception:
+            if not d.matches(self.spec.name, self.target.name, tier, label):
                 continue
-            if modelled is not None and modelled.get("raises") == type(exc).__name__:
+            modelled = self.run_model(d, case, {})
+            if isinstance(modelled, dict) and modelled.get("raises") == type(exc).__name__:
                 return str(d)
         return ""
 
@@ -340,41 +444,58 @@ class _Checker:
                 n_cases=1,
                 classes=list(classes),
             )
+        self.last_dependent = ""
         try:
             act = self.actual(case, tier, label)
         except Exception as exc:
             div = self.known_raise(case, exc, tier, label)
-            return CaseResult(
-                name,
-                tier,
-                label,
-                XFAIL if div else FAIL,
-                f"target raised {type(exc).__name__}: {exc}",
-                n_cases=1,
-                classes=list(classes),
-                divergence=div,
-                snippet=self.snip(case, f"{tier} case {label}"),
-                reproducer=self.reproducer(case),
-            )
-        v = compare(self.spec.tolerance, act, exp, case, self.dtype)
-        if v.passed:
-            return CaseResult(
-                name, tier, label, PASS, v.message, worst_ratio=v.worst_ratio, n_cases=1, classes=list(classes)
-            )
-        div = self.known(case, act, exp, tier, label)
+            msg, ratio = f"target raised {type(exc).__name__}: {exc}", None
+        else:
+            v = compare(self.spec.tolerance, act, exp, case, self.dtype)
+            if v.passed:
+                return CaseResult(
+                    name, tier, label, PASS, v.message, worst_ratio=v.worst_ratio, n_cases=1, classes=list(classes)
+                )
+            div = self.known(case, act, exp, tier, label)
+            msg, ratio = v.message, v.worst_ratio
+        msg += self.last_dependent if not div else ""
+        shown, note = case, f"{tier} case {label}: {msg}"
+        if tier == "boundary" and not div:
+            shown, note, msg = self.shrunk_boundary(case, label, msg)
         return CaseResult(
             name,
             tier,
             label,
             XFAIL if div else FAIL,
-            v.message,
-            worst_ratio=v.worst_ratio,
+            msg,
+            worst_ratio=ratio,
             n_cases=1,
             classes=list(classes),
             divergence=div,
-            snippet=self.snip(case, f"{tier} case {label}: {v.message}"),
+            snippet=self.snip(shown, note),
             reproducer=self.reproducer(case),
+            path="" if div else code_path(case),
         )
+
+    def shrunk_boundary(self, case: dict[str, Any], label: str, msg: str) -> tuple[dict[str, Any], str, str]:
+        """(the case to print, its snippet note, the result's message) for a failing boundary case: its shapes
+        shrunk (``smaller``, at most BOUNDARY_SHRINK_TRIES calls, out of the op's BOUNDARY_SHRINK_BUDGET) while it
+        fails with the same cause, or the case itself where nothing smaller does."""
+        from refimpl.conformance.report import cause
+
+        tries = min(BOUNDARY_SHRINK_TRIES, self.shrink_budget)
+        plain = (case, f"boundary case {label}: {msg}", msg)
+        if tries <= 0 or not _shapes(case):
+            return plain
+        before = self.calls
+        small, (small_msg, _) = self.smaller(
+            case, (msg, None), tries, tier="boundary", label=label, same=lambda m: cause(m) == cause(msg)
+        )
+        self.shrink_budget -= self.calls - before
+        if small is case:
+            return plain
+        where = f"shrunk from the boundary case's shapes {_shapes(case)} to {_shapes(small)}"
+        return small, f"boundary case {label}, {where}: {small_msg}", f"{small_msg} ({where})"
 
     # -------------------------------------------------------------- tiers
 
@@ -522,7 +643,9 @@ class _Checker:
             out.append(self.one("boundary", label, case, exp, b.classes))
         return out
 
-    def failure(self, case: dict[str, Any]) -> tuple[str, float | None] | None:
+    def failure(
+        self, case: dict[str, Any], tier: str = "properties", label: str = ""
+    ) -> tuple[str, float | None] | None:
         """(message, ratio) where the target fails on the prepared ``case`` outside any known divergence, else
         None (also where the reference or the target's declared domain rejects the case)."""
         if self.outside(case):
@@ -532,25 +655,33 @@ class _Checker:
         except Exception:
             return None
         try:
-            act = self.actual(case, "properties", "shrinking shapes")
+            act = self.actual(case, tier, "shrinking shapes")
         except Exception as exc:
             return (
                 None
-                if self.known_raise(case, exc, "properties", "")
-                else (f"target raised {type(exc).__name__}: {exc}", None)
+                if self.known_raise(case, exc, tier, label)
+                else (f"target raised {type(exc).__name__}: {exc}" + self.last_dependent, None)
             )
         v = compare(self.spec.tolerance, act, exp, case, self.dtype)
-        if v.passed or self.known(case, act, exp, "properties", ""):
+        if v.passed or self.known(case, act, exp, tier, label):
             return None
-        return v.message, v.worst_ratio
+        return v.message + self.last_dependent, v.worst_ratio
 
     def smaller(
-        self, case: dict[str, Any], found: tuple[str, float | None], tries: int = SHRINK_TRIES
+        self,
+        case: dict[str, Any],
+        found: tuple[str, float | None],
+        tries: int = SHRINK_TRIES,
+        *,
+        tier: str = "properties",
+        label: str = "",
+        same: Callable[[str], bool] = lambda msg: True,
     ) -> tuple[dict[str, Any], tuple[str, float | None]]:
         """Shrink the shapes of a failing case (Hypothesis shrinks the values it drew; a case's shapes are often
         drawn through sizes it cannot shorten without losing the failure): greedily cut array axes to 1, half or
         one less (every array that shares the axis length at once, then one array alone, from the front or the
-        back) while the target still fails and the reference still accepts the case."""
+        back) while the target still fails (with a message ``same`` accepts) and the reference still accepts the
+        case."""
 
         def cut(a: np.ndarray, axis: int, m: int, tail: bool) -> np.ndarray:
             n = a.shape[axis]
@@ -581,8 +712,8 @@ class _Checker:
                 if size(cand) >= size(case):
                     continue
                 tries -= 1
-                got = self.failure(cand)
-                if got is not None:
+                got = self.failure(cand, tier, label)
+                if got is not None and same(got[0]):
                     case, found, improved = cand, got, True
                     break
                 if tries <= 0:
@@ -650,7 +781,8 @@ class _Checker:
                 if div:
                     known[div] = known.get(div, 0) + (not failing)  # examples of the shrink phase are not counted
                     return
-                failing.update(case=case, msg=f"target raised {type(exc).__name__}: {exc}", ratio=None)
+                msg = f"target raised {type(exc).__name__}: {exc}" + self.last_dependent
+                failing.update(case=case, msg=msg, ratio=None)
                 raise AssertionError(failing["msg"]) from exc
             v: Verdict = compare(self.spec.tolerance, act, exp, case, self.dtype)
             stats["n"] += not failing
@@ -659,7 +791,7 @@ class _Checker:
                 if div:
                     known[div] = known.get(div, 0) + (not failing)  # examples of the shrink phase are not counted
                     return
-                failing.update(case=case, msg=v.message, ratio=v.worst_ratio)
+                failing.update(case=case, msg=v.message + self.last_dependent, ratio=v.worst_ratio)
                 raise AssertionError(v.message)
             stats["worst"] = max(stats["worst"], v.worst_ratio)
 
@@ -706,6 +838,7 @@ class _Checker:
                         n_cases=stats["n"],
                         snippet=self.snip(case, "smallest failing input (shrunk): " + failing["msg"]),
                         reproducer=self.reproducer(case),
+                        path=code_path(case),
                     )
                 )
         else:
@@ -803,6 +936,7 @@ class _Checker:
                         msg,
                         n_cases=1,
                         snippet=self.snip(case, f"special value '{sp_label}': {msg}"),
+                        path=code_path(case),
                     )
                 )
         if not out:
@@ -1024,7 +1158,16 @@ def run(
     warnings = []
     for d in divs:
         applicable = [op for op in checkers if d.applies(op, tgt.name)]
-        if applicable and not any(r.divergence == str(d) for r in results):
+        dependent = DEPENDENT_MODEL.format(source=d.source, model=d.model)
+        n_dependent = sum(dependent in r.message for r in results if r.status == FAIL)
+        if d.model and n_dependent:
+            warnings.append(
+                f"the model of known divergence {d} [{d.source}] runs the target's own code, so it was not applied "
+                f"and the {n_dependent} failing result(s) it would have explained stay failures: a model that calls "
+                "the target reproduces every bug on that path; compute the target's intended behaviour "
+                "independently (from the reference, NumPy, ml_dtypes), docs/targets.md §5"
+            )
+        elif applicable and not any(r.divergence == str(d) for r in results):
             warnings.append(
                 f"known divergence matched nothing (fixed upstream, not exercised on this host, or a "
                 f"stale entry): {d} [{d.source}]"

@@ -192,7 +192,7 @@ def known_profiles() -> dict[str, list[str]]:
     from refimpl.quant import state
 
     merging: tuple[str, ...] = ()
-    for home in ("refimpl.merging.operands", "refimpl.merging._common", "refimpl.merging"):
+    for home in ("refimpl.merging.profiles", "refimpl.merging.operands", "refimpl.merging._common", "refimpl.merging"):
         try:  # the merging family's checks may move between these modules (issue 17)
             merging = tuple(importlib.import_module(home).PROFILES)
             break
