@@ -121,6 +121,8 @@ ARGUMENTS: dict[str, str] = {
     "As": "the adapters' A_i (r_i, in), a list",
     "Bs": "the adapters' B_i (out, r_i), a list of the same length",
     "scalings": "one scale s_i per adapter",
+    "adapter_index": "one adapter index per token, an integer array of shape (T,), each in [-1, n); -1 is the bare "
+    "base layer",
     "rank": "the rank of the result (None: the largest r_i)",
     "split": '"B" (B = U S, A = Vᵀ, PEFT) or "sqrt" (√S on both, mergekit)',
     "clamp": "the quantile q in (0, 1] both factors are clipped to (PEFT `svd_clamp`), or None",
@@ -135,6 +137,9 @@ ARGUMENTS: dict[str, str] = {
 
 #: "op.arg" -> meaning, where an op's argument differs from ``ARGUMENTS``
 OVERRIDES: dict[str, str] = {
+    "lora.forward_batched.x": f"the tokens, {_ARRAY}, shape (T, in)",
+    "lora.forward_batched.adapters": "the adapters, a sequence of (A_i (r_i, in), B_i (out, r_i), s_i) triples; ranks "
+    "and scalings may differ, and the sequence may be empty when every index is -1",
     "qlora.forward_error_bound.dtype": "the dtype the bounded computation rounds each stored result to (a name such "
     'as "float32" or "bfloat16")',
     "quant.quantize_4bit.x": "the tensor to quantize: float32, float16 or bfloat16 (float64 only in the reference "
@@ -183,6 +188,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "lora.delta": ("lora.md", "1. Shapes and the delta"),
     "lora.forward": ("lora.md", "3. Forward"),
     "lora.backward": ("lora.md", "4. Backward"),
+    "lora.forward_batched": ("lora.md", "11. Many adapters in one batch (`forward_batched`, the serving op)"),
     "lora.merge": ("lora.md", "6. Merge and unmerge"),
     "lora.unmerge": ("lora.md", "6. Merge and unmerge"),
     "lora.embedding_forward": ("lora.md", "Embedding"),
@@ -191,6 +197,7 @@ SPEC: dict[str, tuple[str, str]] = {
     "lora.init": ("lora.md", "5. Initialisation"),
     "lora.dropout_mask": ("lora.md", "3. Forward"),
     "qlora.forward": ("nf4.md", "13. QLoRA forward"),
+    "qlora.backward": ("nf4.md", "13.1 QLoRA backward (QLoRA §3)"),
     "qlora.dequantized_weight": ("nf4.md", "13. QLoRA forward"),
     "qlora.dequantize_4bit": ("nf4.md", "5. Dequantization"),
     "qlora.forward_error_bound": ("nf4.md", "13. QLoRA forward"),
