@@ -23,14 +23,14 @@ from refimpl.kernels.cupy_gpu.nf4 import GpuQuantState, dequantize_4bit, quantiz
 from refimpl.kernels.cupy_gpu.ties import ties
 
 #: The kernels under the reference's op names (NumPy in, NumPy out), for the registry
-#: (``refimpl.kernels.get(op, "cupy")``) and ``refimpl conform --target cupy``; see reference_api.py.
+#: (``refimpl.kernels.get(op, "cupy")``) and ``refimpl conform --target cupy``; see numpy_adapter.py.
 OPS: dict[str, str] = {
-    "lora.forward": "reference_api.lora_forward",
-    "dora.forward": "reference_api.dora_forward",
-    "qlora.forward": "reference_api.qlora_forward",
-    "quant.quantize_4bit": "reference_api.quantize_4bit",
-    "quant.dequantize_4bit": "reference_api.dequantize_4bit",
-    "merging.ties": "reference_api.ties",
+    "lora.forward": "numpy_adapter.lora_forward",
+    "dora.forward": "numpy_adapter.dora_forward",
+    "qlora.forward": "numpy_adapter.qlora_forward",
+    "quant.quantize_4bit": "numpy_adapter.quantize_4bit",
+    "quant.dequantize_4bit": "numpy_adapter.dequantize_4bit",
+    "merging.ties": "numpy_adapter.ties",
 }
 
 __all__ = [
