@@ -41,6 +41,77 @@ def matmul(a: Array, b: Array, dtype: Any, *, extra_roundings: int = 1) -> Array
     return gamma(a.shape[-1] + extra_roundings, dtype) * (np.abs(a) @ np.abs(b))
 
 
+# ---------------------------------------------------------------------------- LoRA (spec/lora.md)
+#
+# The rounding counts k of the conformance rows: ``differential(k, magnitude, dtype)`` turns each into the
+# harness's tolerance, ``magnitude`` the op's formula on |inputs|. A count is the longest chain of roundings
+# one term of the result goes through, on the evaluation orders the spec allows; an n-term sum charges n
+# (Higham eq. 3.4: the first product and its n − 1 additions).
+
+
+def lora_scaling_depth() -> int:
+    """k = 2: s = α / r is one division; s = α / √r a square root and a division (spec/lora.md §2)."""
+    return 2
+
+
+def lora_delta_depth(r: int) -> int:
+    """k = r + 2 for ΔW = s·B A (spec/lora.md §1): the r-term sum B A (r), its storage when it was accumulated
+    in a wider format (1), the scaling (1). (s·B) A, scaling first, rounds 1 + r times: within it."""
+    return r + 2
+
+
+def lora_forward_depth(in_features: int, r: int) -> int:
+    """k = in + r + 6 for y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ (spec/lora.md §3), on the LoRA path:
+
+        keep = mask / (1 − p)      2 (1 − p, the divide)
+        x ⊙ keep                   1
+        (·) Aᵀ                     in (an in-term sum)
+        (·) Bᵀ                     r
+        s · (·)                    1
+        + x Wᵀ, + b                2 (the base path, in + 1, is shorter for every r ≥ 1)
+
+    QLoRA's forward is the same formula on the exactly dequantized weight (spec/nf4.md), so it has the same k.
+    """
+    return in_features + r + 6
+
+
+def lora_backward_depth(in_features: int, out_features: int, r: int, n_rows: int) -> int:
+    """k = in + out + r + N + 6 for the gradients of spec/lora.md §4, N the rows of x, one k for all of them.
+
+    The chains (x̃ = x ⊙ keep: 3 roundings, as in ``lora_forward_depth``):
+
+        dB = s·gᵀ(x̃ Aᵀ)           3 + in + N + 1
+        dA = s·(g B)ᵀ x̃            out + N + 3 + 1  (x̃'s 3 on the other operand: out + N + 1 on the longer)
+        dx = g W + (s·g B A)⊙keep  out + r + 1 + 1 + 2 + 1
+
+    Each is at most in + out + r + N + 6, the sum of every reduction length; the sum over-counts the shorter
+    chains (a chain never holds all four lengths), by at most a factor 2 when the two largest are equal.
+    """
+    return in_features + out_features + r + n_rows + 6
+
+
+def lora_merge_depth(r: int) -> int:
+    """k = r + 3 for W ± s·B A (merge and unmerge, spec/lora.md §6): ΔW rounds r + 1 times (the r-term sum,
+    the scaling), the safe path stores it in the base dtype (1), then the add (1)."""
+    return r + 3
+
+
+def lora_embedding_forward_depth(r: int) -> int:
+    """k = r + 3 for y = E[ids] + s·Aᵀ[ids] Bᵀ (spec/lora.md §3, Embedding): the r-term sum (r), the scaling
+    (1), a storage of the adapter term in the table's dtype (1, when a target forms E + ΔE first), the add (1)."""
+    return r + 3
+
+
+def lora_init_depth(out_features: int, in_features: int) -> int:
+    """k = out + in + 8 for the PiSSA and OLoRA factors (spec/lora.md §5): the backward error of LAPACK's
+    Householder SVD and QR, ‖E‖ ≤ p(out, in)·u‖W‖, with p = out + in + 8 (one Householder sweep over each
+    dimension, the square root and the divide of forming A = √(σ/s)·vᵀ and B). Higham Thm. 19.4 has p a
+    modest multiple of out·in for the worst case; out + in is the normwise behaviour LAPACK documents
+    (LAPACK Users' Guide §4.9, "p(m, n) is a modestly growing function"), which the tests measure. The
+    magnitude (``rows_lora._init_magnitude``) turns this backward error into the factors' forward error."""
+    return out_features + in_features + 8
+
+
 # ---------------------------------------------------------------------------- QLoRA forward
 
 
@@ -67,6 +138,15 @@ def qlora_forward(
     g_base = (1 + gamma(K + 1, acc)) * (1 + u) ** 2 - 1
     g_lora = (1 + gamma(K, acc)) * (1 + gamma(r, acc)) * (1 + u) ** 4 - 1
     return g_base * base + g_lora * abs(scaling) * ((np.abs(x) @ np.abs(A).T) @ np.abs(B).T)
+
+
+def qlora_forward_bound_evaluation_depth(in_features: int, r: int) -> int:
+    """k = in + r + 8 for the float64 evaluation of ``qlora_forward`` itself (the conformance row of
+    qlora.forward_error_bound): its largest term, |s|·(|x||A|ᵀ)|B|ᵀ times a γ factor, is an in-term and an
+    r-term sum of non-negative products (in + r, in any order: no cancellation), the scaling and the factor
+    (2), the factor's own evaluation (1 + γ)(1 + γ)(1 + u)⁴ − 1 (4 products, the last subtraction exact
+    by Sterbenz only when close to 1: charge 1), and the add of the base term (1)."""
+    return in_features + r + 8
 
 
 # ---------------------------------------------------------------------------- DoRA (spec/dora.md §10)
@@ -144,6 +224,55 @@ def dora_forward(
     return gamma(k, dtype) * dora_forward_magnitude(x, W, A, B, m, scaling, bias, x_dropped)
 
 
+def dora_norm_depth(in_features: int, r: int) -> int:
+    """k = in + r + 4 for n = ‖W + s·B A‖ per row (weight_norm, init_magnitude; spec/dora.md §2):
+
+        V = W + s·B A        r + 2 (the r-term sum, the scaling, the add)
+        Σ_j V_oj²            in (an in-term sum of products)
+        √                    1
+        storage in dtype     1 (init_magnitude(..., dtype=d))
+
+    Relative to ‖|W| + |s||B||A|‖, not to n: the magnitude is the norm of the absolute terms.
+    """
+    return in_features + r + 4
+
+
+def dora_weight_depth(in_features: int, r: int) -> int:
+    """k = in + r + 6 for the merged weight f ⊙ (W + ΔW), f = m / n*, and the direction V / n (spec/dora.md §2,
+    §5), and for the embedding's f ⊙ (E + ΔE) (§7, in = the vocabulary size V, the norm's length):
+
+        n                    in + r + 3 (``dora_norm_depth`` without its storage)
+        f = m / n            1
+        f ⊙ V                1 (the element of V itself rounds only r + 2 times)
+        storage in dtype     1 (merge(..., dtype=d))
+
+    The direction V / n rounds in + r + 4 times, within it. n's error is relative to the absolute norm: the
+    magnitude carries it as c·|f|·|V|, c = ‖|W| + |s||B||A|‖ / n (``rows_dora._merge_magnitude``).
+    """
+    return in_features + r + 6
+
+
+def dora_unmerge_depth(r: int) -> int:
+    """k = r + 3 for W = W_merged / (m / n*) − ΔW (spec/dora.md §5): the ratio and the divide (2) or n*/m and
+    the product (2), the subtraction (1), the storage (1) on the W path (4 ≤ r + 3); ΔW rounds r + 1 times
+    (the r-term sum, the scaling), then the subtraction and the storage: r + 3."""
+    return r + 3
+
+
+def dora_sequential_depth(in_features: int, r_max: int, n_adapters: int) -> int:
+    """k = in + r_max + 2T + 2 for T DoRA adapters applied in turn (spec/dora.md §6):
+
+        z₀ = x Wᵀ                                   in
+        z_i = f_i ⊙ (z_{i−1} + s_i·(x A_iᵀ) B_iᵀ)    + 2 per adapter on z's chain (the add, the product by f_i);
+                                                    adapter i's own term enters with in + r_i + 1 (the scaling)
+        y = z_T + b                                 1
+
+    The longest chain starts in adapter 1's term: in + r + 1 + 2T + 1. Each f_i's error (relative c_i·γ,
+    a shorter chain, see ``dora_forward_depth``) is carried by the magnitude's (1 + c_i) factor.
+    """
+    return in_features + r_max + 2 * n_adapters + 2
+
+
 @dataclass(frozen=True)
 class DoraBackwardTerms:
     """Per gradient, the terms its roundings act on (the §4 formulas on absolute values)."""
@@ -208,6 +337,80 @@ def dora_backward(
     t = dora_backward_terms(x, W, A, B, m, grad_y, scaling, mode, keep)
     gk = gamma(dora_backward_depth(x.shape[0], W.shape[1], W.shape[0], A.shape[0]), dtype)
     return DoraBackwardTerms(dx=gk * t.dx, dA=gk * t.dA, dB=gk * t.dB, dm=gk * t.dm)
+
+
+# ---------------------------------------------------------------------------- merging (spec/merging.md)
+
+
+def task_vector_depth() -> int:
+    """k = 1 for τ = θ_ft − θ_base (spec/merging.md §2): one subtraction."""
+    return 1
+
+
+def weighted_sum_depth(n_tasks: int) -> int:
+    """k = T + 2 for task_arithmetic and linear, λ·Σ_t w_t τ_t (÷ Σ_t w_t) (spec/merging.md §3): the products
+    and the T − 1 additions in order (T), the division (1), the scaling by λ (1). The divisor Σ w_t has its
+    own T − 1 roundings relative to Σ|w_t|, not to |Σ w_t|: the magnitude carries that as the factor
+    1 + Σ|w_t| / |Σ w_t| (``rows_merging._ta_magnitude``)."""
+    return n_tasks + 2
+
+
+def l1_rescale_depth(size: int) -> int:
+    """k = 2n for τ ⊙ m · ‖τ‖₁ / ‖τ ⊙ m‖₁ over n entries (spec/merging.md §5, rescale="l1"): each norm is an
+    n-term sum of exact absolute values (n − 1 roundings), the ratio (1), the product (1); 0 when not used."""
+    return 2 * size
+
+
+def disjoint_merge_depth(n_tasks: int) -> int:
+    """k = T + 2 for TIES's disjoint merge λ·Σ_t w_t τ̂_t m_t / D (spec/merging.md §4.2), and for
+    elect_and_merge (λ = 1) and magnitude_prune (D = 1): the weighted products and their T − 1 additions
+    (T; with weight_stage="before_election" the product w_t τ̂_t is the same one rounding), the division
+    (1), λ (1). The election only selects (an exact sign); D = Σ_t w_t m_t carries its condition number in
+    the magnitude (``rows_merging._elected_magnitude``). Add ``l1_rescale_depth`` when τ̂ is L1-rescaled."""
+    return n_tasks + 2
+
+
+def dare_depth(n_tasks: int) -> int:
+    """k = T + 3 for DARE (spec/merging.md §5): τ̂_t = τ_t ⊙ m_t / d_t rounds once (the mask is exact), then
+    the linear or the disjoint merge (T + 2). Add ``l1_rescale_depth`` for rescale="l1"."""
+    return n_tasks + 3
+
+
+def slerp_depth(size: int) -> int:
+    """k = 2n + 16 for SLERP over n entries (spec/merging.md §6):
+
+        ‖v₀‖, ‖v₁‖, v̂ = v/‖v‖, ⟨v̂₀, v̂₁⟩    2n + 3 (the n-term sums of squares and dot, √, the divide)
+        Ω = acos, sin((1 − t)Ω), sin(tΩ), sin Ω  8 (four libm functions, within 2 ulps each)
+        1 − t, (1 − t)·Ω, t·Ω, the two quotients  3 on the longest path (1 − t, its product, the quotient)
+        c₀v₀ + c₁v₁                              2, and a storage rounding 1
+
+    The coefficients' sensitivity to cos Ω (large near the fallback threshold) is in the magnitude
+    (``rows_merging._slerp_terms``), not here.
+    """
+    return 2 * size + 16
+
+
+def lora_delta_merge_depth(r_max: int, n_adapters: int) -> int:
+    """k = r_max + T + 1 for ΔW = Σ_i c_i B_i A_i, c_i = w_i s_i (spec/merging.md §7): c_i (1), the r_i-term
+    sum B_i A_i (r_i), the product by c_i (1), the T − 1 additions. lora_cat's c_i A_i (2 roundings) and
+    lora_factor_linear's Σ_i √|c_i| A_i (c_i, √, the product, T − 1 additions: T + 2) are within it."""
+    return r_max + n_adapters + 1
+
+
+def lora_cat_depth() -> int:
+    """k = 2 for lora_cat's A = [c₁A₁; …; c_T A_T] (spec/merging.md §7): c_i = w_i s_i (1), c_i A_i (1);
+    B is the columns of the B_i, exact."""
+    return 2
+
+
+def svd_factor_depth(out_features: int, in_features: int, n_adapters: int) -> int:
+    """k = 10(out + in) + 4T for the truncated-SVD factors of lora_svd and lowrank_factors (spec/merging.md
+    §7): ΔW's formation (``lora_delta_merge_depth``, ≤ 4T + r) and the backward error of LAPACK's SVD,
+    ‖E‖ ≤ p·u‖ΔW‖, charged generously as p = 10(out + in) (LAPACK Users' Guide §4.9 leaves p(m, n) "a
+    modestly growing function"). The magnitude (``rows_merging._svd_bound``) turns it into the factors'
+    error through σ₁ / gap (Wedin). ``lora_init_depth`` charges the same SVD less (out + in + 8): the PiSSA
+    factors' magnitude caps the first-order bound by the trivial one, so a loose p is not needed there."""
+    return 10 * (out_features + in_features) + 4 * n_adapters
 
 
 # ---------------------------------------------------------------------------- the conformance harness

@@ -12,6 +12,8 @@ of the formula is within γ_K of exact relative to the terms below (Higham §3.1
     merge W':   |δW'| ≤ γ_K |f| (Vabs + κ |V|)        (κ, f of the unmerged base when one is given)
     unmerge W:  |δW|  ≤ γ_K (|W'| n*/|m| + |s||B||A|)
     backward:   refimpl.bounds.dora_backward_terms (spec/dora.md §10)
+    K per op: refimpl.bounds.dora_norm_depth, dora_weight_depth (merge, direction, embedding),
+    dora_unmerge_depth, dora_forward_depth, dora_backward_depth, dora_sequential_depth
     sequential: Z₀ = |x||W|ᵀ, Zᵢ = |fᵢ|(Zᵢ₋₁ + |sᵢ|(|x||Aᵢ|ᵀ)|Bᵢ|ᵀ), Mᵢ = |fᵢ| Mᵢ₋₁ + (1 + κᵢ) Zᵢ,
                 |δy| ≤ γ_K (M_k + |b|)
 
@@ -105,9 +107,8 @@ def _reduction_len(case: Mapping[str, Any]) -> tuple[int, int]:
 
 def _weight_depth(case: Mapping[str, Any]) -> int:
     """merge (f ⊙ V) and direction (V / n): V (r-term product, scale, add), the norm (in-term sum of squares,
-    square root), the divide, the product and a storage rounding, within in + r + 8."""
-    n_in, r = _reduction_len(case)
-    return n_in + r + 8
+    square root), the divide, the product and a storage rounding (refimpl.bounds.dora_weight_depth)."""
+    return bounds.dora_weight_depth(*_reduction_len(case))
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -386,7 +387,7 @@ def _embedding_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _embedding_depth(case: Mapping[str, Any]) -> int:
-    return np.shape(case["E"])[0] + np.shape(case["A"])[0] + 8
+    return bounds.dora_weight_depth(np.shape(case["E"])[0], np.shape(case["A"])[0])  # the norm runs over V
 
 
 def _sequential_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -407,7 +408,9 @@ def _sequential_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _sequential_depth(case: Mapping[str, Any]) -> int:
-    return np.shape(case["x"])[-1] + max(np.shape(ad.A)[0] for ad in case["adapters"]) + 8
+    ads = case["adapters"]
+    r_max = max((np.shape(ad.A)[0] for ad in ads), default=0)
+    return bounds.dora_sequential_depth(np.shape(case["x"])[-1], r_max, len(ads))
 
 
 # ---------------------------------------------------------------------------- equivalence classes
@@ -897,7 +900,7 @@ def rows() -> list[OpSpec]:
             lambda: _strategy(with_x=False, with_m=False, options="norm"),
             "W (out, in) (or (in, out) with fan_in_fan_out, E (V, d) with embedding, (out, in, *k) for ConvNd), "
             "A (r, in), B (out, r), scaling finite; a zero row is allowed (norm 0)",
-            Bounded(lambda c: _reduction_len(c)[0] + _reduction_len(c)[1] + 4, _norm_magnitude),
+            Bounded(lambda c: bounds.dora_norm_depth(*_reduction_len(c)), _norm_magnitude),
             golden=lambda rng: _golden(rng, with_x=False, with_m=False),
             specials=lambda: _specials(norm_ex, ("W", "A")),
             classes=_weight_classes("weight_norm"),
@@ -929,7 +932,7 @@ def rows() -> list[OpSpec]:
             _unmerge_strategy,
             "W_merged, A, B, m (no zero entry), scaling and the weight_norm merge returned (positive), any layout "
             "of weight_norm; dtype None or a storage format",
-            Bounded(lambda c: _reduction_len(c)[1] + 4, _unmerge_magnitude),
+            Bounded(lambda c: bounds.dora_unmerge_depth(_reduction_len(c)[1]), _unmerge_magnitude),
             golden=unmerge_golden,
             specials=lambda: [
                 *(
@@ -960,7 +963,7 @@ def rows() -> list[OpSpec]:
             "dora.init_magnitude",
             lambda: _strategy(with_x=False, with_m=False, options="magnitude"),
             "as weight_norm; dtype None (float64) or the base storage format PEFT computes m in",
-            Bounded(lambda c: _reduction_len(c)[0] + _reduction_len(c)[1] + 4, _norm_magnitude),
+            Bounded(lambda c: bounds.dora_norm_depth(*_reduction_len(c)), _norm_magnitude),
             golden=weight_only(),
             specials=lambda: _specials(norm_ex, ("W", "A")),
             classes=_weight_classes("init_magnitude"),
