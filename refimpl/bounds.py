@@ -273,6 +273,67 @@ def dora_sequential_depth(in_features: int, r_max: int, n_adapters: int) -> int:
     return in_features + r_max + 2 * n_adapters + 2
 
 
+def _dora_abs(W: Array, A: Array, B: Array, scaling: float) -> Array:
+    """|W| + |s|·|B||A|: the adapted weight V = W + s·B A on absolute values."""
+    return np.abs(W) + abs(scaling) * (np.abs(B) @ np.abs(A))
+
+
+def dora_norm_magnitude(W: Array, A: Array, B: Array, scaling: float) -> Array:
+    """‖|W| + |s||B||A|‖ per row: |n̂ − n| ≤ γ_k · this, k = ``dora_norm_depth`` (weight_norm, init_magnitude)."""
+    return np.linalg.norm(_dora_abs(W, A, B, scaling), axis=1)
+
+
+def dora_direction_magnitude(W: Array, A: Array, B: Array, scaling: float) -> Array:
+    """(|V|_abs + c|V|) / n, c = ‖|V|_abs‖ / n per row: D = V / n has V's own error on |V|_abs and n's
+    relative error (γ·c) on |V|; |D̂ − D| ≤ γ_k · this, k = ``dora_weight_depth``."""
+    V, v_abs = W + scaling * (B @ A), _dora_abs(W, A, B, scaling)
+    n, n_abs = np.linalg.norm(V, axis=1), np.linalg.norm(v_abs, axis=1)
+    return (v_abs + (n_abs / n)[:, None] * np.abs(V)) / n[:, None]
+
+
+def dora_merge_magnitude(
+    W: Array, A: Array, B: Array, m: Array, scaling: float, W_base: Array | None = None
+) -> tuple[Array, Array]:
+    """(|f|·(|V|_abs + c|V|), ‖|V_base|_abs‖): the terms of W' = f ⊙ (W + ΔW), f = m / n*, and of n* = ‖W_base +
+    ΔW‖ (W_base = W unless the norm is taken against an unmerged base), f and c of the base;
+    |Ŵ' − W'| ≤ γ_k · the first, k = ``dora_weight_depth``. Also the embedding's f ⊙ (E + ΔE), transposed."""
+    V, v_abs = W + scaling * (B @ A), _dora_abs(W, A, B, scaling)
+    if W_base is None:
+        Vn, vn_abs = V, v_abs
+    else:
+        Vn, vn_abs = W_base + scaling * (B @ A), _dora_abs(W_base, A, B, scaling)
+    n, n_abs = np.linalg.norm(Vn, axis=1), np.linalg.norm(vn_abs, axis=1)
+    f = np.abs(m / n)
+    return f[:, None] * (v_abs + (n_abs / n)[:, None] * np.abs(V)), n_abs
+
+
+def dora_unmerge_magnitude(W_merged: Array, A: Array, B: Array, m: Array, scaling: float, weight_norm: Array) -> Array:
+    """|W'|·|n*/m| + |s||B||A|: the terms of W = W' / (m / n*) − ΔW;
+    |Ŵ − W| ≤ γ_k · this, k = ``dora_unmerge_depth``."""
+    return np.abs(W_merged) * np.abs(weight_norm / m)[:, None] + abs(scaling) * (np.abs(B) @ np.abs(A))
+
+
+def dora_sequential_magnitude(
+    x: Array, W: Array, adapters: list[tuple[Array, Array, Array, float]], bias: Array | None = None
+) -> Array:
+    """The terms of T DoRA adapters applied in turn (spec/dora.md §6), adapters as (A, B, m, s):
+
+        Z₀ = |x||W|ᵀ,   Zᵢ = |fᵢ|(Zᵢ₋₁ + |sᵢ|(|x||Aᵢ|ᵀ)|Bᵢ|ᵀ),   Mᵢ = |fᵢ| Mᵢ₋₁ + (1 + cᵢ) Zᵢ,   M₀ = Z₀
+
+    (each fᵢ's error, relative cᵢ·γ, acts on all of Zᵢ); |ŷ − y| ≤ γ_k (M_T + |b|), k = ``dora_sequential_depth``.
+    """
+    x_abs = np.abs(x)
+    z = x_abs @ np.abs(W).T
+    mag = z.copy()
+    for A, B, m, s in adapters:
+        V, v_abs = W + s * (B @ A), _dora_abs(W, A, B, s)
+        n, n_abs = np.linalg.norm(V, axis=1), np.linalg.norm(v_abs, axis=1)
+        f = np.abs(m / n)
+        z = f * (z + abs(s) * ((x_abs @ np.abs(A).T) @ np.abs(B).T))
+        mag = f * mag + (1.0 + n_abs / n) * z
+    return mag + (0.0 if bias is None else np.abs(bias))
+
+
 @dataclass(frozen=True)
 class DoraBackwardTerms:
     """Per gradient, the terms its roundings act on (the §4 formulas on absolute values)."""
