@@ -13,6 +13,12 @@ formula evaluated on absolute values (no cancellation credited). The functions h
 float64 arrays; the public names (``precision.matmul_error_bound``, ``dora.forward_error_bound``,
 ``dora.backward_error_bound``, ``qlora.forward_error_bound``) check their arguments and call them.
 
+Every conformance row's k is a ``*_depth`` function here (``lora_forward_depth``, ``dora_weight_depth``,
+``disjoint_merge_depth``, …), counted on the op's evaluation order in spec/*.md, and ``differential`` turns
+it into the row's tolerance; the DoRA rows' magnitudes are here too (``dora_*_magnitude``). The LoRA rows'
+magnitude is the op itself on |inputs|, the merging rows' follows the reference's own selection (trim,
+election): those stay beside their rows in refimpl/conformance.
+
 tests/test_bounds.py checks each bound against float32 evaluations in a fixed order on random and
 adversarial inputs (each addition rounding the same way) and states how tight it is.
 """
@@ -78,14 +84,16 @@ def lora_forward_depth(in_features: int, r: int) -> int:
 def lora_backward_depth(in_features: int, out_features: int, r: int, n_rows: int) -> int:
     """k = in + out + r + N + 6 for the gradients of spec/lora.md §4, N the rows of x, one k for all of them.
 
-    The chains (x̃ = x ⊙ keep: 3 roundings, as in ``lora_forward_depth``):
+    A product of two rounded operands carries both operands' roundings, so the chains are (x̃ = x ⊙ keep:
+    3 roundings, as in ``lora_forward_depth``):
 
-        dB = s·gᵀ(x̃ Aᵀ)           3 + in + N + 1
-        dA = s·(g B)ᵀ x̃            out + N + 3 + 1  (x̃'s 3 on the other operand: out + N + 1 on the longer)
-        dx = g W + (s·g B A)⊙keep  out + r + 1 + 1 + 2 + 1
+        dB = s·gᵀ(x̃ Aᵀ)            3 + in (x̃ Aᵀ) + N (the sum over rows) + 1 (s)     = in + N + 4
+        dA = s·(g B)ᵀ x̃             out (g B) + 3 (x̃) + N + 1                          = out + N + 4
+        dx = g W + (s·g B A) ⊙ keep  out + r + 1 (s) + 3 (⊙ keep: the divide, 1 − p, the product) + 1 (+ g W)
+                                                                                         = out + r + 5
 
-    Each is at most in + out + r + N + 6, the sum of every reduction length; the sum over-counts the shorter
-    chains (a chain never holds all four lengths), by at most a factor 2 when the two largest are equal.
+    Each is at most in + out + r + N + 6, the sum of every reduction length; a chain never holds all four
+    lengths, so the count over-charges the shorter chains (measured 0.951 on a climbing sum over N).
     """
     return in_features + out_features + r + n_rows + 6
 
@@ -141,11 +149,13 @@ def qlora_forward(
 
 
 def qlora_forward_bound_evaluation_depth(in_features: int, r: int) -> int:
-    """k = in + r + 8 for the float64 evaluation of ``qlora_forward`` itself (the conformance row of
-    qlora.forward_error_bound): its largest term, |s|·(|x||A|ᵀ)|B|ᵀ times a γ factor, is an in-term and an
-    r-term sum of non-negative products (in + r, in any order: no cancellation), the scaling and the factor
-    (2), the factor's own evaluation (1 + γ)(1 + γ)(1 + u)⁴ − 1 (4 products, the last subtraction exact
-    by Sterbenz only when close to 1: charge 1), and the add of the base term (1)."""
+    """k = in + r + 8 for another evaluation of ``qlora_forward`` itself (the conformance row of
+    qlora.forward_error_bound: a target computes the same bound, in any order). Its terms are sums of
+    non-negative products, so each rounding is relative to the result (no cancellation): the lora term
+    |s|·(|x||A|ᵀ)|B|ᵀ rounds in + r times (the two sums), 1 for |s|, 1 for its γ factor, 1 for the add of
+    the base term; the γ factors themselves, [(1 + γ_K)(1 + γ_r)(1 + u)⁴ − 1], are evaluated in a few
+    operations each accurate to a few ulps relative (charged 5). The base term's chain, in + 3, is shorter.
+    """
     return in_features + r + 8
 
 
