@@ -13,6 +13,12 @@ formula evaluated on absolute values (no cancellation credited). The functions h
 float64 arrays; the public names (``precision.matmul_error_bound``, ``dora.forward_error_bound``,
 ``dora.backward_error_bound``, ``qlora.forward_error_bound``) check their arguments and call them.
 
+Every conformance row's k is a ``*_depth`` function here (``lora_forward_depth``, ``dora_weight_depth``,
+``disjoint_merge_depth``, …), counted on the op's evaluation order in spec/*.md, and ``differential`` turns
+it into the row's tolerance; the DoRA rows' magnitudes are here too (``dora_*_magnitude``). The LoRA rows'
+magnitude is the op itself on |inputs|, the merging rows' follows the reference's own selection (trim,
+election): those stay beside their rows in refimpl/conformance.
+
 tests/test_bounds.py checks each bound against float32 evaluations in a fixed order on random and
 adversarial inputs (each addition rounding the same way) and states how tight it is.
 """
@@ -41,6 +47,79 @@ def matmul(a: Array, b: Array, dtype: Any, *, extra_roundings: int = 1) -> Array
     return gamma(a.shape[-1] + extra_roundings, dtype) * (np.abs(a) @ np.abs(b))
 
 
+# ---------------------------------------------------------------------------- LoRA (spec/lora.md)
+#
+# The rounding counts k of the conformance rows: ``differential(k, magnitude, dtype)`` turns each into the
+# harness's tolerance, ``magnitude`` the op's formula on |inputs|. A count is the longest chain of roundings
+# one term of the result goes through, on the evaluation orders the spec allows; an n-term sum charges n
+# (Higham eq. 3.4: the first product and its n − 1 additions).
+
+
+def lora_scaling_depth() -> int:
+    """k = 2: s = α / r is one division; s = α / √r a square root and a division (spec/lora.md §2)."""
+    return 2
+
+
+def lora_delta_depth(r: int) -> int:
+    """k = r + 2 for ΔW = s·B A (spec/lora.md §1): the r-term sum B A (r), its storage when it was accumulated
+    in a wider format (1), the scaling (1). (s·B) A, scaling first, rounds 1 + r times: within it."""
+    return r + 2
+
+
+def lora_forward_depth(in_features: int, r: int) -> int:
+    """k = in + r + 6 for y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ (spec/lora.md §3), on the LoRA path:
+
+        keep = mask / (1 − p)      2 (1 − p, the divide)
+        x ⊙ keep                   1
+        (·) Aᵀ                     in (an in-term sum)
+        (·) Bᵀ                     r
+        s · (·)                    1
+        + x Wᵀ, + b                2 (the base path, in + 1, is shorter for every r ≥ 1)
+
+    QLoRA's forward is the same formula on the exactly dequantized weight (spec/nf4.md), so it has the same k.
+    """
+    return in_features + r + 6
+
+
+def lora_backward_depth(in_features: int, out_features: int, r: int, n_rows: int) -> int:
+    """k = in + out + r + N + 6 for the gradients of spec/lora.md §4, N the rows of x, one k for all of them.
+
+    A product of two rounded operands carries both operands' roundings, so the chains are (x̃ = x ⊙ keep:
+    3 roundings, as in ``lora_forward_depth``):
+
+        dB = s·gᵀ(x̃ Aᵀ)            3 + in (x̃ Aᵀ) + N (the sum over rows) + 1 (s)     = in + N + 4
+        dA = s·(g B)ᵀ x̃             out (g B) + 3 (x̃) + N + 1                          = out + N + 4
+        dx = g W + (s·g B A) ⊙ keep  out + r + 1 (s) + 3 (⊙ keep: the divide, 1 − p, the product) + 1 (+ g W)
+                                                                                         = out + r + 5
+
+    Each is at most in + out + r + N + 6, the sum of every reduction length; a chain never holds all four
+    lengths, so the count over-charges the shorter chains (measured 0.951 on a climbing sum over N).
+    """
+    return in_features + out_features + r + n_rows + 6
+
+
+def lora_merge_depth(r: int) -> int:
+    """k = r + 3 for W ± s·B A (merge and unmerge, spec/lora.md §6): ΔW rounds r + 1 times (the r-term sum,
+    the scaling), the safe path stores it in the base dtype (1), then the add (1)."""
+    return r + 3
+
+
+def lora_embedding_forward_depth(r: int) -> int:
+    """k = r + 3 for y = E[ids] + s·Aᵀ[ids] Bᵀ (spec/lora.md §3, Embedding): the r-term sum (r), the scaling
+    (1), a storage of the adapter term in the table's dtype (1, when a target forms E + ΔE first), the add (1)."""
+    return r + 3
+
+
+def lora_init_depth(out_features: int, in_features: int) -> int:
+    """k = out + in + 8 for the PiSSA and OLoRA factors (spec/lora.md §5): the backward error of LAPACK's
+    Householder SVD and QR, ‖E‖ ≤ p(out, in)·u‖W‖, with p = out + in + 8 (one Householder sweep over each
+    dimension, the square root and the divide of forming A = √(σ/s)·vᵀ and B). Higham Thm. 19.4 has p a
+    modest multiple of out·in for the worst case; out + in is the normwise behaviour LAPACK documents
+    (LAPACK Users' Guide §4.9, "p(m, n) is a modestly growing function"), which the tests measure. The
+    magnitude (``rows_lora._init_magnitude``) turns this backward error into the factors' forward error."""
+    return out_features + in_features + 8
+
+
 # ---------------------------------------------------------------------------- QLoRA forward
 
 
@@ -67,6 +146,17 @@ def qlora_forward(
     g_base = (1 + gamma(K + 1, acc)) * (1 + u) ** 2 - 1
     g_lora = (1 + gamma(K, acc)) * (1 + gamma(r, acc)) * (1 + u) ** 4 - 1
     return g_base * base + g_lora * abs(scaling) * ((np.abs(x) @ np.abs(A).T) @ np.abs(B).T)
+
+
+def qlora_forward_bound_evaluation_depth(in_features: int, r: int) -> int:
+    """k = in + r + 8 for another evaluation of ``qlora_forward`` itself (the conformance row of
+    qlora.forward_error_bound: a target computes the same bound, in any order). Its terms are sums of
+    non-negative products, so each rounding is relative to the result (no cancellation): the lora term
+    |s|·(|x||A|ᵀ)|B|ᵀ rounds in + r times (the two sums), 1 for |s|, 1 for its γ factor, 1 for the add of
+    the base term; the γ factors themselves, [(1 + γ_K)(1 + γ_r)(1 + u)⁴ − 1], are evaluated in a few
+    operations each accurate to a few ulps relative (charged 5). The base term's chain, in + 3, is shorter.
+    """
+    return in_features + r + 8
 
 
 # ---------------------------------------------------------------------------- DoRA (spec/dora.md §10)
@@ -144,6 +234,116 @@ def dora_forward(
     return gamma(k, dtype) * dora_forward_magnitude(x, W, A, B, m, scaling, bias, x_dropped)
 
 
+def dora_norm_depth(in_features: int, r: int) -> int:
+    """k = in + r + 4 for n = ‖W + s·B A‖ per row (weight_norm, init_magnitude; spec/dora.md §2):
+
+        V = W + s·B A        r + 2 (the r-term sum, the scaling, the add)
+        Σ_j V_oj²            in (an in-term sum of products)
+        √                    1
+        storage in dtype     1 (init_magnitude(..., dtype=d))
+
+    Relative to ‖|W| + |s||B||A|‖, not to n: the magnitude is the norm of the absolute terms.
+    """
+    return in_features + r + 4
+
+
+def dora_weight_depth(in_features: int, r: int) -> int:
+    """k = in + r + 6 for the merged weight f ⊙ (W + ΔW), f = m / n*, and the direction V / n (spec/dora.md §2,
+    §5), and for the embedding's f ⊙ (E + ΔE) (§7, in = the vocabulary size V, the norm's length):
+
+        n                    in + r + 3 (``dora_norm_depth`` without its storage)
+        f = m / n            1
+        f ⊙ V                1 (the element of V itself rounds only r + 2 times)
+        storage in dtype     1 (merge(..., dtype=d))
+
+    The direction V / n rounds in + r + 4 times, within it. n's error is relative to the absolute norm: the
+    magnitude carries it as c·|f|·|V|, c = ‖|W| + |s||B||A|‖ / n (``rows_dora._merge_magnitude``).
+    """
+    return in_features + r + 6
+
+
+def dora_unmerge_depth(r: int) -> int:
+    """k = r + 3 for W = W_merged / (m / n*) − ΔW (spec/dora.md §5): the ratio and the divide (2) or n*/m and
+    the product (2), the subtraction (1), the storage (1) on the W path (4 ≤ r + 3); ΔW rounds r + 1 times
+    (the r-term sum, the scaling), then the subtraction and the storage: r + 3."""
+    return r + 3
+
+
+def dora_sequential_depth(in_features: int, r_max: int, n_adapters: int) -> int:
+    """k = in + r_max + 2T + 2 for T DoRA adapters applied in turn (spec/dora.md §6):
+
+        z₀ = x Wᵀ                                   in
+        z_i = f_i ⊙ (z_{i−1} + s_i·(x A_iᵀ) B_iᵀ)    + 2 per adapter on z's chain (the add, the product by f_i);
+                                                    adapter i's own term enters with in + r_i + 1 (the scaling)
+        y = z_T + b                                 1
+
+    The longest chain starts in adapter 1's term: in + r + 1 + 2T + 1. Each f_i's error (relative c_i·γ,
+    a shorter chain, see ``dora_forward_depth``) is carried by the magnitude's (1 + c_i) factor.
+    """
+    return in_features + r_max + 2 * n_adapters + 2
+
+
+def _dora_abs(W: Array, A: Array, B: Array, scaling: float) -> Array:
+    """|W| + |s|·|B||A|: the adapted weight V = W + s·B A on absolute values."""
+    return np.abs(W) + abs(scaling) * (np.abs(B) @ np.abs(A))
+
+
+def dora_norm_magnitude(W: Array, A: Array, B: Array, scaling: float) -> Array:
+    """‖|W| + |s||B||A|‖ per row: |n̂ − n| ≤ γ_k · this, k = ``dora_norm_depth`` (weight_norm, init_magnitude)."""
+    return np.linalg.norm(_dora_abs(W, A, B, scaling), axis=1)
+
+
+def dora_direction_magnitude(W: Array, A: Array, B: Array, scaling: float) -> Array:
+    """(|V|_abs + c|V|) / n, c = ‖|V|_abs‖ / n per row: D = V / n has V's own error on |V|_abs and n's
+    relative error (γ·c) on |V|; |D̂ − D| ≤ γ_k · this, k = ``dora_weight_depth``."""
+    V, v_abs = W + scaling * (B @ A), _dora_abs(W, A, B, scaling)
+    n, n_abs = np.linalg.norm(V, axis=1), np.linalg.norm(v_abs, axis=1)
+    return (v_abs + (n_abs / n)[:, None] * np.abs(V)) / n[:, None]
+
+
+def dora_merge_magnitude(
+    W: Array, A: Array, B: Array, m: Array, scaling: float, W_base: Array | None = None
+) -> tuple[Array, Array]:
+    """(|f|·(|V|_abs + c|V|), ‖|V_base|_abs‖): the terms of W' = f ⊙ (W + ΔW), f = m / n*, and of n* = ‖W_base +
+    ΔW‖ (W_base = W unless the norm is taken against an unmerged base), f and c of the base;
+    |Ŵ' − W'| ≤ γ_k · the first, k = ``dora_weight_depth``. Also the embedding's f ⊙ (E + ΔE), transposed."""
+    V, v_abs = W + scaling * (B @ A), _dora_abs(W, A, B, scaling)
+    if W_base is None:
+        Vn, vn_abs = V, v_abs
+    else:
+        Vn, vn_abs = W_base + scaling * (B @ A), _dora_abs(W_base, A, B, scaling)
+    n, n_abs = np.linalg.norm(Vn, axis=1), np.linalg.norm(vn_abs, axis=1)
+    f = np.abs(m / n)
+    return f[:, None] * (v_abs + (n_abs / n)[:, None] * np.abs(V)), n_abs
+
+
+def dora_unmerge_magnitude(W_merged: Array, A: Array, B: Array, m: Array, scaling: float, weight_norm: Array) -> Array:
+    """|W'|·|n*/m| + |s||B||A|: the terms of W = W' / (m / n*) − ΔW;
+    |Ŵ − W| ≤ γ_k · this, k = ``dora_unmerge_depth``."""
+    return np.abs(W_merged) * np.abs(weight_norm / m)[:, None] + abs(scaling) * (np.abs(B) @ np.abs(A))
+
+
+def dora_sequential_magnitude(
+    x: Array, W: Array, adapters: list[tuple[Array, Array, Array, float]], bias: Array | None = None
+) -> Array:
+    """The terms of T DoRA adapters applied in turn (spec/dora.md §6), adapters as (A, B, m, s):
+
+        Z₀ = |x||W|ᵀ,   Zᵢ = |fᵢ|(Zᵢ₋₁ + |sᵢ|(|x||Aᵢ|ᵀ)|Bᵢ|ᵀ),   Mᵢ = |fᵢ| Mᵢ₋₁ + (1 + cᵢ) Zᵢ,   M₀ = Z₀
+
+    (each fᵢ's error, relative cᵢ·γ, acts on all of Zᵢ); |ŷ − y| ≤ γ_k (M_T + |b|), k = ``dora_sequential_depth``.
+    """
+    x_abs = np.abs(x)
+    z = x_abs @ np.abs(W).T
+    mag = z.copy()
+    for A, B, m, s in adapters:
+        V, v_abs = W + s * (B @ A), _dora_abs(W, A, B, s)
+        n, n_abs = np.linalg.norm(V, axis=1), np.linalg.norm(v_abs, axis=1)
+        f = np.abs(m / n)
+        z = f * (z + abs(s) * ((x_abs @ np.abs(A).T) @ np.abs(B).T))
+        mag = f * mag + (1.0 + n_abs / n) * z
+    return mag + (0.0 if bias is None else np.abs(bias))
+
+
 @dataclass(frozen=True)
 class DoraBackwardTerms:
     """Per gradient, the terms its roundings act on (the §4 formulas on absolute values)."""
@@ -208,6 +408,80 @@ def dora_backward(
     t = dora_backward_terms(x, W, A, B, m, grad_y, scaling, mode, keep)
     gk = gamma(dora_backward_depth(x.shape[0], W.shape[1], W.shape[0], A.shape[0]), dtype)
     return DoraBackwardTerms(dx=gk * t.dx, dA=gk * t.dA, dB=gk * t.dB, dm=gk * t.dm)
+
+
+# ---------------------------------------------------------------------------- merging (spec/merging.md)
+
+
+def task_vector_depth() -> int:
+    """k = 1 for τ = θ_ft − θ_base (spec/merging.md §2): one subtraction."""
+    return 1
+
+
+def weighted_sum_depth(n_tasks: int) -> int:
+    """k = T + 2 for task_arithmetic and linear, λ·Σ_t w_t τ_t (÷ Σ_t w_t) (spec/merging.md §3): the products
+    and the T − 1 additions in order (T), the division (1), the scaling by λ (1). The divisor Σ w_t has its
+    own T − 1 roundings relative to Σ|w_t|, not to |Σ w_t|: the magnitude carries that as the factor
+    1 + Σ|w_t| / |Σ w_t| (``rows_merging._ta_magnitude``)."""
+    return n_tasks + 2
+
+
+def l1_rescale_depth(size: int) -> int:
+    """k = 2n for τ ⊙ m · ‖τ‖₁ / ‖τ ⊙ m‖₁ over n entries (spec/merging.md §5, rescale="l1"): each norm is an
+    n-term sum of exact absolute values (n − 1 roundings), the ratio (1), the product (1); 0 when not used."""
+    return 2 * size
+
+
+def disjoint_merge_depth(n_tasks: int) -> int:
+    """k = T + 2 for TIES's disjoint merge λ·Σ_t w_t τ̂_t m_t / D (spec/merging.md §4.2), and for
+    elect_and_merge (λ = 1) and magnitude_prune (D = 1): the weighted products and their T − 1 additions
+    (T; with weight_stage="before_election" the product w_t τ̂_t is the same one rounding), the division
+    (1), λ (1). The election only selects (an exact sign); D = Σ_t w_t m_t carries its condition number in
+    the magnitude (``rows_merging._elected_magnitude``). Add ``l1_rescale_depth`` when τ̂ is L1-rescaled."""
+    return n_tasks + 2
+
+
+def dare_depth(n_tasks: int) -> int:
+    """k = T + 3 for DARE (spec/merging.md §5): τ̂_t = τ_t ⊙ m_t / d_t rounds once (the mask is exact), then
+    the linear or the disjoint merge (T + 2). Add ``l1_rescale_depth`` for rescale="l1"."""
+    return n_tasks + 3
+
+
+def slerp_depth(size: int) -> int:
+    """k = 2n + 16 for SLERP over n entries (spec/merging.md §6):
+
+        ‖v₀‖, ‖v₁‖, v̂ = v/‖v‖, ⟨v̂₀, v̂₁⟩    2n + 3 (the n-term sums of squares and dot, √, the divide)
+        Ω = acos, sin((1 − t)Ω), sin(tΩ), sin Ω  8 (four libm functions, within 2 ulps each)
+        1 − t, (1 − t)·Ω, t·Ω, the two quotients  3 on the longest path (1 − t, its product, the quotient)
+        c₀v₀ + c₁v₁                              2, and a storage rounding 1
+
+    The coefficients' sensitivity to cos Ω (large near the fallback threshold) is in the magnitude
+    (``rows_merging._slerp_terms``), not here.
+    """
+    return 2 * size + 16
+
+
+def lora_delta_merge_depth(r_max: int, n_adapters: int) -> int:
+    """k = r_max + T + 1 for ΔW = Σ_i c_i B_i A_i, c_i = w_i s_i (spec/merging.md §7): c_i (1), the r_i-term
+    sum B_i A_i (r_i), the product by c_i (1), the T − 1 additions. lora_cat's c_i A_i (2 roundings) and
+    lora_factor_linear's Σ_i √|c_i| A_i (c_i, √, the product, T − 1 additions: T + 2) are within it."""
+    return r_max + n_adapters + 1
+
+
+def lora_cat_depth() -> int:
+    """k = 2 for lora_cat's A = [c₁A₁; …; c_T A_T] (spec/merging.md §7): c_i = w_i s_i (1), c_i A_i (1);
+    B is the columns of the B_i, exact."""
+    return 2
+
+
+def svd_factor_depth(out_features: int, in_features: int, n_adapters: int) -> int:
+    """k = 10(out + in) + 4T for the truncated-SVD factors of lora_svd and lowrank_factors (spec/merging.md
+    §7): ΔW's formation (``lora_delta_merge_depth``, ≤ 4T + r) and the backward error of LAPACK's SVD,
+    ‖E‖ ≤ p·u‖ΔW‖, charged generously as p = 10(out + in) (LAPACK Users' Guide §4.9 leaves p(m, n) "a
+    modestly growing function"). The magnitude (``rows_merging._svd_bound``) turns it into the factors'
+    error through σ₁ / gap (Wedin). ``lora_init_depth`` charges the same SVD less (out + in + 8): the PiSSA
+    factors' magnitude caps the first-order bound by the trivial one, so a loose p is not needed there."""
+    return 10 * (out_features + in_features) + 4 * n_adapters
 
 
 # ---------------------------------------------------------------------------- the conformance harness

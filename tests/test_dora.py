@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refimpl import dora, lora, precision
+from refimpl import bounds, dora, lora, precision
 from tests._peers import require
 
 F64 = "float64"
@@ -254,12 +254,13 @@ def test_conv_norm_is_the_linear_rule_on_the_flattened_kernel():
     n = dora.weight_norm(W, A, B, 0.5)
     V = W + 0.5 * np.einsum("or,rikl->oikl", B[:, :, 0, 0], A)
     V_abs = np.abs(W) + 0.5 * np.einsum("or,rikl->oikl", np.abs(B[:, :, 0, 0]), np.abs(A))
-    # Both sides: V to γ_{r+2}·|V|_abs, a 27-term sum of squares and a square root: γ_{r+27+4} on ‖V_abs‖.
+    # Both sides: V to γ_{r+2}·|V|_abs, a 27-term sum of squares and a square root: γ_{27+r+4} on ‖V_abs‖
+    # (bounds.dora_norm_depth, r = 2).
     n_abs = np.sqrt((V_abs**2).sum(axis=(1, 2, 3)))
     _report(
         "conv norm",
         precision.compare_to_bound(
-            n, np.sqrt((V**2).sum(axis=(1, 2, 3))), 2 * precision.gamma(2 + 27 + 4, F64) * n_abs
+            n, np.sqrt((V**2).sum(axis=(1, 2, 3))), 2 * precision.gamma(bounds.dora_norm_depth(27, 2), F64) * n_abs
         ),
     )
     mg = dora.merge(W, A, B, n * 2.0, 0.5)

@@ -501,7 +501,7 @@ def test_ops_table_names_registry_ops_with_the_reference_signatures():
 
 def test_cupy_target_declares_float32_and_the_cuda_profile():
     from refimpl.conformance.targets import KernelTarget
-    from refimpl.kernels.cupy_gpu import reference_api as api
+    from refimpl.kernels.cupy_gpu import numpy_adapter as api
 
     t = KernelTarget("cupy")
     for op in G.OPS:
@@ -528,7 +528,7 @@ def test_conform_target_cupy_without_gpu_exits_nonzero_with_the_reason(capsys):
 
 def _special_cases():
     from refimpl.conformance.table import op_table
-    from refimpl.kernels.cupy_gpu import reference_api as api
+    from refimpl.kernels.cupy_gpu import numpy_adapter as api
 
     table = op_table()
     out = []
@@ -577,13 +577,13 @@ def _linear_case(rng):
     "call, words",
     [
         (
-            lambda c: G.reference_api.lora_forward(*c, 0.5, dropout_mask=np.ones((3, 8)), dropout_p=0.5),
+            lambda c: G.numpy_adapter.lora_forward(*c, 0.5, dropout_mask=np.ones((3, 8)), dropout_p=0.5),
             ["dropout_mask", "eval form"],
         ),
-        (lambda c: G.reference_api.dora_forward(*c, np.ones(6), 0.5, dropout_mask=np.ones((3, 8))), ["dropout_mask"]),
-        (lambda c: G.reference_api.quantize_4bit(np.ones(64, np.float32)), ["profile", "bitsandbytes-cuda"]),
-        (lambda c: G.reference_api.ties([c[0], c[0]], density=0.5, rescale="l1"), ["rescale", "l1"]),
-        (lambda c: G.reference_api.ties([c[0]] * 17, density=0.5), ["task_vectors", "16"]),
+        (lambda c: G.numpy_adapter.dora_forward(*c, np.ones(6), 0.5, dropout_mask=np.ones((3, 8))), ["dropout_mask"]),
+        (lambda c: G.numpy_adapter.quantize_4bit(np.ones(64, np.float32)), ["profile", "bitsandbytes-cuda"]),
+        (lambda c: G.numpy_adapter.ties([c[0], c[0]], density=0.5, rescale="l1"), ["rescale", "l1"]),
+        (lambda c: G.numpy_adapter.ties([c[0]] * 17, density=0.5), ["task_vectors", "16"]),
     ],
 )
 def test_unsupported_arguments_raise_not_implemented_naming_them(call, words):
@@ -599,11 +599,11 @@ def test_qlora_adapter_refuses_a_half_precision_state_and_the_reference_profile_
     rng = np.random.default_rng(0)
     packed, st = Q.quantize_4bit(rng.standard_normal((4, 32)).astype(np.float16), 32)
     with pytest.raises(NotImplementedError, match=r"state\.dtype"):
-        G.reference_api.qlora_forward(
+        G.numpy_adapter.qlora_forward(
             rng.standard_normal((1, 32)), packed, st, rng.standard_normal((2, 32)), rng.standard_normal((4, 2)), 1.0
         )
     with pytest.raises(NotImplementedError, match="profile"):
-        G.reference_api.dequantize_4bit(packed, st)  # the state's own profile is "reference"
+        G.numpy_adapter.dequantize_4bit(packed, st)  # the state's own profile is "reference"
 
 
 @needs_gpu

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refimpl import merging, precision
+from refimpl import bounds, merging, precision
 from tests._peers import require
 
 pytestmark = pytest.mark.peers
@@ -98,7 +98,7 @@ def test_peft_merge_utils_deterministic_methods(peft_mu, method, seed):
         got = peft_mu.ties(tt, wt, density, "frequency" if elect == "count" else "total")
         ref = merging.ties(taus, w, density=density, profile="peft", elect=elect)
         trimmed, wb, sel = _peft_selected(taus, w, density, "floor", elect)
-        bound = _bound(trimmed * wb * sel, np.maximum(sel.sum(0), 1), T + 2)
+        bound = _bound(trimmed * wb * sel, np.maximum(sel.sum(0), 1), bounds.disjoint_merge_depth(T))
     _record(f"peft/{method}", precision.compare_to_bound(got.numpy(), ref, bound), got.numpy(), ref)
 
 
@@ -124,7 +124,7 @@ def test_peft_merge_utils_dare_with_injected_masks(peft_mu, monkeypatch, method,
         bound = _bound(dropped * wb, 1.0, T + 2)
     else:
         sel = np.sign(dropped) == np.where(dropped.sum(0) >= 0, 1.0, -1.0)
-        bound = _bound(dropped * wb * sel, np.maximum(sel.sum(0), 1), T + 3)
+        bound = _bound(dropped * wb * sel, np.maximum(sel.sum(0), 1), bounds.dare_depth(T))
     _record(f"peft/{method}", precision.compare_to_bound(got, ref, bound), got, ref)
 
 

@@ -12,6 +12,8 @@ of the formula is within γ_K of exact relative to the terms below (Higham §3.1
     merge W':   |δW'| ≤ γ_K |f| (Vabs + κ |V|)        (κ, f of the unmerged base when one is given)
     unmerge W:  |δW|  ≤ γ_K (|W'| n*/|m| + |s||B||A|)
     backward:   refimpl.bounds.dora_backward_terms (spec/dora.md §10)
+    K per op: refimpl.bounds.dora_norm_depth, dora_weight_depth (merge, direction, embedding),
+    dora_unmerge_depth, dora_forward_depth, dora_backward_depth, dora_sequential_depth
     sequential: Z₀ = |x||W|ᵀ, Zᵢ = |fᵢ|(Zᵢ₋₁ + |sᵢ|(|x||Aᵢ|ᵀ)|Bᵢ|ᵀ), Mᵢ = |fᵢ| Mᵢ₋₁ + (1 + κᵢ) Zᵢ,
                 |δy| ≤ γ_K (M_k + |b|)
 
@@ -84,6 +86,12 @@ def _layer(case: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return W + s * (B @ A), np.abs(W) + abs(s) * (np.abs(B) @ np.abs(A)), W, s
 
 
+def _factors(case: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) in float64 as (r, in) and (out, r) (ConvNd factors flattened, as ``_layer``)."""
+    A, B = np.asarray(case["A"], dtype=np.float64), np.asarray(case["B"], dtype=np.float64)
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+
+
 def _to_caller(case: Mapping[str, Any], w: np.ndarray) -> np.ndarray:
     """An (out, in) array back in the layout of the case's weight."""
     shape = np.shape(case[_weight_key(case)])
@@ -105,9 +113,8 @@ def _reduction_len(case: Mapping[str, Any]) -> tuple[int, int]:
 
 def _weight_depth(case: Mapping[str, Any]) -> int:
     """merge (f ⊙ V) and direction (V / n): V (r-term product, scale, add), the norm (in-term sum of squares,
-    square root), the divide, the product and a storage rounding, within in + r + 8."""
-    n_in, r = _reduction_len(case)
-    return n_in + r + 8
+    square root), the divide, the product and a storage rounding (refimpl.bounds.dora_weight_depth)."""
+    return bounds.dora_weight_depth(*_reduction_len(case))
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -322,33 +329,29 @@ def _forward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _merge_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c = _f64(case)
-    V, Vabs, _, _ = _layer(c)
-    if c.get("unmerged_base") is not None:  # f and κ of the base the norm is taken against
-        Vn, Vn_abs, _, _ = _layer({**c, "W": c["unmerged_base"]})
-    else:
-        Vn, Vn_abs = V, Vabs
-    n, nabs = np.linalg.norm(Vn, axis=1), np.linalg.norm(Vn_abs, axis=1)
-    f = np.abs(np.asarray(c["m"]) / n)
-    w = f[:, None] * (Vabs + (nabs / n)[:, None] * np.abs(V))
-    return {"out.W": _to_caller(c, w), "out.weight_norm": nabs}
+    _, _, W, s = _layer(c)
+    base = None if c.get("unmerged_base") is None else _layer({**c, "W": c["unmerged_base"]})[2]
+    w, n_abs = bounds.dora_merge_magnitude(W, *_factors(c), np.asarray(c["m"]), s, base)
+    return {"out.W": _to_caller(c, w), "out.weight_norm": n_abs}
 
 
 def _norm_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {"out": _row_norms(case)[1]}
+    c = _f64(case)
+    _, _, W, s = _layer(c)
+    return {"out": bounds.dora_norm_magnitude(W, *_factors(c), s)}
 
 
 def _direction_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    V, Vabs, _, _ = _layer(case)
-    n, nabs = np.linalg.norm(V, axis=1), np.linalg.norm(Vabs, axis=1)
-    return {"out": _to_caller(case, (Vabs + (nabs / n)[:, None] * np.abs(V)) / n[:, None])}
+    c = _f64(case)
+    _, _, W, s = _layer(c)
+    return {"out": _to_caller(c, bounds.dora_direction_magnitude(W, *_factors(c), s))}
 
 
 def _unmerge_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c = _f64(case)
-    _, _, Wm, _ = _layer(c)
-    _, Vabs, _, _ = _layer({**c, "W_merged": np.zeros_like(c["W_merged"])})  # |s|·|B||A|
-    ratio = np.abs(np.asarray(c["weight_norm"]) / np.asarray(c["m"]))
-    return {"out": _to_caller(c, np.abs(Wm) * ratio[:, None] + Vabs)}
+    _, _, Wm, s = _layer(c)
+    w = bounds.dora_unmerge_magnitude(Wm, *_factors(c), np.asarray(c["m"]), s, np.asarray(c["weight_norm"]))
+    return {"out": _to_caller(c, w)}
 
 
 def _backward_depth(case: Mapping[str, Any]) -> int:
@@ -379,35 +382,31 @@ def _backward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _embedding_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    V, Vabs, _, _ = _layer(case)  # (d, V)
-    n, nabs = np.linalg.norm(V, axis=1), np.linalg.norm(Vabs, axis=1)
-    f = np.abs(np.asarray(case["m"], dtype=np.float64) / n)
-    return {"out": (f[:, None] * (Vabs + (nabs / n)[:, None] * np.abs(V))).T[np.asarray(case["ids"])]}
+    c = _f64(case)
+    _, _, W, s = _layer(c)  # (d, V)
+    w, _ = bounds.dora_merge_magnitude(W, c["A"], c["B"], np.asarray(c["m"]), s)
+    return {"out": w.T[np.asarray(case["ids"])]}
 
 
 def _embedding_depth(case: Mapping[str, Any]) -> int:
-    return np.shape(case["E"])[0] + np.shape(case["A"])[0] + 8
+    return bounds.dora_weight_depth(np.shape(case["E"])[0], np.shape(case["A"])[0])  # the norm runs over V
 
 
 def _sequential_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     c = _f64(case)
-    x = np.abs(c["x"])
-    w = c["W"].T if c.get("fan_in_fan_out") else c["W"]
-    z = x @ np.abs(w).T
-    m = z.copy()
-    for ad in c["adapters"]:
-        V, Vabs, _, s = _layer(_adapter_case(c, ad))
-        n, nabs = np.linalg.norm(V, axis=1), np.linalg.norm(Vabs, axis=1)
-        f = np.abs(np.asarray(ad.m, dtype=np.float64) / n)
-        a, b = np.abs(np.asarray(ad.A, dtype=np.float64)), np.abs(np.asarray(ad.B, dtype=np.float64))
-        z = f * (z + abs(s) * ((x @ a.T) @ b.T))
-        m = f * m + (1.0 + nabs / n) * z
-    bias = np.abs(c["bias"]) if c.get("bias") is not None else 0.0
-    return {"out": m + bias}
+    W = c["W"].T if c.get("fan_in_fan_out") else c["W"]
+    ads = [
+        (np.asarray(ad.A, dtype=np.float64), np.asarray(ad.B, dtype=np.float64), np.asarray(ad.m, dtype=np.float64))
+        for ad in c["adapters"]
+    ]
+    adapters = [(A, B, m, float(ad.scaling)) for (A, B, m), ad in zip(ads, c["adapters"], strict=True)]
+    return {"out": bounds.dora_sequential_magnitude(c["x"], W, adapters, c.get("bias"))}
 
 
 def _sequential_depth(case: Mapping[str, Any]) -> int:
-    return np.shape(case["x"])[-1] + max(np.shape(ad.A)[0] for ad in case["adapters"]) + 8
+    ads = case["adapters"]
+    r_max = max((np.shape(ad.A)[0] for ad in ads), default=0)
+    return bounds.dora_sequential_depth(np.shape(case["x"])[-1], r_max, len(ads))
 
 
 # ---------------------------------------------------------------------------- equivalence classes
@@ -897,7 +896,7 @@ def rows() -> list[OpSpec]:
             lambda: _strategy(with_x=False, with_m=False, options="norm"),
             "W (out, in) (or (in, out) with fan_in_fan_out, E (V, d) with embedding, (out, in, *k) for ConvNd), "
             "A (r, in), B (out, r), scaling finite; a zero row is allowed (norm 0)",
-            Bounded(lambda c: _reduction_len(c)[0] + _reduction_len(c)[1] + 4, _norm_magnitude),
+            Bounded(lambda c: bounds.dora_norm_depth(*_reduction_len(c)), _norm_magnitude),
             golden=lambda rng: _golden(rng, with_x=False, with_m=False),
             specials=lambda: _specials(norm_ex, ("W", "A")),
             classes=_weight_classes("weight_norm"),
@@ -929,7 +928,7 @@ def rows() -> list[OpSpec]:
             _unmerge_strategy,
             "W_merged, A, B, m (no zero entry), scaling and the weight_norm merge returned (positive), any layout "
             "of weight_norm; dtype None or a storage format",
-            Bounded(lambda c: _reduction_len(c)[1] + 4, _unmerge_magnitude),
+            Bounded(lambda c: bounds.dora_unmerge_depth(_reduction_len(c)[1]), _unmerge_magnitude),
             golden=unmerge_golden,
             specials=lambda: [
                 *(
@@ -960,7 +959,7 @@ def rows() -> list[OpSpec]:
             "dora.init_magnitude",
             lambda: _strategy(with_x=False, with_m=False, options="magnitude"),
             "as weight_norm; dtype None (float64) or the base storage format PEFT computes m in",
-            Bounded(lambda c: _reduction_len(c)[0] + _reduction_len(c)[1] + 4, _norm_magnitude),
+            Bounded(lambda c: bounds.dora_norm_depth(*_reduction_len(c)), _norm_magnitude),
             golden=weight_only(),
             specials=lambda: _specials(norm_ex, ("W", "A")),
             classes=_weight_classes("init_magnitude"),

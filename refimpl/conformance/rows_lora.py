@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from refimpl import bounds
 from refimpl.conformance.table import TIERS, Boundary, Case, OpSpec, Special, abs_case
 from refimpl.conformance.tolerance import Bounded, Exact
 
@@ -1024,7 +1025,7 @@ def _init_layout(c: Mapping[str, Any]) -> tuple[np.ndarray, float]:
 
 def _init_depth(c: Mapping[str, Any]) -> int:
     w, _ = _init_layout(c)
-    return sum(w.shape) + 8  # a Householder sweep over each dimension, the square root and the divide
+    return bounds.lora_init_depth(*w.shape)
 
 
 def _init_magnitude(c: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -1140,11 +1141,11 @@ def _merge_magnitude(*, merged: bool = False) -> Callable[[Mapping[str, Any]], d
 def rows() -> list[OpSpec]:
     def linear_depth(case: Mapping[str, Any]) -> int:
         n_in, _, r, _ = _reduction(case)
-        return n_in + r + 6  # in-term dot, r-term dot, scaling, dropout scale, bias and branch adds
+        return bounds.lora_forward_depth(n_in, r)
 
     def backward_depth(case: Mapping[str, Any]) -> int:
         n_in, n_out, r, n_rows = _reduction(case)
-        return n_in + n_out + r + n_rows + 6  # every reduction on the longest path, plus scalings
+        return bounds.lora_backward_depth(n_in, n_out, r, n_rows)
 
     def ex(name: str, **kw):
         return lambda: dict(_golden_linear(np.random.default_rng(0), **kw)[0][1])
@@ -1157,7 +1158,7 @@ def rows() -> list[OpSpec]:
             _scaling_strategy,
             "alpha finite real, r ≥ 1, use_rslora bool",
             Bounded(
-                lambda c: 2,
+                lambda c: bounds.lora_scaling_depth(),
                 lambda c: {"out": np.asarray(_ref("scaling")(abs(c["alpha"]), c["r"], use_rslora=c["use_rslora"]))},
                 note="α/r or α/√r: ≤ 2 roundings",
             ),
@@ -1180,7 +1181,7 @@ def rows() -> list[OpSpec]:
                 lambda c: {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")}
             ),
             "A (r, in), B (out, r), r ≥ 1 (r > min(in, out) included), scaling finite",
-            Bounded(lambda c: c["A"].shape[0] + 2, _magnitude_of("delta")),
+            Bounded(lambda c: bounds.lora_delta_depth(c["A"].shape[0]), _magnitude_of("delta")),
             golden=lambda rng: [
                 (n, {k: c[k] for k in ("A", "B", "scaling", "fan_in_fan_out")})
                 for n, c in _golden_linear(rng, with_x=False)
@@ -1222,7 +1223,7 @@ def rows() -> list[OpSpec]:
             lambda: _linear_strategy(with_x=False, options=True),
             "W (out, in) or (in, out) with fan_in_fan_out, A (r, in), B (out, r); dtype None (float64 result) or a "
             "storage format (float32, float16, bfloat16, float8_*), rounded once (safe=False) or twice (safe=True)",
-            Bounded(lambda c: c["A"].shape[0] + 3, _merge_magnitude()),
+            Bounded(lambda c: bounds.lora_merge_depth(c["A"].shape[0]), _merge_magnitude()),
             golden=lambda rng: _golden_linear(rng, with_x=False),
             specials=lambda: _specials("merge", ("W", "A", "B", "scaling"), ex("merge", with_x=False)),
             classes=_linear_op_classes("merge"),
@@ -1233,7 +1234,7 @@ def rows() -> list[OpSpec]:
             lambda: _linear_strategy(with_x=False, merged=True, options=True),
             "as merge, with W_merged in place of W; dtype None or a storage format (round(W' − round(ΔW)))",
             # |W' − ΔW| is bounded by the merge of the absolute values, |W'| + |s|·|B||A|
-            Bounded(lambda c: c["A"].shape[0] + 3, _merge_magnitude(merged=True)),
+            Bounded(lambda c: bounds.lora_merge_depth(c["A"].shape[0]), _merge_magnitude(merged=True)),
             golden=lambda rng: _golden_linear(rng, with_x=False, merged=True),
             specials=lambda: _specials("unmerge", ("W_merged", "A", "B"), ex("unmerge", with_x=False, merged=True)),
             classes=_linear_op_classes("unmerge"),
@@ -1243,7 +1244,7 @@ def rows() -> list[OpSpec]:
             "lora.embedding_forward",
             _embedding_strategy,
             "ids integer array (any shape, 0-D included) in [0, V), E (V, d), A (r, V), B (d, r), r ≥ 1",
-            Bounded(lambda c: c["A"].shape[0] + 3, _magnitude_of("embedding_forward")),
+            Bounded(lambda c: bounds.lora_embedding_forward_depth(c["A"].shape[0]), _magnitude_of("embedding_forward")),
             golden=_golden_embedding,
             specials=lambda: [
                 *_specials(

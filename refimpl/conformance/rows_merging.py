@@ -3,9 +3,10 @@ DARE arXiv 2311.03099, SLERP Shoemake 1985, LoRA arXiv 2106.09685).
 
 Bounds: every merge output element is a (masked, weighted) sum of at most T task entries, divided by
 a count, a weight sum or Σ w, or scaled by 1/d or an L1 ratio, so |error| ≤ γ_K · |formula|(|inputs|)
-with K = T + 6 (+ 2n + 2 for an L1 ratio over n entries). The magnitude follows the reference's own
-selection (trim, election) so the bound is tight where entries are dropped; a weight-sum divisor D adds
-the relative error of D, Σ|w|m / |D|. The selection steps (trim, election) are exact comparisons; drawn
+with K from refimpl.bounds (``weighted_sum_depth``, ``disjoint_merge_depth``, ``dare_depth``, plus
+``l1_rescale_depth`` for an L1 ratio). The magnitude follows the reference's own selection (trim,
+election) so the bound is tight where entries are dropped; a divisor D = Σ w adds the relative error of
+D, Σ|w|m / |D|. The selection steps (trim, election) are exact comparisons; drawn
 data either make the election's sums exact (dyadic values, where the ties and zero scores live) or keep
 them far from a tie.
 
@@ -21,16 +22,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from refimpl import precision
+from refimpl import bounds, precision
 from refimpl.conformance.table import TIERS, Boundary, Case, OpSpec, Special
 from refimpl.conformance.tolerance import Bounded, Exact
+from refimpl.merging import profiles as merging_profiles
+from refimpl.merging.profiles import DareRules, TiesRules, dare_rules, ties_rules
 
 #: Public functions of refimpl.merging that have no row, and why.
 NOT_OPS: dict[str, str] = {
@@ -334,87 +337,90 @@ def _weights(case: Mapping[str, Any], key: str = "task_vectors") -> np.ndarray:
     return np.ones(len(case[key])) if w is None else np.asarray(w, dtype=np.float64)
 
 
-def _selection(hat, w, opts) -> list[np.ndarray]:
+def _selection(hat, w, rules: TiesRules) -> list[np.ndarray]:
     """The reference's election (spec/merging.md §4.2): which entries of each τ̂_t are merged."""
-    before = opts["weight_stage"] == "before_election"
+    before = rules.weight_stage == "before_election"
     es = [wt * h if before else h for h, wt in zip(hat, w, strict=True)]
     score = np.zeros(hat[0].shape)
     for e in es:
-        score += e if opts["elect"] == "sum" else np.sign(e)
+        score += e if rules.elect == "sum" else np.sign(e)
     gamma = np.sign(score)
-    gamma[gamma == 0] = 1.0 if opts["zero_sign"] == "positive" else np.sign(gamma.sum())
-    live = gamma != 0 if opts["zero_sign"] == "global_majority_zero" else True
+    gamma[gamma == 0] = 1.0 if rules.zero_sign == "positive" else np.sign(gamma.sum())
+    live = gamma != 0 if rules.zero_sign == "global_majority_zero" else True
     return [np.where(gamma > 0, e > 0, e < 0) & live for e in es]
 
 
-def _elected_magnitude(hat, w, opts) -> np.ndarray:
-    sel = _selection(hat, w, opts)
+def _elected_magnitude(hat, w, rules: TiesRules) -> np.ndarray:
+    sel = _selection(hat, w, rules)
     num = sum(abs(wt) * np.abs(h) * s for h, wt, s in zip(hat, w, sel, strict=True))
-    if opts["divisor"] == "count":
+    if rules.divisor == "count":
         return num / np.maximum(sum(s.astype(float) for s in sel), 1.0)
-    if opts["divisor"] == "weight_sum":
+    if rules.divisor == "weight_sum":
         den = sum(wt * s for wt, s in zip(w, sel, strict=True))
         den = np.where(den == 0, 1.0, np.abs(den))
         return num / den * (1.0 + sum(abs(wt) * s for wt, s in zip(w, sel, strict=True)) / den)
     return num
 
 
-def _l1(opts_rescale: str, tau: np.ndarray, m: np.ndarray) -> np.ndarray:
+def _l1(rescale: str, tau: np.ndarray, m: np.ndarray) -> np.ndarray:
     from refimpl.merging.sparsify import _l1_rescaled
 
-    return np.abs(_l1_rescaled(np.abs(tau), m)) if opts_rescale == "l1" else np.abs(tau) * m
+    return np.abs(_l1_rescaled(np.abs(tau), m)) if rescale == "l1" else np.abs(tau) * m
+
+
+def _ties_rules(case: Mapping[str, Any]) -> TiesRules:
+    return ties_rules(case.get("profile", "paper"), **{k: case.get(k) for k in TIES_OPTIONS})
 
 
 def _ties_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging.sparsify import densities, trim_mask
-    from refimpl.merging.ties_dare import ties_options
 
     taus = [_f64(t) for t in case["task_vectors"]]
     w = _weights(case)
-    opts = ties_options(case.get("profile", "paper"), **{k: case.get(k) for k in TIES_OPTIONS})
+    rules = _ties_rules(case)
     d = densities(case["density"], len(taus))
     hat = []
     for tau, dt in zip(taus, d, strict=True):
-        m = trim_mask(tau, dt, k_rule=opts["k_rule"])
-        hat.append(np.sign(tau) * _l1(opts["rescale"], tau, m))
-    return {"out": abs(float(case.get("lam", 1.0))) * _elected_magnitude(hat, w, opts)}
+        m = trim_mask(tau, dt, k_rule=rules.k_rule)
+        hat.append(np.sign(tau) * _l1(rules.rescale, tau, m))
+    return {"out": abs(float(case.get("lam", 1.0))) * _elected_magnitude(hat, w, rules)}
 
 
 def _l1_depth(case: Mapping[str, Any], rescale: str) -> int:
-    return 2 * int(np.asarray(case["task_vectors"][0]).size) + 2 if rescale == "l1" else 0
+    return bounds.l1_rescale_depth(int(np.asarray(case["task_vectors"][0]).size)) if rescale == "l1" else 0
 
 
 def _ties_depth(case: Mapping[str, Any]) -> int:
-    from refimpl.merging.ties_dare import ties_options
-
-    opts = ties_options(case.get("profile", "paper"), **{k: case.get(k) for k in TIES_OPTIONS})
-    return len(case["task_vectors"]) + 6 + _l1_depth(case, opts["rescale"])
+    return bounds.disjoint_merge_depth(len(case["task_vectors"])) + _l1_depth(case, _ties_rules(case).rescale)
 
 
-def _prune_opts(case: Mapping[str, Any]) -> dict:
-    from refimpl.merging.sparsify import TRIM_K_RULE
-
-    prof = case.get("profile", "peft")
-    return {"k_rule": case.get("k_rule") or TRIM_K_RULE[prof], "rescale": case.get("rescale") or "none"}
+def _prune_rules(case: Mapping[str, Any]) -> tuple[str, str]:
+    """(k_rule, rescale) of a magnitude_prune case: the profile's trim rule unless one is given."""
+    return (
+        case.get("k_rule") or merging_profiles.profile(case.get("profile", "peft")).ties.k_rule,
+        case.get("rescale") or "none",
+    )
 
 
 def _prune_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from refimpl.merging.sparsify import densities, trim_mask
 
     taus = [_f64(t) for t in case["task_vectors"]]
-    opts = _prune_opts(case)
+    k_rule, rescale = _prune_rules(case)
     d = densities(case["density"], len(taus))
     mag = sum(
-        abs(wt) * _l1(opts["rescale"], tau, trim_mask(tau, dt, k_rule=opts["k_rule"]))
+        abs(wt) * _l1(rescale, tau, trim_mask(tau, dt, k_rule=k_rule))
         for tau, wt, dt in zip(taus, _weights(case), d, strict=True)
     )
     return {"out": abs(float(case.get("lam", 1.0))) * mag}
 
 
-def _dare_opts(case: Mapping[str, Any]) -> dict:
-    from refimpl.merging.ties_dare import dare_options
+def _prune_depth(case: Mapping[str, Any]) -> int:
+    return bounds.disjoint_merge_depth(len(case["task_vectors"])) + _l1_depth(case, _prune_rules(case)[1])
 
-    return dare_options(
+
+def _dare_rules(case: Mapping[str, Any]) -> DareRules:
+    return dare_rules(
         case.get("profile", "paper"),
         case.get("merge", "linear"),
         **{
@@ -425,32 +431,39 @@ def _dare_opts(case: Mapping[str, Any]) -> dict:
 
 
 def _dare_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    from refimpl.merging.sparsify import TRIM_K_RULE, densities, trim_mask
+    from refimpl.merging.sparsify import densities, trim_mask
 
     taus = [_f64(t) for t in case["task_vectors"]]
     w = _weights(case)
-    opts = _dare_opts(case)
+    rules = _dare_rules(case)
     d = densities(case["density"], len(taus))
     hat = []
     for tau, m, dt in zip(taus, case["masks"], d, strict=True):
         m = np.asarray(m).astype(bool)
-        if opts["dare_rescale"] == "l1":
+        if rules.rescale == "l1":
             h = _l1("l1", tau, m)
         else:
-            h = np.abs(tau) * m / (dt if opts["dare_rescale"] == "inverse" else 1.0)
+            h = np.abs(tau) * m / (dt if rules.rescale == "inverse" else 1.0)
         hat.append(np.sign(tau) * h)
-    if opts["merge"] == "linear":
-        mag = sum(abs(wt) * np.abs(h) for h, wt in zip(hat, w, strict=True))
-        if opts["normalize"]:
-            mag = mag / abs(float(w.sum()))
+    if rules.merge == "linear":
+        mag = _normalized(sum(abs(wt) * np.abs(h) for h, wt in zip(hat, w, strict=True)), w, rules.normalize)
     else:
-        hat = [h * trim_mask(h, opts["ties_density"], k_rule=TRIM_K_RULE[opts["profile"]]) for h in hat]
-        mag = _elected_magnitude(hat, w, opts)
+        hat = [h * trim_mask(h, rules.ties_density, k_rule=rules.ties.k_rule) for h in hat]
+        mag = _elected_magnitude(hat, w, rules.ties)
     return {"out": abs(float(case.get("lam", 1.0))) * mag}
 
 
 def _dare_depth(case: Mapping[str, Any]) -> int:
-    return len(case["task_vectors"]) + 7 + _l1_depth(case, _dare_opts(case)["dare_rescale"])
+    return bounds.dare_depth(len(case["task_vectors"])) + _l1_depth(case, _dare_rules(case).rescale)
+
+
+def _normalized(mag: np.ndarray, w: np.ndarray, normalize: bool) -> np.ndarray:
+    """Σ|w_t||τ_t| ÷ |Σ w_t| when normalizing, times 1 + Σ|w_t| / |Σ w_t|: the divisor's own roundings are
+    relative to Σ|w_t| (bounds.weighted_sum_depth)."""
+    if not normalize:
+        return mag
+    den = abs(float(w.sum()))
+    return mag / den * (1.0 + float(np.abs(w).sum()) / den)
 
 
 def _ta_magnitude(
@@ -458,13 +471,12 @@ def _ta_magnitude(
 ) -> dict[str, np.ndarray]:
     w = _weights(case, key)
     mag = sum(abs(wt) * np.abs(_f64(t)) for t, wt in zip(case[key], w, strict=True))
-    if case.get("normalize", normalize_default):
-        mag = mag / abs(float(w.sum()))
+    mag = _normalized(mag, w, case.get("normalize", normalize_default))
     return {"out": abs(float(case.get("lam", lam_default))) * mag}
 
 
 def _depth(case: Mapping[str, Any]) -> int:
-    return len(case.get("task_vectors") or case["tensors"]) + 5  # task_arithmetic's or linear's inputs
+    return bounds.weighted_sum_depth(len(case.get("task_vectors") or case["tensors"]))  # task_arithmetic, linear
 
 
 # ----------------------------------------------------------------------------- golden (the committed vectors)
@@ -1401,7 +1413,7 @@ def _slerp_terms(case: Mapping[str, Any]):
 
 
 def _slerp_depth(case: Mapping[str, Any]) -> int:
-    return 2 * int(np.asarray(case["v0"]).size) + 16
+    return bounds.slerp_depth(int(np.asarray(case["v0"]).size))
 
 
 def _slerp_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -1529,7 +1541,7 @@ def _lora_delta_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _lora_depth(case: Mapping[str, Any]) -> int:
-    return max(np.shape(a)[0] for a in case["As"]) + len(case["As"]) + 4
+    return bounds.lora_delta_merge_depth(max(np.shape(a)[0] for a in case["As"]), len(case["As"]))
 
 
 def _cat_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -1584,7 +1596,7 @@ def _lora_svd_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _svd_depth(case: Mapping[str, Any]) -> int:
     m, n = np.shape(case["delta"]) if "delta" in case else (np.shape(case["Bs"][0])[0], np.shape(case["As"][0])[1])
-    return 10 * (m + n) + 4 * len(case.get("As", [0]))
+    return bounds.svd_factor_depth(m, n, len(case.get("As", [0])))
 
 
 def _lora_strategy(*, equal_ranks: bool = False, svd: bool = False):
@@ -1845,18 +1857,18 @@ TRIM_MASK_CLASSES = (
 )
 
 
-def _elect_opts(c: Mapping[str, Any]) -> dict:
-    return {k: c[k] for k in ("elect", "zero_sign", "weight_stage", "divisor")}
+def _elect_rules(c: Mapping[str, Any]) -> TiesRules:
+    return replace(merging_profiles.PAPER.ties, **{k: c[k] for k in ("elect", "zero_sign", "weight_stage", "divisor")})
 
 
 def _elect_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     hat = [_f64(t) for t in (case["trimmed"] if isinstance(case["trimmed"], list) else list(case["trimmed"]))]
     w = np.ones(len(hat)) if case.get("weights") is None else np.asarray(case["weights"], dtype=np.float64)
-    return {"out": _elected_magnitude(hat, w, _elect_opts(case))}
+    return {"out": _elected_magnitude(hat, w, _elect_rules(case))}
 
 
 def _elect_depth(case: Mapping[str, Any]) -> int:
-    return len(case["trimmed"]) + 6
+    return bounds.disjoint_merge_depth(len(case["trimmed"]))
 
 
 ELECT_DEFAULT = {"elect": "sum", "zero_sign": "positive", "weight_stage": "after_election", "divisor": "count"}
@@ -2252,7 +2264,10 @@ def rows() -> list[OpSpec]:
                 lambda c: {"finetuned": c["task_vectors"][0], "base": c["task_vectors"][-1]}
             ),
             "finetuned and base: float arrays of one shape and dtype (float16, bfloat16, float32, float64)",
-            _Rounded(lambda c: 1, lambda c: {"out": np.abs(_f64(c["finetuned"])) + np.abs(_f64(c["base"]))}),
+            _Rounded(
+                lambda c: bounds.task_vector_depth(),
+                lambda c: {"out": np.abs(_f64(c["finetuned"])) + np.abs(_f64(c["base"]))},
+            ),
             golden=lambda rng: [
                 (n, {"finetuned": c["task_vectors"][0], "base": c["task_vectors"][1]}) for n, c in _golden(rng)
             ],
@@ -2268,7 +2283,7 @@ def rows() -> list[OpSpec]:
             _task_strategy,
             "1–4 or 9 float task vectors of one shape and dtype; weights finite (any sign), |Σ w| ≥ 1e-3 "
             "with normalize; lam any finite real",
-            _Rounded(lambda c: _depth(c) + 1, _ta_magnitude),
+            _Rounded(_depth, _ta_magnitude),
             golden=_golden,
             specials=lambda: _specials(ex()),
             classes=TA_CLASSES,
@@ -2278,7 +2293,7 @@ def rows() -> list[OpSpec]:
             "merging.linear",
             lambda: _task_strategy("tensors", lam=False),
             "1–4 or 9 float tensors of one shape and dtype; weights finite (any sign), Σ w ≠ 0 with normalize",
-            _Rounded(lambda c: _depth(c) + 1, lambda c: _ta_magnitude(c, "tensors", normalize_default=True)),
+            _Rounded(_depth, lambda c: _ta_magnitude(c, "tensors", normalize_default=True)),
             golden=lambda rng: _golden(rng, key="tensors"),
             specials=lambda: _specials(ex(key="tensors"), "tensors"),
             classes=LINEAR_CLASSES,
@@ -2299,7 +2314,7 @@ def rows() -> list[OpSpec]:
             "merging.magnitude_prune",
             lambda: _trim_strategy("prune"),
             "task vectors; density in (0, 1]; weights finite; every profile, k_rule and rescale",
-            _Rounded(lambda c: _depth(c) + _l1_depth(c, _prune_opts(c)["rescale"]), _prune_magnitude),
+            _Rounded(_prune_depth, _prune_magnitude),
             golden=lambda rng: _golden(rng, density=True),
             specials=lambda: _specials(ex(density=True)),
             classes=TRIM_CLASSES,
@@ -2348,7 +2363,7 @@ def rows() -> list[OpSpec]:
             "merging.lora_cat",
             _lora_strategy,
             "as lora_delta; outputs (A, B): c_i A_i rounded once, B exact",
-            _Rounded(lambda c: 2, _cat_magnitude),
+            _Rounded(lambda c: bounds.lora_cat_depth(), _cat_magnitude),
             _lora_cases,
             LORA_CLASSES,
             "lora",
@@ -2413,7 +2428,7 @@ def rows() -> list[OpSpec]:
             "merging.l1_rescaled",
             _l1_strategy,
             "tau float array; mask bool or 0/1 of its shape",
-            _Rounded(lambda c: 2 * int(np.size(c["tau"])) + 3, _l1_magnitude),
+            _Rounded(lambda c: bounds.l1_rescale_depth(int(np.size(c["tau"]))), _l1_magnitude),
             _l1_boundary,
             L1_CLASSES,
             "l1",

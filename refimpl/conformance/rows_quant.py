@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from refimpl import bounds
 from refimpl.conformance.table import Boundary, Case, OpSpec, Special
 from refimpl.conformance.tolerance import Bounded, Exact
 from refimpl.quant.operands import BLOCKSIZES as _BLOCKSIZES
@@ -1768,7 +1769,7 @@ def _feb_tolerance() -> Bounded:
     from refimpl import qlora
 
     def depth(c: Mapping[str, Any]) -> int:
-        return int(c["A"].shape[1] + c["A"].shape[0] + 8)
+        return bounds.qlora_forward_bound_evaluation_depth(c["A"].shape[1], c["A"].shape[0])
 
     def magnitude(c: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {"out": qlora.forward_error_bound(**c)}
@@ -1936,7 +1937,7 @@ def rows() -> list[OpSpec]:
             "x (..., in); packed codes and QuantState of a 2-D (out, in) weight; A (r, in), B (out, r); "
             "optional bias (out,), dropout mask",
             Bounded(
-                lambda c: c["A"].shape[1] + c["A"].shape[0] + 6,
+                lambda c: bounds.lora_forward_depth(c["A"].shape[1], c["A"].shape[0]),
                 _qlora_magnitude,
                 note="dequantization is exact; the matmuls are bounded like lora.forward",
             ),

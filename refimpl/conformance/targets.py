@@ -127,7 +127,7 @@ class KernelTarget:
     """refimpl's own fast kernels (``refimpl.kernels``), by backend name.
 
     A backend whose kernels do not compute in float64 or reproduce a non-default profile says so in
-    ``refimpl.kernels.<package>.reference_api`` (``COMPUTE_DTYPES``: op -> dtype; ``OPTIONS``: op ->
+    ``refimpl.kernels.<package>.numpy_adapter`` (``COMPUTE_DTYPES``: op -> dtype; ``OPTIONS``: op ->
     keyword arguments for reference and target alike); the cupy backend does (float32 kernels,
     ``profile="bitsandbytes-cuda"`` for the quant ops, eval-form LoRA/DoRA).
     """
@@ -146,10 +146,10 @@ class KernelTarget:
             return None
 
     def _api_table(self, name: str) -> Mapping[str, Any]:
-        """``name`` (COMPUTE_DTYPES or OPTIONS) of the backend's reference_api module, or {}."""
+        """``name`` (COMPUTE_DTYPES or OPTIONS) of the backend's numpy_adapter module, or {}."""
         try:
             package = importlib.import_module("refimpl.kernels").BACKENDS[self.backend]
-            api = importlib.import_module(f"{package}.reference_api")
+            api = importlib.import_module(f"{package}.numpy_adapter")
         except (ImportError, AttributeError, KeyError):
             return {}
         table = getattr(api, name, None)
@@ -159,10 +159,10 @@ class KernelTarget:
         return dict(self._api_table("OPTIONS").get(op, {}))
 
     def unsupported(self, op: str, case: dict[str, Any]) -> str | None:
-        """The backend's declared limits (``reference_api.unsupported``), if it states any."""
+        """The backend's declared limits (``numpy_adapter.unsupported``), if it states any."""
         try:
             package = importlib.import_module("refimpl.kernels").BACKENDS[self.backend]
-            fn = getattr(importlib.import_module(f"{package}.reference_api"), "unsupported", None)
+            fn = getattr(importlib.import_module(f"{package}.numpy_adapter"), "unsupported", None)
         except (ImportError, AttributeError, KeyError):
             return None
         return fn(op, case) if callable(fn) else None

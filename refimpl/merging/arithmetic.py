@@ -26,7 +26,7 @@ def _is_float_array(x: Any) -> bool:
 @precision._overflow_checked
 def task_vector(
     finetuned: npt.ArrayLike | Mapping[str, npt.ArrayLike], base: npt.ArrayLike | Mapping[str, npt.ArrayLike]
-) -> Any:
+) -> npt.NDArray[np.float64] | dict[str, npt.NDArray[np.float64]]:
     """τ = θ_t − θ₀ (Ilharco et al. 2023, §2), in float64.
 
     Arrays: both must be floating point, of one shape and one dtype.
@@ -41,14 +41,19 @@ def task_vector(
                 "finetuned, base: expected two arrays or two mappings, got "
                 f"{_checks.describe(finetuned)} and {_checks.describe(base)}"
             )
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, npt.NDArray[np.float64]] = {}
         for key, b in base.items():
             if not _is_float_array(b):
                 continue
             if key not in finetuned:
                 raise ValueError(f"finetuned: expected key {key!r} (a floating tensor of base), it is missing")
-            out[key] = task_vector(finetuned[key], b)
+            out[key] = _array_task_vector(finetuned[key], b)
         return out
+    return _array_task_vector(finetuned, base)
+
+
+def _array_task_vector(finetuned: npt.ArrayLike, base: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """τ = θ_t − θ₀ of two float arrays of one shape and one dtype."""
     b, b_dtype = operands.as_float(base, "base")
     f, f_dtype = operands.as_float(finetuned, "finetuned")
     _checks.same_shape(b, "base", f, "finetuned")

@@ -152,26 +152,6 @@ def _check_election(rules: TiesRules) -> None:
         _checks.choice(getattr(rules, key), key, allowed)
 
 
-def ties_options(name: Any, **given: Any) -> dict[str, Any]:
-    """``ties_rules`` as a plain dict (k_rule, rescale, weight_stage, elect, zero_sign, divisor)."""
-    return asdict(ties_rules(name, **given))
-
-
-def dare_options(name: Any, merge: Any, **given: Any) -> dict[str, Any]:
-    """``dare_rules`` as one flat dict: the election options, ``dare_rescale``, ``normalize``,
-    ``ties_density``, ``merge``, ``profile`` and the trim's ``k_rule`` (the conformance rows read it)."""
-    rules = dare_rules(name, merge, **given)
-    election = {k: v for k, v in asdict(rules.ties).items() if k != "rescale"}
-    return {
-        **election,
-        "dare_rescale": rules.rescale,
-        "normalize": rules.normalize,
-        "ties_density": rules.ties_density,
-        "merge": rules.merge,
-        "profile": name,
-    }
-
-
 def _as_table(pick: Any) -> dict[str, dict[str, Any]]:
     return {name: pick(p) for name, p in PROFILES.items()}
 

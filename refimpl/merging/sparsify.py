@@ -7,7 +7,6 @@ DARE: Yu et al., "Language Models are Super Mario", ICML 2024, arXiv 2311.03099.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -185,7 +184,9 @@ def dare_masks(
     return [rng.random(shape) < d[t] for t in range(count)]
 
 
-def keep_masks(masks: Any, taus: list[np.ndarray], name: str = "masks") -> list[np.ndarray]:
+def keep_masks(
+    masks: Sequence[npt.ArrayLike], taus: list[npt.NDArray[np.float64]], name: str = "masks"
+) -> list[npt.NDArray[np.bool_]]:
     """Validate user-given keep-masks: one per task, the task's shape, values 0/1 (bool or numeric)."""
     if isinstance(masks, np.ndarray) or not isinstance(masks, Sequence):
         raise TypeError(f"{name}: expected a list of {len(taus)} arrays, got {_checks.describe(masks)}")
@@ -206,7 +207,9 @@ def keep_masks(masks: Any, taus: list[np.ndarray], name: str = "masks") -> list[
     return out
 
 
-def dare_drop(tau: np.ndarray, mask: np.ndarray, density: float, rescale: str) -> np.ndarray:
+def dare_drop(
+    tau: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_], density: float, rescale: str
+) -> npt.NDArray[np.float64]:
     """One DARE step: τ̂ = τ ⊙ m / d (``"inverse"``, the paper), L1-matched (``"l1"``, mergekit) or τ ⊙ m."""
     if rescale == "l1":
         return _l1_rescaled(tau, mask)

@@ -29,9 +29,7 @@ from refimpl.merging.profiles import (
     ZERO_SIGN,
     DareRules,
     TiesRules,
-    dare_options,
     dare_rules,
-    ties_options,
     ties_rules,
 )
 from refimpl.merging.sparsify import _l1_rescaled, _trim_mask, dare_drop, dare_masks, densities, keep_masks
@@ -40,11 +38,9 @@ __all__ = [
     "DARE_PROFILES",
     "TIES_PROFILES",
     "dare",
-    "dare_options",
     "densities",
     "elect_and_merge",
     "ties",
-    "ties_options",
 ]
 
 # core: the formulas (spec/merging.md §4, §5)

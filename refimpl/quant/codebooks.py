@@ -180,7 +180,7 @@ b8ba1f4b b88aefb3 b8378034 b7b24206 b70205ff b65a1a94 b513a3b7 00000000 3513a3b7
 NF4_OFFSET = 0.9677083
 
 
-def from_hex(words: tuple[str, ...]) -> np.ndarray:
+def from_hex(words: tuple[str, ...]) -> npt.NDArray[np.float32]:
     """float32 array from big-endian hex bit patterns."""
     return np.array([int(w, 16) for w in words], dtype=np.uint32).view(np.float32)
 
@@ -204,38 +204,38 @@ def codebook(name: str = "nf4") -> npt.NDArray[np.float32]:
     return _TABLES[name].copy()
 
 
-def sorted_codebook(quant_type: str) -> np.ndarray:
+def sorted_codebook(quant_type: str) -> npt.NDArray[np.float32]:
     """The 16 code values of ``quant_type`` in ascending order (float32)."""
     _checks.choice(quant_type, "quant_type", QUANT_TYPES)
     table = _TABLES[quant_type]
     return table.copy() if quant_type == "nf4" else table[list(FP4_ORDER)]
 
 
-def nibble_of_position(quant_type: str) -> np.ndarray:
+def nibble_of_position(quant_type: str) -> npt.NDArray[np.uint8]:
     """uint8 map from sorted position (0..15) to nibble: identity for NF4, FP4_ORDER for FP4."""
     _checks.choice(quant_type, "quant_type", QUANT_TYPES)
     return np.arange(16, dtype=np.uint8) if quant_type == "nf4" else np.array(FP4_ORDER, dtype=np.uint8)
 
 
-def position_of_nibble(quant_type: str) -> np.ndarray:
+def position_of_nibble(quant_type: str) -> npt.NDArray[np.int64]:
     """Inverse of ``nibble_of_position``: the sorted position of each nibble."""
     inv = np.empty(16, dtype=np.int64)
     inv[nibble_of_position(quant_type)] = np.arange(16)
     return inv
 
 
-def midpoints(quant_type: str) -> np.ndarray:
+def midpoints(quant_type: str) -> npt.NDArray[np.float32]:
     """The 15 float32 thresholds f32((c_j + c_{j+1})/2) between consecutive sorted codes."""
     _checks.choice(quant_type, "quant_type", QUANT_TYPES)
     return _MIDPOINTS[quant_type].copy()
 
 
-def nf4_cuda_thresholds() -> np.ndarray:
+def nf4_cuda_thresholds() -> npt.NDArray[np.float32]:
     """The 15 float32 thresholds of CUDA's dQuantizeNF4 (``x > t`` picks the upper code), ascending."""
     return _NF4_CUDA_THRESHOLDS.copy()
 
 
-def float32_midpoints(values: np.ndarray) -> np.ndarray:
+def float32_midpoints(values: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """f32((c_j + c_{j+1}) · 0.5) in float32 arithmetic over an ascending float32 table."""
     c = np.asarray(values, dtype=np.float32)
     return ((c[:-1] + c[1:]) * np.float32(0.5)).astype(np.float32)
@@ -253,7 +253,7 @@ def _torch_linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
     return np.where(idx < halfway, up, down).astype(np.float32)
 
 
-def derive_nf4(offset: float = NF4_OFFSET) -> np.ndarray:
+def derive_nf4(offset: float = NF4_OFFSET) -> npt.NDArray[np.float32]:
     """Derive the NF4 codebook from the standard normal quantile function Φ⁻¹ (QLoRA §3), as
     bitsandbytes' ``create_normal_map`` does (not QLoRA's eq. 4 as written, which is −∞ at i = 0:
     artidoro/qlora#94; spec/nf4.md §1).

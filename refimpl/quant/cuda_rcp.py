@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from refimpl import _checks
 
@@ -55,7 +56,7 @@ def table_info() -> dict[str, Any]:
     }
 
 
-def rcp_approx_ftz(a: Any) -> np.ndarray:
+def rcp_approx_ftz(a: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """float32 rcp.approx.ftz.f32(a) elementwise: RN(1/a) moved by d(m) ulps (module docstring).
 
     Subnormal a is flushed to ±0 first (→ ±inf), a subnormal result to ±0; ±0 → ±inf, ±inf → ±0,

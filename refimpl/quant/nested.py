@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 
 _LANES = 8  # AVX2: Vectorized<float> has 8 lanes
 _ILP = 4  # row_sum's ilp_factor
@@ -95,7 +96,7 @@ def _cascade_sum_serial(x: np.ndarray) -> np.float32:
     return np.float32(_row_sum(x.reshape(n, 1))[0])
 
 
-def torch_cpu_sum_float32(x: np.ndarray, threads: int = 1) -> np.float32:
+def torch_cpu_sum_float32(x: npt.ArrayLike, threads: int = 1) -> np.float32:
     """Emulate ``torch.sum`` of a contiguous 1-D float32 tensor on an x86-64 AVX2 CPU.
 
     Above GRAIN_SIZE elements the sum is split into min(threads, ⌈n/32768⌉) contiguous
@@ -117,7 +118,7 @@ def torch_cpu_sum_float32(x: np.ndarray, threads: int = 1) -> np.float32:
     return np.float32(np.float32(0) + _cascade_sum_serial(buffer))
 
 
-def correctly_rounded_mean(absmax: np.ndarray) -> np.float32:
+def correctly_rounded_mean(absmax: npt.ArrayLike) -> np.float32:
     """offset = f32(Σa / n), the correctly rounded mean (math.fsum): the reference's offset, and the
     bitsandbytes-cuda profile's (CUDA's reduction order is not emulated; spec/nf4.md §7). A NaN or +inf
     absmax (nonfinite="propagate") gives a NaN or +inf mean."""
@@ -128,12 +129,12 @@ def correctly_rounded_mean(absmax: np.ndarray) -> np.float32:
 
 
 def dequantize_nested_absmax(
-    codes: np.ndarray,
-    nested_absmax: np.ndarray,
-    nested_code: np.ndarray,
+    codes: npt.ArrayLike,
+    nested_absmax: npt.ArrayLike,
+    nested_code: npt.ArrayLike,
     offset: np.float32,
     nested_blocksize: int = 256,
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset): the per-block float32 scales of a nested state."""
     q = np.asarray(codes, dtype=np.uint8).ravel()
     a2 = np.repeat(np.asarray(nested_absmax, dtype=np.float32), nested_blocksize)[: q.size]

@@ -79,7 +79,7 @@ def codebook(dtype: str = "bfloat16") -> npt.NDArray[np.float32]:
     return _in(DTYPES[_checks.choice(dtype, "dtype", tuple(DTYPES))], np.array(CODEBOOK_4DP, dtype=np.float64))
 
 
-def nearest_code(s: np.ndarray, code: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def nearest_code(s: npt.NDArray[np.float32], code: npt.NDArray[np.float32], dtype: np.dtype) -> npt.NDArray[np.uint8]:
     """argmin_j |D(s − c_j)| with the first (lowest) index among ties; NaN distances pick index 0
     (torch's ``min(dim).indices`` returns the first NaN)."""
     with np.errstate(invalid="ignore"):
@@ -88,7 +88,7 @@ def nearest_code(s: np.ndarray, code: np.ndarray, dtype: np.dtype) -> np.ndarray
     return np.argmin(d, axis=1).astype(np.uint8)
 
 
-def mean_of_scales(a: np.ndarray, dtype: np.dtype) -> np.float32:
+def mean_of_scales(a: npt.NDArray[np.float32], dtype: np.dtype) -> np.float32:
     """torch.mean on CPU: the float32 cascade sum of the (upcast) values, divided by n, rounded to D."""
     total = nested.torch_cpu_sum_float32(a.astype(np.float32))
     return np.float32(_in(dtype, np.float32(total / np.float32(a.size))))
@@ -103,7 +103,7 @@ class ScaleCodes:
     mean: np.float32
 
 
-def quantize_scales(absmax: np.ndarray, dtype: np.dtype, scaler_block_size: int) -> ScaleCodes:
+def quantize_scales(absmax: npt.NDArray[np.float32], dtype: np.dtype, scaler_block_size: int) -> ScaleCodes:
     """The int8 linear quantization of the block scales (module docstring)."""
     mu = mean_of_scales(absmax, dtype)
     centred = _in(dtype, absmax - mu)
@@ -118,7 +118,7 @@ def quantize_scales(absmax: np.ndarray, dtype: np.dtype, scaler_block_size: int)
     return ScaleCodes(codes=codes, factor=factor.astype(np.float32), mean=mu)
 
 
-def dequantize_scales(sc: ScaleCodes, dtype: np.dtype, scaler_block_size: int) -> np.ndarray:
+def dequantize_scales(sc: ScaleCodes, dtype: np.dtype, scaler_block_size: int) -> npt.NDArray[np.float32]:
     """â_b = D(D(k_b / f_g) + μ) as float32 values."""
     k = sc.codes.astype(np.float32).reshape(-1, scaler_block_size)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -104,7 +104,7 @@ def _ties(
     d = sparsify.densities(density, len(taus))
     if first_density:
         d = np.full_like(d, d[0])
-    opts = profiles.ties_options(profile, **given)
+    opts = dataclasses.asdict(profiles.ties_rules(profile, **given))
     opts.update(opt_override or {})
     hat = []
     for tau, dt in zip(taus, d, strict=True):

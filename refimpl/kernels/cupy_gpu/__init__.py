@@ -25,16 +25,16 @@ from refimpl.kernels.cupy_gpu.nf4 import GpuQuantState, dequantize_4bit, quantiz
 from refimpl.kernels.cupy_gpu.ties import ties
 
 #: The kernels under the reference's op names (NumPy in, NumPy out), for the registry
-#: (``refimpl.kernels.get(op, "cupy")``) and ``refimpl conform --target cupy``; see reference_api.py.
+#: (``refimpl.kernels.get(op, "cupy")``) and ``refimpl conform --target cupy``; see numpy_adapter.py.
 OPS: dict[str, str] = {
-    "lora.forward": "reference_api.lora_forward",
-    "lora.forward_batched": "reference_api.lora_forward_batched",
-    "dora.forward": "reference_api.dora_forward",
-    "qlora.forward": "reference_api.qlora_forward",
+    "lora.forward": "numpy_adapter.lora_forward",
+    "lora.forward_batched": "numpy_adapter.lora_forward_batched",
+    "dora.forward": "numpy_adapter.dora_forward",
+    "qlora.forward": "numpy_adapter.qlora_forward",
     "qlora.backward": "qlora_backward.qlora_backward",
-    "quant.quantize_4bit": "reference_api.quantize_4bit",
-    "quant.dequantize_4bit": "reference_api.dequantize_4bit",
-    "merging.ties": "reference_api.ties",
+    "quant.quantize_4bit": "numpy_adapter.quantize_4bit",
+    "quant.dequantize_4bit": "numpy_adapter.dequantize_4bit",
+    "merging.ties": "numpy_adapter.ties",
 }
 
 __all__ = [

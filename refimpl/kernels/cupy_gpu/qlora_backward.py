@@ -27,7 +27,7 @@ import numpy as np
 from refimpl import _checks
 from refimpl._linear_operands import adapter_operands
 from refimpl.kernels.cupy_gpu import nf4
-from refimpl.kernels.cupy_gpu.reference_api import to_gpu_state
+from refimpl.kernels.cupy_gpu.numpy_adapter import to_gpu_state
 from refimpl.qlora import QLoraGrads
 from refimpl.quant import QuantState
 from refimpl.quant.operands import PROFILES
