@@ -66,6 +66,13 @@ def lora_delta_depth(r: int) -> int:
     return r + 2
 
 
+def lora_forward_batched_depth(in_features: int, r_max: int) -> int:
+    """k = in + r_max + 4 for y_t = x_t Wᵀ + b + s_i·(x_t A_iᵀ) B_iᵀ (spec/lora.md §11): each token takes
+    ``lora_forward_depth``'s path without the keep factor (eval form: 3 fewer), through its own adapter,
+    whose rank is at most r_max; a token with index −1 takes the base path, in + 1."""
+    return in_features + r_max + 4
+
+
 def lora_forward_depth(in_features: int, r: int) -> int:
     """k = in + r + 6 for y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ (spec/lora.md §3), on the LoRA path:
 
@@ -564,3 +571,11 @@ def qlora_backward(
         dB=g_dB * s * (ag.T @ (axd @ aA.T)),
         dbias=((1 + gamma(n_rows, acc)) * (1 + u) - 1) * ag.sum(axis=0),
     )
+
+
+def qlora_backward_row_depth(in_features: int, out_features: int, r: int, n_rows: int) -> int:
+    """k = in + out + r + N + 6 for the conformance row of ``qlora.backward`` (spec/nf4.md §13.1): every
+    reduction on the longest chain (dx: g B over out, then through r and in; dA and dB: the
+    N rows of x), plus the two scalings, the keep factor's divide and product and the final add; the
+    dequantized weight is exact (spec/nf4.md §5), so it adds no rounding."""
+    return in_features + out_features + r + n_rows + 6

@@ -322,6 +322,32 @@ def test_lora_forward_row_bound_holds_with_dropout_and_is_tight_on_a_climbing_in
     _report_floor(f"lora.forward in={k}", worst, 0.9)  # (in − 1) / (in + r + 8)
 
 
+def _lora_forward_batched32(x, W, adapters, index, bias) -> np.ndarray:
+    """y_t = (x_t Wᵀ + b) + s_i·(x_t A_iᵀ) B_iᵀ per token, in float32 (index −1: the base alone)."""
+    y = (_matmul32(x.astype(F32), W.T) + bias.astype(F32)).astype(F32)
+    for t, i in enumerate(index):
+        if i >= 0:
+            A, B, s = adapters[i]
+            lora = (_matmul32(_matmul32(x[t : t + 1].astype(F32), A.T), B.T) * F32(s)).astype(F32)
+            y[t] = (y[t] + lora[0]).astype(F32)
+    return y
+
+
+def test_lora_forward_batched_row_bound_holds_on_mixed_adapters_and_is_tight_on_a_climbing_input_sum():
+    rng = np.random.default_rng(13)
+    x, W, b = _f32_normal(rng, 5, 16), _f32_normal(rng, 4, 16), _f32_normal(rng, 4)
+    adapters = [(_f32_normal(rng, r, 16), _f32_normal(rng, 4, r), s) for r, s in ((2, 0.5), (5, -1.25))]
+    index = np.array([0, -1, 1, 1, 0])
+    case = {"x": x, "W": W, "adapters": adapters, "adapter_index": index, "bias": b}
+    _row_ratio("lora.forward_batched", case, {"out": _lora_forward_batched32(x, W, adapters, index, b)})
+    k = 256
+    x, W, b = _climbing(k)[None, :], np.ones((1, k)), np.zeros(1)
+    adapters = [(np.zeros((1, k)), np.zeros((1, 1)), 1.0)]
+    case = {"x": x, "W": W, "adapters": adapters, "adapter_index": np.array([0]), "bias": b}
+    worst = _row_ratio("lora.forward_batched", case, {"out": _lora_forward_batched32(x, W, adapters, [0], b)})
+    _report_floor(f"lora.forward_batched in={k}", worst, 0.9)  # (in − 1) / (in + r + 4), charged twice
+
+
 def _lora_backward32(x, W, A, B, g, s) -> dict[str, np.ndarray]:
     """spec/lora.md §4 (eval form) in float32."""
     gB = _matmul32(g, B)

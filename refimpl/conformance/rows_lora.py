@@ -1548,7 +1548,7 @@ def _batched_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _batched_depth(case: Mapping[str, Any]) -> int:
     r_max = max((a[0].shape[0] for a in case["adapters"]), default=0)
-    return case["x"].shape[1] + r_max + 4  # in-term dot, r-term dot, scaling, bias and branch adds
+    return bounds.lora_forward_batched_depth(case["x"].shape[1], r_max)
 
 
 def _batched_specials() -> list[Special]:

@@ -1879,11 +1879,8 @@ def _qlora_backward_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _qlora_backward_depth(case: Mapping[str, Any]) -> int:
-    """Every reduction on the longest path (in, out, r and the N rows of x) plus the scalings and the keep."""
     r, n_in = case["A"].shape
-    n_out = case["B"].shape[0]
-    n_rows = int(np.prod(np.shape(case["x"])[:-1]))
-    return n_in + n_out + r + n_rows + 6
+    return bounds.qlora_backward_row_depth(n_in, case["B"].shape[0], r, int(np.prod(np.shape(case["x"])[:-1])))
 
 
 def _qlora_backward_specials() -> list[Special]:
