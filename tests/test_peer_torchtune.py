@@ -4,6 +4,7 @@ upstream reproducers show the bugs (issue 15 item 5)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +104,8 @@ def test_conform_torchtune_fails_on_exactly_the_dora_bias_and_unbatched_shape_bu
     assert {f for f in failing if f[1] != "properties"} == bias_cases | unbatched
     assert all(op == "dora.forward" for op, _, _ in failing)
     for key in unbatched:
-        n_out = next(c["W"].shape[0] for t, label, c in cases if ("dora.forward", t, label) == key)
-        assert failing[key].message == f"out: shape (1, {n_out}), expected ({n_out},)"
+        # the boundary case may be shrunk (fewer outputs): the shape is (1, out) where (out,) is expected
+        assert re.match(r"out: shape \(1, (\d+)\), expected \(\1,\)", failing[key].message), failing[key].message
         assert "returns (1, out_dim) for an unbatched input" in failing[key].reproducer
     for key in bias_cases:
         assert "the derived bound" in failing[key].message and "m / ||W + s B A||" in failing[key].reproducer
