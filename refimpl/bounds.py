@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from refimpl.precision import gamma, unit_roundoff
+from refimpl.precision import gamma, round_to, unit_roundoff
 
 Array = NDArray[np.float64]
 
@@ -505,6 +505,131 @@ def differential(depth: int, magnitude: Array, dtype: str) -> Array:
     """
     k_target = depth if dtype == "float64" else depth + 2
     return (gamma(k_target, dtype) + gamma(depth, "float64")) * np.abs(np.asarray(magnitude, dtype=np.float64))
+
+
+# ---------------------------------------------------------------------------- results stored in a narrower format
+#
+# Some ops round their result into a storage format (``dtype=`` of lora.merge/unmerge, dora.merge/unmerge):
+# the reference stores y = rd(v), rd the round-to-nearest-even of that format and v its float64 value. A
+# target computes v in its own precision and then rounds: its stored value is rd(z), |z − v| ≤ e (the
+# differential bound on v), which may be the neighbour of rd(v) where v lies within e of a tie of the format
+# (double rounding). rd is monotone, so the stored values a correct target can give are exactly those of the
+# format in [rd(v − e), rd(v + e)]. The counts below are those of v, before its storage rounding.
+
+
+def lora_merge_unrounded_depth(r: int) -> int:
+    """k = r + 2 for v = W ± s·B A before its storage rounding (spec/lora.md §6, safe=False): the r-term sum,
+    the scaling, the add."""
+    return r + 2
+
+
+def lora_delta_unrounded_depth(r: int) -> int:
+    """k = r + 1 for ΔW = s·B A before the safe path stores it in the base format: the r-term sum, the
+    scaling (``lora_delta_depth`` without the storage)."""
+    return r + 1
+
+
+def stored_add_depth() -> int:
+    """k = 1 for W ± rd(ΔW), the add of an already stored term (safe merge, unmerge)."""
+    return 1
+
+
+def dora_merge_unrounded_depth(in_features: int, r: int) -> int:
+    """k = in + r + 5 for f ⊙ (W + ΔW) before its storage rounding: ``dora_weight_depth`` without the storage."""
+    return dora_weight_depth(in_features, r) - 1
+
+
+def dora_unmerge_unrounded_depth(r: int) -> int:
+    """k = r + 2 for W' / f − ΔW before its storage rounding: ``dora_unmerge_depth`` without the storage."""
+    return dora_unmerge_depth(r) - 1
+
+
+def _round_extended(x: Array, dtype: str) -> Array:
+    """rd(x) in ``dtype``, an overflow as ±inf by the sign of x (float8_e4m3fn rounds it to NaN: the sign is
+    kept here so that the ends of a range stay ordered)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = round_to(x, dtype)
+    return np.where(np.isfinite(out) | np.isnan(x), out, np.copysign(np.inf, x))
+
+
+@dataclass(frozen=True)
+class StoredRange:
+    """The stored values a target may give for y = rd(base + sign·q(inner)), q = rd (``inner_rounded``: PEFT's
+    safe merge and unmerge store ΔW first) or the identity, all in the storage format ``dtype``.
+
+    ``e_inner`` bounds the target's error on ``inner``, ``e_outer`` its error on the sum; both are differential
+    bounds (they include the float64 reference's own error). A single rounding rd(v) is base = v, inner = 0.
+    ``ends(λ)`` is the range [lo, hi] with both errors scaled by λ (λ = 1: the bound): by monotonicity of rd,
+
+        q-range  = [q(inner − λe_in), q(inner + λe_in)]
+        [lo, hi] = [rd(base + sign·q-range − λe_out), rd(base + sign·q-range + λe_out)],
+
+    every stored value a correct target can give lies in it (with the safe path, a superset: q takes only
+    the format's values in its range). Overflow ends are ±inf.
+    """
+
+    dtype: str
+    base: Array
+    e_outer: Array
+    inner: Array | float = 0.0
+    e_inner: Array | float = 0.0
+    inner_rounded: bool = False
+    sign: float = 1.0
+
+    def ends(self, lam: Array | float = 1.0) -> tuple[Array, Array]:
+        with np.errstate(invalid="ignore", over="ignore"):
+            q_lo = np.asarray(self.inner - lam * self.e_inner, dtype=np.float64)
+            q_hi = np.asarray(self.inner + lam * self.e_inner, dtype=np.float64)
+            if self.inner_rounded:
+                q_lo, q_hi = _round_extended(q_lo, self.dtype), _round_extended(q_hi, self.dtype)
+            if self.sign < 0:
+                q_lo, q_hi = -q_hi, -q_lo
+            lo = _round_extended(self.base + q_lo - lam * self.e_outer, self.dtype)
+            hi = _round_extended(self.base + q_hi + lam * self.e_outer, self.dtype)
+        return np.where(np.isnan(lo), -np.inf, lo), np.where(np.isnan(hi), np.inf, hi)
+
+    def subset(self, where: Any) -> StoredRange:
+        """The range of the elements at the flat indices ``where`` (1-D)."""
+
+        def pick(a: Array | float) -> Array | float:
+            return np.broadcast_to(a, np.shape(self.base)).reshape(-1)[where] if np.ndim(a) else a
+
+        return StoredRange(
+            self.dtype,
+            np.asarray(pick(self.base)),
+            np.asarray(pick(self.e_outer)),
+            pick(self.inner),
+            pick(self.e_inner),
+            self.inner_rounded,
+            self.sign,
+        )
+
+
+def stored_single(v: Array, depth: int, magnitude: Array, storage: str, dtype: str) -> StoredRange:
+    """The stored range of y = rd(v) for a target computing v (rounding count ``depth``, ``magnitude`` its
+    formula on |inputs|) in ``dtype`` and storing it in ``storage``."""
+    return StoredRange(storage, np.asarray(v, dtype=np.float64), differential(depth, magnitude, dtype))
+
+
+def stored_sum(
+    base: Array,
+    inner: Array,
+    inner_depth: int,
+    inner_magnitude: Array,
+    storage: str,
+    dtype: str,
+    *,
+    sign: float = 1.0,
+) -> StoredRange:
+    """The stored range of y = rd(base + sign·rd(inner)) (the safe merge, the unmerge): ``inner`` within
+    differential(inner_depth, inner_magnitude), the add (``stored_add_depth``) relative to |base| plus the
+    largest stored |inner| of its range."""
+    inner = np.asarray(inner, dtype=np.float64)
+    e_in = differential(inner_depth, inner_magnitude, dtype)
+    q = np.maximum(np.abs(_round_extended(inner - e_in, storage)), np.abs(_round_extended(inner + e_in, storage)))
+    q = np.where(np.isfinite(q), q, 0.0)  # an overflowing stored ΔW overflows the sum whatever its error
+    e_out = differential(stored_add_depth(), np.abs(base) + q, dtype)
+    return StoredRange(storage, np.asarray(base, dtype=np.float64), e_out, inner, e_in, True, sign)
 
 
 # ---------------------------------------------------------------------------- QLoRA backward (spec/nf4.md §13.1)
