@@ -605,6 +605,60 @@ class StoredRange:
         )
 
 
+@dataclass(frozen=True)
+class StoredNormRange:
+    """The stored values of PEFT's magnitude in a storage format (dora.init_magnitude with ``dtype``, spec/dora.md
+    §2): m = rd(‖rd(rd(W) + rd(s·rd(B A)))‖) per row, W (out, in), A (r, in), B (out, r), every rd into ``dtype``.
+
+    A target computing each stage in ``target`` precision may round each one to the neighbour of the
+    reference's (double rounding), so the range of each stage is carried to the next as ``StoredRange`` does:
+    rd(W) in [rd(W ∓ e₀)] (the target's own rounding of W first), rd(B A) in [rd(B A ∓ e₁)] (r-term sums),
+    the scaling and the add monotone in their stored operands (e₂, e₃: one rounding each), the norm of the
+    row between the norms of its least and largest |V| (0 where V's range holds 0), ± e₄ (in + 1: the sum of
+    squares and the root), then rd. Each eᵢ is a differential bound; ``ends(λ)`` scales them all by λ.
+    """
+
+    dtype: str
+    target: str
+    W: Array
+    A: Array
+    B: Array
+    scaling: float
+
+    def ends(self, lam: Array | float = 1.0) -> tuple[Array, Array]:
+        t, lam_rows = self.target, np.asarray(lam, dtype=np.float64)
+        lam2 = lam_rows[..., None] if lam_rows.ndim else lam_rows
+
+        def rd(x: Array) -> Array:
+            return _round_extended(x, self.dtype)
+
+        def widest(lo: Array, hi: Array) -> Array:
+            return np.maximum(np.abs(lo), np.abs(hi))
+
+        with np.errstate(invalid="ignore", over="ignore"):
+            e0 = lam2 * differential(0, np.abs(self.W), t)
+            w_lo, w_hi = rd(self.W - e0), rd(self.W + e0)
+            ba = self.B @ self.A
+            e1 = lam2 * differential(self.A.shape[0], np.abs(self.B) @ np.abs(self.A), t)
+            p_lo, p_hi = rd(ba - e1), rd(ba + e1)
+            sp_lo, sp_hi = (self.scaling * p_lo, self.scaling * p_hi)
+            if self.scaling < 0:
+                sp_lo, sp_hi = sp_hi, sp_lo
+            e2 = lam2 * differential(1, abs(self.scaling) * widest(p_lo, p_hi), t)
+            l_lo, l_hi = rd(sp_lo - e2), rd(sp_hi + e2)
+            e3 = lam2 * differential(1, widest(w_lo, w_hi) + widest(l_lo, l_hi), t)
+            v_lo, v_hi = rd(w_lo + l_lo - e3), rd(w_hi + l_hi + e3)
+            least = np.where((v_lo <= 0) & (v_hi >= 0), 0.0, np.minimum(np.abs(v_lo), np.abs(v_hi)))
+            n_lo, n_hi = np.linalg.norm(least, axis=1), np.linalg.norm(widest(v_lo, v_hi), axis=1)
+            e4 = lam_rows * differential(self.W.shape[1] + 1, n_hi, t)
+            lo, hi = rd(n_lo - e4), rd(n_hi + e4)
+        return np.where(np.isnan(lo), 0.0, lo), np.where(np.isnan(hi), np.inf, hi)
+
+    def subset(self, where: Any) -> StoredNormRange:
+        """The range of the rows at the indices ``where`` (1-D)."""
+        return StoredNormRange(self.dtype, self.target, self.W[where], self.A, self.B[where], self.scaling)
+
+
 def stored_single(v: Array, depth: int, magnitude: Array, storage: str, dtype: str) -> StoredRange:
     """The stored range of y = rd(v) for a target computing v (rounding count ``depth``, ``magnitude`` its
     formula on |inputs|) in ``dtype`` and storing it in ``storage``."""

@@ -200,3 +200,31 @@ def test_dora_rows_store_through_the_stored_range(op):
     assert compare(tol, got, expected, case, "float32").passed
     assert not compare(tol, {name: z.astype(np.float64), **others}, expected, case, "float32").passed
     assert not compare(tol, {name: precision.round_to(v, "float16"), **others}, expected, case, "float32").passed
+
+
+def _init_magnitude32(W, A, B, s, dtype):
+    """PEFT's magnitude in a storage format, each stage computed in float32 and stored (dora.init_magnitude)."""
+
+    def rd(x):
+        return precision.round_to(np.asarray(x, dtype=F32), dtype).astype(F32)
+
+    w = rd(W.astype(F32))
+    low_rank = rd(F32(s) * rd(B.astype(F32) @ A.astype(F32)))
+    V = rd(w + low_rank)
+    return precision.round_to(np.sqrt((V * V).sum(axis=1, dtype=F32)), dtype)
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+def test_a_float32_init_magnitude_passes_and_rounding_the_float64_norm_once_fails(storage):
+    tol, caught = ROWS["dora.init_magnitude"].tolerance, False
+    for seed in range(12):
+        rng = np.random.default_rng(200 + seed)
+        W, A, B = rng.standard_normal((16, 48)), rng.standard_normal((3, 48)) * 0.5, rng.standard_normal((16, 3))
+        s = 0.5 if seed % 2 else -2.0
+        case = {"W": W, "A": A, "B": B, "scaling": s, "dtype": storage}
+        expected = {"out": dora.init_magnitude(**case)}
+        v = compare(tol, {"out": _init_magnitude32(W, A, B, s, storage)}, expected, case, "float32")
+        assert v.passed, v.message
+        once = precision.round_to(dora.init_magnitude(**{**case, "dtype": None}), storage)
+        caught |= not compare(tol, {"out": once}, expected, case, "float32").passed
+    assert caught, "rounding the float64 norm once was never told apart"

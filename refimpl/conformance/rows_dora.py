@@ -377,6 +377,16 @@ def _stored(kind: str):
     return stored
 
 
+def _magnitude_stored(case: Mapping[str, Any], dtype: str) -> dict[str, bounds.StoredNormRange]:
+    """init_magnitude with a storage dtype: PEFT's stages each stored (refimpl.bounds.StoredNormRange)."""
+    storage = case.get("dtype")
+    if storage is None:
+        return {}
+    _, _, W, s = _layer(case)
+    A, B = _factors(case)
+    return {"out": bounds.StoredNormRange(str(np.dtype(precision.resolve_dtype(storage))), dtype, W, A, B, s)}
+
+
 def _backward_depth(case: Mapping[str, Any]) -> int:
     x, n_in, r = np.shape(case["x"]), *_reduction_len(case)
     return bounds.dora_backward_depth(int(np.prod(x[:-1])), n_in, np.shape(case["B"])[0], r)
@@ -984,7 +994,9 @@ def rows() -> list[OpSpec]:
             "dora.init_magnitude",
             lambda: _strategy(with_x=False, with_m=False, options="magnitude"),
             "as weight_norm; dtype None (float64) or the base storage format PEFT computes m in",
-            Bounded(lambda c: bounds.dora_norm_depth(*_reduction_len(c)), _norm_magnitude),
+            StoredBounded(
+                lambda c: bounds.dora_norm_depth(*_reduction_len(c)), _norm_magnitude, stored=_magnitude_stored
+            ),
             golden=weight_only(),
             specials=lambda: _specials(norm_ex, ("W", "A")),
             classes=_weight_classes("init_magnitude"),

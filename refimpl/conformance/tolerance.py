@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from refimpl import precision
-from refimpl.bounds import StoredRange, differential
+from refimpl.bounds import StoredNormRange, StoredRange, differential
 from refimpl.precision import round_to
 
 
@@ -88,10 +88,15 @@ class StoredBounded(Bounded):
     passes), so it reads like ``Bounded``'s ratio.
     """
 
-    stored: Callable[[Mapping[str, Any], str], dict[str, StoredRange]] = field(default=lambda case, dtype: {})
+    stored: Callable[[Mapping[str, Any], str], Mapping[str, StoredRange | StoredNormRange]] = field(
+        default=lambda case, dtype: {}
+    )
 
     def describe(self) -> str:
-        return super().describe() + "; stored results: a value of the storage format within rd(v ± bound)"
+        return super().describe() + (
+            "; with a storage dtype, a value of that format in [rd(v − bound), rd(v + bound)], v the unrounded "
+            "result (spec/conventions.md §2)"
+        )
 
 
 Tolerance = Exact | Bounded
@@ -189,7 +194,7 @@ def _inside(act: np.ndarray, lo: np.ndarray, hi: np.ndarray, overflow_nan: bool)
     return finite | ((act == np.inf) & (hi == np.inf)) | ((act == -np.inf) & (lo == -np.inf))
 
 
-def _least_scale(act: np.ndarray, rng: StoredRange, overflow_nan: bool) -> np.ndarray:
+def _least_scale(act: np.ndarray, rng: StoredRange | StoredNormRange, overflow_nan: bool) -> np.ndarray:
     """Per element, the least λ (bisected on log2 λ) whose range holds ``act``; inf if none does."""
     lo_l, hi_l = np.full(act.shape, _LAMBDA_LOG2[0]), np.full(act.shape, _LAMBDA_LOG2[1])
     at_top = _inside(act, *rng.ends(2.0**hi_l), overflow_nan)
@@ -200,7 +205,7 @@ def _least_scale(act: np.ndarray, rng: StoredRange, overflow_nan: bool) -> np.nd
     return np.where(at_top, 2.0**hi_l, np.inf)
 
 
-def compare_stored(act: np.ndarray, exp: np.ndarray, rng: StoredRange, name: str) -> Verdict:
+def compare_stored(act: np.ndarray, exp: np.ndarray, rng: StoredRange | StoredNormRange, name: str) -> Verdict:
     """One stored output against its admissible range (``StoredBounded``)."""
     a = act.astype(np.float64)
     e = exp.astype(np.float64)
