@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from refimpl.precision import gamma, unit_roundoff
+from refimpl.precision import gamma, round_to, unit_roundoff
 
 Array = NDArray[np.float64]
 
@@ -505,6 +505,185 @@ def differential(depth: int, magnitude: Array, dtype: str) -> Array:
     """
     k_target = depth if dtype == "float64" else depth + 2
     return (gamma(k_target, dtype) + gamma(depth, "float64")) * np.abs(np.asarray(magnitude, dtype=np.float64))
+
+
+# ---------------------------------------------------------------------------- results stored in a narrower format
+#
+# Some ops round their result into a storage format (``dtype=`` of lora.merge/unmerge, dora.merge/unmerge):
+# the reference stores y = rd(v), rd the round-to-nearest-even of that format and v its float64 value. A
+# target computes v in its own precision and then rounds: its stored value is rd(z), |z − v| ≤ e (the
+# differential bound on v), which may be the neighbour of rd(v) where v lies within e of a tie of the format
+# (double rounding). rd is monotone, so the stored values a correct target can give are exactly those of the
+# format in [rd(v − e), rd(v + e)]. The counts below are those of v, before its storage rounding.
+
+
+def lora_merge_unrounded_depth(r: int) -> int:
+    """k = r + 2 for v = W ± s·B A before its storage rounding (spec/lora.md §6, safe=False): the r-term sum,
+    the scaling, the add."""
+    return r + 2
+
+
+def lora_delta_unrounded_depth(r: int) -> int:
+    """k = r + 1 for ΔW = s·B A before the safe path stores it in the base format: the r-term sum, the
+    scaling (``lora_delta_depth`` without the storage)."""
+    return r + 1
+
+
+def stored_add_depth() -> int:
+    """k = 1 for W ± rd(ΔW), the add of an already stored term (safe merge, unmerge)."""
+    return 1
+
+
+def dora_merge_unrounded_depth(in_features: int, r: int) -> int:
+    """k = in + r + 5 for f ⊙ (W + ΔW) before its storage rounding: ``dora_weight_depth`` without the storage."""
+    return dora_weight_depth(in_features, r) - 1
+
+
+def dora_unmerge_unrounded_depth(r: int) -> int:
+    """k = r + 2 for W' / f − ΔW before its storage rounding: ``dora_unmerge_depth`` without the storage."""
+    return dora_unmerge_depth(r) - 1
+
+
+def _round_extended(x: Array, dtype: str) -> Array:
+    """rd(x) in ``dtype``, an overflow as ±inf by the sign of x (float8_e4m3fn rounds it to NaN: the sign is
+    kept here so that the ends of a range stay ordered)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = round_to(x, dtype)
+    return np.where(np.isfinite(out) | np.isnan(x), out, np.copysign(np.inf, x))
+
+
+@dataclass(frozen=True)
+class StoredRange:
+    """The stored values a target may give for y = rd(base + sign·q(inner)), q = rd (``inner_rounded``: PEFT's
+    safe merge and unmerge store ΔW first) or the identity, all in the storage format ``dtype``.
+
+    ``e_inner`` bounds the target's error on ``inner``, ``e_outer`` its error on the sum; both are differential
+    bounds (they include the float64 reference's own error). A single rounding rd(v) is base = v, inner = 0.
+    ``ends(λ)`` is the range [lo, hi] with both errors scaled by λ (λ = 1: the bound): by monotonicity of rd,
+
+        q-range  = [q(inner − λe_in), q(inner + λe_in)]
+        [lo, hi] = [rd(base + sign·q-range − λe_out), rd(base + sign·q-range + λe_out)],
+
+    every stored value a correct target can give lies in it (with the safe path, a superset: q takes only
+    the format's values in its range). Overflow ends are ±inf.
+    """
+
+    dtype: str
+    base: Array
+    e_outer: Array
+    inner: Array | float = 0.0
+    e_inner: Array | float = 0.0
+    inner_rounded: bool = False
+    sign: float = 1.0
+
+    def ends(self, lam: Array | float = 1.0) -> tuple[Array, Array]:
+        with np.errstate(invalid="ignore", over="ignore"):
+            q_lo = np.asarray(self.inner - lam * self.e_inner, dtype=np.float64)
+            q_hi = np.asarray(self.inner + lam * self.e_inner, dtype=np.float64)
+            if self.inner_rounded:
+                q_lo, q_hi = _round_extended(q_lo, self.dtype), _round_extended(q_hi, self.dtype)
+            if self.sign < 0:
+                q_lo, q_hi = -q_hi, -q_lo
+            lo = _round_extended(self.base + q_lo - lam * self.e_outer, self.dtype)
+            hi = _round_extended(self.base + q_hi + lam * self.e_outer, self.dtype)
+        return np.where(np.isnan(lo), -np.inf, lo), np.where(np.isnan(hi), np.inf, hi)
+
+    def subset(self, where: Any) -> StoredRange:
+        """The range of the elements at the flat indices ``where`` (1-D)."""
+
+        def pick(a: Array | float) -> Array | float:
+            return np.broadcast_to(a, np.shape(self.base)).reshape(-1)[where] if np.ndim(a) else a
+
+        return StoredRange(
+            self.dtype,
+            np.asarray(pick(self.base)),
+            np.asarray(pick(self.e_outer)),
+            pick(self.inner),
+            pick(self.e_inner),
+            self.inner_rounded,
+            self.sign,
+        )
+
+
+@dataclass(frozen=True)
+class StoredNormRange:
+    """The stored values of PEFT's magnitude in a storage format (dora.init_magnitude with ``dtype``, spec/dora.md
+    §2): m = rd(‖rd(rd(W) + rd(s·rd(B A)))‖) per row, W (out, in), A (r, in), B (out, r), every rd into ``dtype``.
+
+    A target computing each stage in ``target`` precision may round each one to the neighbour of the
+    reference's (double rounding), so the range of each stage is carried to the next as ``StoredRange`` does:
+    rd(W) in [rd(W ∓ e₀)] (the target's own rounding of W first), rd(B A) in [rd(B A ∓ e₁)] (r-term sums),
+    the scaling and the add monotone in their stored operands (e₂, e₃: one rounding each), the norm of the
+    row between the norms of its least and largest |V| (0 where V's range holds 0), ± e₄ (in + 1: the sum of
+    squares and the root), then rd. Each eᵢ is a differential bound; ``ends(λ)`` scales them all by λ.
+    """
+
+    dtype: str
+    target: str
+    W: Array
+    A: Array
+    B: Array
+    scaling: float
+
+    def ends(self, lam: Array | float = 1.0) -> tuple[Array, Array]:
+        t, lam_rows = self.target, np.asarray(lam, dtype=np.float64)
+        lam2 = lam_rows[..., None] if lam_rows.ndim else lam_rows
+
+        def rd(x: Array) -> Array:
+            return _round_extended(x, self.dtype)
+
+        def widest(lo: Array, hi: Array) -> Array:
+            return np.maximum(np.abs(lo), np.abs(hi))
+
+        with np.errstate(invalid="ignore", over="ignore"):
+            e0 = lam2 * differential(0, np.abs(self.W), t)
+            w_lo, w_hi = rd(self.W - e0), rd(self.W + e0)
+            ba = self.B @ self.A
+            e1 = lam2 * differential(self.A.shape[0], np.abs(self.B) @ np.abs(self.A), t)
+            p_lo, p_hi = rd(ba - e1), rd(ba + e1)
+            sp_lo, sp_hi = (self.scaling * p_lo, self.scaling * p_hi)
+            if self.scaling < 0:
+                sp_lo, sp_hi = sp_hi, sp_lo
+            e2 = lam2 * differential(1, abs(self.scaling) * widest(p_lo, p_hi), t)
+            l_lo, l_hi = rd(sp_lo - e2), rd(sp_hi + e2)
+            e3 = lam2 * differential(1, widest(w_lo, w_hi) + widest(l_lo, l_hi), t)
+            v_lo, v_hi = rd(w_lo + l_lo - e3), rd(w_hi + l_hi + e3)
+            least = np.where((v_lo <= 0) & (v_hi >= 0), 0.0, np.minimum(np.abs(v_lo), np.abs(v_hi)))
+            n_lo, n_hi = np.linalg.norm(least, axis=1), np.linalg.norm(widest(v_lo, v_hi), axis=1)
+            e4 = lam_rows * differential(self.W.shape[1] + 1, n_hi, t)
+            lo, hi = rd(n_lo - e4), rd(n_hi + e4)
+        return np.where(np.isnan(lo), 0.0, lo), np.where(np.isnan(hi), np.inf, hi)
+
+    def subset(self, where: Any) -> StoredNormRange:
+        """The range of the rows at the indices ``where`` (1-D)."""
+        return StoredNormRange(self.dtype, self.target, self.W[where], self.A, self.B[where], self.scaling)
+
+
+def stored_single(v: Array, depth: int, magnitude: Array, storage: str, dtype: str) -> StoredRange:
+    """The stored range of y = rd(v) for a target computing v (rounding count ``depth``, ``magnitude`` its
+    formula on |inputs|) in ``dtype`` and storing it in ``storage``."""
+    return StoredRange(storage, np.asarray(v, dtype=np.float64), differential(depth, magnitude, dtype))
+
+
+def stored_sum(
+    base: Array,
+    inner: Array,
+    inner_depth: int,
+    inner_magnitude: Array,
+    storage: str,
+    dtype: str,
+    *,
+    sign: float = 1.0,
+) -> StoredRange:
+    """The stored range of y = rd(base + sign·rd(inner)) (the safe merge, the unmerge): ``inner`` within
+    differential(inner_depth, inner_magnitude), the add (``stored_add_depth``) relative to |base| plus the
+    largest stored |inner| of its range."""
+    inner = np.asarray(inner, dtype=np.float64)
+    e_in = differential(inner_depth, inner_magnitude, dtype)
+    q = np.maximum(np.abs(_round_extended(inner - e_in, storage)), np.abs(_round_extended(inner + e_in, storage)))
+    q = np.where(np.isfinite(q), q, 0.0)  # an overflowing stored ΔW overflows the sum whatever its error
+    e_out = differential(stored_add_depth(), np.abs(base) + q, dtype)
+    return StoredRange(storage, np.asarray(base, dtype=np.float64), e_out, inner, e_in, True, sign)
 
 
 # ---------------------------------------------------------------------------- QLoRA backward (spec/nf4.md §13.1)

@@ -752,3 +752,31 @@ def test_lora_factor_linear_and_lora_svd_row_bounds_hold_on_random_float32_adapt
     got_B = _aligned((u[:, :2] * s[:2]).astype(np.float64), ref_B, axis=0)
     worst = _row_ratio("merging.lora_svd", {**case, "rank": 2}, {"out.0": got_A, "out.1": got_B})
     print(f"merging.lora_svd: worst error/bound {worst:.3g} on random float32 adapters")
+
+
+# ---- results stored in a narrower format (spec/conventions.md §2)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16", "float8_e5m2"])
+def test_stored_range_of_the_merge_row_is_attained_and_no_wider_than_the_bound_plus_two_roundings(storage):
+    # the range [rd(v − e), rd(v + e)] is attained at both ends (rd of a value within the bound) and is wider
+    # than rd(v) alone only where v lies within e of a tie of the storage format (or cancels: e > an ulp of v)
+    rng = np.random.default_rng(41)
+    W, A, B = rng.standard_normal((48, 64)), rng.standard_normal((4, 64)) * 0.5, rng.standard_normal((48, 4)) * 0.5
+    case = {"W": W, "A": A, "B": B, "scaling": 0.75, "dtype": storage}
+    rng_ = ROWS["lora.merge"].tolerance.stored(case, "float32")["out"]
+    v, e = rng_.base, rng_.e_outer
+    assert np.array_equal(
+        e,
+        bounds.differential(
+            bounds.lora_merge_unrounded_depth(4), np.abs(W) + 0.75 * (np.abs(B) @ np.abs(A)), "float32"
+        ),
+    )
+    lo, hi = rng_.ends(1.0)
+    assert np.array_equal(lo, precision.round_to(v - e, storage))
+    assert np.array_equal(hi, precision.round_to(v + e, storage))
+    # each end is within half an ulp of v ∓ e: the range is no wider than the bound plus the two roundings
+    assert (hi - lo <= 2 * e + (precision.ulp(lo, storage) + precision.ulp(hi, storage)) / 2).all()
+    wide = lo != hi
+    print(f"{storage}: {int(wide.sum())} of {v.size} stored ranges wider than rd(v)")
+    assert wide.sum() < v.size // 20  # float32 error is far below a storage ulp: the range is almost always rd(v)

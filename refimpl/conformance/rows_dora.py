@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from refimpl import bounds
+from refimpl import bounds, precision
 from refimpl.conformance.rows_lora import (
     _DROP_CLASSES,
     _DTYPE_CLASSES,
@@ -54,7 +54,7 @@ from refimpl.conformance.rows_lora import (
 )
 from refimpl.conformance.rows_lora import _embedding_strategy as _lora_embedding_strategy
 from refimpl.conformance.table import Boundary, Case, OpSpec, Special
-from refimpl.conformance.tolerance import Bounded, Exact
+from refimpl.conformance.tolerance import Bounded, Exact, StoredBounded
 
 #: Public functions of refimpl.dora that are not array ops.
 NOT_OPS: dict[str, str] = {
@@ -352,6 +352,39 @@ def _unmerge_magnitude(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
     _, _, Wm, s = _layer(c)
     w = bounds.dora_unmerge_magnitude(Wm, *_factors(c), np.asarray(c["m"]), s, np.asarray(c["weight_norm"]))
     return {"out": _to_caller(c, w)}
+
+
+def _stored(kind: str):
+    """The stored range of merge's W / unmerge's result with a storage dtype (spec/conventions.md, "Results
+    stored in a narrower format"): rd(v) from the unrounded reference v and its bound before the storage."""
+    import refimpl.dora as dora
+
+    def stored(case: Mapping[str, Any], dtype: str) -> dict[str, bounds.StoredRange]:
+        storage = case.get("dtype")
+        if storage is None:
+            return {}
+        storage = str(np.dtype(precision.resolve_dtype(storage)))
+        unrounded = {k: v for k, v in case.items() if k != "dtype"}
+        n_in, r = _reduction_len(case)
+        if kind == "merge":
+            v, name = dora.merge(**unrounded).W, "out.W"
+            depth, mag = bounds.dora_merge_unrounded_depth(n_in, r), _merge_magnitude(case)[name]
+        else:
+            v, name = dora.unmerge(**unrounded), "out"
+            depth, mag = bounds.dora_unmerge_unrounded_depth(r), _unmerge_magnitude(case)[name]
+        return {name: bounds.stored_single(v, depth, mag, storage, dtype)}
+
+    return stored
+
+
+def _magnitude_stored(case: Mapping[str, Any], dtype: str) -> dict[str, bounds.StoredNormRange]:
+    """init_magnitude with a storage dtype: PEFT's stages each stored (refimpl.bounds.StoredNormRange)."""
+    storage = case.get("dtype")
+    if storage is None:
+        return {}
+    _, _, W, s = _layer(case)
+    A, B = _factors(case)
+    return {"out": bounds.StoredNormRange(str(np.dtype(precision.resolve_dtype(storage))), dtype, W, A, B, s)}
 
 
 def _backward_depth(case: Mapping[str, Any]) -> int:
@@ -917,7 +950,7 @@ def rows() -> list[OpSpec]:
             lambda: _strategy(with_x=False, options="merge"),
             "W, A, B, m (out,), scaling in any layout of weight_norm; optional unmerged_base (W's shape) that the "
             "norm is taken against; dtype None or a storage format; every row of W_base + s·B A non-zero",
-            Bounded(_weight_depth, _merge_magnitude),
+            StoredBounded(_weight_depth, _merge_magnitude, stored=_stored("merge")),
             golden=lambda rng: _golden(rng, with_x=False),
             specials=lambda: _specials(merge_ex, ("W", "m")),
             classes=_weight_classes("merge"),
@@ -928,7 +961,9 @@ def rows() -> list[OpSpec]:
             _unmerge_strategy,
             "W_merged, A, B, m (no zero entry), scaling and the weight_norm merge returned (positive), any layout "
             "of weight_norm; dtype None or a storage format",
-            Bounded(lambda c: bounds.dora_unmerge_depth(_reduction_len(c)[1]), _unmerge_magnitude),
+            StoredBounded(
+                lambda c: bounds.dora_unmerge_depth(_reduction_len(c)[1]), _unmerge_magnitude, stored=_stored("unmerge")
+            ),
             golden=unmerge_golden,
             specials=lambda: [
                 *(
@@ -959,7 +994,9 @@ def rows() -> list[OpSpec]:
             "dora.init_magnitude",
             lambda: _strategy(with_x=False, with_m=False, options="magnitude"),
             "as weight_norm; dtype None (float64) or the base storage format PEFT computes m in",
-            Bounded(lambda c: bounds.dora_norm_depth(*_reduction_len(c)), _norm_magnitude),
+            StoredBounded(
+                lambda c: bounds.dora_norm_depth(*_reduction_len(c)), _norm_magnitude, stored=_magnitude_stored
+            ),
             golden=weight_only(),
             specials=lambda: _specials(norm_ex, ("W", "A")),
             classes=_weight_classes("init_magnitude"),

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from refimpl import bounds
+from refimpl import bounds, precision
 from refimpl.conformance.table import TIERS, Boundary, Case, OpSpec, Special, abs_case
-from refimpl.conformance.tolerance import Bounded, Exact
+from refimpl.conformance.tolerance import Bounded, Exact, StoredBounded
 
 _SCALINGS_EXACT = (0.25, 0.5, 1.0, 2.0)  # powers of two keep golden products exact
 _P_EXACT = (0.0, 0.5, 0.75)  # 1/(1-p) is a power of two
@@ -1126,8 +1126,8 @@ def _mask_boundary() -> list[Boundary]:
 
 
 def _merge_magnitude(*, merged: bool = False) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
-    """|W| + |s|·|B||A| (merge) or |W'| + |s|·|B||A| (unmerge), before any storage rounding: both sides round
-    the same float64 value into the storage dtype, so the float64 bound applies to the stored results."""
+    """|W| + |s|·|B||A| (merge) or |W'| + |s|·|B||A| (unmerge), before any storage rounding: with a storage
+    dtype the bound applies to the unrounded value, and ``_merge_stored`` turns it into the stored range."""
 
     def mag(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
         c = abs_case(_f64({k: v for k, v in case.items() if k not in ("dtype", "safe")}))
@@ -1136,6 +1136,32 @@ def _merge_magnitude(*, merged: bool = False) -> Callable[[Mapping[str, Any]], d
         return _flat(_ref("merge")(**c))
 
     return mag
+
+
+def _merge_stored(*, merged: bool = False) -> Callable[[Mapping[str, Any], str], dict[str, bounds.StoredRange]]:
+    """The stored values a target computing in ``dtype`` may give with a storage dtype (spec/conventions.md,
+    "Results stored in a narrower format"): rd(W + ΔW) (merge, safe=False) from the unrounded merge and its
+    bound; rd(W ± rd(ΔW)) (merge with safe=True, unmerge) through the inner rounding of ΔW."""
+
+    def stored(case: Mapping[str, Any], dtype: str) -> dict[str, bounds.StoredRange]:
+        storage = case.get("dtype")
+        if storage is None:
+            return {}
+        storage = str(np.dtype(precision.resolve_dtype(storage)))
+        c = _f64({k: v for k, v in case.items() if k not in ("dtype", "safe")})
+        W = c.pop("W_merged") if merged else c.pop("W")
+        r = int(np.shape(c["A"])[0])
+        fifo = bool(c.get("fan_in_fan_out", False))
+        if not merged and not case.get("safe", False):
+            v = _ref("merge")(W, c["A"], c["B"], c["scaling"], fan_in_fan_out=fifo)
+            mag = _merge_magnitude()(case)["out"]
+            return {"out": bounds.stored_single(v, bounds.lora_merge_unrounded_depth(r), mag, storage, dtype)}
+        d = _ref("delta")(c["A"], c["B"], c["scaling"], fan_in_fan_out=fifo)
+        d_mag = _ref("delta")(np.abs(c["A"]), np.abs(c["B"]), abs(c["scaling"]), fan_in_fan_out=fifo)
+        depth = bounds.lora_delta_unrounded_depth(r)
+        return {"out": bounds.stored_sum(W, d, depth, d_mag, storage, dtype, sign=-1.0 if merged else 1.0)}
+
+    return stored
 
 
 def rows() -> list[OpSpec]:
@@ -1223,7 +1249,9 @@ def rows() -> list[OpSpec]:
             lambda: _linear_strategy(with_x=False, options=True),
             "W (out, in) or (in, out) with fan_in_fan_out, A (r, in), B (out, r); dtype None (float64 result) or a "
             "storage format (float32, float16, bfloat16, float8_*), rounded once (safe=False) or twice (safe=True)",
-            Bounded(lambda c: bounds.lora_merge_depth(c["A"].shape[0]), _merge_magnitude()),
+            StoredBounded(
+                lambda c: bounds.lora_merge_depth(c["A"].shape[0]), _merge_magnitude(), stored=_merge_stored()
+            ),
             golden=lambda rng: _golden_linear(rng, with_x=False),
             specials=lambda: _specials("merge", ("W", "A", "B", "scaling"), ex("merge", with_x=False)),
             classes=_linear_op_classes("merge"),
@@ -1234,7 +1262,11 @@ def rows() -> list[OpSpec]:
             lambda: _linear_strategy(with_x=False, merged=True, options=True),
             "as merge, with W_merged in place of W; dtype None or a storage format (round(W' − round(ΔW)))",
             # |W' − ΔW| is bounded by the merge of the absolute values, |W'| + |s|·|B||A|
-            Bounded(lambda c: bounds.lora_merge_depth(c["A"].shape[0]), _merge_magnitude(merged=True)),
+            StoredBounded(
+                lambda c: bounds.lora_merge_depth(c["A"].shape[0]),
+                _merge_magnitude(merged=True),
+                stored=_merge_stored(merged=True),
+            ),
             golden=lambda rng: _golden_linear(rng, with_x=False, merged=True),
             specials=lambda: _specials("unmerge", ("W_merged", "A", "B"), ex("unmerge", with_x=False, merged=True)),
             classes=_linear_op_classes("unmerge"),
