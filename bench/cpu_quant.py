@@ -7,7 +7,10 @@ The limit is this process's copy bandwidth (``cpu_common.copy_bandwidth``: a Num
 read + write bytes per second, best of 7, measured before and after the kernels); each row gives the bytes
 the kernel must move (what it reads and writes: input, packed nibbles, absmax and nested codes, output), its
 GB/s and that as a share of the copy bandwidth, and which bitsandbytes CPU path ran
-(``refimpl.conformance.peers.bnb_paths``).
+(``refimpl.conformance.peers.bnb_paths``). numba's dequantize is timed writing into an existing array
+(``out=``, as the copy does: numba_Melem_s, GB_s, share) and allocating its output (numba_alloc_Melem_s), whose
+first-touch page faults cost about as much as the decoding; bitsandbytes 0.50.2 has no CPU kernel for
+``dequantize_4bit.out``, so its side always allocates, and x_vs_bnb compares the two allocating calls.
 Run: flock /tmp/bench.lock python bench/cpu_quant.py [--repeats 5] [--size 4096] [--note "..."]
 Writes bench/results/cpu-quant.json.
 """
@@ -93,8 +96,9 @@ def main() -> None:
             "numpy_ref_s": t.get("ref"),
             "numba_Melem_s": n / t["numba"] / 1e6,
             "bnb_Melem_s": n / t["bnb"] / 1e6,
-            "x_vs_bnb": t["bnb"] / t["numba"],
+            "x_vs_bnb": t["bnb"] / t.get("numba_alloc", t["numba"]),  # both allocating their output
             "x_vs_ref": t["ref"] / t["numba"] if "ref" in t else None,
+            "numba_alloc_Melem_s": n / t["numba_alloc"] / 1e6 if "numba_alloc" in t else None,
             "bnb_path": path,
             "bytes_identical": same,
         }
@@ -121,9 +125,11 @@ def main() -> None:
             same_q = "yes" if np.array_equal(kp, bp.numpy()) and np.array_equal(ks.absmax, bs.absmax.numpy()) else "no"
             add("quantize", dname, qt, t, n * isz + n / 2 + stats_bytes(n, False), BNB_QUANTIZE_PATH, same_q)
 
+            ko = np.empty_like(x)  # numba dequantizes into an existing array: no page faults
             t = C.interleaved_medians(
                 {
-                    "numba": lambda: nq.dequantize_4bit(kp, ks),
+                    "numba": lambda: nq.dequantize_4bit(kp, ks, out=ko),
+                    "numba_alloc": lambda: nq.dequantize_4bit(kp, ks),
                     "bnb": lambda: F.dequantize_4bit(bp, bs),
                     "ref": lambda: ref.dequantize_4bit(kp, ks),
                 },
@@ -137,8 +143,14 @@ def main() -> None:
     # nested statistics (double quantization), float32 NF4: the absmax is decoded from 8-bit codes first
     kp, ks = nq.quantize_4bit(base, BS, "nf4", True, profile="bitsandbytes-cpu")
     bp, bs = F.quantize_4bit(torch.from_numpy(base), blocksize=BS, quant_type="nf4", compress_statistics=True)
+    ko = np.empty_like(base)
     t = C.interleaved_medians(
-        {"numba": lambda: nq.dequantize_4bit(kp, ks), "bnb": lambda: F.dequantize_4bit(bp, bs)}, repeats=r
+        {
+            "numba": lambda: nq.dequantize_4bit(kp, ks, out=ko),
+            "numba_alloc": lambda: nq.dequantize_4bit(kp, ks),
+            "bnb": lambda: F.dequantize_4bit(bp, bs),
+        },
+        repeats=r,
     )
     kd = nq.dequantize_4bit(kp, ks)
     same_n = same_bytes(kd, to_numpy_bits(F.dequantize_4bit(bp, bs)))
@@ -190,6 +202,7 @@ def main() -> None:
         "GB_s",
         "share_of_copy",
         "bnb_share_of_copy",
+        "numba_alloc_Melem_s",
         "bnb_path",
         "bytes_identical",
         "equal_to_profile",

@@ -17,10 +17,15 @@ source compiles to those two signatures only.
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
+import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from refimpl.kernels.numba_cpu._bits import bf16_to_f32, bits_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+from refimpl.kernels.numba_cpu._bits import bf16_to_f32, bits_f32, f16_to_f32, f32_bits, f32_to_bf16, f32_to_f16
 from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.quant.operands import ABSMAX_MIN
 
@@ -144,9 +149,85 @@ def quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, packed, absmax
     parallel_ranges(_quantize_blocks, (n + bs - 1) // bs, x, kind, n, bs, bounds, order, zero_nib, packed, absmax)
 
 
+def _avx512_host() -> bool:
+    """True when numba compiles for this host (the default) and the host has AVX-512F (512-bit ``vpermd``)."""
+    cpu_name = numba.config.CPU_NAME  # type: ignore[attr-defined]  # numba.config's options are set at import time
+    return cpu_name in (None, "host") and "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+#: The dequantizer decodes 32 nibbles per step with two 512-bit table permutes when this is true.
+AVX512 = _avx512_host()
+
+
+def _decode32(wide: bool) -> object:
+    """An intrinsic decoding 16 packed bytes (32 nibbles, high nibble first) through a 16-entry table.
+
+    ``f(tbl, packed, pbyte, out, oidx)``: tbl is uint32[16] holding the block's 16 output bit patterns;
+    the bytes are packed[pbyte : pbyte + 16]. Each byte is widened to a 32-bit lane, its two nibbles
+    index the table through one ``vpermd`` each (a = tbl[byte >> 4], b = tbl[byte & 15]).
+    wide (float32 out, a uint32 view): out[oidx + 2k] = a_k, out[oidx + 2k + 1] = b_k (two interleaving
+    shuffles, 32 words). narrow (16-bit out, a uint32 view of pairs): out[oidx + k] = a_k | b_k << 16
+    (16 words, little-endian: element 2k in the low half).
+    """
+
+    def impl(typingctx, tbl, packed, pbyte, out, oidx):
+        sig = types.void(tbl, packed, pbyte, out, oidx)
+
+        def codegen(context, builder, signature, args):
+            tbl_v, packed_v, pbyte_v, out_v, oidx_v = args
+            tbl_a = context.make_array(signature.args[0])(context, builder, tbl_v)
+            packed_a = context.make_array(signature.args[1])(context, builder, packed_v)
+            out_a = context.make_array(signature.args[3])(context, builder, out_v)
+            i32 = ir.IntType(32)
+            i32x16 = ir.VectorType(i32, 16)
+            permd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(i32x16, [i32x16, i32x16]), "llvm.x86.avx512.permvar.si.512"
+            )
+
+            def vptr(ptr, index, ty):
+                return builder.bitcast(builder.gep(ptr, [index]), ty.as_pointer())
+
+            table = builder.load(vptr(tbl_a.data, ir.Constant(ir.IntType(64), 0), i32x16), align=4)
+            raw = builder.load(vptr(packed_a.data, pbyte_v, ir.VectorType(ir.IntType(8), 16)), align=1)
+            w = builder.zext(raw, i32x16)
+            a = builder.call(permd, [table, builder.lshr(w, ir.Constant(i32x16, [4] * 16))])
+            b = builder.call(permd, [table, builder.and_(w, ir.Constant(i32x16, [15] * 16))])
+            if wide:
+                lo = builder.shuffle_vector(a, b, ir.Constant(i32x16, [j // 2 + 16 * (j % 2) for j in range(16)]))
+                hi = builder.shuffle_vector(a, b, ir.Constant(i32x16, [8 + j // 2 + 16 * (j % 2) for j in range(16)]))
+                builder.store(lo, vptr(out_a.data, oidx_v, i32x16), align=4)
+                o2 = builder.add(oidx_v, ir.Constant(oidx_v.type, 16))
+                builder.store(hi, vptr(out_a.data, o2, i32x16), align=4)
+            else:
+                pair = builder.or_(a, builder.shl(b, ir.Constant(i32x16, [16] * 16)))
+                builder.store(pair, vptr(out_a.data, oidx_v, i32x16), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+_decode32_wide = _decode32(True)
+_decode32_narrow = _decode32(False)
+
+
+@njit(cache=True, inline="always")
+def _block_table(code, scale, kind, tbl):
+    """tbl[j] = the output bits of RNE_kind(f32(code[j] · scale)) as uint32 (float32 bits, or 16-bit bits)."""
+    for j in range(16):
+        v = code[j] * scale
+        if kind == KIND_BF16:
+            tbl[j] = np.uint32(f32_to_bf16(v))
+        elif kind == KIND_F16:
+            tbl[j] = np.uint32(f32_to_f16(v))
+        else:
+            tbl[j] = f32_bits(v)
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def _dequantize_blocks(packed, absmax, n, bs, code, kind, out, b_lo, b_hi):
-    """Blocks [b_lo, b_hi) of ``dequantize_4bit_kernel``."""
+    """Blocks [b_lo, b_hi) of ``dequantize_4bit_kernel`` (scalar: any host, and the tail block)."""
     tbl = np.empty(16, dtype=out.dtype)
     for b in range(b_lo, b_hi):
         start = b * bs
@@ -163,13 +244,41 @@ def _dequantize_blocks(packed, absmax, n, bs, code, kind, out, b_lo, b_hi):
             out[start + m - 1] = tbl[packed[base + m // 2] >> 4]
 
 
+@njit(cache=True, nogil=True, fastmath=False)
+def _dequantize_blocks_avx512(packed, absmax, bs, code, kind, out32, b_lo, b_hi):
+    """Whole blocks [b_lo, b_hi) of ``dequantize_4bit_kernel`` on AVX-512: 32 nibbles per step.
+
+    out32 is the output's uint32 view (float32 words, or pairs of 16-bit values)."""
+    tbl = np.empty(16, dtype=np.uint32)
+    wide = kind == KIND_F32
+    for b in range(b_lo, b_hi):
+        _block_table(code, absmax[b], kind, tbl)
+        base = b * (bs // 2)
+        for g in range(bs // 32):
+            if wide:
+                _decode32_wide(tbl, packed, base + 16 * g, out32, 2 * (base + 16 * g))
+            else:
+                _decode32_narrow(tbl, packed, base + 16 * g, out32, base + 16 * g)
+
+
 def dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, out):
     """out[i] = RNE_kind(f32(code[nib_i] · absmax[i // bs])) for i < n.
 
     Per block the 16 possible outputs are formed once (tbl[j] = RNE(f32(code[j] · absmax_b)), in the
-    output's own format), so the element loop is two table lookups and two stores per byte.
+    output's own format), so the element loop is table lookups and stores: on AVX-512 two ``vpermd``
+    per 16 bytes (``_decode32``), else two scalar lookups per byte. Every blocksize is a multiple of 32,
+    so only a partial last block takes the scalar loop on AVX-512.
     """
-    parallel_ranges(_dequantize_blocks, (n + bs - 1) // bs, packed, absmax, n, bs, code, kind, out)
+    nb = (n + bs - 1) // bs
+    if not AVX512:
+        parallel_ranges(_dequantize_blocks, nb, packed, absmax, n, bs, code, kind, out)
+        return
+    whole = n // bs
+    if whole:
+        words = out[: whole * bs].view(np.uint32)  # whole · bs is a multiple of 32: a whole number of words
+        parallel_ranges(_dequantize_blocks_avx512, whole, packed, absmax, bs, code, kind, words)
+    if whole < nb:
+        _dequantize_blocks(packed, absmax, n, bs, code, kind, out, whole, nb)
 
 
 # ---------------------------------------------------------------- nested statistics (bitsandbytes CPU)
