@@ -332,3 +332,25 @@ def test_dequantize_into_out_returns_out_holding_the_allocating_calls_bits(dtype
     got = Q.dequantize_4bit(p, s, out=out)
     assert got is out
     assert out.tobytes() == Q.dequantize_4bit(p, s).tobytes()
+
+
+@pytest.mark.skipif(not K.AVX512, reason="the AVX-512 quantizer runs only on an AVX-512 host")
+@given(
+    st.sampled_from([32, 64, 128]),
+    st.integers(1, 600),
+    st.sampled_from([K.KIND_F32, K.KIND_F16, K.KIND_BF16]),
+    st.sampled_from(["nf4", "fp4"]),
+    st.data(),
+)
+def test_avx512_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_patterns(bs, n, kind, qt, data):
+    # any bit pattern: NaN payloads, infinities, subnormals, signed zeros, values at the midpoints
+    bits = data.draw(hnp.arrays(np.uint32 if kind == K.KIND_F32 else np.uint16, n))
+    x = bits.view(np.float32) if kind == K.KIND_F32 else bits
+    _, bounds, order, zero_nib = Q._TABLES[qt]
+    nb = -(-n // bs)
+    want_p, want_a = np.zeros((n + 1) // 2, np.uint8), np.zeros(nb, np.float32)
+    got_p, got_a = np.ones((n + 1) // 2, np.uint8), np.ones(nb, np.float32)
+    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, want_p, want_a, 0, 0, nb)
+    K.quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, got_p, got_a)
+    assert want_p.tobytes() == got_p.tobytes()
+    assert want_a.tobytes() == got_a.tobytes()
