@@ -31,8 +31,8 @@ def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> floa
     return float(np.median(times))
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time (s) of each function, timed round-robin (a, b, c, a, b, c, …) so that load
+def interleaved_times(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Every wall time (s) of each function, timed round-robin (a, b, c, a, b, c, …) so that load
     bursts from other processes on a shared machine fall on every implementation alike."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -43,7 +43,12 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int, warm
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (s) of each function, timed round-robin (``interleaved_times``)."""
+    return {k: float(np.median(v)) for k, v in interleaved_times(fns, repeats=repeats, warmup=warmup).items()}
 
 
 def _status_kb(field: str) -> int:

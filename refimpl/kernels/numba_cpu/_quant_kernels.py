@@ -341,8 +341,9 @@ def _quant_lanes(kind: int) -> tuple[object, object]:
     lane-wise select-max (exact in any order), then the lanes in turn.
     ``nibbles(x, off, inv, bounds, order, packed, pbyte)``: 32 elements x[off : off + 32] to 16 bytes at
     packed[pbyte]: s = clamp(x · inv, −1, 1) (NaN stays NaN), q = Σ_j [not (s ≤ bounds_j)] over the 15
-    midpoints (15 compares and adds per 16 lanes), nibble = order[q] (one ``vpermd``), byte k = nib[2k] << 4 |
-    nib[2k + 1] (two shuffles). The same float32 operations as ``_block_nibbles`` for a full block.
+    sorted midpoints (bounds: 16 float32, the last a pad), found by a 4-step binary search (one ``vpermps``,
+    compare and add per step and 16 lanes, not 15 compares), nibble = order[q] (one ``vpermd``), byte k =
+    nib[2k] << 4 | nib[2k + 1] (two shuffles). The same float32 operations as ``_block_nibbles`` for a full block.
     """
     i32, i64 = ir.IntType(32), ir.IntType(64)
     f32x16, i32x16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
@@ -410,7 +411,10 @@ def _quant_lanes(kind: int) -> tuple[object, object]:
 
             inv16 = bcast(inv_v)
             one, mone = ir.Constant(f32x16, [1.0] * 16), ir.Constant(f32x16, [-1.0] * 16)
-            bnds = [bcast(builder.load(builder.gep(bdata, [ir.Constant(i64, j)]))) for j in range(15)]
+            permps = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(f32x16, [f32x16, i32x16]), "llvm.x86.avx512.permvar.sf.512"
+            )
+            bnds = builder.load(builder.bitcast(bdata, f32x16.as_pointer()), align=4)
             order16 = builder.load(builder.bitcast(odata, i32x16.as_pointer()), align=4)
             qs = []
             for h in range(2):
@@ -418,9 +422,13 @@ def _quant_lanes(kind: int) -> tuple[object, object]:
                 sc = builder.fmul(v, inv16)
                 sc = builder.select(builder.fcmp_ordered(">", sc, one), one, sc)
                 sc = builder.select(builder.fcmp_ordered("<", sc, mone), mone, sc)
+                # q = #{j : not (s <= b_j)} by binary search over the sorted midpoints (b_15 = +inf pads the
+                # table and is never read): q ≥ c exactly when not (s <= b_{c-1}); NaN passes every step → 15
                 q = splat_i(0)
-                for b in bnds:
-                    q = builder.add(q, builder.zext(builder.fcmp_unordered("ugt", sc, b), i32x16))
+                for step in (8, 4, 2, 1):
+                    b = builder.call(permps, [bnds, builder.add(q, splat_i(step - 1))])
+                    up = builder.fcmp_unordered("ugt", sc, b)
+                    q = builder.add(q, builder.select(up, splat_i(step), splat_i(0)))
                 qs.append(builder.call(permd, [order16, q]))
             ev = builder.shuffle_vector(qs[0], qs[1], ir.Constant(i32x16, [2 * k for k in range(16)]))
             od = builder.shuffle_vector(qs[0], qs[1], ir.Constant(i32x16, [2 * k + 1 for k in range(16)]))
@@ -442,8 +450,11 @@ _absmax_bf16, _nibbles_bf16 = _quant_lanes(KIND_BF16)
 def _quantize_blocks_avx512(x, kind, bs, bounds, order, packed, absmax, b_lo, b_hi):
     """Whole blocks [b_lo, b_hi) of ``quantize_4bit_kernel`` on AVX-512 (absmax, then 32 elements a step)."""
     order32 = np.empty(16, dtype=np.int32)
+    bounds16 = np.full(16, np.inf, dtype=np.float32)
     for j in range(16):
         order32[j] = order[j]
+    for j in range(15):
+        bounds16[j] = bounds[j]
     for b in range(b_lo, b_hi):
         start = b * bs
         if kind == KIND_F32:
@@ -456,11 +467,11 @@ def _quantize_blocks_avx512(x, kind, bs, bounds, order, packed, absmax, b_lo, b_
         inv = _ONE / amc
         for g in range(bs // 32):
             if kind == KIND_F32:
-                _nibbles_f32(x, start + 32 * g, inv, bounds, order32, packed, start // 2 + 16 * g)
+                _nibbles_f32(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
             elif kind == KIND_F16:
-                _nibbles_f16(x, start + 32 * g, inv, bounds, order32, packed, start // 2 + 16 * g)
+                _nibbles_f16(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
             else:
-                _nibbles_bf16(x, start + 32 * g, inv, bounds, order32, packed, start // 2 + 16 * g)
+                _nibbles_bf16(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
         absmax[b] = am
 
 
