@@ -1,5 +1,6 @@
 """Shared helpers of the CPU benchmarks: medians after warm-up, peak-memory deltas, machine
-details, the printed table and the JSON written to bench/results/cpu-<name>.json."""
+details (CPU model, instruction set), the physical limit (the same process's copy bandwidth), the
+printed table and the JSON written to bench/results/cpu-<name>.json."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> floa
     return float(np.median(times))
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time (s) of each function, timed round-robin (a, b, c, a, b, c, …) so that load
+def interleaved_times(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Every wall time (s) of each function, timed round-robin (a, b, c, a, b, c, …) so that load
     bursts from other processes on a shared machine fall on every implementation alike."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -42,7 +43,12 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int, warm
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (s) of each function, timed round-robin (``interleaved_times``)."""
+    return {k: float(np.median(v)) for k, v in interleaved_times(fns, repeats=repeats, warmup=warmup).items()}
 
 
 def _status_kb(field: str) -> int:
@@ -73,6 +79,41 @@ def _version(dist: str) -> str | None:
         return None
 
 
+#: the instruction-set flags worth naming in a result (/proc/cpuinfo spelling)
+ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "avx512vbmi", "avx2", "fma", "f16c")
+COPY_BYTES = 128 * 2**20
+
+
+def isa_flags() -> list[str]:
+    """Which of ``ISA_FLAGS`` this CPU reports (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def copy_bandwidth(nbytes: int = COPY_BYTES, repeats: int = 7) -> float:
+    """The physical limit: bytes per second a NumPy copy of a ``nbytes`` float32 array moves (read +
+    write, 2 · nbytes per copy), best of ``repeats`` after one warm-up copy, in this process."""
+    src = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def limit_columns(bytes_moved: float, seconds: float, copy_bps: float) -> dict[str, float]:
+    """A kernel's bytes moved per second and its share of the copy bandwidth (the row's limit columns)."""
+    bps = bytes_moved / seconds
+    return {"bytes_moved": bytes_moved, "GB_s": bps / 1e9, "share_of_copy": bps / copy_bps}
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -84,6 +125,7 @@ def machine() -> dict[str, Any]:
 
     return {
         "cpu_model": cpu,
+        "isa_flags": isa_flags(),
         "logical_cpus": os.cpu_count(),
         "numba_threads": numba.get_num_threads(),
         "python": sys.version.split()[0],
@@ -119,4 +161,6 @@ def write(name: str, info: dict[str, Any], rows: list[dict[str, Any]], targets: 
 
 def target_line(t: dict[str, Any]) -> str:
     status = "met" if t["met"] else "MISSED"
+    if t.get("unit") == "share":  # a share of the copy bandwidth
+        return f"- {t['name']}: measured {t['measured']:.0%}, target >= {t['target']:.0%}: {status}"
     return f"- {t['name']}: measured {t['measured']:.3g}x, target >= {t['target']}x: {status}"

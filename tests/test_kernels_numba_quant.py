@@ -287,3 +287,70 @@ def test_bad_arguments_raise_errors_that_name_them():
         Q.dequantize_4bit(p, {"absmax": s.absmax})
     with pytest.raises(ValueError, match="profile"):
         Q.dequantize_4bit(p, s, profile="cpu")
+    out = np.empty(128, dtype=np.float32)
+    with pytest.raises(TypeError, match="out"):
+        Q.dequantize_4bit(p, s, out=[0.0] * 128)
+    with pytest.raises(ValueError, match="out"):
+        Q.dequantize_4bit(p, s, out=out.astype(np.float16))
+    with pytest.raises(ValueError, match="out"):
+        Q.dequantize_4bit(p, s, out=out[:64])
+    with pytest.raises(ValueError, match="out"):
+        Q.dequantize_4bit(p, s, out=np.empty(256, dtype=np.float32)[::2])
+
+
+# scales that stress the table's rounding: zero, subnormal, huge (products overflow bf16/fp16), inf and NaN
+_SCALES = st.sampled_from([0.0, 1e-40, 3e-8, 0.37, 1.0, 7.5, 65519.0, 65536.0, 3e38, np.inf, -np.inf, np.nan])
+
+
+@pytest.mark.skipif(not K.AVX512, reason="the AVX-512 dequantizer runs only on an AVX-512 host")
+@given(
+    st.sampled_from([32, 64, 128, 256]),
+    st.integers(1, 700),
+    st.sampled_from([K.KIND_F32, K.KIND_F16, K.KIND_BF16]),
+    st.sampled_from(["nf4", "fp4"]),
+    st.data(),
+)
+def test_avx512_dequantizer_writes_the_scalar_dequantizers_bits_for_any_bytes_scales_and_tail(bs, n, kind, qt, data):
+    nb = -(-n // bs)
+    packed = data.draw(hnp.arrays(np.uint8, (n + 1) // 2))
+    absmax = np.array(data.draw(st.lists(_SCALES, min_size=nb, max_size=nb)), dtype=np.float32)
+    code = R.codebooks.codebook(qt)
+    word = np.float32 if kind == K.KIND_F32 else np.uint16
+    want = np.full(n, 0x5A5A, dtype=word) if kind else np.full(n, np.float32(-9.5))
+    got = want.copy()
+    K._dequantize_blocks(packed, absmax, n, bs, code, kind, want, 0, nb)
+    K.dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, got)
+    assert want.view(np.uint8).tobytes() == got.view(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_dequantize_into_out_returns_out_holding_the_allocating_calls_bits(dtype):
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = _data(np.random.default_rng(5), (37, 96), dt)
+    p, s = Q.quantize_4bit(x, 64, "fp4")
+    out = np.full(x.shape, 3, dtype=dt)
+    got = Q.dequantize_4bit(p, s, out=out)
+    assert got is out
+    assert out.tobytes() == Q.dequantize_4bit(p, s).tobytes()
+
+
+@pytest.mark.skipif(not K.AVX512, reason="the AVX-512 quantizer runs only on an AVX-512 host")
+@given(
+    st.sampled_from([32, 64, 128]),
+    st.integers(1, 600),
+    st.sampled_from([K.KIND_F32, K.KIND_F16, K.KIND_BF16]),
+    st.sampled_from(["nf4", "fp4"]),
+    st.data(),
+)
+def test_avx512_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_patterns(bs, n, kind, qt, data):
+    # any bit pattern: NaN payloads, infinities, subnormals, signed zeros, values at the midpoints
+    bits = data.draw(hnp.arrays(np.uint32 if kind == K.KIND_F32 else np.uint16, n))
+    x = bits.view(np.float32) if kind == K.KIND_F32 else bits
+    _, bounds, order, zero_nib = Q._TABLES[qt]
+    nb = -(-n // bs)
+    want_p, want_a = np.zeros((n + 1) // 2, np.uint8), np.zeros(nb, np.float32)
+    got_p, got_a = np.ones((n + 1) // 2, np.uint8), np.ones(nb, np.float32)
+    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, want_p, want_a, 0, 0, nb)
+    K.quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, got_p, got_a)
+    assert want_p.tobytes() == got_p.tobytes()
+    assert want_a.tobytes() == got_a.tobytes()

@@ -17,8 +17,13 @@ source compiles to those two signatures only.
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
+import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from refimpl.kernels.numba_cpu._bits import bf16_to_f32, bits_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 from refimpl.kernels.numba_cpu._parallel import parallel_ranges
@@ -111,8 +116,8 @@ def _quantize_block(src, off, m, full, bounds, order, remap, zero_nib, nib, pack
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, packed, absmax, b_lo, b_hi):
-    """Blocks [b_lo, b_hi) of ``quantize_4bit_kernel`` (one thread's share)."""
+def _quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, packed, absmax, b0, b_lo, b_hi):
+    """Blocks b0 + [b_lo, b_hi) of ``quantize_4bit_kernel`` (one thread's share); absmax starts at block b0."""
     nfull = n // bs
     remap = False
     for j in range(16):
@@ -123,7 +128,7 @@ def _quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, packed, absmax, b_
             zero_pos = j
     buf = np.empty(bs, dtype=np.float32)
     nib = np.empty(bs + 1, dtype=np.uint8)
-    for b in range(b_lo, b_hi):
+    for b in range(b0 + b_lo, b0 + b_hi):
         start = b * bs
         m = min(bs, n - start)
         full = b < nfull
@@ -136,17 +141,139 @@ def _quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, packed, absmax, b_
             am = _quantize_block(
                 buf, 0, m, full, bounds, order, remap, zero_pos if remap else zero_nib, nib, packed, start // 2
             )
-        absmax[b] = am
+        absmax[b - b0] = am
 
 
 def quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, packed, absmax):
-    """Blockwise 4-bit quantization of the first n elements of x into packed/absmax (threads over blocks)."""
-    parallel_ranges(_quantize_blocks, (n + bs - 1) // bs, x, kind, n, bs, bounds, order, zero_nib, packed, absmax)
+    """Blockwise 4-bit quantization of the first n elements of x into packed/absmax (threads over blocks).
+
+    On AVX-512 the whole blocks take ``_quantize_blocks_avx512`` (16 lanes per step), a partial last block
+    the scalar loop."""
+    nb = (n + bs - 1) // bs
+    whole = n // bs if AVX512 else 0
+    if whole:
+        parallel_ranges(_quantize_blocks_avx512, whole, x, kind, bs, bounds, order, packed, absmax)
+    if whole < nb:
+        parallel_ranges(
+            _quantize_blocks, nb - whole, x, kind, n, bs, bounds, order, zero_nib, packed, absmax[whole:], whole
+        )
+
+
+def _avx512_host() -> bool:
+    """True when numba compiles for this host (the default) and the host has AVX-512F (512-bit ``vpermd``)."""
+    cpu_name = numba.config.CPU_NAME  # type: ignore[attr-defined]  # numba.config's options are set at import time
+    return cpu_name in (None, "host") and "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+#: The dequantizer decodes 32 nibbles per step with two 512-bit table permutes when this is true.
+AVX512 = _avx512_host()
+
+
+def _decode32(wide: bool) -> object:
+    """An intrinsic decoding 16 packed bytes (32 nibbles, high nibble first) through a 16-entry table.
+
+    ``f(tbl, packed, pbyte, out, oidx)``: tbl is uint32[16] holding the block's 16 output bit patterns;
+    the bytes are packed[pbyte : pbyte + 16]. Each byte is widened to a 32-bit lane, its two nibbles
+    index the table through one ``vpermd`` each (a = tbl[byte >> 4], b = tbl[byte & 15]).
+    wide (float32 out, a uint32 view): out[oidx + 2k] = a_k, out[oidx + 2k + 1] = b_k (two interleaving
+    shuffles, 32 words). narrow (16-bit out, a uint32 view of pairs): out[oidx + k] = a_k | b_k << 16
+    (16 words, little-endian: element 2k in the low half).
+    """
+
+    def impl(typingctx, tbl, packed, pbyte, out, oidx):
+        sig = types.void(tbl, packed, pbyte, out, oidx)
+
+        def codegen(context, builder, signature, args):
+            tbl_v, packed_v, pbyte_v, out_v, oidx_v = args
+            tbl_a = context.make_array(signature.args[0])(context, builder, tbl_v)
+            packed_a = context.make_array(signature.args[1])(context, builder, packed_v)
+            out_a = context.make_array(signature.args[3])(context, builder, out_v)
+            i32 = ir.IntType(32)
+            i32x16 = ir.VectorType(i32, 16)
+            permd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(i32x16, [i32x16, i32x16]), "llvm.x86.avx512.permvar.si.512"
+            )
+
+            def vptr(ptr, index, ty):
+                return builder.bitcast(builder.gep(ptr, [index]), ty.as_pointer())
+
+            table = builder.load(vptr(tbl_a.data, ir.Constant(ir.IntType(64), 0), i32x16), align=4)
+            raw = builder.load(vptr(packed_a.data, pbyte_v, ir.VectorType(ir.IntType(8), 16)), align=1)
+            w = builder.zext(raw, i32x16)
+            a = builder.call(permd, [table, builder.lshr(w, ir.Constant(i32x16, [4] * 16))])
+            b = builder.call(permd, [table, builder.and_(w, ir.Constant(i32x16, [15] * 16))])
+            if wide:
+                lo = builder.shuffle_vector(a, b, ir.Constant(i32x16, [j // 2 + 16 * (j % 2) for j in range(16)]))
+                hi = builder.shuffle_vector(a, b, ir.Constant(i32x16, [8 + j // 2 + 16 * (j % 2) for j in range(16)]))
+                builder.store(lo, vptr(out_a.data, oidx_v, i32x16), align=4)
+                o2 = builder.add(oidx_v, ir.Constant(oidx_v.type, 16))
+                builder.store(hi, vptr(out_a.data, o2, i32x16), align=4)
+            else:
+                pair = builder.or_(a, builder.shl(b, ir.Constant(i32x16, [16] * 16)))
+                builder.store(pair, vptr(out_a.data, oidx_v, i32x16), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+_decode32_wide = _decode32(True)
+_decode32_narrow = _decode32(False)
+
+
+def _table16(kind: int) -> object:
+    """An intrinsic ``f(code, scale, tbl)``: tbl[j] = the bits of RNE_kind(f32(code[j] · scale)) as uint32.
+
+    One <16 x float> multiply (the same IEEE product as the scalar code), then, by kind: the float32
+    bits; bfloat16 by round-to-nearest-even on the bits, (b + 0x7FFF + lsb) >> 16, NaN → (b >> 16) | 0x40
+    (``_bits.f32_to_bf16``); float16 by ``fptrunc`` (``vcvtps2ph``: IEEE RNE, subnormals, overflow to
+    inf, NaN quieted with its payload's top bits, as ``_bits.f32_to_f16``).
+    """
+
+    def impl(typingctx, code, scale, tbl):
+        sig = types.void(code, scale, tbl)
+
+        def codegen(context, builder, signature, args):
+            code_v, scale_v, tbl_v = args
+            code_a = context.make_array(signature.args[0])(context, builder, code_v)
+            tbl_a = context.make_array(signature.args[2])(context, builder, tbl_v)
+            i32 = ir.IntType(32)
+            f32x16, i32x16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
+
+            def splat(v):
+                return ir.Constant(i32x16, [v] * 16)
+
+            codes = builder.load(builder.bitcast(code_a.data, f32x16.as_pointer()), align=4)
+            sv = builder.insert_element(ir.Constant(f32x16, None), scale_v, ir.Constant(i32, 0))
+            v = builder.fmul(codes, builder.shuffle_vector(sv, sv, ir.Constant(i32x16, [0] * 16)))
+            bits = builder.bitcast(v, i32x16)
+            if kind == KIND_BF16:
+                odd = builder.and_(builder.lshr(bits, splat(16)), splat(1))
+                rne = builder.lshr(builder.add(builder.add(bits, splat(0x7FFF)), odd), splat(16))
+                nan = builder.icmp_unsigned(">", builder.and_(bits, splat(0x7FFFFFFF)), splat(0x7F800000))
+                bits = builder.select(nan, builder.or_(builder.lshr(bits, splat(16)), splat(0x40)), rne)
+            elif kind == KIND_F16:
+                half = builder.bitcast(
+                    builder.fptrunc(v, ir.VectorType(ir.HalfType(), 16)), ir.VectorType(ir.IntType(16), 16)
+                )
+                bits = builder.zext(half, i32x16)
+            builder.store(bits, builder.bitcast(tbl_a.data, i32x16.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+_table16_f32 = _table16(KIND_F32)
+_table16_bf16 = _table16(KIND_BF16)
+_table16_f16 = _table16(KIND_F16)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
 def _dequantize_blocks(packed, absmax, n, bs, code, kind, out, b_lo, b_hi):
-    """Blocks [b_lo, b_hi) of ``dequantize_4bit_kernel``."""
+    """Blocks [b_lo, b_hi) of ``dequantize_4bit_kernel`` (scalar: any host, and the tail block)."""
     tbl = np.empty(16, dtype=out.dtype)
     for b in range(b_lo, b_hi):
         start = b * bs
@@ -163,13 +290,189 @@ def _dequantize_blocks(packed, absmax, n, bs, code, kind, out, b_lo, b_hi):
             out[start + m - 1] = tbl[packed[base + m // 2] >> 4]
 
 
+@njit(cache=True, nogil=True, fastmath=False)
+def _dequantize_blocks_avx512(packed, absmax, bs, code, kind, out32, b_lo, b_hi):
+    """Whole blocks [b_lo, b_hi) of ``dequantize_4bit_kernel`` on AVX-512: 32 nibbles per step.
+
+    out32 is the output's uint32 view (float32 words, or pairs of 16-bit values)."""
+    tbl = np.empty(16, dtype=np.uint32)
+    steps = bs // 32
+    if kind == KIND_F32:
+        for b in range(b_lo, b_hi):
+            _table16_f32(code, absmax[b], tbl)
+            base = b * (bs // 2)
+            for g in range(steps):
+                _decode32_wide(tbl, packed, base + 16 * g, out32, 2 * (base + 16 * g))
+        return
+    for b in range(b_lo, b_hi):
+        if kind == KIND_BF16:
+            _table16_bf16(code, absmax[b], tbl)
+        else:
+            _table16_f16(code, absmax[b], tbl)
+        base = b * (bs // 2)
+        for g in range(steps):
+            _decode32_narrow(tbl, packed, base + 16 * g, out32, base + 16 * g)
+
+
 def dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, out):
     """out[i] = RNE_kind(f32(code[nib_i] · absmax[i // bs])) for i < n.
 
     Per block the 16 possible outputs are formed once (tbl[j] = RNE(f32(code[j] · absmax_b)), in the
-    output's own format), so the element loop is two table lookups and two stores per byte.
+    output's own format), so the element loop is table lookups and stores: on AVX-512 two ``vpermd``
+    per 16 bytes (``_decode32``), else two scalar lookups per byte. Every blocksize is a multiple of 32,
+    so only a partial last block takes the scalar loop on AVX-512.
     """
-    parallel_ranges(_dequantize_blocks, (n + bs - 1) // bs, packed, absmax, n, bs, code, kind, out)
+    nb = (n + bs - 1) // bs
+    if not AVX512:
+        parallel_ranges(_dequantize_blocks, nb, packed, absmax, n, bs, code, kind, out)
+        return
+    whole = n // bs
+    if whole:
+        words = out[: whole * bs].view(np.uint32)  # whole · bs is a multiple of 32: a whole number of words
+        parallel_ranges(_dequantize_blocks_avx512, whole, packed, absmax, bs, code, kind, words)
+    if whole < nb:
+        _dequantize_blocks(packed, absmax, n, bs, code, kind, out, whole, nb)
+
+
+def _quant_lanes(kind: int) -> tuple[object, object]:
+    """Two intrinsics over 16-lane vectors of a float32 / fp16-bits / bf16-bits array (by kind).
+
+    ``absmax(x, off, m)``: max |x[off : off + m]| (m % 16 == 0) as float32, NaN (0x7FC00000) if any is NaN:
+    lane-wise select-max (exact in any order), then the lanes in turn.
+    ``nibbles(x, off, inv, bounds, order, packed, pbyte)``: 32 elements x[off : off + 32] to 16 bytes at
+    packed[pbyte]: s = clamp(x · inv, −1, 1) (NaN stays NaN), q = Σ_j [not (s ≤ bounds_j)] over the 15
+    sorted midpoints (bounds: 16 float32, the last a pad), found by a 4-step binary search (one ``vpermps``,
+    compare and add per step and 16 lanes, not 15 compares), nibble = order[q] (one ``vpermd``), byte k =
+    nib[2k] << 4 | nib[2k + 1] (two shuffles). The same float32 operations as ``_block_nibbles`` for a full block.
+    """
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    f32x16, i32x16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
+
+    def splat_i(v):
+        return ir.Constant(i32x16, [v] * 16)
+
+    def load16(builder, data, index):
+        if kind == KIND_F32:
+            return builder.load(builder.bitcast(builder.gep(data, [index]), f32x16.as_pointer()), align=4)
+        raw = builder.load(
+            builder.bitcast(builder.gep(data, [index]), ir.VectorType(ir.IntType(16), 16).as_pointer()), align=2
+        )
+        if kind == KIND_F16:
+            return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), 16)), f32x16)
+        return builder.bitcast(builder.shl(builder.zext(raw, i32x16), splat_i(16)), f32x16)
+
+    def fabs(builder, v):
+        return builder.bitcast(builder.and_(builder.bitcast(v, i32x16), splat_i(0x7FFFFFFF)), f32x16)
+
+    def absmax_impl(typingctx, x, off, m):
+        sig = types.float32(x, off, m)
+
+        def codegen(context, builder, signature, args):
+            x_v, off_v, m_v = args
+            data = context.make_array(signature.args[0])(context, builder, x_v).data
+            zero = ir.Constant(f32x16, [0.0] * 16)
+            acc = cgutils.alloca_once_value(builder, zero)
+            nan = cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 16))
+            with cgutils.for_range(builder, builder.udiv(m_v, ir.Constant(m_v.type, 16))) as loop:
+                a = fabs(
+                    builder, load16(builder, data, builder.add(off_v, builder.mul(loop.index, ir.Constant(i64, 16))))
+                )
+                cur = builder.load(acc)
+                builder.store(builder.select(builder.fcmp_ordered(">", a, cur), a, cur), acc)
+                builder.store(builder.or_(builder.load(nan), builder.fcmp_unordered("uno", a, a)), nan)
+            v = builder.load(acc)
+            am = builder.extract_element(v, ir.Constant(i32, 0))
+            for j in range(1, 16):
+                e = builder.extract_element(v, ir.Constant(i32, j))
+                am = builder.select(builder.fcmp_ordered(">", e, am), e, am)
+            anynan = builder.icmp_unsigned(
+                "!=", builder.bitcast(builder.load(nan), ir.IntType(16)), ir.Constant(ir.IntType(16), 0)
+            )
+            return builder.select(anynan, ir.Constant(ir.FloatType(), float("nan")), am)
+
+        return sig, codegen
+
+    def nibbles_impl(typingctx, x, off, inv, bounds, order, packed, pbyte):
+        sig = types.void(x, off, inv, bounds, order, packed, pbyte)
+
+        def codegen(context, builder, signature, args):
+            x_v, off_v, inv_v, bounds_v, order_v, packed_v, pbyte_v = args
+            data = context.make_array(signature.args[0])(context, builder, x_v).data
+            bdata = context.make_array(signature.args[3])(context, builder, bounds_v).data
+            odata = context.make_array(signature.args[4])(context, builder, order_v).data
+            pdata = context.make_array(signature.args[5])(context, builder, packed_v).data
+            permd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(i32x16, [i32x16, i32x16]), "llvm.x86.avx512.permvar.si.512"
+            )
+
+            def bcast(v):
+                sv = builder.insert_element(ir.Constant(f32x16, None), v, ir.Constant(i32, 0))
+                return builder.shuffle_vector(sv, sv, ir.Constant(i32x16, [0] * 16))
+
+            inv16 = bcast(inv_v)
+            one, mone = ir.Constant(f32x16, [1.0] * 16), ir.Constant(f32x16, [-1.0] * 16)
+            permps = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(f32x16, [f32x16, i32x16]), "llvm.x86.avx512.permvar.sf.512"
+            )
+            bnds = builder.load(builder.bitcast(bdata, f32x16.as_pointer()), align=4)
+            order16 = builder.load(builder.bitcast(odata, i32x16.as_pointer()), align=4)
+            qs = []
+            for h in range(2):
+                v = load16(builder, data, builder.add(off_v, ir.Constant(i64, 16 * h)))
+                sc = builder.fmul(v, inv16)
+                sc = builder.select(builder.fcmp_ordered(">", sc, one), one, sc)
+                sc = builder.select(builder.fcmp_ordered("<", sc, mone), mone, sc)
+                # q = #{j : not (s <= b_j)} by binary search over the sorted midpoints (b_15 = +inf pads the
+                # table and is never read): q ≥ c exactly when not (s <= b_{c-1}); NaN passes every step → 15
+                q = splat_i(0)
+                for step in (8, 4, 2, 1):
+                    b = builder.call(permps, [bnds, builder.add(q, splat_i(step - 1))])
+                    up = builder.fcmp_unordered("ugt", sc, b)
+                    q = builder.add(q, builder.select(up, splat_i(step), splat_i(0)))
+                qs.append(builder.call(permd, [order16, q]))
+            ev = builder.shuffle_vector(qs[0], qs[1], ir.Constant(i32x16, [2 * k for k in range(16)]))
+            od = builder.shuffle_vector(qs[0], qs[1], ir.Constant(i32x16, [2 * k + 1 for k in range(16)]))
+            byte = builder.trunc(builder.or_(builder.shl(ev, splat_i(4)), od), ir.VectorType(ir.IntType(8), 16))
+            builder.store(byte, builder.bitcast(builder.gep(pdata, [pbyte_v]), byte.type.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(absmax_impl), intrinsic(nibbles_impl)
+
+
+_absmax_f32, _nibbles_f32 = _quant_lanes(KIND_F32)
+_absmax_f16, _nibbles_f16 = _quant_lanes(KIND_F16)
+_absmax_bf16, _nibbles_bf16 = _quant_lanes(KIND_BF16)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _quantize_blocks_avx512(x, kind, bs, bounds, order, packed, absmax, b_lo, b_hi):
+    """Whole blocks [b_lo, b_hi) of ``quantize_4bit_kernel`` on AVX-512 (absmax, then 32 elements a step)."""
+    order32 = np.empty(16, dtype=np.int32)
+    bounds16 = np.full(16, np.inf, dtype=np.float32)
+    for j in range(16):
+        order32[j] = order[j]
+    for j in range(15):
+        bounds16[j] = bounds[j]
+    for b in range(b_lo, b_hi):
+        start = b * bs
+        if kind == KIND_F32:
+            am = _absmax_f32(x, start, bs)
+        elif kind == KIND_F16:
+            am = _absmax_f16(x, start, bs)
+        else:
+            am = _absmax_bf16(x, start, bs)
+        amc = ABSMAX_MIN if am < ABSMAX_MIN else am  # clamp(min=1e-38); NaN stays NaN
+        inv = _ONE / amc
+        for g in range(bs // 32):
+            if kind == KIND_F32:
+                _nibbles_f32(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
+            elif kind == KIND_F16:
+                _nibbles_f16(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
+            else:
+                _nibbles_bf16(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
+        absmax[b] = am
 
 
 # ---------------------------------------------------------------- nested statistics (bitsandbytes CPU)

@@ -178,10 +178,24 @@ def code_table(state: QuantState, profile: str | None = None) -> np.ndarray:
     return ref_blockwise.dequantization_code(state, state.profile if profile is None else profile)
 
 
-def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = None) -> np.ndarray:
+def _out_array(out: Any, state: QuantState) -> np.ndarray:
+    """``out`` checked: a writeable C-contiguous array of the state's shape and dtype."""
+    want = np.dtype(ml_dtypes.bfloat16) if state.dtype == "bfloat16" else np.dtype(state.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a NumPy array of dtype {want.name}, got {_checks.describe(out)}")
+    if out.dtype != want or out.shape != tuple(state.shape):
+        raise ValueError(f"out: expected shape {tuple(state.shape)} and dtype {want.name}, got {_checks.describe(out)}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out: expected a writeable C-contiguous array")
+    return out
+
+
+def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = None, out: Any = None) -> np.ndarray:
     """``refimpl.quant.dequantize_4bit`` compiled: x̂ = RNE_dtype(f32(code[nib] · absmax)), same bits.
 
-    ``profile`` defaults to the state's; it only changes the sign of FP4's zero nibble 8.
+    ``profile`` defaults to the state's; it only changes the sign of FP4's zero nibble 8. ``out``, an
+    optional array of the state's shape and dtype, receives the result (and is returned): it saves the
+    allocation, whose first-touch page faults cost about as much as the decoding (bench/README.md).
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
@@ -195,12 +209,19 @@ def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = Non
         raise ValueError(
             f"packed: state describes shape {state.shape} ({n} elements, {(n + 1) // 2} bytes), got {p.size} bytes"
         )
+    target = None if out is None else _out_array(out, state)
     p = np.ascontiguousarray(p).reshape(-1)
     kind = _KIND.get(state.dtype, K.KIND_F32)
-    out = np.empty(n, dtype=np.uint16 if kind != K.KIND_F32 else np.float32)
-    K.dequantize_4bit_kernel(p, block_scales(state), n, state.blocksize, code_table(state, profile), kind, out)
+    word = np.uint16 if kind != K.KIND_F32 else np.float32
+    flat = np.empty(n, dtype=word) if target is None or state.dtype == "float64" else target.reshape(-1).view(word)
+    K.dequantize_4bit_kernel(p, block_scales(state), n, state.blocksize, code_table(state, profile), kind, flat)
     if state.dtype == "float64":
-        return out.astype(np.float64).reshape(state.shape)
+        if target is None:
+            return flat.astype(np.float64).reshape(state.shape)
+        target[...] = flat.reshape(state.shape)
+        return target
+    if target is not None:
+        return target
     if kind == K.KIND_F32:
-        return out.reshape(state.shape)
-    return out.view(np.float16 if kind == K.KIND_F16 else ml_dtypes.bfloat16).reshape(state.shape)
+        return flat.reshape(state.shape)
+    return flat.view(np.float16 if kind == K.KIND_F16 else ml_dtypes.bfloat16).reshape(state.shape)
