@@ -124,6 +124,56 @@ def test_vectorised_and_scalar_gemv_agree_within_float64_bound_and_ignore_thread
     assert np.array_equal(one, fast)  # each output is summed by one thread in a fixed order
 
 
+@pytest.mark.skipif(not nqlora.AVX2, reason="the vectorised kernels need an AVX2 host")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_fused_forward_on_both_sides_of_the_m_dispatch_matches_reference(dtype, monkeypatch):
+    """Below ``FUSED_MAX_ROWS`` rows of x the blocked GEMM kernel runs: every row bit-identical to the GEMV
+    kernel's stated order (so the output does not depend on m); from the threshold on, decoded float64 tiles
+    through BLAS (several tiles and a short last one here). Both sides: the forward within the float64 bound
+    of the reference. Odd row counts exercise the short blocks of 4 rows of x and 2 rows of W."""
+    rng = np.random.default_rng(13)
+    th = nqlora.FUSED_MAX_ROWS
+    monkeypatch.setattr(nqlora, "FORWARD_TILE_ELEMENTS", 3 * 4096)  # several tiles per weight, a short last one
+    cases = 0
+    for (n_out, k_in), bs in (((37, 256), 64), ((515, 128), 32), ((9, 4096), 4096)):
+        W = (rng.standard_normal((n_out, k_in)) * rng.lognormal(0, 2, (n_out, 1))).astype(np.float32).astype(dtype)
+        A, B, bias = rng.standard_normal((4, k_in)), rng.standard_normal((n_out, 4)), rng.standard_normal(n_out)
+        for qt, nested in (("nf4", True), ("fp4", False)):
+            packed, state = R.quantize_4bit(W, bs, qt, nested, profile="bitsandbytes-cpu")
+            Wd = R.dequantize_4bit(packed, state).astype(np.float64)
+            for m in (2, 5, 8, th - 1, th, th + 3):
+                x = rng.standard_normal((m, k_in))
+                assert nqlora.forward_path(m, state) == ("avx2" if m < th else "avx2 tiles+BLAS")
+                base = nqlora.dequant_matmul(x, packed, state)
+                if m < th:
+                    assert np.array_equal(base, _fixed_order_gemv(x, Wd)), (n_out, k_in, bs, qt, m)
+                _check(base, x @ Wd.T, 2 * precision.matmul_error_bound(x, Wd.T, "float64"), f"x·Ŵᵀ m={m}")
+                got = nqlora.forward(x, packed, state, A, B, 0.5, bias)
+                want = qlora.forward(x, packed, state, A, B, 0.5, bias)
+                label = f"qlora m={m} {np.dtype(dtype).name} {qt} ({n_out}, {k_in})"
+                _check(got, want, _bound(x, Wd, A, B, 0.5), label)
+                cases += 1
+    print(f"\n{cases} cases on both sides of FUSED_MAX_ROWS = {th}")
+
+
+@pytest.mark.skipif(not nqlora.AVX2, reason="the vectorised kernels need an AVX2 host")
+def test_fused_gemm_ignores_thread_count():
+    import numba
+
+    rng = np.random.default_rng(14)
+    W = rng.standard_normal((203, 512)).astype(np.float32)
+    packed, state = R.quantize_4bit(W, 64, "nf4", True, profile="bitsandbytes-cpu")
+    x = rng.standard_normal((nqlora.FUSED_MAX_ROWS - 1, 512))
+    many = nqlora.dequant_matmul(x, packed, state)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = nqlora.dequant_matmul(x, packed, state)
+    finally:
+        numba.set_num_threads(threads)
+    assert np.array_equal(one, many)
+
+
 def test_fused_qlora_forward_with_dropout_mask_matches_reference():
     rng = np.random.default_rng(2)
     W = rng.standard_normal((40, 64)).astype(np.float32)

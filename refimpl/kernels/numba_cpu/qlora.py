@@ -11,17 +11,36 @@ packed weight, columns split over threads, each weight decoded and multiplied in
 tiles of decoded weight rows (float64, the same exact values; up to 32 MiB a tile) and g[:, tile] · tile with
 BLAS. A large (out, in) weight is never formed whole.
 
-* m < 4 rows of x, every row of W a whole number of blocks (k_in % bs == 0), AVX2 host: one
-  parallel pass over the rows of W. Per block the table is formed in two 8-lane float32 vectors
-  and looked up eight nibbles at a time with ``vpermps`` (AVX2 has no 16-entry float permute, so
-  two 8-entry permutes and a select on the nibble's bit 3), widened to float64 and multiplied by
-  x; the products accumulate in 16 float64 lanes (lane l holds the weights k ≡ l mod 16 of
-  the row) summed in a fixed tree at the end: the order is fixed and thread-independent.
-  The nested absmax (double quantization) is decoded inside the same pass, so a call is one
-  hand-off to the worker threads (on a loaded 2-core machine each hand-off can wait a scheduler tick).
-* otherwise m < 4: rows decoded into a float64 buffer, dotted with eight interleaved float64
-  partial sums (the same fixed-order contract, scalar table lookups).
-* m ≥ 4 rows: tiles of 256 decoded rows (float64) go through BLAS.
+The forward dispatches on m, the number of rows of x (``forward_path``):
+
+* AVX2 host, every row of W a whole number of blocks (k_in % bs == 0, bs % 16 == 0):
+  - m = 1: one parallel pass over the rows of W. Per block the table is formed in two 8-lane
+    float32 vectors and looked up eight nibbles at a time with ``vpermps`` (AVX2 has no 16-entry
+    float permute, so two 8-entry permutes and a select on the nibble's bit 3), widened to float64
+    and multiplied by x; the products accumulate in 16 float64 lanes (lane l holds the weights
+    k ≡ l mod 16 of the row) summed in a fixed tree at the end: the order is fixed and
+    thread-independent. The nested absmax (double quantization) is decoded inside the same pass,
+    so a call is one hand-off to the worker threads.
+  - 2 ≤ m < ``FUSED_MAX_ROWS``: the blocked GEMM. Each thread decodes 8 rows of W at a time with the
+    same lookup into a float32 buffer (the exact values, 128 KiB at in = 4096) and dots them with
+    the rows of x, 4 rows of x × 2 rows of W per pass (16 accumulator vectors), each dot in the
+    GEMV's lane order: every output equals the m = 1 kernel's bit for bit, whatever m.
+  - m ≥ ``FUSED_MAX_ROWS``: dequantize-then-matmul: tiles of ``FORWARD_TILE_ELEMENTS`` decoded
+    float64 values (2 MiB: in cache when BLAS reads them) through BLAS ``dgemm``.
+* otherwise (no AVX2, or blocks straddling rows): m = 1 (whole blocks) or m < 4 the scalar
+  kernels (rows decoded into a float64 buffer, eight interleaved float64 partial sums); m ≥ 4
+  tiles of 256 decoded rows through BLAS.
+
+Why the threshold on m (measured by bench/cpu_qlora.py, bench/README.md): per weight the fused path
+reads half a byte once and does m float64 multiply-then-adds in numba (no FMA: the stated order is
+exact mul, then add), so its time grows as m·N·K; dequantize-then-matmul pays one decode and a
+float64 tile write and read per weight (cache-resident tiles), then BLAS's FMA kernels run 3–4× the
+fused rate per product. Both costs scale with N·K, so the crossover depends on m alone, not on the
+weight's size: m* ≈ (decode + tile traffic per weight) / (fused − BLAS time per product). On the
+2-core AVX-512 host at 4096²: fused ≈ 5 ms + 1.3 ms per row of x, tiles ≈ 24 ms + 0.3 ms per row,
+m* ≈ 19 (measured: m = 16 fused 25 ms / tiles 28 ms, m = 32 39 ms / 28 ms). The float32 ``sgemm`` of
+the issue's unfused baseline is not an option for the kernel: its float32 sum is about 10⁴ times
+outside the float64 bound below.
 
 Why not a per-call byte table T[j, b] = code[b >> 4]·x[2j] + code[b & 15]·x[2j+1] shared by all
 rows with the absmax factored out of each block sum: it computes x·(code·absmax)ᵀ, not x·Ŵᵀ with
@@ -209,6 +228,196 @@ def dequant_gemv_avx2_kernel(x, packed, absmax, qcodes, absmax2, offset, dyn, ne
     )
 
 
+@intrinsic
+def _decode_row_avx2(typingctx, code, scales, packed, pbase, nblk, bs, kind, w, wbase):
+    """w[wbase + k] = Ŵ[k] (exact, in w's dtype: float32 or float64) for one row of nblk blocks of bs weights
+    (bs % 16 == 0) whose bytes start at packed[pbase]: the table lookup of ``_row_dot_avx2`` (two ``vpermps``
+    and a select on bit 3, the table rounded to the state's dtype in the vector), stored, not multiplied."""
+    sig = types.void(code, scales, packed, pbase, nblk, bs, kind, w, wbase)
+
+    def codegen(context, builder, signature, args):
+        code_v, scales_v, packed_v, pbase_v, nblk_v, bs_v, kind_v, w_v, wbase_v = args
+        code_a = context.make_array(signature.args[0])(context, builder, code_v)
+        scales_a = context.make_array(signature.args[1])(context, builder, scales_v)
+        packed_a = context.make_array(signature.args[2])(context, builder, packed_v)
+        w_a = context.make_array(signature.args[7])(context, builder, w_v)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        f32x8, i32x8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8)
+        i8x4 = ir.VectorType(ir.IntType(8), 4)
+        out_ty = f32x8 if signature.args[7].dtype == types.float32 else ir.VectorType(ir.DoubleType(), 8)
+
+        def splat(ty, v):
+            return ir.Constant(ty, [v] * ty.count)
+
+        def vptr(ptr, index, ty):
+            return builder.bitcast(builder.gep(ptr, [index]), ty.as_pointer())
+
+        permps = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32x8, [f32x8, i32x8]), "llvm.x86.avx2.permps"
+        )
+        code_lo = builder.load(vptr(code_a.data, ir.Constant(i64, 0), f32x8), align=4)
+        code_hi = builder.load(vptr(code_a.data, ir.Constant(i64, 8), f32x8), align=4)
+        is_bf16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_BF16))
+        is_f16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_F16))
+
+        def round_kind(t):
+            bits = builder.bitcast(t, i32x8)
+            odd = builder.and_(builder.lshr(bits, splat(i32x8, 16)), splat(i32x8, 1))
+            bf = builder.and_(builder.add(builder.add(bits, splat(i32x8, 0x7FFF)), odd), splat(i32x8, -65536))
+            f16 = builder.fpext(builder.fptrunc(t, ir.VectorType(ir.HalfType(), 8)), f32x8)
+            return builder.select(is_bf16, builder.bitcast(bf, f32x8), builder.select(is_f16, f16, t))
+
+        half_bs = builder.lshr(bs_v, ir.Constant(i64, 1))
+        groups = builder.lshr(bs_v, ir.Constant(i64, 3))  # groups of 8 weights (4 bytes) per block
+        with cgutils.for_range(builder, nblk_v) as blk:
+            scale = builder.load(builder.gep(scales_a.data, [blk.index]))
+            sv = builder.insert_element(ir.Constant(f32x8, None), scale, ir.Constant(i32, 0))
+            sv = builder.shuffle_vector(sv, sv, ir.Constant(i32x8, [0] * 8))
+            tbl_lo = round_kind(builder.fmul(code_lo, sv))
+            tbl_hi = round_kind(builder.fmul(code_hi, sv))
+            byte0 = builder.add(pbase_v, builder.mul(blk.index, half_bs))
+            k0 = builder.add(wbase_v, builder.mul(blk.index, bs_v))
+            with cgutils.for_range(builder, groups) as grp:
+                q = grp.index
+                src = vptr(packed_a.data, builder.add(byte0, builder.mul(q, ir.Constant(i64, 4))), i8x4)
+                raw = builder.load(src, align=1)
+                w4 = builder.zext(raw, ir.VectorType(i32, 4))
+                w8 = builder.shuffle_vector(w4, w4, ir.Constant(i32x8, [0, 0, 1, 1, 2, 2, 3, 3]))
+                nib = builder.and_(builder.lshr(w8, ir.Constant(i32x8, [4, 0] * 4)), splat(i32x8, 15))
+                lo = builder.call(permps, [tbl_lo, nib])
+                hi = builder.call(permps, [tbl_hi, nib])
+                val = builder.select(builder.icmp_unsigned(">", nib, splat(i32x8, 7)), hi, lo)
+                dst = vptr(w_a.data, builder.add(k0, builder.mul(q, ir.Constant(i64, 8))), out_ty)
+                builder.store(val if out_ty == f32x8 else builder.fpext(val, out_ty), dst, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: Rows of x and of decoded W that ``_dot_block_avx2`` takes at once (its 4 x 2 dot products keep
+#: 16 <8 x double> accumulators: the 32 registers of AVX-512, spilled in part on AVX2).
+_BLOCK_X, _BLOCK_W = 4, 2
+#: Rows of W decoded into the float32 buffer per tile (8 x in x 4 bytes: 128 KiB at in = 4096, in L2).
+_DECODED_ROWS = 8
+
+
+@intrinsic
+def _dot_block_avx2(typingctx, x, rows, w, wbase, k, out):
+    """out[2j + v] = Σ_k x[rows[j], k] · w[wbase + v·k_in + k] for j < 4, v < 2 (k_in % 16 == 0), each dot in the
+    order of ``_row_dot_avx2`` (lane l of 16 sums k ≡ l mod 16 in increasing k; lanes l, l + 8 added;
+    then the tree ((0+1)+(2+3))+((4+5)+(6+7))), so every output equals the GEMV kernel's bit for bit.
+    w holds float32 (exact) weights widened in the register; x float64 (m, k_in) C-contiguous."""
+    sig = types.void(x, rows, w, wbase, k, out)
+
+    def codegen(context, builder, signature, args):
+        x_v, rows_v, w_v, wbase_v, k_v, out_v = args
+        x_a = context.make_array(signature.args[0])(context, builder, x_v)
+        rows_a = context.make_array(signature.args[1])(context, builder, rows_v)
+        w_a = context.make_array(signature.args[2])(context, builder, w_v)
+        out_a = context.make_array(signature.args[5])(context, builder, out_v)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        f32x8, f64x8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.DoubleType(), 8)
+        xrow = []
+        for j in range(_BLOCK_X):
+            r = builder.load(builder.gep(rows_a.data, [ir.Constant(i64, j)]))
+            xrow.append(builder.gep(x_a.data, [builder.mul(r, k_v)]))
+        zero = ir.Constant(f64x8, [0.0] * 8)
+        acc = [
+            [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(_BLOCK_W)]
+            for _ in range(_BLOCK_X)
+        ]
+        npairs = builder.lshr(k_v, ir.Constant(i64, 4))
+        with cgutils.for_range(builder, npairs) as pair:
+            for half in range(2):
+                off = builder.add(builder.mul(pair.index, ir.Constant(i64, 16)), ir.Constant(i64, 8 * half))
+                wv = []
+                for v in range(_BLOCK_W):
+                    v_off = builder.add(wbase_v, builder.mul(k_v, ir.Constant(i64, v)))
+                    p = builder.gep(w_a.data, [builder.add(off, v_off)])
+                    wv.append(builder.fpext(builder.load(builder.bitcast(p, f32x8.as_pointer()), align=4), f64x8))
+                for j in range(_BLOCK_X):
+                    xv = builder.load(builder.bitcast(builder.gep(xrow[j], [off]), f64x8.as_pointer()), align=8)
+                    for v in range(_BLOCK_W):
+                        a = acc[j][v][half]
+                        builder.store(builder.fadd(builder.load(a), builder.fmul(wv[v], xv)), a)
+        for j in range(_BLOCK_X):
+            for v in range(_BLOCK_W):
+                total = builder.fadd(builder.load(acc[j][v][0]), builder.load(acc[j][v][1]))
+                lane = [builder.extract_element(total, ir.Constant(i32, t)) for t in range(8)]
+                s = builder.fadd(
+                    builder.fadd(builder.fadd(lane[0], lane[1]), builder.fadd(lane[2], lane[3])),
+                    builder.fadd(builder.fadd(lane[4], lane[5]), builder.fadd(lane[6], lane[7])),
+                )
+                builder.store(s, builder.gep(out_a.data, [ir.Constant(i64, _BLOCK_W * j + v)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _gemm_avx2_rows(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind, y, lo, hi):
+    """Output features [lo, hi) of ``dequant_gemm_avx2_kernel``: _DECODED_ROWS rows of W decoded at a time,
+    then each block of _BLOCK_X rows of x dotted with them _BLOCK_W rows at a time (x read once per tile)."""
+    m = x.shape[0]
+    nblk = k_in // bs
+    sc = np.empty(nblk, dtype=np.float32)
+    w = np.zeros(_DECODED_ROWS * k_in, dtype=np.float32)
+    rows = np.empty(_BLOCK_X, dtype=np.int64)
+    out = np.empty(_BLOCK_X * _BLOCK_W, dtype=np.float64)
+    for t0 in range(lo, hi, _DECODED_ROWS):
+        nt = min(_DECODED_ROWS, hi - t0)
+        for v in range(nt):
+            b0 = (t0 + v) * nblk
+            if nested:
+                for bb in range(nblk):
+                    b = b0 + bb
+                    sc[bb] = dyn[qcodes[b]] * absmax2[b // 256] + offset
+            else:
+                for bb in range(nblk):
+                    sc[bb] = absmax[b0 + bb]
+            _decode_row_avx2(code, sc, packed, ((t0 + v) * k_in) >> 1, nblk, bs, kind, w, v * k_in)
+        for i0 in range(0, m, _BLOCK_X):
+            nx = min(_BLOCK_X, m - i0)
+            for j in range(_BLOCK_X):
+                rows[j] = i0 + min(j, nx - 1)  # a short last block repeats its last row (results unused)
+            for v0 in range(0, nt, _BLOCK_W):
+                nw = min(_BLOCK_W, nt - v0)
+                # a short last group is dotted with the rows before it (or, alone, the zero rows after it)
+                base = v0 if nw == _BLOCK_W or v0 < _BLOCK_W else nt - _BLOCK_W
+                _dot_block_avx2(x, rows, w, base * k_in, k_in, out)
+                for j in range(nx):
+                    for v in range(nw):
+                        y[i0 + j, t0 + v0 + v] = out[_BLOCK_W * j + v0 - base + v]
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _decode_tile_avx2_rows(packed, absmax, qcodes, absmax2, offset, dyn, nested, row0, k_in, bs, code, kind, w, lo, hi):
+    """w[r, :] = the dequantized row row0 + r (float64 or float32, exact) for r in [lo, hi), by the vpermps
+    decoder."""
+    nblk = k_in // bs
+    sc = np.empty(nblk, dtype=np.float32)
+    flat = w.reshape(-1)
+    for r in range(lo, hi):
+        b0 = (row0 + r) * nblk
+        if nested:
+            for bb in range(nblk):
+                b = b0 + bb
+                sc[bb] = dyn[qcodes[b]] * absmax2[b // 256] + offset
+        else:
+            for bb in range(nblk):
+                sc[bb] = absmax[b0 + bb]
+        _decode_row_avx2(code, sc, packed, ((row0 + r) * k_in) >> 1, nblk, bs, kind, flat, r * k_in)
+
+
+def dequant_gemm_avx2_kernel(x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind, y):
+    """y = x · Ŵᵀ for 2 ≤ m < ``FUSED_MAX_ROWS`` rows of x (k_in % bs == 0, bs % 16 == 0): each pair of rows of
+    W decoded once (vpermps, into a float32 buffer of 2 rows: the exact values) and dotted with the rows of x
+    four at a time; every output in the GEMV kernel's summation order (independent of m and threads)."""
+    parallel_ranges(
+        _gemm_avx2_rows, n_out, x, packed, absmax, qcodes, absmax2, offset, dyn, nested, n_out, k_in, bs, code, kind, y
+    )
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def _gemv_rows(x, packed, scales, n_out, k_in, bs, code, kind, y, lo, hi):
     """Output features [lo, hi) of ``dequant_gemv_kernel``."""
@@ -315,15 +524,34 @@ GEMM_MIN_ROWS = 4
 _TILE_ROWS = 256
 
 
+#: Below this many rows of x (AVX2 host, whole blocks per row) the fused kernels run; from here on the
+#: decoded tiles through BLAS (the crossover measured by bench/cpu_qlora.py; see the module docstring).
+FUSED_MAX_ROWS = 20
+#: The AVX2 forward's dequantize-then-matmul tiles hold this many float64 values (2 MiB: the decoded
+#: tile is still in cache when BLAS reads it, and no fresh 32 MiB buffer is faulted in per call).
+FORWARD_TILE_ELEMENTS = 1 << 18
+
+
+def forward_path(m: int, state: QuantState) -> str:
+    """The kernel ``dequant_matmul`` runs for m rows of x: "avx2" (fused: GEMV at m = 1, the blocked GEMM
+    below ``FUSED_MAX_ROWS``), "avx2 tiles+BLAS" (from ``FUSED_MAX_ROWS`` on: vpermps-decoded float64 tiles
+    through BLAS), "scalar" (fused, no AVX2 or blocks straddling rows, m < ``GEMM_MIN_ROWS``) or
+    "tiles+BLAS" (the scalar decoder's float64 row tiles through BLAS)."""
+    k_in = state.shape[-1]
+    if AVX2 and k_in % state.blocksize == 0 and state.blocksize % 16 == 0:
+        return "avx2" if m < FUSED_MAX_ROWS else "avx2 tiles+BLAS"
+    return "scalar" if m < GEMM_MIN_ROWS else "tiles+BLAS"
+
+
 _NO_U8 = np.zeros(1, dtype=np.uint8)
 _NO_F32 = np.zeros(1, dtype=np.float32)
 
 
-def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray, kind: int, y: np.ndarray) -> None:
-    """The AVX2 kernel on validated arrays; nested statistics (blocks of 256) are decoded in the kernel."""
+def _avx2_scales(state: QuantState) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.float32, bool]:
+    """(absmax, 8-bit codes, nested absmax, offset, nested) for the AVX2 kernels, which decode nested
+    statistics (blocks of 256) themselves; the unused arrays are placeholders."""
     n_out, k_in = state.shape
     nblocks = n_out * k_in // state.blocksize
-    dyn = nquant.DYNAMIC8
     if state.nested and state.nested_blocksize == nquant.NESTED_BLOCKSIZE:
         q = np.ascontiguousarray(state.absmax, dtype=np.uint8).reshape(-1)
         a2 = np.ascontiguousarray(state.nested_absmax, dtype=np.float32).reshape(-1)
@@ -333,16 +561,36 @@ def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.nda
                 f"{-(-nblocks // nquant.NESTED_BLOCKSIZE)} nested absmax values, got {q.size} and "
                 f"{a2.size}"
             )
-        dequant_gemv_avx2_kernel(
-            x2, flat, _NO_F32, q, a2, np.float32(state.offset), dyn, True, n_out, k_in, state.blocksize, code, kind, y
+        return _NO_F32, q, a2, np.float32(state.offset), True
+    scales = nquant.block_scales(state)
+    if scales.size != nblocks:
+        raise ValueError(f"state: expected {nblocks} absmax values, got {scales.size}")
+    return scales, _NO_U8, _NO_F32, np.float32(0.0), False
+
+
+def _gemv_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray, kind: int, y: np.ndarray) -> None:
+    """The fused AVX2 kernels on validated arrays: m = 1 the GEMV, else the blocked GEMM."""
+    kernel = dequant_gemv_avx2_kernel if x2.shape[0] == 1 else dequant_gemm_avx2_kernel
+    n_out, k_in = state.shape
+    absmax, q, a2, offset, nested = _avx2_scales(state)
+    kernel(x2, flat, absmax, q, a2, offset, nquant.DYNAMIC8, nested, n_out, k_in, state.blocksize, code, kind, y)
+
+
+def _tiles_avx2(x2: np.ndarray, flat: np.ndarray, state: QuantState, code: np.ndarray, kind: int, y: Any) -> None:
+    """y = x · Ŵᵀ through BLAS over tiles of rows of Ŵ (float64, exact) decoded by the vpermps decoder on the
+    calling thread; a tile holds up to ``BACKWARD_TILE_ELEMENTS`` values (few hand-offs to BLAS)."""
+    n_out, k_in = state.shape
+    absmax, q, a2, offset, nested = _avx2_scales(state)
+    step = max(1, FORWARD_TILE_ELEMENTS // max(k_in, 1))
+    tile = np.empty((min(step, n_out), k_in), dtype=np.float64)
+    for lo in range(0, n_out, step):
+        rows = min(step, n_out - lo)
+        # decoded on this thread alone: BLAS's worker threads keep spinning for a while after each product
+        # and a second decoding thread would compete with them for the cores
+        _decode_tile_avx2_rows(
+            flat, absmax, q, a2, offset, nquant.DYNAMIC8, nested, lo, k_in, state.blocksize, code, kind, tile, 0, rows
         )
-    else:
-        scales = nquant.block_scales(state)
-        if scales.size != nblocks:
-            raise ValueError(f"state: expected {nblocks} absmax values, got {scales.size}")
-        dequant_gemv_avx2_kernel(
-            x2, flat, scales, _NO_U8, _NO_F32, np.float32(0.0), dyn, False, n_out, k_in, state.blocksize, code, kind, y
-        )
+        y[:, lo : lo + rows] = x2 @ tile[:rows].T
 
 
 def _weight_operands(packed: Any, state: Any) -> np.ndarray:
@@ -375,8 +623,12 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
     kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
     flat = np.ascontiguousarray(p).reshape(-1)
     code = nquant.code_table(state, profile)
-    if AVX2 and x2.shape[0] < GEMM_MIN_ROWS and k_in % state.blocksize == 0 and state.blocksize % 16 == 0:
+    path = forward_path(x2.shape[0], state)
+    if path == "avx2":
         _gemv_avx2(x2, flat, state, code, kind, y)
+        return y.reshape(*x_arr.shape[:-1], n_out)
+    if path == "avx2 tiles+BLAS":
+        _tiles_avx2(x2, flat, state, code, kind, y)
         return y.reshape(*x_arr.shape[:-1], n_out)
     scales = nquant.block_scales(state)
     if x2.shape[0] == 1 and k_in % state.blocksize == 0:
