@@ -194,3 +194,48 @@ def test_profile_option_accepts_the_merging_profiles_and_reaches_the_merging_ops
     t = declare(NamespaceTarget("m", {}), profile="mergekit")
     assert t.options("merging.ties") == {"profile": "mergekit"}
     assert t.options("merging.task_arithmetic") == {}  # an op without a profile parameter gets none
+
+
+# ---------------------------------------------------------------------------- a tier that compared nothing
+
+
+def _delta_plus(A, B, scaling, fan_in_fan_out=False):
+    d = scaling * (np.asarray(B, dtype=np.float64) @ np.asarray(A, dtype=np.float64)) + 0.01
+    return d.T if fan_in_fan_out else d
+
+
+def every_case_plus(op, case, expected):
+    """An independent model of ``_delta_plus``: the reference's output plus 0.01, on every case."""
+    return {"out": expected["out"] + 0.01}
+
+
+def test_a_properties_tier_whose_every_example_is_a_known_divergence_reads_xfail_not_pass(tmp_path):
+    path = tmp_path / "div.toml"
+    path.write_text(
+        '[[divergence]]\nop = "lora.delta"\ntarget = "plus"\nreason = "adds 0.01"\nupstream = "by design"\n'
+        'model = "tests.test_conformance_usability:every_case_plus"\n',
+        encoding="utf-8",
+    )
+    res = run(
+        NamespaceTarget("plus", {"lora.delta": _delta_plus}),
+        "lora.delta",
+        tiers=("properties",),
+        divergences=[str(path)],
+        isolate=False,
+    )
+    rows = [r for r in res.results if r.tier == "properties" and r.label == "differential"]
+    assert not res.failures, report.failures_text(res)
+    assert rows == [] or all(r.status != "pass" for r in rows)
+    assert any(r.status == XFAIL and r.n_cases > 0 for r in res.results if r.tier == "properties")
+    assert not any(r.status == "pass" and r.n_cases == 0 for r in res.results)
+
+
+def test_a_properties_tier_that_ran_no_example_is_incomplete_not_a_pass():
+    class NothingInDomain(NamespaceTarget):
+        def unsupported(self, op, case):
+            return "this target takes no input at all"
+
+    res = run(NothingInDomain("nothing", {"lora.delta": L.delta}), "lora.delta", tiers=("properties",), isolate=False)
+    props = [r for r in res.results if r.tier == "properties"]
+    assert not any(r.status == "pass" for r in props), [(r.label, r.status, r.message) for r in props]
+    assert res.verdict != "CONFORMS"

@@ -720,6 +720,29 @@ class _Checker:
                     break
         return case, found
 
+    def _tier_outcome(self, label: str, stats: dict[str, Any], known: dict[str, int]) -> list[CaseResult]:
+        """The pass row of a properties run that found no failure: the examples compared against the reference
+        alone. None where every example was a known divergence (its xfail rows stand for the tier); a skip where
+        nothing was compared at all, since a tier that checked no example must not read as a pass."""
+        n_own = stats["n"] - sum(known.values())
+        if n_own > 0:
+            detail = f"worst error/bound {stats['worst']:.3g}" if self.spec.tolerance.kind == "bounded" else "bit-exact"
+            return [
+                CaseResult(
+                    self.spec.name,
+                    "properties",
+                    label,
+                    PASS,
+                    f"{n_own} examples, {detail}",
+                    worst_ratio=stats["worst"],
+                    n_cases=n_own,
+                )
+            ]
+        if known:
+            return []
+        msg = "no drawn example ran: every draw fell outside the target's domain"
+        return [CaseResult(self.spec.name, "properties", label, SKIP, msg, n_cases=0)]
+
     def properties(self, examples: int, seed: int | None = None) -> list[CaseResult]:
         from hypothesis import HealthCheck, Verbosity, given, settings
         from hypothesis import seed as hseed
@@ -842,20 +865,7 @@ class _Checker:
                     )
                 )
         else:
-            n_known = sum(known.values())
-            out.append(
-                CaseResult(
-                    self.spec.name,
-                    "properties",
-                    label,
-                    PASS,
-                    f"{stats['n'] - n_known} examples, worst error/bound {stats['worst']:.3g}"
-                    if self.spec.tolerance.kind == "bounded"
-                    else f"{stats['n'] - n_known} examples, bit-exact",
-                    worst_ratio=stats["worst"],
-                    n_cases=stats["n"] - n_known,
-                )
-            )
+            out += self._tier_outcome(label, stats, known)
         if self.support:
             out.append(
                 CaseResult(
