@@ -239,3 +239,16 @@ def test_a_properties_tier_that_ran_no_example_is_incomplete_not_a_pass():
     props = [r for r in res.results if r.tier == "properties"]
     assert not any(r.status == "pass" for r in props), [(r.label, r.status, r.message) for r in props]
     assert res.verdict != "CONFORMS"
+
+
+def test_a_golden_vector_that_options_override_says_so_in_one_line_naming_arrays_by_shape():
+    class EvalOnly(NamespaceTarget):
+        def options(self, op):
+            return {"dropout_mask": None, "dropout_p": 0.0}
+
+    res = run(EvalOnly("eval", {"lora.forward": L.forward}), "lora.forward", tiers=("golden",), isolate=False)
+    skipped = [r for r in res.results if r.status == "unsupported"]
+    assert skipped, "the dropout vectors should not run under eval-only options"
+    for r in skipped:
+        assert re.search(r"dropout_mask=<float64 array of shape \([\d, ]+\)>", r.message), r.message
+        assert "\n" not in r.message and len(r.message) < 300

@@ -200,6 +200,13 @@ def _reference_defaults(ref: Callable[..., Any]) -> dict[str, Any]:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
+def _short(value: Any) -> str:
+    """An option's value for a one-line message: arrays by shape and dtype, anything else by repr."""
+    if isinstance(value, np.ndarray):
+        return f"<{value.dtype} array of shape {value.shape}>"
+    return repr(value)
+
+
 def _overridden(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     """The options that replace a different value the case itself gives (what ran is not what the label says)."""
     out = {}
@@ -569,7 +576,7 @@ class _Checker:
         for label, case, expected in cases:
             changed = _overridden(case, self.opts)
             if changed:  # the vector holds other values than the target's options: it did not run, and says so
-                held = ", ".join(f"{k}={case[k]!r}" for k in changed)
+                held = ", ".join(f"{k}={_short(case[k])}" for k in changed)
                 out.append(
                     CaseResult(
                         self.spec.name,
@@ -577,7 +584,7 @@ class _Checker:
                         label,
                         UNSUPPORTED,
                         f"not run: the vector holds {held}, the target's options set "
-                        + ", ".join(f"{k}={v!r}" for k, v in changed.items()),
+                        + ", ".join(f"{k}={_short(v)}" for k, v in changed.items()),
                         n_cases=1,
                     )
                 )
