@@ -24,6 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from refimpl.conformance.peers._torch_io import array as _np
+from refimpl.conformance.peers._torch_io import keep_mask_dropout
+from refimpl.conformance.peers._torch_io import tensor as _t
+
 if TYPE_CHECKING:
     import torch
 
@@ -36,16 +40,6 @@ def _torch():
     return torch
 
 
-def _t(a: Any, requires_grad: bool = False):
-    torch = _torch()
-    t = torch.tensor(np.asarray(a, dtype=np.float64), dtype=torch.float64)
-    return t.requires_grad_(requires_grad)
-
-
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float64)
-
-
 def _weight(module: torch.nn.Module) -> torch.Tensor:
     """``module.weight`` of a layer that has a weight Parameter (lora_A / lora_B's nn.Linear, DoRA's magnitude
     layer); typed, as ``Module.__getattr__`` is ``Tensor | Module``."""
@@ -54,25 +48,6 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
     w = module.weight
     assert isinstance(w, torch.Tensor)
     return w
-
-
-class _MaskDropout:
-    """Factory of an nn.Module applying inverted dropout with a fixed keep mask."""
-
-    @staticmethod
-    def make(mask: np.ndarray, p: float):
-        import torch
-
-        class MaskDropout(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.register_buffer("mask", _t(mask))
-                self.p = float(p)
-
-            def forward(self, x):
-                return x * self.mask / (1.0 - self.p)
-
-        return MaskDropout()
 
 
 def _linear_layer(
@@ -131,7 +106,7 @@ def _linear_layer(
             _weight(layer.lora_magnitude_vector[_ADAPTER]).copy_(_t(m))
     layer.scaling[_ADAPTER] = float(scaling)
     if dropout_mask is not None:
-        layer.lora_dropout[_ADAPTER] = _MaskDropout.make(dropout_mask, dropout_p)
+        layer.lora_dropout[_ADAPTER] = keep_mask_dropout(dropout_mask, dropout_p)
         layer.train()
     else:
         layer.eval()

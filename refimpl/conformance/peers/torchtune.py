@@ -37,6 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from refimpl.conformance.peers._torch_io import array as _np
+from refimpl.conformance.peers._torch_io import keep_mask_dropout
+from refimpl.conformance.peers._torch_io import tensor as _t
+
 #: the version this adapter was written against
 TESTED_VERSION = "0.6.1"
 
@@ -45,15 +49,6 @@ def _torch():
     import torch
 
     return torch
-
-
-def _t(a: Any, requires_grad: bool = False):
-    torch = _torch()
-    return torch.tensor(np.asarray(a, dtype=np.float64), dtype=torch.float64).requires_grad_(requires_grad)
-
-
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float64)
 
 
 def alpha_for(scaling: float, r: int) -> float:
@@ -65,25 +60,6 @@ def alpha_for(scaling: float, r: int) -> float:
         if float(cand) / r == s:
             return float(cand)
     return base
-
-
-class _KeepMask:
-    """Factory of an nn.Module applying inverted dropout with a fixed keep mask."""
-
-    @staticmethod
-    def make(mask: np.ndarray, p: float):
-        import torch
-
-        class KeepMask(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.register_buffer("mask", _t(mask))
-                self.p = float(p)
-
-            def forward(self, x):
-                return x * self.mask / (1.0 - self.p)
-
-        return KeepMask()
 
 
 def _layer(W, A, B, scaling, *, bias=None, m=None, dropout_mask=None, dropout_p=0.0):
@@ -106,7 +82,7 @@ def _layer(W, A, B, scaling, *, bias=None, m=None, dropout_mask=None, dropout_p=
             layer.magnitude.copy_(_t(m))
             layer.scaling = float(scaling)
     if dropout_mask is not None:
-        layer.dropout = _KeepMask.make(dropout_mask, dropout_p)
+        layer.dropout = keep_mask_dropout(dropout_mask, dropout_p)
         layer.train()
     else:
         layer.eval()
