@@ -30,6 +30,8 @@ from refimpl.kernels.numba_cpu._parallel import parallel_ranges
 from refimpl.quant.operands import ABSMAX_MIN
 
 KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2
+#: the kernels' output kind for each storage dtype name (float64 states hold float32 values)
+KIND_OF_DTYPE = {"float32": KIND_F32, "float16": KIND_F16, "bfloat16": KIND_BF16}
 _ONE = np.float32(1.0)
 
 

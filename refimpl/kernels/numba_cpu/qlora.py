@@ -620,7 +620,7 @@ def dequant_matmul(x: Any, packed: Any, state: QuantState, *, profile: str | Non
     p = np.asarray(packed)
     x2 = np.ascontiguousarray(x_arr.reshape(-1, k_in))
     y = np.empty((x2.shape[0], n_out), dtype=np.float64)
-    kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
+    kind = K.KIND_OF_DTYPE.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
     flat = np.ascontiguousarray(p).reshape(-1)
     code = nquant.code_table(state, profile)
     path = forward_path(x2.shape[0], state)
@@ -718,7 +718,7 @@ def dequant_matmul_t(
     pass over the packed weight (``dequant_gemv_t_kernel``); otherwise tiles of ``tile_rows`` decoded rows of Ŵ
     (default: as many as fit in ``BACKWARD_TILE_ELEMENTS``), dx += g[:, tile] · tile in order of the tiles."""
     n_out, k_in = state.shape
-    kind = nquant._KIND.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
+    kind = K.KIND_OF_DTYPE.get(state.dtype, K.KIND_F32)  # float64 states hold float32 values
     scales = nquant.block_scales(state)
     if g2.shape[0] < GEMM_MIN_ROWS and tile_rows is None:
         dx_few = np.zeros((g2.shape[0], k_in), dtype=np.float64)

@@ -57,7 +57,6 @@ def _tables(quant_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
 _TABLES = {qt: _tables(qt) for qt in QUANT_TYPES}
 #: the 8-bit dynamic map the nested statistics are decoded with (the QLoRA GEMV reads it too)
 DYNAMIC8 = codebooks.codebook("dynamic8")
-_KIND = {"float32": K.KIND_F32, "float16": K.KIND_F16, "bfloat16": K.KIND_BF16}
 PROFILES = ("reference", "bitsandbytes-cpu")
 
 
@@ -122,7 +121,7 @@ def quantize_4bit(
         profiles=PROFILES,
         check_finite=False,
     )
-    kind = _KIND.get(ops.dtype, K.KIND_F32)  # float64 arrives rounded to float32
+    kind = K.KIND_OF_DTYPE.get(ops.dtype, K.KIND_F32)  # float64 arrives rounded to float32
     flat = np.ascontiguousarray(ops.x)
     code, bounds, order, zero_nib = _TABLES[ops.quant_type]
     n = flat.size
@@ -211,7 +210,7 @@ def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = Non
         )
     target = None if out is None else _out_array(out, state)
     p = np.ascontiguousarray(p).reshape(-1)
-    kind = _KIND.get(state.dtype, K.KIND_F32)
+    kind = K.KIND_OF_DTYPE.get(state.dtype, K.KIND_F32)
     word = np.uint16 if kind != K.KIND_F32 else np.float32
     flat = np.empty(n, dtype=word) if target is None or state.dtype == "float64" else target.reshape(-1).view(word)
     K.dequantize_4bit_kernel(p, block_scales(state), n, state.blocksize, code_table(state, profile), kind, flat)
