@@ -119,6 +119,60 @@ def _avx2_host() -> bool:
 AVX2 = _avx2_host()
 
 
+class _NibbleTable:
+    """Codegen shared by the AVX2 row kernels: per block, the 16-entry table code · absmax as two float32 <8>
+    vectors (the same IEEE product as the scalar code), rounded to bfloat16 (RNE on the bits: the values are
+    finite) or float16 (fptrunc/fpext, IEEE RNE) by kind; per four packed bytes, their eight nibbles (high
+    nibble first) looked up through two ``vpermps`` and a select on bit 3."""
+
+    I32, I64 = ir.IntType(32), ir.IntType(64)
+    F32X8, I32X8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.IntType(32), 8)
+
+    def __init__(self, builder: Any, code_data: Any, kind_v: Any) -> None:
+        self.builder = builder
+        self.permps = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.F32X8, [self.F32X8, self.I32X8]), "llvm.x86.avx2.permps"
+        )
+        self.code_lo = builder.load(self._ptr(code_data, 0, self.F32X8), align=4)
+        self.code_hi = builder.load(self._ptr(code_data, 8, self.F32X8), align=4)
+        self.is_bf16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_BF16))
+        self.is_f16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_F16))
+
+    def _ptr(self, data: Any, index: Any, ty: Any) -> Any:
+        if isinstance(index, int):
+            index = ir.Constant(self.I64, index)
+        return self.builder.bitcast(self.builder.gep(data, [index]), ty.as_pointer())
+
+    def _splat(self, ty: Any, v: int) -> Any:
+        return ir.Constant(ty, [v] * ty.count)
+
+    def _round_kind(self, t: Any) -> Any:
+        b, i32x8 = self.builder, self.I32X8
+        bits = b.bitcast(t, i32x8)
+        odd = b.and_(b.lshr(bits, self._splat(i32x8, 16)), self._splat(i32x8, 1))
+        bf = b.and_(b.add(b.add(bits, self._splat(i32x8, 0x7FFF)), odd), self._splat(i32x8, -65536))
+        f16 = b.fpext(b.fptrunc(t, ir.VectorType(ir.HalfType(), 8)), self.F32X8)
+        return b.select(self.is_bf16, b.bitcast(bf, self.F32X8), b.select(self.is_f16, f16, t))
+
+    def block(self, scale: Any) -> tuple[Any, Any]:
+        """The block's table (low and high halves) for its float32 scale."""
+        b = self.builder
+        sv = b.insert_element(ir.Constant(self.F32X8, None), scale, ir.Constant(self.I32, 0))
+        sv = b.shuffle_vector(sv, sv, ir.Constant(self.I32X8, [0] * 8))
+        return self._round_kind(b.fmul(self.code_lo, sv)), self._round_kind(b.fmul(self.code_hi, sv))
+
+    def decode8(self, table: tuple[Any, Any], packed_data: Any, byte: Any) -> Any:
+        """The eight weights of packed bytes [byte, byte + 4), a float32 <8>."""
+        b, i32x8 = self.builder, self.I32X8
+        raw = b.load(self._ptr(packed_data, byte, ir.VectorType(ir.IntType(8), 4)), align=1)
+        w4 = b.zext(raw, ir.VectorType(self.I32, 4))
+        w8 = b.shuffle_vector(w4, w4, ir.Constant(i32x8, [0, 0, 1, 1, 2, 2, 3, 3]))
+        nib = b.and_(b.lshr(w8, ir.Constant(i32x8, [4, 0] * 4)), self._splat(i32x8, 15))
+        lo = b.call(self.permps, [table[0], nib])
+        hi = b.call(self.permps, [table[1], nib])
+        return b.select(b.icmp_unsigned(">", nib, self._splat(i32x8, 7)), hi, lo)
+
+
 @intrinsic
 def _row_dot_avx2(typingctx, code, scales, packed, pbase, x, nblk, bs, kind):
     """Σ_k x[k] · Ŵ[k] over one row of nblk blocks of bs weights (bs % 16 == 0), float64.
@@ -140,53 +194,25 @@ def _row_dot_avx2(typingctx, code, scales, packed, pbase, x, nblk, bs, kind):
         packed_a = context.make_array(signature.args[2])(context, builder, packed_v)
         x_a = context.make_array(signature.args[4])(context, builder, x_v)
         i32, i64 = ir.IntType(32), ir.IntType(64)
-        f32x8, i32x8, f64x8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8), ir.VectorType(ir.DoubleType(), 8)
-        i8x4 = ir.VectorType(ir.IntType(8), 4)
-
-        def splat(ty, v):
-            return ir.Constant(ty, [v] * ty.count)
+        f64x8 = ir.VectorType(ir.DoubleType(), 8)
 
         def vload(ptr, index, ty, align):
             return builder.load(builder.bitcast(builder.gep(ptr, [index]), ty.as_pointer()), align=align)
 
-        permps = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(f32x8, [f32x8, i32x8]), "llvm.x86.avx2.permps"
-        )
-        code_lo = vload(code_a.data, ir.Constant(i64, 0), f32x8, 4)
-        code_hi = vload(code_a.data, ir.Constant(i64, 8), f32x8, 4)
-        is_bf16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_BF16))
-        is_f16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_F16))
-
-        def round_kind(t):
-            bits = builder.bitcast(t, i32x8)
-            odd = builder.and_(builder.lshr(bits, splat(i32x8, 16)), splat(i32x8, 1))
-            bf = builder.and_(builder.add(builder.add(bits, splat(i32x8, 0x7FFF)), odd), splat(i32x8, -65536))
-            f16 = builder.fpext(builder.fptrunc(t, ir.VectorType(ir.HalfType(), 8)), f32x8)
-            return builder.select(is_bf16, builder.bitcast(bf, f32x8), builder.select(is_f16, f16, t))
-
+        nt = _NibbleTable(builder, code_a.data, kind_v)
         zero = ir.Constant(f64x8, [0.0] * 8)
         acc0 = cgutils.alloca_once_value(builder, zero)
         acc1 = cgutils.alloca_once_value(builder, zero)
         half_bs = builder.lshr(bs_v, ir.Constant(i64, 1))
         npairs = builder.lshr(bs_v, ir.Constant(i64, 4))  # groups of 16 weights (8 bytes) per block
         with cgutils.for_range(builder, nblk_v) as blk:
-            scale = builder.load(builder.gep(scales_a.data, [blk.index]))
-            sv = builder.insert_element(ir.Constant(f32x8, None), scale, ir.Constant(i32, 0))
-            sv = builder.shuffle_vector(sv, sv, ir.Constant(i32x8, [0] * 8))
-            tbl_lo = round_kind(builder.fmul(code_lo, sv))
-            tbl_hi = round_kind(builder.fmul(code_hi, sv))
+            table = nt.block(builder.load(builder.gep(scales_a.data, [blk.index])))
             byte0 = builder.add(pbase_v, builder.mul(blk.index, half_bs))
             k0 = builder.mul(blk.index, bs_v)
             with cgutils.for_range(builder, npairs) as pair:
                 for half, acc in ((0, acc0), (1, acc1)):
                     q = builder.add(builder.mul(pair.index, ir.Constant(i64, 2)), ir.Constant(i64, half))
-                    raw = vload(packed_a.data, builder.add(byte0, builder.mul(q, ir.Constant(i64, 4))), i8x4, 1)
-                    w4 = builder.zext(raw, ir.VectorType(i32, 4))
-                    w8 = builder.shuffle_vector(w4, w4, ir.Constant(i32x8, [0, 0, 1, 1, 2, 2, 3, 3]))
-                    nib = builder.and_(builder.lshr(w8, ir.Constant(i32x8, [4, 0] * 4)), splat(i32x8, 15))
-                    lo = builder.call(permps, [tbl_lo, nib])
-                    hi = builder.call(permps, [tbl_hi, nib])
-                    w = builder.select(builder.icmp_unsigned(">", nib, splat(i32x8, 7)), hi, lo)
+                    w = nt.decode8(table, packed_a.data, builder.add(byte0, builder.mul(q, ir.Constant(i64, 4))))
                     xv = vload(x_a.data, builder.add(k0, builder.mul(q, ir.Constant(i64, 8))), f64x8, 8)
                     prod = builder.fmul(builder.fpext(w, f64x8), xv)
                     builder.store(builder.fadd(builder.load(acc), prod), acc)
@@ -241,52 +267,23 @@ def _decode_row_avx2(typingctx, code, scales, packed, pbase, nblk, bs, kind, w, 
         scales_a = context.make_array(signature.args[1])(context, builder, scales_v)
         packed_a = context.make_array(signature.args[2])(context, builder, packed_v)
         w_a = context.make_array(signature.args[7])(context, builder, w_v)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        f32x8, i32x8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8)
-        i8x4 = ir.VectorType(ir.IntType(8), 4)
+        i64 = ir.IntType(64)
+        f32x8 = ir.VectorType(ir.FloatType(), 8)
         out_ty = f32x8 if signature.args[7].dtype == types.float32 else ir.VectorType(ir.DoubleType(), 8)
-
-        def splat(ty, v):
-            return ir.Constant(ty, [v] * ty.count)
 
         def vptr(ptr, index, ty):
             return builder.bitcast(builder.gep(ptr, [index]), ty.as_pointer())
 
-        permps = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(f32x8, [f32x8, i32x8]), "llvm.x86.avx2.permps"
-        )
-        code_lo = builder.load(vptr(code_a.data, ir.Constant(i64, 0), f32x8), align=4)
-        code_hi = builder.load(vptr(code_a.data, ir.Constant(i64, 8), f32x8), align=4)
-        is_bf16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_BF16))
-        is_f16 = builder.icmp_signed("==", kind_v, ir.Constant(kind_v.type, K.KIND_F16))
-
-        def round_kind(t):
-            bits = builder.bitcast(t, i32x8)
-            odd = builder.and_(builder.lshr(bits, splat(i32x8, 16)), splat(i32x8, 1))
-            bf = builder.and_(builder.add(builder.add(bits, splat(i32x8, 0x7FFF)), odd), splat(i32x8, -65536))
-            f16 = builder.fpext(builder.fptrunc(t, ir.VectorType(ir.HalfType(), 8)), f32x8)
-            return builder.select(is_bf16, builder.bitcast(bf, f32x8), builder.select(is_f16, f16, t))
-
+        nt = _NibbleTable(builder, code_a.data, kind_v)
         half_bs = builder.lshr(bs_v, ir.Constant(i64, 1))
         groups = builder.lshr(bs_v, ir.Constant(i64, 3))  # groups of 8 weights (4 bytes) per block
         with cgutils.for_range(builder, nblk_v) as blk:
-            scale = builder.load(builder.gep(scales_a.data, [blk.index]))
-            sv = builder.insert_element(ir.Constant(f32x8, None), scale, ir.Constant(i32, 0))
-            sv = builder.shuffle_vector(sv, sv, ir.Constant(i32x8, [0] * 8))
-            tbl_lo = round_kind(builder.fmul(code_lo, sv))
-            tbl_hi = round_kind(builder.fmul(code_hi, sv))
+            table = nt.block(builder.load(builder.gep(scales_a.data, [blk.index])))
             byte0 = builder.add(pbase_v, builder.mul(blk.index, half_bs))
             k0 = builder.add(wbase_v, builder.mul(blk.index, bs_v))
             with cgutils.for_range(builder, groups) as grp:
                 q = grp.index
-                src = vptr(packed_a.data, builder.add(byte0, builder.mul(q, ir.Constant(i64, 4))), i8x4)
-                raw = builder.load(src, align=1)
-                w4 = builder.zext(raw, ir.VectorType(i32, 4))
-                w8 = builder.shuffle_vector(w4, w4, ir.Constant(i32x8, [0, 0, 1, 1, 2, 2, 3, 3]))
-                nib = builder.and_(builder.lshr(w8, ir.Constant(i32x8, [4, 0] * 4)), splat(i32x8, 15))
-                lo = builder.call(permps, [tbl_lo, nib])
-                hi = builder.call(permps, [tbl_hi, nib])
-                val = builder.select(builder.icmp_unsigned(">", nib, splat(i32x8, 7)), hi, lo)
+                val = nt.decode8(table, packed_a.data, builder.add(byte0, builder.mul(q, ir.Constant(i64, 4))))
                 dst = vptr(w_a.data, builder.add(k0, builder.mul(q, ir.Constant(i64, 8))), out_ty)
                 builder.store(val if out_ty == f32x8 else builder.fpext(val, out_ty), dst, align=4)
         return context.get_dummy_value()
