@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +26,8 @@ import numpy as np
 from refimpl.conformance.peers._torch_io import array as _np
 from refimpl.conformance.peers._torch_io import keep_mask_dropout
 from refimpl.conformance.peers._torch_io import tensor as _t
+from refimpl.dora import DoraMerge
+from refimpl.lora import LoraGrads
 
 if TYPE_CHECKING:
     import torch
@@ -111,21 +112,6 @@ def _linear_layer(
     else:
         layer.eval()
     return layer
-
-
-@dataclass(frozen=True)
-class _Grads:
-    dx: np.ndarray
-    dA: np.ndarray
-    dB: np.ndarray
-    dW: np.ndarray | None = None
-    dbias: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class _DoraMerge:
-    W: np.ndarray
-    weight_norm: np.ndarray
 
 
 _TIES_RULES = ("k_rule", "elect", "zero_sign", "weight_stage", "divisor", "rescale")
@@ -245,7 +231,7 @@ class PeftTarget:
             base.bias.requires_grad_(True)
         xt = _t(x, requires_grad=True)
         layer(xt).backward(_t(grad_y))
-        return _Grads(
+        return LoraGrads(
             dx=_np(xt.grad),
             dA=_np(layer.lora_A[_ADAPTER].weight.grad),
             dB=_np(layer.lora_B[_ADAPTER].weight.grad),
@@ -312,7 +298,7 @@ class PeftTarget:
         layer = _linear_layer(W, A, B, scaling, fan_in_fan_out=fan_in_fan_out, m=m)
         layer.merge()
         norm = layer._cache_pop(f"{_ADAPTER}-weight_norm")
-        return _DoraMerge(W=_np(layer.get_base_layer().weight), weight_norm=_np(norm))
+        return DoraMerge(W=_np(layer.get_base_layer().weight), weight_norm=_np(norm))
 
     # ------------------------------------------------------------------ merging (merge_utils)
 

@@ -32,7 +32,6 @@ Findings (``known_divergences.toml``, bench/reproducers/):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,8 @@ import numpy as np
 from refimpl.conformance.peers._torch_io import array as _np
 from refimpl.conformance.peers._torch_io import keep_mask_dropout
 from refimpl.conformance.peers._torch_io import tensor as _t
+from refimpl.dora import DoraMerge
+from refimpl.lora import LoraGrads
 
 #: the version this adapter was written against
 TESTED_VERSION = "0.6.1"
@@ -87,21 +88,6 @@ def _layer(W, A, B, scaling, *, bias=None, m=None, dropout_mask=None, dropout_p=
     else:
         layer.eval()
     return layer
-
-
-@dataclass(frozen=True)
-class _Grads:
-    dx: np.ndarray
-    dA: np.ndarray
-    dB: np.ndarray
-    dW: np.ndarray | None = None
-    dbias: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class _DoraMerge:
-    W: np.ndarray
-    weight_norm: np.ndarray
 
 
 class TorchtuneTarget:
@@ -200,7 +186,7 @@ class TorchtuneTarget:
         layer.weight.requires_grad_(bool(need_dW))
         xt = _t(x, requires_grad=True)
         layer(xt).backward(_t(grad_y))
-        return _Grads(
+        return LoraGrads(
             dx=_np(xt.grad),
             dA=_np(layer.lora_a.weight.grad),
             dB=_np(layer.lora_b.weight.grad),
@@ -242,7 +228,7 @@ class TorchtuneTarget:
             norm = layer._get_weight_norm(layer.weight, layer.lora_b.weight @ layer.lora_a.weight)
         sd = {f"layer.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
         merged = get_merged_lora_ckpt(sd, rank=r, alpha=alpha_for(scaling, r))
-        return _DoraMerge(W=_np(merged["layer.weight"]), weight_norm=_np(norm))
+        return DoraMerge(W=_np(merged["layer.weight"]), weight_norm=_np(norm))
 
     def reproducer(self, op: str, case: dict[str, Any]) -> str | None:
         """The upstream reproducer of the DoRA bug a dora.forward case shows: the unbatched shape (x of one
