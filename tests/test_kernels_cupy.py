@@ -142,6 +142,63 @@ def test_quantize_matches_reference_cuda_profile_and_dequantize_is_bit_exact(qua
     assert n_deq_bad == 0
 
 
+def _threshold_neighbours(quant_type: str) -> np.ndarray:
+    """Every CUDA threshold t of the code rule, ±t, and their float32 neighbours (where a lookup goes wrong)."""
+    t = _tables.nf4_cuda_thresholds() if quant_type == "nf4" else np.array(_tables.FP4_CUDA_THRESHOLDS, np.float32)
+    t = np.concatenate([t, -t]).astype(np.float32)
+    return np.concatenate([t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2))]).astype(np.float32)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_codes_at_every_threshold_and_its_neighbours_equal_the_cuda_rule(quant_type):
+    """Blocks whose absmax is 1 (so s = x exactly) holding each threshold, its two float32 neighbours, ±0
+    and tiny values: every nibble equals the bitsandbytes-cuda profile's rule (the kernel looks the code up in
+    a table keyed by the high bits of s, code_cells.py; a wrong cell edge shows here first)."""
+    from refimpl import quant as Q
+
+    vals = np.concatenate([_threshold_neighbours(quant_type), np.float32([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5])])
+    per = 63  # each block of 64: one 1.0 (absmax 1, rcp exact) then 63 test values
+    blocks = -(-vals.size // per)
+    x = np.zeros((blocks, 64), np.float32)
+    x[:, 0] = 1.0
+    x[:, 1:].flat[: vals.size] = vals
+    packed, _ = G.quantize_4bit(dev(x.ravel()), 64, quant_type)
+    pk = packed.get().ravel()
+    ref_p, _ = Q.quantize_4bit(x.ravel(), 64, quant_type, profile="bitsandbytes-cuda")
+    print(f"\n[{quant_type} codes at thresholds] values={vals.size} bytes differing={int((pk != ref_p.ravel()).sum())}")
+    assert np.array_equal(pk, ref_p.ravel())
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("blocksize", "quant_type", "slots"),
+    [(64, "nf4", 1), (64, "nf4", 2), (4096, "fp4", 1), (32, "nf4", 1), (256, "fp4", 4)],
+)
+def test_quantize_grid_loops_over_inputs_larger_than_one_grid_layer(blocksize, quant_type, slots, monkeypatch):
+    """The quantize grid is a few waves of resident blocks looping over the input, ``slots`` quant blocks a
+    thread: an input of several grid layers plus a ragged tail quantizes as the reference bitsandbytes-cuda
+    profile (no block skipped or done twice)."""
+    from refimpl import quant as Q
+
+    monkeypatch.setattr(G.nf4, "QUANT_SLOTS", slots)
+    kern = G.nf4._quant_kernel("float32", blocksize, quant_type)
+    grid = G.nf4.QUANT_WAVES * G._device.resident_blocks(kern, 256)
+    layer = grid * 256 // min(blocksize // 8, 32) * blocksize
+    n = 3 * layer * (slots if blocksize <= 256 else 1) + 5 * blocksize + 3
+    x = np.random.default_rng(7).standard_normal(n).astype(np.float32)
+    packed, st = G.quantize_4bit(dev(x), blocksize, quant_type)
+    ref_p, ref_s = Q.quantize_4bit(x, blocksize, quant_type, profile="bitsandbytes-cuda")
+    rep = Q.check_4bit(packed.get(), ref_s, x, profile="bitsandbytes-cuda")
+    n_diff = int((packed.get() != ref_p).sum())
+    print(f"\n[grid loop bs={blocksize} {quant_type} slots={slots}] n={n} bytes differing={n_diff}")
+    assert n_diff == 0
+    assert np.array_equal(st.absmax.get().view(np.uint32), ref_s.absmax.view(np.uint32))
+    assert rep.n_wrong + rep.n_special == 0
+
+
 @needs_gpu
 @pytest.mark.gpu
 def test_all_zero_and_nan_blocks_follow_the_cuda_rule():

@@ -211,3 +211,22 @@ def compile_kernel(source: str, name: str, defines: tuple[tuple[str, Any], ...],
 
 def grid_for(total_threads: int, block: int = 256) -> tuple[int]:
     return (max(1, -(-int(total_threads) // block)),)
+
+
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    return int(_cp().cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (sizes grids that loop over their input)."""
+    return _sm_count(_cp().cuda.Device().id)
+
+
+def resident_blocks(kernel: Any, block: int) -> int:
+    """Blocks of ``block`` threads of ``kernel`` that run at once on the current device (occupancy × SMs):
+    the grid of a kernel that loops over its input, so no partial wave is left at the end."""
+    occupancy = getattr(_cp().cuda.driver, "occupancyMaxActiveBlocksPerMultiprocessor", None)
+    function = kernel.kernel  # a RawKernel's compiled cupy.cuda.function.Function (its CUfunction in .ptr)
+    per_sm = occupancy(function.ptr, block, 0) if occupancy is not None else 2048 // block
+    return max(1, int(per_sm)) * sm_count()

@@ -16,18 +16,22 @@ f32(f32(d[q] · a2) + offset), products and sums never fused.
 
 Quantization: each thread handles 8 consecutive elements (one 16-byte load for 16-bit inputs) of
 QUANT_SLOTS blocks; a 4-bit block is handled by min(blocksize/8, 32) lanes of one warp that reduce absmax
-with shuffles; the code is the count of midpoints below s, summed on the FMA pipe (``nf4_code``).
+with shuffles; the code is one shared-memory lookup keyed by the high bits of s and one comparison
+(``code_cells``: the threshold count as 15 comparisons made the kernel issue-bound at 39 % of the copy
+bandwidth on the H200). The grid is a few blocks per SM that loop over the input.
 Dequantization: each thread writes 8 consecutive outputs (one 16-byte store) of DEQUANT_SLOTS groups.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from refimpl.kernels.cupy_gpu import _device as D
+from refimpl.kernels.cupy_gpu import code_cells
 from refimpl.quant import codebooks as cb
 from refimpl.quant.operands import BLOCKSIZES, NESTED_BLOCKSIZE
 
@@ -47,8 +51,15 @@ QUANT_TYPES = cb.QUANT_TYPES
 _QT = {"nf4": 0, "fp4": 1}
 #: quant blocks per thread (blocksize ≤ 256) and 16-element groups per thread in dequantization:
 #: independent loads in flight per thread, the lever for bandwidth (PERFORMANCE.md)
-QUANT_SLOTS = 2
+QUANT_SLOTS = 1
 DEQUANT_SLOTS = 2
+#: the quantize grid is QUANT_WAVES × the blocks of 256 threads resident at once, each copying the 8 KB code
+#: table once and looping over the input; QUANT_MIN_BLOCKS is the kernel's __launch_bounds__ minimum of
+#: resident blocks per SM. H200, 2^28 bf16 elements, one quant block a thread (bench/gpu_bench.py, one run):
+#: 1 wave 296 µs, 2 waves 277, 4 waves 269; prefetching the next block's load in registers instead: 336 µs
+#: (more registers, fewer resident warps)
+QUANT_MIN_BLOCKS = 1
+QUANT_WAVES = 4
 
 
 def _code_table(quant_type: str) -> list[str]:
@@ -59,51 +70,17 @@ def _code_table(quant_type: str) -> list[str]:
     return [D.hex_literal(w) for w in words]
 
 
-def _nf4_thresholds() -> str:
-    return "\n".join(f"#define T{j} {D.hex_literal(w)}" for j, w in enumerate(cb.NF4_CUDA_THRESHOLD_HEX))
-
-
-def _fp4_thresholds() -> str:
-    # decimal literals exactly as in csrc/kernels.cu: the compiler rounds them to float32 as nvcc does
-    names = ("F0", "F1", "F2", "F3", "F4", "F5", "F6")
-    return "\n".join(
-        f"#define {n} {D.f32_literal(float(np.float32(v)))}" for n, v in zip(names, cb.FP4_CUDA_THRESHOLDS, strict=True)
-    )
-
-
 _QUANT_SRC = (
-    _nf4_thresholds()
-    + "\n"
-    + _fp4_thresholds()
+    f"#define CELL_SHIFT {32 - code_cells.CELL_BITS}\n#define CELLS {1 << code_cells.CELL_BITS}\n"
     + r"""
-__device__ __forceinline__ float step_gt(float s, float t) {
-  // 1.0f if s > t else 0.0f (NaN gives 0): fma(s, 2^100, -t·2^100) is exact in sign, > 0 iff s > t, and at
-  // least 2^100 · (the gap between two floats in [-1, 1]) ≥ 1 when positive, so saturation makes it 1
-  float r; asm("fma.rn.sat.f32 %0, %1, 0f71800000, %2;" : "=f"(r) : "f"(s), "f"(-t * 0x1p100f)); return r;
-}
-__device__ __forceinline__ u32 nf4_code(float s) {
-  // the number of the 15 float32 midpoints strictly below s ("s > t": ties and NaN to the lower code),
-  // summed on the FMA pipe (2x the rate of compare/select); 2^23 + count has the count in its low bits
-  float c = 0x1p23f;
-  c += step_gt(s, T0); c += step_gt(s, T1); c += step_gt(s, T2); c += step_gt(s, T3); c += step_gt(s, T4);
-  c += step_gt(s, T5); c += step_gt(s, T6); c += step_gt(s, T7); c += step_gt(s, T8); c += step_gt(s, T9);
-  c += step_gt(s, T10); c += step_gt(s, T11); c += step_gt(s, T12); c += step_gt(s, T13); c += step_gt(s, T14);
-  return __float_as_uint(c) & 15u;
-}
-__device__ __forceinline__ u32 fp4_code(float s) {
-  u32 sign = s < 0.0f ? 8u : 0u;
-  float a = fabsf(s);
-  u32 m;
-  if (a > F3) m = (a > F5) ? ((a > F6) ? 3u : 2u) : ((a > F4) ? 5u : 4u);
-  else m = (a > F1) ? ((a > F2) ? 7u : 6u) : ((a > F0) ? 1u : 0u);
-  return m + sign;
-}
-__device__ __forceinline__ u32 code4(float s) {
+__device__ __forceinline__ u32 code4(const u32* __restrict__ cells, float s) {
+  // one lookup keyed by the high bits of s (code_cells.py): e = thr << 11 | hi << 4 | lo
+  u32 k = __float_as_uint(s);
 #if QT == 0
-  return nf4_code(s);
-#else
-  return fp4_code(s);
+  k ^= ((u32)((int)k >> 31) >> 1) ^ 0x80000000u;   // NF4 orders by s: flip the magnitude bits of negatives
 #endif
+  const u32 e = cells[k >> CELL_SHIFT];
+  return (e >> (((k << (32 - CELL_SHIFT)) > e) ? 4u : 0u)) & 15u;
 }
 __device__ __forceinline__ float rcp_approx(float a) {
   float r; asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a)); return r;
@@ -117,12 +94,12 @@ __device__ __forceinline__ float mul_ftz(float a, float b) {
 // quant blocks per thread: U slots at a stride of one grid, every load issued before the first use
 #define U (CH == 1 ? QU : 1)
 
-__device__ __forceinline__ void store_codes(u8* __restrict__ out, long long e, long long nbytes, const float* v,
-                                            float r) {
+__device__ __forceinline__ void store_codes(const u32* __restrict__ cells, u8* __restrict__ out, long long e,
+                                            long long nbytes, const float* v, float r) {
   u32 word = 0;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    u32 byte = (code4(mul_ftz(v[2 * k], r)) << 4) | code4(mul_ftz(v[2 * k + 1], r));
+    u32 byte = (code4(cells, mul_ftz(v[2 * k], r)) << 4) | code4(cells, mul_ftz(v[2 * k + 1], r));
     word |= byte << (8 * k);
   }
   long long ob = e / 2;
@@ -133,43 +110,50 @@ __device__ __forceinline__ void store_codes(u8* __restrict__ out, long long e, l
   }
 }
 
-extern "C" __global__ void quantize4(const elem_t* __restrict__ x, u8* __restrict__ out,
-                                     float* __restrict__ absmax, long long n, long long nblocks) {
+extern "C" __global__ void __launch_bounds__(256, QMINB) quantize4(const elem_t* __restrict__ x, u8* __restrict__ out,
+                                     float* __restrict__ absmax, const u32* __restrict__ cells_g, long long n,
+                                     long long nblocks) {
+  // a grid of a few blocks per SM loops over the input, so the code table is copied to shared memory once
+  __shared__ u32 cells[CELLS];
+  for (int i = threadIdx.x; i < CELLS; i += blockDim.x) cells[i] = cells_g[i];
+  __syncthreads();
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long stride = (long long)gridDim.x * blockDim.x / GROUP;   // quant blocks per grid layer
   const int g = (int)(tid % GROUP);
   const u32 lane = threadIdx.x & 31u;
   const u32 gmask = (GROUP == 32) ? 0xffffffffu : (((1u << GROUP) - 1u) << (lane & ~(u32)(GROUP - 1)));
   const long long nbytes = (n + 1) / 2;
-  float v[U][8];
-  float m[U];
+  for (long long qb0 = tid / GROUP; qb0 < nblocks; qb0 += U * stride) {   // a group's lanes loop together
+    float v[U][8];
+    float m[U];
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    long long qb = tid / GROUP + u * stride;
-    m[u] = -FLT_MAX_;
-    if (qb < nblocks) {
+    for (int u = 0; u < U; ++u) {
+      long long qb = qb0 + u * stride;
+      m[u] = -FLT_MAX_;
+      if (qb < nblocks) {
 #pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        load8(x, qb * BS + (long long)(c * GROUP + g) * 8, n, v[u]);
+        for (int c = 0; c < CH; ++c) {
+          load8(x, qb * BS + (long long)(c * GROUP + g) * 8, n, v[u]);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) m[u] = fmaxf(m[u], fabsf(v[u][j]));
+          for (int j = 0; j < 8; ++j) m[u] = fmaxf(m[u], fabsf(v[u][j]));
+        }
       }
     }
-  }
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    long long qb = tid / GROUP + u * stride;
-    if (qb >= nblocks) break;                    // a whole group leaves together (GROUP divides 32)
-    float mu = m[u];
+    for (int u = 0; u < U; ++u) {
+      long long qb = qb0 + u * stride;
+      if (qb >= nblocks) break;                  // a whole group leaves together (GROUP divides 32)
+      float mu = m[u];
 #pragma unroll
-    for (int off = GROUP / 2; off > 0; off >>= 1) mu = fmaxf(mu, __shfl_xor_sync(gmask, mu, off));
-    if (g == 0) absmax[qb] = mu;
-    float r = rcp_approx(mu);
+      for (int off = GROUP / 2; off > 0; off >>= 1) mu = fmaxf(mu, __shfl_xor_sync(gmask, mu, off));
+      if (g == 0) absmax[qb] = mu;
+      float r = rcp_approx(mu);
 #pragma unroll
-    for (int c = 0; c < CH; ++c) {
-      long long e = qb * BS + (long long)(c * GROUP + g) * 8;
-      if (CH > 1) load8(x, e, n, v[u]);          // reload (L1/L2) rather than hold bs/32 values per lane
-      store_codes(out, e, nbytes, v[u], r);
+      for (int c = 0; c < CH; ++c) {
+        long long e = qb * BS + (long long)(c * GROUP + g) * 8;
+        if (CH > 1) load8(x, e, n, v[u]);        // reload (L1/L2) rather than hold bs/32 values per lane
+        store_codes(cells, out, e, nbytes, v[u], r);
+      }
     }
   }
 }
@@ -314,14 +298,23 @@ def _quant_kernel(dt: str, bs: int, qt: str):
     return D.compile_kernel(
         _QUANT_SRC,
         "quantize4",
-        (("DT", D.DT_CODE[dt]), ("BS", bs), ("QT", _QT[qt]), ("QU", QUANT_SLOTS)),
+        (
+            ("DT", D.DT_CODE[dt]),
+            ("BS", bs),
+            ("QT", _QT[qt]),
+            ("QU", QUANT_SLOTS),
+            ("QMINB", QUANT_MIN_BLOCKS),
+        ),
         ("--use_fast_math",),
     )
 
 
 def _absmax8_kernel():
     return D.compile_kernel(
-        _QUANT_SRC, "quantize_absmax8", (("DT", 0), ("BS", 64), ("QT", 0), ("QU", 1)), ("--use_fast_math",)
+        _QUANT_SRC,
+        "quantize_absmax8",
+        (("DT", 0), ("BS", 64), ("QT", 0), ("QU", 1), ("QMINB", 1)),
+        ("--use_fast_math",),
     )
 
 
@@ -338,6 +331,16 @@ def _dequant_kernel(dt: str, bs: int, qt: str, nested: bool):
         ),
         ("--use_fast_math",),
     )
+
+
+@functools.cache
+def _cells_device_cached(quant_type: str, device_id: int) -> Any:
+    return D._cp().asarray(code_cells.cell_table(quant_type))
+
+
+def _cells_device(quant_type: str) -> Any:
+    """The code table of ``code_cells`` on the current device (built and copied once per device)."""
+    return _cells_device_cached(quant_type, D._cp().cuda.Device().id)
 
 
 def _dynamic_map_device():
@@ -371,12 +374,11 @@ def quantize_4bit(
     group = min(bs // 8, 32)
     slots = QUANT_SLOTS if bs <= 256 else 1
     kern = _quant_kernel(xd.dtype, bs, qt)
+    cells = _cells_device(qt)
+    threads = -(-nblocks // slots) * group
+    args = (D.ptr(xd.ptr), D.ptr(packed.ptr), D.ptr(absmax.ptr), D.ptr(cells.data.ptr), np.int64(n), np.int64(nblocks))
     with D.launch_stream(xd):
-        kern(
-            D.grid_for(-(-nblocks // slots) * group),
-            (256,),
-            (D.ptr(xd.ptr), D.ptr(packed.ptr), D.ptr(absmax.ptr), np.int64(n), np.int64(nblocks)),
-        )
+        kern((min(D.grid_for(threads)[0], QUANT_WAVES * D.resident_blocks(kern, 256)),), (256,), args)
     if not double_quant:
         return packed.obj, GpuQuantState(absmax.obj, xd.shape, xd.dtype, bs, qt)
     codes, absmax2, off = quantize_absmax(absmax.obj, offset=offset)
