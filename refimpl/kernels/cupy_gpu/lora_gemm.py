@@ -12,6 +12,12 @@ u = s·x Aᵀ written into the workspace's next r columns, and one GEMM over K_p
 the base GEMM is (r + 1)/d of its FLOPs plus one read of x for u; ``chunks`` > 1 splits the rows so
 that u of chunk c + 1 runs on a side stream while the main GEMM of chunk c runs.
 
+Measured on the H200 (bf16, T = d = out = 4096, r = 16; bench/README.md, GPU section): the forward takes
+1.079× the base GEMM (185.6 against 172.1 µs), the main GEMM over K_pad = 4160 alone 1.013× (one more
+64-wide K step of cuBLAS's kernel), u 9.4 µs. Sequentially the floor is ≈ 1.059× (u cannot read x faster
+than the copy bandwidth), and ``chunks`` > 1 is slower (2 chunks: 198.6 µs), since splitting the GEMM
+costs more than the u it hides.
+
 Rounding: u is rounded once to the input dtype; DoRA's f⊙W and f⊙B are rounded once to the input
 dtype (exact product in float64, round-to-odd to float32, then to nearest-even); the GEMMs accumulate
 in float32 (``CUBLAS_COMPUTE_32F``).
