@@ -316,3 +316,68 @@ def test_nf4_literals_account_for_every_nf4_difference_measured_on_h200():
         f"(= measured differences)"
     )
     assert total > 0
+
+
+# Measured on an NVIDIA H200 with bitsandbytes 0.50.2 CUDA (bench/bnb_cuda_subnormal_probe.py,
+# bench/results/bnb-cuda-subnormal-probe-first.json): dequantization stored no subnormal value; with absmax in
+# [1e-45, 4e-38] and every code, its output equalled the reference's with subnormals flushed to signed zeros.
+_TINY = np.finfo(np.float32).tiny
+
+
+def _every_code_state(quant_type: str, absmax: np.ndarray) -> tuple[np.ndarray, quant.QuantState]:
+    nib = np.arange(16, dtype=np.uint8)
+    packed = np.tile((nib[0::2] << 4) | nib[1::2], 4 * absmax.size).astype(np.uint8).reshape(-1, 1)
+    state = quant.QuantState(
+        shape=(64 * absmax.size,),
+        dtype="float32",
+        blocksize=64,
+        quant_type=quant_type,
+        absmax=absmax.astype(np.float32),
+        code=codebooks.codebook(quant_type),
+    )
+    return packed, state
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cuda_dequantization_flushes_subnormal_scales_and_products_to_signed_zeros(quant_type):
+    """bitsandbytes-cuda: x̂ = ftz(code · ftz(a)); the reference keeps the subnormal product. Every value the
+    two differ in is a reference subnormal whose flushed value (0 with the product's sign) the profile gives."""
+    absmax = np.float32([1e-45, 1e-40, 5e-39, 1.1e-38, 1.2e-38, 2e-38, 4e-38, 1.0])
+    packed, state = _every_code_state(quant_type, absmax)
+    ref = quant.dequantize_4bit(packed, state, profile="reference")
+    cuda = quant.dequantize_4bit(packed, state, profile="bitsandbytes-cuda")
+    subnormal = (ref != 0) & (np.abs(ref) < _TINY)
+    normal = np.abs(ref) >= _TINY  # (zeros: FP4's nibble 8 is −0.0 in this profile, +0.0 in the reference)
+    assert subnormal.sum() > 200
+    assert not ((cuda != 0) & (np.abs(cuda) < _TINY)).any()
+    assert np.array_equal(cuda[subnormal], np.zeros(subnormal.sum(), np.float32))
+    assert np.array_equal(np.signbit(cuda[subnormal]), np.signbit(ref[subnormal]))
+    assert np.array_equal(cuda[normal].view(np.uint32), ref[normal].view(np.uint32))
+
+
+def test_cuda_nested_scale_flushes_the_8bit_product_but_adds_the_offset_exactly():
+    """Nested: â = f32(ftz(d[q] · ftz(a2)) + offset) — a subnormal a2 zeroes the product, the subnormal offset
+    survives torch's add (and is then flushed by the 4-bit product); the reference rebuilds d[q]·a2 + offset."""
+    dyn = codebooks.codebook("dynamic8")
+    codes = np.array([255, 200, 128], dtype=np.uint8)
+    state = quant.QuantState(
+        shape=(3 * 64,),
+        dtype="float32",
+        blocksize=64,
+        quant_type="nf4",
+        absmax=codes,
+        code=codebooks.codebook("nf4"),
+        offset=np.float32(3e-39),
+        nested_absmax=np.float32([6e-39]),
+        nested_code=dyn,
+        nested_blocksize=256,
+    )
+    cuda = blockwise.block_scales(state, "bitsandbytes-cuda")
+    ref = blockwise.block_scales(state, "reference")
+    assert np.array_equal(cuda, np.full(3, np.float32(3e-39)))
+    want_ref = (dyn[codes].astype(np.float32) * np.float32(6e-39) + np.float32(3e-39)).astype(np.float32)
+    assert np.array_equal(ref, want_ref)
+    assert np.array_equal(ref, state.block_absmax())
+    packed = np.full((96, 1), 0xF0, dtype=np.uint8)  # codes 15 and 0 alternate
+    out = quant.dequantize_4bit(packed, state, profile="bitsandbytes-cuda")
+    assert not out.any()

@@ -85,7 +85,7 @@ def _dequantize_4bit_core(
     nibbles: U8, code: F32, absmax: F32, bs: int, dtype: str, shape: tuple[int, ...], steps: Steps
 ) -> npt.NDArray[Any]:
     """x̂_i = RNE_dtype(f32(code[nib_i] · a_{i // bs})) (spec §5), with the input's shape."""
-    values = (code[nibbles] * np.repeat(absmax, bs)[: nibbles.size]).astype(np.float32)
+    values = steps.scaled_codes(code[nibbles], np.repeat(absmax, bs)[: nibbles.size])
     return steps.cast_output(values, dtype, shape).reshape(shape)
 
 
@@ -147,6 +147,16 @@ def _codes_8bit(v: F32, absmax: F32) -> U8:
     return np.where(absmax[:, None] == 0, 0, q).astype(np.uint8)
 
 
+def _scaled_codes(codes: F32, scales: F32) -> F32:
+    """f32(code · a): one float32 product per element, subnormals kept (§5)."""
+    return (codes * scales).astype(np.float32)
+
+
+def _nested_scales(dq: F32, nested_absmax: F32, offset: np.float32) -> F32:
+    """â = f32(f32(d[q] · a2) + offset) (§7), with dq = d[q] and a2 repeated per block."""
+    return (dq * nested_absmax + np.float32(offset)).astype(np.float32)
+
+
 def _fp4_zero_is_negative(shape: tuple[int, ...]) -> bool:
     """FP4's nibble 8 dequantizes to +0.0, as in torch's table (the paper's value set) (§5)."""
     return False
@@ -173,6 +183,8 @@ class Steps:
     scaled_8bit: Callable[[F32, F32], F32] = _scaled_8bit
     codes_8bit: Callable[[F32, F32], U8] = _codes_8bit
     fp4_zero_is_negative: Callable[[tuple[int, ...]], bool] = _fp4_zero_is_negative
+    scaled_codes: Callable[[F32, F32], F32] = _scaled_codes
+    nested_scales: Callable[[F32, F32, np.float32], F32] = _nested_scales
     cast_output: Callable[[F32, str, tuple[int, ...]], npt.NDArray[Any]] = _cast_output
 
 
@@ -268,7 +280,8 @@ def quantize_4bit(
 def dequantize_4bit(packed: npt.ArrayLike, state: QuantState, *, profile: str | None = None) -> npt.NDArray[Any]:
     """x̂_i = RNE_dtype(f32(code[nib_i] · a_{i // bs})) with the shape and dtype of the quantized
     input (spec/nf4.md §6). For a nested state a_b is first rebuilt from its 8-bit codes (§7).
-    ``profile`` defaults to the state's; it only changes the sign of FP4's zero nibble 8."""
+    ``profile`` defaults to the state's; it changes the sign of FP4's zero nibble 8, and bitsandbytes-cuda
+    flushes subnormal scales and products to signed zeros (§15.1)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
     prof = state.profile if profile is None else profile_name(profile)
@@ -284,12 +297,25 @@ def dequantize_4bit(packed: npt.ArrayLike, state: QuantState, *, profile: str | 
         return _dequantize_4bit_core(
             unpack_nibbles(p, n),
             dequantization_code(state, prof),
-            state.block_absmax(),
+            block_scales(state, prof),
             state.blocksize,
             state.dtype,
             state.shape,
             _STEPS[prof],
         )
+
+
+def block_scales(state: QuantState, profile: str | None = None) -> npt.NDArray[np.float32]:
+    """The float32 scale of each block as ``profile`` dequantizes it: stored, or rebuilt from the nested
+    statistics by the profile's ``nested_scales`` (§7; bitsandbytes' CUDA kernels flush subnormals, §15.1)."""
+    if not state.nested:
+        return np.asarray(state.absmax, dtype=np.float32).reshape(-1).copy()
+    steps = _STEPS[state.profile if profile is None else profile_name(profile)]
+    codes = np.asarray(state.absmax, dtype=np.uint8).reshape(-1)
+    nested_absmax, nested_code, offset = state._nested_parts()
+    a2 = np.repeat(np.asarray(nested_absmax, dtype=np.float32), state.nested_blocksize)[: codes.size]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return steps.nested_scales(np.asarray(nested_code, dtype=np.float32)[codes], a2, np.float32(offset))
 
 
 def quantize_blockwise_8bit(

@@ -206,8 +206,12 @@ _DEQUANT_SRC = r"""
 __device__ __forceinline__ float block_scale(const void* __restrict__ absmax, const float* __restrict__ absmax2,
                                              const float* __restrict__ dyn, float offset, long long b) {
 #if NESTED
-  float d = __ldg(dyn + __ldg(reinterpret_cast<const u8*>(absmax) + b));
-  return __fadd_rn(__fmul_rn(d, __ldg(absmax2 + b / 256)), offset);
+  // as bitsandbytes: d · a2 in a fast-math kernel (subnormals flushed), then torch's add of the offset, which
+  // keeps subnormals: a plain add.rn.f32 (no .ftz) in PTX
+  float p = __fmul_rn(__ldg(dyn + __ldg(reinterpret_cast<const u8*>(absmax) + b)), __ldg(absmax2 + b / 256));
+  float a;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(a) : "f"(p), "f"(offset));
+  return a;
 #else
   return __ldg(reinterpret_cast<const float*>(absmax) + b);
 #endif

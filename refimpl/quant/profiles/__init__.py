@@ -34,5 +34,7 @@ PROFILES: dict[str, dict[str, Callable[..., Any]]] = {
         "scaled_8bit": bitsandbytes_cuda.scaled_8bit,
         "codes_8bit": bitsandbytes_cuda.codes_8bit,
         "fp4_zero_is_negative": bitsandbytes_cuda.fp4_zero_is_negative,
+        "scaled_codes": bitsandbytes_cuda.scaled_codes,
+        "nested_scales": bitsandbytes_cuda.nested_scales,
     },
 }

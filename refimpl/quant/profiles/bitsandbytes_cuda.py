@@ -8,7 +8,11 @@ bitsandbytes builds csrc/kernels.cu with ``--use_fast_math`` (spec/nf4.md §6, �
 * codes: NF4 by comparisons with the kernel's float literals, FP4 by its literals on |s| with the sign
   bit from s < 0; NaN → nibble 0; the odd-n pad element is 0 · rcp(a_tail);
 * 8-bit codes (nested statistics): the kernel's 7-step bisection over the dynamic map;
-* dequantization: FP4's nibble 8 is −0.0.
+* dequantization: FP4's nibble 8 is −0.0; the product code · absmax flushes a subnormal absmax and a
+  subnormal result to a signed zero; a nested absmax is ``dequantize_blockwise`` (a fast-math kernel: the
+  product d[q] · a2 flushed the same way) followed by ``absmax += offset``, a torch add that keeps
+  subnormals. Measured on the H200 against bitsandbytes 0.50.2 CUDA (bench/bnb_cuda_subnormal_probe.py,
+  bench/results/bnb-cuda-subnormal-probe.json): every one of 620 subnormal products came back as zero.
 
 The nested offset is the reference's correctly rounded mean: CUDA's reduction order is not emulated (§7).
 Each function replaces the reference step of the same name in ``refimpl.quant.blockwise`` (section "core").
@@ -103,3 +107,15 @@ def codes_8bit(v: npt.NDArray[np.float32], absmax: npt.NDArray[np.float32]) -> n
 def fp4_zero_is_negative(shape: tuple[int, ...]) -> bool:
     """The CUDA dequantization table holds −0.0 at FP4 nibble 8."""
     return True
+
+
+def scaled_codes(codes: npt.NDArray[np.float32], scales: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """ftz(code · ftz(a)): ``mul.rn.ftz.f32`` in the dequantize kernel."""
+    return ftz(codes * ftz(scales))
+
+
+def nested_scales(
+    dq: npt.NDArray[np.float32], nested_absmax: npt.NDArray[np.float32], offset: np.float32
+) -> npt.NDArray[np.float32]:
+    """f32(ftz(d[q] · ftz(a2)) + offset): the fast-math 8-bit dequantize kernel, then torch's exact-rounding add."""
+    return (ftz(dq * ftz(nested_absmax)) + np.float32(offset)).astype(np.float32)
