@@ -209,6 +209,17 @@ def main() -> None:
         ours_q = [G.quantize_4bit(w, 64, "nf4") for w in Ws]
         bnb_q = [F.quantize_4bit(w, blocksize=64, quant_type="nf4") for w in Ws] if F is not None else None
         sweep = {}
+        # m = 1: the rows kernel (x in registers) over its knobs, then the per-row-group kernel's sweep below
+        x1 = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        rows_cfgs = [(rpw, waves) for rpw in (2, 4, 8) for waves in (1, 2)]
+        for rpw, waves in rows_cfgs:
+            gemv4.ROWS_MAX_M, gemv4.ROWS_RPW, gemv4.ROWS_WAVES = 1, rpw, waves
+            sweep[f"m1_rows_rpw{rpw}_waves{waves}_s"] = gpu_time(
+                lambda i: G.gemv_4bit(x1, *ours_q[i % copies]), reps=40
+            )
+        gemv4.ROWS_RPW, gemv4.ROWS_WAVES = min(rows_cfgs, key=lambda c: sweep[f"m1_rows_rpw{c[0]}_waves{c[1]}_s"])
+        rows_best = sweep[f"m1_rows_rpw{gemv4.ROWS_RPW}_waves{gemv4.ROWS_WAVES}_s"]
+        gemv4.ROWS_MAX_M = 0
         for m in (1, 4, 16):
             xs = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             cands = (
@@ -228,6 +239,13 @@ def main() -> None:
             ok = [c for c in cands if isinstance(sweep[f"m{m}_rpw{c[0]}_u{c[1]}_ks{c[2]}_s"], float)]
             gemv4.GEMV_CONFIG[m] = min(ok, key=lambda c: sweep[f"m{m}_rpw{c[0]}_u{c[1]}_ks{c[2]}_s"])
             sweep[f"m{m}_chosen"] = gemv4.GEMV_CONFIG[m]
+        c1 = gemv4.GEMV_CONFIG[1]
+        gemv4.ROWS_MAX_M = 1 if rows_best < sweep[f"m1_rpw{c1[0]}_u{c1[1]}_ks{c1[2]}_s"] else 0
+        sweep["m1_rows_chosen"] = {
+            "ROWS_MAX_M": gemv4.ROWS_MAX_M,
+            "ROWS_RPW": gemv4.ROWS_RPW,
+            "ROWS_WAVES": gemv4.ROWS_WAVES,
+        }
         fig["gemv_knob_sweep"] = sweep
         for m in (1, 4, 16):
             xs = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)

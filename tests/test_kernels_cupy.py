@@ -362,6 +362,52 @@ def test_fused_gemv_and_qlora_forward_within_derived_bound(dtype):
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows_kernel", [True, False])
+def test_gemv_m1_within_derived_bound_with_and_without_the_rows_kernel(rows_kernel, monkeypatch):
+    """m = 1 by ``gemv4_rows`` (x in registers, blocks looping over row groups) or by ``gemv4``: within
+    u_out·|y| + γ_{K+r+4}(float32)·(|x||W|ᵀ + s·|x||A|ᵀ|B|ᵀ + |b|) where the rows kernel can go wrong: K not a
+    multiple of 1024 (idle lanes), K = 32 (one lane), more row groups than resident blocks (the loop), a
+    ragged last group."""
+    monkeypatch.setattr(G.gemv4, "ROWS_MAX_M", 1 if rows_kernel else 0)
+    rng = np.random.default_rng(5)
+    dtype = "bfloat16"
+    u_out = precision.unit_roundoff(dtype)
+    worst = 0.0
+    for N, K, bs, qt in [
+        (2050, 8192, 64, "nf4"),
+        (3001, 1056, 32, "fp4"),
+        (77, 32, 32, "nf4"),
+        (513, 4096, 256, "nf4"),
+    ]:
+        W = data(rng, "normal", (N, K), dtype)
+        packed, st = G.quantize_4bit(dev(W), bs, qt, dtype=dtype)
+        Wq = _dequant64(packed.get(), st.absmax.get(), N * K, bs, qt).reshape(N, K)
+        for lora in (False, True):
+            x = data(rng, "normal", (1, K), dtype)
+            x64 = x.astype(np.float64)
+            ref, S = x64 @ Wq.T, np.abs(x64) @ np.abs(Wq).T
+            kw: dict = {}
+            r, s = 4, 2.0
+            if lora:
+                A, B, b = (
+                    data(rng, "normal", (r, K), dtype),
+                    data(rng, "normal", (N, r), dtype),
+                    data(rng, "normal", (N,), dtype),
+                )
+                A64, B64, b64 = (a.astype(np.float64) for a in (A, B, b))
+                ref = ref + s * (x64 @ A64.T) @ B64.T + b64
+                S = S + s * (np.abs(x64) @ np.abs(A64).T) @ np.abs(B64).T + np.abs(b64)
+                kw = {"A": dev(A), "B": dev(B), "scaling": s, "bias": dev(b)}
+            y = host(G.gemv_4bit(dev(x), packed, st, dtype=dtype, **kw), dtype).astype(np.float64)
+            bound = u_out * np.abs(ref) + (1 + u_out) * precision.gamma(K + r + 4, "float32") * S
+            rep = precision.compare_to_bound(y, ref, bound)
+            worst = max(worst, rep.worst_ratio)
+            assert rep.passed, f"N={N} K={K} lora={lora}: {rep}"
+    print(f"\n[gemv m=1 rows_kernel={rows_kernel}] worst error/bound = {worst:.3g}")
+
+
+@needs_gpu
+@pytest.mark.gpu
 def test_gemv_rejects_k_not_multiple_of_32():
     W = np.ones((4, 48), np.float32)
     packed, st = G.quantize_4bit(dev(W), 32, "nf4")

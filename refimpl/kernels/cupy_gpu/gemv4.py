@@ -9,8 +9,12 @@ row and step through a 16-entry shared-memory table (a byte offset per nibble, o
 them by the matching inputs of every row of x (read through L1, shared by the R rows), and keeps a float32
 partial sum per 16-element group that is scaled by the group's absmax once. Warp shuffles, a fixed-order
 sum over the KS warps and one rounding to the output dtype end it. Sums are float32; the bound used in the
-tests is γ_{K+r+4}(float32) · Σ_k |x_k| |w_k| plus the output rounding. Measured on the H200
-(bench/results/gpu-h200-bench.json): m = 1, 8192², 20.1 µs = 0.56 × bitsandbytes' time.
+tests is γ_{K+r+4}(float32) · Σ_k |x_k| |w_k| plus the output rounding.
+
+For m = 1 ``gemv4_rows`` keeps each warp's 1024-column slice of x in registers and loops the block over
+groups of rows, so x is read once per block instead of once per row group: on the H200, 8192², 18.65 µs =
+0.517 × bitsandbytes' time (``gemv4``: 20.2 µs, 0.557 ×); both are bound by the L1/shared-memory pipe, one
+table lookup per weight (bench/README.md, GEMV; bench/results/gpu-h200-bench-gemv-rows.json).
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ MAX_M = 16
 #: (rows per block R, 1024-element steps in flight per warp U, warps splitting K KS) by m, from the sweep in
 #: bench/gpu_bench.py on the H200 (m > 4: (2, 2, 1) and (2, 2, 4) within 0.1 %; (2, 2, 1) is the tested one)
 GEMV_CONFIG = {m: ((4, 1, 2) if m <= 4 else (2, 2, 1)) for m in range(1, MAX_M + 1)}
+#: m ≤ ROWS_MAX_M and K ≤ 1024 · ROWS_MAX_WARPS take ``gemv4_rows`` (x held in registers, blocks looping over
+#: groups of ROWS_RPW weight rows; grid ROWS_WAVES × the resident blocks); ROWS_MAX_M = 0 turns it off
+ROWS_MAX_M = 1
+ROWS_MAX_WARPS = 32
+ROWS_RPW = 8
+ROWS_WAVES = 1
 
 _GEMV_SRC = r"""
 // x: (M, K) elem_t; q: (N*K/2) codes; absmax float (N*K/BS); out (M, N) elem_t
@@ -153,6 +163,106 @@ extern "C" __global__ void __launch_bounds__(32 * KS) gemv4(
   }
 }
 
+// m = 1 (ROWS_M rows of x): a block of KS = ceil(K / 1024) warps loops over groups of RPW weight rows. Warp w
+// owns the columns [1024 w, 1024 w + 1024) and holds that slice of x in registers, read once per block rather
+// than once per row group: the L1 traffic is then the code-table lookups and the weight codes (bench/README.md,
+// GEMV). Sums as in gemv4: a float32 partial per 16 codes scaled by the block's absmax, a warp tree, then the
+// KS warps in a fixed order.
+extern "C" __global__ void __launch_bounds__(32 * KS) gemv4_rows(
+    const elem_t* __restrict__ x, const u8* __restrict__ q, const float* __restrict__ absmax,
+    const float* __restrict__ u, const elem_t* __restrict__ lb, const elem_t* __restrict__ bias,
+    elem_t* __restrict__ out, int N, int K) {
+  const float lut_init[16] = LUT_INIT;
+  __shared__ float lut[16];
+  __shared__ float part[2][KS][RPW][M];            // two buffers: one barrier per row group
+  if (threadIdx.x < 16) lut[threadIdx.x] = lut_init[threadIdx.x];
+  __syncthreads();
+  const char* lut_b = reinterpret_cast<const char*>(lut);
+  const int lane = threadIdx.x & 31;
+  const int wk = threadIdx.x >> 5;
+  const int k0 = wk * 1024 + lane * 32;
+  const bool active = k0 < K;                      // K is a multiple of 32: a lane's 32 codes are all in or out
+  float xr[M][32];
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+    if (active) {
+      load16(x + (long long)i * K + k0, xr[i]);
+      load16(x + (long long)i * K + k0 + 16, xr[i] + 16);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) xr[i][j] = 0.0f;
+    }
+  }
+  const int groups = (N + RPW - 1) / RPW;
+  int buf = 0;
+  for (int grp = blockIdx.x; grp < groups; grp += gridDim.x, buf ^= 1) {
+    const int n0 = grp * RPW;
+    uint4 c[RPW];
+    float a[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+      const int n = min(n0 + r, N - 1);            // a missing last row repeats row N-1, never stored
+      const long long e = (long long)n * K + (active ? k0 : 0);
+      c[r] = __ldg(reinterpret_cast<const uint4*>(q + e / 2));
+      a[r] = __ldg(absmax + e / BS);                 // 32 | BS: the lane's 32 codes share one block
+    }
+    float acc[RPW][M];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+#pragma unroll
+      for (int i = 0; i < M; ++i) acc[r][i] = 0.0f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int r = 0; r < RPW; ++r) {
+        float w[16];
+        const u32 cw[2] = {h ? c[r].z : c[r].x, h ? c[r].w : c[r].y};
+#pragma unroll
+        for (int b2 = 0; b2 < 2; ++b2) {
+          const u32 hi4 = (cw[b2] >> 2) & 0x3c3c3c3cu, lo4 = (cw[b2] << 2) & 0x3c3c3c3cu;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const u32 sel = 0x4440u + k;
+            w[8 * b2 + 2 * k] = *reinterpret_cast<const float*>(lut_b + __byte_perm(hi4, 0u, sel));
+            w[8 * b2 + 2 * k + 1] = *reinterpret_cast<const float*>(lut_b + __byte_perm(lo4, 0u, sel));
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+          float p = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 16; ++j) p = fmaf(xr[i][16 * h + j], w[j], p);
+          acc[r][i] = fmaf(p, a[r], acc[r][i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+#pragma unroll
+      for (int i = 0; i < M; ++i) {
+        float v = active ? acc[r][i] : 0.0f;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0) part[buf][wk][r][i] = v;
+      }
+    __syncthreads();
+    if (threadIdx.x < RPW * M) {
+      const int r = threadIdx.x / M, i = threadIdx.x % M, n = n0 + r;
+      if (n < N) {
+        float y = part[buf][0][r][i];
+        for (int w2 = 1; w2 < KS; ++w2) y += part[buf][w2][r][i];   // fixed order: deterministic
+#if R_LORA > 0
+        for (int j = 0; j < R_LORA; ++j) y = fmaf(u[i * R_LORA + j], to_f(lb[(long long)n * R_LORA + j]), y);
+#endif
+#if HAS_BIAS
+        y += to_f(bias[n]);
+#endif
+        out[(long long)i * N + n] = from_f(y);
+      }
+    }
+  }
+}
+
 // u[i, j] = s * sum_k x[i, k] A[j, k]: one warp per (i, j)
 extern "C" __global__ void lora_down(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
                                      float* __restrict__ u, int Mrows, int R, int K, float s) {
@@ -185,6 +295,24 @@ def _gemv_kernel(dt: str, bs: int, qt: str, m: int, r_lora: int, has_bias: bool)
             ("M", m),
             ("RPW", rpw),
             ("U", steps),
+            ("KS", ks),
+            ("R_LORA", r_lora),
+            ("HAS_BIAS", int(has_bias)),
+            ("LUT_INIT", _nf4._lut_define(qt)),
+        ),
+    )
+
+
+def _rows_kernel(dt: str, bs: int, qt: str, m: int, r_lora: int, has_bias: bool, ks: int):
+    return D.compile_kernel(
+        _GEMV_SRC,
+        "gemv4_rows",
+        (
+            ("DT", D.DT_CODE[dt]),
+            ("BS", bs),
+            ("M", m),
+            ("RPW", ROWS_RPW),
+            ("U", 1),
             ("KS", ks),
             ("R_LORA", r_lora),
             ("HAS_BIAS", int(has_bias)),
@@ -294,24 +422,28 @@ def gemv_4bit(
             raise ValueError(f"bias: expected shape ({N},), got {bb.shape}")
         b_ptr = D.ptr(bb.ptr)
     out = D.empty(xd, (m, N), xd.dtype)
+    args = (
+        D.ptr(xd.ptr),
+        D.ptr(pd.ptr),
+        D.ptr(amax.ptr),
+        u_ptr,
+        lb_ptr,
+        b_ptr,
+        D.ptr(out.ptr),
+        np.int32(N),
+        np.int32(K),
+    )
+    if m <= ROWS_MAX_M and K <= 1024 * ROWS_MAX_WARPS:
+        ks = -(-K // 1024)
+        kern = _rows_kernel(xd.dtype, state.blocksize, state.quant_type, m, r_lora, bias is not None, ks)
+        grid = min(-(-N // ROWS_RPW), ROWS_WAVES * D.resident_blocks(kern, 32 * ks))
+        with D.launch_stream(xd):
+            kern((grid,), (32 * ks,), args)
+        return out.obj
     kern = _gemv_kernel(xd.dtype, state.blocksize, state.quant_type, m, r_lora, bias is not None)
     rpw, _, ks = GEMV_CONFIG[m]
     with D.launch_stream(xd):
-        kern(
-            (-(-N // rpw),),
-            (32 * ks,),
-            (
-                D.ptr(xd.ptr),
-                D.ptr(pd.ptr),
-                D.ptr(amax.ptr),
-                u_ptr,
-                lb_ptr,
-                b_ptr,
-                D.ptr(out.ptr),
-                np.int32(N),
-                np.int32(K),
-            ),
-        )
+        kern((-(-N // rpw),), (32 * ks,), args)
     return out.obj
 
 
