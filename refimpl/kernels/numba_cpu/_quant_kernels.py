@@ -167,100 +167,213 @@ def _avx512_host() -> bool:
     return cpu_name in (None, "host") and "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
 
 
+def _avx2_target() -> bool:
+    """True when numba compiles with AVX2 and F16C (8-lane ``vpermd``, ``vcvtps2ph``): the features named by
+    ``NUMBA_CPU_FEATURES`` when set, else the host's (numba passes the host's features even when
+    ``NUMBA_CPU_NAME`` is set; set both, e.g. ``haswell`` and ``+avx2,+fma,+f16c``, to compile for an AVX2 CPU)."""
+    feats = numba.config.CPU_FEATURES  # type: ignore[attr-defined]  # numba.config's options are set at import time
+    spelled = (llvm.get_host_cpu_features().flatten() if feats is None else feats).split(",")
+    return "+avx2" in spelled and "+f16c" in spelled
+
+
 #: The dequantizer decodes 32 nibbles per step with two 512-bit table permutes when this is true.
 AVX512 = _avx512_host()
+#: Else, 16 nibbles per step with 256-bit permutes (two per nibble: the table is two 8-lane halves) when true.
+AVX2 = _avx2_target()
 
 
-def _decode32(wide: bool) -> object:
-    """An intrinsic decoding 16 packed bytes (32 nibbles, high nibble first) through a 16-entry table.
-
-    ``f(tbl, packed, pbyte, out, oidx)``: tbl is uint32[16] holding the block's 16 output bit patterns;
-    the bytes are packed[pbyte : pbyte + 16]. Each byte is widened to a 32-bit lane, its two nibbles
-    index the table through one ``vpermd`` each (a = tbl[byte >> 4], b = tbl[byte & 15]).
-    wide (float32 out, a uint32 view): out[oidx + 2k] = a_k, out[oidx + 2k + 1] = b_k (two interleaving
-    shuffles, 32 words). narrow (16-bit out, a uint32 view of pairs): out[oidx + k] = a_k | b_k << 16
-    (16 words, little-endian: element 2k in the low half).
-    """
-
-    def impl(typingctx, tbl, packed, pbyte, out, oidx):
-        sig = types.void(tbl, packed, pbyte, out, oidx)
-
-        def codegen(context, builder, signature, args):
-            tbl_v, packed_v, pbyte_v, out_v, oidx_v = args
-            tbl_a = context.make_array(signature.args[0])(context, builder, tbl_v)
-            packed_a = context.make_array(signature.args[1])(context, builder, packed_v)
-            out_a = context.make_array(signature.args[3])(context, builder, out_v)
-            i32 = ir.IntType(32)
-            i32x16 = ir.VectorType(i32, 16)
-            permd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(i32x16, [i32x16, i32x16]), "llvm.x86.avx512.permvar.si.512"
-            )
-
-            def vptr(ptr, index, ty):
-                return builder.bitcast(builder.gep(ptr, [index]), ty.as_pointer())
-
-            table = builder.load(vptr(tbl_a.data, ir.Constant(ir.IntType(64), 0), i32x16), align=4)
-            raw = builder.load(vptr(packed_a.data, pbyte_v, ir.VectorType(ir.IntType(8), 16)), align=1)
-            w = builder.zext(raw, i32x16)
-            a = builder.call(permd, [table, builder.lshr(w, ir.Constant(i32x16, [4] * 16))])
-            b = builder.call(permd, [table, builder.and_(w, ir.Constant(i32x16, [15] * 16))])
-            if wide:
-                lo = builder.shuffle_vector(a, b, ir.Constant(i32x16, [j // 2 + 16 * (j % 2) for j in range(16)]))
-                hi = builder.shuffle_vector(a, b, ir.Constant(i32x16, [8 + j // 2 + 16 * (j % 2) for j in range(16)]))
-                builder.store(lo, vptr(out_a.data, oidx_v, i32x16), align=4)
-                o2 = builder.add(oidx_v, ir.Constant(oidx_v.type, 16))
-                builder.store(hi, vptr(out_a.data, o2, i32x16), align=4)
-            else:
-                pair = builder.or_(a, builder.shl(b, ir.Constant(i32x16, [16] * 16)))
-                builder.store(pair, vptr(out_a.data, oidx_v, i32x16), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return intrinsic(impl)
+#: Outputs of at least this many bytes are written with non-temporal (streaming) stores. A plain store first
+#: reads the cache line it writes (read-for-ownership): for a float32 output that is 4 more bytes of memory
+#: traffic per element on top of the 4.5 counted. Streaming stores skip that read, as glibc's memcpy does for
+#: large copies (the copy that defines the bench's limit), but they also evict the line from the caches, so a
+#: small output that the caller reads next (one QLoRA weight, about the L2 size or less) keeps plain stores.
+NONTEMPORAL_MIN_BYTES = 4 << 20
 
 
-_decode32_wide = _decode32(True)
-_decode32_narrow = _decode32(False)
-
-
-def _table16(kind: int) -> object:
-    """An intrinsic ``f(code, scale, tbl)``: tbl[j] = the bits of RNE_kind(f32(code[j] · scale)) as uint32.
+def _table_bits(builder: ir.IRBuilder, codes: ir.Value, scale: ir.Value, kind: int) -> ir.Value:
+    """<16 x i32>: lane j holds the bits of RNE_kind(f32(code[j] · scale)) (16-bit kinds zero-extended).
 
     One <16 x float> multiply (the same IEEE product as the scalar code), then, by kind: the float32
     bits; bfloat16 by round-to-nearest-even on the bits, (b + 0x7FFF + lsb) >> 16, NaN → (b >> 16) | 0x40
     (``_bits.f32_to_bf16``); float16 by ``fptrunc`` (``vcvtps2ph``: IEEE RNE, subnormals, overflow to
     inf, NaN quieted with its payload's top bits, as ``_bits.f32_to_f16``).
     """
+    i32 = ir.IntType(32)
+    f32x16, i32x16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
 
-    def impl(typingctx, code, scale, tbl):
-        sig = types.void(code, scale, tbl)
+    def splat(v):
+        return ir.Constant(i32x16, [v] * 16)
+
+    sv = builder.insert_element(ir.Constant(f32x16, None), scale, ir.Constant(i32, 0))
+    v = builder.fmul(codes, builder.shuffle_vector(sv, sv, ir.Constant(i32x16, [0] * 16)))
+    bits = builder.bitcast(v, i32x16)
+    if kind == KIND_BF16:
+        odd = builder.and_(builder.lshr(bits, splat(16)), splat(1))
+        rne = builder.lshr(builder.add(builder.add(bits, splat(0x7FFF)), odd), splat(16))
+        nan = builder.icmp_unsigned(">", builder.and_(bits, splat(0x7FFFFFFF)), splat(0x7F800000))
+        bits = builder.select(nan, builder.or_(builder.lshr(bits, splat(16)), splat(0x40)), rne)
+    elif kind == KIND_F16:
+        half = builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), 16)), ir.VectorType(ir.IntType(16), 16))
+        bits = builder.zext(half, i32x16)
+    return bits
+
+
+def _dequantize_lanes(kind: int, lanes: int) -> object:
+    """An intrinsic ``f(code, absmax, packed, out32, bs, b_lo, b_hi, stream)`` decoding whole blocks
+    [b_lo, b_hi) into out32, the output's uint32 view (float32 words, or pairs of 16-bit values), with
+    L = ``lanes`` 32-bit lanes per vector: 16 (AVX-512) or 8 (AVX2).
+
+    Per block the 16 possible outputs are formed in registers (``_table_bits``); each step then decodes L
+    packed bytes = 2L nibbles (high nibble first): the bytes are widened to 32-bit lanes and each nibble
+    indexes the table, a = tbl[byte >> 4], b = tbl[byte & 15] (L = 16: one ``vpermd`` each; L = 8: one
+    ``vpermd`` in each 8-entry half and a select on the nibble's bit 3). float32 out: words 2k, 2k + 1 =
+    a_k, b_k (two interleaving shuffles, 2 vectors); 16-bit out: word k = a_k | b_k << 16 (element 2k in the
+    low half, little-endian; 1 vector).
+
+    stream ≠ 0 and a 4-byte aligned out32: the vectors V_0 … V_{N−1} (at words w_0 + Lj) are written as
+    whole aligned 4L-byte lines by non-temporal stores (which need aligned addresses). With t = L − (w_0's
+    address / 4 mod L) ∈ [1, L], line j (at word w_0 + t + Lj) is V_j[t:] ++ V_{j+1}[:t]: one ``vpermt2d``
+    (L = 16) or two ``vpermd`` and a select (L = 8) of consecutive vectors; the head V_0[:t] and the tail
+    V_{N−1}[t:] (partial lines, which the neighbouring ranges may share) take plain scalar stores.
+    Else every vector takes a plain store.
+    """
+    i1, i8, i32, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    f32x16, ivec = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, lanes)
+    wide = kind == KIND_F32
+    half = lanes // 2
+
+    def splat(v):
+        return ir.Constant(ivec, [v] * lanes)
+
+    def impl(typingctx, code, absmax, packed, out32, bs, b_lo, b_hi, stream):
+        sig = types.void(code, absmax, packed, out32, bs, b_lo, b_hi, stream)
 
         def codegen(context, builder, signature, args):
-            code_v, scale_v, tbl_v = args
-            code_a = context.make_array(signature.args[0])(context, builder, code_v)
-            tbl_a = context.make_array(signature.args[2])(context, builder, tbl_v)
-            i32 = ir.IntType(32)
-            f32x16, i32x16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
-
-            def splat(v):
-                return ir.Constant(i32x16, [v] * 16)
-
-            codes = builder.load(builder.bitcast(code_a.data, f32x16.as_pointer()), align=4)
-            sv = builder.insert_element(ir.Constant(f32x16, None), scale_v, ir.Constant(i32, 0))
-            v = builder.fmul(codes, builder.shuffle_vector(sv, sv, ir.Constant(i32x16, [0] * 16)))
-            bits = builder.bitcast(v, i32x16)
-            if kind == KIND_BF16:
-                odd = builder.and_(builder.lshr(bits, splat(16)), splat(1))
-                rne = builder.lshr(builder.add(builder.add(bits, splat(0x7FFF)), odd), splat(16))
-                nan = builder.icmp_unsigned(">", builder.and_(bits, splat(0x7FFFFFFF)), splat(0x7F800000))
-                bits = builder.select(nan, builder.or_(builder.lshr(bits, splat(16)), splat(0x40)), rne)
-            elif kind == KIND_F16:
-                half = builder.bitcast(
-                    builder.fptrunc(v, ir.VectorType(ir.HalfType(), 16)), ir.VectorType(ir.IntType(16), 16)
+            code_v, absmax_v, packed_v, out_v, _, _, _, stream_v = args
+            sa = signature.args
+            code_p = context.make_array(sa[0])(context, builder, code_v).data
+            absmax_p = context.make_array(sa[1])(context, builder, absmax_v).data
+            packed_p = context.make_array(sa[2])(context, builder, packed_v).data
+            out_p = context.make_array(sa[3])(context, builder, out_v).data
+            bs_v, lo_v, hi_v = (
+                context.cast(builder, v, t, types.int64) for v, t in zip(args[4:7], sa[4:7], strict=True)
+            )
+            mod = builder.module
+            if lanes == 16:
+                permd = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(ivec, [ivec, ivec]), "llvm.x86.avx512.permvar.si.512"
                 )
-                bits = builder.zext(half, i32x16)
-            builder.store(bits, builder.bitcast(tbl_a.data, i32x16.as_pointer()), align=4)
+                permt2d = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(ivec, [ivec, ivec, ivec]), "llvm.x86.avx512.vpermi2var.d.512"
+                )
+            else:
+                permd = cgutils.get_or_insert_function(mod, ir.FunctionType(ivec, [ivec, ivec]), "llvm.x86.avx2.permd")
+            sfence = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            nontemporal = mod.add_metadata([ir.Constant(i32, 1)])
+
+            def c64(v):
+                return ir.Constant(i64, v)
+
+            def wptr(widx):  # <L x i32>* at word widx of out32
+                return builder.bitcast(builder.gep(out_p, [widx]), ivec.as_pointer())
+
+            def lookup(tables, idx):  # tables[idx] lane by lane, idx in [0, 16)
+                if lanes == 16:
+                    return builder.call(permd, [tables[0], idx])
+                upper = builder.icmp_unsigned("!=", builder.and_(idx, splat(8)), splat(0))
+                return builder.select(
+                    upper, builder.call(permd, [tables[1], idx]), builder.call(permd, [tables[0], idx])
+                )
+
+            def rotate(prev, cur, rot, from_prev):  # prev[t:] ++ cur[:t]
+                if lanes == 16:
+                    return builder.call(permt2d, [prev, rot, cur])
+                return builder.select(from_prev, builder.call(permd, [prev, rot]), builder.call(permd, [cur, rot]))
+
+            codes = builder.load(builder.bitcast(code_p, f32x16.as_pointer()), align=4)
+            wpb = bs_v if wide else builder.lshr(bs_v, c64(1))  # output words per block
+            steps = builder.udiv(bs_v, c64(2 * lanes))  # 2L nibbles a step
+            w0 = builder.mul(lo_v, wpb)
+            addr0 = builder.add(builder.ptrtoint(out_p, i64), builder.mul(w0, c64(4)))
+            t = builder.sub(c64(lanes), builder.and_(builder.lshr(addr0, c64(2)), c64(lanes - 1)))
+            tv = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(ivec, None), builder.trunc(t, i32), ir.Constant(i32, 0)),
+                ir.Constant(ivec, None),
+                splat(0),
+            )
+            lane_no = ir.Constant(ivec, list(range(lanes)))
+            rot = builder.add(tv, lane_no)  # lanes t … t + L − 1 of (V_j, V_{j+1})
+            from_prev = builder.icmp_unsigned("<", rot, splat(lanes))
+            if lanes == 8:
+                rot = builder.and_(rot, splat(7))
+            first = cgutils.alloca_once_value(builder, ir.Constant(i1, 1))
+            prev = cgutils.alloca_once_value(builder, ir.Constant(ivec, None))
+
+            def lanes_store(vec, widx, lane_lo, lane_hi):  # plain stores of vec's lanes [lane_lo, lane_hi) at widx
+                for lane in range(lanes):
+                    ln = c64(lane)
+                    keep = builder.and_(builder.icmp_signed("<=", lane_lo, ln), builder.icmp_signed("<", ln, lane_hi))
+                    with builder.if_then(keep):
+                        builder.store(
+                            builder.extract_element(vec, ir.Constant(i32, lane)),
+                            builder.gep(out_p, [builder.add(widx, ln)]),
+                        )
+
+            def emit(vec, widx, streaming):
+                if not streaming:
+                    builder.store(vec, wptr(widx), align=4)
+                    return
+                with builder.if_else(builder.load(first)) as (head, body):
+                    with head:
+                        lanes_store(vec, widx, c64(0), t)
+                        builder.store(ir.Constant(i1, 0), first)
+                    with body:
+                        line = rotate(builder.load(prev), vec, rot, from_prev)
+                        st = builder.store(line, wptr(builder.add(builder.sub(widx, c64(lanes)), t)), align=4 * lanes)
+                        st.set_metadata("nontemporal", nontemporal)
+                builder.store(vec, prev)
+
+            def blocks(streaming):
+                with cgutils.for_range_slice(builder, lo_v, hi_v, c64(1)) as (b, _):
+                    bits = _table_bits(builder, codes, builder.load(builder.gep(absmax_p, [b])), kind)
+                    tables = [
+                        builder.shuffle_vector(bits, bits, ir.Constant(ivec, [h * lanes + j for j in range(lanes)]))
+                        for h in range(16 // lanes)
+                    ]
+                    pbase = builder.mul(b, builder.lshr(bs_v, c64(1)))
+                    obase = builder.mul(b, wpb)
+                    with cgutils.for_range(builder, steps) as loop:
+                        g = loop.index
+                        src = builder.bitcast(
+                            builder.gep(packed_p, [builder.add(pbase, builder.mul(g, c64(lanes)))]),
+                            ir.VectorType(i8, lanes).as_pointer(),
+                        )
+                        w = builder.zext(builder.load(src, align=1), ivec)
+                        a = lookup(tables, builder.lshr(w, splat(4)))
+                        bb = lookup(tables, builder.and_(w, splat(15)))
+                        if wide:
+                            widx = builder.add(obase, builder.mul(g, c64(2 * lanes)))
+                            for h in range(2):
+                                mask = [h * half + j // 2 + lanes * (j % 2) for j in range(lanes)]
+                                vec = builder.shuffle_vector(a, bb, ir.Constant(ivec, mask))
+                                emit(vec, builder.add(widx, c64(h * lanes)), streaming)
+                        else:
+                            pair = builder.or_(a, builder.shl(bb, splat(16)))
+                            emit(pair, builder.add(obase, builder.mul(g, c64(lanes))), streaming)
+
+            aligned4 = builder.icmp_unsigned("==", builder.and_(addr0, c64(3)), c64(0))
+            do_stream = builder.and_(builder.icmp_signed("!=", stream_v, ir.Constant(stream_v.type, 0)), aligned4)
+            with builder.if_else(do_stream) as (streamed, plain):
+                with streamed:
+                    blocks(True)
+                    with builder.if_then(builder.not_(builder.load(first))):  # the last vector's tail
+                        last = builder.sub(builder.mul(hi_v, wpb), c64(lanes))
+                        lanes_store(builder.load(prev), last, t, c64(lanes))
+                    # streaming stores are weakly ordered; the fence orders them before this range's caller (a
+                    # worker thread) reports done, as a plain store would be, so the joined result is complete
+                    builder.call(sfence, [])
+                with plain:
+                    blocks(False)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -268,9 +381,12 @@ def _table16(kind: int) -> object:
     return intrinsic(impl)
 
 
-_table16_f32 = _table16(KIND_F32)
-_table16_bf16 = _table16(KIND_BF16)
-_table16_f16 = _table16(KIND_F16)
+_dequantize_f32 = _dequantize_lanes(KIND_F32, 16)
+_dequantize_f16 = _dequantize_lanes(KIND_F16, 16)
+_dequantize_bf16 = _dequantize_lanes(KIND_BF16, 16)
+_dequantize_f32_avx2 = _dequantize_lanes(KIND_F32, 8)
+_dequantize_f16_avx2 = _dequantize_lanes(KIND_F16, 8)
+_dequantize_bf16_avx2 = _dequantize_lanes(KIND_BF16, 8)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -293,27 +409,26 @@ def _dequantize_blocks(packed, absmax, n, bs, code, kind, out, b_lo, b_hi):
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _dequantize_blocks_avx512(packed, absmax, bs, code, kind, out32, b_lo, b_hi):
-    """Whole blocks [b_lo, b_hi) of ``dequantize_4bit_kernel`` on AVX-512: 32 nibbles per step.
-
-    out32 is the output's uint32 view (float32 words, or pairs of 16-bit values)."""
-    tbl = np.empty(16, dtype=np.uint32)
-    steps = bs // 32
+def _dequantize_blocks_avx512(packed, absmax, bs, code, kind, out32, stream, b_lo, b_hi):
+    """Whole blocks [b_lo, b_hi) of ``dequantize_4bit_kernel`` on AVX-512: 32 nibbles per step
+    (``_dequantize_lanes``); out32 is the output's uint32 view, stream ≠ 0 asks for streaming stores."""
     if kind == KIND_F32:
-        for b in range(b_lo, b_hi):
-            _table16_f32(code, absmax[b], tbl)
-            base = b * (bs // 2)
-            for g in range(steps):
-                _decode32_wide(tbl, packed, base + 16 * g, out32, 2 * (base + 16 * g))
-        return
-    for b in range(b_lo, b_hi):
-        if kind == KIND_BF16:
-            _table16_bf16(code, absmax[b], tbl)
-        else:
-            _table16_f16(code, absmax[b], tbl)
-        base = b * (bs // 2)
-        for g in range(steps):
-            _decode32_narrow(tbl, packed, base + 16 * g, out32, base + 16 * g)
+        _dequantize_f32(code, absmax, packed, out32, bs, b_lo, b_hi, stream)
+    elif kind == KIND_BF16:
+        _dequantize_bf16(code, absmax, packed, out32, bs, b_lo, b_hi, stream)
+    else:
+        _dequantize_f16(code, absmax, packed, out32, bs, b_lo, b_hi, stream)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _dequantize_blocks_avx2(packed, absmax, bs, code, kind, out32, stream, b_lo, b_hi):
+    """``_dequantize_blocks_avx512`` with 8-lane vectors (AVX2): 16 nibbles per step."""
+    if kind == KIND_F32:
+        _dequantize_f32_avx2(code, absmax, packed, out32, bs, b_lo, b_hi, stream)
+    elif kind == KIND_BF16:
+        _dequantize_bf16_avx2(code, absmax, packed, out32, bs, b_lo, b_hi, stream)
+    else:
+        _dequantize_f16_avx2(code, absmax, packed, out32, bs, b_lo, b_hi, stream)
 
 
 def dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, out):
@@ -321,17 +436,20 @@ def dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, out):
 
     Per block the 16 possible outputs are formed once (tbl[j] = RNE(f32(code[j] · absmax_b)), in the
     output's own format), so the element loop is table lookups and stores: on AVX-512 two ``vpermd``
-    per 16 bytes (``_decode32``), else two scalar lookups per byte. Every blocksize is a multiple of 32,
-    so only a partial last block takes the scalar loop on AVX-512.
+    per 16 bytes, on AVX2 four per 8 bytes (``_dequantize_lanes``; streaming stores for outputs of
+    ``NONTEMPORAL_MIN_BYTES`` or more), else two scalar lookups per byte. Every blocksize is a multiple
+    of 32, so only a partial last block takes the scalar loop on AVX-512 and AVX2.
     """
     nb = (n + bs - 1) // bs
-    if not AVX512:
+    if not (AVX512 or AVX2):
         parallel_ranges(_dequantize_blocks, nb, packed, absmax, n, bs, code, kind, out)
         return
     whole = n // bs
     if whole:
         words = out[: whole * bs].view(np.uint32)  # whole · bs is a multiple of 32: a whole number of words
-        parallel_ranges(_dequantize_blocks_avx512, whole, packed, absmax, bs, code, kind, words)
+        stream = int(words.nbytes >= NONTEMPORAL_MIN_BYTES)
+        kernel = _dequantize_blocks_avx512 if AVX512 else _dequantize_blocks_avx2
+        parallel_ranges(kernel, whole, packed, absmax, bs, code, kind, words, stream)
     if whole < nb:
         _dequantize_blocks(packed, absmax, n, bs, code, kind, out, whole, nb)
 
