@@ -366,8 +366,9 @@ def _simd_paths() -> list:
 
 @pytest.mark.parametrize("path", _simd_paths())
 @pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("nested", [False, True])
 def test_vector_dequantizer_writes_the_scalar_bits_into_outputs_at_any_offset_and_nothing_outside(
-    path, streaming, monkeypatch
+    path, streaming, nested, monkeypatch
 ):
     # streaming stores need 64-byte (AVX2: 32-byte) aligned lines: an output at any element offset makes the
     # kernel rotate its vectors and write partial head and tail lines with plain stores, per thread range
@@ -379,16 +380,28 @@ def test_vector_dequantizer_writes_the_scalar_bits_into_outputs_at_any_offset_an
     for kind in (K.KIND_F32, K.KIND_F16, K.KIND_BF16):
         word = np.float32 if kind == K.KIND_F32 else np.uint16
         for bs in (32, 64, 256):
-            for n in (bs, 3 * bs + 5, 41 * bs + 1, 64 * bs + 33):  # one block, a tail, many blocks per thread range
+            # one block, a tail, many blocks per thread range, more than 256 blocks (nested statistics)
+            for n in (bs, 3 * bs + 5, 41 * bs + 1, 64 * bs + 33, 300 * bs + 7):
                 nb = -(-n // bs)
                 packed = rng.integers(0, 256, (n + 1) // 2, dtype=np.uint8)
                 absmax = (rng.standard_normal(nb) * 10.0).astype(np.float32)
+                extra = None
+                if nested:  # absmax holds 8-bit codes, decoded by the scalar nested kernel for the expected bits
+                    qcodes = rng.integers(0, 256, nb, dtype=np.uint8)
+                    extra = (
+                        (rng.standard_normal(-(-nb // 256)) * 10.0).astype(np.float32),
+                        np.float32(0.37),
+                        Q.DYNAMIC8,
+                    )
+                    K.dequantize_nested_kernel(qcodes, *extra, absmax)
                 want = np.empty(n, dtype=word)
                 K._dequantize_blocks(packed, absmax, n, bs, code, kind, want, 0, nb)
                 for off in range(0, 64 // np.dtype(word).itemsize + 2):
                     store = np.full(n + off + 9, 0x5A5A, dtype=word) if kind else np.full(n + off + 9, np.float32(-9.5))
                     before = store.copy()
-                    K.dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, store[off : off + n])
+                    K.dequantize_4bit_kernel(
+                        packed, qcodes if nested else absmax, n, bs, code, kind, store[off : off + n], extra
+                    )
                     assert store[off : off + n].tobytes() == want.tobytes(), (kind, bs, n, off)
                     assert store[:off].tobytes() == before[:off].tobytes(), (kind, bs, n, off)
                     assert store[off + n :].tobytes() == before[off + n :].tobytes(), (kind, bs, n, off)
@@ -396,13 +409,14 @@ def test_vector_dequantizer_writes_the_scalar_bits_into_outputs_at_any_offset_an
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])
-def test_dequantize_into_misaligned_out_views_gives_the_profiles_bytes(dtype, qt, monkeypatch):
-    # out= views one element into a larger array (4 or 2 bytes off any vector alignment), with streaming
-    # stores taken even for this small output; n = 33 · 129 is not a multiple of the blocksize
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_into_misaligned_out_views_gives_the_profiles_bytes(dtype, qt, nested, monkeypatch):
+    # out= views a few elements into a larger array (off any vector alignment), with streaming stores taken
+    # even for this small output; n = 129 · 257 is not a multiple of the blocksize and spans 3 nested blocks
     monkeypatch.setattr(K, "NONTEMPORAL_MIN_BYTES", 0)
     dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-    x = _data(np.random.default_rng(3), (33, 129), dt)
-    p, s = Q.quantize_4bit(x, 64, qt, profile="bitsandbytes-cpu")
+    x = _data(np.random.default_rng(3), (129, 257), dt)
+    p, s = Q.quantize_4bit(x, 64, qt, nested, profile="bitsandbytes-cpu")
     want = R.dequantize_4bit(p, s)
     for off in (1, 3, 5, 8):
         backing = np.zeros(x.size + off, dtype=dt)
