@@ -245,6 +245,7 @@ def _dequantize_lanes(kind: int, lanes: int, nested: bool = False) -> object:
     f32x16, ivec = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, lanes)
     wide = kind == KIND_F32
     half = lanes // 2
+    bytewise = lanes == 8 and not wide  # 16-bit outputs on AVX2: vpshufb over byte tables (bytes_lookup)
 
     def splat(v):
         return ir.Constant(ivec, [v] * lanes)
@@ -276,6 +277,10 @@ def _dequantize_lanes(kind: int, lanes: int, nested: bool = False) -> object:
             )
         else:
             permd = cgutils.get_or_insert_function(mod, ir.FunctionType(ivec, [ivec, ivec]), "llvm.x86.avx2.permd")
+            i8x32 = ir.VectorType(i8, 32)
+            pshufb = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(i8x32, [i8x32, i8x32]), "llvm.x86.avx2.pshuf.b"
+            )
         sfence = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
         nontemporal = mod.add_metadata([ir.Constant(i32, 1)])
 
@@ -339,6 +344,36 @@ def _dequantize_lanes(kind: int, lanes: int, nested: bool = False) -> object:
                     st.set_metadata("nontemporal", nontemporal)
             builder.store(vec, prev)
 
+        def bytes_lookup(bits, pbase, obase, streaming):
+            # 16-bit outputs on AVX2: the table's low and high bytes as two 16-byte tables, looked up with
+            # ``vpshufb`` (32 nibbles per step, in element order), then interleaved into 16-bit words
+            both = ir.Constant(ir.VectorType(i32, 32), list(range(16)) * 2)
+            lo_b = builder.trunc(bits, ir.VectorType(i8, 16))
+            hi_b = builder.trunc(builder.lshr(bits, ir.Constant(ir.VectorType(i32, 16), [8] * 16)), lo_b.type)
+            tlo, thi = (builder.shuffle_vector(t, t, both) for t in (lo_b, hi_b))
+            with cgutils.for_range(builder, builder.lshr(bs_v, c64(5))) as loop:
+                g = loop.index
+                src = builder.bitcast(
+                    builder.gep(packed_p, [builder.add(pbase, builder.mul(g, c64(16)))]), lo_b.type.as_pointer()
+                )
+                raw = builder.load(src, align=1)
+                nib_hi = builder.lshr(raw, ir.Constant(raw.type, [4] * 16))
+                nib_lo = builder.and_(raw, ir.Constant(raw.type, [15] * 16))
+                idx = builder.shuffle_vector(
+                    nib_hi, nib_lo, ir.Constant(ir.VectorType(i32, 32), [k // 2 + 16 * (k % 2) for k in range(32)])
+                )
+                lb, hb = (builder.call(pshufb, [t, idx]) for t in (tlo, thi))
+                words = builder.bitcast(
+                    builder.shuffle_vector(
+                        lb, hb, ir.Constant(ir.VectorType(i32, 64), [k // 2 + 32 * (k % 2) for k in range(64)])
+                    ),
+                    ir.VectorType(i32, 16),
+                )
+                widx = builder.add(obase, builder.mul(g, c64(16)))
+                for h in range(2):
+                    vec = builder.shuffle_vector(words, words, ir.Constant(ivec, [8 * h + j for j in range(8)]))
+                    emit(vec, builder.add(widx, c64(8 * h)), streaming)
+
         def blocks(streaming):
             with cgutils.for_range_slice(builder, lo_v, hi_v, c64(1)) as (b, _):
                 if nested:  # IEEE float32 multiply, then add (no contraction: no fast-math flags)
@@ -348,30 +383,33 @@ def _dequantize_lanes(kind: int, lanes: int, nested: bool = False) -> object:
                 else:
                     scale = builder.load(builder.gep(absmax_p, [b]))
                 bits = _table_bits(builder, codes, scale, kind)
-                tables = [
-                    builder.shuffle_vector(bits, bits, ir.Constant(ivec, [h * lanes + j for j in range(lanes)]))
-                    for h in range(16 // lanes)
-                ]
                 pbase = builder.mul(b, builder.lshr(bs_v, c64(1)))
                 obase = builder.mul(b, wpb)
-                with cgutils.for_range(builder, steps) as loop:
-                    g = loop.index
-                    src = builder.bitcast(
-                        builder.gep(packed_p, [builder.add(pbase, builder.mul(g, c64(lanes)))]),
-                        ir.VectorType(i8, lanes).as_pointer(),
-                    )
-                    w = builder.zext(builder.load(src, align=1), ivec)
-                    a = lookup(tables, builder.lshr(w, splat(4)))
-                    bb = lookup(tables, builder.and_(w, splat(15)))
-                    if wide:
-                        widx = builder.add(obase, builder.mul(g, c64(2 * lanes)))
-                        for h in range(2):
-                            mask = [h * half + j // 2 + lanes * (j % 2) for j in range(lanes)]
-                            vec = builder.shuffle_vector(a, bb, ir.Constant(ivec, mask))
-                            emit(vec, builder.add(widx, c64(h * lanes)), streaming)
-                    else:
-                        pair = builder.or_(a, builder.shl(bb, splat(16)))
-                        emit(pair, builder.add(obase, builder.mul(g, c64(lanes))), streaming)
+                if bytewise:
+                    bytes_lookup(bits, pbase, obase, streaming)
+                else:
+                    tables = [
+                        builder.shuffle_vector(bits, bits, ir.Constant(ivec, [h * lanes + j for j in range(lanes)]))
+                        for h in range(16 // lanes)
+                    ]
+                    with cgutils.for_range(builder, steps) as loop:
+                        g = loop.index
+                        src = builder.bitcast(
+                            builder.gep(packed_p, [builder.add(pbase, builder.mul(g, c64(lanes)))]),
+                            ir.VectorType(i8, lanes).as_pointer(),
+                        )
+                        w = builder.zext(builder.load(src, align=1), ivec)
+                        a = lookup(tables, builder.lshr(w, splat(4)))
+                        bb = lookup(tables, builder.and_(w, splat(15)))
+                        if wide:
+                            widx = builder.add(obase, builder.mul(g, c64(2 * lanes)))
+                            for h in range(2):
+                                mask = [h * half + j // 2 + lanes * (j % 2) for j in range(lanes)]
+                                vec = builder.shuffle_vector(a, bb, ir.Constant(ivec, mask))
+                                emit(vec, builder.add(widx, c64(h * lanes)), streaming)
+                        else:
+                            pair = builder.or_(a, builder.shl(bb, splat(16)))
+                            emit(pair, builder.add(obase, builder.mul(g, c64(lanes))), streaming)
 
         aligned4 = builder.icmp_unsigned("==", builder.and_(addr0, c64(3)), c64(0))
         do_stream = builder.and_(builder.icmp_signed("!=", stream_v, ir.Constant(stream_v.type, 0)), aligned4)
