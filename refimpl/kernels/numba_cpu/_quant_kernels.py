@@ -525,6 +525,8 @@ def dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, out, nested=None, 
     write the line to memory a second time; measured 10-15 % slower for a fresh 64 MB float32 output).
     """
     nb = (n + bs - 1) // bs
+    if nested is not None:
+        nested = (nested[0], np.float32(nested[1]), nested[2])  # the kernels add a float32 offset
     if not (AVX512 or AVX2):
         if nested is not None:
             scales = np.empty(nb, dtype=np.float32)
