@@ -331,8 +331,8 @@ def _dequantize_lanes(kind: int, lanes: int, nested: bool = False) -> object:
                     )
 
         def emit(vec, widx, streaming):
-            if not streaming:
-                builder.store(vec, wptr(widx), align=4)
+            if not streaming:  # align 1: out32 may be a view 2 bytes off a word (a 16-bit array at an odd element)
+                builder.store(vec, wptr(widx), align=1)
                 return
             with builder.if_else(builder.load(first)) as (head, body):
                 with head:
