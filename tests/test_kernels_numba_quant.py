@@ -426,3 +426,26 @@ def test_dequantize_into_misaligned_out_views_gives_the_profiles_bytes(dtype, qt
         assert not backing[:off].view(np.uint8).any()
     fresh = Q.dequantize_4bit(p, s)
     assert fresh.tobytes() == want.tobytes()
+
+
+@pytest.mark.skipif(not K.AVX2, reason="numba does not compile with AVX2 here")
+@given(
+    st.sampled_from([32, 64, 128]),
+    st.integers(1, 600),
+    st.sampled_from([K.KIND_F32, K.KIND_F16, K.KIND_BF16]),
+    st.sampled_from(["nf4", "fp4"]),
+    st.data(),
+)
+def test_avx2_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_patterns(bs, n, kind, qt, data):
+    # the 16-lane quantizer with every permute split into two 8-lane halves (what an AVX2 host runs)
+    bits = data.draw(hnp.arrays(np.uint32 if kind == K.KIND_F32 else np.uint16, n))
+    x = bits.view(np.float32) if kind == K.KIND_F32 else bits
+    _, bounds, order, zero_nib = Q._TABLES[qt]
+    nb, whole = -(-n // bs), n // bs
+    want_p, want_a = np.zeros((n + 1) // 2, np.uint8), np.zeros(nb, np.float32)
+    got_p, got_a = np.ones((n + 1) // 2, np.uint8), np.ones(nb, np.float32)
+    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, want_p, want_a, 0, 0, nb)
+    K._quantize_blocks_avx2(x, kind, bs, bounds, order, got_p, got_a, 0, whole)
+    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, got_p, got_a[whole:], whole, 0, nb - whole)
+    assert want_p.tobytes() == got_p.tobytes()
+    assert want_a.tobytes() == got_a.tobytes()

@@ -149,12 +149,14 @@ def _quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, packed, absmax, b0
 def quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, packed, absmax):
     """Blockwise 4-bit quantization of the first n elements of x into packed/absmax (threads over blocks).
 
-    On AVX-512 the whole blocks take ``_quantize_blocks_avx512`` (16 lanes per step), a partial last block
-    the scalar loop."""
+    On AVX-512 the whole blocks take ``_quantize_blocks_avx512`` (16 lanes per step), on AVX2
+    ``_quantize_blocks_avx2`` (the same 16-lane code, each permute in two 8-lane halves), a partial last
+    block the scalar loop."""
     nb = (n + bs - 1) // bs
-    whole = n // bs if AVX512 else 0
+    whole = n // bs if AVX512 or AVX2 else 0
     if whole:
-        parallel_ranges(_quantize_blocks_avx512, whole, x, kind, bs, bounds, order, packed, absmax)
+        kernel = _quantize_blocks_avx512 if AVX512 else _quantize_blocks_avx2
+        parallel_ranges(kernel, whole, x, kind, bs, bounds, order, packed, absmax)
     if whole < nb:
         parallel_ranges(
             _quantize_blocks, nb - whole, x, kind, n, bs, bounds, order, zero_nib, packed, absmax[whole:], whole
@@ -555,8 +557,11 @@ def dequantize_4bit_kernel(packed, absmax, n, bs, code, kind, out, nested=None, 
     _dequantize_blocks(packed[tail // 2 :], np.full(1, scale, np.float32), n - tail, bs, code, kind, out[tail:], 0, 1)
 
 
-def _quant_lanes(kind: int) -> tuple[object, object]:
+def _quant_lanes(kind: int, avx2: bool = False) -> tuple[object, object]:
     """Two intrinsics over 16-lane vectors of a float32 / fp16-bits / bf16-bits array (by kind).
+
+    avx2: for AVX2 targets, each 16-entry permute is two 8-lane ``vpermps`` / ``vpermd`` per half of the
+    indices and a select on their bit 3 (``perm16``); LLVM splits the other 16-lane operations in two.
 
     ``absmax(x, off, m)``: max |x[off : off + m]| (m % 16 == 0) as float32, NaN (0x7FC00000) if any is NaN:
     lane-wise select-max (exact in any order), then the lanes in turn.
@@ -622,9 +627,25 @@ def _quant_lanes(kind: int) -> tuple[object, object]:
             bdata = context.make_array(signature.args[3])(context, builder, bounds_v).data
             odata = context.make_array(signature.args[4])(context, builder, order_v).data
             pdata = context.make_array(signature.args[5])(context, builder, packed_v).data
-            permd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(i32x16, [i32x16, i32x16]), "llvm.x86.avx512.permvar.si.512"
-            )
+
+            def perm16(name512, name256, table, idx):  # table[idx] lane by lane, idx in [0, 16)
+                if not avx2:
+                    fn = ir.FunctionType(table.type, [table.type, i32x16])
+                    return builder.call(cgutils.get_or_insert_function(builder.module, fn, name512), [table, idx])
+                t8, i8x = ir.VectorType(table.type.element, 8), ir.VectorType(i32, 8)
+                fn8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t8, [t8, i8x]), name256)
+                lo_t, hi_t = (
+                    builder.shuffle_vector(table, table, ir.Constant(i8x, list(range(8 * h, 8 * h + 8))))
+                    for h in range(2)
+                )
+                parts = []
+                for h in range(2):
+                    ih = builder.shuffle_vector(idx, idx, ir.Constant(i8x, list(range(8 * h, 8 * h + 8))))
+                    upper = builder.icmp_unsigned(
+                        "!=", builder.and_(ih, ir.Constant(i8x, [8] * 8)), ir.Constant(i8x, [0] * 8)
+                    )
+                    parts.append(builder.select(upper, builder.call(fn8, [hi_t, ih]), builder.call(fn8, [lo_t, ih])))
+                return builder.shuffle_vector(parts[0], parts[1], ir.Constant(i32x16, list(range(16))))
 
             def bcast(v):
                 sv = builder.insert_element(ir.Constant(f32x16, None), v, ir.Constant(i32, 0))
@@ -632,9 +653,6 @@ def _quant_lanes(kind: int) -> tuple[object, object]:
 
             inv16 = bcast(inv_v)
             one, mone = ir.Constant(f32x16, [1.0] * 16), ir.Constant(f32x16, [-1.0] * 16)
-            permps = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(f32x16, [f32x16, i32x16]), "llvm.x86.avx512.permvar.sf.512"
-            )
             bnds = builder.load(builder.bitcast(bdata, f32x16.as_pointer()), align=4)
             order16 = builder.load(builder.bitcast(odata, i32x16.as_pointer()), align=4)
             qs = []
@@ -647,10 +665,15 @@ def _quant_lanes(kind: int) -> tuple[object, object]:
                 # table and is never read): q ≥ c exactly when not (s <= b_{c-1}); NaN passes every step → 15
                 q = splat_i(0)
                 for step in (8, 4, 2, 1):
-                    b = builder.call(permps, [bnds, builder.add(q, splat_i(step - 1))])
+                    b = perm16(
+                        "llvm.x86.avx512.permvar.sf.512",
+                        "llvm.x86.avx2.permps",
+                        bnds,
+                        builder.add(q, splat_i(step - 1)),
+                    )
                     up = builder.fcmp_unordered("ugt", sc, b)
                     q = builder.add(q, builder.select(up, splat_i(step), splat_i(0)))
-                qs.append(builder.call(permd, [order16, q]))
+                qs.append(perm16("llvm.x86.avx512.permvar.si.512", "llvm.x86.avx2.permd", order16, q))
             ev = builder.shuffle_vector(qs[0], qs[1], ir.Constant(i32x16, [2 * k for k in range(16)]))
             od = builder.shuffle_vector(qs[0], qs[1], ir.Constant(i32x16, [2 * k + 1 for k in range(16)]))
             byte = builder.trunc(builder.or_(builder.shl(ev, splat_i(4)), od), ir.VectorType(ir.IntType(8), 16))
@@ -665,6 +688,9 @@ def _quant_lanes(kind: int) -> tuple[object, object]:
 _absmax_f32, _nibbles_f32 = _quant_lanes(KIND_F32)
 _absmax_f16, _nibbles_f16 = _quant_lanes(KIND_F16)
 _absmax_bf16, _nibbles_bf16 = _quant_lanes(KIND_BF16)
+_absmax_f32_avx2, _nibbles_f32_avx2 = _quant_lanes(KIND_F32, avx2=True)
+_absmax_f16_avx2, _nibbles_f16_avx2 = _quant_lanes(KIND_F16, avx2=True)
+_absmax_bf16_avx2, _nibbles_bf16_avx2 = _quant_lanes(KIND_BF16, avx2=True)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -693,6 +719,35 @@ def _quantize_blocks_avx512(x, kind, bs, bounds, order, packed, absmax, b_lo, b_
                 _nibbles_f16(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
             else:
                 _nibbles_bf16(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
+        absmax[b] = am
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _quantize_blocks_avx2(x, kind, bs, bounds, order, packed, absmax, b_lo, b_hi):
+    """``_quantize_blocks_avx512`` with the AVX2 intrinsics (``_quant_lanes(kind, avx2=True)``)."""
+    order32 = np.empty(16, dtype=np.int32)
+    bounds16 = np.full(16, np.inf, dtype=np.float32)
+    for j in range(16):
+        order32[j] = order[j]
+    for j in range(15):
+        bounds16[j] = bounds[j]
+    for b in range(b_lo, b_hi):
+        start = b * bs
+        if kind == KIND_F32:
+            am = _absmax_f32_avx2(x, start, bs)
+        elif kind == KIND_F16:
+            am = _absmax_f16_avx2(x, start, bs)
+        else:
+            am = _absmax_bf16_avx2(x, start, bs)
+        amc = ABSMAX_MIN if am < ABSMAX_MIN else am  # clamp(min=1e-38); NaN stays NaN
+        inv = _ONE / amc
+        for g in range(bs // 32):
+            if kind == KIND_F32:
+                _nibbles_f32_avx2(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
+            elif kind == KIND_F16:
+                _nibbles_f16_avx2(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
+            else:
+                _nibbles_bf16_avx2(x, start + 32 * g, inv, bounds16, order32, packed, start // 2 + 16 * g)
         absmax[b] = am
 
 
