@@ -12,14 +12,25 @@ the copy's best of 7), and which bitsandbytes CPU path ran
 (``out=``, as the copy does: numba_Melem_s, GB_s, share) and allocating its output (numba_alloc_Melem_s), whose
 first-touch page faults cost about as much as the decoding; bitsandbytes 0.50.2 has no CPU kernel for
 ``dequantize_4bit.out``, so its side always allocates, and x_vs_bnb compares the two allocating calls.
-Run: flock /tmp/bench.lock python bench/cpu_quant.py [--repeats 5] [--size 4096] [--note "..."]
-Writes bench/results/cpu-quant.json.
+Run: flock /tmp/bench.lock python bench/cpu_quant.py [--repeats 5] [--size 4096] [--note "..."] [--name quant]
+[--bnb-scalar]. Writes bench/results/cpu-<name>.json (default cpu-quant.json).
+
+The paths a host without AVX-512 takes can be forced on an AVX-512 host (bench/README.md, issue 21):
+``NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx2,+fma,+f16c`` makes numba compile for an AVX2 CPU (its
+AVX-512 kernels off; NUMBA_CPU_NAME alone keeps the host's features, AVX-512 included);
+``ATEN_CPU_CAPABILITY=avx2`` makes torch (bitsandbytes' quantize path) use its AVX2 kernels; and
+``--bnb-scalar`` hands bitsandbytes' dequantize the state with its shape given as (n / 8, 8): bitsandbytes
+0.50.2 sends an even last dimension that is not a multiple of 16 to its C++ scalar loop, the loop a host
+without AVX-512 runs for every even shape (it blocks over the flattened tensor, so the work and the bytes
+are the same). The C++ AVX-512 choice reads cpuid (a static in libbitsandbytes_cpu), which no environment
+variable changes.
 """
 
 # ruff: noqa: B023 - the timed closures run within the loop iteration that defines them
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,12 +47,23 @@ from bitsandbytes import functional as F
 
 import refimpl.quant as ref
 from refimpl.conformance.peers import bnb_paths
+from refimpl.kernels.numba_cpu import _quant_kernels as K
 from refimpl.kernels.numba_cpu import qlora as nql
 from refimpl.kernels.numba_cpu import quant as nq
 
 BS = 64
 #: bitsandbytes 0.50.2 quantizes on CPU with its default backend (backends/default/ops.py, torch ops)
-BNB_QUANTIZE_PATH = "torch (default backend)"
+BNB_QUANTIZE_PATH = f"torch (default backend, {torch.backends.cpu.get_cpu_capability()})"
+#: the last dimension --bnb-scalar gives bitsandbytes' dequantize: even, not a multiple of 16 (its C++ scalar loop)
+SCALAR_LAST_DIM = 8
+
+
+def numba_dequantize_path() -> str:
+    """Which numba dequantize kernel runs (_quant_kernels.AVX512 / AVX2) and the target numba compiles for."""
+    from numba import config
+
+    kernel = "AVX-512 (16 lanes)" if K.AVX512 else "AVX2 (8 lanes)" if K.AVX2 else "scalar"
+    return f"{kernel}; NUMBA_CPU_NAME={config.CPU_NAME}, NUMBA_CPU_FEATURES={config.CPU_FEATURES}"
 
 
 def to_torch(x: np.ndarray) -> torch.Tensor:
@@ -82,9 +104,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", type=int, default=4096, help="the tensor is size x size")
     ap.add_argument("--note", default="", help="recorded with the machine (e.g. that the host was shared)")
+    ap.add_argument("--name", default="quant", help="writes bench/results/cpu-<name>.json")
+    ap.add_argument(
+        "--bnb-scalar",
+        action="store_true",
+        help=f"bitsandbytes dequantizes with the shape (n / {SCALAR_LAST_DIM}, {SCALAR_LAST_DIM}): its C++ scalar loop",
+    )
     args = ap.parse_args()
     info = C.machine()
     info["note"] = args.note
+    info["numba_dequantize"] = numba_dequantize_path()
+    info["bnb_scalar_forced"] = args.bnb_scalar
     h = bnb_paths.host()
     info["bnb_host"] = {k: getattr(h, k) for k in ("avx512f", "avx512_bf16", "torch_capability", "cpp_bf16", "kernel")}
     copy_before = C.copy_bandwidth()
@@ -115,7 +145,19 @@ def main() -> None:
         rows.append(row)
         timings.append((row, moved))
 
-    deq_path = bnb_paths.LABELS[bnb_paths.dequantize_path(base.shape, BS)]
+    bnb_shape = (base.size // SCALAR_LAST_DIM, SCALAR_LAST_DIM) if args.bnb_scalar else base.shape
+    deq_path = bnb_paths.LABELS[bnb_paths.dequantize_path(bnb_shape, BS)]
+    if args.bnb_scalar:
+        deq_path += f" (forced: shape {bnb_shape})"
+
+    def bnb_state(state: Any) -> Any:
+        """The bitsandbytes state, with the shape --bnb-scalar asks for."""
+        if not args.bnb_scalar:
+            return state
+        forced = copy.copy(state)
+        forced.shape = torch.Size(bnb_shape)
+        return forced
+
     for dtype in (np.float32, ml_dtypes.bfloat16, np.float16):
         x = base.astype(dtype)
         xt = to_torch(x)
@@ -136,6 +178,7 @@ def main() -> None:
             add("quantize", dname, qt, t, n * isz + n / 2 + stats_bytes(n, False), BNB_QUANTIZE_PATH, same_q)
 
             ko = np.empty_like(x)  # numba dequantizes into an existing array: no page faults
+            bs = bnb_state(bs)
             t = timed(
                 {
                     "numba": lambda: nq.dequantize_4bit(kp, ks, out=ko),
@@ -146,13 +189,14 @@ def main() -> None:
                 repeats=r,
             )
             kd = nq.dequantize_4bit(kp, ks)
-            same_d = same_bytes(kd, to_numpy_bits(F.dequantize_4bit(bp, bs)).view(kd.dtype))
+            same_d = same_bytes(kd, to_numpy_bits(F.dequantize_4bit(bp, bs)).reshape(kd.shape).view(kd.dtype))
             add("dequantize", dname, qt, t, n / 2 + stats_bytes(n, False) + n * isz, deq_path, same_d)
             rows[-1]["equal_to_profile"] = same_bytes(kd, ref.dequantize_4bit(kp, ks))
 
     # nested statistics (double quantization), float32 NF4: the absmax is decoded from 8-bit codes first
     kp, ks = nq.quantize_4bit(base, BS, "nf4", True, profile="bitsandbytes-cpu")
     bp, bs = F.quantize_4bit(torch.from_numpy(base), blocksize=BS, quant_type="nf4", compress_statistics=True)
+    bs = bnb_state(bs)
     ko = np.empty_like(base)
     t = timed(
         {
@@ -163,7 +207,7 @@ def main() -> None:
         repeats=r,
     )
     kd = nq.dequantize_4bit(kp, ks)
-    same_n = same_bytes(kd, to_numpy_bits(F.dequantize_4bit(bp, bs)))
+    same_n = same_bytes(kd, to_numpy_bits(F.dequantize_4bit(bp, bs)).reshape(kd.shape))
     add("dequantize nested", "float32", "nf4", t, n / 2 + stats_bytes(n, True) + 4 * n, deq_path, same_n)
 
     # the fused GEMV y = x W^T (one token, W 4096 x 4096 NF4 bf16): bitsandbytes has no CPU gemv_4bit kernel
@@ -171,10 +215,14 @@ def main() -> None:
     w = base.astype(ml_dtypes.bfloat16)
     kp, ks = nq.quantize_4bit(w, BS, "nf4", profile="bitsandbytes-cpu")
     bp, bs = F.quantize_4bit(to_torch(w), blocksize=BS, quant_type="nf4")
+    bs = bnb_state(bs)
     xv = rng.standard_normal((1, args.size), dtype=np.float32).astype(ml_dtypes.bfloat16)
     xvt = to_torch(xv)
     t = timed(
-        {"numba": lambda: nql.dequant_matmul(xv, kp, ks), "bnb": lambda: xvt @ F.dequantize_4bit(bp, bs).t()},
+        {
+            "numba": lambda: nql.dequant_matmul(xv, kp, ks),
+            "bnb": lambda: xvt @ F.dequantize_4bit(bp, bs).reshape(w.shape).t(),
+        },
         repeats=r,
     )
     moved = n / 2 + stats_bytes(n, False) + 2 * 2 * args.size
@@ -237,12 +285,13 @@ def main() -> None:
         f"{copy_after / 1e9:.1f} GB/s after (shares use the larger)"
     )
     print("\n".join(bnb_paths.host_lines()))
+    print("numba dequantize:", info["numba_dequantize"])
     if args.note:
         print("note:", args.note)
     print(C.table(rows, cols))
     for tg in targets:
         print(C.target_line(tg))
-    print("wrote", C.write("quant", info, rows, targets))
+    print("wrote", C.write(args.name, info, rows, targets))
 
 
 if __name__ == "__main__":

@@ -354,3 +354,98 @@ def test_avx512_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_pattern
     K.quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, got_p, got_a)
     assert want_p.tobytes() == got_p.tobytes()
     assert want_a.tobytes() == got_a.tobytes()
+
+
+def _simd_paths() -> list:
+    """The vector dequantizers this host can run: AVX-512, and AVX2 (taken here by switching AVX-512 off)."""
+    return [
+        pytest.param("avx512", marks=pytest.mark.skipif(not K.AVX512, reason="no AVX-512 on this host")),
+        pytest.param("avx2", marks=pytest.mark.skipif(not K.AVX2, reason="numba does not compile with AVX2 here")),
+    ]
+
+
+@pytest.mark.parametrize("path", _simd_paths())
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("nested", [False, True])
+def test_vector_dequantizer_writes_the_scalar_bits_into_outputs_at_any_offset_and_nothing_outside(
+    path, streaming, nested, monkeypatch
+):
+    # streaming stores need 64-byte (AVX2: 32-byte) aligned lines: an output at any element offset makes the
+    # kernel rotate its vectors and write partial head and tail lines with plain stores, per thread range
+    if path == "avx2":
+        monkeypatch.setattr(K, "AVX512", False)
+    monkeypatch.setattr(K, "NONTEMPORAL_MIN_BYTES", 0 if streaming else 1 << 62)
+    rng = np.random.default_rng(11)
+    code = R.codebooks.codebook("nf4")
+    for kind in (K.KIND_F32, K.KIND_F16, K.KIND_BF16):
+        word = np.float32 if kind == K.KIND_F32 else np.uint16
+        for bs in (32, 64, 256):
+            # one block, a tail, many blocks per thread range, more than 256 blocks (nested statistics)
+            for n in (bs, 3 * bs + 5, 41 * bs + 1, 64 * bs + 33, 300 * bs + 7):
+                nb = -(-n // bs)
+                packed = rng.integers(0, 256, (n + 1) // 2, dtype=np.uint8)
+                absmax = (rng.standard_normal(nb) * 10.0).astype(np.float32)
+                extra = None
+                if nested:  # absmax holds 8-bit codes, decoded by the scalar nested kernel for the expected bits
+                    qcodes = rng.integers(0, 256, nb, dtype=np.uint8)
+                    extra = (
+                        (rng.standard_normal(-(-nb // 256)) * 10.0).astype(np.float32),
+                        np.float32(0.37),
+                        Q.DYNAMIC8,
+                    )
+                    K.dequantize_nested_kernel(qcodes, *extra, absmax)
+                want = np.empty(n, dtype=word)
+                K._dequantize_blocks(packed, absmax, n, bs, code, kind, want, 0, nb)
+                for off in range(0, 64 // np.dtype(word).itemsize + 2):
+                    store = np.full(n + off + 9, 0x5A5A, dtype=word) if kind else np.full(n + off + 9, np.float32(-9.5))
+                    before = store.copy()
+                    K.dequantize_4bit_kernel(
+                        packed, qcodes if nested else absmax, n, bs, code, kind, store[off : off + n], extra
+                    )
+                    assert store[off : off + n].tobytes() == want.tobytes(), (kind, bs, n, off)
+                    assert store[:off].tobytes() == before[:off].tobytes(), (kind, bs, n, off)
+                    assert store[off + n :].tobytes() == before[off + n :].tobytes(), (kind, bs, n, off)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_into_misaligned_out_views_gives_the_profiles_bytes(dtype, qt, nested, monkeypatch):
+    # out= views a few elements into a larger array (off any vector alignment), with streaming stores taken
+    # even for this small output; n = 129 · 257 is not a multiple of the blocksize and spans 3 nested blocks
+    monkeypatch.setattr(K, "NONTEMPORAL_MIN_BYTES", 0)
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = _data(np.random.default_rng(3), (129, 257), dt)
+    p, s = Q.quantize_4bit(x, 64, qt, nested, profile="bitsandbytes-cpu")
+    want = R.dequantize_4bit(p, s)
+    for off in (1, 3, 5, 8):
+        backing = np.zeros(x.size + off, dtype=dt)
+        out = backing[off:].reshape(x.shape)
+        assert Q.dequantize_4bit(p, s, out=out) is out
+        assert out.tobytes() == want.tobytes()
+        assert not backing[:off].view(np.uint8).any()
+    fresh = Q.dequantize_4bit(p, s)
+    assert fresh.tobytes() == want.tobytes()
+
+
+@pytest.mark.skipif(not K.AVX2, reason="numba does not compile with AVX2 here")
+@given(
+    st.sampled_from([32, 64, 128]),
+    st.integers(1, 600),
+    st.sampled_from([K.KIND_F32, K.KIND_F16, K.KIND_BF16]),
+    st.sampled_from(["nf4", "fp4"]),
+    st.data(),
+)
+def test_avx2_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_patterns(bs, n, kind, qt, data):
+    # the 16-lane quantizer with every permute split into two 8-lane halves (what an AVX2 host runs)
+    bits = data.draw(hnp.arrays(np.uint32 if kind == K.KIND_F32 else np.uint16, n))
+    x = bits.view(np.float32) if kind == K.KIND_F32 else bits
+    _, bounds, order, zero_nib = Q._TABLES[qt]
+    nb, whole = -(-n // bs), n // bs
+    want_p, want_a = np.zeros((n + 1) // 2, np.uint8), np.zeros(nb, np.float32)
+    got_p, got_a = np.ones((n + 1) // 2, np.uint8), np.ones(nb, np.float32)
+    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, want_p, want_a, 0, 0, nb)
+    K._quantize_blocks_avx2(x, kind, bs, bounds, order, got_p, got_a, 0, whole)
+    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, got_p, got_a[whole:], whole, 0, nb - whole)
+    assert want_p.tobytes() == got_p.tobytes()
+    assert want_a.tobytes() == got_a.tobytes()

@@ -79,14 +79,20 @@ def quantize_absmax_8bit(absmax: Any, *, threads: int = 1) -> tuple[np.ndarray, 
     return codes, a2, offset
 
 
-def dequantize_absmax_8bit(codes: Any, nested_absmax: Any, offset: Any) -> np.ndarray:
-    """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset), float32."""
+def _nested_operands(codes: Any, nested_absmax: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 codes, float32 a2), flat and contiguous, with one a2 per 256 codes."""
     q = np.ascontiguousarray(np.asarray(codes, dtype=np.uint8).reshape(-1))
     a2 = np.ascontiguousarray(np.asarray(nested_absmax, dtype=np.float32).reshape(-1))
     if a2.size != -(-q.size // NESTED_BLOCKSIZE):
         raise ValueError(
             f"nested_absmax: expected {-(-q.size // NESTED_BLOCKSIZE)} values for {q.size} codes, got {a2.size}"
         )
+    return q, a2
+
+
+def dequantize_absmax_8bit(codes: Any, nested_absmax: Any, offset: Any) -> np.ndarray:
+    """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset), float32."""
+    q, a2 = _nested_operands(codes, nested_absmax)
     out = np.empty(q.size, dtype=np.float32)
     K.dequantize_nested_kernel(q, a2, np.float32(offset), DYNAMIC8, out)
     return out
@@ -212,8 +218,15 @@ def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = Non
     p = np.ascontiguousarray(p).reshape(-1)
     kind = K.KIND_OF_DTYPE.get(state.dtype, K.KIND_F32)
     word = np.uint16 if kind != K.KIND_F32 else np.float32
-    flat = np.empty(n, dtype=word) if target is None or state.dtype == "float64" else target.reshape(-1).view(word)
-    K.dequantize_4bit_kernel(p, block_scales(state), n, state.blocksize, code_table(state, profile), kind, flat)
+    fresh = target is None or state.dtype == "float64"  # flat is allocated here, not a view of out
+    flat = np.empty(n, dtype=word) if target is None or fresh else target.reshape(-1).view(word)
+    table = code_table(state, profile)
+    if state.nested and state.nested_blocksize == NESTED_BLOCKSIZE:  # the scales are decoded in the same pass
+        q, a2 = _nested_operands(state.absmax, state.nested_absmax)
+        nested = (a2, np.float32(state.offset), DYNAMIC8)
+        K.dequantize_4bit_kernel(p, q, n, state.blocksize, table, kind, flat, nested, fresh)
+    else:
+        K.dequantize_4bit_kernel(p, block_scales(state), n, state.blocksize, table, kind, flat, None, fresh)
     if state.dtype == "float64":
         if target is None:
             return flat.astype(np.float64).reshape(state.shape)
