@@ -194,7 +194,8 @@ def main() -> None:
             rows[-1]["equal_to_profile"] = same_bytes(kd, ref.dequantize_4bit(kp, ks))
 
     # nested statistics (double quantization), float32 NF4: the absmax is decoded from 8-bit codes first
-    kp, ks = nq.quantize_4bit(base, BS, "nf4", True, profile="bitsandbytes-cpu")
+    # the bitsandbytes-cpu offset is torch's CPU sum over torch's threads: the same count on both sides
+    kp, ks = nq.quantize_4bit(base, BS, "nf4", True, profile="bitsandbytes-cpu", threads=torch.get_num_threads())
     bp, bs = F.quantize_4bit(torch.from_numpy(base), blocksize=BS, quant_type="nf4", compress_statistics=True)
     bs = bnb_state(bs)
     ko = np.empty_like(base)

@@ -449,3 +449,16 @@ def test_avx2_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_patterns(
     K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, got_p, got_a[whole:], whole, 0, nb - whole)
     assert want_p.tobytes() == got_p.tobytes()
     assert want_a.tobytes() == got_a.tobytes()
+
+
+def test_dequantize_refuses_the_cuda_profile_whose_flush_to_zero_it_does_not_compile():
+    """bitsandbytes-cuda dequantization flushes subnormal scales and products (spec/nf4.md §15.1); the numba
+    dequantizer does not, so it names the profile instead of returning the reference's subnormals."""
+    x = np.full(64, 1e-39, dtype=np.float32)
+    packed, state = R.quantize_4bit(x, 64, profile="bitsandbytes-cuda")
+    with pytest.raises(ValueError, match="profile: expected 'reference' or 'bitsandbytes-cpu'"):
+        Q.dequantize_4bit(packed, state)
+    ref_packed, ref_state = Q.quantize_4bit(x, 64)
+    with pytest.raises(ValueError, match="profile"):
+        Q.dequantize_4bit(ref_packed, ref_state, profile="bitsandbytes-cuda")
+    assert np.array_equal(Q.dequantize_4bit(ref_packed, ref_state), R.dequantize_4bit(ref_packed, ref_state))

@@ -198,14 +198,19 @@ def _out_array(out: Any, state: QuantState) -> np.ndarray:
 def dequantize_4bit(packed: Any, state: QuantState, *, profile: str | None = None, out: Any = None) -> np.ndarray:
     """``refimpl.quant.dequantize_4bit`` compiled: x̂ = RNE_dtype(f32(code[nib] · absmax)), same bits.
 
-    ``profile`` defaults to the state's; it only changes the sign of FP4's zero nibble 8. ``out``, an
+    ``profile`` ("reference" or "bitsandbytes-cpu") defaults to the state's; it changes the sign of FP4's zero
+    nibble 8. ``out``, an
     optional array of the state's shape and dtype, receives the result (and is returned): it saves the
     allocation, whose first-touch page faults cost about as much as the decoding (bench/README.md).
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a refimpl.quant.QuantState, got {_checks.describe(state)}")
-    if profile is not None:
-        profile_name(profile)
+    prof = state.profile if profile is None else profile_name(profile)
+    if prof == "bitsandbytes-cuda":
+        raise ValueError(
+            "profile: expected 'reference' or 'bitsandbytes-cpu' for the numba dequantizer, got 'bitsandbytes-cuda' "
+            "(its flush of subnormal scales and products, spec/nf4.md §15.1, is refimpl.quant.dequantize_4bit's)"
+        )
     p = np.asarray(packed)
     if p.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8 packed codes, got {_checks.describe(p)}")
