@@ -80,7 +80,20 @@ def _version(dist: str) -> str | None:
 
 
 #: the instruction-set flags worth naming in a result (/proc/cpuinfo spelling)
-ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "avx512vbmi", "avx2", "fma", "f16c")
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512vbmi",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+)
 COPY_BYTES = 128 * 2**20
 
 

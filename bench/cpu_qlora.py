@@ -43,18 +43,6 @@ from refimpl.kernels.numba_cpu import lora as nlora
 from refimpl.kernels.numba_cpu import qlora as nqlora
 from refimpl.kernels.numba_cpu import quant as nq
 
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile")
-
-
-def isa_flags() -> list[str]:
-    """The host's SIMD flags from /proc/cpuinfo that matter to the kernels and to BLAS."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in ISA_FLAGS if f in flags]
-
 
 def _path(m: int, state) -> str:
     return nqlora.forward_path(m, state) if hasattr(nqlora, "forward_path") else "?"
@@ -69,7 +57,6 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
     info = C.machine()
-    info["isa_flags"] = isa_flags()
     info["torch_threads"] = torch.get_num_threads()
     info["fused_kernel_threshold"] = {
         k: getattr(nqlora, k) for k in ("GEMM_MIN_ROWS", "FUSED_MAX_ROWS") if hasattr(nqlora, k)

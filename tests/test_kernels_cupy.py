@@ -321,6 +321,27 @@ def _dequant64(packed: np.ndarray, absmax: np.ndarray, n: int, bs: int, quant_ty
     return code[nib[:n]] * np.repeat(absmax.astype(np.float64), bs)[:n]
 
 
+def _gemv_against_float64(rng, x, packed, st, Wq, dtype: str, *, lora: bool, r: int, s: float, a_div: float):
+    """gemv_4bit(x) (with a LoRA branch A/a_div, B and a bias drawn from rng when ``lora``) against the float64
+    product, under u_out·|y| + γ_{K+r+4}(float32)·(|x||W|ᵀ + s·|x||A|ᵀ|B|ᵀ + |b|): the comparison report."""
+    N, K = Wq.shape
+    x64 = x.astype(np.float64)
+    ref, S = x64 @ Wq.T, np.abs(x64) @ np.abs(Wq).T
+    kw: dict = {}
+    if lora:
+        A = (data(rng, "normal", (r, K), dtype).astype(np.float32) / a_div).astype(NP_DT[dtype])
+        B = data(rng, "normal", (N, r), dtype)
+        b = data(rng, "normal", (N,), dtype)
+        A64, B64, b64 = (a.astype(np.float64) for a in (A, B, b))
+        ref = ref + s * (x64 @ A64.T) @ B64.T + b64
+        S = S + s * (np.abs(x64) @ np.abs(A64).T) @ np.abs(B64).T + np.abs(b64)
+        kw = {"A": dev(A), "B": dev(B), "scaling": s, "bias": dev(b)}
+    y = host(G.gemv_4bit(dev(x), packed, st, dtype=dtype, **kw), dtype).astype(np.float64)
+    u_out = precision.unit_roundoff(dtype)
+    bound = u_out * np.abs(ref) + (1 + u_out) * precision.gamma(K + r + 4, "float32") * S
+    return precision.compare_to_bound(y, ref, bound)
+
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -328,7 +349,6 @@ def test_fused_gemv_and_qlora_forward_within_derived_bound(dtype):
     """y = x·dequant(W)ᵀ + s·(x Aᵀ) Bᵀ + b for m = 1..16 within
     u_out·|y| + γ_{K+r+4}(float32)·(|x||W|ᵀ + s·|x||A|ᵀ|B|ᵀ + |b|)."""
     rng = np.random.default_rng(4)
-    u_out = precision.unit_roundoff(dtype)
     worst = 0.0
     cases = 0
     for N, K, bs, qt in [(256, 1024, 64, "nf4"), (300, 4096, 128, "nf4"), (129, 544, 32, "fp4")]:
@@ -338,22 +358,7 @@ def test_fused_gemv_and_qlora_forward_within_derived_bound(dtype):
         for m in (1, 2, 3, 7, 8, 16):
             for lora in (False, True):
                 x = data(rng, "normal", (m, K), dtype)
-                x64 = x.astype(np.float64)
-                ref = x64 @ Wq.T
-                S = np.abs(x64) @ np.abs(Wq).T
-                kw = {}
-                r, s = 8, 0.5
-                if lora:
-                    A = (data(rng, "normal", (r, K), dtype).astype(np.float32) / 8).astype(NP_DT[dtype])
-                    B = data(rng, "normal", (N, r), dtype)
-                    b = data(rng, "normal", (N,), dtype)
-                    A64, B64, b64 = (a.astype(np.float64) for a in (A, B, b))
-                    ref = ref + s * (x64 @ A64.T) @ B64.T + b64
-                    S = S + s * (np.abs(x64) @ np.abs(A64).T) @ np.abs(B64).T + np.abs(b64)
-                    kw = {"A": dev(A), "B": dev(B), "scaling": s, "bias": dev(b)}
-                y = host(G.gemv_4bit(dev(x), packed, st, dtype=dtype, **kw), dtype).astype(np.float64)
-                bound = u_out * np.abs(ref) + (1 + u_out) * precision.gamma(K + r + 4, "float32") * S
-                rep = precision.compare_to_bound(y, ref, bound)
+                rep = _gemv_against_float64(rng, x, packed, st, Wq, dtype, lora=lora, r=8, s=0.5, a_div=8)
                 worst = max(worst, rep.worst_ratio)
                 cases += 1
                 assert rep.passed, f"N={N} K={K} m={m} lora={lora}: {rep}"
@@ -371,7 +376,6 @@ def test_gemv_m1_within_derived_bound_with_and_without_the_rows_kernel(rows_kern
     monkeypatch.setattr(G.gemv4, "ROWS_MAX_M", 1 if rows_kernel else 0)
     rng = np.random.default_rng(5)
     dtype = "bfloat16"
-    u_out = precision.unit_roundoff(dtype)
     worst = 0.0
     for N, K, bs, qt in [
         (2050, 8192, 64, "nf4"),
@@ -384,23 +388,7 @@ def test_gemv_m1_within_derived_bound_with_and_without_the_rows_kernel(rows_kern
         Wq = _dequant64(packed.get(), st.absmax.get(), N * K, bs, qt).reshape(N, K)
         for lora in (False, True):
             x = data(rng, "normal", (1, K), dtype)
-            x64 = x.astype(np.float64)
-            ref, S = x64 @ Wq.T, np.abs(x64) @ np.abs(Wq).T
-            kw: dict = {}
-            r, s = 4, 2.0
-            if lora:
-                A, B, b = (
-                    data(rng, "normal", (r, K), dtype),
-                    data(rng, "normal", (N, r), dtype),
-                    data(rng, "normal", (N,), dtype),
-                )
-                A64, B64, b64 = (a.astype(np.float64) for a in (A, B, b))
-                ref = ref + s * (x64 @ A64.T) @ B64.T + b64
-                S = S + s * (np.abs(x64) @ np.abs(A64).T) @ np.abs(B64).T + np.abs(b64)
-                kw = {"A": dev(A), "B": dev(B), "scaling": s, "bias": dev(b)}
-            y = host(G.gemv_4bit(dev(x), packed, st, dtype=dtype, **kw), dtype).astype(np.float64)
-            bound = u_out * np.abs(ref) + (1 + u_out) * precision.gamma(K + r + 4, "float32") * S
-            rep = precision.compare_to_bound(y, ref, bound)
+            rep = _gemv_against_float64(rng, x, packed, st, Wq, dtype, lora=lora, r=4, s=2.0, a_div=1)
             worst = max(worst, rep.worst_ratio)
             assert rep.passed, f"N={N} K={K} lora={lora}: {rep}"
     print(f"\n[gemv m=1 rows_kernel={rows_kernel}] worst error/bound = {worst:.3g}")

@@ -334,7 +334,26 @@ def test_dequantize_into_out_returns_out_holding_the_allocating_calls_bits(dtype
     assert out.tobytes() == Q.dequantize_4bit(p, s).tobytes()
 
 
-@pytest.mark.skipif(not K.AVX512, reason="the AVX-512 quantizer runs only on an AVX-512 host")
+def _simd_paths() -> list:
+    """The vector dequantizers this host can run: AVX-512, and AVX2 (taken here by switching AVX-512 off)."""
+    return [
+        pytest.param("avx512", marks=pytest.mark.skipif(not K.AVX512, reason="no AVX-512 on this host")),
+        pytest.param("avx2", marks=pytest.mark.skipif(not K.AVX2, reason="numba does not compile with AVX2 here")),
+    ]
+
+
+def _quantize_by_path(path: str, x, kind, n, bs, bounds, order, zero_nib, packed, absmax) -> None:
+    """AVX-512: the dispatching kernel (vector whole blocks, scalar tail); AVX2: its 16-lane code with every
+    permute split into two 8-lane halves on the whole blocks, then the scalar tail."""
+    if path == "avx512":
+        K.quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, packed, absmax)
+        return
+    nb, whole = -(-n // bs), n // bs
+    K._quantize_blocks_avx2(x, kind, bs, bounds, order, packed, absmax, 0, whole)
+    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, packed, absmax[whole:], whole, 0, nb - whole)
+
+
+@pytest.mark.parametrize("path", _simd_paths())
 @given(
     st.sampled_from([32, 64, 128]),
     st.integers(1, 600),
@@ -342,7 +361,7 @@ def test_dequantize_into_out_returns_out_holding_the_allocating_calls_bits(dtype
     st.sampled_from(["nf4", "fp4"]),
     st.data(),
 )
-def test_avx512_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_patterns(bs, n, kind, qt, data):
+def test_vector_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_patterns(path, bs, n, kind, qt, data):
     # any bit pattern: NaN payloads, infinities, subnormals, signed zeros, values at the midpoints
     bits = data.draw(hnp.arrays(np.uint32 if kind == K.KIND_F32 else np.uint16, n))
     x = bits.view(np.float32) if kind == K.KIND_F32 else bits
@@ -351,17 +370,9 @@ def test_avx512_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_pattern
     want_p, want_a = np.zeros((n + 1) // 2, np.uint8), np.zeros(nb, np.float32)
     got_p, got_a = np.ones((n + 1) // 2, np.uint8), np.ones(nb, np.float32)
     K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, want_p, want_a, 0, 0, nb)
-    K.quantize_4bit_kernel(x, kind, n, bs, bounds, order, zero_nib, got_p, got_a)
+    _quantize_by_path(path, x, kind, n, bs, bounds, order, zero_nib, got_p, got_a)
     assert want_p.tobytes() == got_p.tobytes()
     assert want_a.tobytes() == got_a.tobytes()
-
-
-def _simd_paths() -> list:
-    """The vector dequantizers this host can run: AVX-512, and AVX2 (taken here by switching AVX-512 off)."""
-    return [
-        pytest.param("avx512", marks=pytest.mark.skipif(not K.AVX512, reason="no AVX-512 on this host")),
-        pytest.param("avx2", marks=pytest.mark.skipif(not K.AVX2, reason="numba does not compile with AVX2 here")),
-    ]
 
 
 @pytest.mark.parametrize("path", _simd_paths())
@@ -426,29 +437,6 @@ def test_dequantize_into_misaligned_out_views_gives_the_profiles_bytes(dtype, qt
         assert not backing[:off].view(np.uint8).any()
     fresh = Q.dequantize_4bit(p, s)
     assert fresh.tobytes() == want.tobytes()
-
-
-@pytest.mark.skipif(not K.AVX2, reason="numba does not compile with AVX2 here")
-@given(
-    st.sampled_from([32, 64, 128]),
-    st.integers(1, 600),
-    st.sampled_from([K.KIND_F32, K.KIND_F16, K.KIND_BF16]),
-    st.sampled_from(["nf4", "fp4"]),
-    st.data(),
-)
-def test_avx2_quantizer_writes_the_scalar_quantizers_bytes_for_any_bit_patterns(bs, n, kind, qt, data):
-    # the 16-lane quantizer with every permute split into two 8-lane halves (what an AVX2 host runs)
-    bits = data.draw(hnp.arrays(np.uint32 if kind == K.KIND_F32 else np.uint16, n))
-    x = bits.view(np.float32) if kind == K.KIND_F32 else bits
-    _, bounds, order, zero_nib = Q._TABLES[qt]
-    nb, whole = -(-n // bs), n // bs
-    want_p, want_a = np.zeros((n + 1) // 2, np.uint8), np.zeros(nb, np.float32)
-    got_p, got_a = np.ones((n + 1) // 2, np.uint8), np.ones(nb, np.float32)
-    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, want_p, want_a, 0, 0, nb)
-    K._quantize_blocks_avx2(x, kind, bs, bounds, order, got_p, got_a, 0, whole)
-    K._quantize_blocks(x, kind, n, bs, bounds, order, zero_nib, got_p, got_a[whole:], whole, 0, nb - whole)
-    assert want_p.tobytes() == got_p.tobytes()
-    assert want_a.tobytes() == got_a.tobytes()
 
 
 def test_dequantize_refuses_the_cuda_profile_whose_flush_to_zero_it_does_not_compile():

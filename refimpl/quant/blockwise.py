@@ -152,11 +152,6 @@ def _scaled_codes(codes: F32, scales: F32) -> F32:
     return (codes * scales).astype(np.float32)
 
 
-def _nested_scales(dq: F32, nested_absmax: F32, offset: np.float32) -> F32:
-    """â = f32(f32(d[q] · a2) + offset) (§7), with dq = d[q] and a2 repeated per block."""
-    return (dq * nested_absmax + np.float32(offset)).astype(np.float32)
-
-
 def _fp4_zero_is_negative(shape: tuple[int, ...]) -> bool:
     """FP4's nibble 8 dequantizes to +0.0, as in torch's table (the paper's value set) (§5)."""
     return False
@@ -184,7 +179,7 @@ class Steps:
     codes_8bit: Callable[[F32, F32], U8] = _codes_8bit
     fp4_zero_is_negative: Callable[[tuple[int, ...]], bool] = _fp4_zero_is_negative
     scaled_codes: Callable[[F32, F32], F32] = _scaled_codes
-    nested_scales: Callable[[F32, F32, np.float32], F32] = _nested_scales
+    nested_scales: nested.NestedRule = nested.nested_scales  # â = f32(f32(d[q] · a2) + offset) (§7)
     cast_output: Callable[[F32, str, tuple[int, ...]], npt.NDArray[Any]] = _cast_output
 
 
@@ -310,12 +305,11 @@ def block_scales(state: QuantState, profile: str | None = None) -> npt.NDArray[n
     statistics by the profile's ``nested_scales`` (§7; bitsandbytes' CUDA kernels flush subnormals, §15.1)."""
     if not state.nested:
         return np.asarray(state.absmax, dtype=np.float32).reshape(-1).copy()
-    steps = _STEPS[state.profile if profile is None else profile_name(profile)]
-    codes = np.asarray(state.absmax, dtype=np.uint8).reshape(-1)
     nested_absmax, nested_code, offset = state._nested_parts()
-    a2 = np.repeat(np.asarray(nested_absmax, dtype=np.float32), state.nested_blocksize)[: codes.size]
-    with np.errstate(invalid="ignore", over="ignore"):
-        return steps.nested_scales(np.asarray(nested_code, dtype=np.float32)[codes], a2, np.float32(offset))
+    rule = _STEPS[state.profile if profile is None else profile_name(profile)].nested_scales
+    return nested.dequantize_nested_absmax(
+        state.absmax, nested_absmax, nested_code, offset, state.nested_blocksize, rule=rule
+    )
 
 
 def quantize_blockwise_8bit(

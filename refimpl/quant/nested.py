@@ -21,6 +21,7 @@ aten/src/ATen/native/cpu/SumKernel.cpp), because bitsandbytes' offset is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -128,15 +129,27 @@ def correctly_rounded_mean(absmax: npt.ArrayLike) -> np.float32:
     return np.float32(math.fsum(a.astype(np.float64).tolist()) / a.size)
 
 
+def nested_scales(
+    dq: npt.NDArray[np.float32], a2: npt.NDArray[np.float32], offset: np.float32
+) -> npt.NDArray[np.float32]:
+    """â = f32(f32(d[q] · a2) + offset), with dq = d[q] and a2 repeated per block: the reference's rule."""
+    return (dq * a2 + np.float32(offset)).astype(np.float32)
+
+
+NestedRule = Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32], np.float32], npt.NDArray[np.float32]]
+
+
 def dequantize_nested_absmax(
     codes: npt.ArrayLike,
     nested_absmax: npt.ArrayLike,
     nested_code: npt.ArrayLike,
     offset: np.float32,
     nested_blocksize: int = 256,
+    rule: NestedRule = nested_scales,
 ) -> npt.NDArray[np.float32]:
-    """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset): the per-block float32 scales of a nested state."""
+    """â_i = f32(f32(d[q_i] · a2[i // 256]) + offset): the per-block float32 scales of a nested state
+    (``rule``: a profile's ``nested_scales``, e.g. bitsandbytes-cuda's flush of subnormals)."""
     q = np.asarray(codes, dtype=np.uint8).ravel()
     a2 = np.repeat(np.asarray(nested_absmax, dtype=np.float32), nested_blocksize)[: q.size]
     with np.errstate(invalid="ignore", over="ignore"):
-        return (np.asarray(nested_code, dtype=np.float32)[q] * a2 + np.float32(offset)).astype(np.float32)
+        return rule(np.asarray(nested_code, dtype=np.float32)[q], a2, np.float32(offset))

@@ -54,6 +54,34 @@ __device__ __forceinline__ void load16(const elem_t* __restrict__ p, float v[16]
 #endif
 }
 
+// 16 codes (two code words, the high nibble of each byte first) through the shared-memory table: w[j] = lut[nib_j]
+__device__ __forceinline__ void decode16(const char* __restrict__ lut_b, u32 c0, u32 c1, float w[16]) {
+  const u32 cw[2] = {c0, c1};
+#pragma unroll
+  for (int b2 = 0; b2 < 2; ++b2) {
+    // byte k of hi4/lo4 = 4 x (high/low nibble of code byte k): a shared-memory byte offset
+    const u32 hi4 = (cw[b2] >> 2) & 0x3c3c3c3cu, lo4 = (cw[b2] << 2) & 0x3c3c3c3cu;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const u32 sel = 0x4440u + k;                   // byte k, zero-extended (one PRMT)
+      w[8 * b2 + 2 * k] = *reinterpret_cast<const float*>(lut_b + __byte_perm(hi4, 0u, sel));
+      w[8 * b2 + 2 * k + 1] = *reinterpret_cast<const float*>(lut_b + __byte_perm(lo4, 0u, sel));
+    }
+  }
+}
+
+// y (the weight product of output (i, n)) + the LoRA branch Σ_j u[i, j] B[n, j] + the bias, in that order
+__device__ __forceinline__ float add_lora_bias(float y, const float* __restrict__ u, const elem_t* __restrict__ lb,
+                                               const elem_t* __restrict__ bias, int i, int n) {
+#if R_LORA > 0
+  for (int j = 0; j < R_LORA; ++j) y = fmaf(u[i * R_LORA + j], to_f(lb[(long long)n * R_LORA + j]), y);
+#endif
+#if HAS_BIAS
+  y += to_f(bias[n]);
+#endif
+  return y;
+}
+
 extern "C" __global__ void __launch_bounds__(32 * KS) gemv4(
     const elem_t* __restrict__ x, const u8* __restrict__ q, const float* __restrict__ absmax,
     const float* __restrict__ u, const elem_t* __restrict__ lb, const elem_t* __restrict__ bias,
@@ -98,20 +126,7 @@ extern "C" __global__ void __launch_bounds__(32 * KS) gemv4(
       for (int h = 0; h < 2; ++h) {                   // two halves of 16 codes (8 bytes) each
         float w[RPW][16];
 #pragma unroll
-        for (int r = 0; r < RPW; ++r) {
-          u32 cw[2] = {h ? c[s][r].z : c[s][r].x, h ? c[s][r].w : c[s][r].y};
-#pragma unroll
-          for (int b2 = 0; b2 < 2; ++b2) {
-            // byte k of hi4/lo4 = 4 x (high/low nibble of code byte k): a shared-memory byte offset
-            const u32 hi4 = (cw[b2] >> 2) & 0x3c3c3c3cu, lo4 = (cw[b2] << 2) & 0x3c3c3c3cu;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const u32 sel = 0x4440u + k;           // byte k, zero-extended (one PRMT)
-              w[r][8*b2 + 2*k] = *reinterpret_cast<const float*>(lut_b + __byte_perm(hi4, 0u, sel));
-              w[r][8*b2 + 2*k+1] = *reinterpret_cast<const float*>(lut_b + __byte_perm(lo4, 0u, sel));
-            }
-          }
-        }
+        for (int r = 0; r < RPW; ++r) decode16(lut_b, h ? c[s][r].z : c[s][r].x, h ? c[s][r].w : c[s][r].y, w[r]);
 #pragma unroll
         for (int i = 0; i < M; ++i) {
           float xv[16];
@@ -149,16 +164,7 @@ extern "C" __global__ void __launch_bounds__(32 * KS) gemv4(
         for (int w = 1; w < KS; ++w) y += part[w][r][i];   // fixed order: deterministic
         acc[r][i] = y;
       }
-      for (int i = 0; i < M; ++i) {
-        float y = acc[r][i];
-#if R_LORA > 0
-        for (int j = 0; j < R_LORA; ++j) y = fmaf(u[i * R_LORA + j], to_f(lb[(long long)n * R_LORA + j]), y);
-#endif
-#if HAS_BIAS
-        y += to_f(bias[n]);
-#endif
-        out[(long long)i * N + n] = from_f(y);
-      }
+      for (int i = 0; i < M; ++i) out[(long long)i * N + n] = from_f(add_lora_bias(acc[r][i], u, lb, bias, i, n));
     }
   }
 }
@@ -216,17 +222,7 @@ extern "C" __global__ void __launch_bounds__(32 * KS) gemv4_rows(
 #pragma unroll
       for (int r = 0; r < RPW; ++r) {
         float w[16];
-        const u32 cw[2] = {h ? c[r].z : c[r].x, h ? c[r].w : c[r].y};
-#pragma unroll
-        for (int b2 = 0; b2 < 2; ++b2) {
-          const u32 hi4 = (cw[b2] >> 2) & 0x3c3c3c3cu, lo4 = (cw[b2] << 2) & 0x3c3c3c3cu;
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const u32 sel = 0x4440u + k;
-            w[8 * b2 + 2 * k] = *reinterpret_cast<const float*>(lut_b + __byte_perm(hi4, 0u, sel));
-            w[8 * b2 + 2 * k + 1] = *reinterpret_cast<const float*>(lut_b + __byte_perm(lo4, 0u, sel));
-          }
-        }
+        decode16(lut_b, h ? c[r].z : c[r].x, h ? c[r].w : c[r].y, w);
 #pragma unroll
         for (int i = 0; i < M; ++i) {
           float p = 0.0f;
@@ -251,13 +247,7 @@ extern "C" __global__ void __launch_bounds__(32 * KS) gemv4_rows(
       if (n < N) {
         float y = part[buf][0][r][i];
         for (int w2 = 1; w2 < KS; ++w2) y += part[buf][w2][r][i];   // fixed order: deterministic
-#if R_LORA > 0
-        for (int j = 0; j < R_LORA; ++j) y = fmaf(u[i * R_LORA + j], to_f(lb[(long long)n * R_LORA + j]), y);
-#endif
-#if HAS_BIAS
-        y += to_f(bias[n]);
-#endif
-        out[(long long)i * N + n] = from_f(y);
+        out[(long long)i * N + n] = from_f(add_lora_bias(y, u, lb, bias, i, n));
       }
     }
   }

@@ -693,15 +693,22 @@ _absmax_f16_avx2, _nibbles_f16_avx2 = _quant_lanes(KIND_F16, avx2=True)
 _absmax_bf16_avx2, _nibbles_bf16_avx2 = _quant_lanes(KIND_BF16, avx2=True)
 
 
-@njit(cache=True, nogil=True, fastmath=False)
-def _quantize_blocks_avx512(x, kind, bs, bounds, order, packed, absmax, b_lo, b_hi):
-    """Whole blocks [b_lo, b_hi) of ``quantize_4bit_kernel`` on AVX-512 (absmax, then 32 elements a step)."""
-    order32 = np.empty(16, dtype=np.int32)
+@njit(cache=True, inline="always")
+def _lane_tables(bounds, order):
+    """The 15 midpoints padded to 16 lanes with +inf (never below s), and the nibble order as int32 lanes."""
     bounds16 = np.full(16, np.inf, dtype=np.float32)
+    order32 = np.empty(16, dtype=np.int32)
     for j in range(16):
         order32[j] = order[j]
     for j in range(15):
         bounds16[j] = bounds[j]
+    return bounds16, order32
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _quantize_blocks_avx512(x, kind, bs, bounds, order, packed, absmax, b_lo, b_hi):
+    """Whole blocks [b_lo, b_hi) of ``quantize_4bit_kernel`` on AVX-512 (absmax, then 32 elements a step)."""
+    bounds16, order32 = _lane_tables(bounds, order)
     for b in range(b_lo, b_hi):
         start = b * bs
         if kind == KIND_F32:
@@ -725,12 +732,7 @@ def _quantize_blocks_avx512(x, kind, bs, bounds, order, packed, absmax, b_lo, b_
 @njit(cache=True, nogil=True, fastmath=False)
 def _quantize_blocks_avx2(x, kind, bs, bounds, order, packed, absmax, b_lo, b_hi):
     """``_quantize_blocks_avx512`` with the AVX2 intrinsics (``_quant_lanes(kind, avx2=True)``)."""
-    order32 = np.empty(16, dtype=np.int32)
-    bounds16 = np.full(16, np.inf, dtype=np.float32)
-    for j in range(16):
-        order32[j] = order[j]
-    for j in range(15):
-        bounds16[j] = bounds[j]
+    bounds16, order32 = _lane_tables(bounds, order)
     for b in range(b_lo, b_hi):
         start = b * bs
         if kind == KIND_F32:
